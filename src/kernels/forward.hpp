@@ -22,7 +22,9 @@
 #include <cassert>  // xsimd 8.1 uses assert without including it
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
+#include <immintrin.h>
 #include <xsimd/xsimd.hpp>
 
 #include "kernels/kernel_api.hpp"
@@ -62,6 +64,29 @@ struct ForwardKernel {
     }
   }
 
+  // The same scores from K rows read in place (decoding: K is streamed once, packing it
+  // would cost a second pass). W keys at a time: per key, one vector of partial dot
+  // products per row, then haddp turns W such vectors into W finished scores.
+  static void scores_tile_rows(const float* q, std::int64_t D, const float* k, std::int64_t k_stride,
+                               std::int64_t num_keys, std::int64_t cols, float* scores, std::int64_t scores_stride) {
+    alignas(64) batch partial[MR][W];
+    for (std::int64_t j0 = 0; j0 < cols; j0 += W) {
+      for (int t = 0; t < W; ++t) {
+        batch acc[MR];
+        for (int r = 0; r < MR; ++r) acc[r] = batch(0.0f);
+        if (j0 + t < num_keys) {
+          const float* key = k + (j0 + t) * k_stride;
+          for (std::int64_t d = 0; d < D; d += W) {
+            const batch kv = batch::load_unaligned(key + d);
+            for (int r = 0; r < MR; ++r) acc[r] = xsimd::fma(batch::load_aligned(q + r * D + d), kv, acc[r]);
+          }
+        }
+        for (int r = 0; r < MR; ++r) partial[r][t] = acc[r];
+      }
+      for (int r = 0; r < MR; ++r) sum_rows<Arch>(partial[r]).store_aligned(scores + r * scores_stride + j0);
+    }
+  }
+
   // acc[r][c0 .. c0+NVC*W) = alpha[r] * acc[r][..] + sum_j probs[r][j] * v[j][..].
   template <int NVC>
   static void pv_tile(const float* probs, std::int64_t probs_stride, const float* v, std::int64_t v_stride,
@@ -85,38 +110,44 @@ struct ForwardKernel {
 
   static void forward_query_block(const QueryBlockJob& job) {
     const std::int64_t D = job.head_dim, M = job.kv_len, N = job.q_len;
-    const std::int64_t Dvp = job.value_dim_padded, Bk = job.block_keys;
+    const std::int64_t Dvp = job.value_dim_padded, Bk = job.block_keys, G = job.heads_per_row;
     const std::int64_t rows_padded = (job.rows + MR - 1) / MR * MR;
-    const std::int64_t diag = M - N;  // row i sees keys j <= i + diag when causal
+    const std::int64_t diag = M - N;  // query i sees keys j <= i + diag when causal
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
 
-    for (std::int64_t i = 0; i < rows_padded * Dvp; ++i) job.acc[i] = 0.0f;
-    for (std::int64_t r = 0; r < rows_padded; ++r) {
-      job.row_max[r] = neg_inf;
-      job.row_sum[r] = 0.0f;
+    if (!job.resume) {
+      for (std::int64_t i = 0; i < rows_padded * Dvp; ++i) job.acc[i] = 0.0f;
+      for (std::int64_t r = 0; r < rows_padded; ++r) {
+        job.row_max[r] = neg_inf;
+        job.row_sum[r] = 0.0f;
+      }
     }
     // Keys past the last row's diagonal are invisible to the whole block: never visited.
-    const std::int64_t key_end =
-        job.causal ? min_i64(M, job.first_row + job.rows + diag) : M;
+    const std::int64_t last_query = job.first_row + (job.rows - 1) / G;
+    const std::int64_t key_end = job.causal ? min_i64(job.key_end, last_query + diag + 1) : job.key_end;
 
-    for (std::int64_t j0 = 0; j0 < key_end; j0 += Bk) {
+    for (std::int64_t j0 = job.key_begin; j0 < key_end; j0 += Bk) {
       const std::int64_t block_end = min_i64(j0 + Bk, key_end);
       for (std::int64_t r0 = 0; r0 < rows_padded; r0 += MR) {
         // Keys this tile can see in this block; a tile wholly above the diagonal is skipped.
-        const std::int64_t tile_last_row = job.first_row + min_i64(r0 + MR, job.rows) - 1;
-        const std::int64_t tile_end = job.causal ? min_i64(block_end, tile_last_row + diag + 1) : block_end;
+        const std::int64_t tile_last_query = job.first_row + (min_i64(r0 + MR, job.rows) - 1) / G;
+        const std::int64_t tile_end = job.causal ? min_i64(block_end, tile_last_query + diag + 1) : block_end;
         if (tile_end <= j0) continue;
         const std::int64_t num_keys = tile_end - j0;
         const std::int64_t num_panels = (num_keys + NR - 1) / NR;
         const std::int64_t cols = num_panels * NR;
-        scores_tile(job.q_packed + r0 * D, D, job.k_panels + (j0 / NR) * D * NR, num_panels, job.scores, Bk);
+        if (job.k_panels)
+          scores_tile(job.q_packed + r0 * D, D, job.k_panels + (j0 - job.key_begin) * D, num_panels, job.scores, Bk);
+        else
+          scores_tile_rows(job.q_packed + r0 * D, D, job.k_rows + (j0 - job.key_begin) * job.k_row_stride,
+                           job.k_row_stride, num_keys, cols, job.scores, Bk);
 
         float alpha[MR];
         for (int r = 0; r < MR; ++r) {
           float* s = job.scores + r * Bk;
           // Exclude padded keys and, when causal, keys past this row's diagonal.
           std::int64_t visible = num_keys;
-          if (job.causal) visible = min_i64(visible, job.first_row + r0 + r + diag + 1 - j0);
+          if (job.causal) visible = min_i64(visible, job.first_row + (r0 + r) / G + diag + 1 - j0);
           if (visible < 0) visible = 0;
           for (std::int64_t j = visible; j < cols; ++j) s[j] = neg_inf;
 
@@ -140,7 +171,7 @@ struct ForwardKernel {
           job.row_max[r0 + r] = new_max;
         }
 
-        const float* v_block = job.v_rows + j0 * job.v_row_stride;
+        const float* v_block = job.v_rows + (j0 - job.key_begin) * job.v_row_stride;
         float* acc = job.acc + r0 * Dvp;
         std::int64_t c = 0;
         for (; c + NV * W <= Dvp; c += NV * W)
@@ -149,10 +180,11 @@ struct ForwardKernel {
       }
     }
 
+    if (!job.finalize) return;
     for (std::int64_t r = 0; r < job.rows; ++r) {
       const float sum = job.row_sum[r];
       const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  // no visible key: zeros
-      float* out = job.out + r * job.out_row_stride;
+      float* out = job.out + (r / G) * job.out_row_stride + (r % G) * job.out_head_stride;
       const float* acc = job.acc + r * Dvp;
       for (std::int64_t c = 0; c < job.value_dim; ++c) out[c * job.out_col_stride] = acc[c] * inv;
     }

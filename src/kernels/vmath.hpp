@@ -44,3 +44,27 @@ inline float reduce_max(xsimd::batch<float, Arch> b) {
   for (std::size_t i = 1; i < xsimd::batch<float, Arch>::size; ++i) m = lanes[i] > m ? lanes[i] : m;
   return m;
 }
+
+// sums[i] = the sum of the lanes of rows[i], for W rows. xsimd 8.1's haddp returns the
+// lanes in the wrong order on AVX-512 (its float version), so that ISA gets its own
+// transpose-and-add tree: 4 levels of unpack/shuffle + add on 16 vectors.
+template <class Arch>
+inline xsimd::batch<float, Arch> sum_rows(const xsimd::batch<float, Arch>* rows) {
+  if constexpr (std::is_same<Arch, xsimd::avx512bw>::value) {
+    __m512 t[8], u[4];
+    for (int k = 0; k < 8; ++k)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+      t[k] = _mm512_add_ps(_mm512_unpacklo_ps(rows[2 * k], rows[2 * k + 1]),
+                           _mm512_unpackhi_ps(rows[2 * k], rows[2 * k + 1]));
+    for (int m = 0; m < 4; ++m)  // per 128-bit lane: that lane's sums of rows 4m .. 4m+3
+      u[m] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * m], t[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_ps(t[2 * m], t[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(3, 1, 3, 1)));
+  } else {
+    return xsimd::haddp(rows);
+  }
+}
