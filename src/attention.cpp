@@ -1,5 +1,5 @@
-// flashcpu::attention: validate, plan the tiles and the thread split, pack, and run the
-// dispatched kernel on each (batch, head, query block).
+// The public entry points: validate, plan the tiles and the thread split, pack, and run
+// the dispatched kernel on each work item; merge split-KV partials; kernel regression.
 #include <flashcpu/flashcpu.hpp>
 
 #include <omp.h>
@@ -7,8 +7,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
+#include <limits>
 #include <memory>
+#include <vector>
 
 #include "dispatch.hpp"
 #include "tuning.hpp"
@@ -19,54 +20,30 @@ namespace {
 
 using detail::AttentionShape;
 using detail::KernelTable;
+using detail::QueryBlockJob;
+
+constexpr double kLog2e = 1.4426950408889634;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
 
-// 64-byte aligned scratch, owned by one thread for one call.
+// 64-byte aligned scratch, allocated before any parallel region so that a failure is
+// reported to the caller (std::bad_alloc) rather than inside OpenMP.
 struct AlignedBuffer {
   struct Free {
     void operator()(float* p) const { std::free(p); }
   };
   std::unique_ptr<float, Free> memory;
   explicit AlignedBuffer(std::int64_t floats)
-      : memory(static_cast<float*>(std::aligned_alloc(64, std::size_t(round_up(floats > 0 ? floats : 1, 16)) * 4))) {
+      : memory(static_cast<float*>(std::aligned_alloc(64, std::size_t(round_up(std::max<std::int64_t>(floats, 1), 16)) * 4))) {
     if (!memory) throw std::bad_alloc();
   }
   float* get() const { return memory.get(); }
 };
 
 template <class T>
-const T* element(const TensorView<T>& view, std::int64_t b, std::int64_t h, std::int64_t i) {
+T* element(const TensorView<T>& view, std::int64_t b, std::int64_t h, std::int64_t i) {
   return view.data + b * view.strides[0] + h * view.strides[1] + i * view.strides[2];
-}
-
-// K of one head as panels of `nr` keys: panel p is head_dim rows of nr floats (keys
-// contiguous), zero past the last key, so the S micro-kernel loads whole vectors.
-void pack_key_panels(const float* k, std::int64_t row_stride, std::int64_t col_stride, std::int64_t keys,
-                     std::int64_t head_dim, int nr, float* panels) {
-  const std::int64_t num_panels = (keys + nr - 1) / nr;
-  for (std::int64_t p = 0; p < num_panels; ++p) {
-    float* panel = panels + p * head_dim * nr;
-    for (int c = 0; c < nr; ++c) {
-      const std::int64_t j = p * nr + c;
-      if (j < keys) {
-        const float* key = k + j * row_stride;
-        for (std::int64_t d = 0; d < head_dim; ++d) panel[d * nr + c] = key[d * col_stride];
-      } else {
-        for (std::int64_t d = 0; d < head_dim; ++d) panel[d * nr + c] = 0.0f;
-      }
-    }
-  }
-}
-
-// V of one head as rows of value_dim_padded floats, zero past value_dim.
-void pack_value_rows(const float* v, std::int64_t row_stride, std::int64_t col_stride, std::int64_t keys,
-                     std::int64_t value_dim, std::int64_t value_dim_padded, float* rows) {
-  for (std::int64_t j = 0; j < keys; ++j) {
-    float* row = rows + j * value_dim_padded;
-    for (std::int64_t c = 0; c < value_dim; ++c) row[c] = v[j * row_stride + c * col_stride];
-    for (std::int64_t c = value_dim; c < value_dim_padded; ++c) row[c] = 0.0f;
-  }
 }
 
 int thread_count(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
@@ -79,88 +56,209 @@ struct Plan {
   std::int64_t block_rows, block_keys;
   std::int64_t value_dim_padded;  // Dv rounded up to whole vectors
   bool v_in_place;                // V rows already whole vectors of contiguous floats
-  float q_factor;                 // scale * log2(e): the kernels' softmax is in base 2
+  // The score, prepared for the kernels (see QueryBlockJob).
+  detail::ScoreKind kind;
+  bool natural_units;
+  detail::Transform transform;
+  float q_factor;    // multiplies q when packing (dot: scale; Gaussian: 2 scale; in log2 units unless natural)
+  float bias_scale;  // Gaussian: multiplies |q - c|^2 and |k - c|^2 into the row and key biases
+  bool centered;     // Gaussian: subtract the head's first key from q and k (see pack_* below)
+  std::vector<float> additive_weights;  // scale * w (in log2 units unless natural)
+  float empty_value;
 };
 
-Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const TensorView<const float>& v) {
+Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const TensorView<const float>& v,
+               detail::Transform transform, float empty_value) {
   Plan plan{};
   plan.kernels = &kernels;
   plan.shape = s;
-  plan.group = s.q_heads / s.kv_heads;
+  plan.group = s.kv_heads > 0 ? s.q_heads / s.kv_heads : 1;
   const TileConfig tiles = detail::tiles_for(kernels, s.head_dim);
   // Short sequences get blocks no larger than they need, so that small problems still
   // split into enough work items and no time goes to padding.
-  plan.block_rows = std::min<std::int64_t>(tiles.block_rows, round_up(s.q_len, kernels.tile_rows));
+  plan.block_rows = std::min<std::int64_t>(tiles.block_rows, round_up(std::max<std::int64_t>(s.q_len, 1), kernels.tile_rows));
   plan.block_keys = std::min<std::int64_t>(tiles.block_keys, round_up(std::max<std::int64_t>(s.kv_len, 1), kernels.panel_keys));
   plan.value_dim_padded = round_up(s.value_dim, kernels.vector_floats);
   plan.v_in_place = v.strides[3] == 1 && s.value_dim == plan.value_dim_padded;
-  plan.q_factor = float(double(s.scale) * 1.4426950408889634);
+
+  plan.transform = s.softcap > 0 ? detail::Transform::softcap : transform;
+  // Nonlinear terms need the natural-log score; otherwise log2(e) is folded in up front.
+  plan.natural_units = plan.transform != detail::Transform::none || s.alibi_slopes || s.mask.data || s.bool_mask.data;
+  const double unit = plan.natural_units ? 1.0 : kLog2e;
+  plan.kind = s.score == Score::additive ? detail::ScoreKind::additive : detail::ScoreKind::dot;
+  plan.centered = s.score == Score::gaussian;
+  // Gaussian: -scale |q - k|^2 = 2 scale q.k - scale |q|^2 - scale |k|^2, a dot product
+  // plus a row bias and a key bias (after centering, see pack_key_panels).
+  plan.q_factor = float((s.score == Score::gaussian ? 2.0 : s.score == Score::additive ? 0.0 : 1.0) * s.scale * unit);
+  if (s.score == Score::additive) plan.q_factor = 1.0f;  // q enters tanh(q + k) as is
+  plan.bias_scale = float(-double(s.scale) * unit);
+  if (s.score == Score::additive)
+    for (std::int64_t d = 0; d < s.head_dim; ++d)
+      plan.additive_weights.push_back(float(double(s.scale) * unit * s.additive_weights[d]));
+  plan.empty_value = empty_value;
   return plan;
 }
 
-// Copies query rows into the kernel's layout, pre-scaled by q_factor: packed row r is
-// query first_row + r / heads_per_row of head first_head + r % heads_per_row; rows from
-// `rows` up to a multiple of mr are zero.
-void pack_query_rows(const TensorView<const float>& q, std::int64_t b, std::int64_t first_head,
-                     std::int64_t heads_per_row, std::int64_t first_row, std::int64_t rows, int mr, float factor,
-                     float* packed) {
-  const std::int64_t D = q.shape[3];
-  for (std::int64_t r = 0; r < round_up(rows, mr); ++r) {
-    float* dst = packed + r * D;
-    if (r >= rows) {
-      for (std::int64_t d = 0; d < D; ++d) dst[d] = 0.0f;
-      continue;
+// Gaussian scores expand |q - k|^2 into q.k and norms, which cancels badly when the points
+// sit far from the origin (|k|^2 ~ 1e6 against distances ~ 1). Distances do not change
+// under translation, so both sides are shifted by the head's first key first: the norms
+// are then of the size of the distances themselves.
+void load_center(const Plan& plan, const TensorView<const float>& k, std::int64_t b, std::int64_t hkv, float* center) {
+  const std::int64_t D = plan.shape.head_dim;
+  for (std::int64_t d = 0; d < D; ++d)
+    center[d] = plan.centered && plan.shape.kv_len > 0 ? element(k, b, hkv, 0)[d * k.strides[3]] : 0.0f;
+}
+
+// K of keys [0, keys) as panels of `nr` keys: panel p is head_dim rows of nr floats (keys
+// contiguous), zero past the last key, so the S micro-kernel loads whole vectors. With a
+// center (Gaussian), packs k - center and writes key_bias[j] = bias_scale * |k_j - center|^2.
+void pack_key_panels(const float* k, std::int64_t row_stride, std::int64_t col_stride, std::int64_t keys,
+                     std::int64_t head_dim, int nr, const Plan& plan, const float* center, float* panels,
+                     float* key_bias) {
+  const std::int64_t num_panels = (keys + nr - 1) / nr;
+  for (std::int64_t p = 0; p < num_panels; ++p) {
+    float* panel = panels + p * head_dim * nr;
+    for (int c = 0; c < nr; ++c) {
+      const std::int64_t j = p * nr + c;
+      if (j < keys) {
+        const float* key = k + j * row_stride;
+        float norm = 0.0f;
+        for (std::int64_t d = 0; d < head_dim; ++d) {
+          const float x = key[d * col_stride] - center[d];
+          panel[d * nr + c] = x;
+          norm += x * x;
+        }
+        if (plan.centered) key_bias[j] = plan.bias_scale * norm;
+      } else {
+        for (std::int64_t d = 0; d < head_dim; ++d) panel[d * nr + c] = 0.0f;
+        if (plan.centered) key_bias[j] = 0.0f;
+      }
     }
-    const float* src = element(q, b, first_head + r % heads_per_row, first_row + r / heads_per_row);
-    for (std::int64_t d = 0; d < D; ++d) dst[d] = factor * src[d * q.strides[3]];
   }
 }
 
-// Per-thread scratch carved out of one allocation made before the parallel region, so
-// a failed allocation is reported to the caller rather than inside OpenMP.
+// V of keys [0, keys) as rows of value_dim_padded floats, zero past value_dim.
+void pack_value_rows(const float* v, std::int64_t row_stride, std::int64_t col_stride, std::int64_t keys,
+                     std::int64_t value_dim, std::int64_t value_dim_padded, float* rows) {
+  for (std::int64_t j = 0; j < keys; ++j) {
+    float* row = rows + j * value_dim_padded;
+    for (std::int64_t c = 0; c < value_dim; ++c) row[c] = v[j * row_stride + c * col_stride];
+    for (std::int64_t c = value_dim; c < value_dim_padded; ++c) row[c] = 0.0f;
+  }
+}
+
+// Query rows in the kernel's layout: packed row r is query first_row + r / heads_per_row
+// of head first_head + r % heads_per_row, times q_factor (minus the center, Gaussian, whose
+// row bias goes to row_bias); rows from `rows` up to a multiple of mr are zero.
+void pack_query_rows(const Plan& plan, const TensorView<const float>& q, std::int64_t b, std::int64_t first_head,
+                     std::int64_t heads_per_row, std::int64_t first_row, std::int64_t rows, const float* center,
+                     float* packed, float* row_bias) {
+  const std::int64_t D = q.shape[3];
+  for (std::int64_t r = 0; r < round_up(rows, plan.kernels->tile_rows); ++r) {
+    float* dst = packed + r * D;
+    if (r >= rows) {
+      for (std::int64_t d = 0; d < D; ++d) dst[d] = 0.0f;
+      if (plan.centered) row_bias[r] = 0.0f;
+      continue;
+    }
+    const float* src = element(q, b, first_head + r % heads_per_row, first_row + r / heads_per_row);
+    float norm = 0.0f;
+    for (std::int64_t d = 0; d < D; ++d) {
+      const float x = src[d * q.strides[3]] - center[d];
+      dst[d] = plan.q_factor * x;
+      norm += x * x;
+    }
+    if (plan.centered) row_bias[r] = plan.bias_scale * norm;
+  }
+}
+
+// Per-thread scratch carved out of one allocation.
 struct ThreadScratch {
-  std::int64_t key_panels, value_rows, q_packed, scores, acc, row_stats;  // floats of each part
+  std::int64_t key_panels, key_bias, value_rows, q_packed, row_bias, center, scores, acc, row_stats;
   std::int64_t total() const {
-    return round_up(key_panels, 16) + round_up(value_rows, 16) + round_up(q_packed, 16) + round_up(scores, 16) +
-           round_up(acc, 16) + 2 * round_up(row_stats, 16);
+    return round_up(key_panels, 16) + round_up(key_bias, 16) + round_up(value_rows, 16) + round_up(q_packed, 16) +
+           round_up(row_bias, 16) + round_up(center, 16) + round_up(scores, 16) + round_up(acc, 16) +
+           2 * round_up(row_stats, 16);
   }
 };
 
-detail::QueryBlockJob base_job(const Plan& plan) {
-  detail::QueryBlockJob job{};
-  job.q_len = plan.shape.q_len;
-  job.kv_len = plan.shape.kv_len;
-  job.head_dim = plan.shape.head_dim;
-  job.value_dim = plan.shape.value_dim;
+struct Carver {
+  float* next;
+  float* take(std::int64_t floats) {
+    float* p = next;
+    next += round_up(floats, 16);
+    return p;
+  }
+};
+
+// The job fields that depend only on the call: shape, score, visibility rules.
+QueryBlockJob base_job(const Plan& plan) {
+  const AttentionShape& s = plan.shape;
+  QueryBlockJob job{};
+  job.q_len = s.q_len;
+  job.kv_len = s.kv_len;
+  job.head_dim = s.head_dim;
+  job.value_dim = s.value_dim;
   job.value_dim_padded = plan.value_dim_padded;
   job.block_keys = plan.block_keys;
-  job.causal = plan.shape.causal;
   job.heads_per_row = 1;
+  job.kind = plan.kind;
+  job.natural_units = plan.natural_units;
+  job.additive_weights = plan.additive_weights.empty() ? nullptr : plan.additive_weights.data();
+  job.transform = plan.transform;
+  job.softcap = s.softcap;
+  job.empty_value = plan.empty_value;
+  // Visibility: window and causal bounds around the diagonal d = i + (M - N).
+  const std::int64_t diag = s.kv_len - s.q_len;
+  job.has_lo = s.window_left >= 0;
+  job.lo_offset = diag - s.window_left;
+  job.has_hi = s.causal || s.window_right >= 0;
+  job.hi_offset = diag + (s.causal ? std::min<std::int64_t>(s.window_right >= 0 ? s.window_right : 0, 0) : s.window_right);
+  job.mask_head_stride = s.mask.strides[1];
+  job.mask_row_stride = s.mask.strides[2];
+  job.mask_col_stride = s.mask.strides[3];
+  job.bool_head_stride = s.bool_mask.strides[1];
+  job.bool_row_stride = s.bool_mask.strides[2];
+  job.bool_col_stride = s.bool_mask.strides[3];
   return job;
+}
+
+// The job fields that depend on (batch, first head of the rows).
+void bind_heads(const Plan& plan, QueryBlockJob& job, std::int64_t b, std::int64_t first_head) {
+  const AttentionShape& s = plan.shape;
+  job.alibi_slopes = s.alibi_slopes ? s.alibi_slopes + first_head : nullptr;
+  job.mask = s.mask.data ? s.mask.data + b * s.mask.strides[0] + first_head * s.mask.strides[1] : nullptr;
+  job.bool_mask =
+      s.bool_mask.data ? s.bool_mask.data + b * s.bool_mask.strides[0] + first_head * s.bool_mask.strides[1] : nullptr;
+  job.key_limit = s.key_lengths ? std::int64_t(s.key_lengths[b]) : s.kv_len;
 }
 
 // Prefill: work items are (batch, query head, query block); each thread packs the K
 // panels (and V rows when needed) of a KV head once and reuses them for every query
 // block and every query head of the group it processes.
 void run_prefill(const Plan& plan, const TensorView<const float>& q, const TensorView<const float>& k,
-                 const TensorView<const float>& v, const TensorView<float>& out) {
+                 const TensorView<const float>& v, const TensorView<float>& out, const TensorView<float>* lse) {
   const AttentionShape& s = plan.shape;
   const KernelTable& kernels = *plan.kernels;
   const std::int64_t N = s.q_len, M = s.kv_len, D = s.head_dim;
   const int mr = kernels.tile_rows, nr = kernels.panel_keys;
   const std::int64_t q_blocks = (N + plan.block_rows - 1) / plan.block_rows;
+  const bool triangular = s.causal || s.window_right >= 0 || s.window_left >= 0;
 
   // Items in (batch, kv head, query head of the group, query block) order, so a thread's
   // consecutive items share one packed KV head. Static contiguous chunks keep a head's
-  // packing on one thread; for causal, a head's query blocks are interleaved heavy and
-  // light (0, n-1, 1, n-2, ...) so that every chunk gets an even share of the triangle.
+  // packing on one thread; for causal and windowed attention a head's query blocks are
+  // interleaved heavy and light (0, n-1, 1, n-2, ...) so every chunk gets an even share.
   const std::int64_t items = s.batch * s.q_heads * q_blocks;
   const int threads = int(std::min<std::int64_t>(thread_count(s.num_threads), items));
 
   ThreadScratch parts{};
   parts.key_panels = round_up(std::max<std::int64_t>(M, 1), nr) * D;
+  parts.key_bias = plan.centered ? round_up(std::max<std::int64_t>(M, 1), nr) : 0;
   parts.value_rows = plan.v_in_place ? 0 : M * plan.value_dim_padded;
   parts.q_packed = plan.block_rows * D;
+  parts.row_bias = plan.centered ? plan.block_rows : 0;
+  parts.center = D;
   parts.scores = std::int64_t(mr) * plan.block_keys;
   parts.acc = plan.block_rows * plan.value_dim_padded;
   parts.row_stats = plan.block_rows;
@@ -168,23 +266,28 @@ void run_prefill(const Plan& plan, const TensorView<const float>& q, const Tenso
 
 #pragma omp parallel num_threads(threads)
   {
-    float* mine = scratch.get() + parts.total() * omp_get_thread_num();
-    auto carve = [&mine](std::int64_t floats) { float* p = mine; mine += round_up(floats, 16); return p; };
-    float* key_panels = carve(parts.key_panels);
-    float* value_rows = carve(parts.value_rows);
-    float* q_packed = carve(parts.q_packed);
-    detail::QueryBlockJob job = base_job(plan);
-    job.scores = carve(parts.scores);
-    job.acc = carve(parts.acc);
-    job.row_max = carve(parts.row_stats);
-    job.row_sum = carve(parts.row_stats);
+    Carver carve{scratch.get() + parts.total() * omp_get_thread_num()};
+    float* key_panels = carve.take(parts.key_panels);
+    float* key_bias = carve.take(parts.key_bias);
+    float* value_rows = carve.take(parts.value_rows);
+    float* q_packed = carve.take(parts.q_packed);
+    float* row_bias = carve.take(parts.row_bias);
+    float* center = carve.take(parts.center);
+    QueryBlockJob job = base_job(plan);
+    job.scores = carve.take(parts.scores);
+    job.acc = carve.take(parts.acc);
+    job.row_max = carve.take(parts.row_stats);
+    job.row_sum = carve.take(parts.row_stats);
     job.q_packed = q_packed;
     job.key_begin = 0;
     job.key_end = M;
     job.k_panels = key_panels;
+    job.key_bias = plan.centered ? key_bias : nullptr;
+    job.row_bias = plan.centered ? row_bias : nullptr;
     job.finalize = true;
     job.out_row_stride = out.strides[2];
     job.out_col_stride = out.strides[3];
+    if (lse) job.lse_row_stride = lse->strides[2];
     std::int64_t packed_head = -1;
 
 #pragma omp for schedule(static)
@@ -192,11 +295,12 @@ void run_prefill(const Plan& plan, const TensorView<const float>& q, const Tenso
       const std::int64_t slot = item % q_blocks;
       const std::int64_t bh = item / q_blocks;  // b * Hq + h, with h = hkv * group + g
       const std::int64_t b = bh / s.q_heads, h = bh % s.q_heads, hkv = h / plan.group;
-      const std::int64_t qb = !s.causal ? slot : (slot % 2 == 0 ? slot / 2 : q_blocks - 1 - slot / 2);
+      const std::int64_t qb = !triangular ? slot : (slot % 2 == 0 ? slot / 2 : q_blocks - 1 - slot / 2);
 
       const std::int64_t kv_head = b * s.kv_heads + hkv;
       if (kv_head != packed_head) {
-        pack_key_panels(element(k, b, hkv, 0), k.strides[2], k.strides[3], M, D, nr, key_panels);
+        load_center(plan, k, b, hkv, center);
+        pack_key_panels(element(k, b, hkv, 0), k.strides[2], k.strides[3], M, D, nr, plan, center, key_panels, key_bias);
         if (!plan.v_in_place)
           pack_value_rows(element(v, b, hkv, 0), v.strides[2], v.strides[3], M, s.value_dim, plan.value_dim_padded,
                           value_rows);
@@ -207,8 +311,10 @@ void run_prefill(const Plan& plan, const TensorView<const float>& q, const Tenso
 
       job.first_row = qb * plan.block_rows;
       job.rows = std::min(plan.block_rows, N - job.first_row);
-      pack_query_rows(q, b, h, 1, job.first_row, job.rows, mr, plan.q_factor, q_packed);
-      job.out = out.data + b * out.strides[0] + h * out.strides[1] + job.first_row * out.strides[2];
+      pack_query_rows(plan, q, b, h, 1, job.first_row, job.rows, center, q_packed, row_bias);
+      bind_heads(plan, job, b, h);
+      job.out = element(out, b, h, job.first_row);
+      job.lse = lse ? element(*lse, b, h, job.first_row) : nullptr;
       kernels.forward_query_block(job);
     }
   }
@@ -219,9 +325,10 @@ void run_prefill(const Plan& plan, const TensorView<const float>& q, const Tenso
 // head. The key range is split into chunks processed in parallel, each leaving an
 // unnormalized partial (acc, max, sum); the partials are merged by log-sum-exp in chunk
 // order. The split depends on the shape only, so results are identical for any thread
-// count. K is packed one key block at a time (streaming, no per-head copy).
+// count. K is read in place (dot product) or packed one key block at a time: no copy of
+// a whole head, no buffer that grows with M.
 void run_decode(const Plan& plan, const TensorView<const float>& q, const TensorView<const float>& k,
-                const TensorView<const float>& v, const TensorView<float>& out) {
+                const TensorView<const float>& v, const TensorView<float>& out, const TensorView<float>* lse) {
   const AttentionShape& s = plan.shape;
   const KernelTable& kernels = *plan.kernels;
   const std::int64_t N = s.q_len, M = s.kv_len, D = s.head_dim, G = plan.group;
@@ -240,31 +347,39 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
   const std::int64_t items = kv_heads * chunks;
   const int threads = int(std::min<std::int64_t>(thread_count(s.num_threads), items));
 
+  // K rows are read in place when they are contiguous whole vectors of a plain dot
+  // product: no reuse to pay for a packing pass.
+  const bool k_in_place = plan.kind == detail::ScoreKind::dot && !plan.centered && k.strides[3] == 1 &&
+                          D % kernels.vector_floats == 0;
   // Partial state of every item: acc, row_max, row_sum. At most kTargetItems chunks
   // per call (fewer when B * Hkv is large), so this does not grow with M.
   const std::int64_t partial_floats = rows_padded * Dvp + 2 * rows_padded;
   AlignedBuffer partials(items * partial_floats);
-  // K rows are read in place when they are contiguous whole vectors: no reuse to pay
-  // for a packing pass.
-  const bool k_in_place = k.strides[3] == 1 && D % kernels.vector_floats == 0;
   ThreadScratch parts{};
   parts.key_panels = k_in_place ? 0 : Bk * D;
+  parts.key_bias = plan.centered ? Bk : 0;
   parts.value_rows = plan.v_in_place ? 0 : Bk * Dvp;
   parts.q_packed = rows_padded * D;
+  parts.row_bias = plan.centered ? rows_padded : 0;
+  parts.center = D;
   parts.scores = std::int64_t(mr) * Bk;
   AlignedBuffer scratch(parts.total() * threads);
 
 #pragma omp parallel num_threads(threads)
   {
-    float* mine = scratch.get() + parts.total() * omp_get_thread_num();
-    auto carve = [&mine](std::int64_t floats) { float* p = mine; mine += round_up(floats, 16); return p; };
-    float* key_panels = carve(parts.key_panels);
-    float* value_rows = carve(parts.value_rows);
-    float* q_packed = carve(parts.q_packed);
-    detail::QueryBlockJob job = base_job(plan);
-    job.scores = carve(parts.scores);
+    Carver carve{scratch.get() + parts.total() * omp_get_thread_num()};
+    float* key_panels = carve.take(parts.key_panels);
+    float* key_bias = carve.take(parts.key_bias);
+    float* value_rows = carve.take(parts.value_rows);
+    float* q_packed = carve.take(parts.q_packed);
+    float* row_bias = carve.take(parts.row_bias);
+    float* center = carve.take(parts.center);
+    QueryBlockJob job = base_job(plan);
+    job.scores = carve.take(parts.scores);
     job.q_packed = q_packed;
     job.k_panels = k_in_place ? nullptr : key_panels;
+    job.key_bias = plan.centered ? key_bias : nullptr;
+    job.row_bias = plan.centered ? row_bias : nullptr;
     job.rows = rows;
     job.first_row = 0;
     job.heads_per_row = G;
@@ -278,23 +393,28 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
       job.acc = partial;
       job.row_max = partial + rows_padded * Dvp;
       job.row_sum = job.row_max + rows_padded;
-      pack_query_rows(q, b, hkv * G, G, 0, rows, mr, plan.q_factor, q_packed);
+      load_center(plan, k, b, hkv, center);
+      pack_query_rows(plan, q, b, hkv * G, G, 0, rows, center, q_packed, row_bias);
+      bind_heads(plan, job, b, hkv * G);
 
-      const std::int64_t chunk_end = std::min(M, (chunk + 1) * chunk_keys);
+      // Keys past the batch's key length are never read.
+      const std::int64_t chunk_end = std::min({M, (chunk + 1) * chunk_keys, job.key_limit});
       job.resume = false;
       for (std::int64_t j0 = chunk * chunk_keys; j0 < chunk_end || !job.resume; j0 += Bk) {
         const std::int64_t keys = std::max<std::int64_t>(0, std::min(Bk, chunk_end - j0));
         if (k_in_place) {
-          job.k_rows = element(k, b, hkv, j0);
+          job.k_rows = element(k, b, hkv, std::min(j0, M - 1));
           job.k_row_stride = k.strides[2];
         } else {
-          pack_key_panels(element(k, b, hkv, j0), k.strides[2], k.strides[3], keys, D, nr, key_panels);
+          pack_key_panels(element(k, b, hkv, 0) + j0 * k.strides[2], k.strides[2], k.strides[3], keys, D, nr, plan,
+                          center, key_panels, key_bias);
         }
         if (plan.v_in_place) {
-          job.v_rows = element(v, b, hkv, j0);
+          job.v_rows = element(v, b, hkv, 0) + j0 * v.strides[2];
           job.v_row_stride = v.strides[2];
         } else {
-          pack_value_rows(element(v, b, hkv, j0), v.strides[2], v.strides[3], keys, s.value_dim, Dvp, value_rows);
+          pack_value_rows(element(v, b, hkv, 0) + j0 * v.strides[2], v.strides[2], v.strides[3], keys, s.value_dim,
+                          Dvp, value_rows);
           job.v_rows = value_rows;
           job.v_row_stride = Dvp;
         }
@@ -311,26 +431,26 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
     for (std::int64_t head = 0; head < kv_heads; ++head) {
       const std::int64_t b = head / s.kv_heads, hkv = head % s.kv_heads;
       const float* first = partials.get() + head * chunks * partial_floats;
+      auto chunk_max = [&](std::int64_t c, std::int64_t r) { return first[c * partial_floats + rows_padded * Dvp + r]; };
+      auto chunk_sum = [&](std::int64_t c, std::int64_t r) {
+        return first[c * partial_floats + rows_padded * Dvp + rows_padded + r];
+      };
       for (std::int64_t r = 0; r < rows; ++r) {
-        float row_max = -INFINITY;
-        for (std::int64_t c = 0; c < chunks; ++c)
-          row_max = std::max(row_max, first[c * partial_floats + rows_padded * Dvp + r]);
+        float row_max = kNegInf;
+        for (std::int64_t c = 0; c < chunks; ++c) row_max = std::max(row_max, chunk_max(c, r));
         float total = 0.0f;
-        for (std::int64_t c = 0; c < chunks; ++c) {
-          const float* partial = first + c * partial_floats;
-          const float m = partial[rows_padded * Dvp + r];
-          if (m != -INFINITY) total += std::exp2(m - row_max) * partial[rows_padded * Dvp + rows_padded + r];
-        }
-        float* dst = out.data + b * out.strides[0] + (hkv * G + r % G) * out.strides[1] + (r / G) * out.strides[2];
+        for (std::int64_t c = 0; c < chunks; ++c)
+          if (chunk_max(c, r) != kNegInf) total += std::exp2(chunk_max(c, r) - row_max) * chunk_sum(c, r);
+        const std::int64_t h = hkv * G + r % G, i = r / G;
+        float* dst = element(out, b, h, i);
         for (std::int64_t col = 0; col < s.value_dim; ++col) {
           float value = 0.0f;
-          for (std::int64_t c = 0; c < chunks; ++c) {
-            const float* partial = first + c * partial_floats;
-            const float m = partial[rows_padded * Dvp + r];
-            if (m != -INFINITY) value += std::exp2(m - row_max) * partial[r * Dvp + col];
-          }
-          dst[col * out.strides[3]] = total > 0.0f ? value / total : 0.0f;  // no visible key: zeros
+          for (std::int64_t c = 0; c < chunks; ++c)
+            if (chunk_max(c, r) != kNegInf)
+              value += std::exp2(chunk_max(c, r) - row_max) * first[c * partial_floats + r * Dvp + col];
+          dst[col * out.strides[3]] = total > 0.0f ? value / total : plan.empty_value;
         }
+        if (lse) *element(*lse, b, h, i) = total > 0.0f ? float((row_max + std::log2(total)) / kLog2e) : kNegInf;
       }
     }
   }
@@ -340,18 +460,73 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
 // decode path reads K and V once per KV head and splits the keys across threads.
 bool use_decode_path(const AttentionShape& s) { return s.q_len <= 16; }
 
+void run(const AttentionShape& s, const TensorView<const float>& q, const TensorView<const float>& k,
+         const TensorView<const float>& v, const TensorView<float>& out, const TensorView<float>* lse,
+         detail::Transform transform = detail::Transform::none, float empty_value = 0.0f) {
+  const KernelTable& kernels = detail::active_kernels();
+  if (s.empty()) return;
+  const Plan plan = make_plan(kernels, s, v, transform, empty_value);  // reads the tile table: may throw
+  if (use_decode_path(s))
+    run_decode(plan, q, k, v, out, lse);
+  else
+    run_prefill(plan, q, k, v, out, lse);
+}
+
 }  // namespace
 
 void attention(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v, TensorView<float> out,
                const AttentionOptions& options) {
-  const AttentionShape s = detail::validate_attention(q, k, v, out, options);
-  const KernelTable& kernels = detail::active_kernels();
-  const Plan plan = make_plan(kernels, s, v);  // reads the tile table: may throw on a bad tuning file
-  if (s.empty()) return;
-  if (use_decode_path(s))
-    run_decode(plan, q, k, v, out);
-  else
-    run_prefill(plan, q, k, v, out);
+  run(detail::validate_attention(q, k, v, out, nullptr, options), q, k, v, out, nullptr);
+}
+
+void attention(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v, TensorView<float> out,
+               TensorView<float> lse, const AttentionOptions& options) {
+  run(detail::validate_attention(q, k, v, out, &lse, options), q, k, v, out, &lse);
+}
+
+void merge_into(TensorView<float> out, TensorView<float> lse, TensorView<const float> part_out,
+                TensorView<const float> part_lse) {
+  detail::validate_merge(out, lse, part_out, part_lse);
+  const std::int64_t B = out.shape[0], H = out.shape[1], N = out.shape[2], Dv = out.shape[3];
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t h = 0; h < H; ++h)
+      for (std::int64_t i = 0; i < N; ++i) {
+        float* l = element(lse, b, h, i);
+        const float pl = *element(part_lse, b, h, i);
+        if (pl == kNegInf) continue;  // the part saw no key: nothing to add
+        float* o = element(out, b, h, i);
+        const float* po = element(part_out, b, h, i);
+        // out = (e^l out + e^pl part_out) / (e^l + e^pl), computed relative to the larger.
+        const float m = std::max(*l, pl);
+        const float w = *l == kNegInf ? 0.0f : std::exp(*l - m), pw = std::exp(pl - m);
+        const float inv = 1.0f / (w + pw);
+        for (std::int64_t c = 0; c < Dv; ++c)
+          o[c * out.strides[3]] = (w * o[c * out.strides[3]] + pw * po[c * part_out.strides[3]]) * inv;
+        *l = m + std::log(w + pw);
+      }
+}
+
+void nadaraya_watson(TensorView<const float> x_query, TensorView<const float> x_train, TensorView<const float> y_train,
+                     TensorView<float> y_pred, const KernelRegressionOptions& options) {
+  detail::validate_kernel_regression(x_query, x_train, y_train, y_pred, options);
+  // The weights K(u), u = |x - x_j| / h, as softmax of log K: with the Gaussian score
+  // s = -scale |x - x_j|^2, the Gaussian kernel is scale = 1 / (2 h^2); the others take
+  // scale = 1 / h^2 (s = -u^2) and map s to log K(u) in the kernel's transform.
+  AttentionOptions attention_options;
+  attention_options.score = Score::gaussian;
+  attention_options.num_threads = options.num_threads;
+  const double h2 = double(options.bandwidth) * options.bandwidth;
+  attention_options.scale = float(options.kernel == Kernel::gaussian ? 0.5 / h2 : 1.0 / h2);
+  if (!std::isfinite(*attention_options.scale) || *attention_options.scale <= 0)
+    detail::fail_message("options.bandwidth: expected a value whose 1/h^2 is a finite float, got " +
+                         std::to_string(options.bandwidth));
+  const detail::Transform transform = options.kernel == Kernel::laplacian   ? detail::Transform::nw_laplacian
+                                      : options.kernel == Kernel::boxcar    ? detail::Transform::nw_boxcar
+                                      : options.kernel == Kernel::epanechnikov ? detail::Transform::nw_epanechnikov
+                                                                            : detail::Transform::none;
+  const AttentionShape s = detail::validate_attention(x_query, x_train, y_train, y_pred, nullptr, attention_options);
+  // No training point in the kernel's support: NaN, the statistical convention.
+  run(s, x_query, x_train, y_train, y_pred, nullptr, transform, std::numeric_limits<float>::quiet_NaN());
 }
 
 }  // namespace flashcpu

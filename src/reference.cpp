@@ -12,50 +12,166 @@
 #include "validate.hpp"
 
 namespace flashcpu::reference {
+namespace {
 
-void attention(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
-               TensorView<float> out, const AttentionOptions& options) {
-  const detail::AttentionShape s = detail::validate_attention(q, k, v, out, options);
-  if (s.empty()) return;
-  const std::int64_t group = s.q_heads / s.kv_heads;
-  const std::int64_t N = s.q_len, M = s.kv_len, D = s.head_dim, Dv = s.value_dim;
-  const std::int64_t heads = s.batch * s.q_heads;
-  const double neg_inf = -std::numeric_limits<double>::infinity();
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
-#pragma omp parallel num_threads(s.num_threads > 0 ? s.num_threads : omp_get_max_threads()) if (heads > 1)
+template <class T>
+double at(const TensorView<T>& view, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t c) {
+  return double(view.data[b * view.strides[0] + h * view.strides[1] + i * view.strides[2] + c * view.strides[3]]);
+}
+
+template <class T>
+T mask_at(const detail::MaskView<T>& m, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) {
+  return m.data[b * m.strides[0] + h * m.strides[1] + i * m.strides[2] + j * m.strides[3]];
+}
+
+// The score of query i of head h against key j, in the documented order; -inf when the
+// key is excluded.
+double score(const detail::AttentionShape& s, const TensorView<const float>& q, const TensorView<const float>& k,
+             std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) {
+  const std::int64_t hk = h / (s.q_heads / s.kv_heads);
+  const std::int64_t d = i + (s.kv_len - s.q_len);  // the causal diagonal of row i
+  if (s.bool_mask.data && mask_at(s.bool_mask, b, h, i, j) == 0) return kNegInf;
+  if (s.causal && j > d) return kNegInf;
+  if (s.window_left >= 0 && j < d - s.window_left) return kNegInf;
+  if (s.window_right >= 0 && j > d + s.window_right) return kNegInf;
+  if (s.key_lengths && j >= s.key_lengths[b]) return kNegInf;
+
+  double x = 0;
+  for (std::int64_t c = 0; c < s.head_dim; ++c) {
+    const double qc = at(q, b, h, i, c), kc = at(k, b, hk, j, c);
+    switch (s.score) {
+      case Score::dot_product: x += qc * kc; break;
+      case Score::gaussian: x -= (qc - kc) * (qc - kc); break;
+      case Score::additive: x += double(s.additive_weights[c]) * std::tanh(qc + kc); break;
+    }
+  }
+  x *= double(s.scale);
+  if (s.softcap > 0) x = double(s.softcap) * std::tanh(x / double(s.softcap));
+  if (s.alibi_slopes) x -= double(s.alibi_slopes[h]) * double(std::llabs(d - j));
+  if (s.mask.data) x += double(mask_at(s.mask, b, h, i, j));
+  return x;
+}
+
+int thread_count(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
+
+// Shared by attention and attention_weights: per head, the full score matrix, then per
+// row its softmax. `consume(b, h, i, row, sum, row_max)` gets the unnormalized weights.
+template <class Consume>
+void for_each_row(const detail::AttentionShape& s, const TensorView<const float>& q, const TensorView<const float>& k,
+                  Consume consume) {
+  const std::int64_t N = s.q_len, M = s.kv_len, heads = s.batch * s.q_heads;
+#pragma omp parallel num_threads(thread_count(s.num_threads)) if (heads > 1)
   {
     std::vector<double> scores;  // the materialized N x M matrix of one head
 #pragma omp for schedule(dynamic)
     for (std::int64_t bh = 0; bh < heads; ++bh) {
-      const std::int64_t b = bh / s.q_heads, h = bh % s.q_heads, hk = h / group;
-      auto at = [](const auto& view, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t c) {
-        return double(view.data[b * view.strides[0] + h * view.strides[1] + i * view.strides[2] + c * view.strides[3]]);
-      };
-      scores.assign(std::size_t(N * M), neg_inf);
+      const std::int64_t b = bh / s.q_heads, h = bh % s.q_heads;
+      scores.assign(std::size_t(N * M), kNegInf);
       for (std::int64_t i = 0; i < N; ++i)
-        for (std::int64_t j = 0; j < M; ++j) {
-          if (s.causal && j > i + (M - N)) continue;  // bottom-right aligned diagonal
-          double dot = 0;
-          for (std::int64_t c = 0; c < D; ++c) dot += at(q, b, h, i, c) * at(k, b, hk, j, c);
-          scores[std::size_t(i * M + j)] = double(s.scale) * dot;
-        }
+        for (std::int64_t j = 0; j < M; ++j) scores[std::size_t(i * M + j)] = score(s, q, k, b, h, i, j);
       for (std::int64_t i = 0; i < N; ++i) {
         double* row = &scores[std::size_t(i * M)];
-        double row_max = neg_inf;
+        double row_max = kNegInf;
         for (std::int64_t j = 0; j < M; ++j) row_max = std::max(row_max, row[j]);
         double sum = 0;
-        if (row_max != neg_inf)
-          for (std::int64_t j = 0; j < M; ++j) sum += (row[j] = std::exp(row[j] - row_max));
-        for (std::int64_t c = 0; c < Dv; ++c) {
-          double acc = 0;
-          if (sum > 0)
-            for (std::int64_t j = 0; j < M; ++j) acc += row[j] * at(v, b, hk, j, c);
-          float* o = out.data + b * out.strides[0] + h * out.strides[1] + i * out.strides[2] + c * out.strides[3];
-          *o = sum > 0 ? float(acc / sum) : 0.0f;  // a row that sees no key gets zeros
-        }
+        for (std::int64_t j = 0; j < M; ++j) sum += (row[j] = row_max == kNegInf ? 0.0 : std::exp(row[j] - row_max));
+        consume(b, h, i, row, sum, row_max);
       }
     }
   }
+}
+
+void run(const detail::AttentionShape& s, const TensorView<const float>& q, const TensorView<const float>& k,
+         const TensorView<const float>& v, const TensorView<float>& out, const TensorView<float>* lse) {
+  if (s.empty()) return;
+  const std::int64_t M = s.kv_len, group = s.q_heads / s.kv_heads;
+  for_each_row(s, q, k, [&](std::int64_t b, std::int64_t h, std::int64_t i, const double* row, double sum, double row_max) {
+    for (std::int64_t c = 0; c < s.value_dim; ++c) {
+      double acc = 0;
+      if (sum > 0)
+        for (std::int64_t j = 0; j < M; ++j) acc += row[j] * at(v, b, h / group, j, c);
+      float* o = out.data + b * out.strides[0] + h * out.strides[1] + i * out.strides[2] + c * out.strides[3];
+      *o = sum > 0 ? float(acc / sum) : 0.0f;  // a row that sees no key gets zeros
+    }
+    if (lse)
+      lse->data[b * lse->strides[0] + h * lse->strides[1] + i * lse->strides[2]] =
+          sum > 0 ? float(row_max + std::log(sum)) : -std::numeric_limits<float>::infinity();
+  });
+}
+
+}  // namespace
+
+void attention(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
+               TensorView<float> out, const AttentionOptions& options) {
+  run(detail::validate_attention(q, k, v, out, nullptr, options), q, k, v, out, nullptr);
+}
+
+void attention(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
+               TensorView<float> out, TensorView<float> lse, const AttentionOptions& options) {
+  run(detail::validate_attention(q, k, v, out, &lse, options), q, k, v, out, &lse);
+}
+
+void attention_weights(TensorView<const float> q, TensorView<const float> k, TensorView<float> weights,
+                       const AttentionOptions& options) {
+  // Checked as attention without values (Dv = 0), plus the weights view itself.
+  const TensorView<const float> no_values{k.data, {k.shape[0], k.shape[1], k.shape[2], 0}, k.strides};
+  const TensorView<float> no_out{nullptr, {q.shape[0], q.shape[1], q.shape[2], 0}, {0, 0, 0, 0}};
+  const detail::AttentionShape s = detail::validate_attention(q, k, no_values, no_out, nullptr, options);
+  detail::validate_weights(q, k, weights, options);
+  if (s.empty()) return;
+  const std::int64_t M = s.kv_len;
+  for_each_row(s, q, k, [&](std::int64_t b, std::int64_t h, std::int64_t i, const double* row, double sum, double) {
+    float* w = weights.data + b * weights.strides[0] + h * weights.strides[1] + i * weights.strides[2];
+    for (std::int64_t j = 0; j < M; ++j) w[j * weights.strides[3]] = sum > 0 ? float(row[j] / sum) : 0.0f;
+  });
+}
+
+void nadaraya_watson(TensorView<const float> x_query, TensorView<const float> x_train, TensorView<const float> y_train,
+                     TensorView<float> y_pred, const KernelRegressionOptions& options) {
+  detail::validate_kernel_regression(x_query, x_train, y_train, y_pred, options);
+  const std::int64_t B = x_query.shape[0], H = x_query.shape[1], N = x_query.shape[2], M = x_train.shape[2];
+  const std::int64_t D = x_query.shape[3], Dv = y_train.shape[3];
+  const double h = options.bandwidth;
+  // log K(u) for each kernel; weights are exp(log K - max log K) so that a Gaussian
+  // whose every value underflows still picks its nearest points.
+  auto log_kernel = [&](double u) {
+    switch (options.kernel) {
+      case Kernel::gaussian: return -0.5 * u * u;
+      case Kernel::laplacian: return -u;
+      case Kernel::boxcar: return u <= 1 ? 0.0 : kNegInf;
+      case Kernel::epanechnikov: return u < 1 ? std::log(1 - u * u) : kNegInf;
+    }
+    return kNegInf;
+  };
+#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(thread_count(options.num_threads))
+  for (std::int64_t bh = 0; bh < B * H; ++bh)
+    for (std::int64_t i = 0; i < N; ++i) {
+      const std::int64_t b = bh / H, hh = bh % H;
+      std::vector<double> logk(static_cast<std::size_t>(M));
+      double best = kNegInf;
+      for (std::int64_t j = 0; j < M; ++j) {
+        double dist2 = 0;
+        for (std::int64_t c = 0; c < D; ++c) {
+          const double diff = at(x_query, b, hh, i, c) - at(x_train, b, hh, j, c);
+          dist2 += diff * diff;
+        }
+        logk[std::size_t(j)] = log_kernel(std::sqrt(dist2) / h);
+        best = std::max(best, logk[std::size_t(j)]);
+      }
+      for (std::int64_t c = 0; c < Dv; ++c) {
+        double num = 0, den = 0;
+        if (best != kNegInf)
+          for (std::int64_t j = 0; j < M; ++j) {
+            const double w = std::exp(logk[std::size_t(j)] - best);
+            num += w * at(y_train, b, hh, j, c);
+            den += w;
+          }
+        y_pred.data[b * y_pred.strides[0] + hh * y_pred.strides[1] + i * y_pred.strides[2] + c * y_pred.strides[3]] =
+            den > 0 ? float(num / den) : std::numeric_limits<float>::quiet_NaN();  // no point in the support
+      }
+    }
 }
 
 }  // namespace flashcpu::reference

@@ -72,31 +72,52 @@ void expect_equal(std::int64_t actual, std::int64_t expected, const char* name, 
 
 // Writing through `out` must not touch one element twice: after sorting the non-trivial
 // dimensions by stride, each stride must step past everything the smaller ones span.
-void check_no_self_overlap(const TensorView<float>& out) {
+void check_no_self_overlap(const TensorView<float>& out, const char* name) {
   std::array<int, 4> order{0, 1, 2, 3};
   std::sort(order.begin(), order.end(), [&](int a, int b) { return out.strides[a] < out.strides[b]; });
   std::int64_t span = 1;  // elements spanned by the dims already visited
   for (int d : order) {
     if (out.shape[d] <= 1) continue;
     if (out.strides[d] < span)
-      fail("out.strides[", d, "]: expected a stride >= ", span,
-           " so that no two elements of out share memory, got ", out.strides[d], " (strides ", dims(out.strides),
+      fail(name, ".strides[", d, "]: expected a stride >= ", span, " so that no two elements of ", name,
+           " share memory, got ", out.strides[d], " (strides ", dims(out.strides),
            ", shape ", dims(out.shape), ")");
     span = out.strides[d] * (out.shape[d] - 1) + span;
   }
 }
 
-void check_disjoint(ByteRange out, ByteRange input, const char* name) {
-  if (out.empty() || input.empty()) return;
-  if (out.first < input.last && input.first < out.last)
-    fail("out: expected memory disjoint from ", name, ", got address ranges that overlap");
+void check_disjoint(ByteRange output, ByteRange input, const char* output_name, const char* input_name) {
+  if (output.empty() || input.empty()) return;
+  if (output.first < input.last && input.first < output.last)
+    fail(output_name, ": expected memory disjoint from ", input_name, ", got address ranges that overlap");
+}
+
+template <class T>
+MaskView<T> check_mask(const TensorView<const T>& mask, const char* name, const std::array<std::int64_t, 4>& target,
+                       ByteRange* range) {
+  MaskView<T> view;
+  if (mask.data == nullptr) return view;  // off
+  *range = check_view(mask, name);
+  static const char* const kTarget[4] = {"B", "Hq", "N", "M"};
+  for (int d = 0; d < 4; ++d) {
+    if (mask.shape[d] != 1 && mask.shape[d] != target[d] && mask.strides[d] != 0)
+      fail(name, ".shape[", d, "]: expected 1 or ", kTarget[d], " = ", target[d],
+           " to broadcast to [B, Hq, N, M] = ", dims(target), ", got ", mask.shape[d], " (shape ", dims(mask.shape), ")");
+    if (mask.shape[d] == 0 && target[d] != 0)
+      fail(name, ".shape[", d, "]: expected 1 or ", target[d], ", got 0");
+    view.strides[d] = mask.shape[d] == 1 ? 0 : mask.strides[d];
+  }
+  view.data = mask.data;
+  return view;
 }
 
 }  // namespace
 
+void fail_message(const std::string& message) { fail(message); }
+
 AttentionShape validate_attention(const TensorView<const float>& q, const TensorView<const float>& k,
                                   const TensorView<const float>& v, const TensorView<float>& out,
-                                  const AttentionOptions& options) {
+                                  const TensorView<float>* lse, const AttentionOptions& options) {
   const ByteRange q_range = check_view(q, "q");
   const ByteRange k_range = check_view(k, "k");
   const ByteRange v_range = check_view(v, "v");
@@ -126,18 +147,120 @@ AttentionShape validate_attention(const TensorView<const float>& q, const Tensor
   if (s.kv_heads != 0 && s.q_heads % s.kv_heads != 0)
     fail("q.shape[1] (query heads): expected a multiple of k.shape[1] = ", s.kv_heads, ", got ", s.q_heads);
 
+  s.score = options.score;
+  if (s.score != Score::dot_product && s.score != Score::gaussian && s.score != Score::additive)
+    fail("options.score: expected dot_product, gaussian or additive, got ", int(s.score));
   if (options.scale && !std::isfinite(*options.scale))
     fail("options.scale: expected a finite value, got ", *options.scale);
-  s.scale = options.scale ? *options.scale : float(1.0 / std::sqrt(double(s.head_dim)));
+  const float default_scale = s.score == Score::dot_product ? float(1.0 / std::sqrt(double(s.head_dim)))
+                              : s.score == Score::gaussian  ? 0.5f
+                                                            : 1.0f;
+  s.scale = options.scale ? *options.scale : default_scale;
   s.causal = options.causal;
   if (options.num_threads < 0) fail("options.num_threads: expected >= 0 (0: OpenMP's default), got ", options.num_threads);
   s.num_threads = options.num_threads;
+  if (s.score == Score::additive && options.additive_weights == nullptr && s.head_dim > 0)
+    fail("options.additive_weights: expected ", s.head_dim, " weights (D) for Score::additive, got null");
+  s.additive_weights = s.score == Score::additive ? options.additive_weights : nullptr;
 
-  check_no_self_overlap(out);
-  check_disjoint(out_range, q_range, "q");
-  check_disjoint(out_range, k_range, "k");
-  check_disjoint(out_range, v_range, "v");
+  if (options.window_left < -1) fail("options.window_left: expected -1 (unbounded) or >= 0, got ", options.window_left);
+  if (options.window_right < -1)
+    fail("options.window_right: expected -1 (unbounded) or >= 0, got ", options.window_right);
+  s.window_left = options.window_left;
+  s.window_right = options.window_right;
+  if (!std::isfinite(options.softcap) || options.softcap < 0)
+    fail("options.softcap: expected a finite value >= 0 (0: off), got ", options.softcap);
+  s.softcap = options.softcap;
+  s.alibi_slopes = options.alibi_slopes;
+  s.key_lengths = options.key_lengths;
+  if (s.key_lengths)
+    for (std::int64_t b = 0; b < s.batch; ++b)
+      if (s.key_lengths[b] < 0 || s.key_lengths[b] > s.kv_len)
+        fail("options.key_lengths[", b, "]: expected a value in [0, M = ", s.kv_len, "], got ", s.key_lengths[b]);
+
+  const std::array<std::int64_t, 4> target{s.batch, s.q_heads, s.q_len, s.kv_len};
+  ByteRange mask_range, bool_mask_range;
+  s.mask = check_mask(options.mask, "options.mask", target, &mask_range);
+  s.bool_mask = check_mask(options.bool_mask, "options.bool_mask", target, &bool_mask_range);
+
+  check_no_self_overlap(out, "out");
+  check_disjoint(out_range, q_range, "out", "q");
+  check_disjoint(out_range, k_range, "out", "k");
+  check_disjoint(out_range, v_range, "out", "v");
+  check_disjoint(out_range, mask_range, "out", "options.mask");
+  check_disjoint(out_range, bool_mask_range, "out", "options.bool_mask");
+  if (lse) {
+    const ByteRange lse_range = check_view(*lse, "lse");
+    expect_equal(lse->shape[0], s.batch, "lse", 0, "batch, as q.shape[0]");
+    expect_equal(lse->shape[1], s.q_heads, "lse", 1, "heads, as q.shape[1]");
+    expect_equal(lse->shape[2], s.q_len, "lse", 2, "queries, as q.shape[2]");
+    expect_equal(lse->shape[3], 1, "lse", 3, "one value per row");
+    check_no_self_overlap(*lse, "lse");
+    check_disjoint(lse_range, q_range, "lse", "q");
+    check_disjoint(lse_range, k_range, "lse", "k");
+    check_disjoint(lse_range, v_range, "lse", "v");
+    check_disjoint(lse_range, out_range, "lse", "out");
+    check_disjoint(lse_range, mask_range, "lse", "options.mask");
+    check_disjoint(lse_range, bool_mask_range, "lse", "options.bool_mask");
+  }
   return s;
+}
+
+void validate_weights(const TensorView<const float>& q, const TensorView<const float>& k,
+                      const TensorView<float>& weights, const AttentionOptions& options) {
+  const ByteRange w_range = check_view(weights, "weights");
+  const std::array<std::int64_t, 4> expected{q.shape[0], q.shape[1], q.shape[2], k.shape[2]};
+  for (int d = 0; d < 4; ++d) expect_equal(weights.shape[d], expected[d], "weights", d, "[B, Hq, N, M]");
+  check_no_self_overlap(weights, "weights");
+  check_disjoint(w_range, check_view(q, "q"), "weights", "q");
+  check_disjoint(w_range, check_view(k, "k"), "weights", "k");
+  if (options.mask.data) check_disjoint(w_range, check_view(options.mask, "options.mask"), "weights", "options.mask");
+}
+
+void validate_merge(const TensorView<float>& out, const TensorView<float>& lse, const TensorView<const float>& part_out,
+                    const TensorView<const float>& part_lse) {
+  const ByteRange out_range = check_view(out, "out");
+  const ByteRange lse_range = check_view(lse, "lse");
+  const ByteRange part_out_range = check_view(part_out, "part_out");
+  const ByteRange part_lse_range = check_view(part_lse, "part_lse");
+  for (int d = 0; d < 4; ++d) expect_equal(part_out.shape[d], out.shape[d], "part_out", d, "as out");
+  for (int d = 0; d < 3; ++d) {
+    expect_equal(lse.shape[d], out.shape[d], "lse", d, "as out");
+    expect_equal(part_lse.shape[d], out.shape[d], "part_lse", d, "as out");
+  }
+  expect_equal(lse.shape[3], 1, "lse", 3, "one value per row");
+  expect_equal(part_lse.shape[3], 1, "part_lse", 3, "one value per row");
+  check_no_self_overlap(out, "out");
+  check_no_self_overlap(lse, "lse");
+  check_disjoint(out_range, lse_range, "out", "lse");
+  check_disjoint(out_range, part_out_range, "out", "part_out");
+  check_disjoint(out_range, part_lse_range, "out", "part_lse");
+  check_disjoint(lse_range, part_out_range, "lse", "part_out");
+  check_disjoint(lse_range, part_lse_range, "lse", "part_lse");
+}
+
+void validate_kernel_regression(const TensorView<const float>& x_query, const TensorView<const float>& x_train,
+                                const TensorView<const float>& y_train, const TensorView<float>& y_pred,
+                                const KernelRegressionOptions& options) {
+  if (!std::isfinite(options.bandwidth) || options.bandwidth <= 0)
+    fail("options.bandwidth: expected a finite value > 0, got ", options.bandwidth);
+  if (options.kernel != Kernel::gaussian && options.kernel != Kernel::laplacian && options.kernel != Kernel::boxcar &&
+      options.kernel != Kernel::epanechnikov)
+    fail("options.kernel: expected gaussian, laplacian, boxcar or epanechnikov, got ", int(options.kernel));
+  if (options.num_threads < 0) fail("options.num_threads: expected >= 0 (0: OpenMP's default), got ", options.num_threads);
+  const ByteRange q_range = check_view(x_query, "x_query");
+  const ByteRange t_range = check_view(x_train, "x_train");
+  const ByteRange y_range = check_view(y_train, "y_train");
+  const ByteRange p_range = check_view(y_pred, "y_pred");
+  if (x_query.shape[3] < 1) fail("x_query.shape[3] (D): expected >= 1, got ", x_query.shape[3]);
+  for (int d : {0, 1, 3}) expect_equal(x_train.shape[d], x_query.shape[d], "x_train", d, "as x_query");
+  for (int d : {0, 1, 2}) expect_equal(y_train.shape[d], x_train.shape[d], "y_train", d, "as x_train");
+  for (int d : {0, 1, 2}) expect_equal(y_pred.shape[d], x_query.shape[d], "y_pred", d, "as x_query");
+  expect_equal(y_pred.shape[3], y_train.shape[3], "y_pred", 3, "as y_train.shape[3] (Dv)");
+  check_no_self_overlap(y_pred, "y_pred");
+  check_disjoint(p_range, q_range, "y_pred", "x_query");
+  check_disjoint(p_range, t_range, "y_pred", "x_train");
+  check_disjoint(p_range, y_range, "y_pred", "y_train");
 }
 
 }  // namespace flashcpu::detail

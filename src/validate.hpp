@@ -5,23 +5,56 @@
 
 #include <flashcpu/flashcpu.hpp>
 
+#include <array>
 #include <cstdint>
+#include <string>
 
 namespace flashcpu::detail {
 
-/// The sizes of one attention call once the views are known to agree.
-struct AttentionShape {
-  std::int64_t batch, q_heads, kv_heads, q_len, kv_len, head_dim, value_dim;
-  float scale;  // the resolved scale (default 1/sqrt(D))
-  bool causal;
-  int num_threads;  // 0: OpenMP's default
-  bool empty() const { return batch == 0 || q_heads == 0 || q_len == 0 || value_dim == 0; }
+/// A broadcast view of a mask: strides of broadcast dims are 0.
+template <class T>
+struct MaskView {
+  const T* data = nullptr;  // null: no mask
+  std::array<std::int64_t, 4> strides{};
 };
 
-/// Checks q, k, v, out and the options of an attention call; throws Error naming the
-/// first inconsistency.
+/// One attention call once its arguments are known to agree: sizes and resolved options.
+struct AttentionShape {
+  std::int64_t batch, q_heads, kv_heads, q_len, kv_len, head_dim, value_dim;
+  Score score;
+  float scale;  // resolved (defaults by score)
+  bool causal;
+  int num_threads;  // 0: OpenMP's default
+  MaskView<float> mask;
+  MaskView<std::uint8_t> bool_mask;
+  const std::int32_t* key_lengths;
+  std::int64_t window_left, window_right;
+  float softcap;
+  const float* alibi_slopes;
+  const float* additive_weights;
+  bool empty() const { return batch == 0 || q_heads == 0 || q_len == 0; }
+};
+
+/// Checks q, k, v, out, lse (may be null) and the options of an attention call; throws
+/// Error naming the first inconsistency.
 AttentionShape validate_attention(const TensorView<const float>& q, const TensorView<const float>& k,
                                   const TensorView<const float>& v, const TensorView<float>& out,
-                                  const AttentionOptions& options);
+                                  const TensorView<float>* lse, const AttentionOptions& options);
+
+/// Checks the weights view of reference::attention_weights: [B, Hq, N, M], disjoint from
+/// the inputs.
+void validate_weights(const TensorView<const float>& q, const TensorView<const float>& k,
+                      const TensorView<float>& weights, const AttentionOptions& options);
+
+/// Checks the views of merge_into.
+void validate_merge(const TensorView<float>& out, const TensorView<float>& lse, const TensorView<const float>& part_out,
+                    const TensorView<const float>& part_lse);
+
+/// Checks the views and options of nadaraya_watson.
+void validate_kernel_regression(const TensorView<const float>& x_query, const TensorView<const float>& x_train,
+                                const TensorView<const float>& y_train, const TensorView<float>& y_pred,
+                                const KernelRegressionOptions& options);
+
+[[noreturn]] void fail_message(const std::string& message);
 
 }  // namespace flashcpu::detail

@@ -46,11 +46,35 @@ TensorView<T> bshd(T* data, std::int64_t b, std::int64_t s, std::int64_t h, std:
   return {data, {b, h, s, d}, {s * h * d, d, h * d, 1}};
 }
 
+/// The score function f(q, k) whose softmax weights the values.
+enum class Score {
+  dot_product,  // s = scale * q.k                                   (default scale 1/sqrt(D))
+  gaussian,     // s = -scale * |q - k|^2: Gaussian kernel, sigma = 1/sqrt(2 scale)  (default 1/2)
+  additive,     // s = scale * sum_d w_d tanh(q_d + k_d): Bahdanau, w = additive_weights (default 1)
+};
+
 struct AttentionOptions {
-  std::optional<float> scale;  // default 1/sqrt(D)
+  std::optional<float> scale;  // default by score: 1/sqrt(D), 1/2, 1
   bool causal = false;         // query i sees key j only when j <= i + (M - N)
   int num_threads = 0;         // 0: OpenMP's default
+
+  // Masks broadcast to [B, Hq, N, M]: a size-1 dim or a 0 stride broadcasts.
+  TensorView<const float> mask{};              // additive; -inf excludes
+  TensorView<const std::uint8_t> bool_mask{};  // nonzero = may attend, zero = excluded
+  const std::int32_t* key_lengths = nullptr;   // B values: keys j >= key_lengths[b] are excluded
+  // Sliding window around the causal diagonal d = i + (M - N): key j is visible when
+  // d - window_left <= j <= d + window_right; -1 = unbounded.
+  std::int64_t window_left = -1;
+  std::int64_t window_right = -1;
+  float softcap = 0;                     // > 0: s = softcap * tanh(s / softcap), on the scaled score
+  const float* alibi_slopes = nullptr;   // Hq values: s += -slope[h] * |d - j|
+
+  Score score = Score::dot_product;
+  const float* additive_weights = nullptr;  // D values, required by Score::additive
 };
+// Order for one score: s = f(q, k) with its scale; soft-capping; ALiBi; plus the
+// additive mask; then the exclusions (bool mask, causal, window, key lengths), each of
+// which removes the key. A row with no visible key gets zeros (and lse = -inf).
 
 /// Every invalid argument raises this, naming the argument, the expected and the
 /// actual value, before anything is written.
@@ -70,11 +94,58 @@ class Error : public std::invalid_argument {
 void attention(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
                TensorView<float> out, const AttentionOptions& options = {});
 
+/// As above, and also writes lse [B, Hq, N, 1]: the natural log of the sum of exp over
+/// each row's visible scores (-inf for a row with no visible key), so that partial
+/// results over disjoint key sets can be combined with merge_into.
+void attention(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
+               TensorView<float> out, TensorView<float> lse, const AttentionOptions& options = {});
+
+/// Combines (out, lse), computed over one set of keys, with (part_out, part_lse), computed
+/// over a disjoint set, in place, exactly as if attention had run over the union: the way
+/// to shard a long context across calls, processes or machines. Merging with an empty
+/// side (lse = -inf) leaves the other side unchanged.
+void merge_into(TensorView<float> out, TensorView<float> lse, TensorView<const float> part_out,
+                TensorView<const float> part_lse);
+
+/// Nadaraya-Watson kernel regression.
+enum class Kernel {
+  gaussian,      // exp(-u^2 / 2)
+  laplacian,     // exp(-u)
+  boxcar,        // 1 if u <= 1
+  epanechnikov,  // max(0, 1 - u^2)
+};
+struct KernelRegressionOptions {
+  Kernel kernel = Kernel::gaussian;
+  float bandwidth = 1.0f;  // h > 0
+  int num_threads = 0;
+};
+
+/// y_pred_i = sum_j K(|x_i - x_j| / h) y_j / sum_j K(|x_i - x_j| / h), through the fused
+/// attention kernels (the score is log K of the distance). x_query [B, H, N, D],
+/// x_train [B, H, M, D], y_train [B, H, M, Dv], y_pred [B, H, N, Dv]. A query with no
+/// training point inside the kernel's support gets NaN (the estimate is undefined there).
+void nadaraya_watson(TensorView<const float> x_query, TensorView<const float> x_train,
+                     TensorView<const float> y_train, TensorView<float> y_pred,
+                     const KernelRegressionOptions& options = {});
+
 namespace reference {
 /// The naive oracle: materializes the full score matrix of each head, then a row
-/// softmax and the weighted sum, all in double. Same contract as flashcpu::attention.
+/// softmax and the weighted sum, all in double. Same contract as flashcpu::attention,
+/// every option included.
 void attention(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
                TensorView<float> out, const AttentionOptions& options = {});
+void attention(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
+               TensorView<float> out, TensorView<float> lse, const AttentionOptions& options = {});
+
+/// The N x M attention weights of any configuration, weights [B, Hq, N, M] (rows with no
+/// visible key are zero): for looking at what attention does on small problems.
+void attention_weights(TensorView<const float> q, TensorView<const float> k, TensorView<float> weights,
+                       const AttentionOptions& options = {});
+
+/// Nadaraya-Watson by a plain double loop over every (query, training point) pair.
+void nadaraya_watson(TensorView<const float> x_query, TensorView<const float> x_train,
+                     TensorView<const float> y_train, TensorView<float> y_pred,
+                     const KernelRegressionOptions& options = {});
 }  // namespace reference
 
 /// The instruction set the kernels run with: "avx512", "avx2" or "sse2". Chosen once

@@ -87,6 +87,96 @@ struct ForwardKernel {
     }
   }
 
+  // Bahdanau scores from K panels: scores[r][c] = sum_d w[d] * tanh(q[r][d] + panel[d][c]).
+  // D tanh per score: transcendental-bound, but never the N x M x D feature tensor.
+  static void scores_tile_additive(const float* q, std::int64_t D, const float* weights, const float* panels,
+                                   std::int64_t num_panels, float* scores, std::int64_t scores_stride) {
+    for (std::int64_t p = 0; p < num_panels; ++p) {
+      const float* panel = panels + p * D * NR;
+      batch acc[MR][NRV];
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NRV; ++v) acc[r][v] = batch(0.0f);
+      for (std::int64_t d = 0; d < D; ++d) {
+        const batch w(weights[d]);
+        batch keys[NRV];
+        for (int v = 0; v < NRV; ++v) keys[v] = batch::load_aligned(panel + d * NR + v * W);
+        for (int r = 0; r < MR; ++r) {
+          const batch qv(q[r * D + d]);
+          for (int v = 0; v < NRV; ++v) acc[r][v] = xsimd::fma(w, tanh_fast<Arch>(qv + keys[v]), acc[r][v]);
+        }
+      }
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NRV; ++v) acc[r][v].store_aligned(scores + r * scores_stride + p * NR + v * W);
+    }
+  }
+
+  // The score terms after the raw product, in the documented order, on columns [c0, cols)
+  // of one tile: biases, transform, ALiBi, additive mask, bool mask; then log2 units.
+  static void score_epilogue(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, std::int64_t c0,
+                             std::int64_t cols) {
+    const std::int64_t G = job.heads_per_row, diag = job.kv_len - job.q_len;
+    constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+    alignas(64) float iota_lanes[W];
+    for (int t = 0; t < W; ++t) iota_lanes[t] = float(t);
+    const batch iota = batch::load_aligned(iota_lanes);
+    for (int r = 0; r < MR; ++r) {
+      float* s = job.scores + r * job.block_keys;
+      const std::int64_t row = r0 + r, i = job.first_row + row / G, g = row % G;
+      if (row >= job.rows) continue;  // padding rows: no query, no mask row to read
+      if (job.key_bias || job.row_bias) {
+        const batch rb(job.row_bias ? job.row_bias[row] : 0.0f);
+        const float* kb = job.key_bias ? job.key_bias + (j0 - job.key_begin) : nullptr;
+        for (std::int64_t j = c0; j < cols; j += W) {
+          batch x = batch::load_aligned(s + j) + rb;
+          if (kb) x += batch::load_unaligned(kb + j);
+          x.store_aligned(s + j);
+        }
+      }
+      if (!job.natural_units) continue;
+      const float cap = job.softcap;
+      for (std::int64_t j = c0; j < cols; j += W) {
+        batch x = batch::load_aligned(s + j);
+        switch (job.transform) {
+          case Transform::none: break;
+          case Transform::softcap: x = batch(cap) * tanh_fast<Arch>(x / batch(cap)); break;
+          case Transform::nw_laplacian: x = -xsimd::sqrt(xsimd::max(-x, batch(0.0f))); break;
+          case Transform::nw_boxcar: x = xsimd::select(-x <= batch(1.0f), batch(0.0f), batch(neg_inf)); break;
+          case Transform::nw_epanechnikov:
+            x = xsimd::select(-x < batch(1.0f), xsimd::log1p(xsimd::max(x, batch(-1.0f))), batch(neg_inf));
+            break;
+        }
+        if (job.alibi_slopes) {
+          // |d - key| with key = j0 + j + lane, exact in float below 2^24 keys.
+          const batch dist = xsimd::abs(batch(float(i + diag - j0 - j)) - iota);
+          x = xsimd::fnma(batch(job.alibi_slopes[g]), dist, x);
+        }
+        x.store_aligned(s + j);
+      }
+      if (job.mask) {
+        const float* m = job.mask + g * job.mask_head_stride + i * job.mask_row_stride + j0 * job.mask_col_stride;
+        if (job.mask_col_stride == 1) {
+          for (std::int64_t j = c0; j < cols; j += W) {
+            const std::int64_t n = min_i64(W, job.key_end - j0 - j);  // never read past the keys
+            if (n == W)
+              (batch::load_aligned(s + j) + batch::load_unaligned(m + j)).store_aligned(s + j);
+            else
+              for (std::int64_t t = 0; t < n; ++t) s[j + t] += m[j + t];
+          }
+        } else {
+          for (std::int64_t j = c0; j < min_i64(cols, job.key_end - j0); ++j) s[j] += m[j * job.mask_col_stride];
+        }
+      }
+      if (job.bool_mask) {
+        const std::uint8_t* m =
+            job.bool_mask + g * job.bool_head_stride + i * job.bool_row_stride + j0 * job.bool_col_stride;
+        for (std::int64_t j = c0; j < min_i64(cols, job.key_end - j0); ++j)
+          if (m[j * job.bool_col_stride] == 0) s[j] = neg_inf;
+      }
+      const batch log2e(1.4426950408889634f);
+      for (std::int64_t j = c0; j < cols; j += W) (batch::load_aligned(s + j) * log2e).store_aligned(s + j);
+    }
+  }
+
   // acc[r][c0 .. c0+NVC*W) = alpha[r] * acc[r][..] + sum_j probs[r][j] * v[j][..].
   template <int NVC>
   static void pv_tile(const float* probs, std::int64_t probs_stride, const float* v, std::int64_t v_stride,
@@ -109,11 +199,11 @@ struct ForwardKernel {
   }
 
   static void forward_query_block(const QueryBlockJob& job) {
-    const std::int64_t D = job.head_dim, M = job.kv_len, N = job.q_len;
-    const std::int64_t Dvp = job.value_dim_padded, Bk = job.block_keys, G = job.heads_per_row;
+    const std::int64_t D = job.head_dim, G = job.heads_per_row;
+    const std::int64_t Dvp = job.value_dim_padded, Bk = job.block_keys;
     const std::int64_t rows_padded = (job.rows + MR - 1) / MR * MR;
-    const std::int64_t diag = M - N;  // query i sees keys j <= i + diag when causal
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+    constexpr std::int64_t unbounded = std::numeric_limits<std::int64_t>::max() / 4;
 
     if (!job.resume) {
       for (std::int64_t i = 0; i < rows_padded * Dvp; ++i) job.acc[i] = 0.0f;
@@ -122,37 +212,56 @@ struct ForwardKernel {
         job.row_sum[r] = 0.0f;
       }
     }
-    // Keys past the last row's diagonal are invisible to the whole block: never visited.
-    const std::int64_t last_query = job.first_row + (job.rows - 1) / G;
-    const std::int64_t key_end = job.causal ? min_i64(job.key_end, last_query + diag + 1) : job.key_end;
+    // The visible key interval [lo_i, hi_i] of query i; it moves right with i, so the
+    // interval of a set of consecutive rows spans lo(first) .. hi(last).
+    auto lo = [&](std::int64_t i) { return job.has_lo ? i + job.lo_offset : std::int64_t(0); };
+    auto hi = [&](std::int64_t i) { return job.has_hi ? i + job.hi_offset : unbounded; };
+    const std::int64_t key_end = min_i64(job.key_end, job.key_limit);
+    const std::int64_t first_query = job.first_row, last_query = job.first_row + (job.rows - 1) / G;
+    const std::int64_t begin = lo(first_query) > job.key_begin ? lo(first_query) : job.key_begin;
+    const std::int64_t end = min_i64(key_end, hi(last_query) + 1);
+    // Blocks start on a panel boundary; blocks no row can see are never visited.
+    const std::int64_t start = begin <= job.key_begin ? job.key_begin
+                                                      : job.key_begin + (begin - job.key_begin) / NR * NR;
 
-    for (std::int64_t j0 = job.key_begin; j0 < key_end; j0 += Bk) {
-      const std::int64_t block_end = min_i64(j0 + Bk, key_end);
+    for (std::int64_t j0 = start; j0 < end; j0 += Bk) {
+      const std::int64_t block_end = min_i64(j0 + Bk, end);
       for (std::int64_t r0 = 0; r0 < rows_padded; r0 += MR) {
-        // Keys this tile can see in this block; a tile wholly above the diagonal is skipped.
-        const std::int64_t tile_last_query = job.first_row + (min_i64(r0 + MR, job.rows) - 1) / G;
-        const std::int64_t tile_end = job.causal ? min_i64(block_end, tile_last_query + diag + 1) : block_end;
-        if (tile_end <= j0) continue;
-        const std::int64_t num_keys = tile_end - j0;
-        const std::int64_t num_panels = (num_keys + NR - 1) / NR;
-        const std::int64_t cols = num_panels * NR;
-        if (job.k_panels)
-          scores_tile(job.q_packed + r0 * D, D, job.k_panels + (j0 - job.key_begin) * D, num_panels, job.scores, Bk);
+        // The keys this tile can see in this block; a tile that sees none is skipped.
+        const std::int64_t tile_first = job.first_row + r0 / G;
+        const std::int64_t tile_last = job.first_row + (min_i64(r0 + MR, job.rows) - 1) / G;
+        const std::int64_t tile_begin = lo(tile_first) > j0 ? lo(tile_first) : j0;
+        const std::int64_t tile_end = min_i64(block_end, hi(tile_last) + 1);
+        if (tile_end <= tile_begin) continue;
+        const std::int64_t c0 = (tile_begin - j0) / NR * NR;  // first column computed
+        const std::int64_t num_keys = tile_end - j0;          // columns [0, num_keys) may be visible
+        const std::int64_t cols = (num_keys + NR - 1) / NR * NR;
+        float* const scores = job.scores;
+        const float* q = job.q_packed + r0 * D;
+        if (job.kind == ScoreKind::additive)
+          scores_tile_additive(q, D, job.additive_weights, job.k_panels + (j0 + c0 - job.key_begin) * D,
+                               (cols - c0) / NR, scores + c0, Bk);
+        else if (job.k_panels)
+          scores_tile(q, D, job.k_panels + (j0 + c0 - job.key_begin) * D, (cols - c0) / NR, scores + c0, Bk);
         else
-          scores_tile_rows(job.q_packed + r0 * D, D, job.k_rows + (j0 - job.key_begin) * job.k_row_stride,
-                           job.k_row_stride, num_keys, cols, job.scores, Bk);
+          scores_tile_rows(q, D, job.k_rows + (j0 + c0 - job.key_begin) * job.k_row_stride, job.k_row_stride,
+                           num_keys - c0, cols - c0, scores + c0, Bk);
+        if (job.key_bias || job.row_bias || job.natural_units) score_epilogue(job, r0, j0, c0, cols);
 
         float alpha[MR];
         for (int r = 0; r < MR; ++r) {
-          float* s = job.scores + r * Bk;
-          // Exclude padded keys and, when causal, keys past this row's diagonal.
-          std::int64_t visible = num_keys;
-          if (job.causal) visible = min_i64(visible, job.first_row + (r0 + r) / G + diag + 1 - j0);
-          if (visible < 0) visible = 0;
-          for (std::int64_t j = visible; j < cols; ++j) s[j] = neg_inf;
+          float* s = scores + r * Bk;
+          // Exclusions by the row's interval and the key range: everything outside
+          // [visible_begin, visible_end) becomes -inf.
+          const std::int64_t i = job.first_row + (r0 + r) / G;
+          std::int64_t visible_begin = lo(i) - j0, visible_end = min_i64(num_keys, hi(i) + 1 - j0);
+          if (visible_begin < c0) visible_begin = c0;
+          if (visible_end < visible_begin) visible_end = visible_begin;
+          for (std::int64_t j = c0; j < visible_begin; ++j) s[j] = neg_inf;
+          for (std::int64_t j = visible_end; j < cols; ++j) s[j] = neg_inf;
 
           batch block_max(neg_inf);
-          for (std::int64_t j = 0; j < cols; j += W) block_max = xsimd::max(block_max, batch::load_aligned(s + j));
+          for (std::int64_t j = c0; j < cols; j += W) block_max = xsimd::max(block_max, batch::load_aligned(s + j));
           const float old_max = job.row_max[r0 + r];
           const float bm = reduce_max<Arch>(block_max);
           const float new_max = bm > old_max ? bm : old_max;
@@ -162,7 +271,7 @@ struct ForwardKernel {
           alpha[r] = exp2_nonpositive_scalar<Arch>(old_max - shift);
           const batch shift_v(shift);
           batch sum(0.0f);
-          for (std::int64_t j = 0; j < cols; j += W) {
+          for (std::int64_t j = c0; j < cols; j += W) {
             const batch p = exp2_nonpositive<Arch>(batch::load_aligned(s + j) - shift_v);
             p.store_aligned(s + j);
             sum += p;
@@ -171,22 +280,27 @@ struct ForwardKernel {
           job.row_max[r0 + r] = new_max;
         }
 
-        const float* v_block = job.v_rows + (j0 - job.key_begin) * job.v_row_stride;
+        const float* v_block = job.v_rows + (j0 + c0 - job.key_begin) * job.v_row_stride;
         float* acc = job.acc + r0 * Dvp;
         std::int64_t c = 0;
         for (; c + NV * W <= Dvp; c += NV * W)
-          pv_tile<NV>(job.scores, Bk, v_block + c, job.v_row_stride, num_keys, alpha, acc + c, Dvp);
-        for (; c < Dvp; c += W) pv_tile<1>(job.scores, Bk, v_block + c, job.v_row_stride, num_keys, alpha, acc + c, Dvp);
+          pv_tile<NV>(scores + c0, Bk, v_block + c, job.v_row_stride, num_keys - c0, alpha, acc + c, Dvp);
+        for (; c < Dvp; c += W)
+          pv_tile<1>(scores + c0, Bk, v_block + c, job.v_row_stride, num_keys - c0, alpha, acc + c, Dvp);
       }
     }
 
     if (!job.finalize) return;
     for (std::int64_t r = 0; r < job.rows; ++r) {
       const float sum = job.row_sum[r];
-      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  // no visible key: zeros
+      const float inv = 1.0f / sum;
       float* out = job.out + (r / G) * job.out_row_stride + (r % G) * job.out_head_stride;
       const float* acc = job.acc + r * Dvp;
-      for (std::int64_t c = 0; c < job.value_dim; ++c) out[c * job.out_col_stride] = acc[c] * inv;
+      for (std::int64_t c = 0; c < job.value_dim; ++c)
+        out[c * job.out_col_stride] = sum > 0.0f ? acc[c] * inv : job.empty_value;
+      if (job.lse)
+        job.lse[(r / G) * job.lse_row_stride + (r % G) * job.lse_head_stride] =
+            sum > 0.0f ? (job.row_max[r] + log2_scalar(sum)) * 0.6931471805599453f : neg_inf;
     }
   }
 };

@@ -68,3 +68,14 @@ inline xsimd::batch<float, Arch> sum_rows(const xsimd::batch<float, Arch>* rows)
     return xsimd::haddp(rows);
   }
 }
+
+// tanh for the additive score and soft-capping. xsimd's tanh, which is accurate to a
+// few ulp; kept behind one name so a faster approximation can be swapped in here.
+template <class Arch>
+inline xsimd::batch<float, Arch> tanh_fast(xsimd::batch<float, Arch> x) {
+  return xsimd::tanh(x);
+}
+
+// log2 of a positive float, for the log-sum-exp output (once per row). The builtin calls
+// libm's log2f directly: no inline std:: wrapper that differently-flagged TUs would share.
+inline float log2_scalar(float x) { return __builtin_log2f(x); }

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: installs missing Debian packages, builds in
+# Release (library, tests, benchmarks and tools, so they all compile) and runs every
+# test under each ISA, then rebuilds the tests with AddressSanitizer and
+# UndefinedBehaviorSanitizer and runs them again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools/install_deps.sh
+
+jobs=$(nproc)
+cmake -S . -B build/release -G Ninja -DCMAKE_BUILD_TYPE=Release
+cmake --build build/release -j "$jobs"
+ctest --test-dir build/release --output-on-failure -j "$jobs"
+
+# -O1: fast enough to run the randomized suite, still precise stack traces.
+cmake -S . -B build/sanitize -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g" \
+      -DFLASHCPU_SANITIZE=ON -DFLASHCPU_BUILD_BENCH=OFF -DFLASHCPU_BUILD_TOOLS=OFF
+cmake --build build/sanitize -j "$jobs"
+ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  ctest --test-dir build/sanitize --output-on-failure -LE install -j "$jobs"
+echo "flashcpu: all tests passed (Release and ASan+UBSan)"
