@@ -41,9 +41,23 @@ struct AlignedBuffer {
   float* get() const { return memory.get(); }
 };
 
+// Address of row i of head h of batch b. Empty views may have null data: their rows are
+// never read or written, and no offset is ever applied to a null pointer.
 template <class T>
 T* element(const TensorView<T>& view, std::int64_t b, std::int64_t h, std::int64_t i) {
-  return view.data + b * view.strides[0] + h * view.strides[1] + i * view.strides[2];
+  return view.data ? view.data + b * view.strides[0] + h * view.strides[1] + i * view.strides[2] : nullptr;
+}
+
+// M = 0 (no keys at all): every row sees no key.
+void write_empty_rows(const AttentionShape& s, const TensorView<float>& out, const TensorView<float>* lse,
+                      float empty_value) {
+  for (std::int64_t b = 0; b < s.batch; ++b)
+    for (std::int64_t h = 0; h < s.q_heads; ++h)
+      for (std::int64_t i = 0; i < s.q_len; ++i) {
+        float* row = element(out, b, h, i);
+        for (std::int64_t c = 0; c < s.value_dim; ++c) row[c * out.strides[3]] = empty_value;
+        if (lse) *element(*lse, b, h, i) = kNegInf;
+      }
 }
 
 int thread_count(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
@@ -307,7 +321,7 @@ void run_prefill(const Plan& plan, const TensorView<const float>& q, const Tenso
         packed_head = kv_head;
       }
       job.v_rows = plan.v_in_place ? element(v, b, hkv, 0) : value_rows;
-      job.v_row_stride = plan.v_in_place ? v.strides[2] : plan.value_dim_padded;
+      job.v_row_stride = plan.v_in_place ? (job.v_rows ? v.strides[2] : 0) : plan.value_dim_padded;
 
       job.first_row = qb * plan.block_rows;
       job.rows = std::min(plan.block_rows, N - job.first_row);
@@ -402,18 +416,24 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
       job.resume = false;
       for (std::int64_t j0 = chunk * chunk_keys; j0 < chunk_end || !job.resume; j0 += Bk) {
         const std::int64_t keys = std::max<std::int64_t>(0, std::min(Bk, chunk_end - j0));
+        if (keys == 0) {  // an empty chunk (key length): only reset the partial state
+          job.key_begin = job.key_end = j0;
+          kernels.forward_query_block(job);
+          job.resume = true;
+          continue;
+        }
         if (k_in_place) {
-          job.k_rows = element(k, b, hkv, std::min(j0, M - 1));
+          job.k_rows = element(k, b, hkv, j0);
           job.k_row_stride = k.strides[2];
         } else {
-          pack_key_panels(element(k, b, hkv, 0) + j0 * k.strides[2], k.strides[2], k.strides[3], keys, D, nr, plan,
+          pack_key_panels(element(k, b, hkv, j0), k.strides[2], k.strides[3], keys, D, nr, plan,
                           center, key_panels, key_bias);
         }
         if (plan.v_in_place) {
-          job.v_rows = element(v, b, hkv, 0) + j0 * v.strides[2];
-          job.v_row_stride = v.strides[2];
+          job.v_rows = element(v, b, hkv, j0);
+          job.v_row_stride = job.v_rows ? v.strides[2] : 0;
         } else {
-          pack_value_rows(element(v, b, hkv, 0) + j0 * v.strides[2], v.strides[2], v.strides[3], keys, s.value_dim,
+          pack_value_rows(element(v, b, hkv, j0), v.strides[2], v.strides[3], keys, s.value_dim,
                           Dvp, value_rows);
           job.v_rows = value_rows;
           job.v_row_stride = Dvp;
@@ -465,6 +485,7 @@ void run(const AttentionShape& s, const TensorView<const float>& q, const Tensor
          detail::Transform transform = detail::Transform::none, float empty_value = 0.0f) {
   const KernelTable& kernels = detail::active_kernels();
   if (s.empty()) return;
+  if (s.kv_len == 0) return write_empty_rows(s, out, lse, empty_value);
   const Plan plan = make_plan(kernels, s, v, transform, empty_value);  // reads the tile table: may throw
   if (use_decode_path(s))
     run_decode(plan, q, k, v, out, lse);

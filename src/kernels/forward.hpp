@@ -294,10 +294,12 @@ struct ForwardKernel {
     for (std::int64_t r = 0; r < job.rows; ++r) {
       const float sum = job.row_sum[r];
       const float inv = 1.0f / sum;
-      float* out = job.out + (r / G) * job.out_row_stride + (r % G) * job.out_head_stride;
-      const float* acc = job.acc + r * Dvp;
-      for (std::int64_t c = 0; c < job.value_dim; ++c)
-        out[c * job.out_col_stride] = sum > 0.0f ? acc[c] * inv : job.empty_value;
+      if (job.value_dim > 0) {  // with Dv = 0 out may be null: only lse is written
+        float* out = job.out + (r / G) * job.out_row_stride + (r % G) * job.out_head_stride;
+        const float* acc = job.acc + r * Dvp;
+        for (std::int64_t c = 0; c < job.value_dim; ++c)
+          out[c * job.out_col_stride] = sum > 0.0f ? acc[c] * inv : job.empty_value;
+      }
       if (job.lse)
         job.lse[(r / G) * job.lse_row_stride + (r % G) * job.lse_head_stride] =
             sum > 0.0f ? (job.row_max[r] + log2_scalar(sum)) * 0.6931471805599453f : neg_inf;
