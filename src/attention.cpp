@@ -76,13 +76,14 @@ struct Plan {
   detail::Transform transform;
   float q_factor;    // multiplies q when packing (dot: scale; Gaussian: 2 scale; in log2 units unless natural)
   float bias_scale;  // Gaussian: multiplies |q - c|^2 and |k - c|^2 into the row and key biases
+  float distance_factor;  // exact-distance Gaussian: -scale (in log2 units unless natural)
   bool centered;     // Gaussian: subtract the head's first key from q and k (see pack_* below)
   std::vector<float> additive_weights;  // scale * w (in log2 units unless natural)
   float empty_value;
 };
 
 Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const TensorView<const float>& v,
-               detail::Transform transform, float empty_value) {
+               detail::Transform transform, float empty_value, bool regression) {
   Plan plan{};
   plan.kernels = &kernels;
   plan.shape = s;
@@ -99,13 +100,21 @@ Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const Tensor
   // Nonlinear terms need the natural-log score; otherwise log2(e) is folded in up front.
   plan.natural_units = plan.transform != detail::Transform::none || s.alibi_slopes || s.mask.data || s.bool_mask.data;
   const double unit = plan.natural_units ? 1.0 : kLog2e;
-  plan.kind = s.score == Score::additive ? detail::ScoreKind::additive : detail::ScoreKind::dot;
-  plan.centered = s.score == Score::gaussian;
-  // Gaussian: -scale |q - k|^2 = 2 scale q.k - scale |q|^2 - scale |k|^2, a dot product
-  // plus a row bias and a key bias (after centering, see pack_key_panels).
-  plan.q_factor = float((s.score == Score::gaussian ? 2.0 : s.score == Score::additive ? 0.0 : 1.0) * s.scale * unit);
-  if (s.score == Score::additive) plan.q_factor = 1.0f;  // q enters tanh(q + k) as is
+  // Gaussian: -scale |q - k|^2. From exact differences where small distances must be
+  // accurate (kernel regression, whose transforms take square roots and logs of them) or
+  // where D is small enough that the extra subtraction costs little next to the exp.
+  // Otherwise expanded as 2 scale q.k - scale |q|^2 - scale |k|^2: a dot product plus a
+  // row bias and a key bias, as fast as the dot product (after centering, see load_center).
+  const bool exact_distance =
+      s.score == Score::gaussian && (regression || s.head_dim < 32);
+  plan.kind = s.score == Score::additive ? detail::ScoreKind::additive
+              : exact_distance           ? detail::ScoreKind::squared_distance
+                                         : detail::ScoreKind::dot;
+  plan.centered = s.score == Score::gaussian && !exact_distance;
+  plan.q_factor = float((s.score == Score::gaussian ? 2.0 : 1.0) * s.scale * unit);
+  if (s.score == Score::additive || exact_distance) plan.q_factor = 1.0f;  // q enters tanh(q + k) or q - k as is
   plan.bias_scale = float(-double(s.scale) * unit);
+  plan.distance_factor = float(-double(s.scale) * unit);
   if (s.score == Score::additive)
     for (std::int64_t d = 0; d < s.head_dim; ++d)
       plan.additive_weights.push_back(float(double(s.scale) * unit * s.additive_weights[d]));
@@ -219,6 +228,7 @@ QueryBlockJob base_job(const Plan& plan) {
   job.kind = plan.kind;
   job.natural_units = plan.natural_units;
   job.additive_weights = plan.additive_weights.empty() ? nullptr : plan.additive_weights.data();
+  job.distance_factor = plan.distance_factor;
   job.transform = plan.transform;
   job.softcap = s.softcap;
   job.empty_value = plan.empty_value;
@@ -482,11 +492,11 @@ bool use_decode_path(const AttentionShape& s) { return s.q_len <= 16; }
 
 void run(const AttentionShape& s, const TensorView<const float>& q, const TensorView<const float>& k,
          const TensorView<const float>& v, const TensorView<float>& out, const TensorView<float>* lse,
-         detail::Transform transform = detail::Transform::none, float empty_value = 0.0f) {
+         detail::Transform transform = detail::Transform::none, float empty_value = 0.0f, bool regression = false) {
   const KernelTable& kernels = detail::active_kernels();
   if (s.empty()) return;
   if (s.kv_len == 0) return write_empty_rows(s, out, lse, empty_value);
-  const Plan plan = make_plan(kernels, s, v, transform, empty_value);  // reads the tile table: may throw
+  const Plan plan = make_plan(kernels, s, v, transform, empty_value, regression);  // reads the tile table: may throw
   if (use_decode_path(s))
     run_decode(plan, q, k, v, out, lse);
   else
@@ -547,7 +557,7 @@ void nadaraya_watson(TensorView<const float> x_query, TensorView<const float> x_
                                                                             : detail::Transform::none;
   const AttentionShape s = detail::validate_attention(x_query, x_train, y_train, y_pred, nullptr, attention_options);
   // No training point in the kernel's support: NaN, the statistical convention.
-  run(s, x_query, x_train, y_train, y_pred, nullptr, transform, std::numeric_limits<float>::quiet_NaN());
+  run(s, x_query, x_train, y_train, y_pred, nullptr, transform, std::numeric_limits<float>::quiet_NaN(), true);
 }
 
 }  // namespace flashcpu

@@ -87,6 +87,33 @@ struct ForwardKernel {
     }
   }
 
+  // Gaussian scores from exact differences: scores[r][c] = factor * sum_d (q[r][d] - panel[d][c])^2.
+  // One more operation per element than the dot product, but no cancellation: used where
+  // small distances must be accurate (kernel regression) or D is small.
+  static void scores_tile_distance(const float* q, std::int64_t D, float factor, const float* panels,
+                                   std::int64_t num_panels, float* scores, std::int64_t scores_stride) {
+    for (std::int64_t p = 0; p < num_panels; ++p) {
+      const float* panel = panels + p * D * NR;
+      batch acc[MR][NRV];
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NRV; ++v) acc[r][v] = batch(0.0f);
+      for (std::int64_t d = 0; d < D; ++d) {
+        batch keys[NRV];
+        for (int v = 0; v < NRV; ++v) keys[v] = batch::load_aligned(panel + d * NR + v * W);
+        for (int r = 0; r < MR; ++r) {
+          const batch qv(q[r * D + d]);
+          for (int v = 0; v < NRV; ++v) {
+            const batch diff = qv - keys[v];
+            acc[r][v] = xsimd::fma(diff, diff, acc[r][v]);
+          }
+        }
+      }
+      const batch f(factor);
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NRV; ++v) (acc[r][v] * f).store_aligned(scores + r * scores_stride + p * NR + v * W);
+    }
+  }
+
   // Bahdanau scores from K panels: scores[r][c] = sum_d w[d] * tanh(q[r][d] + panel[d][c]).
   // D tanh per score: transcendental-bound, but never the N x M x D feature tensor.
   static void scores_tile_additive(const float* q, std::int64_t D, const float* weights, const float* panels,
@@ -238,7 +265,10 @@ struct ForwardKernel {
         const std::int64_t cols = (num_keys + NR - 1) / NR * NR;
         float* const scores = job.scores;
         const float* q = job.q_packed + r0 * D;
-        if (job.kind == ScoreKind::additive)
+        if (job.kind == ScoreKind::squared_distance)
+          scores_tile_distance(q, D, job.distance_factor, job.k_panels + (j0 + c0 - job.key_begin) * D,
+                               (cols - c0) / NR, scores + c0, Bk);
+        else if (job.kind == ScoreKind::additive)
           scores_tile_additive(q, D, job.additive_weights, job.k_panels + (j0 + c0 - job.key_begin) * D,
                                (cols - c0) / NR, scores + c0, Bk);
         else if (job.k_panels)

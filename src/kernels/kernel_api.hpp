@@ -11,8 +11,9 @@ enum class Isa { sse2 = 0, avx2 = 1, avx512 = 2 };
 
 /// How the raw score of a (row, key) pair is computed by the micro-kernel.
 enum class ScoreKind {
-  dot,       // q_packed . k  (dot product, and the Gaussian expanded into one, see key_bias)
-  additive,  // sum_d additive_weights[d] * tanh(q_packed[d] + k[d])
+  dot,               // q_packed . k  (dot product, and the Gaussian expanded into one, see key_bias)
+  squared_distance,  // distance_factor * sum_d (q_packed[d] - k[d])^2  (Gaussian, exact differences)
+  additive,          // sum_d additive_weights[d] * tanh(q_packed[d] + k[d])
 };
 
 /// A nonlinear map of the natural-log score, applied right after the raw score (and its
@@ -56,6 +57,7 @@ struct QueryBlockJob {
   ScoreKind kind;
   bool natural_units;
   const float* additive_weights;  // kind == additive: head_dim weights, times the scale
+  float distance_factor;          // kind == squared_distance: -scale
   const float* key_bias;          // null, or per key from key_begin: added to the score
   const float* row_bias;          // null, or per packed row: added to the score
   Transform transform;
