@@ -72,7 +72,7 @@ void for_each_row(const detail::AttentionShape& s, const TensorView<const float>
       for (std::int64_t i = 0; i < N; ++i)
         for (std::int64_t j = 0; j < M; ++j) scores[std::size_t(i * M + j)] = score(s, q, k, b, h, i, j);
       for (std::int64_t i = 0; i < N; ++i) {
-        double* row = &scores[std::size_t(i * M)];
+        double* row = scores.data() + i * M;  // no [] on an empty matrix (M = 0)
         double row_max = kNegInf;
         for (std::int64_t j = 0; j < M; ++j) row_max = std::max(row_max, row[j]);
         double sum = 0;

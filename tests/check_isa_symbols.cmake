@@ -1,9 +1,10 @@
 # Checks that no inline (weak) function is defined both in one ISA's kernel object and in
 # any other object of the library. If one were, the linker would keep a single copy, and
 # a lower-ISA path could run AVX-512 code (see src/CMakeLists.txt).
-#   cmake -DNM=<nm> -DOBJECTS="<objects;...>" -P check_isa_symbols.cmake
+#   cmake -DNM=<nm> -DOBJECTS="a.o|b.o|..." -P check_isa_symbols.cmake
+string(REPLACE "|" ";" OBJECTS "${OBJECTS}")
 if(NOT NM OR NOT OBJECTS)
-  message(FATAL_ERROR "usage: cmake -DNM=nm -DOBJECTS=a.o;b.o -P check_isa_symbols.cmake")
+  message(FATAL_ERROR "usage: cmake -DNM=nm -DOBJECTS=a.o|b.o -P check_isa_symbols.cmake")
 endif()
 set(kernel_count 0)
 foreach(object IN LISTS OBJECTS)

@@ -1,0 +1,112 @@
+// ISA dispatch (and FLASHCPU_ISA forcing), tile configuration and tuning files.
+#include <catch2/catch.hpp>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+
+#include <unistd.h>
+
+#include "util.hpp"
+
+namespace {
+
+const char* const kIsas[] = {"avx512", "avx2", "sse2"};  // best first
+
+std::string best_supported() {
+  for (const char* isa : kIsas)
+    if (flashcpu::isa_supported(isa)) return isa;
+  return "none";
+}
+
+}  // namespace
+
+TEST_CASE("FLASHCPU_ISA selects the kernel ISA, or the run is reported as not run", "[dispatch]") {
+  const char* forced = std::getenv("FLASHCPU_ISA");
+  const std::string active = flashcpu::active_isa();
+  INFO("FLASHCPU_ISA=" << (forced ? forced : "(unset)") << ", active_isa()=" << active);
+  CHECK(flashcpu::isa_supported(active));
+  if (forced == nullptr || *forced == '\0') {
+    // Unforced: the best ISA the machine supports.
+    CHECK(active == best_supported());
+  } else if (flashcpu::isa_supported(forced)) {
+    REQUIRE(active == forced);
+  } else {
+    WARN("ISA " << forced << " not available on this machine: not run");
+    ftest::note_isa_unavailable();
+  }
+  // Chosen once per process: stable across calls.
+  CHECK(flashcpu::active_isa() == active);
+}
+
+TEST_CASE("active_isa and isa_supported are consistent", "[dispatch]") {
+  const std::string active = flashcpu::active_isa();
+  CHECK((active == "avx512" || active == "avx2" || active == "sse2"));
+  CHECK(flashcpu::isa_supported("sse2"));  // the x86-64 baseline
+  // ISA levels nest: a CPU with AVX-512 kernels also runs the AVX2 ones.
+  if (flashcpu::isa_supported("avx512")) CHECK(flashcpu::isa_supported("avx2"));
+}
+
+TEST_CASE("tile_config gives tiles the active micro-kernel can use", "[tiles]") {
+  const std::string isa = flashcpu::active_isa();
+  for (std::int64_t d : {1, 3, 17, 64, 80, 128, 256}) {
+    const flashcpu::TileConfig t = flashcpu::tile_config(d);
+    INFO("isa " << isa << " D=" << d << " tiles {" << t.block_rows << ", " << t.block_keys << "}");
+    CHECK(t.block_rows > 0);
+    CHECK(t.block_keys > 0);
+    CHECK(t.block_rows % ftest::micro_rows(isa) == 0);
+    CHECK(t.block_keys % ftest::key_panel(isa) == 0);
+  }
+}
+
+TEST_CASE("set_tile_config overrides and restores the tiles", "[tiles]") {
+  const std::string isa = flashcpu::active_isa();
+  const std::int64_t d = 40;
+  const flashcpu::TileConfig before = flashcpu::tile_config(d);
+  for (const flashcpu::TileConfig t : {flashcpu::TileConfig{8, 32}, {16, 64}, {24, 96}, {128, 512}}) {
+    INFO("override {" << t.block_rows << ", " << t.block_keys << "}");
+    flashcpu::set_tile_config(isa, d, t);
+    const flashcpu::TileConfig now = flashcpu::tile_config(d);
+    CHECK(now.block_rows == t.block_rows);
+    CHECK(now.block_keys == t.block_keys);
+  }
+  flashcpu::set_tile_config(isa, d, std::nullopt);
+  const flashcpu::TileConfig after = flashcpu::tile_config(d);
+  CHECK(after.block_rows == before.block_rows);
+  CHECK(after.block_keys == before.block_keys);
+}
+
+TEST_CASE("set_tile_config rejects tiles no ISA can use", "[tiles][errors]") {
+  const std::string isa = flashcpu::active_isa();
+  const std::int64_t d = 40;
+  const flashcpu::TileConfig before = flashcpu::tile_config(d);
+  for (const flashcpu::TileConfig t :
+       {flashcpu::TileConfig{0, 32}, {8, 0}, {7, 32}, {8, 31}, {12, 32}, {8, 48}, {-8, 32}, {8, -32}}) {
+    INFO("tiles {" << t.block_rows << ", " << t.block_keys << "}");
+    // {12, 32} and {8, 48} fit AVX2/SSE2 micro-kernels but not AVX-512's: the
+    // documented rule is multiples of 8 rows and 32 keys on every ISA.
+    CHECK_THROWS_AS(flashcpu::set_tile_config(isa, d, t), flashcpu::Error);
+    const flashcpu::TileConfig now = flashcpu::tile_config(d);
+    CHECK(now.block_rows == before.block_rows);
+    CHECK(now.block_keys == before.block_keys);
+  }
+}
+
+TEST_CASE("load_tuning rejects missing and malformed files", "[tiles][errors]") {
+  const flashcpu::TileConfig before = flashcpu::tile_config(64);
+  CHECK_THROWS_AS(flashcpu::load_tuning("/nonexistent/flashcpu-tuning.txt"), flashcpu::Error);
+
+  // In the working directory, named per process: the CTest runs may go in parallel.
+  const std::string path = "flashcpu_test_bad_tuning_" + std::to_string(::getpid()) + ".txt";
+  {
+    std::ofstream f(path);
+    f << "this is not a tuning file {{{ 1 2\n";
+  }
+  CHECK_THROWS_AS(flashcpu::load_tuning(path), flashcpu::Error);
+  std::remove(path.c_str());
+
+  const flashcpu::TileConfig after = flashcpu::tile_config(64);
+  CHECK(after.block_rows == before.block_rows);
+  CHECK(after.block_keys == before.block_keys);
+}

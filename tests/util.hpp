@@ -1,0 +1,137 @@
+// Shared helpers for the flashcpu tests: owning strided tensors, the comparison of
+// the fused kernel against the reference oracle with a per-element error bound, and
+// the flag that turns a forced-but-unavailable ISA into a skipped CTest run.
+#pragma once
+
+#include <flashcpu/flashcpu.hpp>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace ftest {
+
+using Shape = std::array<std::int64_t, 4>;  // [batch, heads, seq, dim]
+
+/// How a test tensor sits in its buffer.
+enum class Layout {
+  bhsd,       // contiguous [B, H, S, D]
+  bshd,       // contiguous [B, S, H, D] seen through flashcpu::bshd
+  padded,     // [B, H, S, D] with extra elements after every row, head and batch
+  sliced,     // a window [:, 2:2+S, 1:1+H, 3:3+D] of a larger [B+1, S+5, H+2, D+7] BSHD buffer
+  broadcast,  // batch stride 0: every batch reads the same [H, S, D] (inputs only)
+};
+const char* layout_name(Layout layout);
+
+/// A buffer that owns its storage, plus a strided view into it. Every buffer element
+/// starts as `pad`; those outside the view keep it, so a kernel that reads padding
+/// (pad = NaN) or writes it (pad = a sentinel) is caught.
+class Tensor {
+ public:
+  Tensor(Shape shape, Layout layout, float pad);
+
+  flashcpu::TensorView<float> view() { return {buf_.data() + offset_, shape_, strides_}; }
+  flashcpu::TensorView<const float> cview() const { return {buf_.data() + offset_, shape_, strides_}; }
+  const Shape& shape() const { return shape_; }
+
+  float& at(std::int64_t b, std::int64_t h, std::int64_t s, std::int64_t d) {
+    return buf_[static_cast<std::size_t>(index(b, h, s, d))];
+  }
+  float at(std::int64_t b, std::int64_t h, std::int64_t s, std::int64_t d) const {
+    return buf_[static_cast<std::size_t>(index(b, h, s, d))];
+  }
+
+  /// Sets every element of the view to a uniform value in [lo, hi] (lo == hi: constant).
+  void fill_uniform(std::mt19937& rng, float lo, float hi);
+  /// Whether every buffer element outside the view still holds the padding (bitwise).
+  bool padding_intact() const;
+  const std::vector<float>& buffer() const { return buf_; }
+
+ private:
+  std::int64_t index(std::int64_t b, std::int64_t h, std::int64_t s, std::int64_t d) const {
+    return offset_ + b * strides_[0] + h * strides_[1] + s * strides_[2] + d * strides_[3];
+  }
+  Shape shape_;
+  Shape strides_{};
+  std::int64_t offset_ = 0;
+  float pad_;
+  std::vector<float> buf_;
+};
+
+std::string describe(const flashcpu::TensorView<const float>& view);
+
+/// Outcome of comparing one fused result with the reference.
+struct Result {
+  bool ok = true;          // fused within tolerance, reference consistent, padding intact
+  std::string report;      // what was compared; on failure the worst element with both values
+  double worst_ratio = 0;  // max over elements of |fused - ref| / tol
+};
+
+/// Runs reference::attention on the same views and compares `out` with it element-wise
+/// under the bound documented in util.cpp. Also checks the reference itself against an
+/// independent naive double computation done here (it is the oracle, so it is tested too).
+Result compare_with_reference(flashcpu::TensorView<const float> q, flashcpu::TensorView<const float> k,
+                              flashcpu::TensorView<const float> v, const flashcpu::AttentionOptions& options,
+                              flashcpu::TensorView<const float> out);
+
+/// One forward problem: shapes, options, layouts, value ranges and the seed of its data.
+struct Case {
+  std::int64_t B = 1, Hq = 1, Hkv = 1, N = 1, M = 1, D = 1, Dv = 1;
+  bool causal = false;
+  std::optional<float> scale;
+  int threads = 0;
+  Layout lq = Layout::bhsd, lk = Layout::bhsd, lv = Layout::bhsd, lo = Layout::bhsd;
+  float qk_lo = -1.0f, qk_hi = 1.0f;  // range of q and k entries
+  float v_lo = -1.0f, v_hi = 1.0f;    // range of v entries
+  std::uint32_t seed = 1;
+  std::string describe() const;
+};
+
+/// Builds the tensors of `c` (padding NaN for inputs, a sentinel for out), runs
+/// flashcpu::attention, and compares with the reference.
+Result run_case(const Case& c);
+
+/// Fused output of `c` alone (whole out buffer, padding included), for bitwise
+/// comparisons between runs.
+std::vector<float> run_fused_buffer(const Case& c);
+
+/// Multiples the active ISA's micro-kernel imposes on the tiles: rows 8 (avx512) / 4,
+/// key panel 32 / 16 / 8 floats.
+int micro_rows(const std::string& isa);
+int key_panel(const std::string& isa);
+
+/// Sets a tile override for (active ISA, head_dim) and removes it on scope exit.
+class TileOverride {
+ public:
+  TileOverride(std::int64_t head_dim, flashcpu::TileConfig tiles);
+  ~TileOverride();
+  TileOverride(const TileOverride&) = delete;
+  TileOverride& operator=(const TileOverride&) = delete;
+
+ private:
+  std::string isa_;
+  std::int64_t head_dim_;
+};
+
+/// Lengths at the edges of a tile size T: 1, T-1, T, T+1, 3T+5 (without duplicates or zeros).
+std::vector<std::int64_t> edge_lengths(std::int64_t tile);
+
+// The [dispatch] test calls this when FLASHCPU_ISA names an ISA this machine lacks;
+// main() then exits with the code CTest reports as "Skipped" (defined in main.cpp).
+void note_isa_unavailable();
+bool isa_unavailable_noted();
+
+}  // namespace ftest
+
+/// Runs a Case and reports it: the case (seed included) and the worst element on failure.
+#define FTEST_CHECK_CASE(c)                     \
+  do {                                          \
+    const ::ftest::Case& ftest_case_ = (c);     \
+    const auto ftest_r_ = ::ftest::run_case(ftest_case_); \
+    INFO(ftest_case_.describe());               \
+    INFO(ftest_r_.report);                      \
+    CHECK(ftest_r_.ok);                         \
+  } while (false)
