@@ -1,0 +1,400 @@
+// flashcpu_bench: Google Benchmark suite for flashcpu::attention.
+//
+// Every workload runs three implementations as separate benchmarks in one run:
+//   <family>/fused/...     flashcpu::attention (fused, tiled, online softmax)
+//   <family>/naive/...     flashcpu::reference::attention (full score matrix, double)
+//   <family>/openblas/...  materialized: sgemm + row softmax + sgemm (common.hpp)
+// Families: prefill sweep, the named workloads of PERFORMANCE.md (P64, P128, C128,
+// S16K, short, DEC, thread scaling), a decode sweep, head shapes of real models, the
+// two OpenBLAS threading modes, and the machine probes (BM_FmaPeak, BM_ReadBandwidth).
+//
+// Counters (per benchmark, medians with --benchmark_repetitions):
+//   FLOP            useful FLOP per second, 2*B*Hq*pairs*(D+Dv) (common.hpp)
+//   peak_frac       achieved GFLOP/s / FMA peak measured at the same thread count
+//   kv_bytes_per_s  decode only: K+V bytes (each KV head once) per second
+//   bw_frac         decode only: kv_bytes_per_s / measured read bandwidth
+//   peak_extra_MiB  peak RSS growth of one call beyond the resident inputs
+//   analytic_MiB    naive/openblas only: the score matrices their design implies
+//
+// Usage:
+//   flashcpu_bench [--threads=N] [--naive-max=N] [--no-self-check] [--no-probes]
+//                  [--blas-threading=heads|blas] [google benchmark flags]
+//   flashcpu_bench --benchmark_filter='^(P64|DEC)/' --benchmark_repetitions=5
+//       --benchmark_report_aggregates_only=true
+//       --benchmark_out=bench.json --benchmark_out_format=json
+// See bench/README.md.
+#include "common.hpp"
+
+#include <benchmark/benchmark.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace fb = flashcpu::bench;
+using fb::Impl;
+using fb::Shape;
+
+namespace {
+
+struct Settings {
+  int threads = 0;                // --threads; 0 resolves to OpenMP's default
+  std::int64_t naive_max = 4096;  // naive runs only when N*M <= naive_max^2
+  bool self_check = true;
+  bool probes = true;
+} g;
+
+// The last problem built, reused by the next benchmark of the same shape: the three
+// implementations of a workload and all repetitions share one set of inputs.
+//
+// A cold problem has several copies whose K and V together exceed the last-level
+// cache (>= 1 GiB; the VM reports a 480 MiB L3), and successive calls cycle through
+// them, so a decode step reads its KV cache from memory as it would in a model with
+// many layers. With one copy, DEC's 64 MiB of K/V stay in cache between calls and
+// the "bandwidth" exceeds the memory's (DEC_hot shows that case).
+std::vector<fb::Problem>& problems_for(const Shape& s, bool cold) {
+  static std::vector<fb::Problem> last;
+  static std::string last_key;
+  std::size_t copies = 1;
+  if (cold) {
+    const double target = double(std::size_t(1) << 30);
+    copies = std::size_t(std::clamp(std::ceil(target / fb::kv_bytes(s)), 1.0, 256.0));
+  }
+  const std::string key = fb::describe(s) + " x" + std::to_string(copies);
+  if (key != last_key) {
+    last.clear();  // free first: two large sets need not coexist
+    last_key.clear();
+    for (std::size_t i = 0; i < copies; ++i) last.emplace_back(s);
+    last_key = key;
+  }
+  return last;
+}
+
+// Memory and correctness are measured once per (implementation, shape, threads),
+// on the first repetition; later repetitions report the cached figure.
+struct FirstRun {
+  double extra_mib;
+};
+std::map<std::string, FirstRun>& first_runs() {
+  static std::map<std::string, FirstRun> m;
+  return m;
+}
+
+using Runner = std::function<void(fb::Problem&, int threads)>;
+
+void bm_attention(benchmark::State& st, const std::string& name, Impl impl, const Runner& runner,
+                  const Shape& s, int threads, bool decode, bool cold, const std::string& label) {
+  if (impl == Impl::openblas && !fb::have_openblas()) {
+    st.SkipWithError("OpenBLAS was not found at configure time");
+    return;
+  }
+  threads = fb::resolve_threads(threads);
+  std::vector<fb::Problem>& copies = problems_for(s, cold);
+  fb::Problem& p = copies.front();
+
+  const std::string key = name + "|" + std::to_string(threads);
+  auto it = first_runs().find(key);
+  if (it == first_runs().end()) {
+    // The first call: peak memory, with inputs resident. Then the cross-check
+    // against the fused kernel, which aborts on a mismatch.
+    const double extra = fb::measure_peak_extra_mib([&] { runner(p, threads); });
+    fb::check_against_fused(impl, p, threads);
+    it = first_runs().emplace(key, FirstRun{extra}).first;
+  } else {
+    runner(p, threads);  // warm-up
+  }
+
+  std::size_t next = 0;
+  const double t0 = fb::now_seconds();
+  for (auto _ : st) {
+    runner(copies[next], threads);
+    next = next + 1 == copies.size() ? 0 : next + 1;
+    benchmark::ClobberMemory();
+  }
+  const double per_iter = (fb::now_seconds() - t0) / double(st.iterations());
+
+  const double flop = fb::attention_flops(s);
+  st.counters["FLOP"] = benchmark::Counter(flop, benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["peak_frac"] = flop / per_iter * 1e-9 / fb::fma_peak_gflops(threads);
+  if (decode) {
+    const double bytes = fb::kv_bytes(s);
+    st.counters["kv_bytes_per_s"] =
+        benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
+    st.counters["bw_frac"] = bytes / per_iter * 1e-9 / fb::read_bandwidth_gbps(threads);
+  }
+  if (it->second.extra_mib >= 0) st.counters["peak_extra_MiB"] = it->second.extra_mib;
+  if (impl == Impl::naive) st.counters["analytic_MiB"] = fb::naive_analytic_mib(s, threads);
+  if (impl == Impl::openblas) {
+    st.counters["analytic_MiB"] =
+        fb::openblas_analytic_mib(s, threads, fb::default_blas_threading());
+  }
+  st.SetLabel(copies.size() > 1 ? label + " cold x" + std::to_string(copies.size()) : label);
+}
+
+std::string label_for(Impl impl, const Shape& s) {
+  switch (impl) {
+    case Impl::fused:
+      return fb::fused_label(s.d);
+    case Impl::naive:
+      return "reference double";
+    case Impl::openblas:
+      return std::string("openblas ") + fb::blas_threading_name(fb::default_blas_threading());
+  }
+  return "";
+}
+
+void add_one(const std::string& name, Impl impl, const Runner& runner, const Shape& s, int threads,
+             bool decode, bool cold, const std::string& label) {
+  benchmark::RegisterBenchmark(name.c_str(),
+                               [=](benchmark::State& st) {
+                                 bm_attention(st, name, impl, runner, s, threads, decode, cold,
+                                              label);
+                               })
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
+}
+
+// Registers <prefix>/<impl><suffix> for the three implementations. The naive
+// reference is left out above g.naive_max^2 score elements (N = 16384 would need
+// 2 GiB of double scores per thread and minutes per call).
+// Decode workloads (decode = true) report bandwidth and run cold unless told.
+void add_workload(const std::string& prefix, const std::string& suffix, const Shape& s,
+                  int threads = 0, bool decode = false, bool cold = true) {
+  for (Impl impl : {Impl::fused, Impl::naive, Impl::openblas}) {
+    if (impl == Impl::naive && s.n * s.m > g.naive_max * g.naive_max) continue;
+    if (impl == Impl::openblas && !fb::have_openblas()) continue;
+    const Runner runner = [impl](fb::Problem& p, int t) { fb::run(impl, p, t); };
+    add_one(prefix + "/" + fb::impl_name(impl) + suffix, impl, runner, s, threads, decode,
+            decode && cold, label_for(impl, s));
+  }
+}
+
+// 1, 2, 4, ... up to the number of cores, and the number of cores itself.
+std::vector<int> thread_counts() {
+  const int procs = omp_get_num_procs();
+  std::vector<int> counts;
+  for (int t = 1; t < procs; t *= 2) counts.push_back(t);
+  counts.push_back(procs);
+  return counts;
+}
+
+void register_attention_benchmarks() {
+  // Named workloads (PERFORMANCE.md).
+  add_workload("P64", "", fb::mha(1, 16, 2048, 2048, 64));
+  add_workload("P128", "", fb::mha(1, 16, 2048, 2048, 128));
+  add_workload("C128", "", fb::mha(1, 8, 4096, 4096, 128, true));
+  add_workload("S16K", "", fb::mha(1, 1, 16384, 16384, 64));
+  for (std::int64_t n : {16, 64, 256}) {
+    add_workload("short", "/N:" + std::to_string(n), fb::mha(1, 16, n, n, 64));
+  }
+  add_workload("DEC", "", fb::gqa(1, 32, 8, 1, 8192, 128), 0, /*decode=*/true);
+  add_workload("DEC_hot", "", fb::gqa(1, 32, 8, 1, 8192, 128), 0, /*decode=*/true, /*cold=*/false);
+  for (int t : thread_counts()) {
+    add_workload("scaling_P64", "/threads:" + std::to_string(t), fb::mha(1, 16, 2048, 2048, 64), t);
+  }
+
+  // Prefill sweep: N = M from 128 to 16384. Heads shrink at large N to keep one call
+  // between ~0.1 and ~1 s: 16 up to 2048, then 4, 2, 1.
+  for (bool causal : {false, true}) {
+    for (std::int64_t d : {64, 128}) {
+      for (std::int64_t n = 128; n <= 16384; n *= 2) {
+        const std::int64_t h = n <= 2048 ? 16 : n == 4096 ? 4 : n == 8192 ? 2 : 1;
+        const std::string suffix = "/D:" + std::to_string(d) + "/N:" + std::to_string(n) +
+                                   "/H:" + std::to_string(h) + (causal ? "/causal" : "");
+        add_workload("prefill", suffix, fb::mha(1, h, n, n, d, causal));
+      }
+    }
+  }
+
+  // Decode sweep: one query, Hq = 32 sharing Hkv = 8, D = 128, M from 512 to 131072.
+  for (std::int64_t m = 512; m <= 131072; m *= 2) {
+    add_workload("decode", "/M:" + std::to_string(m), fb::gqa(1, 32, 8, 1, m, 128), 0, true);
+  }
+
+  // Head shapes of real models: causal prefill of 1024 tokens, and one decode step
+  // against a 4096-token cache.
+  struct Model {
+    const char* name;
+    std::int64_t hq, hkv, d;
+  };
+  const Model models[] = {
+      {"llama2-7b", 32, 32, 128},  // MHA
+      {"llama3-8b", 32, 8, 128},   // GQA 4:1 (Mistral-7B has the same attention shape)
+      {"qwen2-7b", 28, 4, 128},    // GQA 7:1
+      {"phi3-mini", 32, 32, 96},   // MHA, D = 96: not a multiple of 64
+      {"gemma-2b", 8, 1, 256},     // MQA, D = 256
+      {"gpt2-small", 12, 12, 64},  // small MHA
+  };
+  for (const Model& m : models) {
+    const std::string prefix = std::string("model/") + m.name;
+    add_workload(prefix + "/prefill", "", fb::gqa(1, m.hq, m.hkv, 1024, 1024, m.d, true));
+    add_workload(prefix + "/decode", "", fb::gqa(1, m.hq, m.hkv, 1, 4096, m.d, true), 0, true);
+  }
+
+  // The two OpenBLAS threading modes side by side (the default is heads-parallel).
+  if (fb::have_openblas()) {
+    struct Named {
+      const char* name;
+      Shape s;
+      bool decode;
+    };
+    const Named named[] = {{"P64", fb::mha(1, 16, 2048, 2048, 64), false},
+                           {"P128", fb::mha(1, 16, 2048, 2048, 128), false},
+                           {"C128", fb::mha(1, 8, 4096, 4096, 128, true), false},
+                           {"S16K", fb::mha(1, 1, 16384, 16384, 64), false},
+                           {"DEC", fb::gqa(1, 32, 8, 1, 8192, 128), true}};
+    for (const Named& w : named) {
+      for (auto mode : {fb::BlasThreading::heads_parallel, fb::BlasThreading::blas_threaded}) {
+        const Runner runner = [mode](fb::Problem& p, int t) {
+          flashcpu::AttentionOptions o;
+          o.causal = p.shape.causal;
+          o.num_threads = t;
+          fb::openblas_attention(p.qv(), p.kv(), p.vv(), p.outv(), o, mode);
+        };
+        add_one(std::string("blas_mode/") + w.name + "/" + fb::blas_threading_name(mode),
+                Impl::openblas, runner, w.s, 0, w.decode, w.decode,
+                std::string("openblas ") + fb::blas_threading_name(mode));
+      }
+    }
+  }
+}
+
+void register_probe_benchmarks() {
+  const std::vector<int> counts = thread_counts();
+  for (const char* isa : {"avx512", "avx2", "sse2"}) {
+    if (!flashcpu::isa_supported(isa)) continue;
+    for (int t : counts) {
+      const std::string name = std::string("BM_FmaPeak/") + isa + "/threads:" + std::to_string(t);
+      benchmark::RegisterBenchmark(name.c_str(),
+                                   [isa, t](benchmark::State& st) {
+                                     double sum = 0;
+                                     for (auto _ : st) sum += fb::measure_fma_gflops(isa, t, 0.1);
+                                     st.counters["GFLOPs"] = sum / double(st.iterations());
+                                   })
+          ->UseRealTime()
+          ->Iterations(3)
+          ->Unit(benchmark::kMillisecond);
+    }
+  }
+  for (int t : counts) {
+    const std::string name = "BM_ReadBandwidth/threads:" + std::to_string(t);
+    benchmark::RegisterBenchmark(name.c_str(),
+                                 [t](benchmark::State& st) {
+                                   double sum = 0;
+                                   for (auto _ : st) sum += fb::measure_read_gbps(t);
+                                   st.counters["GBps"] = sum / double(st.iterations());
+                                 })
+        ->UseRealTime()
+        ->Iterations(1)
+        ->Unit(benchmark::kMillisecond);
+  }
+}
+
+bool take_flag(const char* arg, const char* name, const char** value) {
+  const std::size_t len = std::strlen(name);
+  if (std::strncmp(arg, name, len) != 0) return false;
+  if (arg[len] == '\0') {
+    *value = nullptr;
+    return true;
+  }
+  if (arg[len] != '=') return false;
+  *value = arg + len + 1;
+  return true;
+}
+
+void print_usage() {
+  std::printf(
+      "flashcpu_bench: fused vs naive vs OpenBLAS attention, with machine probes.\n"
+      "  --threads=N              threads for every benchmark except scaling_P64 (default:\n"
+      "                           OpenMP's, i.e. OMP_NUM_THREADS or all cores)\n"
+      "  --naive-max=N            run the naive reference only when N*M <= N^2 (default 4096)\n"
+      "  --blas-threading=MODE    heads (OpenMP over heads, 1-thread OpenBLAS; default) or\n"
+      "                           blas (heads in turn, threaded OpenBLAS)\n"
+      "  --no-self-check          skip the start-up fused/naive/OpenBLAS agreement check\n"
+      "  --no-probes              do not measure FMA peak and bandwidth at start-up (they are\n"
+      "                           then measured when first needed)\n"
+      "Families (use --benchmark_filter): P64 P128 C128 S16K short DEC scaling_P64 prefill\n"
+      "  decode model blas_mode BM_FmaPeak BM_ReadBandwidth. Example:\n"
+      "  OMP_WAIT_POLICY=PASSIVE flashcpu_bench --benchmark_filter='^(P64|DEC)/'\n"
+      "      --benchmark_repetitions=5 --benchmark_report_aggregates_only=true\n"
+      "      --benchmark_out=bench.json --benchmark_out_format=json\n"
+      "Google Benchmark's own flags follow.\n\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Our flags first; the rest goes to Google Benchmark.
+  std::vector<char*> rest = {argv[0]};
+  for (int i = 1; i < argc; ++i) {
+    const char* v = nullptr;
+    if (take_flag(argv[i], "--threads", &v) && v) {
+      g.threads = std::atoi(v);
+    } else if (take_flag(argv[i], "--naive-max", &v) && v) {
+      g.naive_max = std::atoll(v);
+    } else if (take_flag(argv[i], "--blas-threading", &v) && v) {
+      setenv("FLASHCPU_BENCH_BLAS_THREADING", std::strcmp(v, "blas") == 0 ? "blas" : "heads", 1);
+    } else if (take_flag(argv[i], "--no-self-check", &v)) {
+      g.self_check = false;
+    } else if (take_flag(argv[i], "--no-probes", &v)) {
+      g.probes = false;
+    } else {
+      if (std::strcmp(argv[i], "--help") == 0) print_usage();
+      rest.push_back(argv[i]);
+    }
+  }
+  if (g.threads > 0) omp_set_num_threads(g.threads);
+  const int threads = fb::resolve_threads(g.threads);
+  int rest_argc = int(rest.size());
+  rest.push_back(nullptr);
+  benchmark::Initialize(&rest_argc, rest.data());
+  if (benchmark::ReportUnrecognizedArguments(rest_argc, rest.data())) return 1;
+
+#ifndef NDEBUG
+  std::fprintf(stderr,
+               "warning: flashcpu_bench built without NDEBUG: numbers are not meaningful\n");
+#endif
+  const char* wait = std::getenv("OMP_WAIT_POLICY");
+  std::fprintf(
+      stderr, "flashcpu_bench: isa %s, %d threads, OpenBLAS %s, OMP_WAIT_POLICY=%s\n",
+      flashcpu::active_isa().c_str(), threads,
+      fb::have_openblas() ? fb::blas_threading_name(fb::default_blas_threading()) : "not built",
+      wait ? wait : "(unset)");
+  benchmark::AddCustomContext("flashcpu_isa", flashcpu::active_isa());
+  benchmark::AddCustomContext("flashcpu_threads", std::to_string(threads));
+  benchmark::AddCustomContext("omp_wait_policy", wait ? wait : "unset");
+  benchmark::AddCustomContext(
+      "openblas",
+      fb::have_openblas() ? fb::blas_threading_name(fb::default_blas_threading()) : "not built");
+
+  if (g.self_check) fb::self_check(/*verbose=*/false);
+
+  if (g.probes) {
+    std::vector<int> counts = {threads};
+    if (threads != 1) counts.push_back(1);
+    for (int t : counts) {
+      const double fma = fb::fma_peak_gflops(t), bw = fb::read_bandwidth_gbps(t);
+      std::fprintf(stderr, "probe: %d thread%s: FMA peak %.1f GFLOP/s (%s), read %.1f GB/s\n", t,
+                   t == 1 ? "" : "s", fma, fb::fma_peak_isa(t).c_str(), bw);
+      const std::string sfx = "_" + std::to_string(t) + "t";
+      benchmark::AddCustomContext("fma_peak_gflops" + sfx, std::to_string(fma));
+      benchmark::AddCustomContext("fma_peak_isa" + sfx, fb::fma_peak_isa(t));
+      benchmark::AddCustomContext("read_gbps" + sfx, std::to_string(bw));
+    }
+  }
+
+  register_probe_benchmarks();
+  register_attention_benchmarks();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,148 @@
+// The FMA-peak probe: fp32 FMA throughput with independent accumulator chains.
+//
+// Its own translation unit, and the wide code sits in functions carrying a
+// per-function target attribute instead of a file-wide -mavx512f: nothing else in
+// this file (std:: helpers, OpenMP outlined regions) is compiled for AVX-512, so no
+// AVX-512 copy of an inline function can leak into the baseline code at link time.
+// The width is chosen at run time with flashcpu::isa_supported, which also checks
+// that the OS saves the wide registers.
+#include "common.hpp"
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace flashcpu::bench {
+namespace {
+
+// Each chain is acc = acc * a + b with a just below 1: it converges instead of
+// overflowing and never goes subnormal. FMA latency 4 cycles x 2 pipes needs >= 8
+// independent chains; 16 zmm chains (of 32 registers) and 12 ymm chains (of 16,
+// leaving room for a and b) cover that with margin.
+#define FCB_REP12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+#define FCB_REP16(X) FCB_REP12(X) X(12) X(13) X(14) X(15)
+
+__attribute__((target("avx512f"), noinline)) float chains_zmm(std::int64_t iters, float seed) {
+  const __m512 a = _mm512_set1_ps(0.9999999f), b = _mm512_set1_ps(1e-7f);
+#define FCB_DECL(i) __m512 c##i = _mm512_set1_ps(seed + float(i));
+#define FCB_STEP(i) c##i = _mm512_fmadd_ps(c##i, a, b);
+#define FCB_SUM(i) s = _mm512_add_ps(s, c##i);
+  FCB_REP16(FCB_DECL)
+  for (std::int64_t it = 0; it < iters; ++it) {
+    FCB_REP16(FCB_STEP)
+  }
+  __m512 s = _mm512_setzero_ps();
+  FCB_REP16(FCB_SUM)
+  alignas(64) float lanes[16];  // not _mm512_reduce_add_ps: gcc 12 warns falsely in it
+  _mm512_store_ps(lanes, s);
+  float r = 0;
+  for (float x : lanes) r += x;
+  return r;
+#undef FCB_DECL
+#undef FCB_STEP
+#undef FCB_SUM
+}
+
+__attribute__((target("avx2,fma"), noinline)) float chains_ymm(std::int64_t iters, float seed) {
+  const __m256 a = _mm256_set1_ps(0.9999999f), b = _mm256_set1_ps(1e-7f);
+#define FCB_DECL(i) __m256 c##i = _mm256_set1_ps(seed + float(i));
+#define FCB_STEP(i) c##i = _mm256_fmadd_ps(c##i, a, b);
+#define FCB_SUM(i) s = _mm256_add_ps(s, c##i);
+  FCB_REP12(FCB_DECL)
+  for (std::int64_t it = 0; it < iters; ++it) {
+    FCB_REP12(FCB_STEP)
+  }
+  __m256 s = _mm256_setzero_ps();
+  FCB_REP12(FCB_SUM)
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, s);
+  float r = 0;
+  for (float x : lanes) r += x;
+  return r;
+#undef FCB_DECL
+#undef FCB_STEP
+#undef FCB_SUM
+}
+
+// SSE2 has no FMA: a multiply and an add per chain step (2 FLOP, 2 instructions).
+__attribute__((noinline)) float chains_xmm(std::int64_t iters, float seed) {
+  const __m128 a = _mm_set1_ps(0.9999999f), b = _mm_set1_ps(1e-7f);
+#define FCB_DECL(i) __m128 c##i = _mm_set1_ps(seed + float(i));
+#define FCB_STEP(i) c##i = _mm_add_ps(_mm_mul_ps(c##i, a), b);
+#define FCB_SUM(i) s = _mm_add_ps(s, c##i);
+  FCB_REP12(FCB_DECL)
+  for (std::int64_t it = 0; it < iters; ++it) {
+    FCB_REP12(FCB_STEP)
+  }
+  __m128 s = _mm_setzero_ps();
+  FCB_REP12(FCB_SUM)
+  alignas(16) float lanes[4];
+  _mm_store_ps(lanes, s);
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3];
+#undef FCB_DECL
+#undef FCB_STEP
+#undef FCB_SUM
+}
+
+#undef FCB_REP12
+#undef FCB_REP16
+
+struct Probe {
+  float (*fn)(std::int64_t, float);
+  double flop_per_iter;  // chains * lanes * 2
+};
+
+bool probe_for(const std::string& isa, Probe* out) {
+  if (isa == "avx512") {
+    *out = {chains_zmm, 16.0 * 16 * 2};
+  } else if (isa == "avx2") {
+    *out = {chains_ymm, 12.0 * 8 * 2};
+  } else if (isa == "sse2") {
+    *out = {chains_xmm, 12.0 * 4 * 2};
+  } else {
+    return false;
+  }
+  return flashcpu::isa_supported(isa);
+}
+
+}  // namespace
+
+double measure_fma_gflops(const std::string& isa, int threads, double seconds) {
+  Probe probe{};
+  if (!probe_for(isa, &probe)) return 0.0;
+  threads = resolve_threads(threads);
+
+  // A chunk of ~0.3 ms at peak (8192 iterations of 16 zmm FMAs at 2 per cycle), so
+  // the clock is read rarely and every thread stops within a chunk of `seconds`.
+  const std::int64_t chunk = 8192;
+  std::vector<double> flop(static_cast<std::size_t>(threads), 0.0);
+  volatile float sink = 0;
+
+#pragma omp parallel num_threads(threads)
+  { (void)0; }  // start the pool before timing
+
+  const double t0 = now_seconds();
+#pragma omp parallel num_threads(threads)
+  {
+    const int id = omp_get_thread_num();
+    float local = 0;
+    double done = 0;
+    do {
+      local += probe.fn(chunk, local * 1e-30f + float(id));
+      done += double(chunk) * probe.flop_per_iter;
+    } while (now_seconds() - t0 < seconds);
+    flop[static_cast<std::size_t>(id)] = done;
+#pragma omp critical
+    sink = sink + local;
+  }
+  const double wall = now_seconds() - t0;
+  (void)sink;
+
+  double total = 0;
+  for (double f : flop) total += f;
+  return total / wall * 1e-9;
+}
+
+}  // namespace flashcpu::bench

@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Plot a flashcpu-sweep CSV: time and peak extra memory against N, log-log.
+
+    python3 tools/plot_scaling.py build/scaling.csv build/scaling.png
+
+Two panels, one line per implementation (fused, naive, openblas). Points the sweep
+skipped (the naive reference above its cutoff) are drawn hollow on the memory panel
+at their analytic size, so the O(N^2) trend stays visible. Memory below 0.1 MiB is
+drawn at 0.1 MiB (a log axis has no zero). Uses matplotlib's Agg backend: no display
+needed.
+"""
+import csv
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STYLE = {
+    "fused": dict(color="tab:blue", marker="o"),
+    "naive": dict(color="tab:red", marker="s"),
+    "openblas": dict(color="tab:green", marker="^"),
+}
+MEM_FLOOR_MIB = 0.1
+
+
+def number(text):
+    return float(text) if text not in ("", None) else None
+
+
+def main(argv):
+    if len(argv) not in (2, 3) or argv[1] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2
+    src = argv[1]
+    dst = argv[2] if len(argv) == 3 else src.rsplit(".", 1)[0] + ".png"
+
+    with open(src, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        print(f"plot_scaling: {src} has no rows", file=sys.stderr)
+        return 1
+
+    impls = []
+    for r in rows:
+        if r["impl"] not in impls:
+            impls.append(r["impl"])
+
+    first = rows[0]
+    title = (f"attention scaling: B={first['batch']} H={first['heads']} D={first['dim']}"
+             f"{' causal' if first['causal'] == '1' else ''}, {first['threads']} threads,"
+             f" {first['isa']}")
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for impl in impls:
+        style = STYLE.get(impl, {})
+        ok = [r for r in rows if r["impl"] == impl and r["status"] == "ok"]
+        ok.sort(key=lambda r: int(r["n"]))
+        if ok:
+            n = [int(r["n"]) for r in ok]
+            ax_t.plot(n, [float(r["time_ms"]) for r in ok], label=impl, **style)
+            mem = [(int(r["n"]), number(r["peak_extra_mib"])) for r in ok]
+            mem = [(x, max(y, MEM_FLOOR_MIB)) for x, y in mem if y is not None]
+            if mem:
+                ax_m.plot(*zip(*mem), label=impl + " (measured)", **style)
+        skipped = [r for r in rows if r["impl"] == impl and r["status"] == "skipped"
+                   and number(r["analytic_mib"]) is not None]
+        if skipped:
+            ax_m.plot([int(r["n"]) for r in skipped],
+                      [number(r["analytic_mib"]) for r in skipped],
+                      linestyle="none", markerfacecolor="none",
+                      label=impl + " (skipped: analytic)",
+                      **{k: v for k, v in style.items()})
+
+    ax_t.set_title("time per call (median)")
+    ax_t.set_ylabel("ms")
+    ax_m.set_title("peak working memory beyond inputs")
+    ax_m.set_ylabel("MiB")
+    for ax in (ax_t, ax_m):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("N = M (sequence length)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(dst, dpi=110)
+    print(f"plot_scaling: wrote {dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

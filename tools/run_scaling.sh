@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The scaling job: fused vs naive vs OpenBLAS attention as the sequence grows, from a
+# fresh Debian 12 machine (as root) to a table, build/scaling.csv and build/scaling.png.
+#
+#   bash tools/run_scaling.sh            # quick: N = M from 256 to 4096 (1-2 minutes)
+#   bash tools/run_scaling.sh --full     # N = M from 256 to 16384 (several minutes)
+#   bash tools/run_scaling.sh --full --causal --threads 1   # extra flags go to the sweep
+#
+# Steps: install missing packages (tools/install_deps.sh), configure a Release build
+# in ./build, build only flashcpu-sweep, run it, plot. See flashcpu-sweep --help.
+set -euo pipefail
+
+self="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
+root="$(dirname "$(dirname "$self")")"
+cd "$root"
+
+mode=(--quick)
+extra=()
+for arg in "$@"; do
+  case "$arg" in
+    --full) mode=() ;;
+    --quick) mode=(--quick) ;;
+    -h|--help) sed -n '2,10p' "$self" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) extra+=("$arg") ;;
+  esac
+done
+
+bash tools/install_deps.sh
+
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DFLASHCPU_BUILD_TESTS=OFF
+cmake --build build --target flashcpu-sweep
+
+# OpenMP threads sleep when idle instead of spinning: with spinning OpenMP threads a
+# pthread-based library (Debian's OpenBLAS) ran up to 2x slower here, and flashcpu
+# measured the same either way (bench/README.md).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+
+./build/tools/flashcpu-sweep "${mode[@]}" "${extra[@]}" --csv build/scaling.csv
+
+# Debian's matplotlib lives in the system python; a python3 earlier on PATH (pyenv,
+# venv) may lack it.
+py=python3
+if [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import matplotlib' >/dev/null 2>&1; then
+  py=/usr/bin/python3
+fi
+"$py" tools/plot_scaling.py build/scaling.csv build/scaling.png

@@ -1,0 +1,335 @@
+// flashcpu-sweep: sequence-length scaling of fused vs naive vs OpenBLAS attention.
+//
+// For N = M = min, 2*min, ..., max (B=1, H=4, D=64 by default) it times each
+// implementation (median of --reps calls after one untimed first call), measures the
+// peak working memory of that first call (RSS high-water mark growth beyond the
+// resident inputs, via /proc/self/clear_refs), checks every output against the fused
+// one, prints a table and writes a CSV that tools/plot_scaling.py turns into a plot.
+// Run with --help for the options.
+#include "common.hpp"
+
+#include <omp.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+namespace fb = flashcpu::bench;
+using fb::Impl;
+
+namespace {
+
+struct Options {
+  std::int64_t min_n = 256, max_n = 16384;
+  std::int64_t heads = 4, dim = 64, batch = 1;
+  bool causal = false;
+  int threads = 0;
+  int reps = 5;
+  std::int64_t naive_max = 4096;
+  bool blas = true;
+  std::string csv = "flashcpu-scaling.csv";
+};
+
+void usage(FILE* to) {
+  std::fprintf(to,
+               R"(flashcpu-sweep: time and memory of attention as the sequence grows.
+
+For N = M = MIN, 2*MIN, ..., MAX it runs
+  fused     flashcpu::attention (tiled, online softmax: no N x M matrix)
+  naive     flashcpu::reference::attention (full score matrix in double)
+  openblas  materialized: sgemm, row softmax, sgemm (only if built with OpenBLAS)
+Each implementation gets one untimed first call, during which its peak working memory
+is measured (growth of the process's peak RSS beyond the resident inputs, reset with
+/proc/self/clear_refs) and its output is checked against the fused one (a mismatch
+aborts); then REPS timed calls, of which the median is reported. GFLOP/s counts useful
+work only, 4*B*H*N*M*D (about half that with --causal); %%peak is against the FMA peak
+measured at start-up with the same thread count.
+
+Options:
+  --min N              smallest N = M (default 256)
+  --max N              largest N = M (default 16384); both are rounded to powers of 2
+  --heads H            heads (default 4)
+  --dim D              head dimension, D = Dv (default 64)
+  --batch B            batch (default 1)
+  --causal             causal attention (bottom-right aligned)
+  --threads T          threads for every implementation (default: OpenMP's)
+  --reps R             timed calls per point (default 5; 3 with --quick)
+  --quick              N = M from 256 to 4096 and 3 reps: about a minute
+  --no-naive-above N   skip the naive reference when N > this (default 4096: at 16384
+                       it needs 2 GiB of double scores per thread and minutes per call);
+                       skipped points appear as "skipped" with the analytic memory
+  --no-blas            leave out the OpenBLAS baseline
+  --csv FILE           CSV output (default flashcpu-scaling.csv): one row per (N, impl)
+  --help               this text
+
+Environment: OMP_NUM_THREADS, OMP_WAIT_POLICY (PASSIVE is recommended when OpenBLAS
+runs: see bench/README.md), FLASHCPU_ISA, FLASHCPU_TUNING_FILE.
+Plot: python3 tools/plot_scaling.py FILE.csv FILE.png
+)");
+}
+
+bool parse_int(const char* s, std::int64_t* out) {
+  char* end = nullptr;
+  const long long v = std::strtoll(s, &end, 10);
+  if (end == s || *end != '\0' || v < 0) return false;
+  *out = v;
+  return true;
+}
+
+std::int64_t round_pow2(std::int64_t x) {
+  std::int64_t p = 1;
+  while (p < x) p *= 2;
+  return p;
+}
+
+bool parse(int argc, char** argv, Options* o) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&](std::int64_t* out) {
+      if (i + 1 >= argc || !parse_int(argv[i + 1], out)) {
+        std::fprintf(stderr, "flashcpu-sweep: %s needs a non-negative integer\n", a.c_str());
+        return false;
+      }
+      ++i;
+      return true;
+    };
+    std::int64_t v = 0;
+    if (a == "--help" || a == "-h") {
+      usage(stdout);
+      std::exit(0);
+    } else if (a == "--min") {
+      if (!value(&o->min_n)) return false;
+    } else if (a == "--max") {
+      if (!value(&o->max_n)) return false;
+    } else if (a == "--heads") {
+      if (!value(&o->heads)) return false;
+    } else if (a == "--dim") {
+      if (!value(&o->dim)) return false;
+    } else if (a == "--batch") {
+      if (!value(&o->batch)) return false;
+    } else if (a == "--threads") {
+      if (!value(&v)) return false;
+      o->threads = int(v);
+    } else if (a == "--reps") {
+      if (!value(&v)) return false;
+      o->reps = int(std::max<std::int64_t>(1, v));
+    } else if (a == "--no-naive-above") {
+      if (!value(&o->naive_max)) return false;
+    } else if (a == "--causal") {
+      o->causal = true;
+    } else if (a == "--quick") {
+      o->min_n = 256;
+      o->max_n = 4096;
+      o->reps = 3;
+    } else if (a == "--no-blas") {
+      o->blas = false;
+    } else if (a == "--csv") {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "flashcpu-sweep: --csv needs a file name\n");
+        return false;
+      }
+      o->csv = argv[++i];
+    } else {
+      std::fprintf(stderr, "flashcpu-sweep: unknown argument '%s' (see --help)\n", a.c_str());
+      return false;
+    }
+  }
+  if (o->min_n < 1 || o->max_n < o->min_n || o->heads < 1 || o->dim < 1 || o->batch < 1) {
+    std::fprintf(stderr, "flashcpu-sweep: need 1 <= --min <= --max, and positive sizes\n");
+    return false;
+  }
+  o->min_n = round_pow2(o->min_n);
+  o->max_n = std::max(o->min_n, round_pow2(o->max_n));
+  return true;
+}
+
+struct Result {
+  std::int64_t n = 0;
+  Impl impl = Impl::fused;
+  bool skipped = false;
+  std::string note;
+  double ms = 0, gflops = 0, peak_frac = 0, extra_mib = -1, analytic_mib = -1;
+};
+
+// Progress on stderr: one rewritten line on a terminal, one line per step otherwise.
+class Progress {
+ public:
+  explicit Progress(int total) : total_(total), tty_(isatty(STDERR_FILENO) != 0) {}
+  // A transient step (a repetition) is shown on a terminal only.
+  void step(const char* impl, std::int64_t n, const std::string& what, bool transient = false) {
+    if (transient && !tty_) return;
+    std::fprintf(stderr, tty_ ? "\r\033[K[%d/%d] %s N=%lld %s" : "[%d/%d] %s N=%lld %s\n", current_,
+                 total_, impl, static_cast<long long>(n), what.c_str());
+    std::fflush(stderr);
+  }
+  void next() { ++current_; }
+  void done() {
+    if (tty_) std::fprintf(stderr, "\r\033[K");
+  }
+
+ private:
+  int total_;
+  int current_ = 1;
+  bool tty_;
+};
+
+std::string fmt(const char* f, double x) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, x);
+  return buf;
+}
+
+std::string mem_str(double mib) { return mib < 0 ? "n/a" : fmt("%.1f", mib); }
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  if (!parse(argc, argv, &o)) return 2;
+  const int threads = fb::resolve_threads(o.threads);
+  const bool blas = o.blas && fb::have_openblas();
+
+  std::vector<Impl> impls = {Impl::fused, Impl::naive};
+  if (blas) impls.push_back(Impl::openblas);
+  std::vector<std::int64_t> ns;
+  for (std::int64_t n = o.min_n; n <= o.max_n; n *= 2) ns.push_back(n);
+  int total = 0;
+  for (std::int64_t n : ns) {
+    for (Impl impl : impls) total += (impl == Impl::naive && n > o.naive_max) ? 0 : 1;
+  }
+
+  const char* wait = std::getenv("OMP_WAIT_POLICY");
+  std::fprintf(stderr, "flashcpu-sweep: isa %s (%s), %d threads, OMP_WAIT_POLICY=%s, OpenBLAS %s\n",
+               flashcpu::active_isa().c_str(), fb::fused_label(o.dim).c_str(), threads,
+               wait ? wait : "(unset)",
+               blas ? fb::blas_threading_name(fb::default_blas_threading())
+                    : (fb::have_openblas() ? "off (--no-blas)" : "not built"));
+  std::fprintf(stderr, "measuring FMA peak ...\n");
+  const double peak = fb::fma_peak_gflops(threads);
+  std::fprintf(stderr, "FMA peak %.1f GFLOP/s (%s, %d threads)\n", peak,
+               fb::fma_peak_isa(threads).c_str(), threads);
+
+  std::vector<Result> results;
+  Progress progress(total);
+  for (std::int64_t n : ns) {
+    const fb::Shape shape = fb::mha(o.batch, o.heads, n, n, o.dim, o.causal);
+    fb::Problem p(shape);
+    const double flop = fb::attention_flops(shape);
+    fb::Buffer fused_out;
+    for (Impl impl : impls) {
+      Result r;
+      r.n = n;
+      r.impl = impl;
+      if (impl == Impl::naive) r.analytic_mib = fb::naive_analytic_mib(shape, threads);
+      if (impl == Impl::openblas) {
+        r.analytic_mib = fb::openblas_analytic_mib(shape, threads, fb::default_blas_threading());
+      }
+      if (impl == Impl::naive && n > o.naive_max) {
+        r.skipped = true;
+        r.note = "N > " + std::to_string(o.naive_max);
+        results.push_back(r);
+        continue;
+      }
+      const char* name = fb::impl_name(impl);
+      progress.step(name, n, "first call (memory, check)");
+      r.extra_mib = fb::measure_peak_extra_mib([&] { fb::run(impl, p, o.threads); });
+      if (impl == Impl::fused) {
+        fused_out = fb::allocate_floats(p.out_size());
+        std::memcpy(fused_out.get(), p.out.get(), p.out_size() * sizeof(float));
+      } else {
+        fb::check_output(name, p, "fused", fused_out.get());
+      }
+      std::vector<double> times;
+      for (int rep = 0; rep < o.reps; ++rep) {
+        progress.step(name, n, "rep " + std::to_string(rep + 1) + "/" + std::to_string(o.reps),
+                      true);
+        const double t0 = fb::now_seconds();
+        fb::run(impl, p, o.threads);
+        times.push_back(fb::now_seconds() - t0);
+      }
+      const double t = fb::median(times);
+      r.ms = t * 1e3;
+      r.gflops = flop / t * 1e-9;
+      r.peak_frac = peak > 0 ? r.gflops / peak : 0;
+      results.push_back(r);
+      progress.next();
+    }
+  }
+  progress.done();
+
+  // The table: one row per N, one column group per implementation.
+  auto find = [&](std::int64_t n, Impl impl) -> const Result* {
+    for (const Result& r : results)
+      if (r.n == n && r.impl == impl) return &r;
+    return nullptr;
+  };
+  std::printf("\nB=%lld H=%lld D=%lld%s, %d threads, isa %s, FMA peak %.1f GFLOP/s, median of %d\n",
+              static_cast<long long>(o.batch), static_cast<long long>(o.heads),
+              static_cast<long long>(o.dim), o.causal ? " causal" : "", threads,
+              fb::fused_label(o.dim).c_str(), peak, o.reps);
+  std::printf("%7s", "N=M");
+  for (Impl impl : impls) std::printf(" | %-36s", fb::impl_name(impl));
+  std::printf(" | %9s", "fused/nv");
+  if (blas) std::printf(" | %9s", "fused/obl");
+  std::printf("\n%7s", "");
+  for (size_t i = 0; i < impls.size(); ++i)
+    std::printf(" | %9s %8s %6s %9s", "ms", "GFLOP/s", "%peak", "extra MiB");
+  std::printf(" | %9s", "speedup");
+  if (blas) std::printf(" | %9s", "speedup");
+  std::printf("\n");
+  for (std::int64_t n : ns) {
+    std::printf("%7lld", static_cast<long long>(n));
+    for (Impl impl : impls) {
+      const Result* r = find(n, impl);
+      if (r->skipped) {
+        std::printf(" | %-36s", ("skipped (" + r->note + "; ~" + fmt("%.0f", r->analytic_mib) +
+                                 " MiB analytic)")
+                                    .c_str());
+      } else {
+        std::printf(" | %9.2f %8.1f %5.1f%% %9s", r->ms, r->gflops, 100 * r->peak_frac,
+                    mem_str(r->extra_mib).c_str());
+      }
+    }
+    const Result* f = find(n, Impl::fused);
+    const Result* nv = find(n, Impl::naive);
+    std::printf(" | %9s", nv->skipped ? "-" : (fmt("%.1f", nv->ms / f->ms) + "x").c_str());
+    if (blas) {
+      const Result* b = find(n, Impl::openblas);
+      std::printf(" | %9s", (fmt("%.2f", b->ms / f->ms) + "x").c_str());
+    }
+    std::printf("\n");
+  }
+  std::printf("extra MiB: peak RSS growth during one call beyond the resident inputs%s\n",
+              results.empty() || results.front().extra_mib >= 0
+                  ? ""
+                  : " (n/a: /proc/self/clear_refs is not writable here)");
+
+  std::ofstream csv(o.csv);
+  if (!csv) {
+    std::fprintf(stderr, "flashcpu-sweep: cannot write %s\n", o.csv.c_str());
+    return 1;
+  }
+  csv << "n,m,batch,heads,dim,causal,threads,isa,impl,status,time_ms,gflops,peak_frac,"
+         "peak_extra_mib,analytic_mib,reps,fma_peak_gflops\n";
+  for (const Result& r : results) {
+    csv << r.n << ',' << r.n << ',' << o.batch << ',' << o.heads << ',' << o.dim << ','
+        << (o.causal ? 1 : 0) << ',' << threads << ',' << flashcpu::active_isa() << ','
+        << fb::impl_name(r.impl) << ',' << (r.skipped ? "skipped" : "ok") << ',';
+    if (r.skipped) {
+      csv << ",,,";
+    } else {
+      csv << r.ms << ',' << r.gflops << ',' << r.peak_frac << ',';
+    }
+    if (r.extra_mib >= 0) csv << r.extra_mib;
+    csv << ',';
+    if (r.analytic_mib >= 0) csv << r.analytic_mib;
+    csv << ',' << o.reps << ',' << peak << '\n';
+  }
+  std::fprintf(stderr, "wrote %s\n", o.csv.c_str());
+  return 0;
+}

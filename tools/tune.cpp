@@ -1,0 +1,508 @@
+// flashcpu-tune: searches the fused kernel's tile sizes (block_rows x block_keys) per
+// head dimension on this machine and writes a tuning file the library reads.
+// Run with --help for the options and the file format.
+#include "common.hpp"
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace fb = flashcpu::bench;
+
+namespace {
+
+const std::vector<int> kRows = {8, 16, 32, 48, 64, 96, 128, 192, 256};
+const std::vector<int> kKeys = {32, 64, 128, 192, 256, 384, 512, 768, 1024};
+const std::vector<int> kQuickRows = {16, 32, 64, 128};
+const std::vector<int> kQuickKeys = {64, 128, 256, 512};
+
+struct Workload {
+  std::int64_t batch, heads, n, m;
+  bool causal;
+};
+
+struct Options {
+  std::string out = "flashcpu-tuning.txt";
+  std::vector<std::int64_t> dims = {64, 80, 128, 256};
+  std::vector<int> rows = kRows, keys = kKeys;
+  std::vector<Workload> workloads;  // empty: the defaults below
+  bool quick = false;
+  int threads = 0;
+  int reps = 3;
+  std::string isa;  // empty: the active one
+};
+
+void usage(FILE* to) {
+  std::fprintf(to,
+               R"(flashcpu-tune: find the fastest tile sizes of flashcpu::attention on this machine.
+
+For each head dimension D it tries every block_rows x block_keys candidate
+(block_rows in {8,16,32,48,64,96,128,192,256}, block_keys in {32,64,...,1024}; with
+--quick {16,32,64,128} x {64,128,256,512}), installs it with
+flashcpu::set_tile_config(isa, D, {block_rows, block_keys}), times flashcpu::attention on
+the workloads (median of --reps calls each; the score is the geometric mean of GFLOP/s
+over the workloads), and keeps the best. The built-in default, tile_config(D) as read
+before any change, is then re-timed against the best, alternating A B A B, and the
+winner is written. Progress (count, best so far, ETA) goes to stderr.
+
+Options:
+  --out FILE       tuning file to write (default flashcpu-tuning.txt)
+  --dims LIST      head dimensions, comma-separated (default 64,80,128,256); Dv = D
+  --quick          the small candidate grid and smaller default workloads
+  --threads T      threads (default: OpenMP's)
+  --reps R         timed calls per candidate and workload (default 3)
+  --workload W     B:H:N:M[:causal], repeatable; replaces the defaults, which are
+                   1:8:2048:2048 and 1:8:256:256 (1:8:1024:1024 and 1:8:256:256 with --quick)
+  --rows LIST      block_rows candidates (multiples of 8), comma-separated
+  --keys LIST      block_keys candidates (multiples of 32), comma-separated
+  --isa NAME       tune for avx512, avx2 or sse2 instead of the active ISA (the tool
+                   re-runs itself with FLASHCPU_ISA=NAME, as the ISA is fixed per process);
+                   "all" tunes every ISA this CPU supports, one after another, into one file
+  --help           this text
+
+File format (what flashcpu::load_tuning parses): plain text; a line starting with '#' is
+a comment, blank lines are ignored; one entry per line, fields separated by spaces:
+    <isa> <head_dim> <block_rows> <block_keys>
+e.g. "avx512 64 64 256". The tool writes a header comment with the date, CPU, workload
+and the default vs tuned GFLOP/s of each D.
+
+Using the file: the library loads it on first use when the environment variable
+FLASHCPU_TUNING_FILE names it (export FLASHCPU_TUNING_FILE=$PWD/flashcpu-tuning.txt), or
+when a program calls flashcpu::load_tuning("flashcpu-tuning.txt"). Entries for other
+ISAs or head dimensions are ignored; a head dimension without an entry keeps the
+built-in default.
+
+Notes: run on an otherwise idle machine; on a shared VM repeat and keep gains above
+~5%% only. If FLASHCPU_TUNING_FILE is already set, "default" means that file's entries.
+)");
+}
+
+bool parse_list(const std::string& s, std::vector<std::int64_t>* out) {
+  out->clear();
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    char* end = nullptr;
+    const long long v = std::strtoll(item.c_str(), &end, 10);
+    if (item.empty() || *end != '\0' || v <= 0) return false;
+    out->push_back(v);
+  }
+  return !out->empty();
+}
+
+bool parse_workload(const std::string& s, Workload* w) {
+  std::vector<std::string> f;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ':')) f.push_back(item);
+  if (f.size() != 4 && f.size() != 5) return false;
+  std::int64_t v[4];
+  for (int i = 0; i < 4; ++i) {
+    char* end = nullptr;
+    v[i] = std::strtoll(f[std::size_t(i)].c_str(), &end, 10);
+    if (f[std::size_t(i)].empty() || *end != '\0' || v[i] <= 0) return false;
+  }
+  if (f.size() == 5 && f[4] != "causal" && f[4] != "c") return false;
+  *w = {v[0], v[1], v[2], v[3], f.size() == 5};
+  return true;
+}
+
+bool parse(int argc, char** argv, Options* o) {
+  bool rows_set = false, keys_set = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&](std::string* out) {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "flashcpu-tune: %s needs a value\n", a.c_str());
+        return false;
+      }
+      *out = argv[++i];
+      return true;
+    };
+    std::string v;
+    std::vector<std::int64_t> list;
+    if (a == "--help" || a == "-h") {
+      usage(stdout);
+      std::exit(0);
+    } else if (a == "--quick") {
+      o->quick = true;
+    } else if (a == "--out") {
+      if (!next(&o->out)) return false;
+    } else if (a == "--isa") {
+      if (!next(&o->isa)) return false;
+    } else if (a == "--dims" || a == "--rows" || a == "--keys") {
+      if (!next(&v) || !parse_list(v, &list)) {
+        std::fprintf(stderr,
+                     "flashcpu-tune: %s needs a comma-separated list of positive integers\n",
+                     a.c_str());
+        return false;
+      }
+      if (a == "--dims") {
+        o->dims = list;
+      } else {
+        std::vector<int>& dst = a == "--rows" ? o->rows : o->keys;
+        dst.assign(list.begin(), list.end());
+        (a == "--rows" ? rows_set : keys_set) = true;
+      }
+    } else if (a == "--threads" || a == "--reps") {
+      if (!next(&v) || !parse_list(v, &list) || list.size() != 1) {
+        std::fprintf(stderr, "flashcpu-tune: %s needs a positive integer\n", a.c_str());
+        return false;
+      }
+      (a == "--threads" ? o->threads : o->reps) = int(list[0]);
+    } else if (a == "--workload") {
+      Workload w{};
+      if (!next(&v) || !parse_workload(v, &w)) {
+        std::fprintf(stderr, "flashcpu-tune: --workload needs B:H:N:M or B:H:N:M:causal\n");
+        return false;
+      }
+      o->workloads.push_back(w);
+    } else {
+      std::fprintf(stderr, "flashcpu-tune: unknown argument '%s' (see --help)\n", a.c_str());
+      return false;
+    }
+  }
+  if (o->quick) {
+    if (!rows_set) o->rows = kQuickRows;
+    if (!keys_set) o->keys = kQuickKeys;
+  }
+  if (o->workloads.empty()) {
+    o->workloads.push_back({1, 8, o->quick ? 1024 : 2048, o->quick ? 1024 : 2048, false});
+    o->workloads.push_back({1, 8, 256, 256, false});
+  }
+  return true;
+}
+
+std::string cpu_model() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      const auto colon = line.find(':');
+      if (colon != std::string::npos) return line.substr(colon + 2);
+    }
+  }
+  return "unknown CPU";
+}
+
+std::string today() {
+  char buf[64];
+  const std::time_t t = std::time(nullptr);
+  std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%S %Z", std::localtime(&t));
+  return buf;
+}
+
+std::string duration(double s) {
+  char buf[32];
+  const long t = std::lround(s);
+  std::snprintf(buf, sizeof buf, "%ldm%02lds", t / 60, t % 60);
+  return buf;
+}
+
+std::string workload_str(const std::vector<Workload>& ws) {
+  std::string s;
+  for (const Workload& w : ws) {
+    if (!s.empty()) s += "; ";
+    s += "B=" + std::to_string(w.batch) + " H=" + std::to_string(w.heads) +
+         " N=" + std::to_string(w.n) + " M=" + std::to_string(w.m) + (w.causal ? " causal" : "");
+  }
+  return s;
+}
+
+// The path of this executable, for re-running with FLASHCPU_ISA set.
+std::string self_exe(const char* argv0) {
+  char buf[4096];
+  const ssize_t len = readlink("/proc/self/exe", buf, sizeof buf - 1);
+  if (len <= 0) return argv0;
+  buf[len] = '\0';
+  return buf;
+}
+
+// Runs this tool again with FLASHCPU_ISA=isa and the given arguments; returns its
+// exit status.
+int run_child(const std::string& exe, const std::string& isa,
+              const std::vector<std::string>& args) {
+  std::vector<char*> cargv;
+  cargv.push_back(const_cast<char*>(exe.c_str()));
+  for (const std::string& a : args) cargv.push_back(const_cast<char*>(a.c_str()));
+  cargv.push_back(nullptr);
+  std::fflush(nullptr);
+  const pid_t pid = fork();
+  if (pid < 0) return 127;
+  if (pid == 0) {
+    setenv("FLASHCPU_ISA", isa.c_str(), 1);
+    execv(exe.c_str(), cargv.data());
+    std::perror("flashcpu-tune: execv");
+    _exit(127);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+}
+
+// Our own arguments minus "--isa X" and "--out F".
+std::vector<std::string> forwarded_args(int argc, char** argv) {
+  std::vector<std::string> args;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--isa" || a == "--out") {
+      ++i;
+      continue;
+    }
+    args.push_back(a);
+  }
+  return args;
+}
+
+// Progress on stderr: one rewritten line on a terminal, a line per step otherwise.
+void progress(const std::string& line, bool final_line) {
+  static const bool tty = isatty(STDERR_FILENO) != 0;
+  if (tty) {
+    std::fprintf(stderr, "\r\033[K%s%s", line.c_str(), final_line ? "\n" : "");
+  } else {
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
+  std::fflush(stderr);
+}
+
+struct Bench {
+  std::vector<fb::Problem> problems;
+  int threads;
+  int reps;
+
+  // Geometric mean over the workloads of GFLOP/s (median of reps, after a warm-up).
+  double score() {
+    double log_sum = 0;
+    for (fb::Problem& p : problems) {
+      fb::run(fb::Impl::fused, p, threads);  // warm-up (and any per-call setup)
+      std::vector<double> t;
+      for (int r = 0; r < reps; ++r) {
+        const double t0 = fb::now_seconds();
+        fb::run(fb::Impl::fused, p, threads);
+        t.push_back(fb::now_seconds() - t0);
+      }
+      log_sum += std::log(fb::attention_flops(p.shape) / fb::median(t) * 1e-9);
+    }
+    return std::exp(log_sum / double(problems.size()));
+  }
+};
+
+struct DimResult {
+  std::int64_t dim;
+  flashcpu::TileConfig def, best;
+  double def_gflops, best_gflops;
+};
+
+bool same(const flashcpu::TileConfig& a, const flashcpu::TileConfig& b) {
+  return a.block_rows == b.block_rows && a.block_keys == b.block_keys;
+}
+
+std::string tiles(const flashcpu::TileConfig& t) {
+  return "br=" + std::to_string(t.block_rows) + " bc=" + std::to_string(t.block_keys);
+}
+
+int tune(const Options& o) {
+  const std::string isa = flashcpu::active_isa();
+  const int threads = fb::resolve_threads(o.threads);
+  if (const char* f = std::getenv("FLASHCPU_TUNING_FILE")) {
+    std::fprintf(stderr, "note: FLASHCPU_TUNING_FILE=%s is set: the baseline is its entries\n", f);
+  }
+  // The baseline, read before any set_tile_config call.
+  std::vector<flashcpu::TileConfig> defaults;
+  for (std::int64_t d : o.dims) defaults.push_back(flashcpu::tile_config(d));
+
+  std::fprintf(stderr, "flashcpu-tune: isa %s, %d threads, dims", isa.c_str(), threads);
+  for (std::int64_t d : o.dims) std::fprintf(stderr, " %lld", static_cast<long long>(d));
+  std::fprintf(stderr, ", %zu x %zu candidates, workload %s, median of %d\n", o.rows.size(),
+               o.keys.size(), workload_str(o.workloads).c_str(), o.reps);
+
+  const std::size_t per_dim = o.rows.size() * o.keys.size();
+  const std::size_t total = per_dim * o.dims.size();
+  std::size_t done = 0;
+  const double start = fb::now_seconds();
+  std::vector<DimResult> results;
+
+  for (std::size_t di = 0; di < o.dims.size(); ++di) {
+    const std::int64_t d = o.dims[di];
+    Bench bench{{}, threads, o.reps};
+    for (const Workload& w : o.workloads) {
+      bench.problems.emplace_back(fb::mha(w.batch, w.heads, w.n, w.m, d, w.causal));
+    }
+    DimResult res{d, defaults[di], defaults[di], 0, 0};
+    double best = 0;
+    std::size_t idx = 0;
+    for (int br : o.rows) {
+      for (int bc : o.keys) {
+        ++idx;
+        ++done;
+        const flashcpu::TileConfig cand{br, bc};
+        std::string line;
+        try {
+          flashcpu::set_tile_config(isa, d, cand);
+          const double g = bench.score();
+          if (g > best) {
+            best = g;
+            res.best = cand;
+          }
+          char buf[96];
+          std::snprintf(buf, sizeof buf, "%7.1f GFLOP/s", g);
+          line = buf;
+        } catch (const flashcpu::Error& e) {
+          line = std::string("rejected: ") + e.what();
+        }
+        const double elapsed = fb::now_seconds() - start;
+        const double eta = elapsed / double(done) * double(total - done);
+        char head[160];
+        std::snprintf(head, sizeof head, "[%zu/%zu] D=%lld %zu/%zu br=%d bc=%d: ", done, total,
+                      static_cast<long long>(d), idx, per_dim, br, bc);
+        char tail[160];
+        std::snprintf(tail, sizeof tail, " | best %.1f (%s) | ETA %s", best,
+                      tiles(res.best).c_str(), duration(eta).c_str());
+        progress(head + line + tail, false);
+      }
+    }
+
+    // Default vs best, alternating, so drift on a shared machine hits both alike.
+    std::vector<double> gd, gb;
+    for (int r = 0; r < 2 * o.reps + 1; ++r) {
+      flashcpu::set_tile_config(isa, d, defaults[di]);
+      gd.push_back(bench.score());
+      flashcpu::set_tile_config(isa, d, res.best);
+      gb.push_back(bench.score());
+    }
+    res.def_gflops = fb::median(gd);
+    res.best_gflops = fb::median(gb);
+    if (res.best_gflops <= res.def_gflops || best == 0) {  // no gain: keep the default
+      res.best = res.def;
+      res.best_gflops = res.def_gflops;
+    }
+    flashcpu::set_tile_config(isa, d, res.best);
+    char buf[200];
+    std::snprintf(
+        buf, sizeof buf, "D=%lld: default %s %.1f GFLOP/s -> tuned %s %.1f GFLOP/s (%+.1f%%)",
+        static_cast<long long>(d), tiles(res.def).c_str(), res.def_gflops, tiles(res.best).c_str(),
+        res.best_gflops, 100.0 * (res.best_gflops / res.def_gflops - 1.0));
+    progress(buf, true);
+    results.push_back(res);
+  }
+
+  std::ofstream out(o.out);
+  if (!out) {
+    std::fprintf(stderr, "flashcpu-tune: cannot write %s\n", o.out.c_str());
+    return 1;
+  }
+  auto list = [](const std::vector<int>& v) {
+    std::string s;
+    for (int x : v) s += (s.empty() ? "" : ",") + std::to_string(x);
+    return s;
+  };
+  out << "# flashcpu tuning file, written by flashcpu-tune\n"
+      << "# date: " << today() << "\n"
+      << "# cpu: " << cpu_model() << ", " << threads << " threads\n"
+      << "# isa: " << isa << "\n"
+      << "# workload: " << workload_str(o.workloads) << "; D = Dv = head_dim; score = geometric"
+      << " mean of GFLOP/s, median of " << o.reps << "\n"
+      << "# candidates: block_rows {" << list(o.rows) << "} x block_keys {" << list(o.keys) << "}\n"
+      << "# format: <isa> <head_dim> <block_rows> <block_keys>\n";
+  for (const DimResult& r : results) {
+    char buf[200];
+    std::snprintf(
+        buf, sizeof buf, "# D=%lld: default %s %.1f GFLOP/s, tuned %s %.1f GFLOP/s (%+.1f%%)\n",
+        static_cast<long long>(r.dim), tiles(r.def).c_str(), r.def_gflops, tiles(r.best).c_str(),
+        r.best_gflops, 100.0 * (r.best_gflops / r.def_gflops - 1.0));
+    out << buf;
+  }
+  for (const DimResult& r : results) {
+    out << isa << ' ' << r.dim << ' ' << r.best.block_rows << ' ' << r.best.block_keys << '\n';
+  }
+  out.close();
+
+  // Read it back through the library, as a user's program would.
+  flashcpu::load_tuning(o.out);
+  for (const DimResult& r : results) {
+    if (!same(flashcpu::tile_config(r.dim), r.best)) {
+      std::fprintf(stderr, "flashcpu-tune: %s does not round-trip for D=%lld\n", o.out.c_str(),
+                   static_cast<long long>(r.dim));
+      return 1;
+    }
+  }
+  std::fprintf(stderr, "wrote %s (%s); use it with FLASHCPU_TUNING_FILE=%s\n", o.out.c_str(),
+               duration(fb::now_seconds() - start).c_str(), o.out.c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  if (!parse(argc, argv, &o)) return 2;
+  const std::string exe = self_exe(argv[0]);
+
+  if (o.isa == "all") {
+    // One child per supported ISA, each with FLASHCPU_ISA set, into temporary files
+    // that are then concatenated (every line keeps its meaning in one file).
+    std::string merged;
+    for (const char* isa : {"avx512", "avx2", "sse2"}) {
+      if (!flashcpu::isa_supported(isa)) {
+        std::fprintf(stderr, "flashcpu-tune: %s not supported here, skipped\n", isa);
+        continue;
+      }
+      const std::string part = o.out + "." + isa + ".part";
+      std::vector<std::string> args = forwarded_args(argc, argv);
+      args.insert(args.end(), {"--isa", isa, "--out", part});
+      const int rc = run_child(exe, isa, args);
+      if (rc != 0) {
+        std::fprintf(stderr, "flashcpu-tune: tuning %s failed (exit %d)\n", isa, rc);
+        return rc;
+      }
+      std::ifstream in(part);
+      std::stringstream ss;
+      ss << in.rdbuf();
+      merged += ss.str() + "\n";
+      std::remove(part.c_str());
+    }
+    std::ofstream out(o.out);
+    out << merged;
+    if (!out) {
+      std::fprintf(stderr, "flashcpu-tune: cannot write %s\n", o.out.c_str());
+      return 1;
+    }
+    out.close();
+    flashcpu::load_tuning(o.out);  // raises if the merged file does not parse
+    std::fprintf(stderr, "wrote %s for every supported ISA\n", o.out.c_str());
+    return 0;
+  }
+
+  if (!o.isa.empty() && o.isa != flashcpu::active_isa()) {
+    if (!flashcpu::isa_supported(o.isa)) {
+      std::fprintf(stderr, "flashcpu-tune: this CPU cannot run %s\n", o.isa.c_str());
+      return 2;
+    }
+    const char* env = std::getenv("FLASHCPU_ISA");
+    if (env != nullptr && o.isa == env) {  // already re-run, still not active
+      std::fprintf(stderr, "flashcpu-tune: FLASHCPU_ISA=%s did not select %s (active: %s)\n", env,
+                   o.isa.c_str(), flashcpu::active_isa().c_str());
+      return 2;
+    }
+    std::vector<std::string> args = forwarded_args(argc, argv);
+    args.insert(args.end(), {"--isa", o.isa, "--out", o.out});
+    return run_child(exe, o.isa, args);
+  }
+
+  try {
+    return tune(o);
+  } catch (const flashcpu::Error& e) {
+    std::fprintf(stderr, "flashcpu-tune: %s\n", e.what());
+    return 1;
+  }
+}
