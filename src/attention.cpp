@@ -134,11 +134,13 @@ void load_center(const Plan& plan, const TensorView<const float>& k, std::int64_
 
 // K of keys [0, keys) as panels of `nr` keys: panel p is head_dim rows of nr floats (keys
 // contiguous), zero past the last key, so the S micro-kernel loads whole vectors. With a
-// center (Gaussian), packs k - center and writes key_bias[j] = bias_scale * |k_j - center|^2.
-void pack_key_panels(const float* k, std::int64_t row_stride, std::int64_t col_stride, std::int64_t keys,
+// center (Gaussian), packs k - center, writes key_bias[j] = bias_scale * |k_j - center|^2
+// and returns the largest |k_j - center|^2 (else 0).
+float pack_key_panels(const float* k, std::int64_t row_stride, std::int64_t col_stride, std::int64_t keys,
                      std::int64_t head_dim, int nr, const Plan& plan, const float* center, float* panels,
                      float* key_bias) {
   const std::int64_t num_panels = (keys + nr - 1) / nr;
+  float spread = 0.0f;
   for (std::int64_t p = 0; p < num_panels; ++p) {
     float* panel = panels + p * head_dim * nr;
     for (int c = 0; c < nr; ++c) {
@@ -152,12 +154,30 @@ void pack_key_panels(const float* k, std::int64_t row_stride, std::int64_t col_s
           norm += x * x;
         }
         if (plan.centered) key_bias[j] = plan.bias_scale * norm;
+        spread = std::max(spread, norm);
       } else {
         for (std::int64_t d = 0; d < head_dim; ++d) panel[d * nr + c] = 0.0f;
         if (plan.centered) key_bias[j] = 0.0f;
       }
     }
   }
+  return plan.centered ? spread : 0.0f;
+}
+
+// The expanded Gaussian loses about 2^-24 * scale * |k - c|^2 of each score to
+// cancellation (c the center). Keys whose spread makes that exceed ~1e-5 (scale * |k - c|^2
+// > 256; normalized attention data sits near 64) are scored from exact differences
+// instead, for this head (prefill) or key block (decoding): accuracy over speed.
+bool needs_exact_distance(const Plan& plan, float spread) {
+  return plan.centered && double(plan.shape.scale) * spread > 256.0;
+}
+
+// Points the job at the Gaussian form chosen for the keys just packed.
+void bind_distance_form(const Plan& plan, QueryBlockJob& job, bool exact, float* key_bias, float* row_bias) {
+  if (!plan.centered) return;
+  job.kind = exact ? detail::ScoreKind::squared_distance : detail::ScoreKind::dot;
+  job.key_bias = exact ? nullptr : key_bias;
+  job.row_bias = exact ? nullptr : row_bias;
 }
 
 // V of keys [0, keys) as rows of value_dim_padded floats, zero past value_dim.
@@ -175,8 +195,9 @@ void pack_value_rows(const float* v, std::int64_t row_stride, std::int64_t col_s
 // row bias goes to row_bias); rows from `rows` up to a multiple of mr are zero.
 void pack_query_rows(const Plan& plan, const TensorView<const float>& q, std::int64_t b, std::int64_t first_head,
                      std::int64_t heads_per_row, std::int64_t first_row, std::int64_t rows, const float* center,
-                     float* packed, float* row_bias) {
+                     bool exact_distance, float* packed, float* row_bias) {
   const std::int64_t D = q.shape[3];
+  const float factor = exact_distance ? 1.0f : plan.q_factor;
   for (std::int64_t r = 0; r < round_up(rows, plan.kernels->tile_rows); ++r) {
     float* dst = packed + r * D;
     if (r >= rows) {
@@ -188,7 +209,7 @@ void pack_query_rows(const Plan& plan, const TensorView<const float>& q, std::in
     float norm = 0.0f;
     for (std::int64_t d = 0; d < D; ++d) {
       const float x = src[d * q.strides[3]] - center[d];
-      dst[d] = plan.q_factor * x;
+      dst[d] = factor * x;
       norm += x * x;
     }
     if (plan.centered) row_bias[r] = plan.bias_scale * norm;
@@ -313,6 +334,7 @@ void run_prefill(const Plan& plan, const TensorView<const float>& q, const Tenso
     job.out_col_stride = out.strides[3];
     if (lse) job.lse_row_stride = lse->strides[2];
     std::int64_t packed_head = -1;
+    bool exact = false;
 
 #pragma omp for schedule(static)
     for (std::int64_t item = 0; item < items; ++item) {
@@ -324,7 +346,10 @@ void run_prefill(const Plan& plan, const TensorView<const float>& q, const Tenso
       const std::int64_t kv_head = b * s.kv_heads + hkv;
       if (kv_head != packed_head) {
         load_center(plan, k, b, hkv, center);
-        pack_key_panels(element(k, b, hkv, 0), k.strides[2], k.strides[3], M, D, nr, plan, center, key_panels, key_bias);
+        const float spread =
+            pack_key_panels(element(k, b, hkv, 0), k.strides[2], k.strides[3], M, D, nr, plan, center, key_panels, key_bias);
+        exact = needs_exact_distance(plan, spread);
+        bind_distance_form(plan, job, exact, key_bias, row_bias);
         if (!plan.v_in_place)
           pack_value_rows(element(v, b, hkv, 0), v.strides[2], v.strides[3], M, s.value_dim, plan.value_dim_padded,
                           value_rows);
@@ -335,7 +360,7 @@ void run_prefill(const Plan& plan, const TensorView<const float>& q, const Tenso
 
       job.first_row = qb * plan.block_rows;
       job.rows = std::min(plan.block_rows, N - job.first_row);
-      pack_query_rows(plan, q, b, h, 1, job.first_row, job.rows, center, q_packed, row_bias);
+      pack_query_rows(plan, q, b, h, 1, job.first_row, job.rows, center, exact, q_packed, row_bias);
       bind_heads(plan, job, b, h);
       job.out = element(out, b, h, job.first_row);
       job.lse = lse ? element(*lse, b, h, job.first_row) : nullptr;
@@ -418,7 +443,9 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
       job.row_max = partial + rows_padded * Dvp;
       job.row_sum = job.row_max + rows_padded;
       load_center(plan, k, b, hkv, center);
-      pack_query_rows(plan, q, b, hkv * G, G, 0, rows, center, q_packed, row_bias);
+      pack_query_rows(plan, q, b, hkv * G, G, 0, rows, center, false, q_packed, row_bias);
+      bool exact = false;
+      bind_distance_form(plan, job, exact, key_bias, row_bias);
       bind_heads(plan, job, b, hkv * G);
 
       // Keys past the batch's key length are never read.
@@ -436,8 +463,14 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
           job.k_rows = element(k, b, hkv, j0);
           job.k_row_stride = k.strides[2];
         } else {
-          pack_key_panels(element(k, b, hkv, j0), k.strides[2], k.strides[3], keys, D, nr, plan,
-                          center, key_panels, key_bias);
+          const float spread = pack_key_panels(element(k, b, hkv, j0), k.strides[2], k.strides[3], keys, D, nr,
+                                               plan, center, key_panels, key_bias);
+          // The Gaussian form may change from one key block to the next: the Q rows follow.
+          if (plan.centered && needs_exact_distance(plan, spread) != exact) {
+            exact = !exact;
+            pack_query_rows(plan, q, b, hkv * G, G, 0, rows, center, exact, q_packed, row_bias);
+            bind_distance_form(plan, job, exact, key_bias, row_bias);
+          }
         }
         if (plan.v_in_place) {
           job.v_rows = element(v, b, hkv, j0);
