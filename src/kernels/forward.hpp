@@ -43,9 +43,13 @@ struct ForwardKernel {
   static constexpr int W = int(batch::size);
   static constexpr int NR = NRV * W;
 
-  // scores[r][p*NR + c] = sum_d q[r][d] * panel_p[d][c] for MR rows and `panels` panels.
+  // scores[r][p*NR + c] = sum_d q[r][d] * panel_p[d][c] for MR rows and `panels` panels;
+  // tile_max[r] = the largest of row r's scores, taken while they are still in registers
+  // (it saves the softmax a pass when nothing else changes the scores).
   static void scores_tile(const float* q, std::int64_t D, const float* panels, std::int64_t num_panels,
-                          float* scores, std::int64_t scores_stride) {
+                          float* scores, std::int64_t scores_stride, float* tile_max) {
+    batch running_max[MR];
+    for (int r = 0; r < MR; ++r) running_max[r] = batch(-std::numeric_limits<float>::infinity());
     for (std::int64_t p = 0; p < num_panels; ++p) {
       const float* panel = panels + p * D * NR;
       batch acc[MR][NRV];
@@ -60,8 +64,12 @@ struct ForwardKernel {
         }
       }
       for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NRV; ++v) acc[r][v].store_aligned(scores + r * scores_stride + p * NR + v * W);
+        for (int v = 0; v < NRV; ++v) {
+          acc[r][v].store_aligned(scores + r * scores_stride + p * NR + v * W);
+          running_max[r] = xsimd::max(running_max[r], acc[r][v]);
+        }
     }
+    for (int r = 0; r < MR; ++r) tile_max[r] = reduce_max<Arch>(running_max[r]);
   }
 
   // The same scores from K rows read in place (decoding: K is streamed once, packing it
@@ -265,18 +273,24 @@ struct ForwardKernel {
         const std::int64_t cols = (num_keys + NR - 1) / NR * NR;
         float* const scores = job.scores;
         const float* q = job.q_packed + r0 * D;
+        float tile_max[MR];
+        bool have_tile_max = false;
         if (job.kind == ScoreKind::squared_distance)
           scores_tile_distance(q, D, job.distance_factor, job.k_panels + (j0 + c0 - job.key_begin) * D,
                                (cols - c0) / NR, scores + c0, Bk);
         else if (job.kind == ScoreKind::additive)
           scores_tile_additive(q, D, job.additive_weights, job.k_panels + (j0 + c0 - job.key_begin) * D,
                                (cols - c0) / NR, scores + c0, Bk);
-        else if (job.k_panels)
-          scores_tile(q, D, job.k_panels + (j0 + c0 - job.key_begin) * D, (cols - c0) / NR, scores + c0, Bk);
-        else
+        else if (job.k_panels) {
+          scores_tile(q, D, job.k_panels + (j0 + c0 - job.key_begin) * D, (cols - c0) / NR, scores + c0, Bk, tile_max);
+          have_tile_max = true;
+        } else
           scores_tile_rows(q, D, job.k_rows + (j0 + c0 - job.key_begin) * job.k_row_stride, job.k_row_stride,
                            num_keys - c0, cols - c0, scores + c0, Bk);
-        if (job.key_bias || job.row_bias || job.natural_units) score_epilogue(job, r0, j0, c0, cols);
+        if (job.key_bias || job.row_bias || job.natural_units) {
+          score_epilogue(job, r0, j0, c0, cols);
+          have_tile_max = false;
+        }
 
         float alpha[MR];
         for (int r = 0; r < MR; ++r) {
@@ -287,13 +301,17 @@ struct ForwardKernel {
           std::int64_t visible_begin = lo(i) - j0, visible_end = min_i64(num_keys, hi(i) + 1 - j0);
           if (visible_begin < c0) visible_begin = c0;
           if (visible_end < visible_begin) visible_end = visible_begin;
-          for (std::int64_t j = c0; j < visible_begin; ++j) s[j] = neg_inf;
-          for (std::int64_t j = visible_end; j < cols; ++j) s[j] = neg_inf;
-
-          batch block_max(neg_inf);
-          for (std::int64_t j = c0; j < cols; j += W) block_max = xsimd::max(block_max, batch::load_aligned(s + j));
+          float bm;
+          if (have_tile_max && visible_begin == c0 && visible_end == cols) {
+            bm = tile_max[r];  // nothing excluded, nothing added: the micro-kernel's max holds
+          } else {
+            for (std::int64_t j = c0; j < visible_begin; ++j) s[j] = neg_inf;
+            for (std::int64_t j = visible_end; j < cols; ++j) s[j] = neg_inf;
+            batch block_max(neg_inf);
+            for (std::int64_t j = c0; j < cols; j += W) block_max = xsimd::max(block_max, batch::load_aligned(s + j));
+            bm = reduce_max<Arch>(block_max);
+          }
           const float old_max = job.row_max[r0 + r];
-          const float bm = reduce_max<Arch>(block_max);
           const float new_max = bm > old_max ? bm : old_max;
           // A row that has seen no key yet keeps max -inf; subtracting 0 then maps every
           // -inf score to weight 0 instead of NaN.

@@ -11,7 +11,7 @@ template <class Arch>
 inline xsimd::batch<float, Arch> exp2_nonpositive(xsimd::batch<float, Arch> x) {
   using batch = xsimd::batch<float, Arch>;
   using ibatch = xsimd::batch<std::int32_t, Arch>;
-  x = xsimd::min(xsimd::max(x, batch(-127.0f)), batch(127.0f));
+  x = xsimd::max(x, batch(-127.0f));  // x <= 0 by contract: no upper clamp
   const batch n = xsimd::nearbyint(x);
   const batch f = x - n;
   batch p(1.5403530393381608e-4f);
@@ -38,6 +38,7 @@ inline float exp2_nonpositive_scalar(float x) {
 
 template <class Arch>
 inline float reduce_max(xsimd::batch<float, Arch> b) {
+  if constexpr (std::is_same<Arch, xsimd::avx512bw>::value) return _mm512_reduce_max_ps(b);  // not in xsimd 8.1
   alignas(64) float lanes[xsimd::batch<float, Arch>::size];
   b.store_aligned(lanes);
   float m = lanes[0];
