@@ -92,7 +92,8 @@ std::map<std::string, FirstRun>& first_runs() {
 using Runner = std::function<void(fb::Problem&, int threads)>;
 
 void bm_attention(benchmark::State& st, const std::string& name, Impl impl, const Runner& runner,
-                  const Shape& s, int threads, bool decode, bool cold, const std::string& label) {
+                  const Shape& s, int threads, bool decode, bool cold, const std::string& label,
+                  fb::BlasThreading blas_mode) {
   if (impl == Impl::openblas && !fb::have_openblas()) {
     st.SkipWithError("OpenBLAS was not found at configure time");
     return;
@@ -134,8 +135,7 @@ void bm_attention(benchmark::State& st, const std::string& name, Impl impl, cons
   if (it->second.extra_mib >= 0) st.counters["peak_extra_MiB"] = it->second.extra_mib;
   if (impl == Impl::naive) st.counters["analytic_MiB"] = fb::naive_analytic_mib(s, threads);
   if (impl == Impl::openblas) {
-    st.counters["analytic_MiB"] =
-        fb::openblas_analytic_mib(s, threads, fb::default_blas_threading());
+    st.counters["analytic_MiB"] = fb::openblas_analytic_mib(s, threads, blas_mode);
   }
   st.SetLabel(copies.size() > 1 ? label + " cold x" + std::to_string(copies.size()) : label);
 }
@@ -153,11 +153,12 @@ std::string label_for(Impl impl, const Shape& s) {
 }
 
 void add_one(const std::string& name, Impl impl, const Runner& runner, const Shape& s, int threads,
-             bool decode, bool cold, const std::string& label) {
+             bool decode, bool cold, const std::string& label,
+             fb::BlasThreading blas_mode = fb::default_blas_threading()) {
   benchmark::RegisterBenchmark(name.c_str(),
                                [=](benchmark::State& st) {
                                  bm_attention(st, name, impl, runner, s, threads, decode, cold,
-                                              label);
+                                              label, blas_mode);
                                })
       ->UseRealTime()
       ->Unit(benchmark::kMillisecond);
@@ -262,7 +263,7 @@ void register_attention_benchmarks() {
         };
         add_one(std::string("blas_mode/") + w.name + "/" + fb::blas_threading_name(mode),
                 Impl::openblas, runner, w.s, 0, w.decode, w.decode,
-                std::string("openblas ") + fb::blas_threading_name(mode));
+                std::string("openblas ") + fb::blas_threading_name(mode), mode);
       }
     }
   }
@@ -317,14 +318,15 @@ void print_usage() {
       "  --threads=N              threads for every benchmark except scaling_P64 (default:\n"
       "                           OpenMP's, i.e. OMP_NUM_THREADS or all cores)\n"
       "  --naive-max=N            run the naive reference only when N*M <= N^2 (default 4096)\n"
-      "  --blas-threading=MODE    heads (OpenMP over heads, 1-thread OpenBLAS; default) or\n"
-      "                           blas (heads in turn, threaded OpenBLAS)\n"
+      "  --blas-threading=MODE    heads (OpenMP over heads or row blocks, 1-thread OpenBLAS;\n"
+      "                           default) or blas (heads in turn, threaded OpenBLAS: set\n"
+      "                           OMP_WAIT_POLICY=PASSIVE with it)\n"
       "  --no-self-check          skip the start-up fused/naive/OpenBLAS agreement check\n"
       "  --no-probes              do not measure FMA peak and bandwidth at start-up (they are\n"
       "                           then measured when first needed)\n"
-      "Families (use --benchmark_filter): P64 P128 C128 S16K short DEC scaling_P64 prefill\n"
-      "  decode model blas_mode BM_FmaPeak BM_ReadBandwidth. Example:\n"
-      "  OMP_WAIT_POLICY=PASSIVE flashcpu_bench --benchmark_filter='^(P64|DEC)/'\n"
+      "Families (use --benchmark_filter): P64 P128 C128 S16K short DEC DEC_hot scaling_P64\n"
+      "  prefill decode model blas_mode BM_FmaPeak BM_ReadBandwidth. Example:\n"
+      "  flashcpu_bench --benchmark_filter='^(P64|DEC)/'\n"
       "      --benchmark_repetitions=5 --benchmark_report_aggregates_only=true\n"
       "      --benchmark_out=bench.json --benchmark_out_format=json\n"
       "Google Benchmark's own flags follow.\n\n");
@@ -369,6 +371,12 @@ int main(int argc, char** argv) {
       flashcpu::active_isa().c_str(), threads,
       fb::have_openblas() ? fb::blas_threading_name(fb::default_blas_threading()) : "not built",
       wait ? wait : "(unset)");
+  if (fb::have_openblas() && fb::default_blas_threading() == fb::BlasThreading::blas_threaded &&
+      (wait == nullptr || std::strcmp(wait, "PASSIVE") != 0)) {
+    std::fprintf(stderr,
+                 "warning: blas-threaded OpenBLAS without OMP_WAIT_POLICY=PASSIVE: idle OpenMP "
+                 "threads spin against OpenBLAS's (about 2x slower here)\n");
+  }
   benchmark::AddCustomContext("flashcpu_isa", flashcpu::active_isa());
   benchmark::AddCustomContext("flashcpu_threads", std::to_string(threads));
   benchmark::AddCustomContext("omp_wait_policy", wait ? wait : "unset");

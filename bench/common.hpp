@@ -105,17 +105,19 @@ bool have_openblas();
 
 /// How the OpenBLAS baseline spends its threads.
 enum class BlasThreading {
-  /// OpenMP over the B*Hq heads, OpenBLAS told to use 1 thread inside. One N x M
-  /// score buffer per thread.
+  /// OpenMP over (head, row block) work items, OpenBLAS told to use 1 thread inside.
+  /// Heads are split into row blocks only when there are fewer heads than threads.
+  /// One score buffer (rows of the block x M) per thread.
   heads_parallel,
-  /// Heads one after another, OpenBLAS threaded inside each sgemm. One N x M score
-  /// buffer in all, so half the memory of heads_parallel at 2 threads.
+  /// Heads one after another, OpenBLAS threaded inside each sgemm, the softmax
+  /// rows spread over an OpenMP team. One N x M score buffer in all. Needs
+  /// OMP_WAIT_POLICY=PASSIVE: spinning idle OpenMP threads slow OpenBLAS's 2x.
   blas_threaded,
 };
 const char* blas_threading_name(BlasThreading t);
-/// The default: heads_parallel, the faster of the two on the named workloads here
-/// (see bench/README.md for the numbers). FLASHCPU_BENCH_BLAS_THREADING=blas
-/// selects blas_threaded.
+/// The default: heads_parallel, faster than blas_threaded on every workload measured
+/// here and indifferent to OMP_WAIT_POLICY (bench/README.md has the numbers).
+/// FLASHCPU_BENCH_BLAS_THREADING=blas selects blas_threaded.
 BlasThreading default_blas_threading();
 
 /// The materialized baseline. Per (b, h), with kv head h / (Hq / Hkv):
@@ -137,7 +139,7 @@ void run(Impl impl, Problem& p, int threads);
 /// For the naive reference, the working memory its design implies: one N x M double
 /// score matrix per concurrently processed head, min(threads, B*Hq) of them.
 double naive_analytic_mib(const Shape& s, int threads);
-/// For the OpenBLAS baseline: one N x M float score matrix per concurrent head.
+/// For the OpenBLAS baseline: the float score buffers openblas_attention allocates.
 double openblas_analytic_mib(const Shape& s, int threads, BlasThreading t);
 
 /// The ISA and tiles of the fused kernel for head dim d, e.g. "avx512 br=64 bc=256".

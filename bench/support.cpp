@@ -272,45 +272,55 @@ void openblas_attention(TensorView<const float> q, TensorView<const float> k,
   const std::int64_t shift = M - N;  // causal: row i sees j <= i + shift
   auto visible = [&](std::int64_t i) { return options.causal ? i + shift + 1 : M; };
 
-  // One head: S = scale * Q K^T, softmax rows, O = P V. `rows_parallel` spreads the
-  // softmax over the enclosing team (blas_threaded mode); the sgemms thread inside.
-  auto one_head = [&](std::int64_t bh, float* S, bool rows_parallel) {
-    const std::int64_t b = bh / Hq, h = bh % Hq, hk = h / group;
-    const float* qp = q.data + b * q.strides[0] + h * q.strides[1];
+  // Rows [r0, r1) of one head: S = scale * Q K^T, softmax rows, O = P V.
+  // `rows_parallel` spreads the softmax over a team (blas_threaded mode, where the
+  // sgemms thread inside OpenBLAS).
+  auto block = [&](std::int64_t bh, std::int64_t r0, std::int64_t r1, float* S,
+                   bool rows_parallel) {
+    const std::int64_t b = bh / Hq, h = bh % Hq, hk = h / group, rows = r1 - r0;
+    const float* qp = q.data + b * q.strides[0] + h * q.strides[1] + r0 * q.strides[2];
     const float* kp = k.data + b * k.strides[0] + hk * k.strides[1];
     const float* vp = v.data + b * v.strides[0] + hk * v.strides[1];
-    float* op = out.data + b * out.strides[0] + h * out.strides[1];
+    float* op = out.data + b * out.strides[0] + h * out.strides[1] + r0 * out.strides[2];
     if (M == 0) {
-      for (std::int64_t i = 0; i < N; ++i)
+      for (std::int64_t i = 0; i < rows; ++i)
         for (std::int64_t e = 0; e < Dv; ++e) op[i * out.strides[2] + e] = 0.0f;
       return;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(N), int(M), int(D), scale, qp,
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(M), int(D), scale, qp,
                 int(q.strides[2]), kp, int(k.strides[2]), 0.0f, S, int(M));
     if (rows_parallel) {
 #pragma omp parallel for schedule(static) num_threads(threads)
-      for (std::int64_t i = 0; i < N; ++i) softmax_row(S + i * M, M, visible(i));
+      for (std::int64_t i = 0; i < rows; ++i) softmax_row(S + i * M, M, visible(r0 + i));
     } else {
-      for (std::int64_t i = 0; i < N; ++i) softmax_row(S + i * M, M, visible(i));
+      for (std::int64_t i = 0; i < rows; ++i) softmax_row(S + i * M, M, visible(r0 + i));
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(N), int(Dv), int(M), 1.0f, S, int(M),
-                vp, int(v.strides[2]), 0.0f, op, int(out.strides[2]));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(rows), int(Dv), int(M), 1.0f, S,
+                int(M), vp, int(v.strides[2]), 0.0f, op, int(out.strides[2]));
   };
 
-  const std::size_t score_floats = std::size_t(N) * std::size_t(M);
   if (threading == BlasThreading::heads_parallel) {
+    // Work items are (head, row block): one block per head when there are at least
+    // as many heads as threads, else each head's rows split so every thread has work
+    // (S16K has one head). OpenBLAS runs single-threaded inside each item.
     openblas_set_num_threads(1);
-    const int team = int(std::min<std::int64_t>(threads, heads));
+    const std::int64_t split =
+        heads >= threads ? 1 : std::min<std::int64_t>(N, (threads + heads - 1) / heads);
+    const std::int64_t chunk = (N + split - 1) / split, items = heads * split;
+    const int team = int(std::min<std::int64_t>(threads, items));
 #pragma omp parallel num_threads(team)
     {
-      Buffer S = allocate_floats(score_floats);  // per thread, per call
+      Buffer S = allocate_floats(std::size_t(chunk) * std::size_t(M));  // per thread, per call
 #pragma omp for schedule(dynamic, 1)
-      for (std::int64_t bh = 0; bh < heads; ++bh) one_head(bh, S.get(), false);
+      for (std::int64_t item = 0; item < items; ++item) {
+        const std::int64_t r0 = (item % split) * chunk, r1 = std::min(N, r0 + chunk);
+        if (r0 < r1) block(item / split, r0, r1, S.get(), false);
+      }
     }
   } else {
     openblas_set_num_threads(threads);
-    Buffer S = allocate_floats(score_floats);
-    for (std::int64_t bh = 0; bh < heads; ++bh) one_head(bh, S.get(), true);
+    Buffer S = allocate_floats(std::size_t(N) * std::size_t(M));
+    for (std::int64_t bh = 0; bh < heads; ++bh) block(bh, 0, N, S.get(), true);
   }
 #endif
 }
@@ -339,10 +349,16 @@ double naive_analytic_mib(const Shape& s, int threads) {
 }
 
 double openblas_analytic_mib(const Shape& s, int threads, BlasThreading t) {
-  const double heads = double(s.batch * s.q_heads);
-  const double concurrent =
-      t == BlasThreading::heads_parallel ? std::min(double(resolve_threads(threads)), heads) : 1.0;
-  return concurrent * double(s.n) * double(s.m) * sizeof(float) / double(1 << 20);
+  const double heads = double(s.batch * s.q_heads), n = double(s.n), m = double(s.m);
+  const double th = double(resolve_threads(threads));
+  double floats = n * m;  // blas_threaded: one N x M buffer
+  if (t == BlasThreading::heads_parallel) {
+    // Mirrors openblas_attention: min(threads, items) buffers of chunk x M.
+    const double split = heads >= th ? 1.0 : std::min(n, std::ceil(th / heads));
+    const double chunk = std::ceil(n / split);
+    floats = std::min(th, heads * split) * chunk * m;
+  }
+  return floats * sizeof(float) / double(1 << 20);
 }
 
 std::string fused_label(std::int64_t d) {
@@ -422,6 +438,7 @@ void self_check(bool verbose) {
       gqa(2, 4, 2, 5, 37, 80, true),  // GQA, causal with N < M, D = 80
       gqa(1, 8, 2, 1, 300, 128),      // decode, GQA
       mha(1, 2, 40, 17, 64, true),    // causal with N > M: the first 23 rows see no key
+      mha(1, 1, 45, 60, 64, true),    // one head: OpenBLAS splits its rows over threads
   };
   Shape dv = gqa(1, 4, 1, 33, 70, 64, false);  // MQA, Dv != D
   dv.dv = 48;
@@ -473,14 +490,26 @@ namespace detail {
 
 // glibc serves a large allocation from a fresh mmap only while its size is above the
 // mmap threshold, which rises (up to 32 MiB) each time such a block is freed; below
-// it, memory comes from an arena whose top, in a thread's arena, malloc_trim does not
-// release. A measured call could then reuse resident pages and show no growth. So
-// during the measured call the threshold is pinned at 128 KiB (every large buffer is
-// mapped and faulted in, hence counted), and afterwards set to glibc's steady state
-// after large frees (mmap above 32 MiB, trim above 64 MiB), so the timed calls
-// allocate the way an untouched process settles to.
+// it, memory comes from an arena, and the free top of a thread's arena stays
+// resident (malloc_trim releases only the main arena's top). A measured call could
+// then reuse resident pages left by an earlier, different call and show no growth.
+// So before the measured call: both thresholds pinned at 128 KiB (every large buffer
+// is mapped and faulted in, hence counted), each OpenMP thread frees a 96 KiB block
+// into its arena's top, which makes glibc trim that arena down (a free of >= 64 KiB
+// merging into the top trims it when the top exceeds the trim threshold), then
+// malloc_trim(0) for the main arena and the free lists. Afterwards the thresholds go
+// to glibc's steady state after large frees (mmap above 32 MiB, trim above 64 MiB),
+// so the timed calls allocate the way an untouched process settles to.
 double begin_peak_measure() {
   mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+  mallopt(M_TRIM_THRESHOLD, 128 * 1024);
+  const int team = std::max(omp_get_max_threads(), omp_get_num_procs());
+#pragma omp parallel num_threads(team)
+  {
+    void* p = std::malloc(96 * 1024);
+    if (p != nullptr) static_cast<volatile char*>(p)[0] = 0;
+    std::free(p);
+  }
   malloc_trim(0);
   const double rss = proc_status_mib("VmRSS");
   std::ofstream clear("/proc/self/clear_refs");

@@ -432,7 +432,16 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
     job.rows = rows;
     job.first_row = 0;
     job.heads_per_row = G;
-    job.finalize = false;
+    // One chunk per head (short key ranges): the kernel finishes the rows itself, and
+    // there is nothing to merge.
+    const bool single_chunk = chunks == 1;
+    job.out_row_stride = out.strides[2];
+    job.out_col_stride = out.strides[3];
+    job.out_head_stride = out.strides[1];
+    if (lse) {
+      job.lse_row_stride = lse->strides[2];
+      job.lse_head_stride = lse->strides[1];
+    }
 
 #pragma omp for schedule(static)
     for (std::int64_t item = 0; item < items; ++item) {
@@ -451,8 +460,11 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
       // Keys past the batch's key length are never read.
       const std::int64_t chunk_end = std::min({M, (chunk + 1) * chunk_keys, job.key_limit});
       job.resume = false;
+      job.out = element(out, b, hkv * G, 0);
+      job.lse = lse ? element(*lse, b, hkv * G, 0) : nullptr;
       for (std::int64_t j0 = chunk * chunk_keys; j0 < chunk_end || !job.resume; j0 += Bk) {
         const std::int64_t keys = std::max<std::int64_t>(0, std::min(Bk, chunk_end - j0));
+        job.finalize = single_chunk && j0 + Bk >= chunk_end;
         if (keys == 0) {  // an empty chunk (key length): only reset the partial state
           job.key_begin = job.key_end = j0;
           kernels.forward_query_block(job);
@@ -491,7 +503,7 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
     // Merge the chunks of each (batch, kv head) in chunk order: out = sum_c w_c acc_c /
     // sum_c w_c sum_c with w_c = 2^(max_c - max), max the largest chunk max.
 #pragma omp for schedule(static)
-    for (std::int64_t head = 0; head < kv_heads; ++head) {
+    for (std::int64_t head = 0; head < (single_chunk ? 0 : kv_heads); ++head) {
       const std::int64_t b = head / s.kv_heads, hkv = head % s.kv_heads;
       const float* first = partials.get() + head * chunks * partial_floats;
       auto chunk_max = [&](std::int64_t c, std::int64_t r) { return first[c * partial_floats + rows_padded * Dvp + r]; };
@@ -501,16 +513,17 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
       for (std::int64_t r = 0; r < rows; ++r) {
         float row_max = kNegInf;
         for (std::int64_t c = 0; c < chunks; ++c) row_max = std::max(row_max, chunk_max(c, r));
+        float weight[kTargetItems];  // one per chunk: chunks <= wanted <= kTargetItems
         float total = 0.0f;
-        for (std::int64_t c = 0; c < chunks; ++c)
-          if (chunk_max(c, r) != kNegInf) total += std::exp2(chunk_max(c, r) - row_max) * chunk_sum(c, r);
+        for (std::int64_t c = 0; c < chunks; ++c) {
+          weight[c] = chunk_max(c, r) == kNegInf ? 0.0f : std::exp2(chunk_max(c, r) - row_max);
+          total += weight[c] * chunk_sum(c, r);
+        }
         const std::int64_t h = hkv * G + r % G, i = r / G;
         float* dst = element(out, b, h, i);
         for (std::int64_t col = 0; col < s.value_dim; ++col) {
           float value = 0.0f;
-          for (std::int64_t c = 0; c < chunks; ++c)
-            if (chunk_max(c, r) != kNegInf)
-              value += std::exp2(chunk_max(c, r) - row_max) * first[c * partial_floats + r * Dvp + col];
+          for (std::int64_t c = 0; c < chunks; ++c) value += weight[c] * first[c * partial_floats + r * Dvp + col];
           dst[col * out.strides[3]] = total > 0.0f ? value / total : plan.empty_value;
         }
         if (lse) *element(*lse, b, h, i) = total > 0.0f ? float((row_max + std::log2(total)) / kLog2e) : kNegInf;

@@ -30,11 +30,9 @@ bash tools/install_deps.sh
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DFLASHCPU_BUILD_TESTS=OFF
 cmake --build build --target flashcpu-sweep
 
-# OpenMP threads sleep when idle instead of spinning: with spinning OpenMP threads a
-# pthread-based library (Debian's OpenBLAS) ran up to 2x slower here, and flashcpu
-# measured the same either way (bench/README.md).
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
-
+# OMP_WAIT_POLICY is left as the caller has it: the OpenBLAS baseline runs
+# single-threaded inside OpenMP, so spinning OpenMP threads do not slow it, while
+# PASSIVE would add ~0.1 ms of thread wake-up to every call (bench/README.md).
 ./build/tools/flashcpu-sweep "${mode[@]}" "${extra[@]}" --csv build/scaling.csv
 
 # Debian's matplotlib lives in the system python; a python3 earlier on PATH (pyenv,

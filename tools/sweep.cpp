@@ -67,8 +67,9 @@ Options:
   --csv FILE           CSV output (default flashcpu-scaling.csv): one row per (N, impl)
   --help               this text
 
-Environment: OMP_NUM_THREADS, OMP_WAIT_POLICY (PASSIVE is recommended when OpenBLAS
-runs: see bench/README.md), FLASHCPU_ISA, FLASHCPU_TUNING_FILE.
+Environment: OMP_NUM_THREADS, FLASHCPU_ISA, FLASHCPU_TUNING_FILE,
+FLASHCPU_BENCH_BLAS_THREADING=blas (threaded OpenBLAS instead of OpenMP over heads;
+then also set OMP_WAIT_POLICY=PASSIVE). See bench/README.md.
 Plot: python3 tools/plot_scaling.py FILE.csv FILE.png
 )");
 }
@@ -231,7 +232,7 @@ int main(int argc, char** argv) {
       }
       if (impl == Impl::naive && n > o.naive_max) {
         r.skipped = true;
-        r.note = "N > " + std::to_string(o.naive_max);
+        r.note = "N>" + std::to_string(o.naive_max);
         results.push_back(r);
         continue;
       }
@@ -287,9 +288,9 @@ int main(int argc, char** argv) {
     for (Impl impl : impls) {
       const Result* r = find(n, impl);
       if (r->skipped) {
-        std::printf(" | %-36s", ("skipped (" + r->note + "; ~" + fmt("%.0f", r->analytic_mib) +
-                                 " MiB analytic)")
-                                    .c_str());
+        std::printf(
+            " | %-36s",
+            ("skipped (" + r->note + "; ~" + fmt("%.0f", r->analytic_mib) + " MiB est)").c_str());
       } else {
         std::printf(" | %9.2f %8.1f %5.1f%% %9s", r->ms, r->gflops, 100 * r->peak_frac,
                     mem_str(r->extra_mib).c_str());

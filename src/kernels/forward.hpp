@@ -261,6 +261,21 @@ struct ForwardKernel {
 
     for (std::int64_t j0 = start; j0 < end; j0 += Bk) {
       const std::int64_t block_end = min_i64(j0 + Bk, end);
+      // Decoding streams K and V from memory once. The P.V tiles walk V a few columns
+      // at a time, a strided pattern the hardware prefetcher serves poorly, so request
+      // the block's whole V rows now (they arrive while S is computed), and the next
+      // block's K rows.
+      if (job.k_rows) {
+        const std::int64_t row_bytes = job.value_dim_padded * 4, k_bytes = D * 4;
+        for (std::int64_t j = j0; j < block_end; ++j) {
+          const char* v_row = reinterpret_cast<const char*>(job.v_rows + (j - job.key_begin) * job.v_row_stride);
+          for (std::int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(v_row + b, 0, 2);
+        }
+        for (std::int64_t j = block_end; j < min_i64(block_end + Bk, end); ++j) {
+          const char* k_row = reinterpret_cast<const char*>(job.k_rows + (j - job.key_begin) * job.k_row_stride);
+          for (std::int64_t b = 0; b < k_bytes; b += 64) __builtin_prefetch(k_row + b, 0, 2);
+        }
+      }
       for (std::int64_t r0 = 0; r0 < rows_padded; r0 += MR) {
         // The keys this tile can see in this block; a tile that sees none is skipped.
         const std::int64_t tile_first = job.first_row + r0 / G;
