@@ -27,7 +27,7 @@ done
 
 bash tools/install_deps.sh
 
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DFLASHCPU_BUILD_TESTS=OFF
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DFLASHCPU_BUILD_TESTS=OFF -DFLASHCPU_BUILD_TOOLS=ON
 cmake --build build --target flashcpu-sweep
 
 # OMP_WAIT_POLICY is left as the caller has it: the OpenBLAS baseline runs
