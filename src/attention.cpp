@@ -216,22 +216,41 @@ void pack_query_rows(const Plan& plan, const TensorView<const float>& q, std::in
   }
 }
 
-// Per-thread scratch carved out of one allocation.
+// Per-thread scratch: the sizes of its parts (in floats; 0 for a part a path does not
+// use), carved out of one allocation made before the parallel region.
 struct ThreadScratch {
   std::int64_t key_panels, key_bias, value_rows, q_packed, row_bias, center, scores, acc, row_stats;
+
+  struct Parts {
+    float *key_panels, *key_bias, *value_rows, *q_packed, *row_bias, *center, *scores, *acc, *row_max, *row_sum;
+  };
+
   std::int64_t total() const {
     return round_up(key_panels, 16) + round_up(key_bias, 16) + round_up(value_rows, 16) + round_up(q_packed, 16) +
            round_up(row_bias, 16) + round_up(center, 16) + round_up(scores, 16) + round_up(acc, 16) +
            2 * round_up(row_stats, 16);
   }
-};
 
-struct Carver {
-  float* next;
-  float* take(std::int64_t floats) {
-    float* p = next;
-    next += round_up(floats, 16);
-    return p;
+  // The parts of thread `thread` in `memory` (total() floats per thread, 64-byte aligned).
+  Parts carve(float* memory, int thread) const {
+    float* next = memory + total() * thread;
+    auto take = [&next](std::int64_t floats) {
+      float* p = next;
+      next += round_up(floats, 16);
+      return p;
+    };
+    Parts parts{};
+    parts.key_panels = take(key_panels);
+    parts.key_bias = take(key_bias);
+    parts.value_rows = take(value_rows);
+    parts.q_packed = take(q_packed);
+    parts.row_bias = take(row_bias);
+    parts.center = take(center);
+    parts.scores = take(scores);
+    parts.acc = take(acc);
+    parts.row_max = take(row_stats);
+    parts.row_sum = take(row_stats);
+    return parts;
   }
 };
 
@@ -311,18 +330,14 @@ void run_prefill(const Plan& plan, const TensorView<const float>& q, const Tenso
 
 #pragma omp parallel num_threads(threads)
   {
-    Carver carve{scratch.get() + parts.total() * omp_get_thread_num()};
-    float* key_panels = carve.take(parts.key_panels);
-    float* key_bias = carve.take(parts.key_bias);
-    float* value_rows = carve.take(parts.value_rows);
-    float* q_packed = carve.take(parts.q_packed);
-    float* row_bias = carve.take(parts.row_bias);
-    float* center = carve.take(parts.center);
+    const ThreadScratch::Parts mine = parts.carve(scratch.get(), omp_get_thread_num());
+    float *key_panels = mine.key_panels, *key_bias = mine.key_bias, *value_rows = mine.value_rows;
+    float *q_packed = mine.q_packed, *row_bias = mine.row_bias, *center = mine.center;
     QueryBlockJob job = base_job(plan);
-    job.scores = carve.take(parts.scores);
-    job.acc = carve.take(parts.acc);
-    job.row_max = carve.take(parts.row_stats);
-    job.row_sum = carve.take(parts.row_stats);
+    job.scores = mine.scores;
+    job.acc = mine.acc;
+    job.row_max = mine.row_max;
+    job.row_sum = mine.row_sum;
     job.q_packed = q_packed;
     job.key_begin = 0;
     job.key_end = M;
@@ -416,15 +431,11 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
 
 #pragma omp parallel num_threads(threads)
   {
-    Carver carve{scratch.get() + parts.total() * omp_get_thread_num()};
-    float* key_panels = carve.take(parts.key_panels);
-    float* key_bias = carve.take(parts.key_bias);
-    float* value_rows = carve.take(parts.value_rows);
-    float* q_packed = carve.take(parts.q_packed);
-    float* row_bias = carve.take(parts.row_bias);
-    float* center = carve.take(parts.center);
+    const ThreadScratch::Parts mine = parts.carve(scratch.get(), omp_get_thread_num());
+    float *key_panels = mine.key_panels, *key_bias = mine.key_bias, *value_rows = mine.value_rows;
+    float *q_packed = mine.q_packed, *row_bias = mine.row_bias, *center = mine.center;
     QueryBlockJob job = base_job(plan);
-    job.scores = carve.take(parts.scores);
+    job.scores = mine.scores;  // acc, row_max, row_sum: the item's partial state, below
     job.q_packed = q_packed;
     job.k_panels = k_in_place ? nullptr : key_panels;
     job.key_bias = plan.centered ? key_bias : nullptr;

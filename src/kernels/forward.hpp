@@ -43,11 +43,14 @@ struct ForwardKernel {
   static constexpr int W = int(batch::size);
   static constexpr int NR = NRV * W;
 
-  // scores[r][p*NR + c] = sum_d q[r][d] * panel_p[d][c] for MR rows and `panels` panels;
-  // tile_max[r] = the largest of row r's scores, taken while they are still in registers
-  // (it saves the softmax a pass when nothing else changes the scores).
+  // The S micro-kernel over packed K panels, one MR x NR tile per panel, written once for
+  // every score: `step(d, q, k, acc)` accumulates dimension d of a (query, key) pair;
+  // each tile is multiplied by `factor` when stored. tile_max[r] = the largest of row
+  // r's scores, taken while they are still in registers (it saves the softmax a pass
+  // when nothing else changes the scores).
+  template <class Step>
   static void scores_tile(const float* q, std::int64_t D, const float* panels, std::int64_t num_panels,
-                          float* scores, std::int64_t scores_stride, float* tile_max) {
+                          float* scores, std::int64_t scores_stride, float factor, float* tile_max, Step step) {
     batch running_max[MR];
     for (int r = 0; r < MR; ++r) running_max[r] = batch(-std::numeric_limits<float>::infinity());
     for (std::int64_t p = 0; p < num_panels; ++p) {
@@ -60,16 +63,30 @@ struct ForwardKernel {
         for (int v = 0; v < NRV; ++v) keys[v] = batch::load_aligned(panel + d * NR + v * W);
         for (int r = 0; r < MR; ++r) {
           const batch qv(q[r * D + d]);
-          for (int v = 0; v < NRV; ++v) acc[r][v] = xsimd::fma(qv, keys[v], acc[r][v]);
+          for (int v = 0; v < NRV; ++v) acc[r][v] = step(d, qv, keys[v], acc[r][v]);
         }
       }
       for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NRV; ++v) {
+          if (factor != 1.0f) acc[r][v] *= batch(factor);
           acc[r][v].store_aligned(scores + r * scores_stride + p * NR + v * W);
           running_max[r] = xsimd::max(running_max[r], acc[r][v]);
         }
     }
     for (int r = 0; r < MR; ++r) tile_max[r] = reduce_max<Arch>(running_max[r]);
+  }
+
+  // The per-dimension steps of the three scores:
+  //  - dot product: acc + q k;
+  //  - Gaussian from exact differences (times -scale when stored): acc + (q - k)^2, one
+  //    more operation than the dot product but no cancellation, for kernel regression,
+  //    small D and widely spread keys;
+  //  - Bahdanau: acc + w_d tanh(q + k), D tanh per score, transcendental-bound, but never
+  //    the N x M x D feature tensor.
+  static batch dot_step(std::int64_t, batch q, batch k, batch acc) { return xsimd::fma(q, k, acc); }
+  static batch distance_step(std::int64_t, batch q, batch k, batch acc) {
+    const batch diff = q - k;
+    return xsimd::fma(diff, diff, acc);
   }
 
   // The same scores from K rows read in place (decoding: K is streamed once, packing it
@@ -92,56 +109,6 @@ struct ForwardKernel {
         for (int r = 0; r < MR; ++r) partial[r][t] = acc[r];
       }
       for (int r = 0; r < MR; ++r) sum_rows<Arch>(partial[r]).store_aligned(scores + r * scores_stride + j0);
-    }
-  }
-
-  // Gaussian scores from exact differences: scores[r][c] = factor * sum_d (q[r][d] - panel[d][c])^2.
-  // One more operation per element than the dot product, but no cancellation: used where
-  // small distances must be accurate (kernel regression) or D is small.
-  static void scores_tile_distance(const float* q, std::int64_t D, float factor, const float* panels,
-                                   std::int64_t num_panels, float* scores, std::int64_t scores_stride) {
-    for (std::int64_t p = 0; p < num_panels; ++p) {
-      const float* panel = panels + p * D * NR;
-      batch acc[MR][NRV];
-      for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NRV; ++v) acc[r][v] = batch(0.0f);
-      for (std::int64_t d = 0; d < D; ++d) {
-        batch keys[NRV];
-        for (int v = 0; v < NRV; ++v) keys[v] = batch::load_aligned(panel + d * NR + v * W);
-        for (int r = 0; r < MR; ++r) {
-          const batch qv(q[r * D + d]);
-          for (int v = 0; v < NRV; ++v) {
-            const batch diff = qv - keys[v];
-            acc[r][v] = xsimd::fma(diff, diff, acc[r][v]);
-          }
-        }
-      }
-      const batch f(factor);
-      for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NRV; ++v) (acc[r][v] * f).store_aligned(scores + r * scores_stride + p * NR + v * W);
-    }
-  }
-
-  // Bahdanau scores from K panels: scores[r][c] = sum_d w[d] * tanh(q[r][d] + panel[d][c]).
-  // D tanh per score: transcendental-bound, but never the N x M x D feature tensor.
-  static void scores_tile_additive(const float* q, std::int64_t D, const float* weights, const float* panels,
-                                   std::int64_t num_panels, float* scores, std::int64_t scores_stride) {
-    for (std::int64_t p = 0; p < num_panels; ++p) {
-      const float* panel = panels + p * D * NR;
-      batch acc[MR][NRV];
-      for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NRV; ++v) acc[r][v] = batch(0.0f);
-      for (std::int64_t d = 0; d < D; ++d) {
-        const batch w(weights[d]);
-        batch keys[NRV];
-        for (int v = 0; v < NRV; ++v) keys[v] = batch::load_aligned(panel + d * NR + v * W);
-        for (int r = 0; r < MR; ++r) {
-          const batch qv(q[r * D + d]);
-          for (int v = 0; v < NRV; ++v) acc[r][v] = xsimd::fma(w, tanh_fast<Arch>(qv + keys[v]), acc[r][v]);
-        }
-      }
-      for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NRV; ++v) acc[r][v].store_aligned(scores + r * scores_stride + p * NR + v * W);
     }
   }
 
@@ -289,19 +256,23 @@ struct ForwardKernel {
         float* const scores = job.scores;
         const float* q = job.q_packed + r0 * D;
         float tile_max[MR];
-        bool have_tile_max = false;
-        if (job.kind == ScoreKind::squared_distance)
-          scores_tile_distance(q, D, job.distance_factor, job.k_panels + (j0 + c0 - job.key_begin) * D,
-                               (cols - c0) / NR, scores + c0, Bk);
-        else if (job.kind == ScoreKind::additive)
-          scores_tile_additive(q, D, job.additive_weights, job.k_panels + (j0 + c0 - job.key_begin) * D,
-                               (cols - c0) / NR, scores + c0, Bk);
-        else if (job.k_panels) {
-          scores_tile(q, D, job.k_panels + (j0 + c0 - job.key_begin) * D, (cols - c0) / NR, scores + c0, Bk, tile_max);
-          have_tile_max = true;
-        } else
+        const float* panels = job.k_panels ? job.k_panels + (j0 + c0 - job.key_begin) * D : nullptr;
+        const std::int64_t num_panels = (cols - c0) / NR;
+        if (job.kind == ScoreKind::squared_distance) {
+          scores_tile(q, D, panels, num_panels, scores + c0, Bk, job.distance_factor, tile_max, distance_step);
+        } else if (job.kind == ScoreKind::additive) {
+          const float* w = job.additive_weights;
+          scores_tile(q, D, panels, num_panels, scores + c0, Bk, 1.0f, tile_max,
+                      [w](std::int64_t d, batch qv, batch kv, batch acc) {
+                        return xsimd::fma(batch(w[d]), tanh_fast<Arch>(qv + kv), acc);
+                      });
+        } else if (panels) {
+          scores_tile(q, D, panels, num_panels, scores + c0, Bk, 1.0f, tile_max, dot_step);
+        } else {
           scores_tile_rows(q, D, job.k_rows + (j0 + c0 - job.key_begin) * job.k_row_stride, job.k_row_stride,
                            num_keys - c0, cols - c0, scores + c0, Bk);
+        }
+        bool have_tile_max = panels != nullptr;  // the panel micro-kernel took each row's max
         if (job.key_bias || job.row_bias || job.natural_units) {
           score_epilogue(job, r0, j0, c0, cols);
           have_tile_max = false;
