@@ -25,29 +25,8 @@ for arg in "$@"; do
   esac
 done
 
-# 1. Packages: only the missing ones, so a second run installs nothing.
-packages=(cmake ninja-build g++ libxsimd-dev python3-matplotlib)
-missing=()
-for p in "${packages[@]}"; do
-  if ! dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed'; then
-    missing+=("$p")
-  fi
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  sudo=()
-  if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null 2>&1; then
-      sudo=(sudo)
-    else
-      echo "run_kernel_regression: need root (or sudo) to install: ${missing[*]}" >&2
-      exit 1
-    fi
-  fi
-  echo "run_kernel_regression: installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  "${sudo[@]}" apt-get update
-  "${sudo[@]}" apt-get install -y "${missing[@]}"
-fi
+# 1. Packages: the project's one installer (only the missing ones; a second run installs nothing).
+bash tools/install_deps.sh
 
 # 2. Configure and build only the example.
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DFLASHCPU_BUILD_TESTS=OFF -DFLASHCPU_BUILD_BENCH=OFF \
