@@ -194,11 +194,11 @@ void pack_value_rows(const float* v, std::int64_t row_stride, std::int64_t col_s
 // of head first_head + r % heads_per_row, times q_factor (minus the center, Gaussian, whose
 // row bias goes to row_bias); rows from `rows` up to a multiple of mr are zero.
 void pack_query_rows(const Plan& plan, const TensorView<const float>& q, std::int64_t b, std::int64_t first_head,
-                     std::int64_t heads_per_row, std::int64_t first_row, std::int64_t rows, const float* center,
+                     std::int64_t heads_per_row, std::int64_t first_row, std::int64_t rows, int mr, const float* center,
                      bool exact_distance, float* packed, float* row_bias) {
   const std::int64_t D = q.shape[3];
   const float factor = exact_distance ? 1.0f : plan.q_factor;
-  for (std::int64_t r = 0; r < round_up(rows, plan.kernels->tile_rows); ++r) {
+  for (std::int64_t r = 0; r < round_up(rows, mr); ++r) {
     float* dst = packed + r * D;
     if (r >= rows) {
       for (std::int64_t d = 0; d < D; ++d) dst[d] = 0.0f;
@@ -375,7 +375,7 @@ void run_prefill(const Plan& plan, const TensorView<const float>& q, const Tenso
 
       job.first_row = qb * plan.block_rows;
       job.rows = std::min(plan.block_rows, N - job.first_row);
-      pack_query_rows(plan, q, b, h, 1, job.first_row, job.rows, center, exact, q_packed, row_bias);
+      pack_query_rows(plan, q, b, h, 1, job.first_row, job.rows, mr, center, exact, q_packed, row_bias);
       bind_heads(plan, job, b, h);
       job.out = element(out, b, h, job.first_row);
       job.lse = lse ? element(*lse, b, h, job.first_row) : nullptr;
@@ -396,8 +396,13 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
   const AttentionShape& s = plan.shape;
   const KernelTable& kernels = *plan.kernels;
   const std::int64_t N = s.q_len, M = s.kv_len, D = s.head_dim, G = plan.group;
-  const int mr = kernels.tile_rows, nr = kernels.panel_keys;
-  const std::int64_t rows = G * N, rows_padded = round_up(rows, mr);
+  const std::int64_t rows = G * N;
+  // The smaller tile when it pads less (e.g. 4 stacked heads: one 4-row tile, not half
+  // of an 8-row one): decoding is bound by memory, and padded rows only add compute.
+  const bool small = round_up(rows, kernels.small_tile_rows) < round_up(rows, kernels.tile_rows);
+  const int mr = small ? kernels.small_tile_rows : kernels.tile_rows, nr = kernels.panel_keys;
+  const auto forward = small ? kernels.forward_small_block : kernels.forward_query_block;
+  const std::int64_t rows_padded = round_up(rows, mr);
   const std::int64_t Dvp = plan.value_dim_padded, Bk = plan.block_keys;
 
   // Aim for 64 work items in all (enough for 64 cores), but no chunk under 512 keys,
@@ -417,7 +422,7 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
                           D % kernels.vector_floats == 0;
   // Partial state of every item: acc, row_max, row_sum. At most kTargetItems chunks
   // per call (fewer when B * Hkv is large), so this does not grow with M.
-  const std::int64_t partial_floats = rows_padded * Dvp + 2 * rows_padded;
+  const std::int64_t partial_floats = round_up(rows_padded * Dvp + 2 * rows_padded, 16);  // keeps each acc 64-byte aligned
   AlignedBuffer partials(items * partial_floats);
   ThreadScratch parts{};
   parts.key_panels = k_in_place ? 0 : Bk * D;
@@ -463,7 +468,7 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
       job.row_max = partial + rows_padded * Dvp;
       job.row_sum = job.row_max + rows_padded;
       load_center(plan, k, b, hkv, center);
-      pack_query_rows(plan, q, b, hkv * G, G, 0, rows, center, false, q_packed, row_bias);
+      pack_query_rows(plan, q, b, hkv * G, G, 0, rows, mr, center, false, q_packed, row_bias);
       bool exact = false;
       bind_distance_form(plan, job, exact, key_bias, row_bias);
       bind_heads(plan, job, b, hkv * G);
@@ -478,7 +483,7 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
         job.finalize = single_chunk && j0 + Bk >= chunk_end;
         if (keys == 0) {  // an empty chunk (key length): only reset the partial state
           job.key_begin = job.key_end = j0;
-          kernels.forward_query_block(job);
+          forward(job);
           job.resume = true;
           continue;
         }
@@ -491,7 +496,7 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
           // The Gaussian form may change from one key block to the next: the Q rows follow.
           if (plan.centered && needs_exact_distance(plan, spread) != exact) {
             exact = !exact;
-            pack_query_rows(plan, q, b, hkv * G, G, 0, rows, center, exact, q_packed, row_bias);
+            pack_query_rows(plan, q, b, hkv * G, G, 0, rows, mr, center, exact, q_packed, row_bias);
             bind_distance_form(plan, job, exact, key_bias, row_bias);
           }
         }
@@ -506,7 +511,7 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
         }
         job.key_begin = j0;
         job.key_end = j0 + keys;
-        kernels.forward_query_block(job);  // the first call (resume = false) also resets the state
+        forward(job);  // the first call (resume = false) also resets the state
         job.resume = true;
       }
     }

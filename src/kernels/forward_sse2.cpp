@@ -11,7 +11,8 @@ using Kernel = sse2::ForwardKernel<xsimd::sse2, 4, 2, 2>;
 }  // namespace
 
 const KernelTable& kernel_table_sse2() {
-  static const KernelTable table{Isa::sse2, "sse2", Kernel::W, 4, Kernel::NR, &Kernel::forward_query_block};
+  static const KernelTable table{Isa::sse2, "sse2", Kernel::W, 4, Kernel::NR, &Kernel::forward_query_block,
+                                 4, &Kernel::forward_query_block};  // already 4 rows
   return table;
 }
 

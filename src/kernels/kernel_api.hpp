@@ -99,6 +99,10 @@ struct KernelTable {
   int tile_rows;      // mr: query rows of the micro-kernels
   int panel_keys;     // nr: keys per packed K panel
   void (*forward_query_block)(const QueryBlockJob& job);
+  // The same kernel with fewer rows per tile (same panels), for decoding blocks whose
+  // rows (query heads of a group x queries) would leave most of a tile_rows tile empty.
+  int small_tile_rows;
+  void (*forward_small_block)(const QueryBlockJob& job);
 };
 
 const KernelTable& kernel_table_avx512();
