@@ -111,8 +111,10 @@ Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const Tensor
               : exact_distance           ? detail::ScoreKind::squared_distance
                                          : detail::ScoreKind::dot;
   plan.centered = s.score == Score::gaussian && !exact_distance;
-  plan.q_factor = float((s.score == Score::gaussian ? 2.0 : 1.0) * s.scale * unit);
-  if (s.score == Score::additive || exact_distance) plan.q_factor = 1.0f;  // q enters tanh(q + k) or q - k as is
+  // q enters tanh(q + k) (additive) and q - k (exact distance) as it is.
+  plan.q_factor = s.score == Score::additive || exact_distance
+                      ? 1.0f
+                      : float((s.score == Score::gaussian ? 2.0 : 1.0) * s.scale * unit);
   plan.bias_scale = float(-double(s.scale) * unit);
   plan.distance_factor = float(-double(s.scale) * unit);
   if (s.score == Score::additive)
@@ -254,10 +256,16 @@ struct ThreadScratch {
   }
 };
 
-// The job fields that depend only on the call: shape, score, visibility rules.
-QueryBlockJob base_job(const Plan& plan) {
+// The job fields that depend only on the call (shape, score, visibility rules) and on the
+// thread (its scratch).
+QueryBlockJob base_job(const Plan& plan, const ThreadScratch::Parts& mine) {
   const AttentionShape& s = plan.shape;
   QueryBlockJob job{};
+  job.scores = mine.scores;
+  job.q_packed = mine.q_packed;
+  job.k_panels = mine.key_panels;
+  job.key_bias = plan.centered ? mine.key_bias : nullptr;
+  job.row_bias = plan.centered ? mine.row_bias : nullptr;
   job.q_len = s.q_len;
   job.kv_len = s.kv_len;
   job.head_dim = s.head_dim;
@@ -331,19 +339,12 @@ void run_prefill(const Plan& plan, const TensorView<const float>& q, const Tenso
 #pragma omp parallel num_threads(threads)
   {
     const ThreadScratch::Parts mine = parts.carve(scratch.get(), omp_get_thread_num());
-    float *key_panels = mine.key_panels, *key_bias = mine.key_bias, *value_rows = mine.value_rows;
-    float *q_packed = mine.q_packed, *row_bias = mine.row_bias, *center = mine.center;
-    QueryBlockJob job = base_job(plan);
-    job.scores = mine.scores;
+    QueryBlockJob job = base_job(plan, mine);
     job.acc = mine.acc;
     job.row_max = mine.row_max;
     job.row_sum = mine.row_sum;
-    job.q_packed = q_packed;
     job.key_begin = 0;
     job.key_end = M;
-    job.k_panels = key_panels;
-    job.key_bias = plan.centered ? key_bias : nullptr;
-    job.row_bias = plan.centered ? row_bias : nullptr;
     job.finalize = true;
     job.out_row_stride = out.strides[2];
     job.out_col_stride = out.strides[3];
@@ -360,22 +361,24 @@ void run_prefill(const Plan& plan, const TensorView<const float>& q, const Tenso
 
       const std::int64_t kv_head = b * s.kv_heads + hkv;
       if (kv_head != packed_head) {
-        load_center(plan, k, b, hkv, center);
+        load_center(plan, k, b, hkv, mine.center);
         const float spread =
-            pack_key_panels(element(k, b, hkv, 0), k.strides[2], k.strides[3], M, D, nr, plan, center, key_panels, key_bias);
+            pack_key_panels(element(k, b, hkv, 0), k.strides[2], k.strides[3], M, D, nr, plan, mine.center,
+                            mine.key_panels, mine.key_bias);
         exact = needs_exact_distance(plan, spread);
-        bind_distance_form(plan, job, exact, key_bias, row_bias);
+        bind_distance_form(plan, job, exact, mine.key_bias, mine.row_bias);
         if (!plan.v_in_place)
           pack_value_rows(element(v, b, hkv, 0), v.strides[2], v.strides[3], M, s.value_dim, plan.value_dim_padded,
-                          value_rows);
+                          mine.value_rows);
         packed_head = kv_head;
       }
-      job.v_rows = plan.v_in_place ? element(v, b, hkv, 0) : value_rows;
+      job.v_rows = plan.v_in_place ? element(v, b, hkv, 0) : mine.value_rows;
       job.v_row_stride = plan.v_in_place ? (job.v_rows ? v.strides[2] : 0) : plan.value_dim_padded;
 
       job.first_row = qb * plan.block_rows;
       job.rows = std::min(plan.block_rows, N - job.first_row);
-      pack_query_rows(plan, q, b, h, 1, job.first_row, job.rows, mr, center, exact, q_packed, row_bias);
+      pack_query_rows(plan, q, b, h, 1, job.first_row, job.rows, mr, mine.center, exact, mine.q_packed,
+                      mine.row_bias);
       bind_heads(plan, job, b, h);
       job.out = element(out, b, h, job.first_row);
       job.lse = lse ? element(*lse, b, h, job.first_row) : nullptr;
@@ -437,14 +440,8 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
 #pragma omp parallel num_threads(threads)
   {
     const ThreadScratch::Parts mine = parts.carve(scratch.get(), omp_get_thread_num());
-    float *key_panels = mine.key_panels, *key_bias = mine.key_bias, *value_rows = mine.value_rows;
-    float *q_packed = mine.q_packed, *row_bias = mine.row_bias, *center = mine.center;
-    QueryBlockJob job = base_job(plan);
-    job.scores = mine.scores;  // acc, row_max, row_sum: the item's partial state, below
-    job.q_packed = q_packed;
-    job.k_panels = k_in_place ? nullptr : key_panels;
-    job.key_bias = plan.centered ? key_bias : nullptr;
-    job.row_bias = plan.centered ? row_bias : nullptr;
+    QueryBlockJob job = base_job(plan, mine);  // acc, row_max, row_sum: the item's partial state, below
+    if (k_in_place) job.k_panels = nullptr;
     job.rows = rows;
     job.first_row = 0;
     job.heads_per_row = G;
@@ -467,10 +464,10 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
       job.acc = partial;
       job.row_max = partial + rows_padded * Dvp;
       job.row_sum = job.row_max + rows_padded;
-      load_center(plan, k, b, hkv, center);
-      pack_query_rows(plan, q, b, hkv * G, G, 0, rows, mr, center, false, q_packed, row_bias);
+      load_center(plan, k, b, hkv, mine.center);
+      pack_query_rows(plan, q, b, hkv * G, G, 0, rows, mr, mine.center, false, mine.q_packed, mine.row_bias);
       bool exact = false;
-      bind_distance_form(plan, job, exact, key_bias, row_bias);
+      bind_distance_form(plan, job, exact, mine.key_bias, mine.row_bias);
       bind_heads(plan, job, b, hkv * G);
 
       // Keys past the batch's key length are never read.
@@ -492,12 +489,12 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
           job.k_row_stride = k.strides[2];
         } else {
           const float spread = pack_key_panels(element(k, b, hkv, j0), k.strides[2], k.strides[3], keys, D, nr,
-                                               plan, center, key_panels, key_bias);
+                                               plan, mine.center, mine.key_panels, mine.key_bias);
           // The Gaussian form may change from one key block to the next: the Q rows follow.
           if (plan.centered && needs_exact_distance(plan, spread) != exact) {
             exact = !exact;
-            pack_query_rows(plan, q, b, hkv * G, G, 0, rows, mr, center, exact, q_packed, row_bias);
-            bind_distance_form(plan, job, exact, key_bias, row_bias);
+            pack_query_rows(plan, q, b, hkv * G, G, 0, rows, mr, mine.center, exact, mine.q_packed, mine.row_bias);
+            bind_distance_form(plan, job, exact, mine.key_bias, mine.row_bias);
           }
         }
         if (plan.v_in_place) {
@@ -505,8 +502,8 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
           job.v_row_stride = job.v_rows ? v.strides[2] : 0;
         } else {
           pack_value_rows(element(v, b, hkv, j0), v.strides[2], v.strides[3], keys, s.value_dim,
-                          Dvp, value_rows);
-          job.v_rows = value_rows;
+                          Dvp, mine.value_rows);
+          job.v_rows = mine.value_rows;
           job.v_row_stride = Dvp;
         }
         job.key_begin = j0;
