@@ -91,7 +91,7 @@ Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const Tensor
   const TileConfig tiles = detail::tiles_for(kernels, s.head_dim);
   // Short sequences get blocks no larger than they need, so that small problems still
   // split into enough work items and no time goes to padding.
-  plan.block_rows = std::min<std::int64_t>(tiles.block_rows, round_up(std::max<std::int64_t>(s.q_len, 1), kernels.tile_rows));
+  plan.block_rows = round_up(std::min<std::int64_t>(tiles.block_rows, std::max<std::int64_t>(s.q_len, 1)), kernels.tile_rows);
   plan.block_keys = std::min<std::int64_t>(tiles.block_keys, round_up(std::max<std::int64_t>(s.kv_len, 1), kernels.panel_keys));
   plan.value_dim_padded = round_up(s.value_dim, kernels.vector_floats);
   plan.v_in_place = v.strides[3] == 1 && s.value_dim == plan.value_dim_padded;

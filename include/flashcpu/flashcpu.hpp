@@ -158,7 +158,7 @@ bool isa_supported(const std::string& isa);
 
 /// Tile sizes the fused kernel uses for one head dimension on the active ISA.
 struct TileConfig {
-  int block_rows;  // queries per block (a multiple of the micro-kernel's rows)
+  int block_rows;  // queries per block (used rounded up to the micro-kernel's rows: 12 on AVX-512, 4 below)
   int block_keys;  // keys per block (a multiple of the micro-kernel's key panel)
 };
 

@@ -51,8 +51,10 @@ struct ForwardKernel {
   template <class Step>
   static void scores_tile(const float* q, std::int64_t D, const float* panels, std::int64_t num_panels,
                           float* scores, std::int64_t scores_stride, float factor, float* tile_max, Step step) {
-    batch running_max[MR];
-    for (int r = 0; r < MR; ++r) running_max[r] = batch(-std::numeric_limits<float>::infinity());
+    // The running maxima live in memory, not registers: with MR*NRV accumulators they
+    // would push a large tile over the register budget, and they are touched once per panel.
+    alignas(64) float running_max[MR][W];
+    for (int r = 0; r < MR; ++r) batch(-std::numeric_limits<float>::infinity()).store_aligned(running_max[r]);
     for (std::int64_t p = 0; p < num_panels; ++p) {
       const float* panel = panels + p * D * NR;
       batch acc[MR][NRV];
@@ -66,14 +68,17 @@ struct ForwardKernel {
           for (int v = 0; v < NRV; ++v) acc[r][v] = step(d, qv, keys[v], acc[r][v]);
         }
       }
-      for (int r = 0; r < MR; ++r)
+      for (int r = 0; r < MR; ++r) {
+        batch row_max = batch::load_aligned(running_max[r]);
         for (int v = 0; v < NRV; ++v) {
           if (factor != 1.0f) acc[r][v] *= batch(factor);
           acc[r][v].store_aligned(scores + r * scores_stride + p * NR + v * W);
-          running_max[r] = xsimd::max(running_max[r], acc[r][v]);
+          row_max = xsimd::max(row_max, acc[r][v]);
         }
+        row_max.store_aligned(running_max[r]);
+      }
     }
-    for (int r = 0; r < MR; ++r) tile_max[r] = reduce_max<Arch>(running_max[r]);
+    for (int r = 0; r < MR; ++r) tile_max[r] = reduce_max<Arch>(batch::load_aligned(running_max[r]));
   }
 
   // The per-dimension steps of the three scores:
@@ -83,11 +88,17 @@ struct ForwardKernel {
   //    small D and widely spread keys;
   //  - Bahdanau: acc + w_d tanh(q + k), D tanh per score, transcendental-bound, but never
   //    the N x M x D feature tensor.
-  static batch dot_step(std::int64_t, batch q, batch k, batch acc) { return xsimd::fma(q, k, acc); }
-  static batch distance_step(std::int64_t, batch q, batch k, batch acc) {
-    const batch diff = q - k;
-    return xsimd::fma(diff, diff, acc);
-  }
+  // (Function objects, not function pointers: through a pointer GCC stops keeping a
+  // large tile's accumulators in registers.)
+  struct DotStep {
+    batch operator()(std::int64_t, batch q, batch k, batch acc) const { return xsimd::fma(q, k, acc); }
+  };
+  struct DistanceStep {
+    batch operator()(std::int64_t, batch q, batch k, batch acc) const {
+      const batch diff = q - k;
+      return xsimd::fma(diff, diff, acc);
+    }
+  };
 
   // The same scores from K rows read in place (decoding: K is streamed once, packing it
   // would cost a second pass). W keys at a time: per key, one vector of partial dot
@@ -259,7 +270,7 @@ struct ForwardKernel {
         const float* panels = job.k_panels ? job.k_panels + (j0 + c0 - job.key_begin) * D : nullptr;
         const std::int64_t num_panels = (cols - c0) / NR;
         if (job.kind == ScoreKind::squared_distance) {
-          scores_tile(q, D, panels, num_panels, scores + c0, Bk, job.distance_factor, tile_max, distance_step);
+          scores_tile(q, D, panels, num_panels, scores + c0, Bk, job.distance_factor, tile_max, DistanceStep{});
         } else if (job.kind == ScoreKind::additive) {
           const float* w = job.additive_weights;
           scores_tile(q, D, panels, num_panels, scores + c0, Bk, 1.0f, tile_max,
@@ -267,7 +278,7 @@ struct ForwardKernel {
                         return xsimd::fma(batch(w[d]), tanh_fast<Arch>(qv + kv), acc);
                       });
         } else if (panels) {
-          scores_tile(q, D, panels, num_panels, scores + c0, Bk, 1.0f, tile_max, dot_step);
+          scores_tile(q, D, panels, num_panels, scores + c0, Bk, 1.0f, tile_max, DotStep{});
         } else {
           scores_tile_rows(q, D, job.k_rows + (j0 + c0 - job.key_begin) * job.k_row_stride, job.k_row_stride,
                            num_keys - c0, cols - c0, scores + c0, Bk);

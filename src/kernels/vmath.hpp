@@ -2,6 +2,19 @@
 // kernels/forward.hpp, inside that file's per-ISA namespace, so each ISA gets its own
 // copy of every helper (no inline function is shared between differently-flagged TUs).
 
+// 2^f for f in [-1/2, 1/2] (see exp2_nonpositive).
+template <class Arch>
+inline xsimd::batch<float, Arch> exp2_fraction(xsimd::batch<float, Arch> f) {
+  using batch = xsimd::batch<float, Arch>;
+  batch p(1.5403530393381608e-4f);
+  p = xsimd::fma(p, f, batch(1.3333558146428443e-3f));
+  p = xsimd::fma(p, f, batch(9.6181291076284772e-3f));
+  p = xsimd::fma(p, f, batch(5.5504108664821580e-2f));
+  p = xsimd::fma(p, f, batch(2.4022650695910071e-1f));
+  p = xsimd::fma(p, f, batch(6.9314718055994531e-1f));
+  return xsimd::fma(p, f, batch(1.0f));
+}
+
 // 2^x for x <= 0 as the online softmax uses it (scores minus the running max).
 // Range reduction x = n + f with n = round(x), f in [-1/2, 1/2]; 2^f by a degree-6
 // Taylor polynomial of e^(f ln 2), whose truncation error (ln2/2)^7/7! ~ 1.2e-7 is
@@ -11,19 +24,23 @@ template <class Arch>
 inline xsimd::batch<float, Arch> exp2_nonpositive(xsimd::batch<float, Arch> x) {
   using batch = xsimd::batch<float, Arch>;
   using ibatch = xsimd::batch<std::int32_t, Arch>;
+  if constexpr (std::is_same<Arch, xsimd::avx512bw>::value) {
+    // AVX-512 has the reduction and the scaling as single instructions (not in xsimd
+    // 8.1): f = x - round(x) by vreduceps, p * 2^n by vscalefps, and the zero below -127
+    // by a zero-masked scalef. 10 operations instead of 13, same polynomial, same results
+    // for x > -127 (the scaling is exact for results in the normal range).
+    const __m512 xr = x;
+    const __mmask16 live = _mm512_cmp_ps_mask(xr, _mm512_set1_ps(-127.0f), _CMP_GT_OQ);
+    const __m512 f = _mm512_reduce_ps(xr, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 n = _mm512_sub_ps(xr, f);
+    return _mm512_maskz_scalef_ps(live, exp2_fraction<Arch>(batch(f)), n);
+  }
   x = xsimd::max(x, batch(-127.0f));  // x <= 0 by contract: no upper clamp
   const batch n = xsimd::nearbyint(x);
   const batch f = x - n;
-  batch p(1.5403530393381608e-4f);
-  p = xsimd::fma(p, f, batch(1.3333558146428443e-3f));
-  p = xsimd::fma(p, f, batch(9.6181291076284772e-3f));
-  p = xsimd::fma(p, f, batch(5.5504108664821580e-2f));
-  p = xsimd::fma(p, f, batch(2.4022650695910071e-1f));
-  p = xsimd::fma(p, f, batch(6.9314718055994531e-1f));
-  p = xsimd::fma(p, f, batch(1.0f));
   // n = -127 gives a zero exponent field: the product is 0, not a denormal.
   const ibatch biased = (xsimd::to_int(n) + ibatch(127)) << 23;
-  return p * xsimd::bitwise_cast<batch>(biased);
+  return exp2_fraction<Arch>(f) * xsimd::bitwise_cast<batch>(biased);
 }
 
 // The same function on one float, used for the per-row rescale factor alpha, so that
