@@ -142,6 +142,21 @@ float pack_key_panels(const float* k, std::int64_t row_stride, std::int64_t col_
                      std::int64_t head_dim, int nr, const Plan& plan, const float* center, float* panels,
                      float* key_bias) {
   const std::int64_t num_panels = (keys + nr - 1) / nr;
+  if (!plan.centered) {
+    // The common case, a plain transpose: written out separately because the norms below
+    // form a serial chain of dependent additions that would cost 4 cycles per element.
+    for (std::int64_t p = 0; p < num_panels; ++p) {
+      float* panel = panels + p * head_dim * nr;
+      const std::int64_t valid = std::min<std::int64_t>(nr, keys - p * nr);
+      for (std::int64_t d = 0; d < head_dim; ++d) {
+        float* dst = panel + d * nr;
+        const float* src = k + p * nr * row_stride + d * col_stride;
+        for (std::int64_t c = 0; c < valid; ++c) dst[c] = src[c * row_stride];
+        for (std::int64_t c = valid; c < nr; ++c) dst[c] = 0.0f;
+      }
+    }
+    return 0.0f;
+  }
   float spread = 0.0f;
   for (std::int64_t p = 0; p < num_panels; ++p) {
     float* panel = panels + p * head_dim * nr;
@@ -155,15 +170,15 @@ float pack_key_panels(const float* k, std::int64_t row_stride, std::int64_t col_
           panel[d * nr + c] = x;
           norm += x * x;
         }
-        if (plan.centered) key_bias[j] = plan.bias_scale * norm;
+        key_bias[j] = plan.bias_scale * norm;
         spread = std::max(spread, norm);
       } else {
         for (std::int64_t d = 0; d < head_dim; ++d) panel[d * nr + c] = 0.0f;
-        if (plan.centered) key_bias[j] = 0.0f;
+        key_bias[j] = 0.0f;
       }
     }
   }
-  return plan.centered ? spread : 0.0f;
+  return spread;
 }
 
 // The expanded Gaussian loses about 2^-24 * scale * |k - c|^2 of each score to
@@ -200,6 +215,8 @@ void pack_query_rows(const Plan& plan, const TensorView<const float>& q, std::in
                      bool exact_distance, float* packed, float* row_bias) {
   const std::int64_t D = q.shape[3];
   const float factor = exact_distance ? 1.0f : plan.q_factor;
+  // (Query i, head g) of row r, stepped rather than divided out per row.
+  std::int64_t i = first_row, g = 0;
   for (std::int64_t r = 0; r < round_up(rows, mr); ++r) {
     float* dst = packed + r * D;
     if (r >= rows) {
@@ -207,7 +224,19 @@ void pack_query_rows(const Plan& plan, const TensorView<const float>& q, std::in
       if (plan.centered) row_bias[r] = 0.0f;
       continue;
     }
-    const float* src = element(q, b, first_head + r % heads_per_row, first_row + r / heads_per_row);
+    const float* src = element(q, b, first_head + g, i);
+    if (++g == heads_per_row) {
+      g = 0;
+      ++i;
+    }
+    if (!plan.centered) {  // no norm: its chain of dependent additions would set the pace
+      const std::int64_t stride = q.strides[3];
+      if (stride == 1)
+        for (std::int64_t d = 0; d < D; ++d) dst[d] = factor * src[d];
+      else
+        for (std::int64_t d = 0; d < D; ++d) dst[d] = factor * src[d * stride];
+      continue;
+    }
     float norm = 0.0f;
     for (std::int64_t d = 0; d < D; ++d) {
       const float x = src[d * q.strides[3]] - center[d];

@@ -102,22 +102,34 @@ struct ForwardKernel {
 
   // The same scores from K rows read in place (decoding: K is streamed once, packing it
   // would cost a second pass). W keys at a time: per key, one vector of partial dot
-  // products per row, then haddp turns W such vectors into W finished scores.
+  // products per row, then haddp turns W such vectors into W finished scores. Two keys
+  // per pass over D, so that 2*MR accumulator chains hide the FMA latency.
   static void scores_tile_rows(const float* q, std::int64_t D, const float* k, std::int64_t k_stride,
                                std::int64_t num_keys, std::int64_t cols, float* scores, std::int64_t scores_stride) {
+    static_assert(W % 2 == 0, "keys are taken in pairs");
     alignas(64) batch partial[MR][W];
     for (std::int64_t j0 = 0; j0 < cols; j0 += W) {
-      for (int t = 0; t < W; ++t) {
-        batch acc[MR];
-        for (int r = 0; r < MR; ++r) acc[r] = batch(0.0f);
+      for (int t = 0; t < W; t += 2) {
+        batch acc0[MR], acc1[MR];
+        for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = batch(0.0f);
         if (j0 + t < num_keys) {
-          const float* key = k + (j0 + t) * k_stride;
+          const float* key0 = k + (j0 + t) * k_stride;
+          // Without a second key, the first is read twice and its copy discarded below.
+          const float* key1 = j0 + t + 1 < num_keys ? key0 + k_stride : key0;
           for (std::int64_t d = 0; d < D; d += W) {
-            const batch kv = batch::load_unaligned(key + d);
-            for (int r = 0; r < MR; ++r) acc[r] = xsimd::fma(batch::load_aligned(q + r * D + d), kv, acc[r]);
+            const batch k0 = batch::load_unaligned(key0 + d), k1 = batch::load_unaligned(key1 + d);
+            for (int r = 0; r < MR; ++r) {
+              const batch qv = batch::load_aligned(q + r * D + d);
+              acc0[r] = xsimd::fma(qv, k0, acc0[r]);
+              acc1[r] = xsimd::fma(qv, k1, acc1[r]);
+            }
           }
         }
-        for (int r = 0; r < MR; ++r) partial[r][t] = acc[r];
+        const bool second = j0 + t + 1 < num_keys;
+        for (int r = 0; r < MR; ++r) {
+          partial[r][t] = acc0[r];
+          partial[r][t + 1] = second ? acc1[r] : batch(0.0f);
+        }
       }
       for (int r = 0; r < MR; ++r) sum_rows<Arch>(partial[r]).store_aligned(scores + r * scores_stride + j0);
     }
@@ -261,9 +273,12 @@ struct ForwardKernel {
         const std::int64_t tile_begin = lo(tile_first) > j0 ? lo(tile_first) : j0;
         const std::int64_t tile_end = min_i64(block_end, hi(tile_last) + 1);
         if (tile_end <= tile_begin) continue;
-        const std::int64_t c0 = (tile_begin - j0) / NR * NR;  // first column computed
-        const std::int64_t num_keys = tile_end - j0;          // columns [0, num_keys) may be visible
-        const std::int64_t cols = (num_keys + NR - 1) / NR * NR;
+        // Columns are computed in whole panels (packed K) or whole vectors (K in place):
+        // [c0, cols) covers the visible [tile_begin, tile_end).
+        const std::int64_t unit = job.k_panels ? NR : W;
+        const std::int64_t c0 = (tile_begin - j0) / unit * unit;  // first column computed
+        const std::int64_t num_keys = tile_end - j0;              // columns [0, num_keys) may be visible
+        const std::int64_t cols = (num_keys + unit - 1) / unit * unit;
         float* const scores = job.scores;
         const float* q = job.q_packed + r0 * D;
         float tile_max[MR];
