@@ -35,6 +35,30 @@ namespace flashcpu::detail::FLASHCPU_ISA_NAMESPACE {
 
 inline std::int64_t min_i64(std::int64_t a, std::int64_t b) { return a < b ? a : b; }
 
+// Decoding streams K and V from memory once. A stream of software prefetches runs a
+// fixed distance ahead of the keys being scored, one key's K and V rows per key scored,
+// so that requests stay in flight evenly rather than in a burst per block.
+// DEC (Hq=32, Hkv=8, M=8192, D=128), K/V bytes per second against the read probe, median
+// of 5 by distance: 32 keys 97%, 64 keys 101%, 128 keys 95%, 256 keys 87%, 1024 keys 87%;
+// the burst per block it replaces reached 80-83%.
+constexpr std::int64_t kPrefetchKeys = 64;
+
+struct PrefetchStream {
+  const char* k = nullptr;  // K row of the next key to request
+  const char* v = nullptr;
+  std::int64_t k_stride = 0, v_stride = 0, k_bytes = 0, v_bytes = 0;  // in bytes
+  std::int64_t left = 0;                                              // keys still to request
+
+  void step() {
+    if (left <= 0) return;
+    for (std::int64_t b = 0; b < k_bytes; b += 64) __builtin_prefetch(k + b, 0, 2);
+    for (std::int64_t b = 0; b < v_bytes; b += 64) __builtin_prefetch(v + b, 0, 2);
+    k += k_stride;
+    v += v_stride;
+    --left;
+  }
+};
+
 /// MR: query rows per micro-kernel; NRV: key vectors per S tile (NR = NRV * W keys,
 /// the K panel width); NV: value vectors per P.V tile.
 template <class Arch, int MR, int NRV, int NV>
@@ -105,7 +129,8 @@ struct ForwardKernel {
   // products per row, then haddp turns W such vectors into W finished scores. Two keys
   // per pass over D, so that 2*MR accumulator chains hide the FMA latency.
   static void scores_tile_rows(const float* q, std::int64_t D, const float* k, std::int64_t k_stride,
-                               std::int64_t num_keys, std::int64_t cols, float* scores, std::int64_t scores_stride) {
+                               std::int64_t num_keys, std::int64_t cols, float* scores, std::int64_t scores_stride,
+                               PrefetchStream& ahead) {
     static_assert(W % 2 == 0, "keys are taken in pairs");
     alignas(64) batch partial[MR][W];
     for (std::int64_t j0 = 0; j0 < cols; j0 += W) {
@@ -113,6 +138,8 @@ struct ForwardKernel {
         batch acc0[MR], acc1[MR];
         for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = batch(0.0f);
         if (j0 + t < num_keys) {
+          ahead.step();
+          ahead.step();
           const float* key0 = k + (j0 + t) * k_stride;
           // Without a second key, the first is read twice and its copy discarded below.
           const float* key1 = j0 + t + 1 < num_keys ? key0 + k_stride : key0;
@@ -249,23 +276,21 @@ struct ForwardKernel {
     const std::int64_t start = begin <= job.key_begin ? job.key_begin
                                                       : job.key_begin + (begin - job.key_begin) / NR * NR;
 
+    // Decoding (K read in place): K and V rows requested kPrefetchKeys keys ahead of the
+    // keys being scored (see PrefetchStream).
+    PrefetchStream ahead;
+    if (job.k_rows && start < end) {
+      ahead.k = reinterpret_cast<const char*>(job.k_rows + (start - job.key_begin) * job.k_row_stride);
+      ahead.v = reinterpret_cast<const char*>(job.v_rows + (start - job.key_begin) * job.v_row_stride);
+      ahead.k_stride = job.k_row_stride * 4;
+      ahead.v_stride = job.v_row_stride * 4;
+      ahead.k_bytes = D * 4;
+      ahead.v_bytes = job.value_dim * 4;
+      ahead.left = end - start;
+      for (std::int64_t j = 0; j < kPrefetchKeys; ++j) ahead.step();
+    }
     for (std::int64_t j0 = start; j0 < end; j0 += Bk) {
       const std::int64_t block_end = min_i64(j0 + Bk, end);
-      // Decoding streams K and V from memory once. The P.V tiles walk V a few columns
-      // at a time, a strided pattern the hardware prefetcher serves poorly, so request
-      // the block's whole V rows now (they arrive while S is computed), and the next
-      // block's K rows.
-      if (job.k_rows) {
-        const std::int64_t row_bytes = job.value_dim_padded * 4, k_bytes = D * 4;
-        for (std::int64_t j = j0; j < block_end; ++j) {
-          const char* v_row = reinterpret_cast<const char*>(job.v_rows + (j - job.key_begin) * job.v_row_stride);
-          for (std::int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(v_row + b, 0, 2);
-        }
-        for (std::int64_t j = block_end; j < min_i64(block_end + Bk, end); ++j) {
-          const char* k_row = reinterpret_cast<const char*>(job.k_rows + (j - job.key_begin) * job.k_row_stride);
-          for (std::int64_t b = 0; b < k_bytes; b += 64) __builtin_prefetch(k_row + b, 0, 2);
-        }
-      }
       for (std::int64_t r0 = 0; r0 < rows_padded; r0 += MR) {
         // The keys this tile can see in this block; a tile that sees none is skipped.
         const std::int64_t tile_first = job.first_row + r0 / G;
@@ -296,7 +321,7 @@ struct ForwardKernel {
           scores_tile(q, D, panels, num_panels, scores + c0, Bk, 1.0f, tile_max, DotStep{});
         } else {
           scores_tile_rows(q, D, job.k_rows + (j0 + c0 - job.key_begin) * job.k_row_stride, job.k_row_stride,
-                           num_keys - c0, cols - c0, scores + c0, Bk);
+                           num_keys - c0, cols - c0, scores + c0, Bk, ahead);
         }
         bool have_tile_max = panels != nullptr;  // the panel micro-kernel took each row's max
         if (job.key_bias || job.row_bias || job.natural_units) {
