@@ -60,9 +60,11 @@ struct PrefetchStream {
 };
 
 /// MR: query rows per micro-kernel; NRV: key vectors per S tile (NR = NRV * W keys,
-/// the K panel width); NV: value vectors per P.V tile.
-template <class Arch, int MR, int NRV, int NV>
+/// the K panel width); NV: value vectors per P.V tile; PR: rows per P.V tile (MR by
+/// default; a fraction of MR lets the P.V tile span more value vectors).
+template <class Arch, int MR, int NRV, int NV, int PR = MR>
 struct ForwardKernel {
+  static_assert(MR % PR == 0, "P.V tiles split the row tile evenly");
   using batch = xsimd::batch<float, Arch>;
   static constexpr int W = int(batch::size);
   static constexpr int NR = NRV * W;
@@ -229,24 +231,25 @@ struct ForwardKernel {
     }
   }
 
-  // acc[r][c0 .. c0+NVC*W) = alpha[r] * acc[r][..] + sum_j probs[r][j] * v[j][..].
-  template <int NVC>
+  // acc[r][c0 .. c0+NVC*W) = alpha[r] * acc[r][..] + sum_j probs[r][j] * v[j][..], for
+  // ROWS rows.
+  template <int ROWS, int NVC>
   static void pv_tile(const float* probs, std::int64_t probs_stride, const float* v, std::int64_t v_stride,
                       std::int64_t num_keys, const float* alpha, float* acc, std::int64_t acc_stride) {
-    batch o[MR][NVC];
-    for (int r = 0; r < MR; ++r) {
+    batch o[ROWS][NVC];
+    for (int r = 0; r < ROWS; ++r) {
       const batch a(alpha[r]);
       for (int c = 0; c < NVC; ++c) o[r][c] = batch::load_aligned(acc + r * acc_stride + c * W) * a;
     }
     for (std::int64_t j = 0; j < num_keys; ++j) {
       batch vals[NVC];
       for (int c = 0; c < NVC; ++c) vals[c] = batch::load_unaligned(v + j * v_stride + c * W);
-      for (int r = 0; r < MR; ++r) {
+      for (int r = 0; r < ROWS; ++r) {
         const batch p(probs[r * probs_stride + j]);
         for (int c = 0; c < NVC; ++c) o[r][c] = xsimd::fma(p, vals[c], o[r][c]);
       }
     }
-    for (int r = 0; r < MR; ++r)
+    for (int r = 0; r < ROWS; ++r)
       for (int c = 0; c < NVC; ++c) o[r][c].store_aligned(acc + r * acc_stride + c * W);
   }
 
@@ -366,12 +369,15 @@ struct ForwardKernel {
         }
 
         const float* v_block = job.v_rows + (j0 + c0 - job.key_begin) * job.v_row_stride;
-        float* acc = job.acc + r0 * Dvp;
-        std::int64_t c = 0;
-        for (; c + NV * W <= Dvp; c += NV * W)
-          pv_tile<NV>(scores + c0, Bk, v_block + c, job.v_row_stride, num_keys - c0, alpha, acc + c, Dvp);
-        for (; c < Dvp; c += W)
-          pv_tile<1>(scores + c0, Bk, v_block + c, job.v_row_stride, num_keys - c0, alpha, acc + c, Dvp);
+        for (int h = 0; h < MR; h += PR) {
+          const float* probs = scores + h * Bk + c0;
+          float* acc = job.acc + (r0 + h) * Dvp;
+          std::int64_t c = 0;
+          for (; c + NV * W <= Dvp; c += NV * W)
+            pv_tile<PR, NV>(probs, Bk, v_block + c, job.v_row_stride, num_keys - c0, alpha + h, acc + c, Dvp);
+          for (; c < Dvp; c += W)
+            pv_tile<PR, 1>(probs, Bk, v_block + c, job.v_row_stride, num_keys - c0, alpha + h, acc + c, Dvp);
+        }
       }
     }
 
