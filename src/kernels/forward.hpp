@@ -260,6 +260,10 @@ struct ForwardKernel {
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
     constexpr std::int64_t unbounded = std::numeric_limits<std::int64_t>::max() / 4;
 
+    alignas(64) float iota_lanes[W];
+    for (int t = 0; t < W; ++t) iota_lanes[t] = float(t);
+    const batch iota = batch::load_aligned(iota_lanes);
+
     if (!job.resume) {
       for (std::int64_t i = 0; i < rows_padded * Dvp; ++i) job.acc[i] = 0.0f;
       for (std::int64_t r = 0; r < rows_padded; ++r) {
@@ -345,10 +349,21 @@ struct ForwardKernel {
           if (have_tile_max && visible_begin == c0 && visible_end == cols) {
             bm = tile_max[r];  // nothing excluded, nothing added: the micro-kernel's max holds
           } else {
-            for (std::int64_t j = c0; j < visible_begin; ++j) s[j] = neg_inf;
-            for (std::int64_t j = visible_end; j < cols; ++j) s[j] = neg_inf;
+            // Whole vectors with a lane select: scalar stores read back by a vector load
+            // would stall store-to-load forwarding (measured: 17% of a short decode).
             batch block_max(neg_inf);
-            for (std::int64_t j = c0; j < cols; j += W) block_max = xsimd::max(block_max, batch::load_aligned(s + j));
+            if (visible_begin == c0 && visible_end == cols) {
+              for (std::int64_t j = c0; j < cols; j += W) block_max = xsimd::max(block_max, batch::load_aligned(s + j));
+            } else {
+              const batch first = batch(float(visible_begin)), past = batch(float(visible_end));  // exact below 2^24
+              for (std::int64_t j = c0; j < cols; j += W) {
+                const batch column = iota + batch(float(j));
+                const batch x = xsimd::select(column >= first && column < past, batch::load_aligned(s + j),
+                                              batch(neg_inf));
+                x.store_aligned(s + j);
+                block_max = xsimd::max(block_max, x);
+              }
+            }
             bm = reduce_max<Arch>(block_max);
           }
           const float old_max = job.row_max[r0 + r];
@@ -382,18 +397,30 @@ struct ForwardKernel {
     }
 
     if (!job.finalize) return;
-    for (std::int64_t r = 0; r < job.rows; ++r) {
+    const std::int64_t Dv = job.value_dim;
+    for (std::int64_t r = 0, i = 0, g = 0; r < job.rows; ++r) {  // row r is query i, head g
       const float sum = job.row_sum[r];
-      const float inv = 1.0f / sum;
-      if (job.value_dim > 0) {  // with Dv = 0 out may be null: only lse is written
-        float* out = job.out + (r / G) * job.out_row_stride + (r % G) * job.out_head_stride;
+      if (Dv > 0) {  // with Dv = 0 out may be null: only lse is written
+        float* out = job.out + i * job.out_row_stride + g * job.out_head_stride;
         const float* acc = job.acc + r * Dvp;
-        for (std::int64_t c = 0; c < job.value_dim; ++c)
-          out[c * job.out_col_stride] = sum > 0.0f ? acc[c] * inv : job.empty_value;
+        const float inv = 1.0f / sum;
+        if (!(sum > 0.0f)) {
+          for (std::int64_t c = 0; c < Dv; ++c) out[c * job.out_col_stride] = job.empty_value;
+        } else if (job.out_col_stride == 1) {
+          std::int64_t c = 0;
+          for (; c + W <= Dv; c += W) (batch::load_aligned(acc + c) * batch(inv)).store_unaligned(out + c);
+          for (; c < Dv; ++c) out[c] = acc[c] * inv;
+        } else {
+          for (std::int64_t c = 0; c < Dv; ++c) out[c * job.out_col_stride] = acc[c] * inv;
+        }
       }
       if (job.lse)
-        job.lse[(r / G) * job.lse_row_stride + (r % G) * job.lse_head_stride] =
+        job.lse[i * job.lse_row_stride + g * job.lse_head_stride] =
             sum > 0.0f ? (job.row_max[r] + log2_scalar(sum)) * 0.6931471805599453f : neg_inf;
+      if (++g == G) {
+        g = 0;
+        ++i;
+      }
     }
   }
 };
