@@ -210,17 +210,22 @@ void pack_value_rows(const float* v, std::int64_t row_stride, std::int64_t col_s
 // Query rows in the kernel's layout: packed row r is query first_row + r / heads_per_row
 // of head first_head + r % heads_per_row, times q_factor (minus the center, Gaussian, whose
 // row bias goes to row_bias); rows from `rows` up to a multiple of mr are zero.
+//
+// With lanes > 0 (the lanes decode kernel, lanes = mr) the layout is transposed instead:
+// each group of `lanes` rows is head_dim rows of `lanes` floats, element (r, d) at
+// (r / lanes) * D * lanes + d * lanes + r % lanes.
 void pack_query_rows(const Plan& plan, const TensorView<const float>& q, std::int64_t b, std::int64_t first_head,
                      std::int64_t heads_per_row, std::int64_t first_row, std::int64_t rows, int mr, const float* center,
-                     bool exact_distance, float* packed, float* row_bias) {
+                     bool exact_distance, float* packed, float* row_bias, int lanes = 0) {
   const std::int64_t D = q.shape[3];
   const float factor = exact_distance ? 1.0f : plan.q_factor;
+  const std::int64_t step = lanes > 0 ? lanes : 1;  // between the elements of one row
   // (Query i, head g) of row r, stepped rather than divided out per row.
   std::int64_t i = first_row, g = 0;
   for (std::int64_t r = 0; r < round_up(rows, mr); ++r) {
-    float* dst = packed + r * D;
+    float* dst = lanes > 0 ? packed + (r / lanes) * D * lanes + r % lanes : packed + r * D;
     if (r >= rows) {
-      for (std::int64_t d = 0; d < D; ++d) dst[d] = 0.0f;
+      for (std::int64_t d = 0; d < D; ++d) dst[d * step] = 0.0f;
       if (plan.centered) row_bias[r] = 0.0f;
       continue;
     }
@@ -231,16 +236,16 @@ void pack_query_rows(const Plan& plan, const TensorView<const float>& q, std::in
     }
     if (!plan.centered) {  // no norm: its chain of dependent additions would set the pace
       const std::int64_t stride = q.strides[3];
-      if (stride == 1)
+      if (stride == 1 && step == 1)
         for (std::int64_t d = 0; d < D; ++d) dst[d] = factor * src[d];
       else
-        for (std::int64_t d = 0; d < D; ++d) dst[d] = factor * src[d * stride];
+        for (std::int64_t d = 0; d < D; ++d) dst[d * step] = factor * src[d * stride];
       continue;
     }
     float norm = 0.0f;
     for (std::int64_t d = 0; d < D; ++d) {
       const float x = src[d * q.strides[3]] - center[d];
-      dst[d] = factor * x;
+      dst[d * step] = factor * x;
       norm += x * x;
     }
     if (plan.centered) row_bias[r] = plan.bias_scale * norm;
@@ -429,13 +434,23 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
   const KernelTable& kernels = *plan.kernels;
   const std::int64_t N = s.q_len, M = s.kv_len, D = s.head_dim, G = plan.group;
   const std::int64_t rows = G * N;
-  // The smaller tile when it pads less (e.g. 4 stacked heads: one 4-row tile, not half
-  // of an 8-row one): decoding is bound by memory, and padded rows only add compute.
-  const bool small = round_up(rows, kernels.small_tile_rows) < round_up(rows, kernels.tile_rows);
-  const int mr = small ? kernels.small_tile_rows : kernels.tile_rows, nr = kernels.panel_keys;
-  const auto forward = small ? kernels.forward_small_block : kernels.forward_query_block;
-  const std::int64_t rows_padded = round_up(rows, mr);
   const std::int64_t Dvp = plan.value_dim_padded, Bk = plan.block_keys;
+  // K rows are read in place when they are contiguous whole vectors of a plain dot
+  // product: no reuse to pay for a packing pass.
+  const bool k_in_place = plan.kind == detail::ScoreKind::dot && !plan.centered && k.strides[3] == 1 &&
+                          D % kernels.vector_floats == 0;
+  // Kernel: with a vector's worth of rows or more (and nothing but exclusions on the
+  // scores), the rows become vector lanes; else the smaller tile when it pads less (e.g.
+  // 4 stacked heads: one 4-row tile, not half of a 12-row one): decoding is bound by
+  // memory, and padded rows only add compute.
+  const bool lanes = k_in_place && !plan.natural_units && rows >= kernels.vector_floats;
+  const bool small = round_up(rows, kernels.small_tile_rows) < round_up(rows, kernels.tile_rows);
+  const int mr = lanes ? kernels.vector_floats : small ? kernels.small_tile_rows : kernels.tile_rows;
+  const int nr = kernels.panel_keys;
+  const auto forward = lanes ? kernels.forward_lanes_block
+                       : small ? kernels.forward_small_block
+                               : kernels.forward_query_block;
+  const std::int64_t rows_padded = round_up(rows, mr);
 
   // Aim for 64 work items in all (enough for 64 cores), but no chunk under 512 keys,
   // where the per-chunk merge would start to cost more than the parallelism gains.
@@ -448,10 +463,6 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
   const std::int64_t items = kv_heads * chunks;
   const int threads = int(std::min<std::int64_t>(thread_count(s.num_threads), items));
 
-  // K rows are read in place when they are contiguous whole vectors of a plain dot
-  // product: no reuse to pay for a packing pass.
-  const bool k_in_place = plan.kind == detail::ScoreKind::dot && !plan.centered && k.strides[3] == 1 &&
-                          D % kernels.vector_floats == 0;
   // Partial state of every item: acc, row_max, row_sum. At most kTargetItems chunks
   // per call (fewer when B * Hkv is large), so this does not grow with M.
   const std::int64_t partial_floats = round_up(rows_padded * Dvp + 2 * rows_padded, 16);  // keeps each acc 64-byte aligned
@@ -494,7 +505,8 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
       job.row_max = partial + rows_padded * Dvp;
       job.row_sum = job.row_max + rows_padded;
       load_center(plan, k, b, hkv, mine.center);
-      pack_query_rows(plan, q, b, hkv * G, G, 0, rows, mr, mine.center, false, mine.q_packed, mine.row_bias);
+      pack_query_rows(plan, q, b, hkv * G, G, 0, rows, mr, mine.center, false, mine.q_packed, mine.row_bias,
+                      lanes ? mr : 0);
       bool exact = false;
       bind_distance_form(plan, job, exact, mine.key_bias, mine.row_bias);
       bind_heads(plan, job, b, hkv * G);

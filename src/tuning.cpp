@@ -13,16 +13,17 @@
 namespace flashcpu::detail {
 namespace {
 
-// Built-in defaults, from flashcpu-tune on the 2-core development VM (AVX-512 Xeon, 2 MiB
-// L2 per core; README "Tuning tile sizes"). A Br x D block of Q and a Bk x (D + Dv) block
-// of K and V stay in L2; the MR x Bk score tile stays in L1. For D <= 128 the tuner found
-// nothing better than 64 x 256 by more than its noise (3%); for D = 256, 128 x 256 beat
-// the earlier 32 x 128 by 4.4% (and by 3% in a second run). The same sizes serve the AVX2
-// and SSE2 kernels, whose tiles divide them.
+// Built-in defaults, measured on the 2-core development VM (AVX-512 Xeon, 2 MiB L2 per
+// core; README "Tuning tile sizes"). A Br x D block of Q and a Bk x (D + Dv) block of K
+// and V stay in L2; the MR x Bk score tile stays in L1. With the 12-row AVX-512 tiles,
+// 144 x 256 was the best or tied of {64, 96, 144} x 256 on P64, P128, C128, S16K and
+// short N=256 (S16K 229 ms against 239 ms at 64 x 256: each block of rows streams the
+// whole K and V, so fewer, larger blocks read them less often). 144 is a multiple of
+// every ISA's tile rows (12 and 4); the same sizes serve all head dims.
 TileConfig default_tiles(Isa isa, std::int64_t head_dim) {
   (void)isa;
-  if (head_dim <= 128) return {64, 256};
-  return {128, 256};
+  (void)head_dim;
+  return {144, 256};
 }
 
 struct Table {

@@ -136,9 +136,9 @@ TEST_CASE("fused matches the reference with overridden tile shapes", "[forward][
 }
 
 TEST_CASE("fused matches the reference at micro-kernel and vector-width edges", "[forward][micro]") {
-  // Register tile rows 8 / 4, key panels 32 / 16 / 8 floats, vectors 16 / 8 / 4 floats:
+  // Register tile rows 12 / 6 / 4, key panels 32 / 16 / 8 floats, vectors 16 / 8 / 4 floats:
   // lengths and head dims one below, at and one above each.
-  const std::int64_t rows[] = {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33};
+  const std::int64_t rows[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 15, 16, 17, 33};
   const std::int64_t keys[] = {3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 65};
   const std::int64_t dims[] = {1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33};
   std::size_t next = 0;
@@ -152,6 +152,29 @@ TEST_CASE("fused matches the reference at micro-kernel and vector-width edges", 
       c.causal = next % 3 == 0;
       c.seed = ++seed;
       ++next;
+      FTEST_CHECK_CASE(c);
+    }
+}
+
+TEST_CASE("decoding with a vector's worth of stacked rows or more (rows as vector lanes)", "[forward][decode]") {
+  // Decoding shapes (N <= 16) whose stacked rows G*N reach the vector width (16 / 8 / 4
+  // floats) take the lanes kernel when K rows are whole vectors (D a multiple of 16 here,
+  // so on every ISA): rows at, below and above one and two lane tiles, key counts across
+  // block (256) and chunk (512+) boundaries, causal and not, and out-of-place V (Dv = 19).
+  struct Shape {
+    std::int64_t Hq, Hkv, N, M, D, Dv;
+  };
+  const Shape shapes[] = {{16, 16, 16, 16, 64, 64},   {16, 1, 1, 300, 32, 19},  {32, 2, 1, 1100, 16, 16},
+                          {8, 1, 2, 257, 64, 64},     {4, 1, 5, 33, 48, 7},      {16, 2, 3, 700, 32, 32},
+                          {2, 2, 16, 1, 16, 16},      {8, 2, 9, 520, 64, 19},    {12, 4, 16, 31, 16, 33}};
+  std::uint32_t seed = 700;
+  for (const Shape& sh : shapes)
+    for (const bool causal : {false, true}) {
+      Case c;
+      c.B = 2, c.Hq = sh.Hq, c.Hkv = sh.Hkv, c.N = sh.N, c.M = sh.M, c.D = sh.D, c.Dv = sh.Dv;
+      c.causal = causal;
+      c.seed = ++seed;
+      c.lq = seed % 2 == 0 ? Layout::padded : Layout::bshd;  // strided query rows
       FTEST_CHECK_CASE(c);
     }
 }

@@ -314,7 +314,7 @@ std::vector<float> run_fused_buffer(const Case& c) {
   return t.out.buffer();
 }
 
-int micro_rows(const std::string& isa) { return isa == "avx512" ? 8 : 4; }
+int micro_rows(const std::string& isa) { return isa == "avx512" ? 12 : 4; }
 int key_panel(const std::string& isa) { return isa == "avx512" ? 32 : isa == "avx2" ? 16 : 8; }
 
 TileOverride::TileOverride(std::int64_t head_dim, flashcpu::TileConfig tiles)

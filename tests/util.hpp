@@ -98,7 +98,7 @@ Result run_case(const Case& c);
 /// comparisons between runs.
 std::vector<float> run_fused_buffer(const Case& c);
 
-/// Multiples the active ISA's micro-kernel imposes on the tiles: rows 8 (avx512) / 4,
+/// Multiples the active ISA's micro-kernel imposes on the tiles: rows 12 (avx512) / 4,
 /// key panel 32 / 16 / 8 floats.
 int micro_rows(const std::string& isa);
 int key_panel(const std::string& isa);

@@ -233,9 +233,11 @@ struct ForwardKernel {
 
   // acc[r][c0 .. c0+NVC*W) = alpha[r] * acc[r][..] + sum_j probs[r][j] * v[j][..], for
   // ROWS rows.
+  // probs[r][j] is at probs + r * probs_stride + j * key_stride.
   template <int ROWS, int NVC>
-  static void pv_tile(const float* probs, std::int64_t probs_stride, const float* v, std::int64_t v_stride,
-                      std::int64_t num_keys, const float* alpha, float* acc, std::int64_t acc_stride) {
+  static void pv_tile(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const float* v,
+                      std::int64_t v_stride, std::int64_t num_keys, const float* alpha, float* acc,
+                      std::int64_t acc_stride) {
     batch o[ROWS][NVC];
     for (int r = 0; r < ROWS; ++r) {
       const batch a(alpha[r]);
@@ -245,7 +247,7 @@ struct ForwardKernel {
       batch vals[NVC];
       for (int c = 0; c < NVC; ++c) vals[c] = batch::load_unaligned(v + j * v_stride + c * W);
       for (int r = 0; r < ROWS; ++r) {
-        const batch p(probs[r * probs_stride + j]);
+        const batch p(probs[r * probs_stride + j * key_stride]);
         for (int c = 0; c < NVC; ++c) o[r][c] = xsimd::fma(p, vals[c], o[r][c]);
       }
     }
@@ -264,13 +266,7 @@ struct ForwardKernel {
     for (int t = 0; t < W; ++t) iota_lanes[t] = float(t);
     const batch iota = batch::load_aligned(iota_lanes);
 
-    if (!job.resume) {
-      for (std::int64_t i = 0; i < rows_padded * Dvp; ++i) job.acc[i] = 0.0f;
-      for (std::int64_t r = 0; r < rows_padded; ++r) {
-        job.row_max[r] = neg_inf;
-        job.row_sum[r] = 0.0f;
-      }
-    }
+    if (!job.resume) reset_state(job, rows_padded);
     // The visible key interval [lo_i, hi_i] of query i; it moves right with i, so the
     // interval of a set of consecutive rows spans lo(first) .. hi(last).
     auto lo = [&](std::int64_t i) { return job.has_lo ? i + job.lo_offset : std::int64_t(0); };
@@ -285,17 +281,7 @@ struct ForwardKernel {
 
     // Decoding (K read in place): K and V rows requested kPrefetchKeys keys ahead of the
     // keys being scored (see PrefetchStream).
-    PrefetchStream ahead;
-    if (job.k_rows && start < end) {
-      ahead.k = reinterpret_cast<const char*>(job.k_rows + (start - job.key_begin) * job.k_row_stride);
-      ahead.v = reinterpret_cast<const char*>(job.v_rows + (start - job.key_begin) * job.v_row_stride);
-      ahead.k_stride = job.k_row_stride * 4;
-      ahead.v_stride = job.v_row_stride * 4;
-      ahead.k_bytes = D * 4;
-      ahead.v_bytes = job.value_dim * 4;
-      ahead.left = end - start;
-      for (std::int64_t j = 0; j < kPrefetchKeys; ++j) ahead.step();
-    }
+    PrefetchStream ahead = prefetch_stream(job, start, end);
     for (std::int64_t j0 = start; j0 < end; j0 += Bk) {
       const std::int64_t block_end = min_i64(j0 + Bk, end);
       for (std::int64_t r0 = 0; r0 < rows_padded; r0 += MR) {
@@ -389,14 +375,20 @@ struct ForwardKernel {
           float* acc = job.acc + (r0 + h) * Dvp;
           std::int64_t c = 0;
           for (; c + NV * W <= Dvp; c += NV * W)
-            pv_tile<PR, NV>(probs, Bk, v_block + c, job.v_row_stride, num_keys - c0, alpha + h, acc + c, Dvp);
+            pv_tile<PR, NV>(probs, Bk, 1, v_block + c, job.v_row_stride, num_keys - c0, alpha + h, acc + c, Dvp);
           for (; c < Dvp; c += W)
-            pv_tile<PR, 1>(probs, Bk, v_block + c, job.v_row_stride, num_keys - c0, alpha + h, acc + c, Dvp);
+            pv_tile<PR, 1>(probs, Bk, 1, v_block + c, job.v_row_stride, num_keys - c0, alpha + h, acc + c, Dvp);
         }
       }
     }
 
-    if (!job.finalize) return;
+    if (job.finalize) finalize(job);
+  }
+
+  // out = acc / sum and lse for the job's rows; rows that saw no key get empty_value.
+  static void finalize(const QueryBlockJob& job) {
+    const std::int64_t G = job.heads_per_row, Dvp = job.value_dim_padded;
+    constexpr float neg_inf = -std::numeric_limits<float>::infinity();
     const std::int64_t Dv = job.value_dim;
     for (std::int64_t r = 0, i = 0, g = 0; r < job.rows; ++r) {  // row r is query i, head g
       const float sum = job.row_sum[r];
@@ -422,6 +414,123 @@ struct ForwardKernel {
         ++i;
       }
     }
+  }
+
+  static void reset_state(const QueryBlockJob& job, std::int64_t rows_padded) {
+    for (std::int64_t i = 0; i < rows_padded * job.value_dim_padded; ++i) job.acc[i] = 0.0f;
+    for (std::int64_t r = 0; r < rows_padded; ++r) {
+      job.row_max[r] = -std::numeric_limits<float>::infinity();
+      job.row_sum[r] = 0.0f;
+    }
+  }
+
+  // The prefetch stream over keys [start, end) of a job that reads K in place (else none),
+  // already kPrefetchKeys keys ahead.
+  static PrefetchStream prefetch_stream(const QueryBlockJob& job, std::int64_t start, std::int64_t end) {
+    PrefetchStream ahead;
+    if (!job.k_rows || start >= end) return ahead;
+    ahead.k = reinterpret_cast<const char*>(job.k_rows + (start - job.key_begin) * job.k_row_stride);
+    ahead.v = reinterpret_cast<const char*>(job.v_rows + (start - job.key_begin) * job.v_row_stride);
+    ahead.k_stride = job.k_row_stride * 4;
+    ahead.v_stride = job.v_row_stride * 4;
+    ahead.k_bytes = job.head_dim * 4;
+    ahead.v_bytes = job.value_dim * 4;
+    ahead.left = end - start;
+    for (std::int64_t j = 0; j < kPrefetchKeys; ++j) ahead.step();
+    return ahead;
+  }
+
+  // KB scores of the W query rows of a lane tile against KB keys read in place:
+  // out[t][lane] = sum_d k[t][d] * qt[d][lane], one accumulator chain per key.
+  template <int KB>
+  static void lanes_scores(const float* qt, std::int64_t D, const float* k, std::int64_t k_stride, float* out) {
+    batch acc[KB];
+    for (int t = 0; t < KB; ++t) acc[t] = batch(0.0f);
+    for (std::int64_t d = 0; d < D; ++d) {
+      const batch qv = batch::load_aligned(qt + d * W);
+      for (int t = 0; t < KB; ++t) acc[t] = xsimd::fma(batch(k[t * k_stride + d]), qv, acc[t]);
+    }
+    for (int t = 0; t < KB; ++t) acc[t].store_aligned(out + t * W);
+  }
+
+  // Decoding with at least W query rows (stacked heads and queries) against K rows read
+  // in place, plain dot-product scores: the rows are the W lanes of a vector. The driver
+  // packs Q transposed (per W rows, head_dim rows of W floats), each key's scores for all
+  // W rows come from broadcasts of that key's elements (no horizontal sums), and the
+  // online softmax runs on whole vectors of rows. Handles exclusions (causal, window);
+  // not masks, biases or transforms. job.scores holds block_keys x W scores.
+  static void forward_lanes_block(const QueryBlockJob& job) {
+    constexpr int KB = 8;  // keys per S step: 8 FMA chains of latency 4 at 2 FMAs per cycle
+    constexpr int PV_ROWS = 4;
+    static_assert(W % PV_ROWS == 0, "the P.V tiles split the lanes evenly");
+    constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+    const std::int64_t D = job.head_dim, G = job.heads_per_row, Dvp = job.value_dim_padded, Bk = job.block_keys;
+    const std::int64_t rows_padded = (job.rows + W - 1) / W * W;
+    if (!job.resume) reset_state(job, rows_padded);
+    const std::int64_t begin = job.key_begin, end = min_i64(job.key_end, job.key_limit);
+    float* const st = job.scores;  // [Bk][W]
+    PrefetchStream ahead = prefetch_stream(job, begin, end);
+
+    for (std::int64_t r0 = 0; r0 < rows_padded; r0 += W) {
+      const float* qt = job.q_packed + r0 * D;  // [D][W]
+      alignas(64) float lane_query[W], alpha[W];
+      for (int r = 0; r < W; ++r) lane_query[r] = float(job.first_row + (r0 + r) / G);  // exact below 2^24
+      const batch query = batch::load_aligned(lane_query);
+      const batch first_key = query + batch(float(job.lo_offset)), last_key = query + batch(float(job.hi_offset));
+      batch m = batch::load_unaligned(job.row_max + r0), l = batch::load_unaligned(job.row_sum + r0);
+      for (std::int64_t j0 = begin; j0 < end; j0 += Bk) {
+        const std::int64_t n = min_i64(Bk, end - j0);
+        const float* k = job.k_rows + (j0 - job.key_begin) * job.k_row_stride;
+        std::int64_t t = 0;
+        for (; t + KB <= n; t += KB) {
+          for (int u = 0; u < KB; ++u) ahead.step();
+          lanes_scores<KB>(qt, D, k + t * job.k_row_stride, job.k_row_stride, st + t * W);
+        }
+        for (; t < n; ++t) {
+          ahead.step();
+          lanes_scores<1>(qt, D, k + t * job.k_row_stride, job.k_row_stride, st + t * W);
+        }
+        batch block_max(neg_inf);
+        for (t = 0; t < n; ++t) {
+          batch x = batch::load_aligned(st + t * W);
+          if (job.has_lo || job.has_hi) {
+            const batch key(float(j0 + t));
+            xsimd::batch_bool<float, Arch> visible(true);
+            if (job.has_lo) visible = visible && key >= first_key;
+            if (job.has_hi) visible = visible && key <= last_key;
+            x = xsimd::select(visible, x, batch(neg_inf));
+            x.store_aligned(st + t * W);
+          }
+          block_max = xsimd::max(block_max, x);
+        }
+        const batch new_max = xsimd::max(m, block_max);
+        // Rows that have seen no key keep max -inf; a shift of 0 maps their scores to 0.
+        const batch shift = xsimd::select(new_max == batch(neg_inf), batch(0.0f), new_max);
+        const batch a = exp2_nonpositive<Arch>(m - shift);
+        batch sum(0.0f);
+        for (t = 0; t < n; ++t) {
+          const batch p = exp2_nonpositive<Arch>(batch::load_aligned(st + t * W) - shift);
+          p.store_aligned(st + t * W);
+          sum += p;
+        }
+        l = xsimd::fma(a, l, sum);
+        m = new_max;
+        a.store_aligned(alpha);
+
+        const float* v_block = job.v_rows + (j0 - job.key_begin) * job.v_row_stride;
+        for (int h = 0; h < W; h += PV_ROWS) {
+          float* acc = job.acc + (r0 + h) * Dvp;
+          std::int64_t c = 0;
+          for (; c + NV * W <= Dvp; c += NV * W)
+            pv_tile<PV_ROWS, NV>(st + h, 1, W, v_block + c, job.v_row_stride, n, alpha + h, acc + c, Dvp);
+          for (; c < Dvp; c += W)
+            pv_tile<PV_ROWS, 1>(st + h, 1, W, v_block + c, job.v_row_stride, n, alpha + h, acc + c, Dvp);
+        }
+      }
+      m.store_unaligned(job.row_max + r0);
+      l.store_unaligned(job.row_sum + r0);
+    }
+    if (job.finalize) finalize(job);
   }
 };
 

@@ -12,7 +12,7 @@ using Kernel = avx2::ForwardKernel<xsimd::fma3<xsimd::avx2>, 4, 2, 2>;
 
 const KernelTable& kernel_table_avx2() {
   static const KernelTable table{Isa::avx2, "avx2", Kernel::W, 4, Kernel::NR, &Kernel::forward_query_block,
-                                 4, &Kernel::forward_query_block};  // already 4 rows
+                                 4, &Kernel::forward_query_block, &Kernel::forward_lanes_block};  // already 4 rows
   return table;
 }
 

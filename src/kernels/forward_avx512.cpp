@@ -20,7 +20,7 @@ using SmallKernel = avx512::ForwardKernel<xsimd::avx512bw, 4, 2, 4>;
 
 const KernelTable& kernel_table_avx512() {
   static const KernelTable table{Isa::avx512, "avx512", Kernel::W, kRows, Kernel::NR, &Kernel::forward_query_block,
-                                 4,  &SmallKernel::forward_query_block};
+                                 4,  &SmallKernel::forward_query_block, &Kernel::forward_lanes_block};
   return table;
 }
 

@@ -103,6 +103,9 @@ struct KernelTable {
   // rows (query heads of a group x queries) would leave most of a tile_rows tile empty.
   int small_tile_rows;
   void (*forward_small_block)(const QueryBlockJob& job);
+  // Decoding with at least vector_floats rows, dot product, K in place, no mask, bias or
+  // transform: the rows as vector lanes (see ForwardKernel::forward_lanes_block).
+  void (*forward_lanes_block)(const QueryBlockJob& job);
 };
 
 const KernelTable& kernel_table_avx512();
