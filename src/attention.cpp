@@ -386,7 +386,7 @@ void run_prefill(const Plan& plan, const TensorView<const float>& q, const Tenso
     std::int64_t packed_head = -1;
     bool exact = false;
 
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait  // the region's end is the one barrier needed
     for (std::int64_t item = 0; item < items; ++item) {
       const std::int64_t slot = item % q_blocks;
       const std::int64_t bh = item / q_blocks;  // b * Hq + h, with h = hkv * group + g
@@ -496,7 +496,7 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
       job.lse_head_stride = lse->strides[1];
     }
 
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait  // single chunk: nothing to wait for (see below)
     for (std::int64_t item = 0; item < items; ++item) {
       const std::int64_t head = item / chunks, chunk = item % chunks;
       const std::int64_t b = head / s.kv_heads, hkv = head % s.kv_heads;
@@ -555,9 +555,12 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
     }
 
     // Merge the chunks of each (batch, kv head) in chunk order: out = sum_c w_c acc_c /
-    // sum_c w_c sum_c with w_c = 2^(max_c - max), max the largest chunk max.
+    // sum_c w_c sum_c with w_c = 2^(max_c - max), max the largest chunk max. Single-chunk
+    // calls skip the merge and its barriers (every thread takes the same branch).
+    if (!single_chunk) {
+#pragma omp barrier
 #pragma omp for schedule(static)
-    for (std::int64_t head = 0; head < (single_chunk ? 0 : kv_heads); ++head) {
+    for (std::int64_t head = 0; head < kv_heads; ++head) {
       const std::int64_t b = head / s.kv_heads, hkv = head % s.kv_heads;
       const float* first = partials.get() + head * chunks * partial_floats;
       auto chunk_max = [&](std::int64_t c, std::int64_t r) { return first[c * partial_floats + rows_padded * Dvp + r]; };
@@ -583,6 +586,7 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
         if (lse) *element(*lse, b, h, i) = total > 0.0f ? float((row_max + std::log2(total)) / kLog2e) : kNegInf;
       }
     }
+    }  // !single_chunk
   }
 }
 
