@@ -210,22 +210,17 @@ void pack_value_rows(const float* v, std::int64_t row_stride, std::int64_t col_s
 // Query rows in the kernel's layout: packed row r is query first_row + r / heads_per_row
 // of head first_head + r % heads_per_row, times q_factor (minus the center, Gaussian, whose
 // row bias goes to row_bias); rows from `rows` up to a multiple of mr are zero.
-//
-// With lanes > 0 (the lanes decode kernel, lanes = mr) the layout is transposed instead:
-// each group of `lanes` rows is head_dim rows of `lanes` floats, element (r, d) at
-// (r / lanes) * D * lanes + d * lanes + r % lanes.
 void pack_query_rows(const Plan& plan, const TensorView<const float>& q, std::int64_t b, std::int64_t first_head,
                      std::int64_t heads_per_row, std::int64_t first_row, std::int64_t rows, int mr, const float* center,
-                     bool exact_distance, float* packed, float* row_bias, int lanes = 0) {
+                     bool exact_distance, float* packed, float* row_bias) {
   const std::int64_t D = q.shape[3];
   const float factor = exact_distance ? 1.0f : plan.q_factor;
-  const std::int64_t step = lanes > 0 ? lanes : 1;  // between the elements of one row
   // (Query i, head g) of row r, stepped rather than divided out per row.
   std::int64_t i = first_row, g = 0;
   for (std::int64_t r = 0; r < round_up(rows, mr); ++r) {
-    float* dst = lanes > 0 ? packed + (r / lanes) * D * lanes + r % lanes : packed + r * D;
+    float* dst = packed + r * D;
     if (r >= rows) {
-      for (std::int64_t d = 0; d < D; ++d) dst[d * step] = 0.0f;
+      for (std::int64_t d = 0; d < D; ++d) dst[d] = 0.0f;
       if (plan.centered) row_bias[r] = 0.0f;
       continue;
     }
@@ -236,16 +231,16 @@ void pack_query_rows(const Plan& plan, const TensorView<const float>& q, std::in
     }
     if (!plan.centered) {  // no norm: its chain of dependent additions would set the pace
       const std::int64_t stride = q.strides[3];
-      if (stride == 1 && step == 1)
+      if (stride == 1)
         for (std::int64_t d = 0; d < D; ++d) dst[d] = factor * src[d];
       else
-        for (std::int64_t d = 0; d < D; ++d) dst[d * step] = factor * src[d * stride];
+        for (std::int64_t d = 0; d < D; ++d) dst[d] = factor * src[d * stride];
       continue;
     }
     float norm = 0.0f;
     for (std::int64_t d = 0; d < D; ++d) {
       const float x = src[d * q.strides[3]] - center[d];
-      dst[d * step] = factor * x;
+      dst[d] = factor * x;
       norm += x * x;
     }
     if (plan.centered) row_bias[r] = plan.bias_scale * norm;
@@ -474,7 +469,7 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
   parts.q_packed = rows_padded * D;
   parts.row_bias = plan.centered ? rows_padded : 0;
   parts.center = D;
-  parts.scores = std::int64_t(mr) * Bk;
+  parts.scores = std::int64_t(mr) * (lanes ? Bk + D : Bk);  // lanes: the transposed Q follows the scores
   AlignedBuffer scratch(parts.total() * threads);
 
 #pragma omp parallel num_threads(threads)
@@ -505,8 +500,7 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
       job.row_max = partial + rows_padded * Dvp;
       job.row_sum = job.row_max + rows_padded;
       load_center(plan, k, b, hkv, mine.center);
-      pack_query_rows(plan, q, b, hkv * G, G, 0, rows, mr, mine.center, false, mine.q_packed, mine.row_bias,
-                      lanes ? mr : 0);
+      pack_query_rows(plan, q, b, hkv * G, G, 0, rows, mr, mine.center, false, mine.q_packed, mine.row_bias);
       bool exact = false;
       bind_distance_form(plan, job, exact, mine.key_bias, mine.row_bias);
       bind_heads(plan, job, b, hkv * G);

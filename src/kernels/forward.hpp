@@ -440,6 +440,19 @@ struct ForwardKernel {
     return ahead;
   }
 
+  // qt[d][r] = rows[r][d] for W rows of D floats (row stride D).
+  static void transpose_rows(const float* rows, std::int64_t D, float* qt) {
+    if constexpr (std::is_same<Arch, xsimd::avx512bw>::value) {
+      // One gather per column: D gathers against D * W scalar loads and stores.
+      const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                 _mm512_set1_epi32(std::int32_t(D)));
+      for (std::int64_t d = 0; d < D; ++d) _mm512_store_ps(qt + d * W, _mm512_i32gather_ps(offsets, rows + d, 4));
+    } else {
+      for (int r = 0; r < W; ++r)
+        for (std::int64_t d = 0; d < D; ++d) qt[d * W + r] = rows[r * D + d];
+    }
+  }
+
   // KB scores of the W query rows of a lane tile against KB keys read in place:
   // out[t][lane] = sum_d k[t][d] * qt[d][lane], one accumulator chain per key.
   template <int KB>
@@ -454,11 +467,12 @@ struct ForwardKernel {
   }
 
   // Decoding with at least W query rows (stacked heads and queries) against K rows read
-  // in place, plain dot-product scores: the rows are the W lanes of a vector. The driver
-  // packs Q transposed (per W rows, head_dim rows of W floats), each key's scores for all
-  // W rows come from broadcasts of that key's elements (no horizontal sums), and the
-  // online softmax runs on whole vectors of rows. Handles exclusions (causal, window);
-  // not masks, biases or transforms. job.scores holds block_keys x W scores.
+  // in place, plain dot-product scores: the rows are the W lanes of a vector. Q is
+  // transposed once per call (head_dim rows of W floats per W query rows), each key's
+  // scores for all W rows come from broadcasts of that key's elements (no horizontal
+  // sums), and the online softmax runs on whole vectors of rows. Handles exclusions
+  // (causal, window); not masks, biases or transforms. Scratch: job.scores holds
+  // block_keys x W scores, then head_dim x W of transposed Q.
   static void forward_lanes_block(const QueryBlockJob& job) {
     constexpr int KB = 8;  // keys per S step: 8 FMA chains of latency 4 at 2 FMAs per cycle
     constexpr int PV_ROWS = 4;
@@ -468,11 +482,12 @@ struct ForwardKernel {
     const std::int64_t rows_padded = (job.rows + W - 1) / W * W;
     if (!job.resume) reset_state(job, rows_padded);
     const std::int64_t begin = job.key_begin, end = min_i64(job.key_end, job.key_limit);
-    float* const st = job.scores;  // [Bk][W]
+    float* const st = job.scores;        // [Bk][W]
+    float* const qt = job.scores + Bk * W;  // [D][W]
     PrefetchStream ahead = prefetch_stream(job, begin, end);
 
     for (std::int64_t r0 = 0; r0 < rows_padded; r0 += W) {
-      const float* qt = job.q_packed + r0 * D;  // [D][W]
+      transpose_rows(job.q_packed + r0 * D, D, qt);
       alignas(64) float lane_query[W], alpha[W];
       for (int r = 0; r < W; ++r) lane_query[r] = float(job.first_row + (r0 + r) / G);  // exact below 2^24
       const batch query = batch::load_aligned(lane_query);
