@@ -21,9 +21,11 @@ namespace fb = flashcpu::bench;
 
 namespace {
 
-const std::vector<int> kRows = {8, 16, 32, 48, 64, 96, 128, 192, 256};
+// Multiples of 24: whole tiles of every ISA's micro-kernel rows (12 on AVX-512, 4 below)
+// and of the 8 the tuning file requires.
+const std::vector<int> kRows = {24, 48, 72, 96, 144, 192, 288};
 const std::vector<int> kKeys = {32, 64, 128, 192, 256, 384, 512, 768, 1024};
-const std::vector<int> kQuickRows = {16, 32, 64, 128};
+const std::vector<int> kQuickRows = {48, 96, 144, 192};
 const std::vector<int> kQuickKeys = {64, 128, 256, 512};
 
 struct Workload {
@@ -48,8 +50,8 @@ void usage(FILE* to) {
                R"(flashcpu-tune: find the fastest tile sizes of flashcpu::attention on this machine.
 
 For each head dimension D it tries every block_rows x block_keys candidate
-(block_rows in {8,16,32,48,64,96,128,192,256}, block_keys in {32,64,...,1024}; with
---quick {16,32,64,128} x {64,128,256,512}), installs it with
+(block_rows in {24,48,72,96,144,192,288}, block_keys in {32,64,...,1024}; with
+--quick {48,96,144,192} x {64,128,256,512}), installs it with
 flashcpu::set_tile_config(isa, D, {block_rows, block_keys}), times flashcpu::attention on
 the workloads (median of --reps calls each; the score is the geometric mean of GFLOP/s
 over the workloads), and keeps the best. The built-in default, tile_config(D) as read
@@ -66,7 +68,8 @@ Options:
                    1:8:2048:2048 and 1:8:256:256 (1:8:1024:1024 and 1:8:256:256 with --quick)
   --min-gain PCT   keep the default unless the best beats it by PCT percent in the
                    final A/B comparison (default 2: noise on a shared VM is about that)
-  --rows LIST      block_rows candidates (multiples of 8), comma-separated
+  --rows LIST      block_rows candidates (multiples of 8; the kernel rounds them up to
+                   its tile rows, 12 on AVX-512), comma-separated
   --keys LIST      block_keys candidates (multiples of 32), comma-separated
   --isa NAME       tune for avx512, avx2 or sse2 instead of the active ISA (the tool
                    re-runs itself with FLASHCPU_ISA=NAME, as the ISA is fixed per process);
@@ -76,7 +79,7 @@ Options:
 File format (what flashcpu::load_tuning parses): plain text; a line starting with '#' is
 a comment, blank lines are ignored; one entry per line, fields separated by spaces:
     <isa> <head_dim> <block_rows> <block_keys>
-e.g. "avx512 64 64 256". The tool writes a header comment with the date, CPU, workload
+e.g. "avx512 64 144 256". The tool writes a header comment with the date, CPU, workload
 and the default vs tuned GFLOP/s of each D.
 
 Using the file: the library loads it on first use when the environment variable
