@@ -37,7 +37,9 @@ Table& table() {
 }
 
 void check_tiles(const TileConfig& tiles, const std::string& where) {
-  // Multiples of 8 rows and 32 keys fit the micro-kernels of every ISA (MR <= 8, NR <= 32).
+  // Multiples of 32 keys fit the key panels of every ISA (NR <= 32). Rows are rounded up
+  // to whole micro-kernel tiles when used (12 on AVX-512); the multiple of 8 is the
+  // file format's long-standing rule.
   if (tiles.block_rows < 8 || tiles.block_rows % 8 != 0 || tiles.block_rows > 4096)
     throw Error("flashcpu: " + where + " block_rows: expected a multiple of 8 in [8, 4096], got " +
                 std::to_string(tiles.block_rows));
