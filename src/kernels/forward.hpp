@@ -164,15 +164,20 @@ struct ForwardKernel {
     }
   }
 
+  // (0, 1, ..., W - 1), for positions within a vector.
+  static batch lane_indices() {
+    alignas(64) float lanes[W];
+    for (int t = 0; t < W; ++t) lanes[t] = float(t);
+    return batch::load_aligned(lanes);
+  }
+
   // The score terms after the raw product, in the documented order, on columns [c0, cols)
   // of one tile: biases, transform, ALiBi, additive mask, bool mask; then log2 units.
   static void score_epilogue(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, std::int64_t c0,
                              std::int64_t cols) {
     const std::int64_t G = job.heads_per_row, diag = job.kv_len - job.q_len;
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
-    alignas(64) float iota_lanes[W];
-    for (int t = 0; t < W; ++t) iota_lanes[t] = float(t);
-    const batch iota = batch::load_aligned(iota_lanes);
+    const batch iota = lane_indices();
     for (int r = 0; r < MR; ++r) {
       float* s = job.scores + r * job.block_keys;
       const std::int64_t row = r0 + r, i = job.first_row + row / G, g = row % G;
@@ -262,9 +267,7 @@ struct ForwardKernel {
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
     constexpr std::int64_t unbounded = std::numeric_limits<std::int64_t>::max() / 4;
 
-    alignas(64) float iota_lanes[W];
-    for (int t = 0; t < W; ++t) iota_lanes[t] = float(t);
-    const batch iota = batch::load_aligned(iota_lanes);
+    const batch iota = lane_indices();
 
     if (!job.resume) reset_state(job, rows_padded);
     // The visible key interval [lo_i, hi_i] of query i; it moves right with i, so the
