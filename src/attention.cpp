@@ -446,6 +446,10 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
                        : small ? kernels.forward_small_block
                                : kernels.forward_query_block;
   const std::int64_t rows_padded = round_up(rows, mr);
+  // Keys per kernel call: a block when this path packs K or V one block at a time, else
+  // the whole chunk (the kernel walks its blocks itself, transposing Q and starting its
+  // prefetch stream once per chunk rather than once per block).
+  const bool packs_per_block = !k_in_place || !plan.v_in_place;
 
   // Aim for 64 work items in all (enough for 64 cores), but no chunk under 512 keys,
   // where the per-chunk merge would start to cost more than the parallelism gains.
@@ -454,6 +458,7 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
   const std::int64_t wanted = std::max<std::int64_t>(
       1, std::min((kTargetItems + kv_heads - 1) / kv_heads, (M + kMinChunkKeys - 1) / kMinChunkKeys));
   const std::int64_t chunk_keys = round_up((std::max<std::int64_t>(M, 1) + wanted - 1) / wanted, Bk);
+  const std::int64_t step = packs_per_block ? Bk : chunk_keys;
   const std::int64_t chunks = (std::max<std::int64_t>(M, 1) + chunk_keys - 1) / chunk_keys;
   const std::int64_t items = kv_heads * chunks;
   const int threads = int(std::min<std::int64_t>(thread_count(s.num_threads), items));
@@ -510,9 +515,9 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
       job.resume = false;
       job.out = element(out, b, hkv * G, 0);
       job.lse = lse ? element(*lse, b, hkv * G, 0) : nullptr;
-      for (std::int64_t j0 = chunk * chunk_keys; j0 < chunk_end || !job.resume; j0 += Bk) {
-        const std::int64_t keys = std::max<std::int64_t>(0, std::min(Bk, chunk_end - j0));
-        job.finalize = single_chunk && j0 + Bk >= chunk_end;
+      for (std::int64_t j0 = chunk * chunk_keys; j0 < chunk_end || !job.resume; j0 += step) {
+        const std::int64_t keys = std::max<std::int64_t>(0, std::min(step, chunk_end - j0));
+        job.finalize = single_chunk && j0 + step >= chunk_end;
         if (keys == 0) {  // an empty chunk (key length): only reset the partial state
           job.key_begin = job.key_end = j0;
           forward(job);

@@ -260,6 +260,18 @@ struct ForwardKernel {
       for (int c = 0; c < NVC; ++c) o[r][c].store_aligned(acc + r * acc_stride + c * W);
   }
 
+  // The P.V tiles of ROWS rows across all Dvp value columns: NV vectors at a time, then
+  // single vectors for the rest.
+  template <int ROWS>
+  static void pv_rows(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const float* v,
+                      std::int64_t v_stride, std::int64_t num_keys, const float* alpha, float* acc, std::int64_t Dvp) {
+    std::int64_t c = 0;
+    for (; c + NV * W <= Dvp; c += NV * W)
+      pv_tile<ROWS, NV>(probs, probs_stride, key_stride, v + c, v_stride, num_keys, alpha, acc + c, Dvp);
+    for (; c < Dvp; c += W)
+      pv_tile<ROWS, 1>(probs, probs_stride, key_stride, v + c, v_stride, num_keys, alpha, acc + c, Dvp);
+  }
+
   static void forward_query_block(const QueryBlockJob& job) {
     const std::int64_t D = job.head_dim, G = job.heads_per_row;
     const std::int64_t Dvp = job.value_dim_padded, Bk = job.block_keys;
@@ -373,15 +385,9 @@ struct ForwardKernel {
         }
 
         const float* v_block = job.v_rows + (j0 + c0 - job.key_begin) * job.v_row_stride;
-        for (int h = 0; h < MR; h += PR) {
-          const float* probs = scores + h * Bk + c0;
-          float* acc = job.acc + (r0 + h) * Dvp;
-          std::int64_t c = 0;
-          for (; c + NV * W <= Dvp; c += NV * W)
-            pv_tile<PR, NV>(probs, Bk, 1, v_block + c, job.v_row_stride, num_keys - c0, alpha + h, acc + c, Dvp);
-          for (; c < Dvp; c += W)
-            pv_tile<PR, 1>(probs, Bk, 1, v_block + c, job.v_row_stride, num_keys - c0, alpha + h, acc + c, Dvp);
-        }
+        for (int h = 0; h < MR; h += PR)
+          pv_rows<PR>(scores + h * Bk + c0, Bk, 1, v_block, job.v_row_stride, num_keys - c0, alpha + h,
+                      job.acc + (r0 + h) * Dvp, Dvp);
       }
     }
 
@@ -398,7 +404,7 @@ struct ForwardKernel {
       if (Dv > 0) {  // with Dv = 0 out may be null: only lse is written
         float* out = job.out + i * job.out_row_stride + g * job.out_head_stride;
         const float* acc = job.acc + r * Dvp;
-        const float inv = 1.0f / sum;
+        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
         if (!(sum > 0.0f)) {
           for (std::int64_t c = 0; c < Dv; ++c) out[c * job.out_col_stride] = job.empty_value;
         } else if (job.out_col_stride == 1) {
@@ -536,14 +542,8 @@ struct ForwardKernel {
         a.store_aligned(alpha);
 
         const float* v_block = job.v_rows + (j0 - job.key_begin) * job.v_row_stride;
-        for (int h = 0; h < W; h += PV_ROWS) {
-          float* acc = job.acc + (r0 + h) * Dvp;
-          std::int64_t c = 0;
-          for (; c + NV * W <= Dvp; c += NV * W)
-            pv_tile<PV_ROWS, NV>(st + h, 1, W, v_block + c, job.v_row_stride, n, alpha + h, acc + c, Dvp);
-          for (; c < Dvp; c += W)
-            pv_tile<PV_ROWS, 1>(st + h, 1, W, v_block + c, job.v_row_stride, n, alpha + h, acc + c, Dvp);
-        }
+        for (int h = 0; h < W; h += PV_ROWS)
+          pv_rows<PV_ROWS>(st + h, 1, W, v_block, job.v_row_stride, n, alpha + h, job.acc + (r0 + h) * Dvp, Dvp);
       }
       m.store_unaligned(job.row_max + r0);
       l.store_unaligned(job.row_sum + r0);
