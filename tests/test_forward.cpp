@@ -258,7 +258,7 @@ TEST_CASE("scores of magnitude 1e4..1e5 neither overflow nor lose the answer", "
         INFO(r.report);
         CHECK(r.ok);
         bool finite = true;
-        for (const float x : out.buffer()) finite = finite && std::isfinite(x);
+        for (const float x : out.values()) finite = finite && std::isfinite(x);
         CHECK(finite);
         // Row N-1 sees every key: the plain mean of v.
         for (std::int64_t col = 0; col < c.Dv; ++col) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -56,8 +57,22 @@ Tensor::Tensor(Shape shape, Layout layout, float pad) : shape_(shape), pad_(pad)
       size = H * S * D;
       break;
   }
-  // Never empty, so even an empty view has a non-null pointer.
-  buf_.assign(static_cast<std::size_t>(std::max<std::int64_t>(size, 1)), pad);
+  // Never empty, so even an empty view has a non-null pointer. The layout starts on a
+  // 64-byte boundary, as a user's aligned buffer would: with row strides that are whole
+  // cache lines the library reads V in place, otherwise it packs it, and both must be tested.
+  constexpr std::int64_t kLineFloats = 16;
+  buf_.assign(static_cast<std::size_t>(std::max<std::int64_t>(size, 1) + kLineFloats), pad);
+  const auto address = reinterpret_cast<std::uintptr_t>(buf_.data());
+  offset_ += std::int64_t((64 - address % 64) % 64 / sizeof(float));
+}
+
+std::vector<float> Tensor::values() const {
+  std::vector<float> all;
+  for (std::int64_t b = 0; b < shape_[0]; ++b)
+    for (std::int64_t h = 0; h < shape_[1]; ++h)
+      for (std::int64_t s = 0; s < shape_[2]; ++s)
+        for (std::int64_t d = 0; d < shape_[3]; ++d) all.push_back(at(b, h, s, d));
+  return all;
 }
 
 void Tensor::fill_uniform(std::mt19937& rng, float lo, float hi) {
@@ -311,7 +326,7 @@ Result run_case(const Case& c) {
 std::vector<float> run_fused_buffer(const Case& c) {
   Built t = build(c);
   flashcpu::attention(t.q.cview(), t.k.cview(), t.v.cview(), t.out.view(), t.options);
-  return t.out.buffer();
+  return t.out.values();
 }
 
 int micro_rows(const std::string& isa) { return isa == "avx512" ? 12 : 4; }

@@ -49,6 +49,8 @@ class Tensor {
   /// Whether every buffer element outside the view still holds the padding (bitwise).
   bool padding_intact() const;
   const std::vector<float>& buffer() const { return buf_; }
+  /// The view's elements in [b, h, s, d] order (comparable across differently placed buffers).
+  std::vector<float> values() const;
 
  private:
   std::int64_t index(std::int64_t b, std::int64_t h, std::int64_t s, std::int64_t d) const {
@@ -94,8 +96,8 @@ struct Case {
 /// flashcpu::attention, and compares with the reference.
 Result run_case(const Case& c);
 
-/// Fused output of `c` alone (whole out buffer, padding included), for bitwise
-/// comparisons between runs.
+/// Fused output of `c` alone (the out view's elements), for bitwise comparisons between
+/// runs.
 std::vector<float> run_fused_buffer(const Case& c);
 
 /// Multiples the active ISA's micro-kernel imposes on the tiles: rows 12 (avx512) / 4,
