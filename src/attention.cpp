@@ -97,7 +97,8 @@ Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const Tensor
   // Short sequences get blocks no larger than they need, so that small problems still
   // split into enough work items and no time goes to padding.
   plan.block_rows = round_up(std::min<std::int64_t>(tiles.block_rows, std::max<std::int64_t>(s.q_len, 1)), kernels.tile_rows);
-  plan.block_keys = std::min<std::int64_t>(tiles.block_keys, round_up(std::max<std::int64_t>(s.kv_len, 1), kernels.panel_keys));
+  plan.block_keys = std::min(round_up(tiles.block_keys, kernels.panel_keys),
+                             round_up(std::max<std::int64_t>(s.kv_len, 1), kernels.panel_keys));
   plan.value_dim_padded = round_up(s.value_dim, kernels.vector_floats);
   plan.v_in_place = v.strides[3] == 1 && s.value_dim == plan.value_dim_padded;
   const auto on_lines = [](std::int64_t floats) { return floats * std::int64_t(sizeof(float)) % 64 == 0; };
@@ -474,7 +475,7 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
                           D % kernels.vector_floats == 0;
   // Kernel: with a vector's worth of rows or more (and nothing but exclusions on the
   // scores), the rows become vector lanes; else the smaller tile when it pads less (e.g.
-  // 4 stacked heads: one 4-row tile, not half of a 12-row one): decoding is bound by
+  // 4 stacked heads: one 4-row tile, not two thirds of a 6-row one): decoding is bound by
   // memory, and padded rows only add compute.
   const bool lanes = k_in_place && !plan.natural_units && rows >= kernels.vector_floats;
   const bool small = round_up(rows, kernels.small_tile_rows) < round_up(rows, kernels.tile_rows);

@@ -15,11 +15,12 @@ namespace {
 
 // Built-in defaults, measured on the 2-core development VM (AVX-512 Xeon, 2 MiB L2 per
 // core; README "Tuning tile sizes"). A Br x D block of Q and a Bk x (D + Dv) block of K
-// and V stay in L2; the MR x Bk score tile stays in L1. With the 12-row AVX-512 tiles,
+// and V stay in L2; the MR x Bk score tile stays in L1. With 12-row AVX-512 tiles,
 // 144 x 256 was the best or tied of {64, 96, 144} x 256 on P64, P128, C128, S16K and
 // short N=256 (S16K 229 ms against 239 ms at 64 x 256: each block of rows streams the
-// whole K and V, so fewer, larger blocks read them less often). 144 is a multiple of
-// every ISA's tile rows (12 and 4); the same sizes serve all head dims.
+// whole K and V, so fewer, larger blocks read them less often). With the 6 x 64 tiles,
+// {96, 144, 192} x 256 and 144 x 512 were within the noise (+-4%) on P64 and short N=256.
+// 144 is a multiple of every ISA's tile rows (6 and 4); the same sizes serve all head dims.
 TileConfig default_tiles(Isa isa, std::int64_t head_dim) {
   (void)isa;
   (void)head_dim;
@@ -37,9 +38,8 @@ Table& table() {
 }
 
 void check_tiles(const TileConfig& tiles, const std::string& where) {
-  // Multiples of 32 keys fit the key panels of every ISA (NR <= 32). Rows are rounded up
-  // to whole micro-kernel tiles when used (12 on AVX-512); the multiple of 8 is the
-  // file format's long-standing rule.
+  // Both are rounded up to whole micro-kernel tiles when used (6 rows and 64 keys on
+  // AVX-512); the multiples of 8 and 32 are the file format's long-standing rules.
   if (tiles.block_rows < 8 || tiles.block_rows % 8 != 0 || tiles.block_rows > 4096)
     throw Error("flashcpu: " + where + " block_rows: expected a multiple of 8 in [8, 4096], got " +
                 std::to_string(tiles.block_rows));

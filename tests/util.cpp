@@ -329,8 +329,8 @@ std::vector<float> run_fused_buffer(const Case& c) {
   return t.out.values();
 }
 
-int micro_rows(const std::string& isa) { return isa == "avx512" ? 12 : 4; }
-int key_panel(const std::string& isa) { return isa == "avx512" ? 32 : isa == "avx2" ? 16 : 8; }
+int micro_rows(const std::string& isa) { return isa == "avx512" ? 6 : 4; }
+int key_panel(const std::string& isa) { return isa == "avx512" ? 64 : isa == "avx2" ? 16 : 8; }
 
 TileOverride::TileOverride(std::int64_t head_dim, flashcpu::TileConfig tiles)
     : isa_(flashcpu::active_isa()), head_dim_(head_dim) {

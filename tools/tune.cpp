@@ -21,10 +21,11 @@ namespace fb = flashcpu::bench;
 
 namespace {
 
-// Multiples of 24: whole tiles of every ISA's micro-kernel rows (12 on AVX-512, 4 below)
-// and of the 8 the tuning file requires.
+// Multiples of 24: whole tiles of every ISA's micro-kernel rows (6 on AVX-512, 4 below)
+// and of the 8 the tuning file requires. Multiples of 64: whole key panels of every ISA
+// (64 keys on AVX-512), so no two candidates run the same blocks.
 const std::vector<int> kRows = {24, 48, 72, 96, 144, 192, 288};
-const std::vector<int> kKeys = {32, 64, 128, 192, 256, 384, 512, 768, 1024};
+const std::vector<int> kKeys = {64, 128, 192, 256, 384, 512, 768, 1024};
 const std::vector<int> kQuickRows = {48, 96, 144, 192};
 const std::vector<int> kQuickKeys = {64, 128, 256, 512};
 
@@ -69,8 +70,9 @@ Options:
   --min-gain PCT   keep the default unless the best beats it by PCT percent in the
                    final A/B comparison (default 2: noise on a shared VM is about that)
   --rows LIST      block_rows candidates (multiples of 8; the kernel rounds them up to
-                   its tile rows, 12 on AVX-512), comma-separated
-  --keys LIST      block_keys candidates (multiples of 32), comma-separated
+                   its tile rows, 6 on AVX-512), comma-separated
+  --keys LIST      block_keys candidates (multiples of 32; the kernel rounds them up to
+                   its key panel, 64 on AVX-512), comma-separated
   --isa NAME       tune for avx512, avx2 or sse2 instead of the active ISA (the tool
                    re-runs itself with FLASHCPU_ISA=NAME, as the ISA is fixed per process);
                    "all" tunes every ISA this CPU supports, one after another, into one file

@@ -158,8 +158,8 @@ bool isa_supported(const std::string& isa);
 
 /// Tile sizes the fused kernel uses for one head dimension on the active ISA.
 struct TileConfig {
-  int block_rows;  // queries per block (used rounded up to the micro-kernel's rows: 12 on AVX-512, 4 below)
-  int block_keys;  // keys per block (a multiple of the micro-kernel's key panel)
+  int block_rows;  // queries per block (used rounded up to the micro-kernel's rows: 6 on AVX-512, 4 below)
+  int block_keys;  // keys per block (used rounded up to the micro-kernel's key panel: 64 on AVX-512, 16 or 8 below)
 };
 
 /// The tile sizes attention() uses for head dimension `head_dim` on the active ISA:
