@@ -475,7 +475,7 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
                           D % kernels.vector_floats == 0;
   // Kernel: with a vector's worth of rows or more (and nothing but exclusions on the
   // scores), the rows become vector lanes; else the smaller tile when it pads less (e.g.
-  // 4 stacked heads: one 4-row tile, not two thirds of a 6-row one): decoding is bound by
+  // 4 stacked heads: one 4-row tile, not a 6-row one with 2 empty rows): decoding is bound by
   // memory, and padded rows only add compute.
   const bool lanes = k_in_place && !plan.natural_units && rows >= kernels.vector_floats;
   const bool small = round_up(rows, kernels.small_tile_rows) < round_up(rows, kernels.tile_rows);
