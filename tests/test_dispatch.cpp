@@ -84,8 +84,8 @@ TEST_CASE("set_tile_config rejects tiles no ISA can use", "[tiles][errors]") {
   for (const flashcpu::TileConfig t :
        {flashcpu::TileConfig{0, 32}, {8, 0}, {7, 32}, {8, 31}, {12, 32}, {8, 48}, {-8, 32}, {8, -32}}) {
     INFO("tiles {" << t.block_rows << ", " << t.block_keys << "}");
-    // {12, 32} and {8, 48} fit AVX2/SSE2 micro-kernels but not AVX-512's: the
-    // documented rule is multiples of 8 rows and 32 keys on every ISA.
+    // {12, 32} and {8, 48} are rejected by the file format's rule, multiples of 8 rows
+    // and 32 keys on every ISA (the kernels round the tiles up to their own multiples).
     CHECK_THROWS_AS(flashcpu::set_tile_config(isa, d, t), flashcpu::Error);
     const flashcpu::TileConfig now = flashcpu::tile_config(d);
     CHECK(now.block_rows == before.block_rows);

@@ -120,10 +120,17 @@ TEST_CASE("fused matches the reference with overridden tile shapes", "[forward][
     REQUIRE(now.block_rows == var.tiles.block_rows);
     REQUIRE(now.block_keys == var.tiles.block_keys);
     INFO("tiles {" << var.tiles.block_rows << ", " << var.tiles.block_keys << "}");
-    const bool lines_only = var.tiles.block_keys >= 512;
-    for (const std::int64_t N : ftest::edge_lengths(var.tiles.block_rows))
-      for (const std::int64_t M : ftest::edge_lengths(var.tiles.block_keys)) {
-        if (lines_only && N != var.tiles.block_rows + 1 && M != var.tiles.block_keys + 1) continue;
+    // The blocks as run: rounded up to whole micro-kernel tiles (6 rows, 64 keys on avx512).
+    const std::string isa = flashcpu::active_isa();
+    const std::int64_t rows_used = (var.tiles.block_rows + ftest::micro_rows(isa) - 1) / ftest::micro_rows(isa) *
+                                   ftest::micro_rows(isa);
+    const std::int64_t keys_used = (var.tiles.block_keys + ftest::key_panel(isa) - 1) / ftest::key_panel(isa) *
+                                   ftest::key_panel(isa);
+    INFO("blocks as run {" << rows_used << ", " << keys_used << "}");
+    const bool lines_only = keys_used >= 512;
+    for (const std::int64_t N : ftest::edge_lengths(rows_used))
+      for (const std::int64_t M : ftest::edge_lengths(keys_used)) {
+        if (lines_only && N != rows_used + 1 && M != keys_used + 1) continue;
         for (const bool causal : {false, true}) {
           Case c;
           c.N = N, c.M = M, c.D = var.D, c.Dv = var.Dv, c.Hq = var.Hq, c.Hkv = var.Hkv;
@@ -136,10 +143,10 @@ TEST_CASE("fused matches the reference with overridden tile shapes", "[forward][
 }
 
 TEST_CASE("fused matches the reference at micro-kernel and vector-width edges", "[forward][micro]") {
-  // Register tile rows 12 / 6 / 4, key panels 32 / 16 / 8 floats, vectors 16 / 8 / 4 floats:
-  // lengths and head dims one below, at and one above each.
+  // Register tile rows 6 / 4 / 4 (avx512 / avx2 / sse2), key panels 64 / 16 / 8 floats,
+  // vectors 16 / 8 / 4 floats: lengths and head dims one below, at and one above each.
   const std::int64_t rows[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 15, 16, 17, 33};
-  const std::int64_t keys[] = {3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 65};
+  const std::int64_t keys[] = {3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65};
   const std::int64_t dims[] = {1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33};
   std::size_t next = 0;
   std::uint32_t seed = 400;

@@ -100,8 +100,8 @@ Result run_case(const Case& c);
 /// runs.
 std::vector<float> run_fused_buffer(const Case& c);
 
-/// Multiples the active ISA's micro-kernel imposes on the tiles: rows 12 (avx512) / 4,
-/// key panel 32 / 16 / 8 floats.
+/// Multiples the active ISA's micro-kernel rounds the tiles up to: rows 6 (avx512) / 4,
+/// key panel 64 / 16 / 8 floats.
 int micro_rows(const std::string& isa);
 int key_panel(const std::string& isa);
 
