@@ -1,24 +1,30 @@
 // flashcpu_bench: Google Benchmark suite for flashcpu::attention.
 //
-// Every workload runs three implementations as separate benchmarks in one run:
-//   <family>/fused/...     flashcpu::attention (fused, tiled, online softmax)
-//   <family>/naive/...     flashcpu::reference::attention (full score matrix, double)
-//   <family>/openblas/...  materialized: sgemm + row softmax + sgemm (common.hpp)
-// Families: prefill sweep, the named workloads of PERFORMANCE.md (P64, P128, C128,
-// S16K, short, DEC, thread scaling), a decode sweep, head shapes of real models, the
-// two OpenBLAS threading modes, and the machine probes (BM_FmaPeak, BM_ReadBandwidth).
+// Every workload runs its implementations as separate benchmarks in one run:
+//   <family>/fused/...          flashcpu::attention (fused, tiled, online softmax)
+//   <family>/naive/...          textbook fp32, -O3 -march=native (bench/naive.cpp)
+//   <family>/openblas/...       materialized: sgemm + row softmax + sgemm; causal skips
+//                               the key blocks a query block cannot see (common.hpp)
+//   <family>/openblas_full/...  causal only: the same over the full masked square
+//   <family>/reference/...      the fp64 oracle, only with --with-reference
+// Families: prefill sweep, the named workloads (P64, P128, C128, S16K, short, DEC,
+// thread scaling), a decode sweep, head shapes of real models, the two OpenBLAS
+// threading modes, and the machine probes (BM_FmaPeak, BM_ReadBandwidth).
 //
-// Counters (per benchmark, medians with --benchmark_repetitions):
+// Counters (per repetition; medians with --benchmark_repetitions):
 //   FLOP            useful FLOP per second, 2*B*Hq*pairs*(D+Dv) (common.hpp)
-//   peak_frac       achieved GFLOP/s / FMA peak measured at the same thread count
+//   probe_gflops    an FMA probe taken right before this repetition
+//   peak_frac       this repetition's GFLOP/s / probe_gflops: its median is the median
+//                   of per-pair ratios (probe, kernel, probe, kernel...)
 //   kv_bytes_per_s  decode only: K+V bytes (each KV head once) per second
-//   bw_frac         decode only: kv_bytes_per_s / measured read bandwidth
+//   probe_read_gbps decode only: a read-bandwidth probe right before this repetition
+//   bw_frac         decode only: kv_bytes_per_s / probe_read_gbps
 //   peak_extra_MiB  peak RSS growth of one call beyond the resident inputs
-//   analytic_MiB    naive/openblas only: the score matrices their design implies
+//   analytic_MiB    baselines only: the working memory their design implies
 //
 // Usage:
-//   flashcpu_bench [--threads=N] [--naive-max=N] [--no-self-check] [--no-probes]
-//                  [--blas-threading=heads|blas] [google benchmark flags]
+//   flashcpu_bench [--threads=N] [--naive-max=N] [--with-reference] [--no-self-check]
+//                  [--no-probes] [--blas-threading=heads|blas] [google benchmark flags]
 //   flashcpu_bench --benchmark_filter='^(P64|DEC)/' --benchmark_repetitions=5
 //       --benchmark_report_aggregates_only=true
 //       --benchmark_out=bench.json --benchmark_out_format=json
@@ -47,36 +53,53 @@ using fb::Shape;
 namespace {
 
 struct Settings {
-  int threads = 0;                // --threads; 0 resolves to OpenMP's default
-  std::int64_t naive_max = 4096;  // naive runs only when N*M <= naive_max^2
+  int threads = 0;                 // --threads; 0 resolves to OpenMP's default
+  std::int64_t naive_max = 16384;  // naive runs only when N*M <= naive_max^2 (time only)
+  bool with_reference = false;     // register the fp64 oracle too (N*M <= 4096^2)
   bool self_check = true;
   bool probes = true;
 } g;
 
-// The last problem built, reused by the next benchmark of the same shape: the three
-// implementations of a workload and all repetitions share one set of inputs.
+// The fp64 oracle holds an N x M double matrix per thread: 2 GiB at 16384.
+constexpr std::int64_t kReferenceMax = 4096;
+
+// Problems are built once and shared by every benchmark of the same shape: the
+// implementations of a workload and all their repetitions use one set of inputs.
+// Repetitions are interleaved (--benchmark_enable_random_interleaving), so the
+// problems of a run stay resident together, up to a budget; past it the others go.
 //
 // A cold problem has several copies whose K and V together exceed the last-level
-// cache (>= 1 GiB; the VM reports a 480 MiB L3), and successive calls cycle through
-// them, so a decode step reads its KV cache from memory as it would in a model with
-// many layers. With one copy, DEC's 64 MiB of K/V stay in cache between calls and
-// the "bandwidth" exceeds the memory's (DEC_hot shows that case).
-std::vector<fb::Problem>& problems_for(const Shape& s, bool cold) {
-  static std::vector<fb::Problem> last;
-  static std::string last_key;
+// cache (>= 1 GiB; the Xeons here have 300 MiB of L3), and successive calls cycle
+// through them, so a decode step reads its KV cache from memory as it would in a
+// model with many layers. With one copy, DEC's 64 MiB of K/V stay in cache between
+// calls and the "bandwidth" exceeds the memory's (DEC_hot shows that case).
+struct CachedProblem {
+  std::vector<fb::Problem> copies;
+  // One per implementation, so each one's first call allocates (and so measures) its
+  // own score buffers; later calls reuse them untimed.
+  std::map<Impl, fb::MaterializedWorkspace> workspaces;
+  double bytes = 0;
+};
+
+CachedProblem& problems_for(const Shape& s, bool cold) {
+  static std::map<std::string, CachedProblem> cache;
+  constexpr double kBudget = 6.0 * double(std::size_t(1) << 30);
   std::size_t copies = 1;
   if (cold) {
     const double target = double(std::size_t(1) << 30);
     copies = std::size_t(std::clamp(std::ceil(target / fb::kv_bytes(s)), 1.0, 256.0));
   }
   const std::string key = fb::describe(s) + " x" + std::to_string(copies);
-  if (key != last_key) {
-    last.clear();  // free first: two large sets need not coexist
-    last_key.clear();
-    for (std::size_t i = 0; i < copies; ++i) last.emplace_back(s);
-    last_key = key;
-  }
-  return last;
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  double total = 0;
+  for (const auto& kv : cache) total += kv.second.bytes;
+  const double bytes = double(copies) * fb::input_bytes(s);
+  if (total + bytes > kBudget) cache.clear();  // free first: large sets need not coexist
+  CachedProblem& entry = cache[key];
+  for (std::size_t i = 0; i < copies; ++i) entry.copies.emplace_back(s);
+  entry.bytes = bytes;
+  return entry;
 }
 
 // Memory and correctness are measured once per (implementation, shape, threads),
@@ -89,35 +112,46 @@ std::map<std::string, FirstRun>& first_runs() {
   return m;
 }
 
-using Runner = std::function<void(fb::Problem&, int threads)>;
+using Runner = std::function<void(fb::Problem&, int threads, fb::MaterializedWorkspace*)>;
 
+// One repetition: a probe, then the timed calls. With --benchmark_repetitions each
+// repetition is a separate call of this function (interleaved with other benchmarks'
+// under --benchmark_enable_random_interleaving), so every repetition's figure is
+// divided by a probe taken right before it: probe, kernel, probe, kernel.
 void bm_attention(benchmark::State& st, const std::string& name, Impl impl, const Runner& runner,
                   const Shape& s, int threads, bool decode, bool cold, const std::string& label,
                   fb::BlasThreading blas_mode) {
-  if (impl == Impl::openblas && !fb::have_openblas()) {
+  if ((impl == Impl::openblas || impl == Impl::openblas_full) && !fb::have_openblas()) {
     st.SkipWithError("OpenBLAS was not found at configure time");
     return;
   }
   threads = fb::resolve_threads(threads);
-  std::vector<fb::Problem>& copies = problems_for(s, cold);
+  CachedProblem& cached = problems_for(s, cold);
+  std::vector<fb::Problem>& copies = cached.copies;
+  fb::MaterializedWorkspace* ws = &cached.workspaces[impl];
   fb::Problem& p = copies.front();
 
   const std::string key = name + "|" + std::to_string(threads);
   auto it = first_runs().find(key);
   if (it == first_runs().end()) {
-    // The first call: peak memory, with inputs resident. Then the cross-check
-    // against the fused kernel, which aborts on a mismatch.
-    const double extra = fb::measure_peak_extra_mib([&] { runner(p, threads); });
-    fb::check_against_fused(impl, p, threads);
+    // The first call: peak memory, with inputs resident (and this implementation's
+    // workspace not yet allocated). Then the cross-checks, which abort on a mismatch:
+    // against the fused output at this size, and against the fp64 oracle at a reduced
+    // size of the same family.
+    const double extra = fb::measure_peak_extra_mib([&] { runner(p, threads, ws); });
+    fb::check_against_fused(impl, p, threads, ws);
+    fb::check_against_reference(impl, s, threads);
     it = first_runs().emplace(key, FirstRun{extra}).first;
   } else {
-    runner(p, threads);  // warm-up
+    runner(p, threads, ws);  // warm-up
   }
+  const double probe_flops = fb::fma_probe_now(threads);
+  const double probe_read = decode ? fb::read_probe_now(threads) : 0.0;
 
   std::size_t next = 0;
   const double t0 = fb::now_seconds();
   for (auto _ : st) {
-    runner(copies[next], threads);
+    runner(copies[next], threads, ws);
     next = next + 1 == copies.size() ? 0 : next + 1;
     benchmark::ClobberMemory();
   }
@@ -125,31 +159,19 @@ void bm_attention(benchmark::State& st, const std::string& name, Impl impl, cons
 
   const double flop = fb::attention_flops(s);
   st.counters["FLOP"] = benchmark::Counter(flop, benchmark::Counter::kIsIterationInvariantRate);
-  st.counters["peak_frac"] = flop / per_iter * 1e-9 / fb::fma_peak_gflops(threads);
+  st.counters["probe_gflops"] = probe_flops;
+  st.counters["peak_frac"] = flop / per_iter * 1e-9 / probe_flops;
   if (decode) {
     const double bytes = fb::kv_bytes(s);
     st.counters["kv_bytes_per_s"] =
         benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
-    st.counters["bw_frac"] = bytes / per_iter * 1e-9 / fb::read_bandwidth_gbps(threads);
+    st.counters["probe_read_gbps"] = probe_read;
+    st.counters["bw_frac"] = bytes / per_iter * 1e-9 / probe_read;
   }
   if (it->second.extra_mib >= 0) st.counters["peak_extra_MiB"] = it->second.extra_mib;
-  if (impl == Impl::naive) st.counters["analytic_MiB"] = fb::naive_analytic_mib(s, threads);
-  if (impl == Impl::openblas) {
-    st.counters["analytic_MiB"] = fb::openblas_analytic_mib(s, threads, blas_mode);
-  }
+  const double analytic = fb::analytic_mib(impl, s, threads, blas_mode);
+  if (analytic >= 0) st.counters["analytic_MiB"] = analytic;
   st.SetLabel(copies.size() > 1 ? label + " cold x" + std::to_string(copies.size()) : label);
-}
-
-std::string label_for(Impl impl, const Shape& s) {
-  switch (impl) {
-    case Impl::fused:
-      return fb::fused_label(s.d);
-    case Impl::naive:
-      return "reference double";
-    case Impl::openblas:
-      return std::string("openblas ") + fb::blas_threading_name(fb::default_blas_threading());
-  }
-  return "";
 }
 
 void add_one(const std::string& name, Impl impl, const Runner& runner, const Shape& s, int threads,
@@ -164,18 +186,28 @@ void add_one(const std::string& name, Impl impl, const Runner& runner, const Sha
       ->Unit(benchmark::kMillisecond);
 }
 
-// Registers <prefix>/<impl><suffix> for the three implementations. The naive
-// reference is left out above g.naive_max^2 score elements (N = 16384 would need
-// 2 GiB of double scores per thread and minutes per call).
+// Registers <prefix>/<impl><suffix> for each implementation. The naive baseline is
+// left out above g.naive_max^2 score pairs (for time: it needs one score row per
+// thread), the full-square OpenBLAS variant on non-causal workloads (where it is the
+// same computation), and the fp64 oracle unless --with-reference, or above 4096^2
+// (its N x M double matrix per thread would need 2 GiB at 16384).
 // Decode workloads (decode = true) report bandwidth and run cold unless told.
 void add_workload(const std::string& prefix, const std::string& suffix, const Shape& s,
                   int threads = 0, bool decode = false, bool cold = true) {
-  for (Impl impl : {Impl::fused, Impl::naive, Impl::openblas}) {
+  for (Impl impl :
+       {Impl::fused, Impl::naive, Impl::openblas, Impl::openblas_full, Impl::reference}) {
     if (impl == Impl::naive && s.n * s.m > g.naive_max * g.naive_max) continue;
-    if (impl == Impl::openblas && !fb::have_openblas()) continue;
-    const Runner runner = [impl](fb::Problem& p, int t) { fb::run(impl, p, t); };
+    if ((impl == Impl::openblas || impl == Impl::openblas_full) && !fb::have_openblas()) continue;
+    if (impl == Impl::openblas_full && !s.causal) continue;
+    if (impl == Impl::reference &&
+        (!g.with_reference || s.n * s.m > kReferenceMax * kReferenceMax)) {
+      continue;
+    }
+    const Runner runner = [impl](fb::Problem& p, int t, fb::MaterializedWorkspace* ws) {
+      fb::run(impl, p, t, ws);
+    };
     add_one(prefix + "/" + fb::impl_name(impl) + suffix, impl, runner, s, threads, decode,
-            decode && cold, label_for(impl, s));
+            decode && cold, fb::impl_label(impl, s));
   }
 }
 
@@ -189,7 +221,7 @@ std::vector<int> thread_counts() {
 }
 
 void register_attention_benchmarks() {
-  // Named workloads (PERFORMANCE.md).
+  // Named workloads: the ones the README's tables quote.
   add_workload("P64", "", fb::mha(1, 16, 2048, 2048, 64));
   add_workload("P128", "", fb::mha(1, 16, 2048, 2048, 128));
   add_workload("C128", "", fb::mha(1, 8, 4096, 4096, 128, true));
@@ -255,11 +287,11 @@ void register_attention_benchmarks() {
                            {"DEC", fb::gqa(1, 32, 8, 1, 8192, 128), true}};
     for (const Named& w : named) {
       for (auto mode : {fb::BlasThreading::heads_parallel, fb::BlasThreading::blas_threaded}) {
-        const Runner runner = [mode](fb::Problem& p, int t) {
+        const Runner runner = [mode](fb::Problem& p, int t, fb::MaterializedWorkspace* ws) {
           flashcpu::AttentionOptions o;
           o.causal = p.shape.causal;
           o.num_threads = t;
-          fb::openblas_attention(p.qv(), p.kv(), p.vv(), p.outv(), o, mode);
+          fb::openblas_attention(p.qv(), p.kv(), p.vv(), p.outv(), o, false, mode, ws);
         };
         add_one(std::string("blas_mode/") + w.name + "/" + fb::blas_threading_name(mode),
                 Impl::openblas, runner, w.s, 0, w.decode, w.decode,
@@ -315,13 +347,20 @@ bool take_flag(const char* arg, const char* name, const char** value) {
 void print_usage() {
   std::printf(
       "flashcpu_bench: fused vs naive vs OpenBLAS attention, with machine probes.\n"
+      "If OpenBLAS picked kernels below what this CPU runs, the program re-runs itself\n"
+      "once with OPENBLAS_CORETYPE set (unless the caller set it). FLASHCPU_BENCH_COMMIT\n"
+      "is recorded in the JSON context (tools/bench_report sets it).\n"
       "  --threads=N              threads for every benchmark except scaling_P64 (default:\n"
       "                           OpenMP's, i.e. OMP_NUM_THREADS or all cores)\n"
-      "  --naive-max=N            run the naive reference only when N*M <= N^2 (default 4096)\n"
+      "  --naive-max=N            run the textbook naive only when N*M <= N^2 (default 16384;\n"
+      "                           it needs one score row per thread, so this is for time)\n"
+      "  --with-reference         also run the fp64 oracle, labelled reference (fp64), where\n"
+      "                           N*M <= 4096^2\n"
       "  --blas-threading=MODE    heads (OpenMP over heads or row blocks, 1-thread OpenBLAS;\n"
       "                           default) or blas (heads in turn, threaded OpenBLAS: set\n"
       "                           OMP_WAIT_POLICY=PASSIVE with it)\n"
-      "  --no-self-check          skip the start-up fused/naive/OpenBLAS agreement check\n"
+      "  --no-self-check          skip the start-up check of every implementation against\n"
+      "                           the fp64 oracle on small problems\n"
       "  --no-probes              do not measure FMA peak and bandwidth at start-up (they are\n"
       "                           then measured when first needed)\n"
       "Families (use --benchmark_filter): P64 P128 C128 S16K short DEC DEC_hot scaling_P64\n"
@@ -335,6 +374,7 @@ void print_usage() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  fb::choose_openblas_core(argv);  // may re-execute this program once; before anything else
   // Our flags first; the rest goes to Google Benchmark.
   std::vector<char*> rest = {argv[0]};
   for (int i = 1; i < argc; ++i) {
@@ -345,6 +385,8 @@ int main(int argc, char** argv) {
       g.naive_max = std::atoll(v);
     } else if (take_flag(argv[i], "--blas-threading", &v) && v) {
       setenv("FLASHCPU_BENCH_BLAS_THREADING", std::strcmp(v, "blas") == 0 ? "blas" : "heads", 1);
+    } else if (take_flag(argv[i], "--with-reference", &v)) {
+      g.with_reference = true;
     } else if (take_flag(argv[i], "--no-self-check", &v)) {
       g.self_check = false;
     } else if (take_flag(argv[i], "--no-probes", &v)) {
@@ -366,23 +408,34 @@ int main(int argc, char** argv) {
                "warning: flashcpu_bench built without NDEBUG: numbers are not meaningful\n");
 #endif
   const char* wait = std::getenv("OMP_WAIT_POLICY");
-  std::fprintf(
-      stderr, "flashcpu_bench: isa %s, %d threads, OpenBLAS %s, OMP_WAIT_POLICY=%s\n",
-      flashcpu::active_isa().c_str(), threads,
-      fb::have_openblas() ? fb::blas_threading_name(fb::default_blas_threading()) : "not built",
-      wait ? wait : "(unset)");
+  const char* omp_threads = std::getenv("OMP_NUM_THREADS");
+  const char* commit = std::getenv("FLASHCPU_BENCH_COMMIT");
+  const fb::OpenblasInfo blas = fb::openblas_info();
+  const std::string blas_threading =
+      fb::have_openblas() ? fb::blas_threading_name(fb::default_blas_threading()) : "not built";
+  const std::string cpu = fb::cpu_model();
+  std::fprintf(stderr, "flashcpu_bench: %s; isa %s, %d threads, OMP_WAIT_POLICY=%s\n",
+               cpu.c_str(), flashcpu::active_isa().c_str(), threads, wait ? wait : "(unset)");
+  std::fprintf(stderr, "OpenBLAS core %s (%s), %s; %s\n", blas.core.c_str(), blas.note.c_str(),
+               blas_threading.c_str(), blas.config.c_str());
   if (fb::have_openblas() && fb::default_blas_threading() == fb::BlasThreading::blas_threaded &&
       (wait == nullptr || std::strcmp(wait, "PASSIVE") != 0)) {
     std::fprintf(stderr,
                  "warning: blas-threaded OpenBLAS without OMP_WAIT_POLICY=PASSIVE: idle OpenMP "
                  "threads spin against OpenBLAS's (about 2x slower here)\n");
   }
+  benchmark::AddCustomContext("cpu_model", cpu);
+  benchmark::AddCustomContext("cpu_flags", fb::cpu_flags_summary(fb::cpu_flags()));
   benchmark::AddCustomContext("flashcpu_isa", flashcpu::active_isa());
   benchmark::AddCustomContext("flashcpu_threads", std::to_string(threads));
+  benchmark::AddCustomContext("openblas_core", blas.core);
+  benchmark::AddCustomContext("openblas_config", blas.config);
+  benchmark::AddCustomContext("openblas_core_note", blas.note);
+  benchmark::AddCustomContext("openblas_coretype", blas.coretype_env);
+  benchmark::AddCustomContext("openblas_threading", blas_threading);
+  benchmark::AddCustomContext("omp_num_threads", omp_threads ? omp_threads : "unset");
   benchmark::AddCustomContext("omp_wait_policy", wait ? wait : "unset");
-  benchmark::AddCustomContext(
-      "openblas",
-      fb::have_openblas() ? fb::blas_threading_name(fb::default_blas_threading()) : "not built");
+  benchmark::AddCustomContext("commit", commit ? commit : "unknown");
 
   if (g.self_check) fb::self_check(/*verbose=*/false);
 

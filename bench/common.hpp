@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -62,6 +63,9 @@ double attention_flops(const Shape& s);
 /// number of query heads sharing it): B * Hkv * M * (D + Dv) * 4. The decode counter.
 double kv_bytes(const Shape& s);
 
+/// Bytes of q, k, v and out of one problem.
+double input_bytes(const Shape& s);
+
 /// A 64-byte aligned float buffer, freed with std::free.
 struct FreeDeleter {
   void operator()(float* p) const noexcept;
@@ -94,11 +98,24 @@ struct Problem {
 // ---------------------------------------------------------------------------------
 
 enum class Impl {
-  fused,     // flashcpu::attention
-  naive,     // flashcpu::reference::attention (double, full score matrix)
-  openblas,  // materialized: sgemm, row softmax, sgemm (bench/support.cpp)
+  fused,          // flashcpu::attention
+  naive,          // textbook fp32: plain loops, one score row, std::exp (bench/naive.cpp)
+  openblas,       // materialized: sgemm, row softmax, sgemm; causal skips masked key blocks
+  openblas_full,  // the same over the full N x M square, masked (what most frameworks do)
+  reference,      // flashcpu::reference::attention, the fp64 oracle
 };
-const char* impl_name(Impl impl);  // "fused", "naive", "openblas"
+/// "fused", "naive", "openblas", "openblas_full", "reference": the benchmark names.
+const char* impl_name(Impl impl);
+
+/// The textbook implementation a user would write first, in fp32: per query row, the
+/// scores q.k * scale in plain loops into one materialized row, std::exp of each minus
+/// the row maximum, their sum, and the weighted sum of the value rows. OpenMP over
+/// (batch, head, row); compiled -O3 -march=native (bench/naive.cpp). Dot-product
+/// score, `causal` and `scale` only; every view's last stride must be 1. A row with no
+/// visible key gets zeros.
+void naive_attention(TensorView<const float> q, TensorView<const float> k,
+                     TensorView<const float> v, TensorView<float> out,
+                     const AttentionOptions& options);
 
 /// Whether this build has the OpenBLAS baseline (FLASHCPU_BENCH_HAVE_OPENBLAS).
 bool have_openblas();
@@ -120,30 +137,59 @@ const char* blas_threading_name(BlasThreading t);
 /// FLASHCPU_BENCH_BLAS_THREADING=blas selects blas_threaded.
 BlasThreading default_blas_threading();
 
-/// The materialized baseline. Per (b, h), with kv head h / (Hq / Hkv):
-///   S = scale * Q K^T                 cblas_sgemm, N x M, fp32
+/// The score buffers of the materialized baseline, kept between calls so that no
+/// timed call maps and faults in fresh pages (up to 1 GiB at N = 16384). Grows to the
+/// largest call made with it; one buffer per thread.
+struct MaterializedWorkspace {
+  std::vector<Buffer> buffers;
+  std::size_t floats_each = 0;
+  /// At least `count` buffers of at least `floats` floats each.
+  void reserve(std::size_t count, std::size_t floats);
+};
+
+/// Query rows per work item when the causal baseline skips masked key blocks: the
+/// rows of one item see keys [0, last row's diagonal], so the item's sgemms stop there.
+constexpr std::int64_t kCausalSkipRows = 256;
+
+/// The materialized baseline. Per (b, h), with kv head h / (Hq / Hkv), per block of
+/// query rows [r0, r1):
+///   S = scale * Q K^T                 cblas_sgemm, fp32, over keys [0, cols)
 ///   causal: S[i][j] = -inf for j > i + (M - N)
 ///   P = row softmax(S)                max-subtracted, vectorized exp; a row with no
 ///                                     visible key is all zeros
-///   O = P V                           cblas_sgemm
+///   O = P V                           cblas_sgemm over keys [0, cols)
+/// With `full_square` false (Impl::openblas), a causal call works in blocks of
+/// kCausalSkipRows rows and cols stops at the last key the block's bottom row sees,
+/// as a careful user would write it: about half the work. With `full_square` true
+/// (Impl::openblas_full), or without causal, cols = M and a block is a whole head (a
+/// head's rows are split only when there are fewer heads than threads).
+/// `workspace` (may be null: a temporary one) holds the score buffers.
 /// The last stride of every view must be 1 (BHSD, BSHD, padded rows all work).
 /// Raises flashcpu::Error when OpenBLAS is not compiled in or on a bad view.
 void openblas_attention(TensorView<const float> q, TensorView<const float> k,
                         TensorView<const float> v, TensorView<float> out,
-                        const AttentionOptions& options,
-                        BlasThreading threading = default_blas_threading());
+                        const AttentionOptions& options, bool full_square = false,
+                        BlasThreading threading = default_blas_threading(),
+                        MaterializedWorkspace* workspace = nullptr);
 
 /// Runs one implementation on a problem with `threads` threads (0: OpenMP default).
-void run(Impl impl, Problem& p, int threads);
+/// The materialized baselines keep their score buffers in `workspace` (null: a
+/// temporary one per call).
+void run(Impl impl, Problem& p, int threads, MaterializedWorkspace* workspace = nullptr);
 
-/// For the naive reference, the working memory its design implies: one N x M double
-/// score matrix per concurrently processed head, min(threads, B*Hq) of them.
-double naive_analytic_mib(const Shape& s, int threads);
-/// For the OpenBLAS baseline: the float score buffers openblas_attention allocates.
-double openblas_analytic_mib(const Shape& s, int threads, BlasThreading t);
+/// The working memory an implementation's design implies, in MiB, or a negative
+/// value for the fused kernel (whose figure is measured, not designed):
+///   naive: one M-float score row per thread;
+///   reference: one N x M double score matrix per concurrently processed head;
+///   openblas / openblas_full: the float score buffers openblas_attention allocates.
+double analytic_mib(Impl impl, const Shape& s, int threads,
+                    BlasThreading t = default_blas_threading());
 
 /// The ISA and tiles of the fused kernel for head dim d, e.g. "avx512 br=64 bc=256".
 std::string fused_label(std::int64_t d);
+/// What ran, for a benchmark's label: the fused ISA and tiles, "naive fp32 -O3
+/// -march=native", "openblas <core> heads-parallel causal-skip", "reference (fp64)".
+std::string impl_label(Impl impl, const Shape& s);
 
 // ---------------------------------------------------------------------------------
 // Correctness cross-check
@@ -157,20 +203,41 @@ struct Diff {
 };
 Diff compare(const float* a, const float* b, std::size_t count, double atol, double rtol);
 
+/// The tolerance of every cross-check, relative to the expected output's own scale:
+/// |a - b| <= kRelToScale * max|expected| (a NaN always fails). Random inputs in
+/// [-1, 1] give outputs near 0.01 at M = 2048, so a bound absolute in the outputs'
+/// units would let a 2% error through; fp32 implementations agree to about 1e-6 of
+/// the scale, and an error of 1e-3 of it fails.
+constexpr double kRelToScale = 1e-4;
+/// compare() with atol = kRelToScale * max|expected|, rtol = 0.
+Diff compare_to_scale(const float* actual, const float* expected, std::size_t count);
+
 /// Runs `impl` and the fused kernel on p and aborts the process with a loud message
-/// when the outputs differ beyond atol = 2e-4, rtol = 2e-3. Leaves p.out holding
-/// impl's result. Used once per benchmark so a baseline number is never quoted for a
-/// wrong answer.
-void check_against_fused(Impl impl, Problem& p, int threads);
+/// when the outputs differ beyond the tolerance above. Leaves p.out holding impl's
+/// result. Used once per benchmark so a baseline number is never quoted for a wrong
+/// answer.
+void check_against_fused(Impl impl, Problem& p, int threads,
+                         MaterializedWorkspace* workspace = nullptr);
 
 /// Aborts the process with a loud message when p.out (computed by `name`) differs
-/// from `expected` (computed by `expected_name`) beyond atol = 2e-4, rtol = 2e-3.
+/// from `expected` (computed by `expected_name`) beyond the tolerance above.
 void check_output(const char* name, const Problem& p, const char* expected_name,
                   const float* expected);
 
-/// Checks fused, naive and OpenBLAS against each other on small problems covering
-/// MHA, GQA, causal with N == M and N < M, decode and fully masked rows. Aborts on a
-/// mismatch; prints one line per problem when verbose.
+/// A smaller problem of the same family: batch 1, at most 2 KV heads with the same
+/// query-to-KV ratio, the same D, Dv and causal offset M - N, and N, M capped near
+/// 160 (keeping M - N up to 96), so the fp64 oracle checks it in milliseconds.
+Shape reduced(const Shape& s);
+
+/// Runs `impl` on reduced(s) and aborts loudly when it differs from the fp64 oracle
+/// beyond the tolerance above: one size per family, checked against the oracle rather
+/// than against another fp32 implementation.
+void check_against_reference(Impl impl, const Shape& s, int threads);
+
+/// Checks fused, naive, both OpenBLAS variants and the oracle against each other on
+/// small problems covering MHA, GQA, causal with N == M, N < M and N > M, decode,
+/// Dv != D and fully masked rows. Aborts on a mismatch; prints one line per problem
+/// when verbose.
 void self_check(bool verbose);
 
 // ---------------------------------------------------------------------------------
@@ -203,6 +270,43 @@ double measure_peak_extra_mib(F&& fn) {
 }
 
 // ---------------------------------------------------------------------------------
+// The machine, and which OpenBLAS core ran (bench/machine.cpp)
+// ---------------------------------------------------------------------------------
+
+/// /proc/cpuinfo's "model name", e.g. "AMD EPYC 9R14 96-Core Processor".
+std::string cpu_model();
+/// /proc/cpuinfo's flags. Linux lists a feature only when the OS also saves its state.
+std::set<std::string> cpu_flags();
+/// The flags that decide which kernels can run, space-separated ("sse2 avx2 fma ...").
+std::string cpu_flags_summary(const std::set<std::string>& flags);
+
+/// OpenBLAS 0.3.21 core names ranked by their widest kernels: 1 SSE (Prescott,
+/// Nehalem, unknown...), 2 AVX, 3 AVX2 (Haswell, Zen), 4 SkylakeX, 5 Cooperlake,
+/// 6 SapphireRapids. Case-insensitive.
+int openblas_core_rank(const std::string& core);
+/// The best OpenBLAS core a CPU with these flags runs: "Cooperlake" with AVX-512 and
+/// AVX512-BF16, "SkylakeX" with AVX-512 (F, DQ, BW, VL), "Haswell" with AVX2 and FMA,
+/// else "".
+std::string best_openblas_core(const std::set<std::string>& flags);
+
+/// Call first thing in main() of a program that runs the OpenBLAS baseline. Debian's
+/// OpenBLAS 0.3.21 does not know CPUs newer than it and falls back to its SSE3
+/// "Prescott" kernels (6x slower sgemm on a Xeon with AVX-512). When the core it
+/// picked ranks below best_openblas_core() and the caller has not set
+/// OPENBLAS_CORETYPE, this re-executes the program once with OPENBLAS_CORETYPE set
+/// (OpenBLAS reads it only when it loads) and says so on stderr. The library never
+/// does this, and nothing else sets the variable.
+void choose_openblas_core(char** argv);
+
+struct OpenblasInfo {
+  std::string core;          // openblas_get_corename(), or "not built"
+  std::string config;        // openblas_get_config()
+  std::string note;          // how the core was chosen, one sentence
+  std::string coretype_env;  // OPENBLAS_CORETYPE, or "unset"
+};
+OpenblasInfo openblas_info();
+
+// ---------------------------------------------------------------------------------
 // Machine probes
 // ---------------------------------------------------------------------------------
 
@@ -223,6 +327,13 @@ double fma_peak_gflops(int threads);
 std::string fma_peak_isa(int threads);
 /// Cached per process and thread count.
 double read_bandwidth_gbps(int threads);
+
+/// A short FMA probe at the width fma_peak_isa(threads) chose (best of three 20 ms
+/// windows), for a benchmark to take right before each repetition it normalizes.
+double fma_probe_now(int threads);
+/// A short read-bandwidth probe (one pass over a 512 MiB buffer kept for the process,
+/// best of two), likewise.
+double read_probe_now(int threads);
 
 /// Resolves 0 to OpenMP's default thread count.
 int resolve_threads(int threads);

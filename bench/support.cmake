@@ -8,7 +8,13 @@ include_guard(GLOBAL)
 
 add_library(flashcpu_bench_support STATIC
   ${CMAKE_CURRENT_LIST_DIR}/support.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/machine.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/naive.cpp
   ${CMAKE_CURRENT_LIST_DIR}/fma_probe.cpp)
+# The textbook baseline is compiled for the machine it runs on, as a user would
+# compile it (the benchmarks run where they are built; the library never is).
+set_source_files_properties(${CMAKE_CURRENT_LIST_DIR}/naive.cpp PROPERTIES
+  COMPILE_OPTIONS "-O3;-march=native")
 target_include_directories(flashcpu_bench_support PUBLIC ${CMAKE_CURRENT_LIST_DIR})
 target_link_libraries(flashcpu_bench_support PUBLIC flashcpu::flashcpu OpenMP::OpenMP_CXX)
 target_compile_features(flashcpu_bench_support PUBLIC cxx_std_17)

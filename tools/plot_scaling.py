@@ -3,8 +3,8 @@
 
     python3 tools/plot_scaling.py build/scaling.csv build/scaling.png
 
-Two panels, one line per implementation (fused, naive, openblas). Points the sweep
-skipped (the naive reference above its cutoff) are drawn hollow on the memory panel
+Two panels, one line per implementation (fused, naive, openblas, and openblas_full or
+reference when the sweep ran them). Points the sweep skipped (above a cutoff) are drawn hollow on the memory panel
 at their analytic size, so the O(N^2) trend stays visible. Memory below 0.1 MiB is
 drawn at 0.1 MiB (a log axis has no zero). Uses matplotlib's Agg backend: no display
 needed.
@@ -21,6 +21,14 @@ STYLE = {
     "fused": dict(color="tab:blue", marker="o"),
     "naive": dict(color="tab:red", marker="s"),
     "openblas": dict(color="tab:green", marker="^"),
+    "openblas_full": dict(color="tab:olive", marker="v"),
+    "reference": dict(color="tab:gray", marker="x"),
+}
+LABEL = {
+    "naive": "naive (textbook fp32)",
+    "openblas": "OpenBLAS materialized",
+    "openblas_full": "OpenBLAS full square",
+    "reference": "reference (fp64)",
 }
 MEM_FLOOR_MIB = 0.1
 
@@ -51,6 +59,10 @@ def main(argv):
     title = (f"attention scaling: B={first['batch']} H={first['heads']} D={first['dim']}"
              f"{' causal' if first['causal'] == '1' else ''}, {first['threads']} threads,"
              f" {first['isa']}")
+    if first.get("openblas_core"):
+        title += f", OpenBLAS {first['openblas_core']}"
+    if first.get("cpu_model"):
+        title += f"\n{first['cpu_model']}"
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
     for impl in impls:
@@ -59,18 +71,18 @@ def main(argv):
         ok.sort(key=lambda r: int(r["n"]))
         if ok:
             n = [int(r["n"]) for r in ok]
-            ax_t.plot(n, [float(r["time_ms"]) for r in ok], label=impl, **style)
+            ax_t.plot(n, [float(r["time_ms"]) for r in ok], label=LABEL.get(impl, impl), **style)
             mem = [(int(r["n"]), number(r["peak_extra_mib"])) for r in ok]
             mem = [(x, max(y, MEM_FLOOR_MIB)) for x, y in mem if y is not None]
             if mem:
-                ax_m.plot(*zip(*mem), label=impl + " (measured)", **style)
+                ax_m.plot(*zip(*mem), label=LABEL.get(impl, impl) + " (measured)", **style)
         skipped = [r for r in rows if r["impl"] == impl and r["status"] == "skipped"
                    and number(r["analytic_mib"]) is not None]
         if skipped:
             ax_m.plot([int(r["n"]) for r in skipped],
                       [number(r["analytic_mib"]) for r in skipped],
                       linestyle="none", markerfacecolor="none",
-                      label=impl + " (skipped: analytic)",
+                      label=LABEL.get(impl, impl) + " (skipped: analytic)",
                       **{k: v for k, v in style.items()})
 
     ax_t.set_title("time per call (median)")

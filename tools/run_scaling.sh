@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The scaling job: fused vs naive vs OpenBLAS attention as the sequence grows, from a
+# The scaling job: fused vs naive (textbook fp32) vs OpenBLAS attention as the sequence grows, from a
 # fresh Debian 12 machine (as root) to a table, build/scaling.csv and build/scaling.png.
 #
 #   bash tools/run_scaling.sh            # quick: N = M from 256 to 4096 (1-2 minutes)
@@ -33,7 +33,10 @@ cmake --build build --target flashcpu-sweep
 # OMP_WAIT_POLICY is left as the caller has it: the OpenBLAS baseline runs
 # single-threaded inside OpenMP, so spinning OpenMP threads do not slow it, while
 # PASSIVE would add ~0.1 ms of thread wake-up to every call (bench/README.md).
-./build/tools/flashcpu-sweep "${mode[@]}" "${extra[@]}" --csv build/scaling.csv
+# The commit goes into the CSV, so a table rendered from it names what was measured.
+commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && commit="$commit-dirty"
+FLASHCPU_BENCH_COMMIT=$commit ./build/tools/flashcpu-sweep "${mode[@]}" "${extra[@]}" --csv build/scaling.csv
 
 # Debian's matplotlib lives in the system python; a python3 earlier on PATH (pyenv,
 # venv) may lack it.

@@ -1,10 +1,12 @@
 // flashcpu-sweep: sequence-length scaling of fused vs naive vs OpenBLAS attention.
 //
 // For N = M = min, 2*min, ..., max (B=1, H=4, D=64 by default) it times each
-// implementation (median of --reps calls after one untimed first call), measures the
+// implementation (median of --reps calls after one untimed first call; the
+// implementations take turns, each call right after its own FMA probe), measures the
 // peak working memory of that first call (RSS high-water mark growth beyond the
 // resident inputs, via /proc/self/clear_refs), checks every output against the fused
-// one, prints a table and writes a CSV that tools/plot_scaling.py turns into a plot.
+// one and, at a reduced size, against the fp64 oracle, prints a table and writes a
+// CSV that tools/plot_scaling.py plots and tools/bench_report renders.
 // Run with --help for the options.
 #include "common.hpp"
 
@@ -16,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -30,7 +33,8 @@ struct Options {
   bool causal = false;
   int threads = 0;
   int reps = 5;
-  std::int64_t naive_max = 4096;
+  std::int64_t naive_max = 1 << 30;  // the textbook naive runs at every size by default
+  std::int64_t reference_max = 0;    // the fp64 oracle only with --reference
   bool blas = true;
   std::string csv = "flashcpu-scaling.csv";
 };
@@ -40,15 +44,24 @@ void usage(FILE* to) {
                R"(flashcpu-sweep: time and memory of attention as the sequence grows.
 
 For N = M = MIN, 2*MIN, ..., MAX it runs
-  fused     flashcpu::attention (tiled, online softmax: no N x M matrix)
-  naive     flashcpu::reference::attention (full score matrix in double)
-  openblas  materialized: sgemm, row softmax, sgemm (only if built with OpenBLAS)
+  fused          flashcpu::attention (tiled, online softmax: no N x M matrix)
+  naive          textbook fp32: plain loops, one score row per thread, std::exp,
+                 OpenMP over heads and rows, compiled -O3 -march=native
+  openblas       materialized: sgemm, row softmax, sgemm, its score buffers allocated
+                 once (with --causal it skips the key blocks a query block cannot see)
+  openblas_full  with --causal only: the same over the whole masked N x M square
+  reference      the fp64 oracle, only with --reference
 Each implementation gets one untimed first call, during which its peak working memory
 is measured (growth of the process's peak RSS beyond the resident inputs, reset with
 /proc/self/clear_refs) and its output is checked against the fused one (a mismatch
-aborts); then REPS timed calls, of which the median is reported. GFLOP/s counts useful
-work only, 4*B*H*N*M*D (about half that with --causal); %%peak is against the FMA peak
-measured at start-up with the same thread count.
+aborts). Then the implementations take turns for REPS rounds, each call right after a
+short FMA probe; the median time is reported, and %%peak is the median of the
+per-call ratios to their probes. GFLOP/s counts useful work only, 4*B*H*N*M*D (about
+half that with --causal).
+
+If OpenBLAS picked kernels below what this CPU runs, the program re-runs itself once
+with OPENBLAS_CORETYPE set to the best core the CPU supports (unless the caller set
+the variable), and the header and CSV name the core that ran.
 
 Options:
   --min N              smallest N = M (default 256)
@@ -60,16 +73,19 @@ Options:
   --threads T          threads for every implementation (default: OpenMP's)
   --reps R             timed calls per point (default 5; 3 with --quick)
   --quick              N = M from 256 to 4096 and 3 reps: about a minute
-  --no-naive-above N   skip the naive reference when N > this (default 4096: at 16384
-                       it needs 2 GiB of double scores per thread and minutes per call);
-                       skipped points appear as "skipped" with the analytic memory
+  --no-naive-above N   skip the naive baseline when N > this (default: never; at
+                       N = 16384 it takes tens of seconds per call); skipped points
+                       appear as "skipped"
+  --reference N        also run the fp64 oracle up to N = N (it holds an N x N double
+                       matrix per thread: 2 GiB at 16384)
   --no-blas            leave out the OpenBLAS baseline
   --csv FILE           CSV output (default flashcpu-scaling.csv): one row per (N, impl)
   --help               this text
 
-Environment: OMP_NUM_THREADS, FLASHCPU_ISA, FLASHCPU_TUNING_FILE,
+Environment: OMP_NUM_THREADS, FLASHCPU_ISA, FLASHCPU_TUNING_FILE, OPENBLAS_CORETYPE,
 FLASHCPU_BENCH_BLAS_THREADING=blas (threaded OpenBLAS instead of OpenMP over heads;
-then also set OMP_WAIT_POLICY=PASSIVE). See bench/README.md.
+then also set OMP_WAIT_POLICY=PASSIVE), FLASHCPU_BENCH_COMMIT (recorded in the CSV).
+See bench/README.md.
 Plot: python3 tools/plot_scaling.py FILE.csv FILE.png
 )");
 }
@@ -121,6 +137,8 @@ bool parse(int argc, char** argv, Options* o) {
       o->reps = int(std::max<std::int64_t>(1, v));
     } else if (a == "--no-naive-above") {
       if (!value(&o->naive_max)) return false;
+    } else if (a == "--reference") {
+      if (!value(&o->reference_max)) return false;
     } else if (a == "--causal") {
       o->causal = true;
     } else if (a == "--quick") {
@@ -190,6 +208,7 @@ std::string mem_str(double mib) { return mib < 0 ? "n/a" : fmt("%.1f", mib); }
 }  // namespace
 
 int main(int argc, char** argv) {
+  fb::choose_openblas_core(argv);  // may re-execute this program once; before anything else
   Options o;
   if (!parse(argc, argv, &o)) return 2;
   const int threads = fb::resolve_threads(o.threads);
@@ -197,18 +216,31 @@ int main(int argc, char** argv) {
 
   std::vector<Impl> impls = {Impl::fused, Impl::naive};
   if (blas) impls.push_back(Impl::openblas);
+  if (blas && o.causal) impls.push_back(Impl::openblas_full);
+  if (o.reference_max > 0) impls.push_back(Impl::reference);
+  auto skipped_at = [&](Impl impl, std::int64_t n) {
+    return (impl == Impl::naive && n > o.naive_max) ||
+           (impl == Impl::reference && n > o.reference_max);
+  };
   std::vector<std::int64_t> ns;
   for (std::int64_t n = o.min_n; n <= o.max_n; n *= 2) ns.push_back(n);
   int total = 0;
   for (std::int64_t n : ns) {
-    for (Impl impl : impls) total += (impl == Impl::naive && n > o.naive_max) ? 0 : 1;
+    for (Impl impl : impls) total += skipped_at(impl, n) ? 0 : 1;
   }
 
   const char* wait = std::getenv("OMP_WAIT_POLICY");
-  std::fprintf(stderr, "flashcpu-sweep: isa %s (%s), %d threads, OMP_WAIT_POLICY=%s, OpenBLAS %s\n",
-               flashcpu::active_isa().c_str(), fb::fused_label(o.dim).c_str(), threads,
-               wait ? wait : "(unset)",
-               blas ? fb::blas_threading_name(fb::default_blas_threading())
+  const char* commit_env = std::getenv("FLASHCPU_BENCH_COMMIT");
+  const std::string commit = commit_env ? commit_env : "unknown";
+  const std::string cpu = fb::cpu_model();
+  const fb::OpenblasInfo blas_info = fb::openblas_info();
+  std::fprintf(stderr, "flashcpu-sweep: %s; isa %s (%s), %d threads, OMP_WAIT_POLICY=%s\n",
+               cpu.c_str(), flashcpu::active_isa().c_str(), fb::fused_label(o.dim).c_str(),
+               threads, wait ? wait : "(unset)");
+  std::fprintf(stderr, "OpenBLAS: %s\n",
+               blas ? (blas_info.core + " (" + blas_info.note + "), " +
+                       fb::blas_threading_name(fb::default_blas_threading()))
+                          .c_str()
                     : (fb::have_openblas() ? "off (--no-blas)" : "not built"));
   std::fprintf(stderr, "measuring FMA peak ...\n");
   const double peak = fb::fma_peak_gflops(threads);
@@ -222,43 +254,55 @@ int main(int argc, char** argv) {
     fb::Problem p(shape);
     const double flop = fb::attention_flops(shape);
     fb::Buffer fused_out;
+    std::map<Impl, fb::MaterializedWorkspace> workspaces;
+    std::vector<Impl> timed;
+    std::map<Impl, std::vector<double>> times, ratios;
+    const std::size_t first = results.size();
     for (Impl impl : impls) {
       Result r;
       r.n = n;
       r.impl = impl;
-      if (impl == Impl::naive) r.analytic_mib = fb::naive_analytic_mib(shape, threads);
-      if (impl == Impl::openblas) {
-        r.analytic_mib = fb::openblas_analytic_mib(shape, threads, fb::default_blas_threading());
-      }
-      if (impl == Impl::naive && n > o.naive_max) {
+      r.analytic_mib = fb::analytic_mib(impl, shape, threads);
+      if (skipped_at(impl, n)) {
         r.skipped = true;
-        r.note = "N>" + std::to_string(o.naive_max);
+        r.note = "N>" + std::to_string(impl == Impl::naive ? o.naive_max : o.reference_max);
         results.push_back(r);
         continue;
       }
       const char* name = fb::impl_name(impl);
       progress.step(name, n, "first call (memory, check)");
-      r.extra_mib = fb::measure_peak_extra_mib([&] { fb::run(impl, p, o.threads); });
+      r.extra_mib = fb::measure_peak_extra_mib([&] { fb::run(impl, p, o.threads, &workspaces[impl]); });
       if (impl == Impl::fused) {
         fused_out = fb::allocate_floats(p.out_size());
         std::memcpy(fused_out.get(), p.out.get(), p.out_size() * sizeof(float));
       } else {
         fb::check_output(name, p, "fused", fused_out.get());
       }
-      std::vector<double> times;
-      for (int rep = 0; rep < o.reps; ++rep) {
-        progress.step(name, n, "rep " + std::to_string(rep + 1) + "/" + std::to_string(o.reps),
-                      true);
+      fb::check_against_reference(impl, shape, o.threads);
+      results.push_back(r);
+      timed.push_back(impl);
+      progress.next();
+    }
+    // Rounds: every implementation once per round, each call right after its probe.
+    for (int rep = 0; rep < o.reps; ++rep) {
+      for (Impl impl : timed) {
+        progress.step(fb::impl_name(impl), n,
+                      "rep " + std::to_string(rep + 1) + "/" + std::to_string(o.reps), true);
+        const double probe = fb::fma_probe_now(threads);
         const double t0 = fb::now_seconds();
-        fb::run(impl, p, o.threads);
-        times.push_back(fb::now_seconds() - t0);
+        fb::run(impl, p, o.threads, &workspaces[impl]);
+        const double t = fb::now_seconds() - t0;
+        times[impl].push_back(t);
+        ratios[impl].push_back(probe > 0 ? flop / t * 1e-9 / probe : 0.0);
       }
-      const double t = fb::median(times);
+    }
+    for (std::size_t i = first; i < results.size(); ++i) {
+      Result& r = results[i];
+      if (r.skipped) continue;
+      const double t = fb::median(times[r.impl]);
       r.ms = t * 1e3;
       r.gflops = flop / t * 1e-9;
-      r.peak_frac = peak > 0 ? r.gflops / peak : 0;
-      results.push_back(r);
-      progress.next();
+      r.peak_frac = fb::median(ratios[r.impl]);
     }
   }
   progress.done();
@@ -269,10 +313,15 @@ int main(int argc, char** argv) {
       if (r.n == n && r.impl == impl) return &r;
     return nullptr;
   };
-  std::printf("\nB=%lld H=%lld D=%lld%s, %d threads, isa %s, FMA peak %.1f GFLOP/s, median of %d\n",
+  std::printf("\n%s (%s)\n", cpu.c_str(), fb::cpu_flags_summary(fb::cpu_flags()).c_str());
+  std::printf("B=%lld H=%lld D=%lld%s, %d threads, isa %s, FMA peak %.1f GFLOP/s, median of %d\n",
               static_cast<long long>(o.batch), static_cast<long long>(o.heads),
               static_cast<long long>(o.dim), o.causal ? " causal" : "", threads,
               fb::fused_label(o.dim).c_str(), peak, o.reps);
+  if (blas) {
+    std::printf("OpenBLAS core %s (%s); %s\n", blas_info.core.c_str(), blas_info.note.c_str(),
+                blas_info.config.c_str());
+  }
   std::printf("%7s", "N=M");
   for (Impl impl : impls) std::printf(" | %-36s", fb::impl_name(impl));
   std::printf(" | %9s", "fused/nv");
@@ -288,9 +337,7 @@ int main(int argc, char** argv) {
     for (Impl impl : impls) {
       const Result* r = find(n, impl);
       if (r->skipped) {
-        std::printf(
-            " | %-36s",
-            ("skipped (" + r->note + "; ~" + fmt("%.0f", r->analytic_mib) + " MiB est)").c_str());
+        std::printf(" | %-36s", ("skipped (" + r->note + ")").c_str());
       } else {
         std::printf(" | %9.2f %8.1f %5.1f%% %9s", r->ms, r->gflops, 100 * r->peak_frac,
                     mem_str(r->extra_mib).c_str());
@@ -315,8 +362,13 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "flashcpu-sweep: cannot write %s\n", o.csv.c_str());
     return 1;
   }
+  // Free text goes into the CSV without its commas, so no field needs quoting.
+  auto field = [](std::string text) {
+    for (char& c : text) c = c == ',' ? ';' : c;
+    return text;
+  };
   csv << "n,m,batch,heads,dim,causal,threads,isa,impl,status,time_ms,gflops,peak_frac,"
-         "peak_extra_mib,analytic_mib,reps,fma_peak_gflops\n";
+         "peak_extra_mib,analytic_mib,reps,fma_peak_gflops,cpu_model,openblas_core,commit\n";
   for (const Result& r : results) {
     csv << r.n << ',' << r.n << ',' << o.batch << ',' << o.heads << ',' << o.dim << ','
         << (o.causal ? 1 : 0) << ',' << threads << ',' << flashcpu::active_isa() << ','
@@ -329,7 +381,8 @@ int main(int argc, char** argv) {
     if (r.extra_mib >= 0) csv << r.extra_mib;
     csv << ',';
     if (r.analytic_mib >= 0) csv << r.analytic_mib;
-    csv << ',' << o.reps << ',' << peak << '\n';
+    csv << ',' << o.reps << ',' << peak << ',' << field(cpu) << ','
+        << field(blas ? blas_info.core : "none") << ',' << field(commit) << '\n';
   }
   std::fprintf(stderr, "wrote %s\n", o.csv.c_str());
   return 0;
