@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -75,7 +76,7 @@ void BM_Score(benchmark::State& state, flashcpu::Score score) {
   set_counters(state, 16.0 * 2048 * 2048, 64);
 }
 
-enum class Option { none, mask, bool_mask, softcap, alibi, window, causal_window };
+enum class Option { none, mask, bool_mask, softcap, alibi, window, causal_window, padding_mask, causal_bool_mask };
 
 void BM_Option(benchmark::State& state, Option option) {
   Tensors t(1, 16, 2048, 2048, 64, 64);
@@ -110,6 +111,19 @@ void BM_Option(benchmark::State& state, Option option) {
       options.window_left = 512;
       pairs = 0;
       for (int i = 0; i < 2048; ++i) pairs += 16.0 * (i - std::max(0, i - 512) + 1);
+      break;
+    case Option::padding_mask:  // -inf for the last quarter of the keys (a padded KV cache),
+                                // one row broadcast to all: tiles there keep V rows out
+      for (int j = 1536; j < 2048; ++j) t.mask[std::size_t(j)] = -std::numeric_limits<float>::infinity();
+      options.mask = {t.mask.data(), {1, 1, 1, 2048}, {0, 0, 0, 1}};
+      pairs = 16.0 * 2048 * 1536;
+      break;
+    case Option::causal_bool_mask:  // causal given as a bool mask: every tile on or above
+                                    // the diagonal sees a zero
+      for (int i = 0; i < 2048; ++i)
+        for (int j = i + 1; j < 2048; ++j) t.bool_mask[std::size_t(i) * 2048 + std::size_t(j)] = 0;
+      options.bool_mask = {t.bool_mask.data(), {1, 1, 2048, 2048}, {0, 0, 2048, 1}};
+      pairs = 16.0 * 2048 * 2049 / 2;
       break;
   }
   for (auto _ : state) t.run(options);
@@ -159,6 +173,14 @@ BENCHMARK_CAPTURE(BM_Option, mask, Option::mask)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_Option, bool_mask, Option::bool_mask)
     ->Name("Options/bool_mask/P64")
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_Option, padding_mask, Option::padding_mask)
+    ->Name("Options/padding_mask/P64")
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_Option, causal_bool_mask, Option::causal_bool_mask)
+    ->Name("Options/causal_bool_mask/P64")
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_Option, softcap, Option::softcap)

@@ -619,9 +619,11 @@ void run_decode(const Plan& plan, const TensorView<const float>& q, const Tensor
         for (std::int64_t col = 0; col < s.value_dim; ++col) {
           float value = 0.0f;
           for (std::int64_t c = 0; c < chunks; ++c) value += weight[c] * first[c * partial_floats + r * Dvp + col];
-          dst[col * out.strides[3]] = total > 0.0f ? value / total : plan.empty_value;
+          // total is 0 exactly when no chunk saw a key; a NaN (from a NaN in a visible
+          // key or in q) goes through to the row, as in the oracle.
+          dst[col * out.strides[3]] = total != 0.0f ? value / total : plan.empty_value;
         }
-        if (lse) *element(*lse, b, h, i) = total > 0.0f ? float((row_max + std::log2(total)) / kLog2e) : kNegInf;
+        if (lse) *element(*lse, b, h, i) = total != 0.0f ? float((row_max + std::log2(total)) / kLog2e) : kNegInf;
       }
     }
     }  // !single_chunk

@@ -73,8 +73,17 @@ struct AttentionOptions {
   const float* additive_weights = nullptr;  // D values, required by Score::additive
 };
 // Order for one score: s = f(q, k) with its scale; soft-capping; ALiBi; plus the
-// additive mask; then the exclusions (bool mask, causal, window, key lengths), each of
-// which removes the key. A row with no visible key gets zeros (and lse = -inf).
+// additive mask; then the exclusions (bool mask, a -inf mask entry, causal, window, key
+// lengths), each of which removes the key. A row with no visible key gets zeros (and
+// lse = -inf).
+//
+// An excluded key never influences the result, whatever its K and V rows hold (NaN,
+// inf, stale KV-cache slots): its value row is kept out of the sum, not multiplied by a
+// zero weight. A NaN or inf in a visible key's row, or in q, propagates as it does in
+// the oracle (the row's output becomes NaN or inf). Large finite mask values do not
+// exclude: a row masked entirely by -1e9 or -FLT_MAX still averages its keys by the
+// softmax of its (in fp32, equal) scores. The lse of a row whose scores are all below
+// -FLT_MAX * ln 2 (about -2.36e38) saturates near that value.
 
 /// Every invalid argument raises this, naming the argument, the expected and the
 /// actual value, before anything is written.

@@ -173,11 +173,14 @@ struct ForwardKernel {
 
   // The score terms after the raw product, in the documented order, on columns [c0, cols)
   // of one tile: biases, transform, ALiBi, additive mask, bool mask; then log2 units.
-  static void score_epilogue(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, std::int64_t c0,
+  // Returns whether a mask excluded a key of a valid row (a -inf entry or a zero in
+  // the bool mask): the P.V product must then keep those keys' value rows out.
+  static bool score_epilogue(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, std::int64_t c0,
                              std::int64_t cols) {
     const std::int64_t G = job.heads_per_row, diag = job.kv_len - job.q_len;
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
     const batch iota = lane_indices();
+    bool masked_out = false;
     for (int r = 0; r < MR; ++r) {
       float* s = job.scores + r * job.block_keys;
       const std::int64_t row = r0 + r, i = job.first_row + row / G, g = row % G;
@@ -212,34 +215,71 @@ struct ForwardKernel {
         x.store_aligned(s + j);
       }
       if (job.mask) {
+        // A -inf entry excludes the key whatever its score: NaN + -inf would be NaN, and
+        // an excluded key's K row may hold anything (a stale KV-cache slot).
         const float* m = job.mask + g * job.mask_head_stride + i * job.mask_row_stride + j0 * job.mask_col_stride;
         if (job.mask_col_stride == 1) {
           for (std::int64_t j = c0; j < cols; j += W) {
             const std::int64_t n = min_i64(W, job.key_end - j0 - j);  // never read past the keys
-            if (n == W)
-              (batch::load_aligned(s + j) + batch::load_unaligned(m + j)).store_aligned(s + j);
-            else
-              for (std::int64_t t = 0; t < n; ++t) s[j + t] += m[j + t];
+            if (n == W) {
+              const batch mv = batch::load_unaligned(m + j);
+              const auto excluded = mv == batch(neg_inf);
+              masked_out = masked_out || xsimd::any(excluded);
+              xsimd::select(excluded, mv, batch::load_aligned(s + j) + mv).store_aligned(s + j);
+            } else {
+              for (std::int64_t t = 0; t < n; ++t) {
+                masked_out = masked_out || m[j + t] == neg_inf;
+                s[j + t] = m[j + t] == neg_inf ? neg_inf : s[j + t] + m[j + t];
+              }
+            }
           }
         } else {
-          for (std::int64_t j = c0; j < min_i64(cols, job.key_end - j0); ++j) s[j] += m[j * job.mask_col_stride];
+          for (std::int64_t j = c0; j < min_i64(cols, job.key_end - j0); ++j) {
+            const float mj = m[j * job.mask_col_stride];
+            masked_out = masked_out || mj == neg_inf;
+            s[j] = mj == neg_inf ? neg_inf : s[j] + mj;
+          }
         }
       }
       if (job.bool_mask) {
         const std::uint8_t* m =
             job.bool_mask + g * job.bool_head_stride + i * job.bool_row_stride + j0 * job.bool_col_stride;
-        for (std::int64_t j = c0; j < min_i64(cols, job.key_end - j0); ++j)
-          if (m[j * job.bool_col_stride] == 0) s[j] = neg_inf;
+        const std::int64_t stride = job.bool_col_stride, past = min_i64(cols, job.key_end - j0);
+        int zeros = 0;  // branch-free, so the compiler vectorizes the contiguous case
+        if (stride == 1) {
+          for (std::int64_t j = c0; j < past; ++j) {
+            const bool excluded = m[j] == 0;
+            s[j] = excluded ? neg_inf : s[j];
+            zeros |= excluded;
+          }
+        } else {
+          for (std::int64_t j = c0; j < past; ++j) {
+            const bool excluded = m[j * stride] == 0;
+            s[j] = excluded ? neg_inf : s[j];
+            zeros |= excluded;
+          }
+        }
+        masked_out = masked_out || zeros != 0;
       }
-      const batch log2e(1.4426950408889634f);
-      for (std::int64_t j = c0; j < cols; j += W) (batch::load_aligned(s + j) * log2e).store_aligned(s + j);
+      // To log2 units. A finite score stays finite: a row masked with -FLT_MAX (what
+      // frameworks pad with) times log2(e) would overflow to -inf and read as excluded.
+      const batch log2e(1.4426950408889634f), lowest(std::numeric_limits<float>::lowest());
+      for (std::int64_t j = c0; j < cols; j += W) {
+        const batch x = batch::load_aligned(s + j), y = x * log2e;
+        xsimd::select(y == batch(neg_inf) && x != batch(neg_inf), lowest, y).store_aligned(s + j);
+      }
     }
+    return masked_out;
   }
 
   // acc[r][c0 .. c0+NVC*W) = alpha[r] * acc[r][..] + sum_j probs[r][j] * v[j][..], for
   // ROWS rows.
   // probs[r][j] is at probs + r * probs_stride + j * key_stride.
-  template <int ROWS, int NVC>
+  // SAFE: a zero probability adds nothing, whatever the value row holds. An excluded
+  // key's probability is exactly 0, and 0 * NaN (a stale or poisoned KV-cache slot) is
+  // NaN; the select keeps such a row out at one extra operation per FMA, so only keys
+  // that some row of the tile excludes take this path. Visible pairs get the same FMA.
+  template <int ROWS, int NVC, bool SAFE = false>
   static void pv_tile(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const float* v,
                       std::int64_t v_stride, std::int64_t num_keys, const float* alpha, float* acc,
                       std::int64_t acc_stride) {
@@ -253,7 +293,12 @@ struct ForwardKernel {
       for (int c = 0; c < NVC; ++c) vals[c] = batch::load_unaligned(v + j * v_stride + c * W);
       for (int r = 0; r < ROWS; ++r) {
         const batch p(probs[r * probs_stride + j * key_stride]);
-        for (int c = 0; c < NVC; ++c) o[r][c] = xsimd::fma(p, vals[c], o[r][c]);
+        if constexpr (SAFE) {
+          const auto live = p != batch(0.0f);
+          for (int c = 0; c < NVC; ++c) o[r][c] = xsimd::select(live, xsimd::fma(p, vals[c], o[r][c]), o[r][c]);
+        } else {
+          for (int c = 0; c < NVC; ++c) o[r][c] = xsimd::fma(p, vals[c], o[r][c]);
+        }
       }
     }
     for (int r = 0; r < ROWS; ++r)
@@ -262,14 +307,89 @@ struct ForwardKernel {
 
   // The P.V tiles of ROWS rows across all Dvp value columns: NV vectors at a time, then
   // single vectors for the rest.
-  template <int ROWS>
+  template <int ROWS, bool SAFE = false>
   static void pv_rows(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const float* v,
                       std::int64_t v_stride, std::int64_t num_keys, const float* alpha, float* acc, std::int64_t Dvp) {
     std::int64_t c = 0;
     for (; c + NV * W <= Dvp; c += NV * W)
-      pv_tile<ROWS, NV>(probs, probs_stride, key_stride, v + c, v_stride, num_keys, alpha, acc + c, Dvp);
+      pv_tile<ROWS, NV, SAFE>(probs, probs_stride, key_stride, v + c, v_stride, num_keys, alpha, acc + c, Dvp);
     for (; c < Dvp; c += W)
-      pv_tile<ROWS, 1>(probs, probs_stride, key_stride, v + c, v_stride, num_keys, alpha, acc + c, Dvp);
+      pv_tile<ROWS, 1, SAFE>(probs, probs_stride, key_stride, v + c, v_stride, num_keys, alpha, acc + c, Dvp);
+  }
+
+  // O = alpha * O + P.V over keys [first, last) of a block whose zero probabilities may
+  // sit anywhere (a mask excluded keys), for ROWS rows with key stride 1. Classified per
+  // vector of W keys: keys that no row weighs are skipped, keys that every row weighs
+  // take the plain tile, the rest the safe one; consecutive vectors of one class make
+  // one run. A key block masked for every row (a padded KV cache) then costs nothing,
+  // and a causal pattern given as a mask takes the safe tile only near its diagonal.
+  template <int ROWS>
+  static void pv_classified(const float* probs, std::int64_t probs_stride, const float* v, std::int64_t v_stride,
+                            std::int64_t first, std::int64_t last, const float* alpha, float* acc, std::int64_t Dvp) {
+    enum { skip, clean, mixed };
+    alignas(64) float one[ROWS];
+    for (int r = 0; r < ROWS; ++r) one[r] = 1.0f;
+    const float* scale = alpha;  // applied by the first run, then 1
+    auto flush = [&](int kind, std::int64_t from, std::int64_t to) {
+      from = from < first ? first : from;
+      to = min_i64(to, last);
+      if (kind == skip || to <= from) return;
+      if (kind == clean)
+        pv_rows<ROWS, false>(probs + from, probs_stride, 1, v + from * v_stride, v_stride, to - from, scale, acc, Dvp);
+      else
+        pv_rows<ROWS, true>(probs + from, probs_stride, 1, v + from * v_stride, v_stride, to - from, scale, acc, Dvp);
+      scale = one;
+    };
+    int run_kind = -1;
+    std::int64_t run_begin = first;
+    // Whole aligned vectors: the columns they add outside [first, last) are computed
+    // and hold zeros (excluded), which can only make a vector mixed, never wrong.
+    for (std::int64_t c = first / W * W; c < last; c += W) {
+      xsimd::batch_bool<float, Arch> all_zero(true), any_zero(false);
+      for (int r = 0; r < ROWS; ++r) {
+        const auto zero = batch::load_aligned(probs + r * probs_stride + c) == batch(0.0f);
+        all_zero = all_zero && zero;
+        any_zero = any_zero || zero;
+      }
+      const int kind = xsimd::all(all_zero) ? skip : xsimd::any(any_zero) ? mixed : clean;
+      if (kind != run_kind) {
+        if (run_kind >= 0) flush(run_kind, run_begin, c);
+        run_kind = kind;
+        run_begin = c;
+      }
+    }
+    flush(run_kind, run_begin, last);
+    if (scale == alpha) pv_rows<ROWS, false>(probs, probs_stride, 1, v, v_stride, 0, alpha, acc, Dvp);  // rescale only
+  }
+
+  // O = alpha * O + P.V over keys [first, last) of a block, as up to three runs: keys
+  // that some row excludes, [first, clean_begin) and [clean_end, last), take the safe
+  // tile; the keys between, visible to every row, the plain one. alpha is applied once,
+  // by the first run. probs[r][j] for key j of the block is at
+  // probs + r * probs_stride + j * key_stride; v points at the block's first value row.
+  template <int ROWS>
+  static void pv_runs(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const float* v,
+                      std::int64_t v_stride, std::int64_t first, std::int64_t clean_begin, std::int64_t clean_end,
+                      std::int64_t last, const float* alpha, float* acc, std::int64_t Dvp) {
+    alignas(64) float one[ROWS];
+    for (int r = 0; r < ROWS; ++r) one[r] = 1.0f;
+    clean_begin = clean_begin < first ? first : min_i64(clean_begin, last);
+    clean_end = clean_end < clean_begin ? clean_begin : min_i64(clean_end, last);
+    const float* scale = alpha;
+    if (clean_begin > first) {
+      pv_rows<ROWS, true>(probs + first * key_stride, probs_stride, key_stride, v + first * v_stride, v_stride,
+                          clean_begin - first, scale, acc, Dvp);
+      scale = one;
+    }
+    if (clean_end > clean_begin) {
+      pv_rows<ROWS, false>(probs + clean_begin * key_stride, probs_stride, key_stride, v + clean_begin * v_stride,
+                           v_stride, clean_end - clean_begin, scale, acc, Dvp);
+      scale = one;
+    }
+    if (last > clean_end) {
+      pv_rows<ROWS, true>(probs + clean_end * key_stride, probs_stride, key_stride, v + clean_end * v_stride,
+                          v_stride, last - clean_end, scale, acc, Dvp);
+    }
   }
 
   static void forward_query_block(const QueryBlockJob& job) {
@@ -332,11 +452,16 @@ struct ForwardKernel {
                            num_keys - c0, cols - c0, scores + c0, Bk, ahead);
         }
         bool have_tile_max = panels != nullptr;  // the panel micro-kernel took each row's max
+        bool masked_out = false;                 // a mask excluded some key of the tile
         if (job.key_bias || job.row_bias || job.natural_units) {
-          score_epilogue(job, r0, j0, c0, cols);
+          masked_out = score_epilogue(job, r0, j0, c0, cols);
           have_tile_max = false;
         }
 
+        // The P.V product runs over the tile's visible keys [first, num_keys); those in
+        // [clean_begin, clean_end) are visible to every valid row of the tile.
+        const std::int64_t first = tile_begin - j0;
+        std::int64_t clean_begin = first, clean_end = num_keys;
         float alpha[MR];
         for (int r = 0; r < MR; ++r) {
           float* s = scores + r * Bk;
@@ -346,6 +471,10 @@ struct ForwardKernel {
           std::int64_t visible_begin = lo(i) - j0, visible_end = min_i64(num_keys, hi(i) + 1 - j0);
           if (visible_begin < c0) visible_begin = c0;
           if (visible_end < visible_begin) visible_end = visible_begin;
+          if (r0 + r < job.rows) {
+            if (visible_begin > clean_begin) clean_begin = visible_begin;
+            clean_end = min_i64(clean_end, visible_end);
+          }
           float bm;
           if (have_tile_max && visible_begin == c0 && visible_end == cols) {
             bm = tile_max[r];  // nothing excluded, nothing added: the micro-kernel's max holds
@@ -374,20 +503,32 @@ struct ForwardKernel {
           const float shift = new_max == neg_inf ? 0.0f : new_max;
           alpha[r] = exp2_nonpositive_scalar<Arch>(old_max - shift);
           const batch shift_v(shift);
-          batch sum(0.0f);
+          // exp2_nonpositive maps NaN to 0, so NaN scores (a NaN in q or in a visible
+          // key's K row) are caught beside it: a sum of the exponents is NaN exactly when
+          // one of them is (-inf stays -inf), and then so is the row sum, and the row's
+          // output, as in the oracle. One add per vector.
+          batch sum(0.0f), nan_probe(0.0f);
           for (std::int64_t j = c0; j < cols; j += W) {
-            const batch p = exp2_nonpositive<Arch>(batch::load_aligned(s + j) - shift_v);
+            const batch x = batch::load_aligned(s + j) - shift_v;
+            const batch p = exp2_nonpositive<Arch>(x);
             p.store_aligned(s + j);
             sum += p;
+            nan_probe += x;
           }
+          sum = xsimd::select(xsimd::isnan(nan_probe), nan_probe, sum);
           job.row_sum[r0 + r] = alpha[r] * job.row_sum[r0 + r] + xsimd::hadd(sum);
           job.row_max[r0 + r] = new_max;
         }
 
-        const float* v_block = job.v_rows + (j0 + c0 - job.key_begin) * job.v_row_stride;
-        for (int h = 0; h < MR; h += PR)
-          pv_rows<PR>(scores + h * Bk + c0, Bk, 1, v_block, job.v_row_stride, num_keys - c0, alpha + h,
-                      job.acc + (r0 + h) * Dvp, Dvp);
+        const float* v_block = job.v_rows + (j0 - job.key_begin) * job.v_row_stride;
+        for (int h = 0; h < MR; h += PR) {
+          if (masked_out)  // masks exclude anywhere: classify the keys
+            pv_classified<PR>(scores + h * Bk, Bk, v_block, job.v_row_stride, first, num_keys, alpha + h,
+                              job.acc + (r0 + h) * Dvp, Dvp);
+          else
+            pv_runs<PR>(scores + h * Bk, Bk, 1, v_block, job.v_row_stride, first, clean_begin, clean_end, num_keys,
+                        alpha + h, job.acc + (r0 + h) * Dvp, Dvp);
+        }
       }
     }
 
@@ -400,12 +541,15 @@ struct ForwardKernel {
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
     const std::int64_t Dv = job.value_dim;
     for (std::int64_t r = 0, i = 0, g = 0; r < job.rows; ++r) {  // row r is query i, head g
+      // sum is 0 exactly when the row saw no key; a NaN sum (a NaN score) is not empty:
+      // it makes the row NaN, as in the oracle.
       const float sum = job.row_sum[r];
+      const bool empty = sum == 0.0f;
       if (Dv > 0) {  // with Dv = 0 out may be null: only lse is written
         float* out = job.out + i * job.out_row_stride + g * job.out_head_stride;
         const float* acc = job.acc + r * Dvp;
-        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-        if (!(sum > 0.0f)) {
+        const float inv = empty ? 0.0f : 1.0f / sum;
+        if (empty) {
           for (std::int64_t c = 0; c < Dv; ++c) out[c * job.out_col_stride] = job.empty_value;
         } else if (job.out_col_stride == 1) {
           std::int64_t c = 0;
@@ -417,7 +561,7 @@ struct ForwardKernel {
       }
       if (job.lse)
         job.lse[i * job.lse_row_stride + g * job.lse_head_stride] =
-            sum > 0.0f ? (job.row_max[r] + log2_scalar(sum)) * 0.6931471805599453f : neg_inf;
+            empty ? neg_inf : (job.row_max[r] + log2_scalar(sum)) * 0.6931471805599453f;
       if (++g == G) {
         g = 0;
         ++i;
@@ -501,6 +645,12 @@ struct ForwardKernel {
       for (int r = 0; r < W; ++r) lane_query[r] = float(job.first_row + (r0 + r) / G);  // exact below 2^24
       const batch query = batch::load_aligned(lane_query);
       const batch first_key = query + batch(float(job.lo_offset)), last_key = query + batch(float(job.hi_offset));
+      // Keys in [clean_first, clean_past) are visible to every valid lane; P.V keeps the
+      // others' value rows out (see pv_tile's SAFE).
+      const std::int64_t valid = min_i64(W, job.rows - r0);
+      const std::int64_t lane_first = job.first_row + r0 / G, lane_last = job.first_row + (r0 + valid - 1) / G;
+      const std::int64_t clean_first = job.has_lo ? lane_last + job.lo_offset : begin;
+      const std::int64_t clean_past = job.has_hi ? lane_first + job.hi_offset + 1 : end;
       batch m = batch::load_unaligned(job.row_max + r0), l = batch::load_unaligned(job.row_sum + r0);
       for (std::int64_t j0 = begin; j0 < end; j0 += Bk) {
         const std::int64_t n = min_i64(Bk, end - j0);
@@ -531,19 +681,23 @@ struct ForwardKernel {
         // Rows that have seen no key keep max -inf; a shift of 0 maps their scores to 0.
         const batch shift = xsimd::select(new_max == batch(neg_inf), batch(0.0f), new_max);
         const batch a = exp2_nonpositive<Arch>(m - shift);
-        batch sum(0.0f);
+        batch sum(0.0f), nan_probe(0.0f);  // NaN scores make the row sum NaN (see forward_query_block)
         for (t = 0; t < n; ++t) {
-          const batch p = exp2_nonpositive<Arch>(batch::load_aligned(st + t * W) - shift);
+          const batch x = batch::load_aligned(st + t * W) - shift;
+          const batch p = exp2_nonpositive<Arch>(x);
           p.store_aligned(st + t * W);
           sum += p;
+          nan_probe += x;
         }
+        sum = xsimd::select(xsimd::isnan(nan_probe), nan_probe, sum);
         l = xsimd::fma(a, l, sum);
         m = new_max;
         a.store_aligned(alpha);
 
         const float* v_block = job.v_rows + (j0 - job.key_begin) * job.v_row_stride;
         for (int h = 0; h < W; h += PV_ROWS)
-          pv_rows<PV_ROWS>(st + h, 1, W, v_block, job.v_row_stride, n, alpha + h, job.acc + (r0 + h) * Dvp, Dvp);
+          pv_runs<PV_ROWS>(st + h, 1, W, v_block, job.v_row_stride, 0, clean_first - j0, clean_past - j0, n,
+                           alpha + h, job.acc + (r0 + h) * Dvp, Dvp);
       }
       m.store_unaligned(job.row_max + r0);
       l.store_unaligned(job.row_sum + r0);
