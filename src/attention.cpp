@@ -4,6 +4,7 @@
 
 #include <emmintrin.h>  // SSE2, part of every x86-64: the 4 x 4 transposes of the K packing
 #include <omp.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
@@ -29,17 +30,47 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
 
 // 64-byte aligned scratch, allocated before any parallel region so that a failure is
-// reported to the caller (std::bad_alloc) rather than inside OpenMP.
-struct AlignedBuffer {
-  struct Free {
-    void operator()(float* p) const { std::free(p); }
-  };
-  std::unique_ptr<float, Free> memory;
+// reported to the caller (std::bad_alloc) rather than inside OpenMP, and returned to the
+// system when the call ends.
+//
+// Scratch of kMapBytes or more is mapped for the call and unmapped after it. Through
+// malloc, glibc's adaptive mmap threshold (raised to the size of each large block freed,
+// up to 32 MiB) serves the next call's scratch from the heap instead, and the heap keeps
+// its pages: measured, 20 calls at N = M = 16384, D = 64, 2 threads left the process
+// 113 MiB above its inputs (0.3 MiB with the threshold pinned, as mapping does here).
+// The price is faulting the pages in on every call, about 0.25 us per 4 KiB page: 0.2%
+// of a P64 call (docs/performance-notes.md). Smaller scratch stays with malloc, whose
+// reuse of small blocks is free and bounded.
+constexpr std::size_t kMapBytes = std::size_t(1) << 20;
+
+class AlignedBuffer {
+ public:
   explicit AlignedBuffer(std::int64_t floats)
-      : memory(static_cast<float*>(std::aligned_alloc(64, std::size_t(round_up(std::max<std::int64_t>(floats, 1), 16)) * 4))) {
-    if (!memory) throw std::bad_alloc();
+      : bytes_(std::size_t(round_up(std::max<std::int64_t>(floats, 1), 16)) * sizeof(float)), mapped_(bytes_ >= kMapBytes) {
+    void* p = nullptr;
+    if (mapped_) {
+      p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);  // page aligned
+      if (p == MAP_FAILED) p = nullptr;
+    } else {
+      p = std::aligned_alloc(64, bytes_);
+    }
+    if (p == nullptr) throw std::bad_alloc();
+    memory_ = static_cast<float*>(p);
   }
-  float* get() const { return memory.get(); }
+  ~AlignedBuffer() {
+    if (mapped_)
+      munmap(memory_, bytes_);
+    else
+      std::free(memory_);
+  }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  float* get() const { return memory_; }
+
+ private:
+  std::size_t bytes_;
+  bool mapped_;
+  float* memory_ = nullptr;
 };
 
 // Address of row i of head h of batch b. Empty views may have null data: their rows are

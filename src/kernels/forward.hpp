@@ -634,17 +634,19 @@ struct ForwardKernel {
     const std::int64_t D = job.head_dim, G = job.heads_per_row, Dvp = job.value_dim_padded, Bk = job.block_keys;
     const std::int64_t rows_padded = (job.rows + W - 1) / W * W;
     if (!job.resume) reset_state(job, rows_padded);
-    const std::int64_t begin = job.key_begin, end = min_i64(job.key_end, job.key_limit);
+    // Only the keys some row can see: [lo of the first query, hi of the last one]. A
+    // sliding window then reads its window, not the whole cache.
+    const std::int64_t first_query = job.first_row, last_query = job.first_row + (job.rows - 1) / G;
+    std::int64_t begin = job.key_begin, end = min_i64(job.key_end, job.key_limit);
+    if (job.has_lo && first_query + job.lo_offset > begin) begin = first_query + job.lo_offset;
+    if (job.has_hi) end = min_i64(end, last_query + job.hi_offset + 1);
     float* const st = job.scores;        // [Bk][W]
     float* const qt = job.scores + Bk * W;  // [D][W]
     PrefetchStream ahead = prefetch_stream(job, begin, end);
 
     for (std::int64_t r0 = 0; r0 < rows_padded; r0 += W) {
       transpose_rows(job.q_packed + r0 * D, D, qt);
-      alignas(64) float lane_query[W], alpha[W];
-      for (int r = 0; r < W; ++r) lane_query[r] = float(job.first_row + (r0 + r) / G);  // exact below 2^24
-      const batch query = batch::load_aligned(lane_query);
-      const batch first_key = query + batch(float(job.lo_offset)), last_key = query + batch(float(job.hi_offset));
+      alignas(64) float alpha[W];
       // Keys in [clean_first, clean_past) are visible to every valid lane; P.V keeps the
       // others' value rows out (see pv_tile's SAFE).
       const std::int64_t valid = min_i64(W, job.rows - r0);
@@ -664,11 +666,23 @@ struct ForwardKernel {
           ahead.step();
           lanes_scores<1>(qt, D, k + t * job.k_row_stride, job.k_row_stride, st + t * W);
         }
+        // Each lane's visible keys [lo, hi], relative to this block and clamped to
+        // [-1, n]: small integers, exact in float whatever M is (absolute key indices
+        // are exact only below 2^24).
+        alignas(64) float lane_lo[W], lane_hi[W];
+        for (int r = 0; r < W; ++r) {
+          const std::int64_t i = job.first_row + (r0 + r) / G;
+          const std::int64_t lo_rel = job.has_lo ? i + job.lo_offset - j0 : -1;
+          const std::int64_t hi_rel = job.has_hi ? i + job.hi_offset - j0 : n;
+          lane_lo[r] = float(lo_rel < -1 ? -1 : min_i64(lo_rel, n));
+          lane_hi[r] = float(hi_rel < -1 ? -1 : min_i64(hi_rel, n));
+        }
+        const batch first_key = batch::load_aligned(lane_lo), last_key = batch::load_aligned(lane_hi);
         batch block_max(neg_inf);
         for (t = 0; t < n; ++t) {
           batch x = batch::load_aligned(st + t * W);
           if (job.has_lo || job.has_hi) {
-            const batch key(float(j0 + t));
+            const batch key = batch(float(t));
             xsimd::batch_bool<float, Arch> visible(true);
             if (job.has_lo) visible = visible && key >= first_key;
             if (job.has_hi) visible = visible && key <= last_key;
