@@ -10,6 +10,7 @@ packages=(
   cmake ninja-build g++ pkg-config
   libxsimd-dev catch2 libbenchmark-dev
   libopenblas-dev python3-matplotlib
+  clang-14 libomp-14-dev  # the ThreadSanitizer run: clang with LLVM's OpenMP and Archer
 )
 
 missing=()

@@ -184,4 +184,13 @@ void load_tuning(const std::string& path);
 /// in the process's tuning table. Used by the tuner; raises Error on invalid sizes.
 void set_tile_config(const std::string& isa, std::int64_t head_dim, std::optional<TileConfig> tiles);
 
+// Threads: every function here may be called from any number of threads at once,
+// including from inside an OpenMP parallel region (the inner team is then as nested
+// parallelism allows). The tuning table is guarded by a reader-writer lock: load_tuning
+// replaces it whole and set_tile_config one entry, each under the write lock, and an
+// attention call reads it once, under the read lock, when it plans. So a call sees the
+// table from before a concurrent change or from after it, never a mix. Tile sizes change
+// results in their last bits (the order of the online softmax's blocks); num_threads
+// never does.
+
 }  // namespace flashcpu

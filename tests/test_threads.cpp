@@ -1,0 +1,180 @@
+// Many threads at once: calls from 8 std::threads with different shapes, options and
+// num_threads (1 and 2), calls from inside an outer OpenMP parallel region, and a thread
+// that replaces the tuning table (load_tuning, set_tile_config) meanwhile. Every result
+// must be bitwise the single-threaded one for the tiles in force: results do not depend
+// on num_threads, and a call reads the tuning table once, so it sees the old table or the
+// new one, never a mix. Run under ThreadSanitizer too (tools/run_tests.sh).
+//
+// Catch2's assertions are not thread-safe: workers record, the test thread asserts.
+#include <catch2/catch.hpp>
+
+#include <omp.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "util.hpp"
+
+namespace {
+
+using flashcpu::AttentionOptions;
+using flashcpu::TensorView;
+
+// One call's inputs and its expected outputs (bitwise), under each tuning table.
+struct Job {
+  std::int64_t B, Hq, Hkv, N, M, D;
+  bool causal;
+  int window;  // window_left, or -1
+  std::vector<float> q, k, v;
+  std::vector<std::vector<float>> expected;  // per table
+
+  TensorView<const float> view(const std::vector<float>& t, std::int64_t h, std::int64_t s) const {
+    return flashcpu::bhsd<const float>(t.data(), B, h, s, D);
+  }
+  AttentionOptions options(int threads) const {
+    AttentionOptions o;
+    o.causal = causal;
+    o.window_left = window;
+    o.num_threads = threads;
+    return o;
+  }
+  std::vector<float> run(int threads) const {
+    std::vector<float> out(std::size_t(B * Hq * N * D));
+    flashcpu::attention(view(q, Hq, N), view(k, Hkv, M), view(v, Hkv, M), flashcpu::bhsd(out.data(), B, Hq, N, D),
+                        options(threads));
+    return out;
+  }
+};
+
+std::vector<Job> make_jobs() {
+  // Prefill and decode, MHA and GQA, causal and windowed; all with D = 32 so that the
+  // tuning tables below apply to every job.
+  const struct {
+    std::int64_t B, Hq, Hkv, N, M;
+    bool causal;
+    int window;
+  } shapes[] = {{1, 4, 4, 200, 200, false, -1}, {2, 4, 2, 97, 300, true, -1}, {1, 8, 2, 1, 2000, true, -1},
+                {1, 8, 8, 3, 1500, false, 100},  {1, 16, 1, 1, 900, true, 300}, {2, 2, 1, 130, 130, true, 40},
+                {1, 4, 4, 17, 600, false, -1},   {1, 2, 2, 300, 100, true, -1}};
+  std::vector<Job> jobs;
+  std::mt19937 rng(21);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  for (const auto& s : shapes) {
+    Job j{s.B, s.Hq, s.Hkv, s.N, s.M, 32, s.causal, s.window, {}, {}, {}, {}};
+    j.q.resize(std::size_t(j.B * j.Hq * j.N * j.D));
+    j.k.resize(std::size_t(j.B * j.Hkv * j.M * j.D));
+    j.v.resize(j.k.size());
+    for (auto* t : {&j.q, &j.k, &j.v})
+      for (float& x : *t) x = uniform(rng);
+    jobs.push_back(std::move(j));
+  }
+  return jobs;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// Two tuning tables for D = 32 on the active ISA, A loaded from a file and B set over
+// it by set_tile_config, so that the tuner thread below moves A -> B -> A with one
+// atomic replacement per step and no third state between. Their blocks differ, and so
+// (in the last bits) do their results.
+class Tables {
+ public:
+  Tables() : isa_(flashcpu::active_isa()), stem_("flashcpu_test_threads_" + std::to_string(::getpid())) {
+    write(stem_ + "_a.txt", isa_ + " 32 96 512\n");
+    write(stem_ + "_empty.txt", "");
+  }
+  ~Tables() {
+    flashcpu::load_tuning(stem_ + "_empty.txt");  // back to the built-in defaults
+    std::remove((stem_ + "_a.txt").c_str());
+    std::remove((stem_ + "_empty.txt").c_str());
+  }
+  void use(int which) const {
+    if (which == 0)
+      flashcpu::load_tuning(stem_ + "_a.txt");
+    else
+      flashcpu::set_tile_config(isa_, 32, flashcpu::TileConfig{48, 64});
+  }
+
+ private:
+  static void write(const std::string& path, const std::string& text) {
+    if (std::FILE* f = std::fopen(path.c_str(), "w")) {
+      std::fputs(text.c_str(), f);
+      std::fclose(f);
+    }
+  }
+  std::string isa_, stem_;
+};
+
+}  // namespace
+
+TEST_CASE("concurrent calls from threads and OpenMP regions, with the tuning table changing", "[threads]") {
+  std::vector<Job> jobs = make_jobs();
+  Tables tables;
+  for (int t = 0; t < 2; ++t) {
+    tables.use(t);
+    for (Job& j : jobs) j.expected.push_back(j.run(1));
+  }
+  // The two tables must lead to different results on some job, or the check below could
+  // not tell a torn table from a whole one.
+  bool differ = false;
+  for (const Job& j : jobs) differ = differ || !same_bits(j.expected[0], j.expected[1]);
+  REQUIRE(differ);
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> switches{0};
+  // The tuner thread: alternates the two tables until the workers are done.
+  std::thread tuner([&] {
+    for (int t = 0; !stop.load(); t ^= 1) {
+      tables.use(t);
+      switches.fetch_add(1);
+      std::this_thread::yield();
+    }
+  });
+
+  constexpr int kWorkers = 8, kRounds = 6;
+  std::vector<int> mismatches(kWorkers, 0), calls(kWorkers, 0);
+  std::vector<std::thread> workers;
+  for (int w = 0; w < kWorkers; ++w) {
+    workers.emplace_back([&, w] {
+      for (int round = 0; round < kRounds; ++round) {
+        const Job& j = jobs[std::size_t((w + round) % int(jobs.size()))];
+        const std::vector<float> got = j.run(1 + (w + round) % 2);
+        ++calls[std::size_t(w)];
+        if (!same_bits(got, j.expected[0]) && !same_bits(got, j.expected[1])) ++mismatches[std::size_t(w)];
+      }
+    });
+  }
+  for (std::thread& t : workers) t.join();
+
+  // Calls from inside an outer OpenMP region (nested parallelism is off by default: the
+  // inner team is one thread), still while the tables change.
+  std::vector<int> nested_mismatches(jobs.size(), 0);
+#pragma omp parallel for num_threads(2) schedule(static)
+  for (std::int64_t i = 0; i < std::int64_t(jobs.size()); ++i) {
+    const Job& j = jobs[std::size_t(i)];
+    const std::vector<float> got = j.run(2);
+    if (!same_bits(got, j.expected[0]) && !same_bits(got, j.expected[1])) nested_mismatches[std::size_t(i)] = 1;
+  }
+  stop.store(true);
+  tuner.join();
+
+  INFO("table switches during the run: " << switches.load());
+  CHECK(switches.load() > 1);
+  for (int w = 0; w < kWorkers; ++w) {
+    INFO("worker " << w);
+    CHECK(calls[std::size_t(w)] == kRounds);
+    CHECK(mismatches[std::size_t(w)] == 0);
+  }
+  for (std::size_t i = 0; i < jobs.size(); ++i) {
+    INFO("job " << i << " called from an OpenMP region");
+    CHECK(nested_mismatches[i] == 0);
+  }
+}
