@@ -694,6 +694,7 @@ void merge_into(TensorView<float> out, TensorView<float> lse, TensorView<const f
                 TensorView<const float> part_lse) {
   detail::validate_merge(out, lse, part_out, part_lse);
   const std::int64_t B = out.shape[0], H = out.shape[1], N = out.shape[2], Dv = out.shape[3];
+  if (B == 0 || H == 0 || N == 0) return;  // no rows (and no 2^40 empty loops over a batch of them)
   for (std::int64_t b = 0; b < B; ++b)
     for (std::int64_t h = 0; h < H; ++h)
       for (std::int64_t i = 0; i < N; ++i) {

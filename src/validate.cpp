@@ -168,8 +168,13 @@ AttentionShape validate_attention(const TensorView<const float>& q, const Tensor
   if (options.window_left < -1) fail("options.window_left: expected -1 (unbounded) or >= 0, got ", options.window_left);
   if (options.window_right < -1)
     fail("options.window_right: expected -1 (unbounded) or >= 0, got ", options.window_right);
-  s.window_left = options.window_left;
-  s.window_right = options.window_right;
+  // A window that reaches past every key on its side excludes nothing there: it is the
+  // unbounded -1, and stored so, which keeps the offsets i + (M - N) -+ window in range
+  // (window_left = INT64_MAX would overflow them). Row i's window spans keys
+  // [i + M - N - left, i + M - N + right]: left >= M reaches key 0 from every row, and
+  // right >= N reaches key M - 1.
+  s.window_left = options.window_left >= s.kv_len ? -1 : options.window_left;
+  s.window_right = options.window_right >= s.q_len ? -1 : options.window_right;
   if (!std::isfinite(options.softcap) || options.softcap < 0)
     fail("options.softcap: expected a finite value >= 0 (0: off), got ", options.softcap);
   s.softcap = options.softcap;

@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -204,4 +205,32 @@ TEST_CASE("head dimensions 512 and 576 (MLA), prefill and decode", "[layouts]") 
       if (causal) p.causal();
       CHECK_PROBLEM(p);
     }
+}
+
+TEST_CASE("windows wider than the sequence are unbounded, up to INT64_MAX (found by fuzzing)", "[layouts][options]") {
+  // window_left = INT64_MAX overflowed the offset i + (M - N) - window (undefined
+  // behaviour); any window that reaches past every key on its side now reads as -1.
+  const Dims shapes[] = {{1, 2, 1, 40, 70, 16, 8}, {1, 4, 2, 3, 900, 16, 8}};
+  for (const Dims& d : shapes)
+    for (const bool causal : {false, true})
+      for (const std::int64_t wide : {d.M, std::int64_t(1) << 40, std::numeric_limits<std::int64_t>::max()}) {
+        Problem wide_p(d, 41), plain(d, 41);
+        if (causal) wide_p.causal(), plain.causal();
+        wide_p.window(wide, wide);
+        flashcpu::attention(wide_p.q.cview(), wide_p.k.cview(), wide_p.v.cview(), wide_p.out.view(), wide_p.opt);
+        flashcpu::attention(plain.q.cview(), plain.k.cview(), plain.v.cview(), plain.out.view(), plain.opt);
+        INFO(str(d) << (causal ? " causal" : "") << " window " << wide);
+        // Bitwise the unbounded call, which the oracle tests check (the test's own double
+        // semantics, in attention_oracle.cpp, would overflow on these windows too).
+        CHECK(wide_p.out.values() == plain.out.values());
+      }
+}
+
+TEST_CASE("merge_into of views with no rows returns at once, whatever the batch (found by fuzzing)", "[layouts][merge]") {
+  // A batch of 2^40 with zero heads: nothing to merge, and no loop of 2^40 empty steps.
+  const std::int64_t B = std::int64_t(1) << 40;
+  float one = 1.0f;
+  const TensorView<float> out{&one, {B, 0, 1, 1}, {0, 0, 0, 0}}, lse{&one, {B, 0, 1, 1}, {0, 0, 0, 0}};
+  flashcpu::merge_into(out, lse, out, lse);  // finishes: the test would time out otherwise
+  CHECK(one == 1.0f);
 }
