@@ -9,6 +9,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -291,4 +292,7 @@ Outcome run_check(Problem& p, std::int64_t* empty_rows = nullptr);
     INFO((p).describe());                                  \
     INFO(outcome_.report);                                 \
     CHECK(outcome_.ok);                                    \
+    ::ftest::record_margin(std::max(outcome_.out_ratio, outcome_.lse_ratio)); \
+    CHECK(outcome_.out_ratio <= ::ftest::kOptionsMarginFraction); \
+    CHECK(outcome_.lse_ratio <= ::ftest::kOptionsMarginFraction); \
   } while (false)

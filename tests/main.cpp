@@ -36,6 +36,11 @@ int main(int argc, char* argv[]) {
     session.configData().testsOrTags = {"[dispatch]"};
 
   const int failed = session.run();
+  const std::string margins = ftest::margin_summary();
+  if (!margins.empty())
+    std::cout << "worst error / derived bound, per test case (isa " << flashcpu::active_isa() << "; fails above "
+              << ftest::kMarginFraction << ", " << ftest::kOptionsMarginFraction << " for options and scores):\n"
+              << margins;
   if (failed != 0) return failed;
   if (ftest::isa_unavailable_noted()) {
     std::cout << "FLASHCPU_ISA=" << forced << " is not available on this machine: not run (skipped)\n";

@@ -43,9 +43,31 @@ TEST_CASE("FLASHCPU_ISA selects the kernel ISA, or the run is reported as not ru
 TEST_CASE("active_isa and isa_supported are consistent", "[dispatch]") {
   const std::string active = flashcpu::active_isa();
   CHECK((active == "avx512" || active == "avx2" || active == "sse2"));
-  CHECK(flashcpu::isa_supported("sse2"));  // the x86-64 baseline
   // ISA levels nest: a CPU with AVX-512 kernels also runs the AVX2 ones.
   if (flashcpu::isa_supported("avx512")) CHECK(flashcpu::isa_supported("avx2"));
+}
+
+TEST_CASE("isa_supported agrees with the features Linux reports", "[dispatch]") {
+  // An independent reading: /proc/cpuinfo lists a feature only when the kernel also
+  // saves its register state, which is what the library's CPUID + XGETBV check decides.
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line, flags;
+  while (std::getline(cpuinfo, line))
+    if (line.rfind("flags", 0) == 0) {
+      flags = " " + line.substr(line.find(':') + 1) + " ";
+      break;
+    }
+  if (flags.empty()) {
+    WARN("no flags line in /proc/cpuinfo: not run");
+    return;
+  }
+  auto has = [&](const char* f) { return flags.find(std::string(" ") + f + " ") != std::string::npos; };
+  INFO("flags:" << flags);
+  CHECK(flashcpu::isa_supported("sse2") == has("sse2"));
+  const bool avx2 = has("avx2") && has("fma");
+  CHECK(flashcpu::isa_supported("avx2") == avx2);
+  CHECK(flashcpu::isa_supported("avx512") ==
+        (avx2 && has("avx512f") && has("avx512dq") && has("avx512cd") && has("avx512bw") && has("avx512vl")));
 }
 
 TEST_CASE("tile_config gives tiles the active micro-kernel can use", "[tiles]") {

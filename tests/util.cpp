@@ -1,5 +1,7 @@
 #include "util.hpp"
 
+#include <catch2/catch.hpp>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -9,6 +11,8 @@
 #include <exception>
 #include <iomanip>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <sstream>
 
 namespace ftest {
@@ -345,6 +349,25 @@ std::vector<std::int64_t> edge_lengths(std::int64_t tile) {
   std::sort(lengths.begin(), lengths.end());
   lengths.erase(std::unique(lengths.begin(), lengths.end()), lengths.end());
   return lengths;
+}
+
+namespace {
+std::mutex g_margin_mutex;
+std::map<std::string, double> g_margins;  // test case -> largest fraction of its bound
+}  // namespace
+
+void record_margin(double ratio) {
+  const std::string name = Catch::getResultCapture().getCurrentTestName();
+  std::lock_guard<std::mutex> lock(g_margin_mutex);
+  double& worst = g_margins[name];
+  worst = std::max(worst, ratio);
+}
+
+std::string margin_summary() {
+  std::lock_guard<std::mutex> lock(g_margin_mutex);
+  std::ostringstream os;
+  for (const auto& [name, worst] : g_margins) os << "  " << worst << "  " << name << "\n";
+  return os.str();
 }
 
 }  // namespace ftest
