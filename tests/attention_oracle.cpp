@@ -127,21 +127,21 @@ Expected expect(TensorView<const float> q, TensorView<const float> k, TensorView
   const std::int64_t group = d.Hq / d.Hkv;
   const std::size_t Ms = std::size_t(std::max<std::int64_t>(d.M, 1));
   const std::size_t Dvs = std::size_t(std::max<std::int64_t>(d.Dv, 1));
-  std::vector<double> lo(std::size_t(d.D)), hi(std::size_t(d.D)), s(Ms), w(Ms), delta(Ms), a_dot(Ms), lw(Ms), coef(Ms);
+  std::vector<double> key_r2(Ms), s(Ms), w(Ms), delta(Ms), a_dot(Ms), lw(Ms), coef(Ms);
   std::vector<double> mine(Dvs), mag(Dvs), dev(Dvs), dev_ref(Dvs);
   Worst ref_out, ref_lse;
   for (std::int64_t b = 0; b < d.B; ++b)
     for (std::int64_t h = 0; h < d.Hq; ++h) {
       const std::int64_t g = h / group;
-      if (opt.score == Score::gaussian) {  // the bounding box of the head's keys
-        std::fill(lo.begin(), lo.end(), std::numeric_limits<double>::infinity());
-        std::fill(hi.begin(), hi.end(), -std::numeric_limits<double>::infinity());
-        for (std::int64_t j = 0; j < d.M; ++j)
+      if (opt.score == Score::gaussian)  // each key's squared distance to key 0, the kernel's center
+        for (std::int64_t j = 0; j < d.M; ++j) {
+          double r2 = 0;
           for (std::int64_t c = 0; c < d.D; ++c) {
-            lo[std::size_t(c)] = std::min(lo[std::size_t(c)], double(elem(k, b, g, j, c)));
-            hi[std::size_t(c)] = std::max(hi[std::size_t(c)], double(elem(k, b, g, j, c)));
+            const double t = double(elem(k, b, g, j, c)) - double(elem(k, b, g, 0, c));
+            r2 += t * t;
           }
-      }
+          key_r2[std::size_t(j)] = r2;
+        }
       for (std::int64_t i = 0; i < d.N; ++i) {
         const std::int64_t row = (b * d.Hq + h) * d.N + i;
         row_scores(q, k, opt, d, scale, b, h, i, s, a_dot);
@@ -157,16 +157,12 @@ Expected expect(TensorView<const float> q, TensorView<const float> k, TensorView
         double sum = 0;
         for (std::int64_t j = 0; j < d.M; ++j) sum += (w[std::size_t(j)] = std::exp(s[std::size_t(j)] - m));
         const double L = m + std::log(sum);
-        double a_gauss = 0;
-        if (opt.score == Score::gaussian) {
-          double diam2 = 0;
+        double query_r2 = 0;  // the query's squared distance to the center (Gaussian)
+        if (opt.score == Score::gaussian && d.M > 0)
           for (std::int64_t c = 0; c < d.D; ++c) {
-            const double x = elem(q, b, h, i, c);
-            const double ext = std::max(hi[std::size_t(c)], x) - std::min(lo[std::size_t(c)], x);
-            diam2 += ext * ext;
+            const double t = double(elem(q, b, h, i, c)) - double(elem(k, b, g, 0, c));
+            query_r2 += t * t;
           }
-          a_gauss = 4 * std::fabs(scale) * diam2;
-        }
         const std::int64_t diag = i + d.M - d.N;
         double s_bar = 0;
         for (std::int64_t j = 0; j < d.M; ++j) {
@@ -177,7 +173,7 @@ Expected expect(TensorView<const float> q, TensorView<const float> k, TensorView
           double a = 0;
           switch (opt.score) {
             case Score::dot_product: a = a_dot[std::size_t(j)]; break;
-            case Score::gaussian: a = a_gauss; break;
+            case Score::gaussian: a = 2 * std::fabs(scale) * (query_r2 + key_r2[std::size_t(j)]); break;
             case Score::additive: a = std::fabs(scale) * add_sum; break;
           }
           double t = 0;

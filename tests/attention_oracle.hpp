@@ -47,9 +47,10 @@ inline constexpr double kU = 1.0 / 16777216.0;  // 2^-24, fp32 unit roundoff
 //   Δ_j = u · ((D + 10)·a_j + 8·(|alibi_j| + |mask_j| + |s_j| + |m|) + 16)
 //
 // where a_j bounds the magnitude of the raw score's terms (dot: |scale|·Σ_d|q_d k_jd|;
-// Gaussian: 4·scale·diam², diam the diagonal of the bounding box of the head's keys and
-// the query, which holds for exact differences and for an expansion centered anywhere
-// inside the data, but not for |q|² − 2q·k + |k|² about a far-away origin; additive:
+// Gaussian: 2·scale·(|q − c|² + |k_j − c|²) with c = key 0, the center the kernel expands
+// |q − k|² around: the expansion's three terms sum to at most that (2|a·b| <= |a|² + |b|²),
+// and exact differences give |q − k_j|², which is smaller; each key its own distance, so
+// spread-out keys do not inflate every key's bound; additive:
 // |scale|·Σ_d|w_d|, the +8 in D + 10 covering tanh's few ulp), s_j is the final score and
 // m the row max: γ_D for the sum, a few roundings for each later term, exp2's own error.
 // A score error δs_j moves the weights by δw_j = w_j (δs_j − Σ_k w_k δs_k), so

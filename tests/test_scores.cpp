@@ -382,8 +382,9 @@ TEST_CASE("attention_weights times V equals reference::attention", "[scores][wei
 // Tolerance of flashcpu::nadaraya_watson against reference::nadaraya_watson. The fused
 // path computes the raw score -x = -|x_q - x_j|^2 / h^2 (the Gaussian score with scale
 // 1/h^2, or 1/(2 h^2) for the Gaussian kernel) in fp32 with an error in x of
-//   ε_j = u · ((D + 10)·4·diam²/h² + 8x + 16)
-// (as for the Gaussian score above: diam the extent of the head's points), then maps it to
+//   ε_j = u · ((D + 10)·2·(|x_q − c|² + |x_j − c|²)/h² + 8x + 16)
+// (as for the Gaussian score, attention_oracle.hpp: c = training point 0, each point its
+// own distance), then maps it to
 // log K: Gaussian -x/2 (error ε/2), Laplacian -sqrt(x) (error <= ε/(sqrt(x) + sqrt(ε)),
 // which is sqrt(ε) at x = 0), boxcar 0 inside (no error), Epanechnikov log(1 - x) (error
 // ε/(1 - x)); plus 8u(|s| + |m| + 2) for the later roundings. As for attention, with Δ_j
@@ -478,21 +479,22 @@ NwOutcome run_nw(Nw& p) {
   Worst fused, oracle;
   const std::size_t Ms = std::size_t(d.M);
   std::vector<double> x(Ms), s(Ms), w(Ms), delta(Ms), lw(Ms), coef(Ms);
-  std::vector<double> lo(std::size_t(d.D)), hi(std::size_t(d.D));
+  std::vector<double> train_r2(Ms);  // each training point's squared distance to point 0
   for (std::int64_t b = 0; b < d.B; ++b)
     for (std::int64_t h = 0; h < d.H; ++h) {
-      std::fill(lo.begin(), lo.end(), inf), std::fill(hi.begin(), hi.end(), -inf);
-      for (std::int64_t j = 0; j < d.M; ++j)
+      for (std::int64_t j = 0; j < d.M; ++j) {
+        double r2 = 0;
         for (std::int64_t c = 0; c < d.D; ++c) {
-          lo[std::size_t(c)] = std::min(lo[std::size_t(c)], double(p.xt.at(b, h, j, c)));
-          hi[std::size_t(c)] = std::max(hi[std::size_t(c)], double(p.xt.at(b, h, j, c)));
+          const double t = double(p.xt.at(b, h, j, c)) - double(p.xt.at(b, h, 0, c));
+          r2 += t * t;
         }
+        train_r2[std::size_t(j)] = r2;
+      }
       for (std::int64_t i = 0; i < d.N; ++i) {
-        double diam2 = 0;
-        for (std::int64_t c = 0; c < d.D; ++c) {
-          const double xq = p.xq.at(b, h, i, c);
-          const double ext = std::max(hi[std::size_t(c)], xq) - std::min(lo[std::size_t(c)], xq);
-          diam2 += ext * ext;
+        double query_r2 = 0;
+        for (std::int64_t c = 0; c < d.D && d.M > 0; ++c) {
+          const double t = double(p.xq.at(b, h, i, c)) - double(p.xt.at(b, h, 0, c));
+          query_r2 += t * t;
         }
         double m = -inf;
         for (std::int64_t j = 0; j < d.M; ++j) {
@@ -525,7 +527,7 @@ NwOutcome run_nw(Nw& p) {
         const double log_sum = std::log(sum);
         for (std::int64_t j = 0; j < d.M; ++j) {
           const double xj = x[std::size_t(j)], sj = s[std::size_t(j)];
-          const double eps = kU * (double(d.D + 10) * 4 * diam2 / h2 + 8 * xj + 16);
+          const double eps = kU * (double(d.D + 10) * 2 * (query_r2 + train_r2[std::size_t(j)]) / h2 + 8 * xj + 16);
           if ((kernel == Kernel::boxcar || kernel == Kernel::epanechnikov) && std::fabs(xj - 1) <= 2 * eps)
             ++o.ambiguous;
           w[std::size_t(j)] /= sum;
