@@ -127,12 +127,13 @@ std::vector<std::int64_t> edge_lengths(std::int64_t tile);
 // the largest fraction of each test case is recorded and printed at the end of the run
 // (main.cpp), per ISA:
 //  - plain dot-product attention (compare_with_reference, FTEST_CHECK_CASE): observed up
-//    to 1.4% (AVX2, SSE2); 5%. With exp2's polynomial cut from degree 6 to 5 (about 10x
-//    its error) the worst case went to 13%, and fails;
+//    to 1.4% (AVX2, SSE2); 8%, room for other ISAs' summation orders. With exp2's
+//    polynomial cut from degree 6 to 5 (about 10x its error) the worst case went to 13%,
+//    and fails;
 //  - options and scores (attention_oracle.hpp, CHECK_PROBLEM), whose bounds also carry
-//    the masks', ALiBi's and the transforms' terms: observed up to 4.3%; 15%.
-inline constexpr double kMarginFraction = 0.05;
-inline constexpr double kOptionsMarginFraction = 0.15;
+//    the masks', ALiBi's and the transforms' terms: observed up to 5.3%; 20%.
+inline constexpr double kMarginFraction = 0.08;
+inline constexpr double kOptionsMarginFraction = 0.20;
 /// Records the worst |error| / bound of one comparison under the running test case.
 void record_margin(double ratio);
 /// The test cases' largest recorded fractions, one line each, for the end of the run.
