@@ -67,7 +67,7 @@ TEST_CASE("each score matches the reference over randomized shapes", "[scores]")
   const float scales[] = {0.0f, 0.0f, 0.3f, 1.7f};  // 0: the score's default
   const Layout layouts[] = {Layout::padded, Layout::bshd, Layout::sliced, Layout::bhsd};
   std::uint32_t seed = 8000;
-  int cases = 0;
+  int causal = 0, masked = 0;  // what the random choices covered, of 36 cases
   for (const Score score : kScores)
     for (const std::int64_t D : dims)
       for (const bool decode : {false, true}) {
@@ -83,14 +83,17 @@ TEST_CASE("each score matches the reference over randomized shapes", "[scores]")
         ++seed;
         Problem p(d, seed, layouts[seed % 4]);
         set_score(p, score);
-        if (rng() % 2) p.causal();
-        if (rng() % 2) p.full_mask(0.05);
+        if (rng() % 2) p.causal(), ++causal;
+        if (rng() % 2) p.full_mask(0.05), ++masked;
         if (const float s = pick(rng, scales); s != 0.0f) p.scale(s);
         INFO("score " << score_name(score) << (decode ? " (decode path)" : " (prefill path)"));
         CHECK_PROBLEM(p);
-        ++cases;
       }
-  CHECK(cases == 36);
+  INFO(causal << " causal and " << masked << " masked cases of 36");
+  CHECK(causal >= 6);
+  CHECK(causal <= 30);
+  CHECK(masked >= 6);
+  CHECK(masked <= 30);
 }
 
 TEST_CASE("gaussian: when every weight but the nearest underflows, out is the nearest key's value row",
@@ -575,7 +578,7 @@ TEST_CASE("nadaraya_watson: each kernel matches the reference over randomized sh
   std::uint32_t seed = 9000;
   const float smooth_h[] = {0.15f, 0.6f, 2.5f};
   const double grid_c[] = {0.15, 0.5, 1.2};
-  int cases = 0;
+  std::int64_t empty_queries = 0;  // the small supports must leave some queries empty
   for (const Kernel kernel : kKernels)
     for (const std::int64_t D : {1, 3, 8})
       for (const bool decode : {false, true}) {
@@ -596,9 +599,10 @@ TEST_CASE("nadaraya_watson: each kernel matches the reference over randomized sh
         INFO(o.report);
         CHECK(o.ok);
         CHECK(o.ambiguous == 0);  // the data keep clear of the support's edge (see above)
-        ++cases;
+        empty_queries += o.empty_rows;
       }
-  CHECK(cases == 24);
+  INFO(empty_queries << " queries with no training point in the support");
+  CHECK(empty_queries > 0);
 }
 
 TEST_CASE("nadaraya_watson: queries with no training point in the support give NaN", "[scores][nw]") {
