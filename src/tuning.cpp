@@ -14,7 +14,7 @@ namespace flashcpu::detail {
 namespace {
 
 // Built-in defaults, measured on the 2-core development VM (AVX-512 Xeon, 2 MiB L2 per
-// core; README "Tuning tile sizes"). A Br x D block of Q and a Bk x (D + Dv) block of K
+// core; docs/performance-notes.md, "Tile choice"). A Br x D block of Q and a Bk x (D + Dv) block of K
 // and V stay in L2; the MR x Bk score tile stays in L1. With 12-row AVX-512 tiles,
 // 144 x 256 was the best or tied of {64, 96, 144} x 256 on P64, P128, C128, S16K and
 // short N=256 (S16K 229 ms against 239 ms at 64 x 256: each block of rows streams the
