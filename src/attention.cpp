@@ -170,8 +170,16 @@ Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const Tensor
 // are then of the size of the distances themselves.
 void load_center(const Plan& plan, const TensorView<const float>& k, std::int64_t b, std::int64_t hkv, float* center) {
   const std::int64_t D = plan.shape.head_dim;
-  for (std::int64_t d = 0; d < D; ++d)
+  bool finite = true;
+  for (std::int64_t d = 0; d < D; ++d) {
     center[d] = plan.centered && plan.shape.kv_len > 0 ? element(k, b, hkv, 0)[d * k.strides[3]] : 0.0f;
+    finite = finite && std::isfinite(center[d]);
+  }
+  // Key 0 may be an excluded slot holding NaN or inf (a stale KV cache): it must not
+  // become every score's reference point. The origin then serves, with the exact
+  // distances if the keys' spread calls for them.
+  if (!finite)
+    for (std::int64_t d = 0; d < D; ++d) center[d] = 0.0f;
 }
 
 // K of keys [0, keys) as panels of `nr` keys: panel p is head_dim rows of nr floats (keys

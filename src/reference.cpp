@@ -50,7 +50,11 @@ double score(const detail::AttentionShape& s, const TensorView<const float>& q, 
   x *= double(s.scale);
   if (s.softcap > 0) x = double(s.softcap) * std::tanh(x / double(s.softcap));
   if (s.alibi_slopes) x -= double(s.alibi_slopes[h]) * double(std::llabs(d - j));
-  if (s.mask.data) x += double(mask_at(s.mask, b, h, i, j));
+  if (s.mask.data) {
+    const double m = mask_at(s.mask, b, h, i, j);
+    if (m == kNegInf) return kNegInf;  // excluded, whatever the score (NaN included)
+    x += m;
+  }
   return x;
 }
 
@@ -76,7 +80,9 @@ void for_each_row(const detail::AttentionShape& s, const TensorView<const float>
         double row_max = kNegInf;
         for (std::int64_t j = 0; j < M; ++j) row_max = std::max(row_max, row[j]);
         double sum = 0;
-        for (std::int64_t j = 0; j < M; ++j) sum += (row[j] = row_max == kNegInf ? 0.0 : std::exp(row[j] - row_max));
+        // A NaN score stays NaN (std::max skipped it), and so do the row's sum and output.
+        for (std::int64_t j = 0; j < M; ++j)
+          sum += (row[j] = std::isnan(row[j]) ? row[j] : row_max == kNegInf ? 0.0 : std::exp(row[j] - row_max));
         consume(b, h, i, row, sum, row_max);
       }
     }
@@ -89,15 +95,18 @@ void run(const detail::AttentionShape& s, const TensorView<const float>& q, cons
   const std::int64_t M = s.kv_len, group = s.q_heads / s.kv_heads;
   for_each_row(s, q, k, [&](std::int64_t b, std::int64_t h, std::int64_t i, const double* row, double sum, double row_max) {
     for (std::int64_t c = 0; c < s.value_dim; ++c) {
+      // A key with weight 0 (excluded) adds nothing, whatever its value row holds (0 * NaN
+      // would be NaN); a visible NaN or inf propagates. sum is 0 exactly when the row
+      // sees no key: zeros; a NaN sum (a NaN score) makes the row NaN.
       double acc = 0;
-      if (sum > 0)
-        for (std::int64_t j = 0; j < M; ++j) acc += row[j] * at(v, b, h / group, j, c);
+      for (std::int64_t j = 0; j < M; ++j)
+        if (row[j] != 0) acc += row[j] * at(v, b, h / group, j, c);
       float* o = out.data + b * out.strides[0] + h * out.strides[1] + i * out.strides[2] + c * out.strides[3];
-      *o = sum > 0 ? float(acc / sum) : 0.0f;  // a row that sees no key gets zeros
+      *o = sum != 0 ? float(acc / sum) : 0.0f;
     }
     if (lse)
       lse->data[b * lse->strides[0] + h * lse->strides[1] + i * lse->strides[2]] =
-          sum > 0 ? float(row_max + std::log(sum)) : -std::numeric_limits<float>::infinity();
+          sum != 0 ? float(row_max + std::log(sum)) : -std::numeric_limits<float>::infinity();
   });
 }
 
