@@ -317,28 +317,58 @@ struct ForwardKernel {
       pv_tile<ROWS, 1, SAFE>(probs, probs_stride, key_stride, v + c, v_stride, num_keys, alpha, acc + c, Dvp);
   }
 
-  // O = alpha * O + P.V over keys [first, last) of a block whose zero probabilities may
-  // sit anywhere (a mask excluded keys), for ROWS rows with key stride 1. Classified per
-  // vector of W keys: keys that no row weighs are skipped, keys that every row weighs
-  // take the plain tile, the rest the safe one; consecutive vectors of one class make
-  // one run. A key block masked for every row (a padded KV cache) then costs nothing,
-  // and a causal pattern given as a mask takes the safe tile only near its diagonal.
+  // O = alpha * O + P.V over consecutive runs of a block's keys: alpha scales O once, with
+  // the first run that has keys (or alone, in finish(), if none had), later runs by 1;
+  // a run that some row excludes takes the safe tile. probs[r][j] for key j of the block
+  // is at probs + r * probs_stride + j * key_stride; v points at the block's first value row.
+  template <int ROWS>
+  class PvRuns {
+   public:
+    PvRuns(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const float* v,
+           std::int64_t v_stride, const float* alpha, float* acc, std::int64_t Dvp)
+        : probs_(probs), probs_stride_(probs_stride), key_stride_(key_stride), v_(v), v_stride_(v_stride),
+          scale_(alpha), acc_(acc), Dvp_(Dvp) {
+      for (int r = 0; r < ROWS; ++r) one_[r] = 1.0f;
+    }
+    // Keys [from, to); `safe` when some row excludes one of them.
+    void add(std::int64_t from, std::int64_t to, bool safe) {
+      if (to <= from) return;
+      const float* p = probs_ + from * key_stride_;
+      const float* v = v_ + from * v_stride_;
+      if (safe)
+        pv_rows<ROWS, true>(p, probs_stride_, key_stride_, v, v_stride_, to - from, scale_, acc_, Dvp_);
+      else
+        pv_rows<ROWS, false>(p, probs_stride_, key_stride_, v, v_stride_, to - from, scale_, acc_, Dvp_);
+      scale_ = one_;
+    }
+    void finish() {
+      if (scale_ != one_) pv_rows<ROWS, false>(probs_, probs_stride_, key_stride_, v_, v_stride_, 0, scale_, acc_, Dvp_);
+    }
+
+   private:
+    const float* probs_;
+    std::int64_t probs_stride_, key_stride_;
+    const float* v_;
+    std::int64_t v_stride_;
+    const float* scale_;
+    float* acc_;
+    std::int64_t Dvp_;
+    alignas(64) float one_[ROWS];
+  };
+
+  // P.V over keys [first, last) of a block whose zero probabilities may sit anywhere (a
+  // mask excluded keys), key stride 1. Classified per vector of W keys: keys that no row
+  // weighs are skipped, keys that every row weighs take the plain tile, the rest the safe
+  // one; consecutive vectors of one class make one run. A key block masked for every row
+  // (a padded KV cache) then costs nothing, and a causal pattern given as a mask takes
+  // the safe tile only near its diagonal.
   template <int ROWS>
   static void pv_classified(const float* probs, std::int64_t probs_stride, const float* v, std::int64_t v_stride,
                             std::int64_t first, std::int64_t last, const float* alpha, float* acc, std::int64_t Dvp) {
     enum { skip, clean, mixed };
-    alignas(64) float one[ROWS];
-    for (int r = 0; r < ROWS; ++r) one[r] = 1.0f;
-    const float* scale = alpha;  // applied by the first run, then 1
+    PvRuns<ROWS> runs(probs, probs_stride, 1, v, v_stride, alpha, acc, Dvp);
     auto flush = [&](int kind, std::int64_t from, std::int64_t to) {
-      from = from < first ? first : from;
-      to = min_i64(to, last);
-      if (kind == skip || to <= from) return;
-      if (kind == clean)
-        pv_rows<ROWS, false>(probs + from, probs_stride, 1, v + from * v_stride, v_stride, to - from, scale, acc, Dvp);
-      else
-        pv_rows<ROWS, true>(probs + from, probs_stride, 1, v + from * v_stride, v_stride, to - from, scale, acc, Dvp);
-      scale = one;
+      if (kind != skip) runs.add(from < first ? first : from, min_i64(to, last), kind == mixed);
     };
     int run_kind = -1;
     std::int64_t run_begin = first;
@@ -359,37 +389,23 @@ struct ForwardKernel {
       }
     }
     flush(run_kind, run_begin, last);
-    if (scale == alpha) pv_rows<ROWS, false>(probs, probs_stride, 1, v, v_stride, 0, alpha, acc, Dvp);  // rescale only
+    runs.finish();
   }
 
-  // O = alpha * O + P.V over keys [first, last) of a block, as up to three runs: keys
-  // that some row excludes, [first, clean_begin) and [clean_end, last), take the safe
-  // tile; the keys between, visible to every row, the plain one. alpha is applied once,
-  // by the first run. probs[r][j] for key j of the block is at
-  // probs + r * probs_stride + j * key_stride; v points at the block's first value row.
+  // P.V over keys [first, last) of a block as up to three runs: the keys that some row
+  // excludes by its visible interval, [first, clean_begin) and [clean_end, last), take
+  // the safe tile; the keys between, visible to every row, the plain one.
   template <int ROWS>
   static void pv_runs(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const float* v,
                       std::int64_t v_stride, std::int64_t first, std::int64_t clean_begin, std::int64_t clean_end,
                       std::int64_t last, const float* alpha, float* acc, std::int64_t Dvp) {
-    alignas(64) float one[ROWS];
-    for (int r = 0; r < ROWS; ++r) one[r] = 1.0f;
     clean_begin = clean_begin < first ? first : min_i64(clean_begin, last);
     clean_end = clean_end < clean_begin ? clean_begin : min_i64(clean_end, last);
-    const float* scale = alpha;
-    if (clean_begin > first) {
-      pv_rows<ROWS, true>(probs + first * key_stride, probs_stride, key_stride, v + first * v_stride, v_stride,
-                          clean_begin - first, scale, acc, Dvp);
-      scale = one;
-    }
-    if (clean_end > clean_begin) {
-      pv_rows<ROWS, false>(probs + clean_begin * key_stride, probs_stride, key_stride, v + clean_begin * v_stride,
-                           v_stride, clean_end - clean_begin, scale, acc, Dvp);
-      scale = one;
-    }
-    if (last > clean_end) {
-      pv_rows<ROWS, true>(probs + clean_end * key_stride, probs_stride, key_stride, v + clean_end * v_stride,
-                          v_stride, last - clean_end, scale, acc, Dvp);
-    }
+    PvRuns<ROWS> runs(probs, probs_stride, key_stride, v, v_stride, alpha, acc, Dvp);
+    runs.add(first, clean_begin, true);
+    runs.add(clean_begin, clean_end, false);
+    runs.add(clean_end, last, true);
+    runs.finish();
   }
 
   static void forward_query_block(const QueryBlockJob& job) {
