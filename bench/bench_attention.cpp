@@ -46,6 +46,8 @@
 #include <string>
 #include <vector>
 
+#include "kernels/variant_list.hpp"
+
 namespace fb = flashcpu::bench;
 using fb::Impl;
 using fb::Shape;
@@ -303,8 +305,8 @@ void register_attention_benchmarks() {
 
 void register_probe_benchmarks() {
   const std::vector<int> counts = thread_counts();
-  for (const char* isa : {"avx512", "avx2", "sse2"}) {
-    if (!flashcpu::isa_supported(isa)) continue;
+  for (const char* isa : flashcpu::variant_list::kLevels) {
+    if (!flashcpu::isa_supported(isa) || !fb::has_fma_probe(isa)) continue;
     for (int t : counts) {
       const std::string name = std::string("BM_FmaPeak/") + isa + "/threads:" + std::to_string(t);
       benchmark::RegisterBenchmark(name.c_str(),

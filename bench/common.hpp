@@ -316,6 +316,10 @@ OpenblasInfo openblas_info();
 /// `seconds`. Returns 0 if the CPU lacks the ISA.
 double measure_fma_gflops(const std::string& isa, int threads, double seconds = 0.1);
 
+/// Whether measure_fma_gflops has a probe for this ISA level: the probes are per vector
+/// width, and a level that adds instructions but no width (a future one) has none.
+bool has_fma_probe(const std::string& isa);
+
 /// Read bandwidth in GB/s (1e9 B/s): every thread sums its share of a `bytes` buffer
 /// (first-touched by the same thread); best of `passes` passes.
 double measure_read_gbps(int threads, std::size_t bytes = std::size_t(512) << 20, int passes = 3);

@@ -109,6 +109,8 @@ bool probe_for(const std::string& isa, Probe* out) {
 
 }  // namespace
 
+bool has_fma_probe(const std::string& isa) { return isa == "avx512" || isa == "avx2" || isa == "sse2"; }
+
 double measure_fma_gflops(const std::string& isa, int threads, double seconds) {
   Probe probe{};
   if (!probe_for(isa, &probe)) return 0.0;

@@ -15,7 +15,8 @@ add_library(flashcpu_bench_support STATIC
 # compile it (the benchmarks run where they are built; the library never is).
 set_source_files_properties(${CMAKE_CURRENT_LIST_DIR}/naive.cpp PROPERTIES
   COMPILE_OPTIONS "-O3;-march=native")
-target_include_directories(flashcpu_bench_support PUBLIC ${CMAKE_CURRENT_LIST_DIR})
+# ${PROJECT_SOURCE_DIR}/src: kernels/variant_list.hpp, the ISA levels and kernel variants.
+target_include_directories(flashcpu_bench_support PUBLIC ${CMAKE_CURRENT_LIST_DIR} ${PROJECT_SOURCE_DIR}/src)
 target_link_libraries(flashcpu_bench_support PUBLIC flashcpu::flashcpu OpenMP::OpenMP_CXX)
 target_compile_features(flashcpu_bench_support PUBLIC cxx_std_17)
 set_target_properties(flashcpu_bench_support PROPERTIES CXX_EXTENSIONS OFF)

@@ -17,6 +17,8 @@
 #include <sstream>
 #include <string>
 
+#include "kernels/variant_list.hpp"
+
 #ifdef FLASHCPU_BENCH_HAVE_OPENBLAS
 #include <cblas.h>  // OpenBLAS's own cblas.h: declares openblas_set_num_threads
 #endif
@@ -724,7 +726,7 @@ std::pair<double, std::string> fma_entry(int threads) {
   auto it = c.fma.find(threads);
   if (it != c.fma.end()) return it->second;
   std::pair<double, std::string> best{0.0, "none"};
-  for (const char* isa : {"avx512", "avx2", "sse2"}) {
+  for (const char* isa : flashcpu::variant_list::kLevels) {  // levels without a probe measure 0
     // Best of four 50 ms windows: a neighbour on the shared VM only ever lowers the
     // figure, and a short window is more likely to find both cores free.
     double g = 0;

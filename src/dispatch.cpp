@@ -20,40 +20,87 @@ std::uint64_t read_xcr0() {
   return (std::uint64_t(edx) << 32) | eax;
 }
 
-bool cpu_supports(Isa isa) {
-  if (isa == Isa::sse2) return true;  // every x86-64 has it
+// What the levels' cpu tests in kernels/variants.inc read.
+struct CpuFeatures {
+  bool avx2 = false, fma = false, f16c = false;
+  bool avx512_fcdbwdqvl = false;  // AVX-512 F, CD, BW, DQ and VL
+  bool ymm_state = false, zmm_state = false;  // enabled by the OS (XCR0)
+};
+
+CpuFeatures read_cpu() {
+  CpuFeatures cpu;
   unsigned a, b, c, d;
-  if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
-  const bool osxsave = c & (1u << 27), avx = c & (1u << 28), fma = c & (1u << 12);
-  if (!osxsave || !avx || !fma) return false;
-  const std::uint64_t xcr0 = read_xcr0();
-  if ((xcr0 & 0x6) != 0x6) return false;  // XMM and YMM state
-  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return cpu;
+  const bool osxsave = c & (1u << 27), avx = c & (1u << 28);
+  cpu.fma = c & (1u << 12);
+  cpu.f16c = c & (1u << 29);
+  if (osxsave && avx) {
+    const std::uint64_t xcr0 = read_xcr0();
+    cpu.ymm_state = (xcr0 & 0x6) == 0x6;           // XMM and YMM state
+    cpu.zmm_state = cpu.ymm_state && (xcr0 & 0xE0) == 0xE0;  // opmask, ZMM0-15 upper halves, ZMM16-31
+  }
+  if (__get_cpuid_max(0, nullptr) < 7) return cpu;
   __cpuid_count(7, 0, a, b, c, d);
-  const bool avx2 = b & (1u << 5);
-  if (isa == Isa::avx2) return avx2;
-  // avx512: F, DQ, CD, BW, VL, and the opmask/ZMM state enabled by the OS.
-  const unsigned need = (1u << 16) | (1u << 17) | (1u << 28) | (1u << 30) | (1u << 31);
-  return avx2 && (b & need) == need && (xcr0 & 0xE6) == 0xE6;
+  cpu.avx2 = b & (1u << 5);
+  const unsigned avx512 = (1u << 16) | (1u << 17) | (1u << 28) | (1u << 30) | (1u << 31);
+  cpu.avx512_fcdbwdqvl = (b & avx512) == avx512;
+  return cpu;
 }
 
+bool cpu_supports(Isa isa) {
+  static const CpuFeatures cpu = read_cpu();
+  switch (isa) {
+#define FLASHCPU_ISA_LEVEL(name, flags, cpu_test, widest_register, xsimd_arch) \
+  case Isa::name:                                                             \
+    return cpu_test;
+#include "kernels/variants.inc"
+#undef FLASHCPU_ISA_LEVEL
+  }
+  return false;
+}
+
+struct Level {
+  Isa isa;
+  const char* name;
+};
+constexpr Level kLevels[] = {
+#define FLASHCPU_ISA_LEVEL(name, flags, cpu_test, widest_register, xsimd_arch) {Isa::name, #name},
+#include "kernels/variants.inc"
+#undef FLASHCPU_ISA_LEVEL
+};
+constexpr int kLevelCount = int(sizeof(kLevels) / sizeof(kLevels[0]));
+
+struct Variant {
+  Isa isa;
+  DType kv;
+  const KernelTable& (*table)();
+};
+constexpr DType dtype_named_f32 = DType::f32, dtype_named_bf16 = DType::bf16, dtype_named_f16 = DType::f16;
+constexpr Variant kVariants[] = {
+#define FLASHCPU_VARIANT(isa, kv, mr, nr, nv, pr, small_mr) {Isa::isa, dtype_named_##kv, &kernel_table_##kv##_##isa},
+#include "kernels/variants.inc"
+#undef FLASHCPU_VARIANT
+};
+
 struct Choice {
-  const KernelTable* table = nullptr;
+  bool valid = false;
+  Isa level{};
   std::string error;  // a bad FLASHCPU_ISA value, reported at every call
 };
 
 Choice choose() {
   Choice choice;
-  Isa cap = Isa::avx512;
+  Isa cap = kLevels[kLevelCount - 1].isa;
   if (const char* env = std::getenv("FLASHCPU_ISA"); env && *env) {
     if (!parse_isa(env, &cap)) {
-      choice.error = std::string("flashcpu: FLASHCPU_ISA: expected one of avx512, avx2, sse2, got '") + env + "'";
+      choice.error = std::string("flashcpu: FLASHCPU_ISA: expected one of ") + isa_names() + ", got '" + env + "'";
       return choice;
     }
   }
-  for (Isa isa : {Isa::avx512, Isa::avx2, Isa::sse2})  // newest first
-    if (int(isa) <= int(cap) && cpu_supports(isa)) {
-      choice.table = &kernels_for(isa);
+  for (int l = kLevelCount - 1; l >= 0; --l)  // newest first
+    if (int(kLevels[l].isa) <= int(cap) && cpu_supports(kLevels[l].isa)) {
+      choice.level = kLevels[l].isa;
+      choice.valid = true;
       break;
     }
   return choice;
@@ -67,43 +114,46 @@ const Choice& cached_choice() {
 }  // namespace
 
 const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::avx512: return "avx512";
-    case Isa::avx2: return "avx2";
-    case Isa::sse2: return "sse2";
-  }
+  for (const Level& level : kLevels)
+    if (level.isa == isa) return level.name;
   return "unknown";
 }
 
 bool parse_isa(const char* name, Isa* isa) {
-  for (Isa candidate : {Isa::avx512, Isa::avx2, Isa::sse2})
-    if (std::strcmp(name, isa_name(candidate)) == 0) {
-      *isa = candidate;
+  for (const Level& level : kLevels)
+    if (std::strcmp(name, level.name) == 0) {
+      *isa = level.isa;
       return true;
     }
   return false;
 }
 
-const KernelTable& kernels_for(Isa isa) {
-  switch (isa) {
-    case Isa::avx512: return kernel_table_avx512();
-    case Isa::avx2: return kernel_table_avx2();
-    case Isa::sse2: break;
-  }
-  return kernel_table_sse2();
+const char* isa_names() {
+  static const std::string names = [] {
+    std::string joined;
+    for (const Level& level : kLevels) joined += (joined.empty() ? "" : ", ") + std::string(level.name);
+    return joined;
+  }();
+  return names.c_str();
 }
 
-const KernelTable& active_kernels() {
+const KernelTable& kernels_for(Isa isa, DType kv) {
+  for (const Variant& variant : kVariants)
+    if (variant.isa == isa && variant.kv == kv) return variant.table();
+  throw Error(std::string("flashcpu: no kernel variant for ISA ") + isa_name(isa));  // a gap in variants.inc
+}
+
+Isa active_level() {
   const Choice& choice = cached_choice();
-  if (!choice.table) throw Error(choice.error);
-  return *choice.table;
+  if (!choice.valid) throw Error(choice.error);
+  return choice.level;
 }
 
 }  // namespace flashcpu::detail
 
 namespace flashcpu {
 
-std::string active_isa() { return detail::active_kernels().name; }
+std::string active_isa() { return detail::isa_name(detail::active_level()); }
 
 bool isa_supported(const std::string& isa) {
   detail::Isa parsed;

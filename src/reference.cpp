@@ -16,9 +16,19 @@ namespace {
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
+// 16-bit inputs widen exactly (to float, then to double); results are rounded once from
+// double to the output's type (for 16-bit outputs by way of float, which can move a
+// result that sits within 2^-29 of a 16-bit rounding boundary by one 16-bit ulp).
+double widen(float x) { return x; }
+double widen(bf16 x) { return to_float(x); }
+double widen(fp16 x) { return to_float(x); }
+void narrow(double x, float* out) { *out = float(x); }
+void narrow(double x, bf16* out) { *out = to_bf16(float(x)); }
+void narrow(double x, fp16* out) { *out = to_fp16(float(x)); }
+
 template <class T>
 double at(const TensorView<T>& view, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t c) {
-  return double(view.data[b * view.strides[0] + h * view.strides[1] + i * view.strides[2] + c * view.strides[3]]);
+  return widen(view.data[b * view.strides[0] + h * view.strides[1] + i * view.strides[2] + c * view.strides[3]]);
 }
 
 template <class T>
@@ -28,7 +38,8 @@ T mask_at(const detail::MaskView<T>& m, std::int64_t b, std::int64_t h, std::int
 
 // The score of query i of head h against key j, in the documented order; -inf when the
 // key is excluded.
-double score(const detail::AttentionShape& s, const TensorView<const float>& q, const TensorView<const float>& k,
+template <class Q, class KV>
+double score(const detail::AttentionShape& s, const TensorView<const Q>& q, const TensorView<const KV>& k,
              std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) {
   const std::int64_t hk = h / (s.q_heads / s.kv_heads);
   const std::int64_t d = i + (s.kv_len - s.q_len);  // the causal diagonal of row i
@@ -62,8 +73,8 @@ int thread_count(int requested) { return requested > 0 ? requested : omp_get_max
 
 // Shared by attention and attention_weights: per head, the full score matrix, then per
 // row its softmax. `consume(b, h, i, row, sum, row_max)` gets the unnormalized weights.
-template <class Consume>
-void for_each_row(const detail::AttentionShape& s, const TensorView<const float>& q, const TensorView<const float>& k,
+template <class Q, class KV, class Consume>
+void for_each_row(const detail::AttentionShape& s, const TensorView<const Q>& q, const TensorView<const KV>& k,
                   Consume consume) {
   const std::int64_t N = s.q_len, M = s.kv_len, heads = s.batch * s.q_heads;
 #pragma omp parallel num_threads(thread_count(s.num_threads)) if (heads > 1)
@@ -89,8 +100,9 @@ void for_each_row(const detail::AttentionShape& s, const TensorView<const float>
   }
 }
 
-void run(const detail::AttentionShape& s, const TensorView<const float>& q, const TensorView<const float>& k,
-         const TensorView<const float>& v, const TensorView<float>& out, const TensorView<float>* lse) {
+template <class Q, class KV>
+void run(const detail::AttentionShape& s, const TensorView<const Q>& q, const TensorView<const KV>& k,
+         const TensorView<const KV>& v, const TensorView<Q>& out, const TensorView<float>* lse) {
   if (s.empty()) return;
   const std::int64_t M = s.kv_len, group = s.q_heads / s.kv_heads;
   for_each_row(s, q, k, [&](std::int64_t b, std::int64_t h, std::int64_t i, const double* row, double sum, double row_max) {
@@ -101,8 +113,8 @@ void run(const detail::AttentionShape& s, const TensorView<const float>& q, cons
       double acc = 0;
       for (std::int64_t j = 0; j < M; ++j)
         if (row[j] != 0) acc += row[j] * at(v, b, h / group, j, c);
-      float* o = out.data + b * out.strides[0] + h * out.strides[1] + i * out.strides[2] + c * out.strides[3];
-      *o = sum != 0 ? float(acc / sum) : 0.0f;
+      Q* o = out.data + b * out.strides[0] + h * out.strides[1] + i * out.strides[2] + c * out.strides[3];
+      narrow(sum != 0 ? acc / sum : 0.0, o);
     }
     if (lse)
       lse->data[b * lse->strides[0] + h * lse->strides[1] + i * lse->strides[2]] =
@@ -121,6 +133,7 @@ void attention(TensorView<const float> q, TensorView<const float> k, TensorView<
                TensorView<float> out, TensorView<float> lse, const AttentionOptions& options) {
   run(detail::validate_attention(q, k, v, out, &lse, options), q, k, v, out, &lse);
 }
+
 
 void attention_weights(TensorView<const float> q, TensorView<const float> k, TensorView<float> weights,
                        const AttentionOptions& options) {

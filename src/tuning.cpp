@@ -65,7 +65,7 @@ std::map<std::pair<Isa, std::int64_t>, TileConfig> parse_file(const std::string&
     std::string extra;
     Isa isa;
     if (!parse_isa(isa_text.c_str(), &isa))
-      throw Error("flashcpu: " + where + " expected an ISA (avx512, avx2, sse2), got '" + isa_text + "'");
+      throw Error("flashcpu: " + where + " expected an ISA (" + isa_names() + "), got '" + isa_text + "'");
     if (!(fields >> head_dim >> tiles.block_rows >> tiles.block_keys) || (fields >> extra) || head_dim < 1)
       throw Error("flashcpu: " + where + " expected '<isa> <head_dim> <block_rows> <block_keys>', got '" + line + "'");
     check_tiles(tiles, where);
@@ -113,7 +113,7 @@ void load_tuning(const std::string& path) {
 void set_tile_config(const std::string& isa, std::int64_t head_dim, std::optional<TileConfig> tiles) {
   detail::Isa parsed;
   if (!detail::parse_isa(isa.c_str(), &parsed))
-    throw Error("flashcpu: set_tile_config isa: expected one of avx512, avx2, sse2, got '" + isa + "'");
+    throw Error(std::string("flashcpu: set_tile_config isa: expected one of ") + detail::isa_names() + ", got '" + isa + "'");
   if (head_dim < 1) throw Error("flashcpu: set_tile_config head_dim: expected >= 1, got " + std::to_string(head_dim));
   if (tiles) detail::check_tiles(*tiles, "set_tile_config");
   detail::load_environment_file_once();  // so a later first use does not overwrite this

@@ -72,7 +72,8 @@ void expect_equal(std::int64_t actual, std::int64_t expected, const char* name, 
 
 // Writing through `out` must not touch one element twice: after sorting the non-trivial
 // dimensions by stride, each stride must step past everything the smaller ones span.
-void check_no_self_overlap(const TensorView<float>& out, const char* name) {
+template <class T>
+void check_no_self_overlap(const TensorView<T>& out, const char* name) {
   for (int d = 0; d < 4; ++d)
     if (out.shape[d] == 0) return;  // an empty view writes nothing
   std::array<int, 4> order{0, 1, 2, 3};
@@ -117,8 +118,9 @@ MaskView<T> check_mask(const TensorView<const T>& mask, const char* name, const 
 
 void fail_message(const std::string& message) { fail(message); }
 
-AttentionShape validate_attention(const TensorView<const float>& q, const TensorView<const float>& k,
-                                  const TensorView<const float>& v, const TensorView<float>& out,
+template <class Q, class KV>
+AttentionShape validate_attention(const TensorView<const Q>& q, const TensorView<const KV>& k,
+                                  const TensorView<const KV>& v, const TensorView<Q>& out,
                                   const TensorView<float>* lse, const AttentionOptions& options) {
   const ByteRange q_range = check_view(q, "q");
   const ByteRange k_range = check_view(k, "k");
@@ -212,6 +214,18 @@ AttentionShape validate_attention(const TensorView<const float>& q, const Tensor
   }
   return s;
 }
+
+// The combinations the public header offers.
+#define FLASHCPU_VALIDATE(Q, KV)                                                                              \
+  template AttentionShape validate_attention(const TensorView<const Q>&, const TensorView<const KV>&,          \
+                                             const TensorView<const KV>&, const TensorView<Q>&,                \
+                                             const TensorView<float>*, const AttentionOptions&);
+FLASHCPU_VALIDATE(float, float)
+FLASHCPU_VALIDATE(bf16, bf16)
+FLASHCPU_VALIDATE(fp16, fp16)
+FLASHCPU_VALIDATE(float, bf16)
+FLASHCPU_VALIDATE(float, fp16)
+#undef FLASHCPU_VALIDATE
 
 void validate_weights(const TensorView<const float>& q, const TensorView<const float>& k,
                       const TensorView<float>& weights, const AttentionOptions& options) {

@@ -36,9 +36,11 @@ struct AttentionShape {
 };
 
 /// Checks q, k, v, out, lse (may be null) and the options of an attention call; throws
-/// Error naming the first inconsistency.
-AttentionShape validate_attention(const TensorView<const float>& q, const TensorView<const float>& k,
-                                  const TensorView<const float>& v, const TensorView<float>& out,
+/// Error naming the first inconsistency. Instantiated for the header's combinations of
+/// element types (out is of q's type).
+template <class Q, class KV>
+AttentionShape validate_attention(const TensorView<const Q>& q, const TensorView<const KV>& k,
+                                  const TensorView<const KV>& v, const TensorView<Q>& out,
                                   const TensorView<float>* lse, const AttentionOptions& options);
 
 /// Checks the weights view of reference::attention_weights: [B, Hq, N, M], disjoint from

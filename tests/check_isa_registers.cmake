@@ -1,19 +1,33 @@
-# ISA honesty: each ISA's kernel object uses no register wider than its ISA has. The
-# SSE2 kernels must hold no ymm or zmm instruction and the AVX2 kernels no zmm one, or
-# the "sse2" path would crash (or silently need AVX) on a CPU without them. Also every
-# object compiled for the baseline (the driver, dispatch, reference, validation) must
-# hold no ymm or zmm instruction: only the kernel objects are built with ISA flags.
-#   cmake -DOBJDUMP=<objdump> -DOBJECTS="a.o|b.o|..." -P check_isa_registers.cmake
+# ISA honesty: each kernel variant's object uses no register wider than its level has
+# (the widest_register of its line in src/kernels/variants.inc). The SSE2 kernels must
+# hold no ymm or zmm instruction and the AVX2 kernels no zmm one, or the "sse2" path would
+# crash (or silently need AVX) on a CPU without them. Also every object compiled for the
+# baseline (the driver, dispatch, reference, validation) must hold no ymm or zmm
+# instruction: only the kernel objects are built with ISA flags.
+#   cmake -DOBJDUMP=<objdump> -DOBJECTS="a.o|b.o|..." -DREGISTERS="sse2=xmm|avx2=ymm|..." -P check_isa_registers.cmake
 string(REPLACE "|" ";" OBJECTS "${OBJECTS}")
-if(NOT OBJDUMP OR NOT OBJECTS)
-  message(FATAL_ERROR "usage: cmake -DOBJDUMP=objdump -DOBJECTS=a.o|b.o -P check_isa_registers.cmake")
+string(REPLACE "|" ";" REGISTERS "${REGISTERS}")
+if(NOT OBJDUMP OR NOT OBJECTS OR NOT REGISTERS)
+  message(FATAL_ERROR "usage: cmake -DOBJDUMP=objdump -DOBJECTS=a.o|b.o -DREGISTERS=sse2=xmm|... -P check_isa_registers.cmake")
 endif()
+foreach(entry IN LISTS REGISTERS)
+  string(REPLACE "=" ";" pair "${entry}")
+  list(GET pair 0 level)
+  list(GET pair 1 register)
+  set(widest_${level} ${register})
+endforeach()
 set(checked "")
+set(levels_seen "")
 foreach(object IN LISTS OBJECTS)
   get_filename_component(name "${object}" NAME)
-  if(name MATCHES "avx512")
+  set(widest xmm)  # the baseline
+  if(name MATCHES "_attn_fwd_[0-9x]+__([a-z0-9_]+)\\.cpp")
+    set(widest ${widest_${CMAKE_MATCH_1}})
+    list(APPEND levels_seen ${CMAKE_MATCH_1})
+  endif()
+  if(widest STREQUAL "zmm")
     continue()  # may use every register
-  elseif(name MATCHES "avx2")
+  elseif(widest STREQUAL "ymm")
     set(forbidden "%zmm")
   else()
     set(forbidden "%ymm|%zmm")
@@ -34,11 +48,14 @@ foreach(object IN LISTS OBJECTS)
   endif()
   list(APPEND checked "${name} (no ${forbidden})")
 endforeach()
-# The check must have seen the lower ISAs' kernels, or it tested nothing.
-foreach(needed forward_avx2 forward_sse2)
-  string(FIND "${checked}" "${needed}" at)
-  if(at EQUAL -1)
-    message(FATAL_ERROR "no ${needed} object among: ${OBJECTS}")
+# The check must have seen the kernels of every level below zmm, or it tested nothing.
+foreach(entry IN LISTS REGISTERS)
+  string(REPLACE "=" ";" pair "${entry}")
+  list(GET pair 0 level)
+  list(GET pair 1 register)
+  list(FIND levels_seen "${level}" seen)
+  if(NOT register STREQUAL "zmm" AND seen EQUAL -1)
+    message(FATAL_ERROR "no kernel object of level ${level} among: ${OBJECTS}")
   endif()
 endforeach()
 string(REPLACE ";" "\n  " report "${checked}")

@@ -1,14 +1,22 @@
-# Checks that no inline (weak) function is defined both in one ISA's kernel object and in
-# any other object of the library. If one were, the linker would keep a single copy, and
-# a lower-ISA path could run AVX-512 code (see src/CMakeLists.txt).
-#   cmake -DNM=<nm> -DOBJECTS="a.o|b.o|..." -P check_isa_symbols.cmake
+# Checks that no inline (weak) function is defined both in a kernel variant's object and
+# in an object compiled for another ISA level (a variant of another level, or the
+# baseline driver). If one were, the linker would keep a single copy, and a lower-ISA
+# path could run AVX-512 code (see src/CMakeLists.txt). Variant objects are named
+# <kv>_attn_fwd_<tile>__<level>.cpp.o; variants of one level share flags, and may share.
+#   cmake -DNM=<nm> -DOBJECTS="a.o|b.o|..." -DVARIANTS=<count> -P check_isa_symbols.cmake
 string(REPLACE "|" ";" OBJECTS "${OBJECTS}")
-if(NOT NM OR NOT OBJECTS)
-  message(FATAL_ERROR "usage: cmake -DNM=nm -DOBJECTS=a.o|b.o -P check_isa_symbols.cmake")
+if(NOT NM OR NOT OBJECTS OR NOT VARIANTS)
+  message(FATAL_ERROR "usage: cmake -DNM=nm -DOBJECTS=a.o|b.o -DVARIANTS=n -P check_isa_symbols.cmake")
 endif()
 set(kernel_count 0)
 foreach(object IN LISTS OBJECTS)
   get_filename_component(name "${object}" NAME)
+  if(name MATCHES "_attn_fwd_[0-9x]+__([a-z0-9_]+)\\.cpp")
+    set(level "${CMAKE_MATCH_1}")
+    math(EXPR kernel_count "${kernel_count} + 1")
+  else()
+    set(level "baseline")
+  endif()
   execute_process(COMMAND "${NM}" --defined-only "${object}" OUTPUT_VARIABLE listing RESULT_VARIABLE failed)
   if(failed)
     message(FATAL_ERROR "nm failed on ${object}")
@@ -20,18 +28,14 @@ foreach(object IN LISTS OBJECTS)
       continue()
     endif()
     string(MD5 key "${symbol}")
-    if(DEFINED owner_${key} AND NOT owner_${key} STREQUAL name)
-      if(name MATCHES "^forward_" OR owner_${key} MATCHES "^forward_")
-        message(FATAL_ERROR "inline symbol defined in both ${owner_${key}} and ${name}: ${symbol}")
-      endif()
+    if(DEFINED level_${key} AND NOT level_${key} STREQUAL level)
+      message(FATAL_ERROR "inline symbol defined in both ${owner_${key}} (${level_${key}}) and ${name} (${level}): ${symbol}")
     endif()
+    set(level_${key} "${level}")
     set(owner_${key} "${name}")
   endforeach()
-  if(name MATCHES "^forward_")
-    math(EXPR kernel_count "${kernel_count} + 1")
-  endif()
 endforeach()
-if(kernel_count LESS 3)
-  message(FATAL_ERROR "expected the three per-ISA kernel objects, found ${kernel_count}")
+if(NOT kernel_count EQUAL VARIANTS)
+  message(FATAL_ERROR "expected the ${VARIANTS} kernel variant objects of src/kernels/variants.inc, found ${kernel_count}")
 endif()
-message(STATUS "no inline symbol is shared between a kernel object and another object")
+message(STATUS "no inline symbol is shared between objects of different ISA levels (${kernel_count} variants)")

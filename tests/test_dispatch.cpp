@@ -8,15 +8,15 @@
 
 #include <unistd.h>
 
+#include "kernels/variant_list.hpp"
 #include "util.hpp"
 
 namespace {
 
-const char* const kIsas[] = {"avx512", "avx2", "sse2"};  // best first
-
 std::string best_supported() {
-  for (const char* isa : kIsas)
-    if (flashcpu::isa_supported(isa)) return isa;
+  using flashcpu::variant_list::kLevels;
+  for (int l = flashcpu::variant_list::kLevelCount - 1; l >= 0; --l)
+    if (flashcpu::isa_supported(kLevels[l])) return kLevels[l];
   return "none";
 }
 
@@ -42,9 +42,13 @@ TEST_CASE("FLASHCPU_ISA selects the kernel ISA, or the run is reported as not ru
 
 TEST_CASE("active_isa and isa_supported are consistent", "[dispatch]") {
   const std::string active = flashcpu::active_isa();
-  CHECK((active == "avx512" || active == "avx2" || active == "sse2"));
-  // ISA levels nest: a CPU with AVX-512 kernels also runs the AVX2 ones.
-  if (flashcpu::isa_supported("avx512")) CHECK(flashcpu::isa_supported("avx2"));
+  bool listed = false;
+  for (const char* level : flashcpu::variant_list::kLevels) listed = listed || active == level;
+  CHECK(listed);
+  // ISA levels nest: a CPU that runs one level runs every level below it.
+  for (int l = 1; l < flashcpu::variant_list::kLevelCount; ++l)
+    if (flashcpu::isa_supported(flashcpu::variant_list::kLevels[l]))
+      CHECK(flashcpu::isa_supported(flashcpu::variant_list::kLevels[l - 1]));
 }
 
 TEST_CASE("isa_supported agrees with the features Linux reports", "[dispatch]") {
@@ -64,7 +68,7 @@ TEST_CASE("isa_supported agrees with the features Linux reports", "[dispatch]") 
   auto has = [&](const char* f) { return flags.find(std::string(" ") + f + " ") != std::string::npos; };
   INFO("flags:" << flags);
   CHECK(flashcpu::isa_supported("sse2") == has("sse2"));
-  const bool avx2 = has("avx2") && has("fma");
+  const bool avx2 = has("avx2") && has("fma") && has("f16c");
   CHECK(flashcpu::isa_supported("avx2") == avx2);
   CHECK(flashcpu::isa_supported("avx512") ==
         (avx2 && has("avx512f") && has("avx512dq") && has("avx512cd") && has("avx512bw") && has("avx512vl")));

@@ -1,5 +1,7 @@
 #include "util.hpp"
 
+#include "kernels/variant_list.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -14,6 +16,7 @@
 #include <map>
 #include <mutex>
 #include <sstream>
+#include <stdexcept>
 
 namespace ftest {
 
@@ -333,8 +336,14 @@ std::vector<float> run_fused_buffer(const Case& c) {
   return t.out.values();
 }
 
-int micro_rows(const std::string& isa) { return isa == "avx512" ? 6 : 4; }
-int key_panel(const std::string& isa) { return isa == "avx512" ? 64 : isa == "avx2" ? 16 : 8; }
+// The fp32 variant of the level (kernels/variants.inc).
+static const flashcpu::variant_list::Variant& f32_variant(const std::string& isa) {
+  for (const auto& v : flashcpu::variant_list::kVariants)
+    if (isa == v.isa && std::string(v.kv) == "f32") return v;
+  throw std::runtime_error("no f32 variant for ISA " + isa);
+}
+int micro_rows(const std::string& isa) { return f32_variant(isa).mr; }
+int key_panel(const std::string& isa) { return f32_variant(isa).nr; }
 
 TileOverride::TileOverride(std::int64_t head_dim, flashcpu::TileConfig tiles)
     : isa_(flashcpu::active_isa()), head_dim_(head_dim) {

@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "kernels/variant_list.hpp"
+
 namespace fb = flashcpu::bench;
 
 namespace {
@@ -73,7 +75,7 @@ Options:
                    its tile rows, 6 on AVX-512), comma-separated
   --keys LIST      block_keys candidates (multiples of 32; the kernel rounds them up to
                    its key panel, 64 on AVX-512), comma-separated
-  --isa NAME       tune for avx512, avx2 or sse2 instead of the active ISA (the tool
+  --isa NAME       tune for another ISA level (src/kernels/variants.inc) than the active one (the tool
                    re-runs itself with FLASHCPU_ISA=NAME, as the ISA is fixed per process);
                    "all" tunes every ISA this CPU supports, one after another, into one file
   --help           this text
@@ -472,7 +474,8 @@ int main(int argc, char** argv) {
     // One child per supported ISA, each with FLASHCPU_ISA set, into temporary files
     // that are then concatenated (every line keeps its meaning in one file).
     std::string merged;
-    for (const char* isa : {"avx512", "avx2", "sse2"}) {
+    for (int l = flashcpu::variant_list::kLevelCount - 1; l >= 0; --l) {  // best first
+      const char* isa = flashcpu::variant_list::kLevels[l];
       if (!flashcpu::isa_supported(isa)) {
         std::fprintf(stderr, "flashcpu-tune: %s not supported here, skipped\n", isa);
         continue;

@@ -20,6 +20,16 @@
 
 namespace flashcpu {
 
+/// 16-bit floating-point data, stored as its bits. Plain aggregates: no arithmetic, only
+/// the conversions below, so nothing computes in 16 bits by accident.
+struct bf16 { std::uint16_t bits; };  // bfloat16: the top half of an IEEE binary32
+struct fp16 { std::uint16_t bits; };  // IEEE 754 binary16
+
+bf16 to_bf16(float x);   // round to nearest, ties to even; NaN stays NaN (quiet)
+fp16 to_fp16(float x);   // round to nearest, ties to even; beyond the range gives +-inf
+float to_float(bf16 x);  // exact
+float to_float(fp16 x);  // exact
+
 /// A non-owning strided view of a 4-D tensor laid out as [batch, heads, seq, dim].
 /// Strides are in elements and may take any non-negative value, so BHSD, BSHD,
 /// sliced and padded buffers are all used in place. An aggregate: no constructors.
@@ -145,7 +155,6 @@ void attention(TensorView<const float> q, TensorView<const float> k, TensorView<
                TensorView<float> out, const AttentionOptions& options = {});
 void attention(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
                TensorView<float> out, TensorView<float> lse, const AttentionOptions& options = {});
-
 /// The N x M attention weights of any configuration, weights [B, Hq, N, M] (rows with no
 /// visible key are zero): for looking at what attention does on small problems.
 void attention_weights(TensorView<const float> q, TensorView<const float> k, TensorView<float> weights,

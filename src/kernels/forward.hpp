@@ -1,6 +1,7 @@
 // The fused attention forward kernel, written once and templated on the architecture.
 //
-// A per-ISA translation unit defines FLASHCPU_ISA_NAMESPACE, includes this file and
+// Each kernel variant's translation unit (kernels/variant.hpp, one per line of
+// kernels/variants.inc) defines FLASHCPU_ISA_NAMESPACE, includes this file and
 // instantiates its kernel table. Everything here lives in that namespace, so the
 // linker can never merge one ISA's inline code into another's path.
 //
@@ -32,6 +33,12 @@
 namespace flashcpu::detail::FLASHCPU_ISA_NAMESPACE {
 
 #include "kernels/vmath.hpp"
+#include "kernels/elements.hpp"
+
+template <class T>
+constexpr DType dtype_of() {
+  return std::is_same<T, bf16>::value ? DType::bf16 : std::is_same<T, f16>::value ? DType::f16 : DType::f32;
+}
 
 inline std::int64_t min_i64(std::int64_t a, std::int64_t b) { return a < b ? a : b; }
 
@@ -61,13 +68,18 @@ struct PrefetchStream {
 
 /// MR: query rows per micro-kernel; NRV: key vectors per S tile (NR = NRV * W keys,
 /// the K panel width); NV: value vectors per P.V tile; PR: rows per P.V tile (MR by
-/// default; a fraction of MR lets the P.V tile span more value vectors).
-template <class Arch, int MR, int NRV, int NV, int PR = MR>
+/// default; a fraction of MR lets the P.V tile span more value vectors); KV: the element
+/// type K rows and V rows are read as (f32, bf16, f16), widened to fp32 as they load.
+template <class Arch, int MR, int NRV, int NV, int PR = MR, class KV = float>
 struct ForwardKernel {
   static_assert(MR % PR == 0, "P.V tiles split the row tile evenly");
   using batch = xsimd::batch<float, Arch>;
   static constexpr int W = int(batch::size);
   static constexpr int NR = NRV * W;
+
+  static batch load_kv(const KV* p) { return widen<Arch>(p); }
+  static const KV* k_rows(const QueryBlockJob& job) { return static_cast<const KV*>(job.keys.k_rows); }
+  static const KV* v_rows(const QueryBlockJob& job) { return static_cast<const KV*>(job.keys.v_rows); }
 
   // The S micro-kernel over packed K panels, one MR x NR tile per panel, written once for
   // every score: `step(d, q, k, acc)` accumulates dimension d of a (query, key) pair;
@@ -130,7 +142,7 @@ struct ForwardKernel {
   // would cost a second pass). W keys at a time: per key, one vector of partial dot
   // products per row, then haddp turns W such vectors into W finished scores. Two keys
   // per pass over D, so that 2*MR accumulator chains hide the FMA latency.
-  static void scores_tile_rows(const float* q, std::int64_t D, const float* k, std::int64_t k_stride,
+  static void scores_tile_rows(const float* q, std::int64_t D, const KV* k, std::int64_t k_stride,
                                std::int64_t num_keys, std::int64_t cols, float* scores, std::int64_t scores_stride,
                                PrefetchStream& ahead) {
     static_assert(W % 2 == 0, "keys are taken in pairs");
@@ -142,11 +154,11 @@ struct ForwardKernel {
         if (j0 + t < num_keys) {
           ahead.step();
           ahead.step();
-          const float* key0 = k + (j0 + t) * k_stride;
+          const KV* key0 = k + (j0 + t) * k_stride;
           // Without a second key, the first is read twice and its copy discarded below.
-          const float* key1 = j0 + t + 1 < num_keys ? key0 + k_stride : key0;
+          const KV* key1 = j0 + t + 1 < num_keys ? key0 + k_stride : key0;
           for (std::int64_t d = 0; d < D; d += W) {
-            const batch k0 = batch::load_unaligned(key0 + d), k1 = batch::load_unaligned(key1 + d);
+            const batch k0 = load_kv(key0 + d), k1 = load_kv(key1 + d);
             for (int r = 0; r < MR; ++r) {
               const batch qv = batch::load_aligned(q + r * D + d);
               acc0[r] = xsimd::fma(qv, k0, acc0[r]);
@@ -177,28 +189,28 @@ struct ForwardKernel {
   // the bool mask): the P.V product must then keep those keys' value rows out.
   static bool score_epilogue(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, std::int64_t c0,
                              std::int64_t cols) {
-    const std::int64_t G = job.heads_per_row, diag = job.kv_len - job.q_len;
+    const std::int64_t G = job.q.heads_per_row, diag = job.dims.kv_len - job.dims.q_len;
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
     const batch iota = lane_indices();
     bool masked_out = false;
     for (int r = 0; r < MR; ++r) {
-      float* s = job.scores + r * job.block_keys;
-      const std::int64_t row = r0 + r, i = job.first_row + row / G, g = row % G;
-      if (row >= job.rows) continue;  // padding rows: no query, no mask row to read
-      if (job.key_bias || job.row_bias) {
-        const batch rb(job.row_bias ? job.row_bias[row] : 0.0f);
-        const float* kb = job.key_bias ? job.key_bias + (j0 - job.key_begin) : nullptr;
+      float* s = job.state.scores + r * job.dims.block_keys;
+      const std::int64_t row = r0 + r, i = job.q.first_row + row / G, g = row % G;
+      if (row >= job.q.rows) continue;  // padding rows: no query, no mask row to read
+      if (job.score.key_bias || job.score.row_bias) {
+        const batch rb(job.score.row_bias ? job.score.row_bias[row] : 0.0f);
+        const float* kb = job.score.key_bias ? job.score.key_bias + (j0 - job.keys.begin) : nullptr;
         for (std::int64_t j = c0; j < cols; j += W) {
           batch x = batch::load_aligned(s + j) + rb;
           if (kb) x += batch::load_unaligned(kb + j);
           x.store_aligned(s + j);
         }
       }
-      if (!job.natural_units) continue;
-      const float cap = job.softcap;
+      if (!job.score.natural_units) continue;
+      const float cap = job.score.softcap;
       for (std::int64_t j = c0; j < cols; j += W) {
         batch x = batch::load_aligned(s + j);
-        switch (job.transform) {
+        switch (job.score.transform) {
           case Transform::none: break;
           case Transform::softcap: x = batch(cap) * tanh_fast<Arch>(x / batch(cap)); break;
           case Transform::nw_laplacian: x = -xsimd::sqrt(xsimd::max(-x, batch(0.0f))); break;
@@ -207,20 +219,20 @@ struct ForwardKernel {
             x = xsimd::select(-x < batch(1.0f), xsimd::log1p(xsimd::max(x, batch(-1.0f))), batch(neg_inf));
             break;
         }
-        if (job.alibi_slopes) {
+        if (job.score.alibi_slopes) {
           // |d - key| with key = j0 + j + lane, exact in float below 2^24 keys.
           const batch dist = xsimd::abs(batch(float(i + diag - j0 - j)) - iota);
-          x = xsimd::fnma(batch(job.alibi_slopes[g]), dist, x);
+          x = xsimd::fnma(batch(job.score.alibi_slopes[g]), dist, x);
         }
         x.store_aligned(s + j);
       }
-      if (job.mask) {
+      if (job.masks.mask) {
         // A -inf entry excludes the key whatever its score: NaN + -inf would be NaN, and
         // an excluded key's K row may hold anything (a stale KV-cache slot).
-        const float* m = job.mask + g * job.mask_head_stride + i * job.mask_row_stride + j0 * job.mask_col_stride;
-        if (job.mask_col_stride == 1) {
+        const float* m = job.masks.mask + g * job.masks.mask_head_stride + i * job.masks.mask_row_stride + j0 * job.masks.mask_col_stride;
+        if (job.masks.mask_col_stride == 1) {
           for (std::int64_t j = c0; j < cols; j += W) {
-            const std::int64_t n = min_i64(W, job.key_end - j0 - j);  // never read past the keys
+            const std::int64_t n = min_i64(W, job.keys.end - j0 - j);  // never read past the keys
             if (n == W) {
               const batch mv = batch::load_unaligned(m + j);
               const auto excluded = mv == batch(neg_inf);
@@ -234,17 +246,17 @@ struct ForwardKernel {
             }
           }
         } else {
-          for (std::int64_t j = c0; j < min_i64(cols, job.key_end - j0); ++j) {
-            const float mj = m[j * job.mask_col_stride];
+          for (std::int64_t j = c0; j < min_i64(cols, job.keys.end - j0); ++j) {
+            const float mj = m[j * job.masks.mask_col_stride];
             masked_out = masked_out || mj == neg_inf;
             s[j] = mj == neg_inf ? neg_inf : s[j] + mj;
           }
         }
       }
-      if (job.bool_mask) {
+      if (job.masks.bool_mask) {
         const std::uint8_t* m =
-            job.bool_mask + g * job.bool_head_stride + i * job.bool_row_stride + j0 * job.bool_col_stride;
-        const std::int64_t stride = job.bool_col_stride, past = min_i64(cols, job.key_end - j0);
+            job.masks.bool_mask + g * job.masks.bool_head_stride + i * job.masks.bool_row_stride + j0 * job.masks.bool_col_stride;
+        const std::int64_t stride = job.masks.bool_col_stride, past = min_i64(cols, job.keys.end - j0);
         int zeros = 0;  // branch-free, so the compiler vectorizes the contiguous case
         if (stride == 1) {
           for (std::int64_t j = c0; j < past; ++j) {
@@ -280,7 +292,7 @@ struct ForwardKernel {
   // NaN; the select keeps such a row out at one extra operation per FMA, so only keys
   // that some row of the tile excludes take this path. Visible pairs get the same FMA.
   template <int ROWS, int NVC, bool SAFE = false>
-  static void pv_tile(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const float* v,
+  static void pv_tile(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const KV* v,
                       std::int64_t v_stride, std::int64_t num_keys, const float* alpha, float* acc,
                       std::int64_t acc_stride) {
     batch o[ROWS][NVC];
@@ -290,7 +302,7 @@ struct ForwardKernel {
     }
     for (std::int64_t j = 0; j < num_keys; ++j) {
       batch vals[NVC];
-      for (int c = 0; c < NVC; ++c) vals[c] = batch::load_unaligned(v + j * v_stride + c * W);
+      for (int c = 0; c < NVC; ++c) vals[c] = load_kv(v + j * v_stride + c * W);
       for (int r = 0; r < ROWS; ++r) {
         const batch p(probs[r * probs_stride + j * key_stride]);
         if constexpr (SAFE) {
@@ -308,7 +320,7 @@ struct ForwardKernel {
   // The P.V tiles of ROWS rows across all Dvp value columns: NV vectors at a time, then
   // single vectors for the rest.
   template <int ROWS, bool SAFE = false>
-  static void pv_rows(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const float* v,
+  static void pv_rows(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const KV* v,
                       std::int64_t v_stride, std::int64_t num_keys, const float* alpha, float* acc, std::int64_t Dvp) {
     std::int64_t c = 0;
     for (; c + NV * W <= Dvp; c += NV * W)
@@ -324,7 +336,7 @@ struct ForwardKernel {
   template <int ROWS>
   class PvRuns {
    public:
-    PvRuns(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const float* v,
+    PvRuns(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const KV* v,
            std::int64_t v_stride, const float* alpha, float* acc, std::int64_t Dvp)
         : probs_(probs), probs_stride_(probs_stride), key_stride_(key_stride), v_(v), v_stride_(v_stride),
           scale_(alpha), acc_(acc), Dvp_(Dvp) {
@@ -334,7 +346,7 @@ struct ForwardKernel {
     void add(std::int64_t from, std::int64_t to, bool safe) {
       if (to <= from) return;
       const float* p = probs_ + from * key_stride_;
-      const float* v = v_ + from * v_stride_;
+      const KV* v = v_ + from * v_stride_;
       if (safe)
         pv_rows<ROWS, true>(p, probs_stride_, key_stride_, v, v_stride_, to - from, scale_, acc_, Dvp_);
       else
@@ -348,7 +360,7 @@ struct ForwardKernel {
    private:
     const float* probs_;
     std::int64_t probs_stride_, key_stride_;
-    const float* v_;
+    const KV* v_;
     std::int64_t v_stride_;
     const float* scale_;
     float* acc_;
@@ -363,7 +375,7 @@ struct ForwardKernel {
   // (a padded KV cache) then costs nothing, and a causal pattern given as a mask takes
   // the safe tile only near its diagonal.
   template <int ROWS>
-  static void pv_classified(const float* probs, std::int64_t probs_stride, const float* v, std::int64_t v_stride,
+  static void pv_classified(const float* probs, std::int64_t probs_stride, const KV* v, std::int64_t v_stride,
                             std::int64_t first, std::int64_t last, const float* alpha, float* acc, std::int64_t Dvp) {
     enum { skip, clean, mixed };
     PvRuns<ROWS> runs(probs, probs_stride, 1, v, v_stride, alpha, acc, Dvp);
@@ -396,7 +408,7 @@ struct ForwardKernel {
   // excludes by its visible interval, [first, clean_begin) and [clean_end, last), take
   // the safe tile; the keys between, visible to every row, the plain one.
   template <int ROWS>
-  static void pv_runs(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const float* v,
+  static void pv_runs(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const KV* v,
                       std::int64_t v_stride, std::int64_t first, std::int64_t clean_begin, std::int64_t clean_end,
                       std::int64_t last, const float* alpha, float* acc, std::int64_t Dvp) {
     clean_begin = clean_begin < first ? first : min_i64(clean_begin, last);
@@ -409,26 +421,26 @@ struct ForwardKernel {
   }
 
   static void forward_query_block(const QueryBlockJob& job) {
-    const std::int64_t D = job.head_dim, G = job.heads_per_row;
-    const std::int64_t Dvp = job.value_dim_padded, Bk = job.block_keys;
-    const std::int64_t rows_padded = (job.rows + MR - 1) / MR * MR;
+    const std::int64_t D = job.dims.head_dim, G = job.q.heads_per_row;
+    const std::int64_t Dvp = job.dims.value_dim_padded, Bk = job.dims.block_keys;
+    const std::int64_t rows_padded = (job.q.rows + MR - 1) / MR * MR;
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
     constexpr std::int64_t unbounded = std::numeric_limits<std::int64_t>::max() / 4;
 
     const batch iota = lane_indices();
 
-    if (!job.resume) reset_state(job, rows_padded);
+    if (!job.state.resume) reset_state(job, rows_padded);
     // The visible key interval [lo_i, hi_i] of query i; it moves right with i, so the
     // interval of a set of consecutive rows spans lo(first) .. hi(last).
-    auto lo = [&](std::int64_t i) { return job.has_lo ? i + job.lo_offset : std::int64_t(0); };
-    auto hi = [&](std::int64_t i) { return job.has_hi ? i + job.hi_offset : unbounded; };
-    const std::int64_t key_end = min_i64(job.key_end, job.key_limit);
-    const std::int64_t first_query = job.first_row, last_query = job.first_row + (job.rows - 1) / G;
-    const std::int64_t begin = lo(first_query) > job.key_begin ? lo(first_query) : job.key_begin;
+    auto lo = [&](std::int64_t i) { return job.visible.has_lo ? i + job.visible.lo_offset : std::int64_t(0); };
+    auto hi = [&](std::int64_t i) { return job.visible.has_hi ? i + job.visible.hi_offset : unbounded; };
+    const std::int64_t key_end = min_i64(job.keys.end, job.visible.key_limit);
+    const std::int64_t first_query = job.q.first_row, last_query = job.q.first_row + (job.q.rows - 1) / G;
+    const std::int64_t begin = lo(first_query) > job.keys.begin ? lo(first_query) : job.keys.begin;
     const std::int64_t end = min_i64(key_end, hi(last_query) + 1);
     // Blocks start on a panel boundary; blocks no row can see are never visited.
-    const std::int64_t start = begin <= job.key_begin ? job.key_begin
-                                                      : job.key_begin + (begin - job.key_begin) / NR * NR;
+    const std::int64_t start = begin <= job.keys.begin ? job.keys.begin
+                                                      : job.keys.begin + (begin - job.keys.begin) / NR * NR;
 
     // Decoding (K read in place): K and V rows requested kPrefetchKeys keys ahead of the
     // keys being scored (see PrefetchStream).
@@ -437,26 +449,26 @@ struct ForwardKernel {
       const std::int64_t block_end = min_i64(j0 + Bk, end);
       for (std::int64_t r0 = 0; r0 < rows_padded; r0 += MR) {
         // The keys this tile can see in this block; a tile that sees none is skipped.
-        const std::int64_t tile_first = job.first_row + r0 / G;
-        const std::int64_t tile_last = job.first_row + (min_i64(r0 + MR, job.rows) - 1) / G;
+        const std::int64_t tile_first = job.q.first_row + r0 / G;
+        const std::int64_t tile_last = job.q.first_row + (min_i64(r0 + MR, job.q.rows) - 1) / G;
         const std::int64_t tile_begin = lo(tile_first) > j0 ? lo(tile_first) : j0;
         const std::int64_t tile_end = min_i64(block_end, hi(tile_last) + 1);
         if (tile_end <= tile_begin) continue;
         // Columns are computed in whole panels (packed K) or whole vectors (K in place):
         // [c0, cols) covers the visible [tile_begin, tile_end).
-        const std::int64_t unit = job.k_panels ? NR : W;
+        const std::int64_t unit = job.keys.k_panels ? NR : W;
         const std::int64_t c0 = (tile_begin - j0) / unit * unit;  // first column computed
         const std::int64_t num_keys = tile_end - j0;              // columns [0, num_keys) may be visible
         const std::int64_t cols = (num_keys + unit - 1) / unit * unit;
-        float* const scores = job.scores;
-        const float* q = job.q_packed + r0 * D;
+        float* const scores = job.state.scores;
+        const float* q = job.q.q_packed + r0 * D;
         float tile_max[MR];
-        const float* panels = job.k_panels ? job.k_panels + (j0 + c0 - job.key_begin) * D : nullptr;
+        const float* panels = job.keys.k_panels ? job.keys.k_panels + (j0 + c0 - job.keys.begin) * D : nullptr;
         const std::int64_t num_panels = (cols - c0) / NR;
-        if (job.kind == ScoreKind::squared_distance) {
-          scores_tile(q, D, panels, num_panels, scores + c0, Bk, job.distance_factor, tile_max, DistanceStep{});
-        } else if (job.kind == ScoreKind::additive) {
-          const float* w = job.additive_weights;
+        if (job.score.kind == ScoreKind::squared_distance) {
+          scores_tile(q, D, panels, num_panels, scores + c0, Bk, job.score.distance_factor, tile_max, DistanceStep{});
+        } else if (job.score.kind == ScoreKind::additive) {
+          const float* w = job.score.additive_weights;
           scores_tile(q, D, panels, num_panels, scores + c0, Bk, 1.0f, tile_max,
                       [w](std::int64_t d, batch qv, batch kv, batch acc) {
                         return xsimd::fma(batch(w[d]), tanh_fast<Arch>(qv + kv), acc);
@@ -464,12 +476,12 @@ struct ForwardKernel {
         } else if (panels) {
           scores_tile(q, D, panels, num_panels, scores + c0, Bk, 1.0f, tile_max, DotStep{});
         } else {
-          scores_tile_rows(q, D, job.k_rows + (j0 + c0 - job.key_begin) * job.k_row_stride, job.k_row_stride,
+          scores_tile_rows(q, D, k_rows(job) + (j0 + c0 - job.keys.begin) * job.keys.k_row_stride, job.keys.k_row_stride,
                            num_keys - c0, cols - c0, scores + c0, Bk, ahead);
         }
         bool have_tile_max = panels != nullptr;  // the panel micro-kernel took each row's max
         bool masked_out = false;                 // a mask excluded some key of the tile
-        if (job.key_bias || job.row_bias || job.natural_units) {
+        if (job.score.key_bias || job.score.row_bias || job.score.natural_units) {
           masked_out = score_epilogue(job, r0, j0, c0, cols);
           have_tile_max = false;
         }
@@ -483,11 +495,11 @@ struct ForwardKernel {
           float* s = scores + r * Bk;
           // Exclusions by the row's interval and the key range: everything outside
           // [visible_begin, visible_end) becomes -inf.
-          const std::int64_t i = job.first_row + (r0 + r) / G;
+          const std::int64_t i = job.q.first_row + (r0 + r) / G;
           std::int64_t visible_begin = lo(i) - j0, visible_end = min_i64(num_keys, hi(i) + 1 - j0);
           if (visible_begin < c0) visible_begin = c0;
           if (visible_end < visible_begin) visible_end = visible_begin;
-          if (r0 + r < job.rows) {
+          if (r0 + r < job.q.rows) {
             if (visible_begin > clean_begin) clean_begin = visible_begin;
             clean_end = min_i64(clean_end, visible_end);
           }
@@ -512,7 +524,7 @@ struct ForwardKernel {
             }
             bm = reduce_max<Arch>(block_max);
           }
-          const float old_max = job.row_max[r0 + r];
+          const float old_max = job.state.row_max[r0 + r];
           const float new_max = bm > old_max ? bm : old_max;
           // A row that has seen no key yet keeps max -inf; subtracting 0 then maps every
           // -inf score to weight 0 instead of NaN.
@@ -532,52 +544,59 @@ struct ForwardKernel {
             nan_probe += x;
           }
           sum = xsimd::select(xsimd::isnan(nan_probe), nan_probe, sum);
-          job.row_sum[r0 + r] = alpha[r] * job.row_sum[r0 + r] + xsimd::hadd(sum);
-          job.row_max[r0 + r] = new_max;
+          job.state.row_sum[r0 + r] = alpha[r] * job.state.row_sum[r0 + r] + xsimd::hadd(sum);
+          job.state.row_max[r0 + r] = new_max;
         }
 
-        const float* v_block = job.v_rows + (j0 - job.key_begin) * job.v_row_stride;
+        const KV* v_block = v_rows(job) + (j0 - job.keys.begin) * job.keys.v_row_stride;
         for (int h = 0; h < MR; h += PR) {
           if (masked_out)  // masks exclude anywhere: classify the keys
-            pv_classified<PR>(scores + h * Bk, Bk, v_block, job.v_row_stride, first, num_keys, alpha + h,
-                              job.acc + (r0 + h) * Dvp, Dvp);
+            pv_classified<PR>(scores + h * Bk, Bk, v_block, job.keys.v_row_stride, first, num_keys, alpha + h,
+                              job.state.acc + (r0 + h) * Dvp, Dvp);
           else
-            pv_runs<PR>(scores + h * Bk, Bk, 1, v_block, job.v_row_stride, first, clean_begin, clean_end, num_keys,
-                        alpha + h, job.acc + (r0 + h) * Dvp, Dvp);
+            pv_runs<PR>(scores + h * Bk, Bk, 1, v_block, job.keys.v_row_stride, first, clean_begin, clean_end, num_keys,
+                        alpha + h, job.state.acc + (r0 + h) * Dvp, Dvp);
         }
       }
     }
 
-    if (job.finalize) finalize(job);
+    if (job.state.finalize) finalize(job);
   }
 
   // out = acc / sum and lse for the job's rows; rows that saw no key get empty_value.
   static void finalize(const QueryBlockJob& job) {
-    const std::int64_t G = job.heads_per_row, Dvp = job.value_dim_padded;
+    const std::int64_t G = job.q.heads_per_row, Dvp = job.dims.value_dim_padded;
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
-    const std::int64_t Dv = job.value_dim;
-    for (std::int64_t r = 0, i = 0, g = 0; r < job.rows; ++r) {  // row r is query i, head g
+    const std::int64_t Dv = job.dims.value_dim;
+    for (std::int64_t r = 0, i = 0, g = 0; r < job.q.rows; ++r) {  // row r is query i, head g
       // sum is 0 exactly when the row saw no key; a NaN sum (a NaN score) is not empty:
       // it makes the row NaN, as in the oracle.
-      const float sum = job.row_sum[r];
+      const float sum = job.state.row_sum[r];
       const bool empty = sum == 0.0f;
-      if (Dv > 0) {  // with Dv = 0 out may be null: only lse is written
-        float* out = job.out + i * job.out_row_stride + g * job.out_head_stride;
-        const float* acc = job.acc + r * Dvp;
+      const std::int64_t offset = i * job.output.out_row_stride + g * job.output.out_head_stride;
+      if (Dv > 0 && job.output.out_type != DType::f32) {
+        // 16-bit output: normalized in place (the state is finished), rounded once.
+        float* acc = job.state.acc + r * Dvp;
+        const float inv = empty ? 0.0f : 1.0f / sum;
+        for (std::int64_t c = 0; c < Dv; ++c) acc[c] = empty ? job.output.empty_value : acc[c] * inv;
+        store_values(acc, Dv, job.output.out_type, job.output.out, offset, job.output.out_col_stride);
+      } else if (Dv > 0) {  // with Dv = 0 out may be null: only lse is written
+        float* out = static_cast<float*>(job.output.out) + offset;
+        const float* acc = job.state.acc + r * Dvp;
         const float inv = empty ? 0.0f : 1.0f / sum;
         if (empty) {
-          for (std::int64_t c = 0; c < Dv; ++c) out[c * job.out_col_stride] = job.empty_value;
-        } else if (job.out_col_stride == 1) {
+          for (std::int64_t c = 0; c < Dv; ++c) out[c * job.output.out_col_stride] = job.output.empty_value;
+        } else if (job.output.out_col_stride == 1) {
           std::int64_t c = 0;
           for (; c + W <= Dv; c += W) (batch::load_aligned(acc + c) * batch(inv)).store_unaligned(out + c);
           for (; c < Dv; ++c) out[c] = acc[c] * inv;
         } else {
-          for (std::int64_t c = 0; c < Dv; ++c) out[c * job.out_col_stride] = acc[c] * inv;
+          for (std::int64_t c = 0; c < Dv; ++c) out[c * job.output.out_col_stride] = acc[c] * inv;
         }
       }
-      if (job.lse)
-        job.lse[i * job.lse_row_stride + g * job.lse_head_stride] =
-            empty ? neg_inf : (job.row_max[r] + log2_scalar(sum)) * 0.6931471805599453f;
+      if (job.output.lse)
+        job.output.lse[i * job.output.lse_row_stride + g * job.output.lse_head_stride] =
+            empty ? neg_inf : (job.state.row_max[r] + log2_scalar(sum)) * 0.6931471805599453f;
       if (++g == G) {
         g = 0;
         ++i;
@@ -586,10 +605,10 @@ struct ForwardKernel {
   }
 
   static void reset_state(const QueryBlockJob& job, std::int64_t rows_padded) {
-    for (std::int64_t i = 0; i < rows_padded * job.value_dim_padded; ++i) job.acc[i] = 0.0f;
+    for (std::int64_t i = 0; i < rows_padded * job.dims.value_dim_padded; ++i) job.state.acc[i] = 0.0f;
     for (std::int64_t r = 0; r < rows_padded; ++r) {
-      job.row_max[r] = -std::numeric_limits<float>::infinity();
-      job.row_sum[r] = 0.0f;
+      job.state.row_max[r] = -std::numeric_limits<float>::infinity();
+      job.state.row_sum[r] = 0.0f;
     }
   }
 
@@ -597,13 +616,14 @@ struct ForwardKernel {
   // already kPrefetchKeys keys ahead.
   static PrefetchStream prefetch_stream(const QueryBlockJob& job, std::int64_t start, std::int64_t end) {
     PrefetchStream ahead;
-    if (!job.k_rows || start >= end) return ahead;
-    ahead.k = reinterpret_cast<const char*>(job.k_rows + (start - job.key_begin) * job.k_row_stride);
-    ahead.v = reinterpret_cast<const char*>(job.v_rows + (start - job.key_begin) * job.v_row_stride);
-    ahead.k_stride = job.k_row_stride * 4;
-    ahead.v_stride = job.v_row_stride * 4;
-    ahead.k_bytes = job.head_dim * 4;
-    ahead.v_bytes = job.value_dim * 4;
+    if (!job.keys.k_rows || start >= end) return ahead;
+    ahead.k = reinterpret_cast<const char*>(k_rows(job) + (start - job.keys.begin) * job.keys.k_row_stride);
+    ahead.v = reinterpret_cast<const char*>(v_rows(job) + (start - job.keys.begin) * job.keys.v_row_stride);
+    constexpr std::int64_t bytes = sizeof(KV);
+    ahead.k_stride = job.keys.k_row_stride * bytes;
+    ahead.v_stride = job.keys.v_row_stride * bytes;
+    ahead.k_bytes = job.dims.head_dim * bytes;
+    ahead.v_bytes = job.dims.value_dim * bytes;
     ahead.left = end - start;
     for (std::int64_t j = 0; j < kPrefetchKeys; ++j) ahead.step();
     return ahead;
@@ -640,56 +660,74 @@ struct ForwardKernel {
   // transposed once per call (head_dim rows of W floats per W query rows), each key's
   // scores for all W rows come from broadcasts of that key's elements (no horizontal
   // sums), and the online softmax runs on whole vectors of rows. Handles exclusions
-  // (causal, window); not masks, biases or transforms. Scratch: job.scores holds
-  // block_keys x W scores, then head_dim x W of transposed Q.
+  // (causal, window); not masks, biases or transforms. Scratch: job.state.scores holds
+  // block_keys x W scores, then head_dim x W of transposed Q, then (16-bit K) block_keys x
+  // head_dim of K widened to fp32: each K element is broadcast to W lanes, and a
+  // broadcast straight from fp32 memory is one instruction where a 16-bit one is four.
   static void forward_lanes_block(const QueryBlockJob& job) {
+    assert(job.keys.k_panels == nullptr && job.keys.k_rows != nullptr && "lanes read K in place");
+    assert(job.dims.head_dim % W == 0);
+    assert(!job.score.natural_units && !job.score.key_bias && !job.score.row_bias && !job.masks.mask &&
+           !job.masks.bool_mask && job.score.kind == ScoreKind::dot && "lanes take plain dot products only");
     constexpr int KB = 8;  // keys per S step: 8 FMA chains of latency 4 at 2 FMAs per cycle
     constexpr int PV_ROWS = 4;
     static_assert(W % PV_ROWS == 0, "the P.V tiles split the lanes evenly");
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
-    const std::int64_t D = job.head_dim, G = job.heads_per_row, Dvp = job.value_dim_padded, Bk = job.block_keys;
-    const std::int64_t rows_padded = (job.rows + W - 1) / W * W;
-    if (!job.resume) reset_state(job, rows_padded);
+    const std::int64_t D = job.dims.head_dim, G = job.q.heads_per_row, Dvp = job.dims.value_dim_padded, Bk = job.dims.block_keys;
+    const std::int64_t rows_padded = (job.q.rows + W - 1) / W * W;
+    if (!job.state.resume) reset_state(job, rows_padded);
     // Only the keys some row can see: [lo of the first query, hi of the last one]. A
     // sliding window then reads its window, not the whole cache.
-    const std::int64_t first_query = job.first_row, last_query = job.first_row + (job.rows - 1) / G;
-    std::int64_t begin = job.key_begin, end = min_i64(job.key_end, job.key_limit);
-    if (job.has_lo && first_query + job.lo_offset > begin) begin = first_query + job.lo_offset;
-    if (job.has_hi) end = min_i64(end, last_query + job.hi_offset + 1);
-    float* const st = job.scores;        // [Bk][W]
-    float* const qt = job.scores + Bk * W;  // [D][W]
+    const std::int64_t first_query = job.q.first_row, last_query = job.q.first_row + (job.q.rows - 1) / G;
+    std::int64_t begin = job.keys.begin, end = min_i64(job.keys.end, job.visible.key_limit);
+    if (job.visible.has_lo && first_query + job.visible.lo_offset > begin) begin = first_query + job.visible.lo_offset;
+    if (job.visible.has_hi) end = min_i64(end, last_query + job.visible.hi_offset + 1);
+    float* const st = job.state.scores;        // [Bk][W]
+    float* const qt = job.state.scores + Bk * W;  // [D][W]
+    float* const k_wide = qt + D * W;             // [Bk][D], 16-bit K only
     PrefetchStream ahead = prefetch_stream(job, begin, end);
 
     for (std::int64_t r0 = 0; r0 < rows_padded; r0 += W) {
-      transpose_rows(job.q_packed + r0 * D, D, qt);
+      transpose_rows(job.q.q_packed + r0 * D, D, qt);
       alignas(64) float alpha[W];
       // Keys in [clean_first, clean_past) are visible to every valid lane; P.V keeps the
       // others' value rows out (see pv_tile's SAFE).
-      const std::int64_t valid = min_i64(W, job.rows - r0);
-      const std::int64_t lane_first = job.first_row + r0 / G, lane_last = job.first_row + (r0 + valid - 1) / G;
-      const std::int64_t clean_first = job.has_lo ? lane_last + job.lo_offset : begin;
-      const std::int64_t clean_past = job.has_hi ? lane_first + job.hi_offset + 1 : end;
-      batch m = batch::load_unaligned(job.row_max + r0), l = batch::load_unaligned(job.row_sum + r0);
+      const std::int64_t valid = min_i64(W, job.q.rows - r0);
+      const std::int64_t lane_first = job.q.first_row + r0 / G, lane_last = job.q.first_row + (r0 + valid - 1) / G;
+      const std::int64_t clean_first = job.visible.has_lo ? lane_last + job.visible.lo_offset : begin;
+      const std::int64_t clean_past = job.visible.has_hi ? lane_first + job.visible.hi_offset + 1 : end;
+      batch m = batch::load_unaligned(job.state.row_max + r0), l = batch::load_unaligned(job.state.row_sum + r0);
       for (std::int64_t j0 = begin; j0 < end; j0 += Bk) {
         const std::int64_t n = min_i64(Bk, end - j0);
-        const float* k = job.k_rows + (j0 - job.key_begin) * job.k_row_stride;
+        const KV* k_block = k_rows(job) + (j0 - job.keys.begin) * job.keys.k_row_stride;
+        const float* k;
+        std::int64_t k_stride;
+        if constexpr (std::is_same<KV, float>::value) {
+          k = k_block;
+          k_stride = job.keys.k_row_stride;
+        } else {
+          for (std::int64_t t = 0; t < n; ++t)
+            for (std::int64_t d = 0; d < D; d += W) load_kv(k_block + t * job.keys.k_row_stride + d).store_aligned(k_wide + t * D + d);
+          k = k_wide;
+          k_stride = D;
+        }
         std::int64_t t = 0;
         for (; t + KB <= n; t += KB) {
           for (int u = 0; u < KB; ++u) ahead.step();
-          lanes_scores<KB>(qt, D, k + t * job.k_row_stride, job.k_row_stride, st + t * W);
+          lanes_scores<KB>(qt, D, k + t * k_stride, k_stride, st + t * W);
         }
         for (; t < n; ++t) {
           ahead.step();
-          lanes_scores<1>(qt, D, k + t * job.k_row_stride, job.k_row_stride, st + t * W);
+          lanes_scores<1>(qt, D, k + t * k_stride, k_stride, st + t * W);
         }
         // Each lane's visible keys [lo, hi], relative to this block and clamped to
         // [-1, n]: small integers, exact in float whatever M is (absolute key indices
         // are exact only below 2^24).
         alignas(64) float lane_lo[W], lane_hi[W];
         for (int r = 0; r < W; ++r) {
-          const std::int64_t i = job.first_row + (r0 + r) / G;
-          const std::int64_t lo_rel = job.has_lo ? i + job.lo_offset - j0 : -1;
-          const std::int64_t hi_rel = job.has_hi ? i + job.hi_offset - j0 : n;
+          const std::int64_t i = job.q.first_row + (r0 + r) / G;
+          const std::int64_t lo_rel = job.visible.has_lo ? i + job.visible.lo_offset - j0 : -1;
+          const std::int64_t hi_rel = job.visible.has_hi ? i + job.visible.hi_offset - j0 : n;
           lane_lo[r] = float(lo_rel < -1 ? -1 : min_i64(lo_rel, n));
           lane_hi[r] = float(hi_rel < -1 ? -1 : min_i64(hi_rel, n));
         }
@@ -697,11 +735,11 @@ struct ForwardKernel {
         batch block_max(neg_inf);
         for (t = 0; t < n; ++t) {
           batch x = batch::load_aligned(st + t * W);
-          if (job.has_lo || job.has_hi) {
+          if (job.visible.has_lo || job.visible.has_hi) {
             const batch key = batch(float(t));
             xsimd::batch_bool<float, Arch> visible(true);
-            if (job.has_lo) visible = visible && key >= first_key;
-            if (job.has_hi) visible = visible && key <= last_key;
+            if (job.visible.has_lo) visible = visible && key >= first_key;
+            if (job.visible.has_hi) visible = visible && key <= last_key;
             x = xsimd::select(visible, x, batch(neg_inf));
             x.store_aligned(st + t * W);
           }
@@ -724,15 +762,15 @@ struct ForwardKernel {
         m = new_max;
         a.store_aligned(alpha);
 
-        const float* v_block = job.v_rows + (j0 - job.key_begin) * job.v_row_stride;
+        const KV* v_block = v_rows(job) + (j0 - job.keys.begin) * job.keys.v_row_stride;
         for (int h = 0; h < W; h += PV_ROWS)
-          pv_runs<PV_ROWS>(st + h, 1, W, v_block, job.v_row_stride, 0, clean_first - j0, clean_past - j0, n,
-                           alpha + h, job.acc + (r0 + h) * Dvp, Dvp);
+          pv_runs<PV_ROWS>(st + h, 1, W, v_block, job.keys.v_row_stride, 0, clean_first - j0, clean_past - j0, n,
+                           alpha + h, job.state.acc + (r0 + h) * Dvp, Dvp);
       }
-      m.store_unaligned(job.row_max + r0);
-      l.store_unaligned(job.row_sum + r0);
+      m.store_unaligned(job.state.row_max + r0);
+      l.store_unaligned(job.state.row_sum + r0);
     }
-    if (job.finalize) finalize(job);
+    if (job.state.finalize) finalize(job);
   }
 };
 

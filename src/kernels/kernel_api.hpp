@@ -1,13 +1,22 @@
-// The interface between the baseline-compiled driver (attention.cpp) and the per-ISA
-// kernels. Plain structs and function pointers only: no SIMD types, no std containers,
-// so nothing here can be instantiated with one ISA's flags and reused by another.
+// The interface between the baseline-compiled driver and the kernel variants (one
+// translation unit each, listed in kernels/variants.inc). Plain structs and function
+// pointers only: no SIMD types, no std containers, so nothing here can be instantiated
+// with one ISA's flags and reused by another.
 #pragma once
 
 #include <cstdint>
 
 namespace flashcpu::detail {
 
-enum class Isa { sse2 = 0, avx2 = 1, avx512 = 2 };
+/// The instruction-set levels, lowest first (kernels/variants.inc).
+enum class Isa {
+#define FLASHCPU_ISA_LEVEL(name, flags, cpu_test, widest_register, xsimd_arch) name,
+#include "kernels/variants.inc"
+#undef FLASHCPU_ISA_LEVEL
+};
+
+/// Element types of tensors in memory. Arithmetic is fp32 throughout.
+enum class DType { f32, bf16, f16 };
 
 /// How the raw score of a (row, key) pair is computed by the micro-kernel.
 enum class ScoreKind {
@@ -21,80 +30,139 @@ enum class ScoreKind {
 /// raw score is s = -u^2.
 enum class Transform { none, softcap, nw_laplacian, nw_boxcar, nw_epanechnikov };
 
-/// One block of query rows of one KV head against a range of its keys. The driver
-/// packs Q, K and V; the kernel runs the fused online softmax.
-///
-/// Rows may stack several query heads that share the KV head (decoding): packed row r
-/// is query index first_row + r / heads_per_row of head r % heads_per_row of the group.
-struct QueryBlockJob {
-  // Q rows, pre-scaled (see QueryBlockJob::natural_units): row stride head_dim, zero rows
-  // up to a multiple of the micro-kernel's rows.
+/// One block of query rows of one KV head against a range of its keys: the driver packs
+/// Q, K and V through the variant's packers; the kernel runs the fused online softmax.
+/// Its parts:
+
+/// Sizes of the call and of the tiles.
+struct JobDims {
+  std::int64_t q_len, kv_len, head_dim, value_dim, value_dim_padded;
+  std::int64_t block_keys;  // keys per block, a multiple of the variant's nr
+};
+
+/// The query rows. Rows may stack several query heads that share the KV head
+/// (decoding): packed row r is query index first_row + r / heads_per_row of head
+/// r % heads_per_row of the group.
+struct JobRows {
+  // fp32, pre-scaled (see JobScore::natural_units): row stride head_dim, zero rows up
+  // to a multiple of the micro-kernel's rows.
   const float* q_packed;
   std::int64_t rows;           // valid packed rows
   std::int64_t first_row;      // query index of packed row 0
   std::int64_t heads_per_row;  // query heads stacked per query index (1 for prefill)
-  // Keys [key_begin, key_end) are offered; the visibility rules below may hide some.
-  std::int64_t key_begin, key_end;
-  // K panels starting at key_begin: panel p holds keys key_begin + [p*nr, p*nr+nr) as
+};
+
+/// The keys [begin, end) offered; the visibility rules may hide some.
+struct JobKeys {
+  std::int64_t begin, end;
+  // K panels (fp32) starting at `begin`: panel p holds keys begin + [p*nr, p*nr+nr) as
   // head_dim rows of nr floats (keys contiguous), zero-padded past the last key.
   // Null when K is read in place instead (decoding, where no panel is reused): then
-  // k_rows points at key key_begin, rows of head_dim contiguous floats, head_dim a
-  // multiple of the vector width.
+  // k_rows points at key `begin`, rows of head_dim contiguous elements of the variant's
+  // kv type, head_dim a multiple of the vector width.
   const float* k_panels;
-  const float* k_rows;
+  const void* k_rows;
   std::int64_t k_row_stride;
-  // V rows starting at key_begin: value_dim_padded floats each (columns past value_dim
-  // zero), row stride v_row_stride; packed, or the caller's buffer when already so.
-  const float* v_rows;
+  // V rows of the variant's kv type starting at `begin`: value_dim_padded elements each
+  // (columns past value_dim zero), row stride v_row_stride; packed, or the caller's
+  // buffer when already so.
+  const void* v_rows;
   std::int64_t v_row_stride;
-  std::int64_t q_len, kv_len, head_dim, value_dim, value_dim_padded;
-  std::int64_t block_keys;  // keys per block, a multiple of nr
+};
 
-  // The score. Scores are kept in log2 units (softmax by exp2). With natural_units false
-  // the driver has folded log2(e) into every term below; with it true the terms are in
-  // natural units, the transform, ALiBi and mask apply, and then the kernel multiplies
-  // by log2(e).
+/// The score. Scores are kept in log2 units (softmax by exp2). With natural_units false
+/// the driver has folded log2(e) into every term below; with it true the terms are in
+/// natural units, the transform, ALiBi and mask apply, and then the kernel multiplies by
+/// log2(e).
+struct JobScore {
   ScoreKind kind;
   bool natural_units;
   const float* additive_weights;  // kind == additive: head_dim weights, times the scale
   float distance_factor;          // kind == squared_distance: -scale
-  const float* key_bias;          // null, or per key from key_begin: added to the score
+  const float* key_bias;          // null, or per key from keys.begin: added to the score
   const float* row_bias;          // null, or per packed row: added to the score
   Transform transform;
   float softcap;
   const float* alibi_slopes;  // null, or the slope of each head of the group: s -= slope * |d - j|
-  // Masks at (batch, first head of the group, query 0, key 0), with broadcast strides.
+};
+
+/// Masks at (batch, first head of the group, query 0, key 0), with broadcast strides.
+struct JobMasks {
   const float* mask;
   const std::uint8_t* bool_mask;
   std::int64_t mask_head_stride, mask_row_stride, mask_col_stride;
   std::int64_t bool_head_stride, bool_row_stride, bool_col_stride;
-  // Visibility of key j to query i: lo_i <= j <= hi_i and j < key_limit, where
-  // lo_i = i + lo_offset when has_lo (else 0) and hi_i = i + hi_offset when has_hi.
+};
+
+/// Visibility of key j to query i: lo_i <= j <= hi_i and j < key_limit, where
+/// lo_i = i + lo_offset when has_lo (else 0) and hi_i = i + hi_offset when has_hi.
+struct JobVisibility {
   bool has_lo, has_hi;
   std::int64_t lo_offset, hi_offset;
   std::int64_t key_limit;
+};
 
+/// Where finished rows go. Row r goes to out + (r / heads_per_row) * out_row_stride +
+/// (r % heads_per_row) * out_head_stride, in elements of out_type.
+struct JobOutput {
   float empty_value;  // what a row with no visible key gets: 0 (attention), NaN (kernel regression)
-  bool resume;    // continue from the running max/sum/acc already in the scratch
-  bool finalize;  // write out = acc / sum (and lse); otherwise leave the partial state
-  // Output: row r goes to out + (r / heads_per_row) * out_row_stride + (r % heads_per_row) * out_head_stride.
-  float* out;
+  void* out;
+  DType out_type;
   std::int64_t out_row_stride, out_col_stride, out_head_stride;
   float* lse;  // null, or like out with lse_row_stride and lse_head_stride
   std::int64_t lse_row_stride, lse_head_stride;
-  // Scratch, 64-byte aligned: scores [mr x block_keys]; the running state
-  // acc [rows_padded x value_dim_padded] (unnormalized), row_max (log2 units) and
-  // row_sum [rows_padded].
+};
+
+/// The running state, in scratch (64-byte aligned): scores [mr x block_keys]; acc
+/// [rows_padded x value_dim_padded] (unnormalized), row_max (log2 units) and row_sum
+/// [rows_padded].
+struct JobState {
+  bool resume;    // continue from the running max/sum/acc already there
+  bool finalize;  // write out = acc / sum (and lse); otherwise leave the partial state
   float* scores;
   float* acc;
   float* row_max;
   float* row_sum;
 };
 
-/// What one ISA offers: its micro-kernel geometry and its entry points.
+struct QueryBlockJob {
+  JobDims dims;
+  JobRows q;
+  JobKeys keys;
+  JobScore score;
+  JobMasks masks;
+  JobVisibility visible;
+  JobOutput output;
+  JobState state;
+};
+
+/// A strided source of rows for the packers: element (row, col) of `type` at
+/// data + row * row_stride + col * col_stride (in elements).
+struct SourceRows {
+  const void* data;
+  DType type;
+  std::int64_t row_stride, col_stride;
+};
+
+/// Query rows to pack: packed row r is query first + r / heads_per_row of head
+/// r % heads_per_row, whose row is at source.data + query * source.row_stride + head *
+/// head_stride; times `factor`, minus `center` when it is not null (Gaussian, then
+/// row_bias[r] = bias_scale * |q - center|^2). Rows from `rows` to `rows_padded` are zero.
+struct QueryPack {
+  SourceRows source;
+  std::int64_t head_stride, heads_per_row, rows, rows_padded, head_dim;
+  float factor;
+  const float* center;
+  float bias_scale;
+  float* packed;
+  float* row_bias;
+};
+
+/// What one variant offers: its micro-kernel geometry, its entry points and its packers.
 struct KernelTable {
   Isa isa;
-  const char* name;
+  DType kv;
+  const char* name;   // <kv>_attn_fwd_<mr>x<nr>__<isa>
   int vector_floats;  // floats per SIMD register
   int tile_rows;      // mr: query rows of the micro-kernels
   int panel_keys;     // nr: keys per packed K panel
@@ -106,10 +174,29 @@ struct KernelTable {
   // Decoding with at least vector_floats rows, dot product, K in place, no mask, bias or
   // transform: the rows as vector lanes (see ForwardKernel::forward_lanes_block).
   void (*forward_lanes_block)(const QueryBlockJob& job);
+
+  // K of keys [0, keys) as fp32 panels of panel_keys keys (see JobKeys). With a center
+  // (Gaussian), packs k - center, writes key_bias[j] = bias_scale * |k_j - center|^2 and
+  // returns the largest |k_j - center|^2 (else 0). The source is of the variant's kv type.
+  float (*pack_key_panels)(const SourceRows& k, std::int64_t keys, std::int64_t head_dim, const float* center,
+                           float bias_scale, float* panels, float* key_bias);
+  // V of keys [0, keys) as rows of value_dim_padded elements of the kv type, zero past
+  // value_dim.
+  void (*pack_value_rows)(const SourceRows& v, std::int64_t keys, std::int64_t value_dim,
+                          std::int64_t value_dim_padded, void* rows);
+  // Q rows (fp32, or of the kv type) in the kernels' layout.
+  void (*pack_query_rows)(const QueryPack& pack);
 };
 
-const KernelTable& kernel_table_avx512();
-const KernelTable& kernel_table_avx2();
-const KernelTable& kernel_table_sse2();
+/// Writes count floats to out + offset + c * stride (elements of `type`), rounded to
+/// nearest even once (fp32: as they are): the one narrowing of results to 16 bits
+/// (src/convert.cpp).
+void store_values(const float* values, std::int64_t count, DType type, void* out, std::int64_t offset,
+                    std::int64_t stride);
+
+/// Each variant's table, named after it (kernels/variant.cpp.in).
+#define FLASHCPU_VARIANT(isa, kv, mr, nr, nv, pr, small_mr) const KernelTable& kernel_table_##kv##_##isa();
+#include "kernels/variants.inc"
+#undef FLASHCPU_VARIANT
 
 }  // namespace flashcpu::detail

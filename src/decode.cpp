@@ -1,0 +1,216 @@
+// Decoding (few query rows, many keys): the query heads of a KV-head group are stacked
+// as rows of one block, so K and V are read once per KV head rather than once per query
+// head. The key range is split into chunks processed in parallel, each leaving an
+// unnormalized partial (acc, max, sum); the partials are merged by log-sum-exp in chunk
+// order (merge.hpp). The split depends on the shape only, so results are identical for
+// any thread count. K is read in place (dot product) or packed one key block at a time:
+// no copy of a whole head, no buffer that grows with M.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "merge.hpp"
+#include "plan.hpp"
+#include "scratch.hpp"
+
+namespace flashcpu::detail {
+namespace {
+
+// The geometry of one decode call.
+struct DecodeSplit {
+  bool k_in_place;       // K rows read where they are
+  bool lanes, small;     // which kernel: rows as vector lanes, the small tile, else the full one
+  int mr;                // rows per tile of that kernel
+  std::int64_t rows, rows_padded;
+  std::int64_t chunk_keys, chunks, items;
+  std::int64_t step;     // keys per kernel call
+  std::int64_t partial_floats;
+  void (*forward)(const QueryBlockJob&);
+};
+
+// Aim for 64 work items in all (enough for 64 cores), but no chunk under 512 keys,
+// where the per-chunk merge would start to cost more than the parallelism gains.
+constexpr std::int64_t kTargetItems = 64, kMinChunkKeys = 512;
+
+DecodeSplit split_decode(const Plan& plan, const CallViews& views) {
+  const AttentionShape& s = plan.shape;
+  const KernelTable& kernels = *plan.kernels;
+  DecodeSplit d{};
+  d.rows = plan.group * s.q_len;
+  // K rows are read in place when they are contiguous whole vectors of a plain dot
+  // product: no reuse to pay for a packing pass.
+  d.k_in_place = plan.kind == ScoreKind::dot && !plan.centered && views.k.strides[3] == 1 &&
+                 s.head_dim % kernels.vector_floats == 0;
+  // Kernel: with a vector's worth of rows or more (and nothing but exclusions on the
+  // scores), the rows become vector lanes; else the smaller tile when it pads less (e.g.
+  // 4 stacked heads: one 4-row tile, not a 6-row one with 2 empty rows): decoding is bound
+  // by memory, and padded rows only add compute.
+  d.lanes = d.k_in_place && !plan.natural_units && d.rows >= kernels.vector_floats;
+  d.small = round_up(d.rows, kernels.small_tile_rows) < round_up(d.rows, kernels.tile_rows);
+  d.mr = d.lanes ? kernels.vector_floats : d.small ? kernels.small_tile_rows : kernels.tile_rows;
+  d.forward = d.lanes   ? kernels.forward_lanes_block
+              : d.small ? kernels.forward_small_block
+                        : kernels.forward_query_block;
+  d.rows_padded = round_up(d.rows, d.mr);
+  const std::int64_t M = std::max<std::int64_t>(s.kv_len, 1), Bk = plan.block_keys;
+  const std::int64_t kv_heads = s.batch * s.kv_heads;
+  const std::int64_t wanted =
+      std::max<std::int64_t>(1, std::min((kTargetItems + kv_heads - 1) / kv_heads, (M + kMinChunkKeys - 1) / kMinChunkKeys));
+  d.chunk_keys = round_up((M + wanted - 1) / wanted, Bk);
+  d.chunks = (M + d.chunk_keys - 1) / d.chunk_keys;
+  d.items = kv_heads * d.chunks;
+  // Keys per kernel call: a block when this path packs K or V one block at a time, else
+  // the whole chunk (the kernel walks its blocks itself, transposing Q and starting its
+  // prefetch stream once per chunk rather than once per block).
+  d.step = !d.k_in_place || !plan.v_in_place ? Bk : d.chunk_keys;
+  // acc, row_max, row_sum of one item; a multiple of 16 keeps each acc 64-byte aligned.
+  d.partial_floats = round_up(d.rows_padded * plan.value_dim_padded + 2 * d.rows_padded, 16);
+  return d;
+}
+
+ThreadScratch decode_scratch(const Plan& plan, const DecodeSplit& d) {
+  const std::int64_t D = plan.shape.head_dim, Bk = plan.block_keys;
+  const bool wide_k = plan.kernels->kv != DType::f32;
+  ThreadScratch parts{};
+  parts.key_panels = d.k_in_place ? 0 : Bk * D;
+  parts.key_bias = plan.centered ? Bk : 0;
+  parts.value_rows = plan.v_in_place ? 0 : Bk * plan.value_dim_padded;
+  parts.q_packed = d.rows_padded * D;
+  parts.row_bias = plan.centered ? d.rows_padded : 0;
+  parts.center = D;
+  // Lanes: the transposed Q follows the scores, then K widened to fp32 (16-bit K).
+  parts.scores = std::int64_t(d.mr) * (d.lanes ? Bk + D : Bk) + (d.lanes && wide_k ? Bk * D : 0);
+  return parts;
+}
+
+// Points the job at keys [j0, j0 + keys) of KV head (b, hkv), packing what is not read
+// in place; the Gaussian form may change from one key block to the next, and the Q rows
+// follow it.
+void bind_key_block(const Plan& plan, const CallViews& views, const DecodeSplit& d, std::int64_t b,
+                    std::int64_t hkv, std::int64_t j0, std::int64_t keys, const ThreadScratch::Parts& mine,
+                    bool* exact, QueryBlockJob& job) {
+  const AttentionShape& s = plan.shape;
+  const std::int64_t G = plan.group;
+  if (d.k_in_place) {
+    job.keys.k_rows = views.k.row(b, hkv, j0);
+    job.keys.k_row_stride = views.k.strides[2];
+  } else {
+    const float spread = plan.kernels->pack_key_panels(views.k.rows_from(b, hkv, j0), keys, s.head_dim,
+                                                       plan.centered ? mine.center : nullptr, plan.bias_scale,
+                                                       mine.key_panels, mine.key_bias);
+    if (plan.centered && needs_exact_distance(plan, spread) != *exact) {
+      *exact = !*exact;
+      pack_queries(plan, views.q, b, hkv * G, G, 0, d.rows, d.mr, mine.center, *exact, mine.q_packed, mine.row_bias);
+      bind_distance_form(plan, job, *exact, mine.key_bias, mine.row_bias);
+    }
+  }
+  if (plan.v_in_place) {
+    job.keys.v_rows = views.v.row(b, hkv, j0);
+    job.keys.v_row_stride = job.keys.v_rows ? views.v.strides[2] : 0;
+  } else {
+    plan.kernels->pack_value_rows(views.v.rows_from(b, hkv, j0), keys, s.value_dim, plan.value_dim_padded,
+                                  mine.value_rows);
+    job.keys.v_rows = mine.value_rows;
+    job.keys.v_row_stride = plan.value_dim_padded;
+  }
+  job.keys.begin = j0;
+  job.keys.end = j0 + keys;
+}
+
+// One work item: chunk `chunk` of KV head (b, hkv), leaving its partial state in the
+// job's acc/row_max/row_sum (or, with a single chunk, finishing the rows).
+void run_chunk(const Plan& plan, const CallViews& views, const DecodeSplit& d, std::int64_t b, std::int64_t hkv,
+               std::int64_t chunk, const ThreadScratch::Parts& mine, QueryBlockJob& job) {
+  const std::int64_t G = plan.group, M = plan.shape.kv_len;
+  load_center(plan, views.k, b, hkv, mine.center);
+  pack_queries(plan, views.q, b, hkv * G, G, 0, d.rows, d.mr, mine.center, false, mine.q_packed, mine.row_bias);
+  bool exact = false;
+  bind_distance_form(plan, job, exact, mine.key_bias, mine.row_bias);
+  bind_heads(plan, job, b, hkv * G);
+  job.output.out = views.out.row(b, hkv * G, 0);
+  job.output.lse = views.has_lse ? views.lse.data + b * views.lse.strides[0] + hkv * G * views.lse.strides[1] : nullptr;
+
+  // Keys past the batch's key length are never read.
+  const std::int64_t chunk_end = std::min({M, (chunk + 1) * d.chunk_keys, job.visible.key_limit});
+  job.state.resume = false;
+  for (std::int64_t j0 = chunk * d.chunk_keys; j0 < chunk_end || !job.state.resume; j0 += d.step) {
+    const std::int64_t keys = std::max<std::int64_t>(0, std::min(d.step, chunk_end - j0));
+    job.state.finalize = d.chunks == 1 && j0 + d.step >= chunk_end;
+    if (keys == 0) {  // an empty chunk (key length): only reset the partial state
+      job.keys.begin = job.keys.end = j0;
+    } else {
+      bind_key_block(plan, views, d, b, hkv, j0, keys, mine, &exact, job);
+    }
+    d.forward(job);  // the first call (resume = false) also resets the state
+    job.state.resume = true;
+  }
+}
+
+// Merges the chunks of KV head `head` (b * Hkv + hkv) in chunk order into out and lse.
+void merge_chunks(const Plan& plan, const CallViews& views, const DecodeSplit& d, float* partials, std::int64_t head) {
+  const AttentionShape& s = plan.shape;
+  const std::int64_t b = head / s.kv_heads, hkv = head % s.kv_heads, G = plan.group;
+  const std::int64_t Dvp = plan.value_dim_padded;
+  float* first = partials + head * d.chunks * d.partial_floats;
+  Partial parts[kTargetItems];  // chunks <= kTargetItems
+  for (std::int64_t r = 0; r < d.rows; ++r) {
+    for (std::int64_t c = 0; c < d.chunks; ++c) {
+      const float* partial = first + c * d.partial_floats;
+      const float row_max = partial[d.rows_padded * Dvp + r];  // log2 units
+      parts[c] = {partial + r * Dvp, 1, float(row_max * 0.6931471805599453),
+                  partial[d.rows_padded * Dvp + d.rows_padded + r]};
+    }
+    // Merged into chunk 0's accumulator row, then stored in the output's type.
+    float* merged = first + r * Dvp;
+    const float lse = merge_partials(parts, d.chunks, s.value_dim, plan.empty_value, merged, 1);
+    const std::int64_t h = hkv * G + r % G, i = r / G;
+    if (s.value_dim > 0) store_values(merged, s.value_dim, views.out.type, views.out.row(b, h, i), 0, views.out.strides[3]);
+    if (views.has_lse)
+      views.lse.data[b * views.lse.strides[0] + h * views.lse.strides[1] + i * views.lse.strides[2]] = lse;
+  }
+}
+
+}  // namespace
+
+void run_decode(const Plan& plan, const CallViews& views) {
+  const AttentionShape& s = plan.shape;
+  const DecodeSplit d = split_decode(plan, views);
+  const int threads = int(std::min<std::int64_t>(thread_count(s.num_threads), d.items));
+  // Partial state of every item. At most kTargetItems chunks per call (fewer when B * Hkv
+  // is large), so this does not grow with M.
+  AlignedBuffer partials(d.items * d.partial_floats);
+  const ThreadScratch parts = decode_scratch(plan, d);
+  AlignedBuffer scratch(parts.total() * threads);
+
+#pragma omp parallel num_threads(threads)
+  {
+    const ThreadScratch::Parts mine = parts.carve(scratch.get(), omp_get_thread_num());
+    QueryBlockJob job = base_job(plan, views);
+    job.q = {mine.q_packed, d.rows, 0, plan.group};
+    job.keys.k_panels = d.k_in_place ? nullptr : mine.key_panels;
+    job.score.key_bias = plan.centered ? mine.key_bias : nullptr;
+    job.score.row_bias = plan.centered ? mine.row_bias : nullptr;
+    job.state.scores = mine.scores;
+
+#pragma omp for schedule(static) nowait  // single chunk: nothing to wait for (see below)
+    for (std::int64_t item = 0; item < d.items; ++item) {
+      const std::int64_t head = item / d.chunks, chunk = item % d.chunks;
+      float* partial = partials.get() + item * d.partial_floats;
+      job.state.acc = partial;
+      job.state.row_max = partial + d.rows_padded * plan.value_dim_padded;
+      job.state.row_sum = job.state.row_max + d.rows_padded;
+      run_chunk(plan, views, d, head / s.kv_heads, head % s.kv_heads, chunk, mine, job);
+    }
+
+    // Single-chunk calls skip the merge and its barriers (every thread takes the same branch).
+    if (d.chunks > 1) {
+#pragma omp barrier
+#pragma omp for schedule(static)
+      for (std::int64_t head = 0; head < s.batch * s.kv_heads; ++head) merge_chunks(plan, views, d, partials.get(), head);
+    }
+  }
+}
+
+}  // namespace flashcpu::detail

@@ -1,0 +1,79 @@
+// The element types kernels read, and their widening to fp32. Included only from
+// kernels/forward.hpp, inside that file's per-variant namespace (see vmath.hpp).
+//
+// bf16 is the top half of an fp32: widening is a 16-bit shift, exact. fp16 widens
+// exactly too: by F16C's vcvtph2ps on AVX2 and AVX-512, by integer arithmetic on SSE2.
+
+using f32 = float;
+struct bf16 { std::uint16_t bits; };  // layout of flashcpu::bf16
+struct f16 { std::uint16_t bits; };   // layout of flashcpu::fp16
+
+inline float widen_scalar(float x) { return x; }
+inline float widen_scalar(bf16 x) {
+  const std::uint32_t bits = std::uint32_t(x.bits) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+inline float widen_scalar(f16 x) {
+#ifdef __F16C__
+  return _cvtsh_ss(x.bits);
+#else
+  // Magnitude bits shifted into an fp32's place read as 2^-112 of the value (exponent
+  // bias 127 against 15, subnormals included); inf and NaN keep an all-ones exponent.
+  const std::uint32_t magnitude = x.bits & 0x7fffu, sign = std::uint32_t(x.bits & 0x8000u) << 16;
+  if (magnitude >= 0x7c00u) {
+    const std::uint32_t bits = sign | 0x7f800000u | (magnitude & 0x3ffu) << 13;
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+  }
+  const std::uint32_t shifted = magnitude << 13;
+  float f;
+  __builtin_memcpy(&f, &shifted, 4);
+  f *= 0x1p112f;
+  return sign ? -f : f;
+#endif
+}
+
+// W consecutive elements widened to one batch.
+template <class Arch>
+inline xsimd::batch<float, Arch> widen(const float* p) {
+  return xsimd::batch<float, Arch>::load_unaligned(p);
+}
+
+template <class Arch>
+inline xsimd::batch<float, Arch> widen(const bf16* p) {
+  constexpr int W = int(xsimd::batch<float, Arch>::size);
+  if constexpr (W == 16) {
+    const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  } else if constexpr (W == 8) {
+    const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+  } else {
+    const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), x));  // each element in a lane's top half
+  }
+}
+
+template <class Arch>
+inline xsimd::batch<float, Arch> widen(const f16* p) {
+  constexpr int W = int(xsimd::batch<float, Arch>::size);
+  if constexpr (W == 16) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  } else if constexpr (W == 8) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    // As widen_scalar(f16), on four lanes.
+    const __m128i h = _mm_unpacklo_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), _mm_setzero_si128());
+    const __m128i magnitude = _mm_and_si128(h, _mm_set1_epi32(0x7fff));
+    const __m128i sign = _mm_slli_epi32(_mm_and_si128(h, _mm_set1_epi32(0x8000)), 16);
+    const __m128i shifted = _mm_slli_epi32(magnitude, 13);
+    const __m128i finite = _mm_castps_si128(_mm_mul_ps(_mm_castsi128_ps(shifted), _mm_set1_ps(0x1p112f)));
+    const __m128i special = _mm_or_si128(shifted, _mm_set1_epi32(0x7f800000));
+    const __m128i is_special = _mm_cmpgt_epi32(magnitude, _mm_set1_epi32(0x7bff));
+    const __m128i value = _mm_or_si128(_mm_and_si128(is_special, special), _mm_andnot_si128(is_special, finite));
+    return _mm_castsi128_ps(_mm_or_si128(value, sign));
+  }
+}

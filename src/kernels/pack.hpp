@@ -1,0 +1,150 @@
+// The packers: the baseline-compiled driver decides what to pack and where; these write
+// it in the kernels' layouts (see JobKeys and QueryPack in kernel_api.hpp), widening
+// 16-bit data on the way. Included only from a variant's translation unit, after
+// kernels/forward.hpp, inside its namespace.
+
+template <class S>
+float pack_key_panels_from(const S* k, std::int64_t row_stride, std::int64_t col_stride, std::int64_t keys,
+                           std::int64_t head_dim, int nr, const float* center, float bias_scale, float* panels,
+                           float* key_bias) {
+  const std::int64_t num_panels = (keys + nr - 1) / nr;
+  if constexpr (std::is_same<S, float>::value) {
+    if (!center && col_stride == 1) {
+      // The common case, a plain transpose of contiguous rows, in 4 x 4 blocks held in
+      // SSE registers: short N=256 (H=16, D=64) spent 6% of its time here with scalar copies.
+      for (std::int64_t p = 0; p < num_panels; ++p) {
+        float* panel = panels + p * head_dim * nr;
+        const float* first = k + p * nr * row_stride;
+        const std::int64_t valid = min_i64(nr, keys - p * nr);
+        const std::int64_t whole = valid / 4 * 4, d_whole = head_dim / 4 * 4;
+        for (std::int64_t c = 0; c < whole; c += 4) {
+          const float* src = first + c * row_stride;
+          std::int64_t d = 0;
+          for (; d < d_whole; d += 4) {
+            __m128 r0 = _mm_loadu_ps(src + d), r1 = _mm_loadu_ps(src + row_stride + d);
+            __m128 r2 = _mm_loadu_ps(src + 2 * row_stride + d), r3 = _mm_loadu_ps(src + 3 * row_stride + d);
+            _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+            _mm_storeu_ps(panel + d * nr + c, r0);
+            _mm_storeu_ps(panel + (d + 1) * nr + c, r1);
+            _mm_storeu_ps(panel + (d + 2) * nr + c, r2);
+            _mm_storeu_ps(panel + (d + 3) * nr + c, r3);
+          }
+          for (; d < head_dim; ++d)
+            for (int t = 0; t < 4; ++t) panel[d * nr + c + t] = src[t * row_stride + d];
+        }
+        for (std::int64_t d = 0; d < head_dim; ++d) {
+          for (std::int64_t c = whole; c < valid; ++c) panel[d * nr + c] = first[c * row_stride + d];
+          for (std::int64_t c = valid; c < nr; ++c) panel[d * nr + c] = 0.0f;
+        }
+      }
+      return 0.0f;
+    }
+  }
+  if (!center) {
+    // A plain transpose (and widening): written apart from the centered one because the
+    // norms below form a serial chain of dependent additions, 4 cycles per element.
+    for (std::int64_t p = 0; p < num_panels; ++p) {
+      float* panel = panels + p * head_dim * nr;
+      const std::int64_t valid = min_i64(nr, keys - p * nr);
+      for (std::int64_t d = 0; d < head_dim; ++d) {
+        float* dst = panel + d * nr;
+        const S* src = k + p * nr * row_stride + d * col_stride;
+        for (std::int64_t c = 0; c < valid; ++c) dst[c] = widen_scalar(src[c * row_stride]);
+        for (std::int64_t c = valid; c < nr; ++c) dst[c] = 0.0f;
+      }
+    }
+    return 0.0f;
+  }
+  float spread = 0.0f;
+  for (std::int64_t p = 0; p < num_panels; ++p) {
+    float* panel = panels + p * head_dim * nr;
+    for (int c = 0; c < nr; ++c) {
+      const std::int64_t j = p * nr + c;
+      if (j < keys) {
+        const S* key = k + j * row_stride;
+        float norm = 0.0f;
+        for (std::int64_t d = 0; d < head_dim; ++d) {
+          const float x = widen_scalar(key[d * col_stride]) - center[d];
+          panel[d * nr + c] = x;
+          norm += x * x;
+        }
+        key_bias[j] = bias_scale * norm;
+        spread = spread > norm ? spread : norm;
+      } else {
+        for (std::int64_t d = 0; d < head_dim; ++d) panel[d * nr + c] = 0.0f;
+        key_bias[j] = 0.0f;
+      }
+    }
+  }
+  return spread;
+}
+
+// Rows of value_dim_padded elements, as stored (no widening: P.V widens as it loads).
+template <class S>
+void pack_value_rows_from(const S* v, std::int64_t row_stride, std::int64_t col_stride, std::int64_t keys,
+                          std::int64_t value_dim, std::int64_t value_dim_padded, S* rows) {
+  for (std::int64_t j = 0; j < keys; ++j) {
+    S* row = rows + j * value_dim_padded;
+    for (std::int64_t c = 0; c < value_dim; ++c) row[c] = v[j * row_stride + c * col_stride];
+    for (std::int64_t c = value_dim; c < value_dim_padded; ++c) row[c] = S{};  // +0 in every type
+  }
+}
+
+template <class S>
+void pack_query_rows_from(const QueryPack& pack) {
+  const std::int64_t D = pack.head_dim, stride = pack.source.col_stride;
+  const S* const base = static_cast<const S*>(pack.source.data);
+  // (Query i, head g) of row r, stepped rather than divided out per row.
+  std::int64_t i = 0, g = 0;
+  for (std::int64_t r = 0; r < pack.rows_padded; ++r) {
+    float* dst = pack.packed + r * D;
+    if (r >= pack.rows) {
+      for (std::int64_t d = 0; d < D; ++d) dst[d] = 0.0f;
+      if (pack.center) pack.row_bias[r] = 0.0f;
+      continue;
+    }
+    const S* src = base + i * pack.source.row_stride + g * pack.head_stride;
+    if (++g == pack.heads_per_row) {
+      g = 0;
+      ++i;
+    }
+    if (!pack.center) {  // no norm: its chain of dependent additions would set the pace
+      if (stride == 1)
+        for (std::int64_t d = 0; d < D; ++d) dst[d] = pack.factor * widen_scalar(src[d]);
+      else
+        for (std::int64_t d = 0; d < D; ++d) dst[d] = pack.factor * widen_scalar(src[d * stride]);
+      continue;
+    }
+    float norm = 0.0f;
+    for (std::int64_t d = 0; d < D; ++d) {
+      const float x = widen_scalar(src[d * stride]) - pack.center[d];
+      dst[d] = pack.factor * x;
+      norm += x * x;
+    }
+    pack.row_bias[r] = pack.bias_scale * norm;
+  }
+}
+
+// The variant's entry points: K and V must be of its kv type KV; Q fp32 or KV.
+template <class KV, int NR>
+struct Packers {
+  static float pack_key_panels(const SourceRows& k, std::int64_t keys, std::int64_t head_dim, const float* center,
+                               float bias_scale, float* panels, float* key_bias) {
+    assert(k.type == dtype_of<KV>());
+    return pack_key_panels_from(static_cast<const KV*>(k.data), k.row_stride, k.col_stride, keys, head_dim, NR,
+                                center, bias_scale, panels, key_bias);
+  }
+  static void pack_value_rows(const SourceRows& v, std::int64_t keys, std::int64_t value_dim,
+                              std::int64_t value_dim_padded, void* rows) {
+    assert(v.type == dtype_of<KV>());
+    pack_value_rows_from(static_cast<const KV*>(v.data), v.row_stride, v.col_stride, keys, value_dim,
+                         value_dim_padded, static_cast<KV*>(rows));
+  }
+  static void pack_query_rows(const QueryPack& pack) {
+    assert(pack.source.type == DType::f32 || pack.source.type == dtype_of<KV>());
+    if (pack.source.type == DType::f32)
+      pack_query_rows_from<float>(pack);
+    else
+      pack_query_rows_from<KV>(pack);
+  }
+};

@@ -1,0 +1,56 @@
+// One kernel variant (a line of kernels/variants.inc): kernels/forward.hpp and the
+// packers instantiated for its ISA, kv type and tiles, behind its KernelTable. Included
+// once, by the variant's generated translation unit, which defines FLASHCPU_VARIANT_*.
+#include "kernels/forward.hpp"
+
+namespace flashcpu::detail {
+namespace FLASHCPU_ISA_NAMESPACE {
+
+#include "kernels/pack.hpp"
+
+// The xsimd architecture of each ISA level.
+#define FLASHCPU_ISA_LEVEL(name, flags, cpu_test, widest_register, xsimd_arch) using arch_##name = xsimd_arch;
+#include "kernels/variants.inc"
+#undef FLASHCPU_ISA_LEVEL
+
+#define FLASHCPU_PASTE2(a, b) a##b
+#define FLASHCPU_PASTE(a, b) FLASHCPU_PASTE2(a, b)
+#define FLASHCPU_STRING2(x) #x
+#define FLASHCPU_STRING(x) FLASHCPU_STRING2(x)
+
+namespace {
+using Arch = FLASHCPU_PASTE(arch_, FLASHCPU_VARIANT_ISA);
+using KV = FLASHCPU_VARIANT_KV;
+constexpr int kW = int(xsimd::batch<float, Arch>::size);
+static_assert(FLASHCPU_VARIANT_NR % kW == 0, "nr is a whole number of vectors");
+constexpr int kPanelVectors = FLASHCPU_VARIANT_NR / kW;
+using Kernel = ForwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR, KV>;
+using SmallKernel =
+    ForwardKernel<Arch, FLASHCPU_VARIANT_SMALL_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_SMALL_MR, KV>;
+using Pack = Packers<KV, FLASHCPU_VARIANT_NR>;
+}  // namespace
+
+}  // namespace FLASHCPU_ISA_NAMESPACE
+
+const KernelTable& FLASHCPU_PASTE(FLASHCPU_PASTE(FLASHCPU_PASTE(kernel_table_, FLASHCPU_VARIANT_KV), _),
+                                  FLASHCPU_VARIANT_ISA)() {
+  using namespace FLASHCPU_ISA_NAMESPACE;
+  static const KernelTable table{
+      Isa::FLASHCPU_VARIANT_ISA,
+      dtype_of<KV>(),
+      FLASHCPU_STRING(FLASHCPU_VARIANT_KV) "_attn_fwd_" FLASHCPU_STRING(FLASHCPU_VARIANT_MR) "x" FLASHCPU_STRING(
+          FLASHCPU_VARIANT_NR) "__" FLASHCPU_STRING(FLASHCPU_VARIANT_ISA),
+      kW,
+      FLASHCPU_VARIANT_MR,
+      Kernel::NR,
+      &Kernel::forward_query_block,
+      FLASHCPU_VARIANT_SMALL_MR,
+      &SmallKernel::forward_query_block,
+      &Kernel::forward_lanes_block,
+      &Pack::pack_key_panels,
+      &Pack::pack_value_rows,
+      &Pack::pack_query_rows};
+  return table;
+}
+
+}  // namespace flashcpu::detail

@@ -1,0 +1,177 @@
+// Planning one call: tiles, score form and the job fields shared by both drivers.
+#include "plan.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "tuning.hpp"
+
+namespace flashcpu::detail {
+namespace {
+
+constexpr double kLog2e = 1.4426950408889634;
+
+float load_element(const void* p, DType type) {
+  switch (type) {
+    case DType::bf16: return to_float(*static_cast<const bf16*>(p));
+    case DType::f16: return to_float(*static_cast<const fp16*>(p));
+    case DType::f32: break;
+  }
+  return *static_cast<const float*>(p);
+}
+
+}  // namespace
+
+int thread_count(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
+
+Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const AnyView& v, Transform transform,
+               float empty_value, bool regression) {
+  Plan plan{};
+  plan.kernels = &kernels;
+  plan.shape = s;
+  plan.group = s.kv_heads > 0 ? s.q_heads / s.kv_heads : 1;
+  const TileConfig tiles = tiles_for(kernels, s.head_dim);
+  // Short sequences get blocks no larger than they need, so that small problems still
+  // split into enough work items and no time goes to padding.
+  plan.block_rows = round_up(std::min<std::int64_t>(tiles.block_rows, std::max<std::int64_t>(s.q_len, 1)), kernels.tile_rows);
+  plan.block_keys = std::min(round_up(tiles.block_keys, kernels.panel_keys),
+                             round_up(std::max<std::int64_t>(s.kv_len, 1), kernels.panel_keys));
+  plan.value_dim_padded = round_up(s.value_dim, kernels.vector_floats);
+  plan.v_in_place = v.strides[3] == 1 && s.value_dim == plan.value_dim_padded;
+  const std::int64_t bytes = element_bytes(v.type);
+  const auto on_lines = [bytes](std::int64_t elements) { return elements * bytes % 64 == 0; };
+  plan.v_in_place_prefill = plan.v_in_place && reinterpret_cast<std::uintptr_t>(v.data) % 64 == 0 &&
+                            on_lines(v.strides[0]) && on_lines(v.strides[1]) && on_lines(v.strides[2]);
+
+  plan.transform = s.softcap > 0 ? Transform::softcap : transform;
+  // Nonlinear terms need the natural-log score; otherwise log2(e) is folded in up front.
+  plan.natural_units = plan.transform != Transform::none || s.alibi_slopes || s.mask.data || s.bool_mask.data;
+  const double unit = plan.natural_units ? 1.0 : kLog2e;
+  // Gaussian: -scale |q - k|^2. From exact differences where small distances must be
+  // accurate (kernel regression, whose transforms take square roots and logs of them) or
+  // where D is small enough that the extra subtraction costs little next to the exp.
+  // Otherwise expanded as 2 scale q.k - scale |q|^2 - scale |k|^2: a dot product plus a
+  // row bias and a key bias, as fast as the dot product (after centering, see load_center).
+  const bool exact_distance = s.score == Score::gaussian && (regression || s.head_dim < 32);
+  plan.kind = s.score == Score::additive ? ScoreKind::additive
+              : exact_distance           ? ScoreKind::squared_distance
+                                         : ScoreKind::dot;
+  plan.centered = s.score == Score::gaussian && !exact_distance;
+  // q enters tanh(q + k) (additive) and q - k (exact distance) as it is.
+  plan.q_factor = s.score == Score::additive || exact_distance
+                      ? 1.0f
+                      : float((s.score == Score::gaussian ? 2.0 : 1.0) * s.scale * unit);
+  plan.bias_scale = float(-double(s.scale) * unit);
+  plan.distance_factor = float(-double(s.scale) * unit);
+  if (s.score == Score::additive)
+    for (std::int64_t d = 0; d < s.head_dim; ++d)
+      plan.additive_weights.push_back(float(double(s.scale) * unit * s.additive_weights[d]));
+  plan.empty_value = empty_value;
+  return plan;
+}
+
+// Gaussian scores expand |q - k|^2 into q.k and norms, which cancels badly when the points
+// sit far from the origin (|k|^2 ~ 1e6 against distances ~ 1). Distances do not change
+// under translation, so both sides are shifted by the head's first key first: the norms
+// are then of the size of the distances themselves.
+void load_center(const Plan& plan, const AnyView& k, std::int64_t b, std::int64_t hkv, float* center) {
+  const std::int64_t D = plan.shape.head_dim;
+  const char* key0 = static_cast<const char*>(k.row(b, hkv, 0));
+  bool finite = true;
+  for (std::int64_t d = 0; d < D; ++d) {
+    center[d] = plan.centered && plan.shape.kv_len > 0
+                    ? load_element(key0 + d * k.strides[3] * element_bytes(k.type), k.type)
+                    : 0.0f;
+    finite = finite && std::isfinite(center[d]);
+  }
+  // Key 0 may be an excluded slot holding NaN or inf (a stale KV cache): it must not
+  // become every score's reference point. The origin then serves, with the exact
+  // distances if the keys' spread calls for them.
+  if (!finite)
+    for (std::int64_t d = 0; d < D; ++d) center[d] = 0.0f;
+}
+
+// The expanded Gaussian loses about 2^-24 * scale * |k - c|^2 of each score to
+// cancellation (c the center). Keys whose spread makes that exceed ~1e-5 (scale * |k - c|^2
+// > 256; normalized attention data sits near 64) are scored from exact differences
+// instead, for this head (prefill) or key block (decoding): accuracy over speed.
+bool needs_exact_distance(const Plan& plan, float spread) {
+  return plan.centered && double(plan.shape.scale) * spread > 256.0;
+}
+
+void bind_distance_form(const Plan& plan, QueryBlockJob& job, bool exact, float* key_bias, float* row_bias) {
+  if (!plan.centered) return;
+  job.score.kind = exact ? ScoreKind::squared_distance : ScoreKind::dot;
+  job.score.key_bias = exact ? nullptr : key_bias;
+  job.score.row_bias = exact ? nullptr : row_bias;
+}
+
+void pack_queries(const Plan& plan, const AnyView& q, std::int64_t b, std::int64_t first_head,
+                  std::int64_t heads_per_row, std::int64_t first_row, std::int64_t rows, int mr, const float* center,
+                  bool exact_distance, float* packed, float* row_bias) {
+  QueryPack pack{};
+  pack.source = q.rows_from(b, first_head, first_row);
+  pack.head_stride = q.strides[1];
+  pack.heads_per_row = heads_per_row;
+  pack.rows = rows;
+  pack.rows_padded = round_up(rows, mr);
+  pack.head_dim = plan.shape.head_dim;
+  pack.factor = exact_distance ? 1.0f : plan.q_factor;
+  pack.center = plan.centered ? center : nullptr;
+  pack.bias_scale = plan.bias_scale;
+  pack.packed = packed;
+  pack.row_bias = row_bias;
+  plan.kernels->pack_query_rows(pack);
+}
+
+QueryBlockJob base_job(const Plan& plan, const CallViews& views) {
+  const AttentionShape& s = plan.shape;
+  QueryBlockJob job{};
+  job.dims.q_len = s.q_len;
+  job.dims.kv_len = s.kv_len;
+  job.dims.head_dim = s.head_dim;
+  job.dims.value_dim = s.value_dim;
+  job.dims.value_dim_padded = plan.value_dim_padded;
+  job.dims.block_keys = plan.block_keys;
+  job.q.heads_per_row = 1;
+  job.score.kind = plan.kind;
+  job.score.natural_units = plan.natural_units;
+  job.score.additive_weights = plan.additive_weights.empty() ? nullptr : plan.additive_weights.data();
+  job.score.distance_factor = plan.distance_factor;
+  job.score.transform = plan.transform;
+  job.score.softcap = s.softcap;
+  job.output.empty_value = plan.empty_value;
+  job.output.out_type = views.out.type;
+  job.output.out_row_stride = views.out.strides[2];
+  job.output.out_col_stride = views.out.strides[3];
+  job.output.out_head_stride = views.out.strides[1];
+  job.output.lse_row_stride = views.lse.strides[2];
+  job.output.lse_head_stride = views.lse.strides[1];
+  // Visibility: window and causal bounds around the diagonal d = i + (M - N).
+  const std::int64_t diag = s.kv_len - s.q_len;
+  job.visible.has_lo = s.window_left >= 0;
+  job.visible.lo_offset = diag - s.window_left;
+  job.visible.has_hi = s.causal || s.window_right >= 0;
+  job.visible.hi_offset =
+      diag + (s.causal ? std::min<std::int64_t>(s.window_right >= 0 ? s.window_right : 0, 0) : s.window_right);
+  job.masks.mask_head_stride = s.mask.strides[1];
+  job.masks.mask_row_stride = s.mask.strides[2];
+  job.masks.mask_col_stride = s.mask.strides[3];
+  job.masks.bool_head_stride = s.bool_mask.strides[1];
+  job.masks.bool_row_stride = s.bool_mask.strides[2];
+  job.masks.bool_col_stride = s.bool_mask.strides[3];
+  return job;
+}
+
+void bind_heads(const Plan& plan, QueryBlockJob& job, std::int64_t b, std::int64_t first_head) {
+  const AttentionShape& s = plan.shape;
+  job.score.alibi_slopes = s.alibi_slopes ? s.alibi_slopes + first_head : nullptr;
+  job.masks.mask = s.mask.data ? s.mask.data + b * s.mask.strides[0] + first_head * s.mask.strides[1] : nullptr;
+  job.masks.bool_mask =
+      s.bool_mask.data ? s.bool_mask.data + b * s.bool_mask.strides[0] + first_head * s.bool_mask.strides[1] : nullptr;
+  job.visible.key_limit = s.key_lengths ? std::int64_t(s.key_lengths[b]) : s.kv_len;
+}
+
+}  // namespace flashcpu::detail

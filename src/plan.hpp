@@ -1,0 +1,110 @@
+// What the two OpenMP drivers (prefill.cpp, decode.cpp) share: the call's plan, views of
+// any element type, and the job fields that depend only on the call or on the head.
+#pragma once
+
+#include <flashcpu/flashcpu.hpp>
+
+#include <array>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "kernels/kernel_api.hpp"
+#include "validate.hpp"
+
+namespace flashcpu::detail {
+
+inline std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
+
+template <class T>
+constexpr DType dtype_of() {
+  using U = std::remove_const_t<T>;
+  return std::is_same<U, bf16>::value ? DType::bf16 : std::is_same<U, fp16>::value ? DType::f16 : DType::f32;
+}
+inline std::int64_t element_bytes(DType type) { return type == DType::f32 ? 4 : 2; }
+
+/// A TensorView with its element type as a value, so that one driver serves every type.
+struct AnyView {
+  void* data;  // const for inputs: never written through
+  DType type;
+  std::array<std::int64_t, 4> shape, strides;
+
+  template <class T>
+  static AnyView of(const TensorView<T>& view) {
+    return {const_cast<std::remove_const_t<T>*>(view.data), dtype_of<T>(), view.shape, view.strides};
+  }
+  /// Address of row i of head h of batch b. Empty views may have null data: their rows
+  /// are never read or written, and no offset is ever applied to a null pointer.
+  void* row(std::int64_t b, std::int64_t h, std::int64_t i) const {
+    return data ? static_cast<char*>(data) + element_bytes(type) * (b * strides[0] + h * strides[1] + i * strides[2])
+                : nullptr;
+  }
+  /// Row i of head h of batch b as a source for the packers.
+  SourceRows rows_from(std::int64_t b, std::int64_t h, std::int64_t i) const {
+    return {row(b, h, i), type, strides[2], strides[3]};
+  }
+};
+
+/// The views of one call: q, k, v, out (of q's type), lse (fp32, or null data).
+struct CallViews {
+  AnyView q, k, v, out;
+  TensorView<float> lse;
+  bool has_lse;
+};
+
+// Everything one call needs to know, fixed before any thread starts.
+struct Plan {
+  const KernelTable* kernels;
+  AttentionShape shape;
+  std::int64_t group;  // query heads per KV head
+  std::int64_t block_rows, block_keys;
+  std::int64_t value_dim_padded;  // Dv rounded up to whole vectors
+  bool v_in_place;                // V rows already whole vectors of contiguous elements (decode reads them so)
+  // Prefill reads V in place only when, besides, every row starts on a 64-byte line: its
+  // P.V loop loads each V row once per 6 query rows, and split loads slowed P64 with
+  // 16-byte aligned buffers by 7% (118 -> 127 ms, 1 thread). Packing is one pass over V.
+  bool v_in_place_prefill;
+  // The score, prepared for the kernels (see JobScore).
+  ScoreKind kind;
+  bool natural_units;
+  Transform transform;
+  float q_factor;         // multiplies q when packing (dot: scale; Gaussian: 2 scale; in log2 units unless natural)
+  float bias_scale;       // Gaussian: multiplies |q - c|^2 and |k - c|^2 into the row and key biases
+  float distance_factor;  // exact-distance Gaussian: -scale (in log2 units unless natural)
+  bool centered;          // Gaussian: subtract the head's first key from q and k (see load_center)
+  std::vector<float> additive_weights;  // scale * w (in log2 units unless natural)
+  float empty_value;
+};
+
+Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const AnyView& v, Transform transform,
+               float empty_value, bool regression);
+
+/// The Gaussian's expansion center for (batch b, KV head hkv): see plan.cpp.
+void load_center(const Plan& plan, const AnyView& k, std::int64_t b, std::int64_t hkv, float* center);
+
+/// Whether keys packed with this spread need the exact-difference Gaussian (plan.cpp).
+bool needs_exact_distance(const Plan& plan, float spread);
+
+/// Points the job at the Gaussian form chosen for the keys just packed.
+void bind_distance_form(const Plan& plan, QueryBlockJob& job, bool exact, float* key_bias, float* row_bias);
+
+/// Packs query rows [first_row, first_row + rows) of heads first_head .. + heads_per_row
+/// (stacked) for a tile of mr rows, in the exact-distance form or the expanded one.
+void pack_queries(const Plan& plan, const AnyView& q, std::int64_t b, std::int64_t first_head,
+                  std::int64_t heads_per_row, std::int64_t first_row, std::int64_t rows, int mr, const float* center,
+                  bool exact_distance, float* packed, float* row_bias);
+
+/// The job fields that depend only on the call (shape, score, visibility rules, output
+/// type) and on the thread's scratch (set by the caller).
+QueryBlockJob base_job(const Plan& plan, const CallViews& views);
+
+/// The job fields that depend on (batch, first head of the rows).
+void bind_heads(const Plan& plan, QueryBlockJob& job, std::int64_t b, std::int64_t first_head);
+
+int thread_count(int requested);
+
+/// The drivers.
+void run_prefill(const Plan& plan, const CallViews& views);
+void run_decode(const Plan& plan, const CallViews& views);
+
+}  // namespace flashcpu::detail

@@ -1,0 +1,60 @@
+#include "scratch.hpp"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <new>
+
+#include "plan.hpp"
+
+namespace flashcpu::detail {
+
+AlignedBuffer::AlignedBuffer(std::int64_t floats)
+    : bytes_(std::size_t(round_up(std::max<std::int64_t>(floats, 1), 16)) * sizeof(float)), mapped_(bytes_ >= kMapBytes) {
+  void* p = nullptr;
+  if (mapped_) {
+    p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);  // page aligned
+    if (p == MAP_FAILED) p = nullptr;
+  } else {
+    p = std::aligned_alloc(64, bytes_);
+  }
+  if (p == nullptr) throw std::bad_alloc();
+  memory_ = static_cast<float*>(p);
+}
+
+AlignedBuffer::~AlignedBuffer() {
+  if (mapped_)
+    munmap(memory_, bytes_);
+  else
+    std::free(memory_);
+}
+
+std::int64_t ThreadScratch::total() const {
+  return round_up(key_panels, 16) + round_up(key_bias, 16) + round_up(value_rows, 16) + round_up(q_packed, 16) +
+         round_up(row_bias, 16) + round_up(center, 16) + round_up(scores, 16) + round_up(acc, 16) +
+         2 * round_up(row_stats, 16);
+}
+
+ThreadScratch::Parts ThreadScratch::carve(float* memory, int thread) const {
+  float* next = memory + total() * thread;
+  auto take = [&next](std::int64_t floats) {
+    float* p = next;
+    next += round_up(floats, 16);
+    return p;
+  };
+  Parts parts{};
+  parts.key_panels = take(key_panels);
+  parts.key_bias = take(key_bias);
+  parts.value_rows = take(value_rows);
+  parts.q_packed = take(q_packed);
+  parts.row_bias = take(row_bias);
+  parts.center = take(center);
+  parts.scores = take(scores);
+  parts.acc = take(acc);
+  parts.row_max = take(row_stats);
+  parts.row_sum = take(row_stats);
+  return parts;
+}
+
+}  // namespace flashcpu::detail

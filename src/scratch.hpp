@@ -1,0 +1,49 @@
+// Working memory of one call: 64-byte aligned, allocated before any parallel region so
+// that a failure is reported to the caller (std::bad_alloc) rather than inside OpenMP,
+// and returned to the system when the call ends.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace flashcpu::detail {
+
+/// Scratch of kMapBytes or more is mapped for the call and unmapped after it. Through
+/// malloc, glibc's adaptive mmap threshold (raised to the size of each large block freed,
+/// up to 32 MiB) serves the next call's scratch from the heap instead, and the heap keeps
+/// its pages: measured, 20 calls at N = M = 16384, D = 64, 2 threads left the process
+/// 113 MiB above its inputs (0.3 MiB with the threshold pinned, as mapping does here).
+/// The price is faulting the pages in on every call, about 0.25 us per 4 KiB page: 0.2%
+/// of a P64 call (docs/performance-notes.md). Smaller scratch stays with malloc, whose
+/// reuse of small blocks is free and bounded.
+class AlignedBuffer {
+ public:
+  static constexpr std::size_t kMapBytes = std::size_t(1) << 20;
+
+  explicit AlignedBuffer(std::int64_t floats);
+  ~AlignedBuffer();
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  float* get() const { return memory_; }
+
+ private:
+  std::size_t bytes_;
+  bool mapped_;
+  float* memory_ = nullptr;
+};
+
+/// Per-thread scratch: the sizes of its parts (in floats; 0 for a part a path does not
+/// use), carved out of one allocation made before the parallel region.
+struct ThreadScratch {
+  std::int64_t key_panels, key_bias, value_rows, q_packed, row_bias, center, scores, acc, row_stats;
+
+  struct Parts {
+    float *key_panels, *key_bias, *value_rows, *q_packed, *row_bias, *center, *scores, *acc, *row_max, *row_sum;
+  };
+
+  std::int64_t total() const;
+  /// The parts of thread `thread` in `memory` (total() floats per thread, 64-byte aligned).
+  Parts carve(float* memory, int thread) const;
+};
+
+}  // namespace flashcpu::detail
