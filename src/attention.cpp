@@ -66,6 +66,21 @@ void attention(TensorView<const float> q, TensorView<const float> k, TensorView<
   attention_any(q, k, v, out, &lse, options);
 }
 
+#define FLASHCPU_ATTENTION_16BIT(Q, KV)                                                                        \
+  void attention(TensorView<const Q> q, TensorView<const KV> k, TensorView<const KV> v, TensorView<Q> out,      \
+                 const AttentionOptions& options) {                                                          \
+    attention_any(q, k, v, out, nullptr, options);                                                           \
+  }                                                                                                          \
+  void attention(TensorView<const Q> q, TensorView<const KV> k, TensorView<const KV> v, TensorView<Q> out,      \
+                 TensorView<float> lse, const AttentionOptions& options) {                                   \
+    attention_any(q, k, v, out, &lse, options);                                                              \
+  }
+FLASHCPU_ATTENTION_16BIT(bf16, bf16)
+FLASHCPU_ATTENTION_16BIT(fp16, fp16)
+FLASHCPU_ATTENTION_16BIT(float, bf16)
+FLASHCPU_ATTENTION_16BIT(float, fp16)
+#undef FLASHCPU_ATTENTION_16BIT
+
 void nadaraya_watson(TensorView<const float> x_query, TensorView<const float> x_train, TensorView<const float> y_train,
                      TensorView<float> y_pred, const KernelRegressionOptions& options) {
   detail::validate_kernel_regression(x_query, x_train, y_train, y_pred, options);

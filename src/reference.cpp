@@ -134,6 +134,20 @@ void attention(TensorView<const float> q, TensorView<const float> k, TensorView<
   run(detail::validate_attention(q, k, v, out, &lse, options), q, k, v, out, &lse);
 }
 
+#define FLASHCPU_REFERENCE_16BIT(Q, KV)                                                                        \
+  void attention(TensorView<const Q> q, TensorView<const KV> k, TensorView<const KV> v, TensorView<Q> out,      \
+                 const AttentionOptions& options) {                                                          \
+    run(detail::validate_attention(q, k, v, out, nullptr, options), q, k, v, out, nullptr);                    \
+  }                                                                                                          \
+  void attention(TensorView<const Q> q, TensorView<const KV> k, TensorView<const KV> v, TensorView<Q> out,      \
+                 TensorView<float> lse, const AttentionOptions& options) {                                   \
+    run(detail::validate_attention(q, k, v, out, &lse, options), q, k, v, out, &lse);                         \
+  }
+FLASHCPU_REFERENCE_16BIT(bf16, bf16)
+FLASHCPU_REFERENCE_16BIT(fp16, fp16)
+FLASHCPU_REFERENCE_16BIT(float, bf16)
+FLASHCPU_REFERENCE_16BIT(float, fp16)
+#undef FLASHCPU_REFERENCE_16BIT
 
 void attention_weights(TensorView<const float> q, TensorView<const float> k, TensorView<float> weights,
                        const AttentionOptions& options) {

@@ -184,6 +184,24 @@ struct Problem {
     opt.alibi_slopes = slopes.data();
     note("alibi");
   }
+  // Key lengths that are not block or chunk boundaries; the second batch stops early, so
+  // its later decode chunks see nothing.
+  void partial_key_lengths() {
+    std::vector<std::int32_t> l;
+    for (std::int64_t b = 0; b < d.B; ++b) l.push_back(std::int32_t(b == 0 ? d.M - 37 : d.M / 3 + 5));
+    key_lengths(std::move(l));
+  }
+  // Every option at once.
+  void everything() {
+    causal();
+    full_mask(0.05);
+    full_bool(0.2);
+    partial_key_lengths();
+    window(d.M / 2 + 3, 2);
+    scale(0.4f);
+    softcap(3.0f);
+    alibi();
+  }
   void causal() { opt.causal = true, note("causal"); }
   void window(std::int64_t left, std::int64_t right) {
     opt.window_left = left, opt.window_right = right;

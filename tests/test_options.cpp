@@ -45,14 +45,6 @@ const Dims kShapes[] = {kPrefill, kPrefillTall, kPrefill17, kDecode1, kDecode3, 
 
 bool is_decode(const Dims& d) { return d.N <= 16; }
 
-// Key lengths that are not block or chunk boundaries; the second batch stops early, so
-// its later decode chunks see nothing.
-std::vector<std::int32_t> some_lengths(const Dims& d) {
-  std::vector<std::int32_t> l;
-  for (std::int64_t b = 0; b < d.B; ++b) l.push_back(std::int32_t(b == 0 ? d.M - 37 : d.M / 3 + 5));
-  return l;
-}
-
 struct OptionSet {
   const char* name;
   std::function<void(Problem&)> apply;
@@ -65,7 +57,7 @@ const std::vector<OptionSet>& single_options() {
       {"causal", [](Problem& p) { p.causal(); }},
       {"mask", [](Problem& p) { p.full_mask(0.1); }},
       {"bool_mask", [](Problem& p) { p.full_bool(0.25); }},
-      {"key_lengths", [](Problem& p) { p.key_lengths(some_lengths(p.d)); }},
+      {"key_lengths", [](Problem& p) { p.partial_key_lengths(); }},
       {"window_left", [](Problem& p) { p.window(p.d.M / 3 + 1, -1); }},
       {"window_right", [](Problem& p) { p.window(-1, 5); }},
       {"window both", [](Problem& p) { p.window(p.d.M / 5, 3); }},
@@ -82,7 +74,7 @@ const std::vector<OptionSet>& combined_options() {
        [](Problem& p) {
          p.causal();
          p.full_mask(0.05);
-         p.key_lengths(some_lengths(p.d));
+         p.partial_key_lengths();
        }},
       {"causal + window_left + alibi + softcap",
        [](Problem& p) {
@@ -105,17 +97,7 @@ const std::vector<OptionSet>& combined_options() {
          p.softcap(2.0f);
          p.full_mask(0.0, -8.0f, 8.0f);
        }},
-      {"everything",
-       [](Problem& p) {
-         p.causal();
-         p.full_mask(0.05);
-         p.full_bool(0.2);
-         p.key_lengths(some_lengths(p.d));
-         p.window(p.d.M / 2 + 3, 2);
-         p.scale(0.4f);
-         p.softcap(3.0f);
-         p.alibi();
-       }},
+      {"everything", [](Problem& p) { p.everything(); }},
   };
   return sets;
 }

@@ -119,6 +119,35 @@ void attention(TensorView<const float> q, TensorView<const float> k, TensorView<
 void attention(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
                TensorView<float> out, TensorView<float> lse, const AttentionOptions& options = {});
 
+/// 16-bit data: bf16 or fp16 q, k, v and out, or fp32 q and out over a bf16 or fp16 KV
+/// cache. Only these four combinations exist (each also with lse): any other mix of
+/// element types is a compile error, as no overload matches it. Same contract as the
+/// fp32 call, every option, score and shape included. The arithmetic:
+///  - 16-bit inputs are widened exactly to fp32; fp32 q is never rounded to 16 bits, and
+///    fp16 is never narrowed to bf16;
+///  - scores, the running max and sum and the output accumulator are fp32;
+///  - the probabilities are kept in fp32 on every kernel today; a kernel that multiplies
+///    in 16 bits may round them to the value type before P.V, as FlashAttention does;
+///  - the output is rounded once, to nearest even, at the end (lse stays fp32).
+/// So a 16-bit output is within about one of its ulps (2^-8 relative for bf16, 2^-11 for
+/// fp16) of the fp64 result on the same 16-bit inputs.
+void attention(TensorView<const bf16> q, TensorView<const bf16> k, TensorView<const bf16> v, TensorView<bf16> out,
+               const AttentionOptions& options = {});
+void attention(TensorView<const fp16> q, TensorView<const fp16> k, TensorView<const fp16> v, TensorView<fp16> out,
+               const AttentionOptions& options = {});
+void attention(TensorView<const float> q, TensorView<const bf16> k, TensorView<const bf16> v, TensorView<float> out,
+               const AttentionOptions& options = {});
+void attention(TensorView<const float> q, TensorView<const fp16> k, TensorView<const fp16> v, TensorView<float> out,
+               const AttentionOptions& options = {});
+void attention(TensorView<const bf16> q, TensorView<const bf16> k, TensorView<const bf16> v, TensorView<bf16> out,
+               TensorView<float> lse, const AttentionOptions& options = {});
+void attention(TensorView<const fp16> q, TensorView<const fp16> k, TensorView<const fp16> v, TensorView<fp16> out,
+               TensorView<float> lse, const AttentionOptions& options = {});
+void attention(TensorView<const float> q, TensorView<const bf16> k, TensorView<const bf16> v, TensorView<float> out,
+               TensorView<float> lse, const AttentionOptions& options = {});
+void attention(TensorView<const float> q, TensorView<const fp16> k, TensorView<const fp16> v, TensorView<float> out,
+               TensorView<float> lse, const AttentionOptions& options = {});
+
 /// Combines (out, lse), computed over one set of keys, with (part_out, part_lse), computed
 /// over a disjoint set, in place, exactly as if attention had run over the union: the way
 /// to shard a long context across calls, processes or machines. Merging with an empty
@@ -155,6 +184,25 @@ void attention(TensorView<const float> q, TensorView<const float> k, TensorView<
                TensorView<float> out, const AttentionOptions& options = {});
 void attention(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
                TensorView<float> out, TensorView<float> lse, const AttentionOptions& options = {});
+/// The 16-bit combinations: inputs widened exactly to double, the output rounded once
+/// (by way of float) to its type.
+void attention(TensorView<const bf16> q, TensorView<const bf16> k, TensorView<const bf16> v, TensorView<bf16> out,
+               const AttentionOptions& options = {});
+void attention(TensorView<const fp16> q, TensorView<const fp16> k, TensorView<const fp16> v, TensorView<fp16> out,
+               const AttentionOptions& options = {});
+void attention(TensorView<const float> q, TensorView<const bf16> k, TensorView<const bf16> v, TensorView<float> out,
+               const AttentionOptions& options = {});
+void attention(TensorView<const float> q, TensorView<const fp16> k, TensorView<const fp16> v, TensorView<float> out,
+               const AttentionOptions& options = {});
+void attention(TensorView<const bf16> q, TensorView<const bf16> k, TensorView<const bf16> v, TensorView<bf16> out,
+               TensorView<float> lse, const AttentionOptions& options = {});
+void attention(TensorView<const fp16> q, TensorView<const fp16> k, TensorView<const fp16> v, TensorView<fp16> out,
+               TensorView<float> lse, const AttentionOptions& options = {});
+void attention(TensorView<const float> q, TensorView<const bf16> k, TensorView<const bf16> v, TensorView<float> out,
+               TensorView<float> lse, const AttentionOptions& options = {});
+void attention(TensorView<const float> q, TensorView<const fp16> k, TensorView<const fp16> v, TensorView<float> out,
+               TensorView<float> lse, const AttentionOptions& options = {});
+
 /// The N x M attention weights of any configuration, weights [B, Hq, N, M] (rows with no
 /// visible key are zero): for looking at what attention does on small problems.
 void attention_weights(TensorView<const float> q, TensorView<const float> k, TensorView<float> weights,

@@ -1,0 +1,361 @@
+// The 16-bit combinations of flashcpu::attention (bf16 or fp16 q, k, v and out; fp32 q
+// and out over a bf16 or fp16 KV cache), against the fp64 oracle, on whatever ISA level
+// the run is forced to: every option and score, prefill and decode shapes (split-KV, the
+// stacked-heads tiles and the lanes kernel), GQA, strided and padded views, determinism
+// over thread counts, and bad input rejected as in fp32.
+//
+// Tolerance. The kernels widen 16-bit inputs exactly and compute in fp32, so on inputs
+// that are already 16-bit values the fp32 bound of attention_oracle.hpp holds unchanged:
+// the test rounds q (when 16-bit), k and v to the 16-bit type first, in the fp32 tensors
+// the oracle reads, and hands the kernel 16-bit copies of the same values. A 16-bit
+// output then adds its one rounding: at most half an ulp of the fp32 result, u16 * |x|
+// with u16 = 2^-8 (bf16) or 2^-11 (fp16), |x| <= |ref| + tol, plus 2^-25 absolute for
+// fp16's subnormals. lse is fp32 in every combination and keeps the fp32 bound. The fp32
+// margin check (errors well inside the bound) applies where out is fp32; a 16-bit
+// output's rounding alone may use most of its added term.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <iterator>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "attention_oracle.hpp"
+#include "util.hpp"
+
+namespace {
+
+using namespace oracle;
+using flashcpu::bf16;
+using flashcpu::fp16;
+
+template <class T>
+T narrow(float x) {
+  if constexpr (std::is_same<T, bf16>::value)
+    return flashcpu::to_bf16(x);
+  else
+    return flashcpu::to_fp16(x);
+}
+inline float widen(float x) { return x; }
+inline float widen(bf16 x) { return flashcpu::to_float(x); }
+inline float widen(fp16 x) { return flashcpu::to_float(x); }
+
+template <class T>
+const char* type_name() {
+  return std::is_same<T, float>::value ? "fp32" : std::is_same<T, bf16>::value ? "bf16" : "fp16";
+}
+
+// Unit roundoff of a 16-bit output type.
+template <class T>
+double unit_roundoff() {
+  return std::is_same<T, bf16>::value ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+}
+
+// Rounds every element of the tensor's view to T's nearest value, in place.
+template <class T>
+void round_view(Tensor& t) {
+  const Shape s = t.shape();
+  for (std::int64_t b = 0; b < s[0]; ++b)
+    for (std::int64_t h = 0; h < s[1]; ++h)
+      for (std::int64_t i = 0; i < s[2]; ++i)
+        for (std::int64_t c = 0; c < s[3]; ++c) t.at(b, h, i, c) = widen(narrow<T>(t.at(b, h, i, c)));
+}
+
+// A copy of a whole tensor buffer (padding included: NaN padding stays NaN, so a kernel
+// reading it is caught) in T, viewed with the same offset and strides.
+template <class T>
+struct Copy {
+  std::vector<T> buf;
+  std::int64_t offset;
+  Shape shape, strides;
+
+  explicit Copy(const Tensor& t) {
+    const TensorView<const float> v = t.cview();
+    offset = v.data - t.buffer().data();
+    shape = v.shape;
+    strides = v.strides;
+    buf.resize(t.buffer().size());
+    for (std::size_t e = 0; e < buf.size(); ++e) {
+      if constexpr (std::is_same<T, float>::value)
+        buf[e] = t.buffer()[e];
+      else
+        buf[e] = narrow<T>(t.buffer()[e]);
+    }
+  }
+  TensorView<const T> cview() const { return {buf.data() + offset, shape, strides}; }
+  TensorView<T> view() { return {buf.data() + offset, shape, strides}; }
+  T at(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t c) const {
+    return buf[std::size_t(offset + b * strides[0] + h * strides[1] + i * strides[2] + c * strides[3])];
+  }
+};
+
+// Whether two buffers hold the same bits outside the view (the kernel wrote nothing
+// there) and, with `inside` true, inside it too.
+template <class T>
+bool same_bits(const Copy<T>& a, const Copy<T>& b, bool inside) {
+  std::vector<char> in_view(a.buf.size(), 0);
+  for (std::int64_t x = 0; x < a.shape[0]; ++x)
+    for (std::int64_t y = 0; y < a.shape[1]; ++y)
+      for (std::int64_t z = 0; z < a.shape[2]; ++z)
+        for (std::int64_t w = 0; w < a.shape[3]; ++w)
+          in_view[std::size_t(a.offset + x * a.strides[0] + y * a.strides[1] + z * a.strides[2] + w * a.strides[3])] = 1;
+  for (std::size_t e = 0; e < a.buf.size(); ++e)
+    if ((inside || !in_view[e]) && std::memcmp(&a.buf[e], &b.buf[e], sizeof(T)) != 0) return false;
+  return true;
+}
+
+// Runs the 16-bit combination (Q for q and out, KV for k and v) on the problem, after
+// rounding its inputs to those types, and compares with the oracle on the rounded inputs.
+template <class Q, class KV>
+Outcome run16(Problem& p, int num_threads = 0) {
+  round_view<KV>(p.k);
+  round_view<KV>(p.v);
+  if constexpr (!std::is_same<Q, float>::value) round_view<Q>(p.q);
+  std::mt19937 unused;
+  p.out.fill_uniform(unused, kSentinel, kSentinel);
+  p.lse.fill_uniform(unused, kSentinel, kSentinel);
+  const Copy<Q> q(p.q);
+  const Copy<KV> k(p.k), v(p.v);
+  const Copy<Q> out_before(p.out);
+  Copy<Q> out(p.out), out2(p.out);
+  AttentionOptions opt = p.opt;
+  opt.num_threads = num_threads;
+  try {
+    flashcpu::attention(q.cview(), k.cview(), v.cview(), out.view(), p.lse.view(), opt);
+    flashcpu::attention(q.cview(), k.cview(), v.cview(), out2.view(), opt);
+  } catch (const std::exception& ex) {
+    return {false, std::string("flashcpu::attention threw: ") + ex.what()};
+  }
+  Expected e = expect(p.q.cview(), p.k.cview(), p.v.cview(), p.opt);
+  if constexpr (!std::is_same<Q, float>::value) {
+    const double u16 = unit_roundoff<Q>(), tiny = std::is_same<Q, fp16>::value ? std::ldexp(1.0, -25) : 0.0;
+    for (std::size_t i = 0; i < e.out.size(); ++i)
+      e.out_tol[i] += u16 * (std::fabs(double(e.out[i])) + e.out_tol[i]) + tiny;
+  }
+  // The output widened, contiguous, for the comparison.
+  std::vector<float> widened(std::size_t(p.d.B * p.d.Hq * p.d.N * p.d.Dv));
+  std::size_t n = 0;
+  for (std::int64_t b = 0; b < p.d.B; ++b)
+    for (std::int64_t h = 0; h < p.d.Hq; ++h)
+      for (std::int64_t i = 0; i < p.d.N; ++i)
+        for (std::int64_t c = 0; c < p.d.Dv; ++c) widened[n++] = widen(out.at(b, h, i, c));
+  const TensorView<const float> lse = p.lse.cview();
+  const TensorView<const float> got{widened.data(), {p.d.B, p.d.Hq, p.d.N, p.d.Dv}, contiguous({p.d.B, p.d.Hq, p.d.N, p.d.Dv})};
+  Outcome o = compare(e, got, &lse);
+  if (!same_bits(out, out2, true)) o.ok = false, o.report += "\nattention without lse gave a different out";
+  if (!same_bits(out, out_before, false)) o.ok = false, o.report += "\nattention wrote outside out's view";
+  if (!p.lse.padding_intact()) o.ok = false, o.report += "\nattention wrote outside lse's view";
+  return o;
+}
+
+template <class Q, class KV>
+void check16(Problem& p) {
+  const Outcome o = run16<Q, KV>(p);
+  INFO(p.describe() << " types: q/out " << type_name<Q>() << ", k/v " << type_name<KV>());
+  INFO(o.report);
+  CHECK(o.ok);
+  if (std::is_same<Q, float>::value) {
+    ::ftest::record_margin(std::max(o.out_ratio, o.lse_ratio));
+    CHECK(o.out_ratio <= ::ftest::kOptionsMarginFraction);
+  }
+  CHECK(o.lse_ratio <= ::ftest::kOptionsMarginFraction);
+}
+
+// Every combination of the public header.
+template <class Fn>
+void for_each_combination(Fn fn) {
+  fn(std::function<void(Problem&)>(check16<bf16, bf16>), "bf16/bf16");
+  fn(std::function<void(Problem&)>(check16<fp16, fp16>), "fp16/fp16");
+  fn(std::function<void(Problem&)>(check16<float, bf16>), "fp32 q over bf16 k/v");
+  fn(std::function<void(Problem&)>(check16<float, fp16>), "fp32 q over fp16 k/v");
+}
+
+// Prefill (N > 16: with N < M, N > M, N = 17) and decode (N <= 16: split-KV with several
+// chunks; N = 16 with D = 32 reads K and V in place, and its 4 x 16 stacked rows take
+// the lanes kernel). GQA 8/2; D and Dv odd except where the in-place paths need whole
+// vectors.
+const Dims kShapes[] = {
+    {2, 8, 2, 24, 160, 19, 23}, {1, 8, 2, 90, 60, 33, 7},  {1, 8, 2, 17, 300, 17, 9},
+    {2, 8, 2, 1, 1800, 17, 9},  {2, 8, 2, 3, 1300, 17, 9}, {1, 8, 2, 16, 1100, 32, 16},
+    {1, 4, 4, 1, 1031, 64, 64},  // one query head per KV head, K/V in place, a prime M
+};
+
+struct OptionSet {
+  const char* name;
+  std::function<void(Problem&)> apply;
+};
+
+const std::vector<OptionSet>& option_sets() {
+  static const std::vector<OptionSet> sets = {
+      {"none", [](Problem&) {}},
+      {"causal", [](Problem& p) { p.causal(); }},
+      {"mask", [](Problem& p) { p.full_mask(0.1); }},
+      {"bool_mask", [](Problem& p) { p.full_bool(0.25); }},
+      {"key_lengths", [](Problem& p) { p.partial_key_lengths(); }},
+      {"window both", [](Problem& p) { p.window(p.d.M / 5, 3); }},
+      {"softcap + alibi", [](Problem& p) { p.softcap(0.8f), p.alibi(); }},
+      {"gaussian", [](Problem& p) { p.gaussian(); }},
+      {"additive", [](Problem& p) { p.additive(); }},
+      {"everything", [](Problem& p) { p.everything(); }},
+  };
+  return sets;
+}
+
+}  // namespace
+
+TEST_CASE("16-bit: every combination, option and score matches the oracle, prefill and decode", "[16bit]") {
+  std::uint32_t seed = 16000;
+  std::int64_t round = 0;
+  for_each_combination([&](const std::function<void(Problem&)>& check, const char* combination) {
+    // Each (combination, option set) on one prefill and one decode shape, rotating
+    // through the shapes, so every shape meets every combination.
+    for (const auto& set : option_sets()) {
+      ++round;
+      for (const Dims& d : kShapes) {
+        ++seed;
+        const std::int64_t index = &d - kShapes, prefill_shapes = 3;
+        const std::int64_t decode_shapes = std::int64_t(std::size(kShapes)) - prefill_shapes;
+        if (index != round % prefill_shapes && index != prefill_shapes + round % decode_shapes) continue;
+        const Layout layout = seed % 3 == 0 ? Layout::bshd : seed % 3 == 1 ? Layout::padded : Layout::sliced;
+        Problem p(d, seed, layout);
+        set.apply(p);
+        INFO(combination << ", option set: " << set.name << (d.N <= 16 ? " (decode path)" : " (prefill path)"));
+        check(p);
+      }
+    }
+  });
+}
+
+TEST_CASE("16-bit: randomized shapes with awkward sizes and views", "[16bit]") {
+  std::mt19937 rng(1616);
+  const std::int64_t sizes[] = {1, 2, 3, 5, 7, 13, 17, 31, 37, 61, 64, 67, 128, 131};
+  auto pick = [&](std::int64_t hi) {
+    std::int64_t x;
+    do x = sizes[rng() % (sizeof(sizes) / sizeof(sizes[0]))];
+    while (x > hi);
+    return x;
+  };
+  int decode = 0, prefill = 0;
+  for_each_combination([&](const std::function<void(Problem&)>& check, const char* combination) {
+    for (int t = 0; t < 12; ++t) {
+      const std::int64_t hkv = 1 + rng() % 2, group = 1 + rng() % 4;
+      const Dims d{1 + std::int64_t(rng() % 2), hkv * group, hkv, pick(131), pick(131) + std::int64_t(rng() % 300),
+                   pick(131), pick(131)};
+      (d.N <= 16 ? decode : prefill) += 1;
+      Problem p(d, std::uint32_t(rng()), t % 2 ? Layout::sliced : Layout::bshd, t % 3 ? Layout::padded : Layout::bhsd);
+      if (t % 4 == 1) p.causal();
+      if (t % 5 == 2) p.full_bool(0.3);
+      INFO(combination);
+      check(p);
+    }
+  });
+  CHECK(decode > 0);
+  CHECK(prefill > 0);
+}
+
+TEST_CASE("16-bit: results are bitwise identical for every num_threads", "[16bit][threads]") {
+  // Prefill, and decode with several split-KV chunks, for one 16-bit and one mixed type.
+  for (const Dims& d : {Dims{1, 8, 2, 40, 700, 64, 64}, Dims{1, 8, 2, 2, 3000, 64, 64}}) {
+    std::vector<std::vector<bf16>> bf_outs;
+    std::vector<std::vector<float>> mixed_outs;
+    for (int threads : {1, 2, 3, 5}) {
+      Problem p(d, 77, Layout::bhsd, Layout::bhsd);
+      p.causal();
+      const Outcome o = run16<bf16, bf16>(p, threads);
+      CHECK(o.ok);
+      Copy<bf16> out(p.out);
+      // run16 left its own output in a copy; run once more to keep this one.
+      flashcpu::AttentionOptions opt = p.opt;
+      opt.num_threads = threads;
+      const Copy<bf16> q(p.q), k(p.k), v(p.v);
+      flashcpu::attention(q.cview(), k.cview(), v.cview(), out.view(), opt);
+      std::vector<bf16> values;  // in view order: buffers may sit at different offsets
+      for (std::int64_t b = 0; b < d.B; ++b)
+        for (std::int64_t h = 0; h < d.Hq; ++h)
+          for (std::int64_t i = 0; i < d.N; ++i)
+            for (std::int64_t c = 0; c < d.Dv; ++c) values.push_back(out.at(b, h, i, c));
+      bf_outs.push_back(values);
+
+      Problem m(d, 78, Layout::bhsd, Layout::bhsd);
+      round_view<fp16>(m.k);
+      round_view<fp16>(m.v);
+      const Copy<fp16> k16(m.k), v16(m.v);
+      flashcpu::attention(m.q.cview(), k16.cview(), v16.cview(), m.out.view(), opt);
+      mixed_outs.push_back(m.out.values());
+    }
+    for (std::size_t t = 1; t < bf_outs.size(); ++t) {
+      CHECK(std::memcmp(bf_outs[t].data(), bf_outs[0].data(), bf_outs[0].size() * sizeof(bf16)) == 0);
+      CHECK(std::memcmp(mixed_outs[t].data(), mixed_outs[0].data(), mixed_outs[0].size() * sizeof(float)) == 0);
+    }
+  }
+}
+
+TEST_CASE("16-bit: bad input is rejected as in fp32, before anything is written", "[16bit][errors]") {
+  const std::int64_t B = 1, H = 2, N = 5, M = 9, D = 8;
+  std::vector<float> qf(B * H * N * D, 0.5f), kf(B * H * M * D, 0.25f), of(B * H * N * D, -7.0f);
+  std::vector<bf16> q(qf.size(), flashcpu::to_bf16(0.5f)), k(kf.size(), flashcpu::to_bf16(0.25f));
+  std::vector<bf16> o(of.size(), flashcpu::to_bf16(-7.0f));
+  // The fp32 message and the 16-bit one for the same mistake.
+  auto message = [](auto&& call) -> std::string {
+    try {
+      call();
+    } catch (const flashcpu::Error& e) {
+      return e.what();
+    }
+    return "(no error)";
+  };
+  using flashcpu::bhsd;
+  struct Case {
+    const char* what;
+    std::function<void(flashcpu::AttentionOptions&, Shape&, Shape&)> change;  // options, k (and v) shape, out shape
+  };
+  const Case cases[] = {
+      {"head dim mismatch", [](auto&, Shape& ks, Shape&) { ks[3] = D - 1; }},
+      {"query heads not a multiple of kv heads", [](auto&, Shape& ks, Shape&) { ks[1] = H + 1; }},
+      {"out heads", [](auto&, Shape&, Shape& os) { os[1] = H + 1; }},
+      {"negative softcap", [](flashcpu::AttentionOptions& opt, Shape&, Shape&) { opt.softcap = -1.0f; }},
+      {"window", [](flashcpu::AttentionOptions& opt, Shape&, Shape&) { opt.window_left = -5; }},
+  };
+  for (const Case& c : cases) {
+    flashcpu::AttentionOptions opt;
+    Shape ks{B, H, M, D}, os{B, H, N, D};
+    c.change(opt, ks, os);
+    const TensorView<const float> kf_view{kf.data(), ks, contiguous(ks)};
+    const TensorView<const bf16> k_view{k.data(), ks, contiguous(ks)};
+    const std::string want = message([&] {
+      flashcpu::attention(bhsd<const float>(qf.data(), B, H, N, D), kf_view, kf_view,
+                          TensorView<float>{of.data(), os, contiguous(os)}, opt);
+    });
+    const std::string got = message([&] {
+      flashcpu::attention(bhsd<const bf16>(q.data(), B, H, N, D), k_view, k_view,
+                          TensorView<bf16>{o.data(), os, contiguous(os)}, opt);
+    });
+    const std::string mixed = message([&] {
+      flashcpu::attention(bhsd<const float>(qf.data(), B, H, N, D), k_view, k_view,
+                          TensorView<float>{of.data(), os, contiguous(os)}, opt);
+    });
+    INFO(c.what);
+    CHECK(want != "(no error)");
+    CHECK(got == want);
+    CHECK(mixed == want);
+    for (const bf16& x : o) CHECK(x.bits == flashcpu::to_bf16(-7.0f).bits);
+    for (float x : of) CHECK(x == -7.0f);
+  }
+  // Overlap is judged on 16-bit addresses: out over k's bytes is caught, out right after
+  // them is not.
+  std::vector<bf16> shared(k.size() + o.size());
+  const auto k_in = bhsd<const bf16>(shared.data(), B, H, M, D);
+  const std::string overlap = message([&] {
+    flashcpu::attention(bhsd<const bf16>(q.data(), B, H, N, D), k_in, k_in, bhsd(shared.data() + 8, B, H, N, D));
+  });
+  CHECK(overlap.find("out: expected memory disjoint from k") != std::string::npos);
+  const std::string after = message([&] {
+    flashcpu::attention(bhsd<const bf16>(q.data(), B, H, N, D), k_in, k_in, bhsd(shared.data() + k.size(), B, H, N, D));
+  });
+  CHECK(after == "(no error)");
+}
