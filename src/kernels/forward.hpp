@@ -420,27 +420,168 @@ struct ForwardKernel {
     runs.finish();
   }
 
-  static void forward_query_block(const QueryBlockJob& job) {
-    const std::int64_t D = job.dims.head_dim, G = job.q.heads_per_row;
-    const std::int64_t Dvp = job.dims.value_dim_padded, Bk = job.dims.block_keys;
-    const std::int64_t rows_padded = (job.q.rows + MR - 1) / MR * MR;
-    constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  // The visible key interval [lo_i, hi_i] of query i; it moves right with i, so the
+  // interval of a set of consecutive rows spans lo(first) .. hi(last).
+  static std::int64_t lo(const QueryBlockJob& job, std::int64_t i) {
+    return job.visible.has_lo ? i + job.visible.lo_offset : std::int64_t(0);
+  }
+  static std::int64_t hi(const QueryBlockJob& job, std::int64_t i) {
     constexpr std::int64_t unbounded = std::numeric_limits<std::int64_t>::max() / 4;
+    return job.visible.has_hi ? i + job.visible.hi_offset : unbounded;
+  }
 
+  // The columns of one row tile in one key block, relative to the block's first key j0.
+  struct TileColumns {
+    std::int64_t first;     // first visible key
+    std::int64_t num_keys;  // keys [0, num_keys) may be visible
+    std::int64_t c0, cols;  // computed: whole panels (packed K) or whole vectors (K in place)
+  };
+
+  // The keys the tile of rows [r0, r0 + MR) can see in the block [j0, block_end); false
+  // when it sees none (the tile is skipped).
+  static bool tile_columns(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, std::int64_t block_end,
+                           TileColumns* t) {
+    const std::int64_t G = job.q.heads_per_row;
+    const std::int64_t tile_first = job.q.first_row + r0 / G;
+    const std::int64_t tile_last = job.q.first_row + (min_i64(r0 + MR, job.q.rows) - 1) / G;
+    const std::int64_t tile_begin = lo(job, tile_first) > j0 ? lo(job, tile_first) : j0;
+    const std::int64_t tile_end = min_i64(block_end, hi(job, tile_last) + 1);
+    if (tile_end <= tile_begin) return false;
+    const std::int64_t unit = job.keys.k_panels ? NR : W;
+    t->first = tile_begin - j0;
+    t->num_keys = tile_end - j0;
+    t->c0 = t->first / unit * unit;
+    t->cols = (t->num_keys + unit - 1) / unit * unit;
+    return true;
+  }
+
+  // The raw scores of the tile into job.state.scores, by the job's score kind.
+  // Returns whether tile_max holds each row's maximum (the panel micro-kernel takes it).
+  static bool raw_scores(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
+                         float* tile_max, PrefetchStream& ahead) {
+    const std::int64_t D = job.dims.head_dim, Bk = job.dims.block_keys;
+    float* const scores = job.state.scores + t.c0;
+    const float* q = job.q.q_packed + r0 * D;
+    const float* panels = job.keys.k_panels ? job.keys.k_panels + (j0 + t.c0 - job.keys.begin) * D : nullptr;
+    const std::int64_t num_panels = (t.cols - t.c0) / NR;
+    if (job.score.kind == ScoreKind::squared_distance) {
+      scores_tile(q, D, panels, num_panels, scores, Bk, job.score.distance_factor, tile_max, DistanceStep{});
+    } else if (job.score.kind == ScoreKind::additive) {
+      const float* w = job.score.additive_weights;
+      scores_tile(q, D, panels, num_panels, scores, Bk, 1.0f, tile_max,
+                  [w](std::int64_t d, batch qv, batch kv, batch acc) {
+                    return xsimd::fma(batch(w[d]), tanh_fast<Arch>(qv + kv), acc);
+                  });
+    } else if (panels) {
+      scores_tile(q, D, panels, num_panels, scores, Bk, 1.0f, tile_max, DotStep{});
+    } else {
+      scores_tile_rows(q, D, k_rows(job) + (j0 + t.c0 - job.keys.begin) * job.keys.k_row_stride,
+                       job.keys.k_row_stride, t.num_keys - t.c0, t.cols - t.c0, scores, Bk, ahead);
+    }
+    return panels != nullptr;
+  }
+
+  // Per row of the tile, the exclusions by its visible interval, the running max
+  // and sum, and the scores turned into probabilities in place; alpha[r] rescales the
+  // row's accumulator. [clean_begin, clean_end) narrows to the keys every valid row sees.
+  static void online_softmax(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
+                             const float* tile_max, bool have_tile_max, float* alpha, std::int64_t* clean_begin,
+                             std::int64_t* clean_end) {
+    constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+    const std::int64_t G = job.q.heads_per_row, Bk = job.dims.block_keys, c0 = t.c0, cols = t.cols;
     const batch iota = lane_indices();
+    for (int r = 0; r < MR; ++r) {
+      float* s = job.state.scores + r * Bk;
+      // Exclusions by the row's interval and the key range: everything outside
+      // [visible_begin, visible_end) becomes -inf.
+      const std::int64_t i = job.q.first_row + (r0 + r) / G;
+      std::int64_t visible_begin = lo(job, i) - j0, visible_end = min_i64(t.num_keys, hi(job, i) + 1 - j0);
+      if (visible_begin < c0) visible_begin = c0;
+      if (visible_end < visible_begin) visible_end = visible_begin;
+      if (r0 + r < job.q.rows) {
+        if (visible_begin > *clean_begin) *clean_begin = visible_begin;
+        *clean_end = min_i64(*clean_end, visible_end);
+      }
+      float bm;
+      if (have_tile_max && visible_begin == c0 && visible_end == cols) {
+        bm = tile_max[r];  // nothing excluded, nothing added: the micro-kernel's max holds
+      } else {
+        // Whole vectors with a lane select: scalar stores read back by a vector load
+        // would stall store-to-load forwarding (measured: 17% of a short decode).
+        batch block_max(neg_inf);
+        if (visible_begin == c0 && visible_end == cols) {
+          for (std::int64_t j = c0; j < cols; j += W) block_max = xsimd::max(block_max, batch::load_aligned(s + j));
+        } else {
+          const batch first = batch(float(visible_begin)), past = batch(float(visible_end));  // exact below 2^24
+          for (std::int64_t j = c0; j < cols; j += W) {
+            const batch column = iota + batch(float(j));
+            const batch x =
+                xsimd::select(column >= first && column < past, batch::load_aligned(s + j), batch(neg_inf));
+            x.store_aligned(s + j);
+            block_max = xsimd::max(block_max, x);
+          }
+        }
+        bm = reduce_max<Arch>(block_max);
+      }
+      const float old_max = job.state.row_max[r0 + r];
+      const float new_max = bm > old_max ? bm : old_max;
+      // A row that has seen no key yet keeps max -inf; subtracting 0 then maps every
+      // -inf score to weight 0 instead of NaN.
+      const float shift = new_max == neg_inf ? 0.0f : new_max;
+      alpha[r] = exp2_nonpositive_scalar<Arch>(old_max - shift);
+      const batch shift_v(shift);
+      // exp2_nonpositive maps NaN to 0, so NaN scores (a NaN in q or in a visible
+      // key's K row) are caught beside it: a sum of the exponents is NaN exactly when
+      // one of them is (-inf stays -inf), and then so is the row sum, and the row's
+      // output, as in the oracle. One add per vector.
+      batch sum(0.0f), nan_probe(0.0f);
+      for (std::int64_t j = c0; j < cols; j += W) {
+        const batch x = batch::load_aligned(s + j) - shift_v;
+        const batch p = exp2_nonpositive<Arch>(x);
+        p.store_aligned(s + j);
+        sum += p;
+        nan_probe += x;
+      }
+      sum = xsimd::select(xsimd::isnan(nan_probe), nan_probe, sum);
+      job.state.row_sum[r0 + r] = alpha[r] * job.state.row_sum[r0 + r] + xsimd::hadd(sum);
+      job.state.row_max[r0 + r] = new_max;
+    }
+  }
 
+  // O = alpha * O + P.V for the tile, over its visible keys; keys that some row
+  // excludes keep their value rows out (see pv_tile's SAFE).
+  static void accumulate_values(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
+                                const float* alpha, bool masked_out, std::int64_t clean_begin,
+                                std::int64_t clean_end) {
+    const std::int64_t Bk = job.dims.block_keys, Dvp = job.dims.value_dim_padded;
+    const KV* v_block = v_rows(job) + (j0 - job.keys.begin) * job.keys.v_row_stride;
+    for (int h = 0; h < MR; h += PR) {
+      const float* probs = job.state.scores + h * Bk;
+      float* acc = job.state.acc + (r0 + h) * Dvp;
+      if (masked_out)  // masks exclude anywhere: classify the keys
+        pv_classified<PR>(probs, Bk, v_block, job.keys.v_row_stride, t.first, t.num_keys, alpha + h, acc, Dvp);
+      else
+        pv_runs<PR>(probs, Bk, 1, v_block, job.keys.v_row_stride, t.first, clean_begin, clean_end, t.num_keys,
+                    alpha + h, acc, Dvp);
+    }
+  }
+
+  // The fused kernel on one job: per key block and row tile, raw scores, the score
+  // epilogue (biases, transform, ALiBi, masks), the online softmax, and P.V.
+  static void forward_query_block(const QueryBlockJob& job) {
+    assert(job.q.rows > 0 && job.dims.block_keys % NR == 0);
+    assert((job.keys.k_panels != nullptr) != (job.keys.k_rows != nullptr) || job.keys.begin == job.keys.end);
+    assert(job.keys.k_panels || job.dims.head_dim % W == 0);
+    const std::int64_t G = job.q.heads_per_row, Bk = job.dims.block_keys;
+    const std::int64_t rows_padded = (job.q.rows + MR - 1) / MR * MR;
     if (!job.state.resume) reset_state(job, rows_padded);
-    // The visible key interval [lo_i, hi_i] of query i; it moves right with i, so the
-    // interval of a set of consecutive rows spans lo(first) .. hi(last).
-    auto lo = [&](std::int64_t i) { return job.visible.has_lo ? i + job.visible.lo_offset : std::int64_t(0); };
-    auto hi = [&](std::int64_t i) { return job.visible.has_hi ? i + job.visible.hi_offset : unbounded; };
     const std::int64_t key_end = min_i64(job.keys.end, job.visible.key_limit);
     const std::int64_t first_query = job.q.first_row, last_query = job.q.first_row + (job.q.rows - 1) / G;
-    const std::int64_t begin = lo(first_query) > job.keys.begin ? lo(first_query) : job.keys.begin;
-    const std::int64_t end = min_i64(key_end, hi(last_query) + 1);
+    const std::int64_t begin = lo(job, first_query) > job.keys.begin ? lo(job, first_query) : job.keys.begin;
+    const std::int64_t end = min_i64(key_end, hi(job, last_query) + 1);
     // Blocks start on a panel boundary; blocks no row can see are never visited.
-    const std::int64_t start = begin <= job.keys.begin ? job.keys.begin
-                                                      : job.keys.begin + (begin - job.keys.begin) / NR * NR;
+    const std::int64_t start =
+        begin <= job.keys.begin ? job.keys.begin : job.keys.begin + (begin - job.keys.begin) / NR * NR;
 
     // Decoding (K read in place): K and V rows requested kPrefetchKeys keys ahead of the
     // keys being scored (see PrefetchStream).
@@ -448,115 +589,19 @@ struct ForwardKernel {
     for (std::int64_t j0 = start; j0 < end; j0 += Bk) {
       const std::int64_t block_end = min_i64(j0 + Bk, end);
       for (std::int64_t r0 = 0; r0 < rows_padded; r0 += MR) {
-        // The keys this tile can see in this block; a tile that sees none is skipped.
-        const std::int64_t tile_first = job.q.first_row + r0 / G;
-        const std::int64_t tile_last = job.q.first_row + (min_i64(r0 + MR, job.q.rows) - 1) / G;
-        const std::int64_t tile_begin = lo(tile_first) > j0 ? lo(tile_first) : j0;
-        const std::int64_t tile_end = min_i64(block_end, hi(tile_last) + 1);
-        if (tile_end <= tile_begin) continue;
-        // Columns are computed in whole panels (packed K) or whole vectors (K in place):
-        // [c0, cols) covers the visible [tile_begin, tile_end).
-        const std::int64_t unit = job.keys.k_panels ? NR : W;
-        const std::int64_t c0 = (tile_begin - j0) / unit * unit;  // first column computed
-        const std::int64_t num_keys = tile_end - j0;              // columns [0, num_keys) may be visible
-        const std::int64_t cols = (num_keys + unit - 1) / unit * unit;
-        float* const scores = job.state.scores;
-        const float* q = job.q.q_packed + r0 * D;
+        TileColumns t;
+        if (!tile_columns(job, r0, j0, block_end, &t)) continue;
         float tile_max[MR];
-        const float* panels = job.keys.k_panels ? job.keys.k_panels + (j0 + c0 - job.keys.begin) * D : nullptr;
-        const std::int64_t num_panels = (cols - c0) / NR;
-        if (job.score.kind == ScoreKind::squared_distance) {
-          scores_tile(q, D, panels, num_panels, scores + c0, Bk, job.score.distance_factor, tile_max, DistanceStep{});
-        } else if (job.score.kind == ScoreKind::additive) {
-          const float* w = job.score.additive_weights;
-          scores_tile(q, D, panels, num_panels, scores + c0, Bk, 1.0f, tile_max,
-                      [w](std::int64_t d, batch qv, batch kv, batch acc) {
-                        return xsimd::fma(batch(w[d]), tanh_fast<Arch>(qv + kv), acc);
-                      });
-        } else if (panels) {
-          scores_tile(q, D, panels, num_panels, scores + c0, Bk, 1.0f, tile_max, DotStep{});
-        } else {
-          scores_tile_rows(q, D, k_rows(job) + (j0 + c0 - job.keys.begin) * job.keys.k_row_stride, job.keys.k_row_stride,
-                           num_keys - c0, cols - c0, scores + c0, Bk, ahead);
-        }
-        bool have_tile_max = panels != nullptr;  // the panel micro-kernel took each row's max
-        bool masked_out = false;                 // a mask excluded some key of the tile
+        bool have_tile_max = raw_scores(job, r0, j0, t, tile_max, ahead);
+        bool masked_out = false;  // a mask excluded some key of the tile
         if (job.score.key_bias || job.score.row_bias || job.score.natural_units) {
-          masked_out = score_epilogue(job, r0, j0, c0, cols);
+          masked_out = score_epilogue(job, r0, j0, t.c0, t.cols);
           have_tile_max = false;
         }
-
-        // The P.V product runs over the tile's visible keys [first, num_keys); those in
-        // [clean_begin, clean_end) are visible to every valid row of the tile.
-        const std::int64_t first = tile_begin - j0;
-        std::int64_t clean_begin = first, clean_end = num_keys;
         float alpha[MR];
-        for (int r = 0; r < MR; ++r) {
-          float* s = scores + r * Bk;
-          // Exclusions by the row's interval and the key range: everything outside
-          // [visible_begin, visible_end) becomes -inf.
-          const std::int64_t i = job.q.first_row + (r0 + r) / G;
-          std::int64_t visible_begin = lo(i) - j0, visible_end = min_i64(num_keys, hi(i) + 1 - j0);
-          if (visible_begin < c0) visible_begin = c0;
-          if (visible_end < visible_begin) visible_end = visible_begin;
-          if (r0 + r < job.q.rows) {
-            if (visible_begin > clean_begin) clean_begin = visible_begin;
-            clean_end = min_i64(clean_end, visible_end);
-          }
-          float bm;
-          if (have_tile_max && visible_begin == c0 && visible_end == cols) {
-            bm = tile_max[r];  // nothing excluded, nothing added: the micro-kernel's max holds
-          } else {
-            // Whole vectors with a lane select: scalar stores read back by a vector load
-            // would stall store-to-load forwarding (measured: 17% of a short decode).
-            batch block_max(neg_inf);
-            if (visible_begin == c0 && visible_end == cols) {
-              for (std::int64_t j = c0; j < cols; j += W) block_max = xsimd::max(block_max, batch::load_aligned(s + j));
-            } else {
-              const batch first = batch(float(visible_begin)), past = batch(float(visible_end));  // exact below 2^24
-              for (std::int64_t j = c0; j < cols; j += W) {
-                const batch column = iota + batch(float(j));
-                const batch x = xsimd::select(column >= first && column < past, batch::load_aligned(s + j),
-                                              batch(neg_inf));
-                x.store_aligned(s + j);
-                block_max = xsimd::max(block_max, x);
-              }
-            }
-            bm = reduce_max<Arch>(block_max);
-          }
-          const float old_max = job.state.row_max[r0 + r];
-          const float new_max = bm > old_max ? bm : old_max;
-          // A row that has seen no key yet keeps max -inf; subtracting 0 then maps every
-          // -inf score to weight 0 instead of NaN.
-          const float shift = new_max == neg_inf ? 0.0f : new_max;
-          alpha[r] = exp2_nonpositive_scalar<Arch>(old_max - shift);
-          const batch shift_v(shift);
-          // exp2_nonpositive maps NaN to 0, so NaN scores (a NaN in q or in a visible
-          // key's K row) are caught beside it: a sum of the exponents is NaN exactly when
-          // one of them is (-inf stays -inf), and then so is the row sum, and the row's
-          // output, as in the oracle. One add per vector.
-          batch sum(0.0f), nan_probe(0.0f);
-          for (std::int64_t j = c0; j < cols; j += W) {
-            const batch x = batch::load_aligned(s + j) - shift_v;
-            const batch p = exp2_nonpositive<Arch>(x);
-            p.store_aligned(s + j);
-            sum += p;
-            nan_probe += x;
-          }
-          sum = xsimd::select(xsimd::isnan(nan_probe), nan_probe, sum);
-          job.state.row_sum[r0 + r] = alpha[r] * job.state.row_sum[r0 + r] + xsimd::hadd(sum);
-          job.state.row_max[r0 + r] = new_max;
-        }
-
-        const KV* v_block = v_rows(job) + (j0 - job.keys.begin) * job.keys.v_row_stride;
-        for (int h = 0; h < MR; h += PR) {
-          if (masked_out)  // masks exclude anywhere: classify the keys
-            pv_classified<PR>(scores + h * Bk, Bk, v_block, job.keys.v_row_stride, first, num_keys, alpha + h,
-                              job.state.acc + (r0 + h) * Dvp, Dvp);
-          else
-            pv_runs<PR>(scores + h * Bk, Bk, 1, v_block, job.keys.v_row_stride, first, clean_begin, clean_end, num_keys,
-                        alpha + h, job.state.acc + (r0 + h) * Dvp, Dvp);
-        }
+        std::int64_t clean_begin = t.first, clean_end = t.num_keys;
+        online_softmax(job, r0, j0, t, tile_max, have_tile_max, alpha, &clean_begin, &clean_end);
+        accumulate_values(job, r0, j0, t, alpha, masked_out, clean_begin, clean_end);
       }
     }
 
@@ -665,7 +710,8 @@ struct ForwardKernel {
   // head_dim of K widened to fp32: each K element is broadcast to W lanes, and a
   // broadcast straight from fp32 memory is one instruction where a 16-bit one is four.
   static void forward_lanes_block(const QueryBlockJob& job) {
-    assert(job.keys.k_panels == nullptr && job.keys.k_rows != nullptr && "lanes read K in place");
+    assert(job.keys.k_panels == nullptr && (job.keys.k_rows != nullptr || job.keys.begin == job.keys.end) &&
+           "lanes read K in place");
     assert(job.dims.head_dim % W == 0);
     assert(!job.score.natural_units && !job.score.key_bias && !job.score.row_bias && !job.masks.mask &&
            !job.masks.bool_mask && job.score.kind == ScoreKind::dot && "lanes take plain dot products only");
