@@ -8,15 +8,18 @@
 //   <family>/openblas_full/...  causal only: the same over the full masked square
 //   <family>/reference/...      the fp64 oracle, only with --with-reference
 // Families: prefill sweep, the named workloads (P64, P128, C128, S16K, short, DEC,
-// thread scaling), a decode sweep, head shapes of real models, the two OpenBLAS
-// threading modes, and the machine probes (BM_FmaPeak, BM_ReadBandwidth).
+// thread scaling), their 16-bit forms (<family>_<dtype>: P64_bf16, P128_bf16,
+// P64_fp16kv, DEC_bf16kv, DEC_fp16kv), a decode sweep, head shapes of real models, the
+// two OpenBLAS threading modes, and the machine probes (BM_FmaPeak, BM_ReadBandwidth).
+// On a 16-bit workload the baselines widen the inputs to fp32 inside the timed call
+// (common.hpp, run()).
 //
 // Counters (per repetition; medians with --benchmark_repetitions):
 //   FLOP            useful FLOP per second, 2*B*Hq*pairs*(D+Dv) (common.hpp)
 //   probe_gflops    an FMA probe taken right before this repetition
 //   peak_frac       this repetition's GFLOP/s / probe_gflops: its median is the median
 //                   of per-pair ratios (probe, kernel, probe, kernel...)
-//   kv_bytes_per_s  decode only: K+V bytes (each KV head once) per second
+//   kv_bytes_per_s  decode only: K+V bytes (each KV head once, as stored) per second
 //   probe_read_gbps decode only: a read-bandwidth probe right before this repetition
 //   bw_frac         decode only: kv_bytes_per_s / probe_read_gbps
 //   peak_extra_MiB  peak RSS growth of one call beyond the resident inputs
@@ -96,7 +99,7 @@ CachedProblem& problems_for(const Shape& s, bool cold) {
   if (it != cache.end()) return it->second;
   double total = 0;
   for (const auto& kv : cache) total += kv.second.bytes;
-  const double bytes = double(copies) * fb::input_bytes(s);
+  const double bytes = double(copies) * fb::resident_bytes(s);
   if (total + bytes > kBudget) cache.clear();  // free first: large sets need not coexist
   CachedProblem& entry = cache[key];
   for (std::size_t i = 0; i < copies; ++i) entry.copies.emplace_back(s);
@@ -224,17 +227,39 @@ std::vector<int> thread_counts() {
 
 void register_attention_benchmarks() {
   // Named workloads: the ones the README's tables quote.
-  add_workload("P64", "", fb::mha(1, 16, 2048, 2048, 64));
-  add_workload("P128", "", fb::mha(1, 16, 2048, 2048, 128));
+  const Shape p64 = fb::mha(1, 16, 2048, 2048, 64), p128 = fb::mha(1, 16, 2048, 2048, 128);
+  const Shape dec = fb::gqa(1, 32, 8, 1, 8192, 128);
+  add_workload("P64", "", p64);
+  add_workload("P128", "", p128);
   add_workload("C128", "", fb::mha(1, 8, 4096, 4096, 128, true));
   add_workload("S16K", "", fb::mha(1, 1, 16384, 16384, 64));
   for (std::int64_t n : {16, 64, 256}) {
     add_workload("short", "/N:" + std::to_string(n), fb::mha(1, 16, n, n, 64));
   }
-  add_workload("DEC", "", fb::gqa(1, 32, 8, 1, 8192, 128), 0, /*decode=*/true);
-  add_workload("DEC_hot", "", fb::gqa(1, 32, 8, 1, 8192, 128), 0, /*decode=*/true, /*cold=*/false);
+  add_workload("DEC", "", dec, 0, /*decode=*/true);
+  add_workload("DEC_hot", "", dec, 0, /*decode=*/true, /*cold=*/false);
+
+  // 16-bit forms of the named workloads, <family>_<dtype>: the project's 16-bit targets
+  // are ratios to the fp32 ones. DEC's are cold like DEC, their bandwidth counted on the
+  // 16-bit bytes.
+  struct Typed {
+    const char* family;
+    Shape s;
+    fb::DType dtype;
+    bool decode;
+  };
+  const Typed typed[] = {{"P64", p64, fb::DType::bf16, false},
+                         {"P64", p64, fb::DType::fp16kv, false},
+                         {"P128", p128, fb::DType::bf16, false},
+                         {"DEC", dec, fb::DType::bf16kv, true},
+                         {"DEC", dec, fb::DType::fp16kv, true}};
+  for (Typed w : typed) {
+    w.s.dtype = w.dtype;
+    add_workload(std::string(w.family) + "_" + fb::dtype_name(w.dtype), "", w.s, 0, w.decode);
+  }
+
   for (int t : thread_counts()) {
-    add_workload("scaling_P64", "/threads:" + std::to_string(t), fb::mha(1, 16, 2048, 2048, 64), t);
+    add_workload("scaling_P64", "/threads:" + std::to_string(t), p64, t);
   }
 
   // Prefill sweep: N = M from 128 to 16384. Heads shrink at large N to keep one call
@@ -282,18 +307,15 @@ void register_attention_benchmarks() {
       Shape s;
       bool decode;
     };
-    const Named named[] = {{"P64", fb::mha(1, 16, 2048, 2048, 64), false},
-                           {"P128", fb::mha(1, 16, 2048, 2048, 128), false},
+    const Named named[] = {{"P64", p64, false},
+                           {"P128", p128, false},
                            {"C128", fb::mha(1, 8, 4096, 4096, 128, true), false},
                            {"S16K", fb::mha(1, 1, 16384, 16384, 64), false},
-                           {"DEC", fb::gqa(1, 32, 8, 1, 8192, 128), true}};
+                           {"DEC", dec, true}};
     for (const Named& w : named) {
       for (auto mode : {fb::BlasThreading::heads_parallel, fb::BlasThreading::blas_threaded}) {
         const Runner runner = [mode](fb::Problem& p, int t, fb::MaterializedWorkspace* ws) {
-          flashcpu::AttentionOptions o;
-          o.causal = p.shape.causal;
-          o.num_threads = t;
-          fb::openblas_attention(p.qv(), p.kv(), p.vv(), p.outv(), o, false, mode, ws);
+          fb::run(Impl::openblas, p, t, ws, mode);
         };
         add_one(std::string("blas_mode/") + w.name + "/" + fb::blas_threading_name(mode),
                 Impl::openblas, runner, w.s, 0, w.decode, w.decode,
@@ -366,7 +388,8 @@ void print_usage() {
       "  --no-probes              do not measure FMA peak and bandwidth at start-up (they are\n"
       "                           then measured when first needed)\n"
       "Families (use --benchmark_filter): P64 P128 C128 S16K short DEC DEC_hot scaling_P64\n"
-      "  prefill decode model blas_mode BM_FmaPeak BM_ReadBandwidth. Example:\n"
+      "  P64_bf16 P128_bf16 P64_fp16kv DEC_bf16kv DEC_fp16kv prefill decode model blas_mode\n"
+      "  BM_FmaPeak BM_ReadBandwidth. Example:\n"
       "  flashcpu_bench --benchmark_filter='^(P64|DEC)/'\n"
       "      --benchmark_repetitions=5 --benchmark_report_aggregates_only=true\n"
       "      --benchmark_out=bench.json --benchmark_out_format=json\n"

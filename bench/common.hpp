@@ -22,8 +22,37 @@ namespace flashcpu::bench {
 // Problems
 // ---------------------------------------------------------------------------------
 
+/// How one tensor is stored.
+enum class Elem { f32, bf16, fp16 };
+/// 4 or 2.
+std::size_t elem_bytes(Elem e);
+/// "fp32", "bf16", "fp16".
+const char* elem_name(Elem e);
+
+/// The data types of a problem: the five combinations flashcpu::attention takes. q and
+/// out always share a type, and so do k and v.
+enum class DType {
+  fp32,    // everything fp32
+  bf16,    // q, k, v and out bf16
+  fp16,    // q, k, v and out fp16
+  bf16kv,  // fp32 q and out over bf16 K/V: a 16-bit KV cache under fp32 activations
+  fp16kv,  // likewise over fp16 K/V
+};
+/// Every DType, fp32 first.
+inline constexpr DType kDTypes[] = {DType::fp32, DType::bf16, DType::fp16, DType::bf16kv,
+                                    DType::fp16kv};
+/// "fp32", "bf16", "fp16", "bf16kv", "fp16kv": the one spelling of the benchmark names
+/// (P64_bf16, DEC_fp16kv), the sweep's --dtype and its CSV.
+const char* dtype_name(DType t);
+/// The inverse of dtype_name; false for anything else.
+bool parse_dtype(const std::string& name, DType* out);
+/// The storage of q and out.
+Elem act_elem(DType t);
+/// The storage of k and v.
+Elem kv_elem(DType t);
+
 /// One attention problem: q [B, Hq, N, D], k [B, Hkv, M, D], v [B, Hkv, M, Dv],
-/// out [B, Hq, N, Dv], all contiguous BHSD.
+/// out [B, Hq, N, Dv], all contiguous BHSD, stored as `dtype` says.
 struct Shape {
   std::int64_t batch = 1;
   std::int64_t q_heads = 1;
@@ -33,6 +62,7 @@ struct Shape {
   std::int64_t d = 64;
   std::int64_t dv = 64;
   bool causal = false;
+  DType dtype = DType::fp32;
 };
 
 /// A multi-head (Hq == Hkv) problem with Dv = D.
@@ -42,7 +72,8 @@ Shape mha(std::int64_t b, std::int64_t h, std::int64_t n, std::int64_t m, std::i
 Shape gqa(std::int64_t b, std::int64_t hq, std::int64_t hkv, std::int64_t n, std::int64_t m,
           std::int64_t d, bool causal = false);
 
-/// "B=1 Hq=16 Hkv=16 N=2048 M=2048 D=64 causal"
+/// "B=1 Hq=16 Hkv=16 N=2048 M=2048 D=64 causal"; a 16-bit problem ends in its type:
+/// "... D=64 bf16" (q, k, v and out), "... D=128 fp16 K/V" (fp32 q and out).
 std::string describe(const Shape& s);
 
 /// Number of (query, key) pairs a query row actually attends to, summed over rows.
@@ -60,38 +91,102 @@ double visible_pairs(std::int64_t n, std::int64_t m, bool causal);
 double attention_flops(const Shape& s);
 
 /// Bytes of K and V one call must read at least (each KV head read once, whatever the
-/// number of query heads sharing it): B * Hkv * M * (D + Dv) * 4. The decode counter.
+/// number of query heads sharing it): B * Hkv * M * (D + Dv) * (4, or 2 for 16-bit K/V).
+/// The decode counter.
 double kv_bytes(const Shape& s);
 
-/// Bytes of q, k, v and out of one problem.
+/// Bytes of q, k, v and out of one problem, each at its stored element size.
 double input_bytes(const Shape& s);
 
-/// A 64-byte aligned float buffer, freed with std::free.
+/// Bytes a Problem of this shape holds: its fp32 tensors plus the 16-bit ones.
+double resident_bytes(const Shape& s);
+
+/// A 64-byte aligned buffer, freed with std::free.
 struct FreeDeleter {
-  void operator()(float* p) const noexcept;
+  void operator()(void* p) const noexcept;
 };
 using Buffer = std::unique_ptr<float[], FreeDeleter>;
+/// Untyped storage: 16-bit tensors, bf16 or fp16 by the problem's dtype.
+using RawBuffer = std::unique_ptr<void, FreeDeleter>;
 /// Allocates `count` floats (64-byte aligned). Not initialized.
 Buffer allocate_floats(std::size_t count);
+/// Allocates `count` elements of `e` (64-byte aligned). Not initialized.
+RawBuffer allocate_elems(Elem e, std::size_t count);
 
-/// Owns the four tensors of one problem. Inputs are uniform in [-1, 1] from a fixed
-/// seed (a counter-based hash, so the values do not depend on the thread count);
-/// out is zero-filled. Every page is touched, so it is resident before any timing or
-/// memory measurement.
+/// Widens `count` 16-bit values of type `e` (bf16 or fp16) to fp32, exactly, with an
+/// OpenMP team of `threads` (0: the default). What a user of an fp32-only
+/// implementation must do with 16-bit data: vectorized code on the bit patterns (x86-64
+/// v4, v3 and baseline clones), equal to flashcpu::to_float bit for bit.
+void widen(const void* src, Elem e, float* dst, std::size_t count, int threads = 0);
+/// Rounds `count` floats to `e` (bf16 or fp16), to nearest even: the same bits as
+/// flashcpu::to_bf16 / to_fp16, vectorized likewise.
+void narrow(const float* src, Elem e, void* dst, std::size_t count, int threads = 0);
+
+/// Owns the tensors of one problem. Inputs are uniform in [-1, 1] from a fixed seed (a
+/// counter-based hash, so the values do not depend on the thread count); out is
+/// zero-filled. A tensor the dtype stores in 16 bits is also held in 16 bits (the *16
+/// buffers), and its fp32 buffer holds the same values, rounded to that type: every
+/// implementation and cross-check sees the same numbers. Every page is touched, so it
+/// is resident before any timing or memory measurement.
 struct Problem {
   Shape shape;
   Buffer q, k, v, out;
+  RawBuffer q16, k16, v16, out16;  // null where the dtype stores the tensor in fp32
 
   explicit Problem(const Shape& s, std::uint64_t seed = 42);
 
+  /// The fp32 buffers. For a 16-bit output, outv() is not where attention writes.
   TensorView<const float> qv() const;
   TensorView<const float> kv() const;
   TensorView<const float> vv() const;
   TensorView<float> outv() const;
+  std::size_t q_size() const;
+  std::size_t k_size() const;
+  std::size_t v_size() const;
   std::size_t out_size() const;
-  /// Total bytes of q, k, v and out.
+  /// Total bytes of q, k, v and out, each at its stored element size.
   double input_bytes() const;
+
+  /// Calls f(q, k, v, out) with views of the tensors as the dtype stores them (each
+  /// const T except out): the arguments of the matching flashcpu::attention overload.
+  template <class F>
+  void visit(F&& f) const;
+
+ private:
+  template <class T>
+  TensorView<T> view16(void* data, std::int64_t heads, std::int64_t seq,
+                       std::int64_t dim) const {
+    return bhsd<T>(static_cast<T*>(data), shape.batch, heads, seq, dim);
+  }
 };
+
+template <class F>
+void Problem::visit(F&& f) const {
+  const Shape& s = shape;
+  // The 16-bit half of a combination, by its element type.
+  auto with16 = [&](auto tag) {
+    using T = decltype(tag);
+    const TensorView<const T> k16v = view16<const T>(k16.get(), s.kv_heads, s.m, s.d);
+    const TensorView<const T> v16v = view16<const T>(v16.get(), s.kv_heads, s.m, s.dv);
+    if (act_elem(s.dtype) == Elem::f32) {
+      f(qv(), k16v, v16v, outv());
+    } else {
+      f(view16<const T>(q16.get(), s.q_heads, s.n, s.d), k16v, v16v,
+        view16<T>(out16.get(), s.q_heads, s.n, s.dv));
+    }
+  };
+  switch (kv_elem(s.dtype)) {
+    case Elem::f32:
+      f(qv(), kv(), vv(), outv());
+      return;
+    case Elem::bf16:
+      with16(bf16{});
+      return;
+    case Elem::fp16:
+      with16(fp16{});
+      return;
+  }
+}
 
 // ---------------------------------------------------------------------------------
 // Implementations
@@ -137,13 +232,24 @@ const char* blas_threading_name(BlasThreading t);
 /// FLASHCPU_BENCH_BLAS_THREADING=blas selects blas_threaded.
 BlasThreading default_blas_threading();
 
-/// The score buffers of the materialized baseline, kept between calls so that no
-/// timed call maps and faults in fresh pages (up to 1 GiB at N = 16384). Grows to the
-/// largest call made with it; one buffer per thread.
+/// A float buffer that grows to the largest size asked of it and is otherwise kept.
+struct GrowingBuffer {
+  Buffer data;
+  std::size_t floats = 0;
+  /// At least `count` floats (not initialized).
+  float* reserve(std::size_t count);
+};
+
+/// The buffers the baselines keep between calls, so that no timed call maps and faults
+/// in fresh pages: the score buffers of the materialized baseline (up to 1 GiB at
+/// N = 16384; one per thread), and, on a 16-bit problem, the fp32 copies the baselines
+/// widen the 16-bit inputs into and their fp32 output before it is rounded. Grows to
+/// the largest call made with it.
 struct MaterializedWorkspace {
   std::vector<Buffer> buffers;
   std::size_t floats_each = 0;
-  /// At least `count` buffers of at least `floats` floats each.
+  GrowingBuffer q, k, v, out;
+  /// At least `count` score buffers of at least `floats` floats each.
   void reserve(std::size_t count, std::size_t floats);
 };
 
@@ -172,23 +278,37 @@ void openblas_attention(TensorView<const float> q, TensorView<const float> k,
                         BlasThreading threading = default_blas_threading(),
                         MaterializedWorkspace* workspace = nullptr);
 
-/// Runs one implementation on a problem with `threads` threads (0: OpenMP default).
-/// The materialized baselines keep their score buffers in `workspace` (null: a
-/// temporary one per call).
-void run(Impl impl, Problem& p, int threads, MaterializedWorkspace* workspace = nullptr);
+/// Runs one implementation on a problem with `threads` threads (0: OpenMP default),
+/// writing p.out, or p.out16 when the output is 16-bit.
+///   fused, reference: the flashcpu::attention (reference::attention) overload of the
+///     problem's types.
+///   naive, openblas, openblas_full on a 16-bit problem (the "materialized baseline in
+///     16 bits"): inside the call, as a user of an fp32 implementation would have to,
+///     the 16-bit inputs are widened (OpenMP-parallel) into fp32 copies kept in
+///     `workspace`; the fp32 baseline runs on them; a 16-bit output is rounded from an
+///     fp32 one, also kept there. The rounded fp32 copies the Problem holds are not used.
+/// The baselines keep their buffers in `workspace` (null: a temporary one per call);
+/// the OpenBLAS ones thread as `blas` says.
+void run(Impl impl, Problem& p, int threads, MaterializedWorkspace* workspace = nullptr,
+         BlasThreading blas = default_blas_threading());
 
 /// The working memory an implementation's design implies, in MiB, or a negative
 /// value for the fused kernel (whose figure is measured, not designed):
 ///   naive: one M-float score row per thread;
 ///   reference: one N x M double score matrix per concurrently processed head;
-///   openblas / openblas_full: the float score buffers openblas_attention allocates.
+///   openblas / openblas_full: the float score buffers openblas_attention allocates;
+///   naive and openblas on a 16-bit problem also: the fp32 copies of the 16-bit inputs
+///   and, for a 16-bit output, the fp32 output.
 double analytic_mib(Impl impl, const Shape& s, int threads,
                     BlasThreading t = default_blas_threading());
 
 /// The ISA and tiles of the fused kernel for head dim d, e.g. "avx512 br=64 bc=256".
 std::string fused_label(std::int64_t d);
 /// What ran, for a benchmark's label: the fused ISA and tiles, "naive fp32 -O3
-/// -march=native", "openblas <core> heads-parallel causal-skip", "reference (fp64)".
+/// -march=native", "openblas <core> heads-parallel causal-skip", "reference (fp64)",
+/// and on a 16-bit problem its types: "avx2 br=144 bc=256, bf16 K/V", "openblas Haswell
+/// heads-parallel, K/V widened from bf16", "naive fp32 -O3 -march=native, q/K/V widened
+/// from fp16, out rounded to fp16".
 std::string impl_label(Impl impl, const Shape& s);
 
 // ---------------------------------------------------------------------------------
@@ -209,23 +329,39 @@ Diff compare(const float* a, const float* b, std::size_t count, double atol, dou
 /// units would let a 2% error through; fp32 implementations agree to about 1e-6 of
 /// the scale, and an error of 1e-3 of it fails.
 constexpr double kRelToScale = 1e-4;
-/// compare() with atol = kRelToScale * max|expected|, rtol = 0.
-Diff compare_to_scale(const float* actual, const float* expected, std::size_t count);
+/// compare() with atol = kRelToScale * max|expected| and the given rtol.
+Diff compare_to_scale(const float* actual, const float* expected, std::size_t count,
+                      double rtol = 0.0);
+
+/// The per-element relative tolerance a 16-bit output adds to kRelToScale: 2^-7 for
+/// bf16, 2^-10 for fp16, 0 for an fp32 output. Rounding an output to 16 bits moves it
+/// by up to half an ulp, 2^-8 (bf16) or 2^-11 (fp16) of its value; both sides of a
+/// comparison are rounded, so two outputs whose fp32 values agree to the last bit but
+/// straddle a rounding boundary land one ulp, up to twice that, apart.
+double output_rounding_rtol(DType t);
+
+/// p's output in fp32: a copy of p.out, or p.out16 widened.
+Buffer output_floats(const Problem& p);
+
+/// p's output (output_floats) against `expected`, within the cross-check tolerance of
+/// p's types: kRelToScale of the scale, plus output_rounding_rtol per element.
+Diff compare_output(const Problem& p, const float* expected);
 
 /// Runs `impl` and the fused kernel on p and aborts the process with a loud message
-/// when the outputs differ beyond the tolerance above. Leaves p.out holding impl's
-/// result. Used once per benchmark so a baseline number is never quoted for a wrong
-/// answer.
+/// when the outputs differ beyond the tolerance above. Leaves p's output holding
+/// impl's result. Used once per benchmark so a baseline number is never quoted for a
+/// wrong answer.
 void check_against_fused(Impl impl, Problem& p, int threads,
                          MaterializedWorkspace* workspace = nullptr);
 
-/// Aborts the process with a loud message when p.out (computed by `name`) differs
-/// from `expected` (computed by `expected_name`) beyond the tolerance above.
+/// Aborts the process with a loud message when p's output (computed by `name`)
+/// differs from `expected` (computed by `expected_name`, in fp32 or widened from 16
+/// bits) beyond the tolerance of compare_output.
 void check_output(const char* name, const Problem& p, const char* expected_name,
                   const float* expected);
 
 /// A smaller problem of the same family: batch 1, at most 2 KV heads with the same
-/// query-to-KV ratio, the same D, Dv and causal offset M - N, and N, M capped near
+/// query-to-KV ratio, the same D, Dv, dtype and causal offset M - N, and N, M capped near
 /// 160 (keeping M - N up to 96), so the fp64 oracle checks it in milliseconds.
 Shape reduced(const Shape& s);
 
@@ -236,8 +372,8 @@ void check_against_reference(Impl impl, const Shape& s, int threads);
 
 /// Checks fused, naive, both OpenBLAS variants and the oracle against each other on
 /// small problems covering MHA, GQA, causal with N == M, N < M and N > M, decode,
-/// Dv != D and fully masked rows. Aborts on a mismatch; prints one line per problem
-/// when verbose.
+/// Dv != D and fully masked rows, and a prefill and a decode problem of each 16-bit
+/// dtype. Aborts on a mismatch; prints one line per problem when verbose.
 void self_check(bool verbose);
 
 // ---------------------------------------------------------------------------------

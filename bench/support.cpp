@@ -26,6 +26,70 @@
 namespace flashcpu::bench {
 
 // ---------------------------------------------------------------------------------
+// Data types
+// ---------------------------------------------------------------------------------
+
+std::size_t elem_bytes(Elem e) { return e == Elem::f32 ? sizeof(float) : sizeof(std::uint16_t); }
+
+const char* elem_name(Elem e) {
+  switch (e) {
+    case Elem::f32:
+      return "fp32";
+    case Elem::bf16:
+      return "bf16";
+    case Elem::fp16:
+      return "fp16";
+  }
+  return "?";
+}
+
+namespace {
+
+// The one table of the data types: what each is called and how it stores q/out and K/V.
+struct DTypeRow {
+  DType type;
+  const char* name;
+  Elem act, kv;
+};
+constexpr DTypeRow kDTypeRows[] = {
+    {DType::fp32, "fp32", Elem::f32, Elem::f32},
+    {DType::bf16, "bf16", Elem::bf16, Elem::bf16},
+    {DType::fp16, "fp16", Elem::fp16, Elem::fp16},
+    {DType::bf16kv, "bf16kv", Elem::f32, Elem::bf16},
+    {DType::fp16kv, "fp16kv", Elem::f32, Elem::fp16},
+};
+
+const DTypeRow& row_of(DType t) {
+  for (const DTypeRow& r : kDTypeRows)
+    if (r.type == t) return r;
+  return kDTypeRows[0];
+}
+
+// "" for fp32, "bf16" (every tensor), "fp16 K/V" (fp32 q and out): for names and labels.
+std::string dtype_text(DType t) {
+  const DTypeRow& r = row_of(t);
+  if (r.kv == Elem::f32) return "";
+  return std::string(elem_name(r.kv)) + (r.act == Elem::f32 ? " K/V" : "");
+}
+
+}  // namespace
+
+const char* dtype_name(DType t) { return row_of(t).name; }
+
+bool parse_dtype(const std::string& name, DType* out) {
+  for (const DTypeRow& r : kDTypeRows) {
+    if (name == r.name) {
+      *out = r.type;
+      return true;
+    }
+  }
+  return false;
+}
+
+Elem act_elem(DType t) { return row_of(t).act; }
+Elem kv_elem(DType t) { return row_of(t).kv; }
+
+// ---------------------------------------------------------------------------------
 // Shapes and formulas
 // ---------------------------------------------------------------------------------
 
@@ -54,6 +118,7 @@ std::string describe(const Shape& s) {
      << " M=" << s.m << " D=" << s.d;
   if (s.dv != s.d) os << " Dv=" << s.dv;
   if (s.causal) os << " causal";
+  if (s.dtype != DType::fp32) os << " " << dtype_text(s.dtype);
   return os.str();
 }
 
@@ -74,24 +139,185 @@ double attention_flops(const Shape& s) {
 }
 
 double kv_bytes(const Shape& s) {
-  return double(s.batch) * double(s.kv_heads) * double(s.m) * double(s.d + s.dv) * sizeof(float);
+  return double(s.batch) * double(s.kv_heads) * double(s.m) * double(s.d + s.dv) *
+         double(elem_bytes(kv_elem(s.dtype)));
 }
 
 // ---------------------------------------------------------------------------------
 // Buffers and problems
 // ---------------------------------------------------------------------------------
 
-void FreeDeleter::operator()(float* p) const noexcept { std::free(p); }
+void FreeDeleter::operator()(void* p) const noexcept { std::free(p); }
 
-Buffer allocate_floats(std::size_t count) {
-  const std::size_t bytes = std::max<std::size_t>(64, (count * sizeof(float) + 63) / 64 * 64);
+namespace {
+
+void* allocate_bytes(std::size_t bytes) {
+  bytes = std::max<std::size_t>(64, (bytes + 63) / 64 * 64);
   void* p = std::aligned_alloc(64, bytes);
   if (p == nullptr) {
     std::fprintf(stderr, "flashcpu bench: cannot allocate %.1f MiB\n", double(bytes) / (1 << 20));
     std::abort();
   }
-  return Buffer(static_cast<float*>(p));
+  return p;
 }
+
+}  // namespace
+
+Buffer allocate_floats(std::size_t count) {
+  return Buffer(static_cast<float*>(allocate_bytes(count * sizeof(float))));
+}
+
+RawBuffer allocate_elems(Elem e, std::size_t count) {
+  return RawBuffer(allocate_bytes(count * elem_bytes(e)));
+}
+
+float* GrowingBuffer::reserve(std::size_t count) {
+  if (count > floats) {
+    data.reset();  // free first: old and new need not coexist
+    data = allocate_floats(count);
+    floats = count;
+  }
+  return data.get();
+}
+
+// ---------------------------------------------------------------------------------
+// 16-bit conversions
+// ---------------------------------------------------------------------------------
+
+namespace {
+
+std::uint32_t bits_of(float x) {
+  std::uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+}
+
+float float_of(std::uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+// c ? a : b on bits, as a mask. A ?: whose operand is float arithmetic lets GCC move
+// that arithmetic into a branch, which it will not turn back into a select (an FP
+// operation may trap), and the loop stays scalar.
+inline std::uint32_t bit_select(bool c, std::uint32_t a, std::uint32_t b) {
+  const std::uint32_t mask = 0u - std::uint32_t(c);
+  return (a & mask) | (b & ~mask);
+}
+
+// One block of a conversion. The library's conversions (src/convert.cpp) are scalar
+// and branch per value: fine where data enters or leaves it, slow for a baseline that
+// widens a whole KV cache per call (DEC's 16 Mi K/V values: 42-58 ms through
+// to_float(fp16), 5-7 ms here; 1 thread, AMD EPYC, a shared VM). These compute the
+// same bits with selects instead of branches, so the loops vectorize; cloned for
+// x86-64-v4, v3 and the baseline like softmax_row. tests/test_bench_support.cpp checks
+// them against the library: every bf16 and fp16 value, and a sample of floats with
+// every rounding tie. They assume the default floating-point environment (round to
+// nearest, no flush-to-zero), as the bench has.
+#define FLASHCPU_BENCH_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
+FLASHCPU_BENCH_CLONES void convert_block(const bf16* src, float* dst, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) dst[i] = float_of(std::uint32_t{src[i].bits} << 16);
+}
+
+FLASHCPU_BENCH_CLONES void convert_block(const fp16* src, float* dst, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::uint32_t h = src[i].bits, sign = (h & 0x8000u) << 16, em = h & 0x7fffu;
+    // Normals: the exponent rebiased by 127 - 15; inf and NaN (exponent 31) rebiased
+    // twice, to 255, keeping the NaN payload.
+    constexpr std::uint32_t kRebias = (127u - 15u) << 23;
+    const std::uint32_t normal = (em << 13) + (em >= 0x7c00u ? 2 * kRebias : kRebias);
+    // Zero and subnormals: mantissa * 2^-24, a normal float, so exact.
+    const std::uint32_t small = bits_of(float(std::int32_t(em)) * 0x1p-24f);
+    dst[i] = float_of(sign | bit_select(em < 0x0400u, small, normal));
+  }
+}
+
+FLASHCPU_BENCH_CLONES void convert_block(const float* src, bf16* dst, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::uint32_t u = bits_of(src[i]);
+    // Ties to even as in to_bf16; a NaN keeps its top bits and gets the quiet bit, so a
+    // payload only in the low half does not become inf.
+    const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const std::uint32_t nan = (u >> 16) | 0x0040u;
+    dst[i].bits = std::uint16_t((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+  }
+}
+
+FLASHCPU_BENCH_CLONES void convert_block(const float* src, fp16* dst, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) {
+    // Rounding by one float addition (Marat Dukhan's FP16 library,
+    // fp16_ieee_from_fp32_value). base = 4|x| (as |x| * 2^112 * 2^-110, which is inf
+    // from 2^16 up) plus 2^(e + 15), e = max(|x|'s exponent, -14): the sum keeps 10
+    // bits below 4|x|'s leading bit, so the FPU rounds |x| to fp16 precision, to
+    // nearest even, subnormals included. The sum's low 5 exponent bits plus its low 12
+    // mantissa bits (|x|'s leading 1 and any carry of the rounding) are then fp16's
+    // exponent and mantissa.
+    const float x = src[i];
+    const std::uint32_t w = bits_of(x), shl1 = w + w, sign = (w >> 16) & 0x8000u;
+    std::uint32_t bias = shl1 & 0xff000000u;
+    bias = bias < 0x71000000u ? 0x71000000u : bias;
+    const float base =
+        float_of((bias >> 1) + 0x07800000u) + (std::fabs(x) * 0x1p+112f) * 0x1p-110f;
+    const std::uint32_t b = bits_of(base);
+    const std::uint32_t finite = ((b >> 13) & 0x7c00u) + (b & 0x0fffu);
+    // A NaN keeps its payload's top bits with the quiet bit set, as to_fp16 does.
+    const std::uint32_t nan = 0x7e00u | ((w >> 13) & 0x3ffu);
+    dst[i].bits = std::uint16_t(sign | bit_select(shl1 > 0xff000000u, nan, finite));
+  }
+}
+
+#undef FLASHCPU_BENCH_CLONES
+
+// Converts count values in blocks spread over an OpenMP team (static: a thread
+// converts, and so first touches, the same range every call). 16 Ki values a block:
+// one dispatched call per block costs nothing, and a 1 MiB output still splits.
+template <class Src, class Dst>
+void convert(const Src* src, Dst* dst, std::size_t count, int threads) {
+  constexpr std::size_t kBlock = 16384;
+  const auto blocks = static_cast<std::int64_t>((count + kBlock - 1) / kBlock);
+#pragma omp parallel for schedule(static) num_threads(resolve_threads(threads))
+  for (std::int64_t b = 0; b < blocks; ++b) {
+    const std::size_t i = std::size_t(b) * kBlock;
+    convert_block(src + i, dst + i, std::min(kBlock, count - i));
+  }
+}
+
+}  // namespace
+
+void widen(const void* src, Elem e, float* dst, std::size_t count, int threads) {
+  switch (e) {
+    case Elem::f32:
+      std::memcpy(dst, src, count * sizeof(float));
+      return;
+    case Elem::bf16:
+      convert(static_cast<const bf16*>(src), dst, count, threads);
+      return;
+    case Elem::fp16:
+      convert(static_cast<const fp16*>(src), dst, count, threads);
+      return;
+  }
+}
+
+void narrow(const float* src, Elem e, void* dst, std::size_t count, int threads) {
+  switch (e) {
+    case Elem::f32:
+      std::memcpy(dst, src, count * sizeof(float));
+      return;
+    case Elem::bf16:
+      convert(src, static_cast<bf16*>(dst), count, threads);
+      return;
+    case Elem::fp16:
+      convert(src, static_cast<fp16*>(dst), count, threads);
+      return;
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Problems
+// ---------------------------------------------------------------------------------
 
 namespace {
 
@@ -125,17 +351,26 @@ std::size_t count_of(std::int64_t b, std::int64_t h, std::int64_t s, std::int64_
 }  // namespace
 
 Problem::Problem(const Shape& s, std::uint64_t seed) : shape(s) {
-  const std::size_t nq = count_of(s.batch, s.q_heads, s.n, s.d);
-  const std::size_t nk = count_of(s.batch, s.kv_heads, s.m, s.d);
-  const std::size_t nv = count_of(s.batch, s.kv_heads, s.m, s.dv);
-  q = allocate_floats(nq);
-  k = allocate_floats(nk);
-  v = allocate_floats(nv);
+  q = allocate_floats(q_size());
+  k = allocate_floats(k_size());
+  v = allocate_floats(v_size());
   out = allocate_floats(out_size());
-  fill_uniform(q.get(), nq, seed * 3 + 0);
-  fill_uniform(k.get(), nk, seed * 3 + 1);
-  fill_uniform(v.get(), nv, seed * 3 + 2);
+  fill_uniform(q.get(), q_size(), seed * 3 + 0);
+  fill_uniform(k.get(), k_size(), seed * 3 + 1);
+  fill_uniform(v.get(), v_size(), seed * 3 + 2);
   fill_zero(out.get(), out_size());
+  // A 16-bit tensor: the fp32 values rounded to its type, kept in both buffers.
+  auto round = [](Buffer& values, RawBuffer& bits, Elem e, std::size_t count) {
+    if (e == Elem::f32) return;
+    bits = allocate_elems(e, count);
+    narrow(values.get(), e, bits.get(), count);
+    widen(bits.get(), e, values.get(), count);
+  };
+  const Elem act = act_elem(s.dtype), kve = kv_elem(s.dtype);
+  round(q, q16, act, q_size());
+  round(k, k16, kve, k_size());
+  round(v, v16, kve, v_size());
+  round(out, out16, act, out_size());
 }
 
 TensorView<const float> Problem::qv() const {
@@ -150,15 +385,45 @@ TensorView<const float> Problem::vv() const {
 TensorView<float> Problem::outv() const {
   return bhsd<float>(out.get(), shape.batch, shape.q_heads, shape.n, shape.dv);
 }
+std::size_t Problem::q_size() const {
+  return count_of(shape.batch, shape.q_heads, shape.n, shape.d);
+}
+std::size_t Problem::k_size() const {
+  return count_of(shape.batch, shape.kv_heads, shape.m, shape.d);
+}
+std::size_t Problem::v_size() const {
+  return count_of(shape.batch, shape.kv_heads, shape.m, shape.dv);
+}
 std::size_t Problem::out_size() const {
   return count_of(shape.batch, shape.q_heads, shape.n, shape.dv);
 }
 double Problem::input_bytes() const { return bench::input_bytes(shape); }
 
+namespace {
+
+// Elements of q and out, and of k and v.
+double act_count(const Shape& s) {
+  return double(count_of(s.batch, s.q_heads, s.n, s.d) + count_of(s.batch, s.q_heads, s.n, s.dv));
+}
+double kv_count(const Shape& s) {
+  return double(count_of(s.batch, s.kv_heads, s.m, s.d) + count_of(s.batch, s.kv_heads, s.m, s.dv));
+}
+
+// Elements the dtype stores in 16 bits: those a baseline widens into fp32 copies.
+double count16(const Shape& s) {
+  return (act_elem(s.dtype) == Elem::f32 ? 0.0 : act_count(s)) +
+         (kv_elem(s.dtype) == Elem::f32 ? 0.0 : kv_count(s));
+}
+
+}  // namespace
+
 double input_bytes(const Shape& s) {
-  return double(count_of(s.batch, s.q_heads, s.n, s.d) + count_of(s.batch, s.kv_heads, s.m, s.d) +
-                count_of(s.batch, s.kv_heads, s.m, s.dv) + count_of(s.batch, s.q_heads, s.n, s.dv)) *
-         sizeof(float);
+  return act_count(s) * double(elem_bytes(act_elem(s.dtype))) +
+         kv_count(s) * double(elem_bytes(kv_elem(s.dtype)));
+}
+
+double resident_bytes(const Shape& s) {
+  return (act_count(s) + kv_count(s)) * sizeof(float) + count16(s) * sizeof(std::uint16_t);
 }
 // ---------------------------------------------------------------------------------
 // The OpenBLAS baseline
@@ -382,44 +647,80 @@ void openblas_attention(TensorView<const float> q, TensorView<const float> k,
 #endif
 }
 
-void run(Impl impl, Problem& p, int threads, MaterializedWorkspace* workspace) {
+namespace {
+
+// The fp32 tensors an fp32 baseline runs on: p's own where the dtype stores a tensor in
+// fp32; else a copy widened from the 16-bit one into ws (the output: a buffer there,
+// rounded by the caller).
+struct Fp32Io {
+  TensorView<const float> q, k, v;
+  TensorView<float> out;
+};
+
+Fp32Io widened_io(const Problem& p, MaterializedWorkspace& ws, int threads) {
+  Fp32Io io{p.qv(), p.kv(), p.vv(), p.outv()};
+  auto widened = [&](const RawBuffer& bits, Elem e, GrowingBuffer& to, std::size_t count) {
+    float* f = to.reserve(count);
+    widen(bits.get(), e, f, count, threads);
+    return f;
+  };
+  const Elem act = act_elem(p.shape.dtype), kv = kv_elem(p.shape.dtype);
+  if (kv != Elem::f32) {
+    io.k.data = widened(p.k16, kv, ws.k, p.k_size());
+    io.v.data = widened(p.v16, kv, ws.v, p.v_size());
+  }
+  if (act != Elem::f32) {
+    io.q.data = widened(p.q16, act, ws.q, p.q_size());
+    io.out.data = ws.out.reserve(p.out_size());
+  }
+  return io;
+}
+
+}  // namespace
+
+void run(Impl impl, Problem& p, int threads, MaterializedWorkspace* workspace,
+         BlasThreading blas) {
   AttentionOptions opts;
   opts.causal = p.shape.causal;
   opts.num_threads = threads;
-  switch (impl) {
-    case Impl::fused:
-      attention(p.qv(), p.kv(), p.vv(), p.outv(), opts);
-      break;
-    case Impl::naive:
-      naive_attention(p.qv(), p.kv(), p.vv(), p.outv(), opts);
-      break;
-    case Impl::openblas:
-    case Impl::openblas_full:
-      openblas_attention(p.qv(), p.kv(), p.vv(), p.outv(), opts, impl == Impl::openblas_full,
-                         default_blas_threading(), workspace);
-      break;
-    case Impl::reference:
-      reference::attention(p.qv(), p.kv(), p.vv(), p.outv(), opts);
-      break;
+  if (impl == Impl::fused || impl == Impl::reference) {
+    p.visit([&](auto q, auto k, auto v, auto out) {
+      if (impl == Impl::fused) {
+        attention(q, k, v, out, opts);
+      } else {
+        reference::attention(q, k, v, out, opts);
+      }
+    });
+    return;
   }
+  MaterializedWorkspace scratch;
+  MaterializedWorkspace& ws = workspace != nullptr ? *workspace : scratch;
+  const Fp32Io io = widened_io(p, ws, threads);
+  if (impl == Impl::naive) {
+    naive_attention(io.q, io.k, io.v, io.out, opts);
+  } else {
+    openblas_attention(io.q, io.k, io.v, io.out, opts, impl == Impl::openblas_full, blas, &ws);
+  }
+  if (p.out16) narrow(io.out.data, act_elem(p.shape.dtype), p.out16.get(), p.out_size(), threads);
 }
 
 double analytic_mib(Impl impl, const Shape& s, int threads, BlasThreading t) {
   const double heads = double(s.batch * s.q_heads), n = double(s.n), m = double(s.m);
   const double th = double(resolve_threads(threads));
   constexpr double kMiB = 1 << 20;
+  const double widened = count16(s) * sizeof(float);
   switch (impl) {
     case Impl::fused:
       return -1.0;
     case Impl::naive:
-      return std::min(th, heads * n) * m * sizeof(float) / kMiB;
+      return (std::min(th, heads * n) * m * sizeof(float) + widened) / kMiB;
     case Impl::reference:
       return std::min(th, heads) * n * m * sizeof(double) / kMiB;
     case Impl::openblas:
     case Impl::openblas_full: {
       const MaterializedPlan p = plan_materialized(s.batch * s.q_heads, s.n, s.m, s.causal,
                                                    impl == Impl::openblas_full, int(th), t);
-      return double(p.buffers) * double(p.floats) * sizeof(float) / kMiB;
+      return (double(p.buffers) * double(p.floats) * sizeof(float) + widened) / kMiB;
     }
   }
   return -1.0;
@@ -432,18 +733,28 @@ std::string fused_label(std::int64_t d) {
 }
 
 std::string impl_label(Impl impl, const Shape& s) {
+  const Elem act = act_elem(s.dtype), kv = kv_elem(s.dtype);
+  // The fused kernel and the oracle take the 16-bit types; the baselines widen them.
+  const std::string types = s.dtype == DType::fp32 ? "" : ", " + dtype_text(s.dtype);
+  std::string widening;
+  if (kv != Elem::f32) {
+    widening = std::string(act == Elem::f32 ? ", K/V" : ", q/K/V") + " widened from " +
+               elem_name(kv);
+    if (act != Elem::f32) widening += std::string(", out rounded to ") + elem_name(act);
+  }
   switch (impl) {
     case Impl::fused:
-      return fused_label(s.d);
+      return fused_label(s.d) + types;
     case Impl::naive:
-      return "naive fp32 -O3 -march=native";
+      return "naive fp32 -O3 -march=native" + widening;
     case Impl::openblas:
     case Impl::openblas_full:
       return "openblas " + openblas_info().core + " " +
              blas_threading_name(default_blas_threading()) +
-             (s.causal ? (impl == Impl::openblas ? " causal-skip" : " full-square") : "");
+             (s.causal ? (impl == Impl::openblas ? " causal-skip" : " full-square") : "") +
+             widening;
     case Impl::reference:
-      return "reference (fp64)";
+      return "reference (fp64)" + types;
   }
   return "";
 }
@@ -470,12 +781,42 @@ Diff compare(const float* a, const float* b, std::size_t count, double atol, dou
   return d;
 }
 
-Diff compare_to_scale(const float* actual, const float* expected, std::size_t count) {
+Diff compare_to_scale(const float* actual, const float* expected, std::size_t count,
+                      double rtol) {
   double scale = 0;
   for (std::size_t i = 0; i < count; ++i) scale = std::max(scale, std::fabs(double(expected[i])));
   // 0/0 (both exactly zero on an all-zero expectation) is a NaN excess, which never
   // counts as worse; any other difference from an all-zero expectation is infinite.
-  return compare(actual, expected, count, kRelToScale * scale, 0.0);
+  return compare(actual, expected, count, kRelToScale * scale, rtol);
+}
+
+double output_rounding_rtol(DType t) {
+  // Twice the unit roundoff: bf16 keeps 8 significant bits, fp16 11.
+  switch (act_elem(t)) {
+    case Elem::f32:
+      return 0.0;
+    case Elem::bf16:
+      return 0x1p-7;
+    case Elem::fp16:
+      return 0x1p-10;
+  }
+  return 0.0;
+}
+
+Buffer output_floats(const Problem& p) {
+  Buffer f = allocate_floats(p.out_size());
+  if (p.out16) {
+    widen(p.out16.get(), act_elem(p.shape.dtype), f.get(), p.out_size());
+  } else {
+    std::memcpy(f.get(), p.out.get(), p.out_size() * sizeof(float));
+  }
+  return f;
+}
+
+Diff compare_output(const Problem& p, const float* expected) {
+  const Buffer actual = output_floats(p);
+  return compare_to_scale(actual.get(), expected, p.out_size(),
+                          output_rounding_rtol(p.shape.dtype));
 }
 
 namespace {
@@ -486,13 +827,17 @@ namespace {
   const std::size_t i = d.worst;
   const std::size_t e = i % std::size_t(s.dv), row = i / std::size_t(s.dv);
   const std::size_t n = row % std::size_t(s.n), bh = row / std::size_t(s.n);
+  const double rtol = output_rounding_rtol(s.dtype);
+  char per_element[64] = "";
+  if (rtol > 0) std::snprintf(per_element, sizeof per_element, " + %.1e of |%s|", rtol, what_b);
   std::fprintf(stderr,
                "\n*** flashcpu bench: OUTPUT MISMATCH %s vs %s on %s\n"
                "*** worst at (b*h=%zu, n=%zu, e=%zu): %s=%.8g %s=%.8g, |diff|=%.3g, "
-               "%.3g times the tolerance (%.0e of max|%s|)\n"
+               "%.3g times the tolerance (%.0e of max|%s|%s)\n"
                "*** the benchmark numbers would be meaningless: aborting.\n",
                what_a, what_b, describe(s).c_str(), bh, n, e, what_a, double(d.a), what_b,
-               double(d.b), double(std::fabs(d.a - d.b)), d.max_excess, kRelToScale, what_b);
+               double(d.b), double(std::fabs(d.a - d.b)), d.max_excess, kRelToScale, what_b,
+               per_element);
   std::fflush(stderr);
   std::abort();
 }
@@ -501,20 +846,15 @@ namespace {
 
 void check_against_fused(Impl impl, Problem& p, int threads, MaterializedWorkspace* workspace) {
   if (impl == Impl::fused) return;
-  Buffer fused_out = allocate_floats(p.out_size());
-  AttentionOptions opts;
-  opts.causal = p.shape.causal;
-  opts.num_threads = threads;
-  const TensorView<float> fo =
-      bhsd<float>(fused_out.get(), p.shape.batch, p.shape.q_heads, p.shape.n, p.shape.dv);
-  attention(p.qv(), p.kv(), p.vv(), fo, opts);
+  run(Impl::fused, p, threads);
+  const Buffer fused_out = output_floats(p);
   run(impl, p, threads, workspace);
-  check_output(impl_name(impl), p, "fused", fo.data);
+  check_output(impl_name(impl), p, "fused", fused_out.get());
 }
 
 void check_output(const char* name, const Problem& p, const char* expected_name,
                   const float* expected) {
-  const Diff d = compare_to_scale(p.out.get(), expected, p.out_size());
+  const Diff d = compare_output(p, expected);
   if (d.max_excess > 1.0) fail_mismatch(name, expected_name, p, d);
 }
 
@@ -537,8 +877,7 @@ void check_against_reference(Impl impl, const Shape& s, int threads) {
   Problem oracle(r), tested(r);
   run(Impl::reference, oracle, threads);
   run(impl, tested, threads);
-  const Diff d = compare_to_scale(tested.out.get(), oracle.out.get(), oracle.out_size());
-  if (d.max_excess > 1.0) fail_mismatch(impl_name(impl), "reference (fp64)", tested, d);
+  check_output(impl_name(impl), tested, "reference (fp64)", output_floats(oracle).get());
 }
 
 void self_check(bool verbose) {
@@ -555,11 +894,20 @@ void self_check(bool verbose) {
   Shape dv = gqa(1, 4, 1, 33, 70, 64, false);  // MQA, Dv != D
   dv.dv = 48;
   shapes.push_back(dv);
+  // Each 16-bit dtype: GQA causal prefill with N < M, and a decode step.
+  for (DType t : kDTypes) {
+    if (t == DType::fp32) continue;
+    for (Shape s : {gqa(1, 4, 2, 37, 70, 64, true), gqa(1, 8, 2, 1, 300, 128)}) {
+      s.dtype = t;
+      shapes.push_back(s);
+    }
+  }
 
   for (const Shape& s : shapes) {
     Problem oracle(s);
     run(Impl::reference, oracle, 0);
-    if (verbose) std::fprintf(stderr, "self-check %-44s", describe(s).c_str());
+    const Buffer expected = output_floats(oracle);
+    if (verbose) std::fprintf(stderr, "self-check %-54s", describe(s).c_str());
     for (Impl impl : {Impl::fused, Impl::naive, Impl::openblas, Impl::openblas_full}) {
       if ((impl == Impl::openblas || impl == Impl::openblas_full) && !have_openblas()) continue;
       const std::vector<BlasThreading> modes =
@@ -570,15 +918,8 @@ void self_check(bool verbose) {
       double worst = 0;
       for (BlasThreading t : modes) {
         Problem p(s);
-        if (impl == Impl::openblas || impl == Impl::openblas_full) {
-          AttentionOptions opts;
-          opts.causal = s.causal;
-          openblas_attention(p.qv(), p.kv(), p.vv(), p.outv(), opts, impl == Impl::openblas_full,
-                             t);
-        } else {
-          run(impl, p, 0);
-        }
-        const Diff d = compare_to_scale(p.out.get(), oracle.out.get(), oracle.out_size());
+        run(impl, p, 0, nullptr, t);
+        const Diff d = compare_output(p, expected.get());
         if (d.max_excess > 1.0) fail_mismatch(impl_name(impl), "reference (fp64)", p, d);
         worst = std::max(worst, d.max_excess);
       }

@@ -6,8 +6,9 @@
 Two panels, one line per implementation (fused, naive, openblas, and openblas_full or
 reference when the sweep ran them). Points the sweep skipped (above a cutoff) are drawn hollow on the memory panel
 at their analytic size, so the O(N^2) trend stays visible. Memory below 0.1 MiB is
-drawn at 0.1 MiB (a log axis has no zero). Uses matplotlib's Agg backend: no display
-needed.
+drawn at 0.1 MiB (a log axis has no zero). The title names the data types when they
+are not fp32 (CSVs from before the dtype column are fp32). Uses matplotlib's Agg
+backend: no display needed.
 """
 import csv
 import sys
@@ -31,6 +32,13 @@ LABEL = {
     "reference": "reference (fp64)",
 }
 MEM_FLOOR_MIB = 0.1
+# flashcpu-sweep --dtype: what each name stores in 16 bits.
+DTYPE_TEXT = {
+    "bf16": "bf16 q/K/V/out",
+    "fp16": "fp16 q/K/V/out",
+    "bf16kv": "fp32 q over bf16 K/V",
+    "fp16kv": "fp32 q over fp16 K/V",
+}
 
 
 def number(text):
@@ -56,9 +64,11 @@ def main(argv):
             impls.append(r["impl"])
 
     first = rows[0]
+    dtype = first.get("dtype") or "fp32"
     title = (f"attention scaling: B={first['batch']} H={first['heads']} D={first['dim']}"
-             f"{' causal' if first['causal'] == '1' else ''}, {first['threads']} threads,"
-             f" {first['isa']}")
+             f"{' causal' if first['causal'] == '1' else ''}"
+             f"{'' if dtype == 'fp32' else ' ' + DTYPE_TEXT.get(dtype, dtype)},"
+             f" {first['threads']} threads, {first['isa']}")
     if first.get("openblas_core"):
         title += f", OpenBLAS {first['openblas_core']}"
     if first.get("cpu_model"):

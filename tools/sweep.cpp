@@ -1,6 +1,6 @@
 // flashcpu-sweep: sequence-length scaling of fused vs naive vs OpenBLAS attention.
 //
-// For N = M = min, 2*min, ..., max (B=1, H=4, D=64 by default) it times each
+// For N = M = min, 2*min, ..., max (B=1, H=4, D=64, fp32 by default) it times each
 // implementation (median of --reps calls after one untimed first call; the
 // implementations take turns, each call right after its own FMA probe), measures the
 // peak working memory of that first call (RSS high-water mark growth beyond the
@@ -16,7 +16,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <fstream>
 #include <map>
 #include <string>
@@ -31,6 +30,7 @@ struct Options {
   std::int64_t min_n = 256, max_n = 16384;
   std::int64_t heads = 4, dim = 64, batch = 1;
   bool causal = false;
+  fb::DType dtype = fb::DType::fp32;
   int threads = 0;
   int reps = 5;
   std::int64_t naive_max = 1 << 30;  // the textbook naive runs at every size by default
@@ -51,6 +51,10 @@ For N = M = MIN, 2*MIN, ..., MAX it runs
                  once (with --causal it skips the key blocks a query block cannot see)
   openblas_full  with --causal only: the same over the whole masked N x M square
   reference      the fp64 oracle, only with --reference
+With --dtype other than fp32, fused calls the flashcpu::attention overload of those
+types, and the baselines widen the 16-bit inputs to fp32 inside each timed call (and
+round a 16-bit output back), as a user of an fp32 implementation would have to.
+
 Each implementation gets one untimed first call, during which its peak working memory
 is measured (growth of the process's peak RSS beyond the resident inputs, reset with
 /proc/self/clear_refs) and its output is checked against the fused one (a mismatch
@@ -70,6 +74,8 @@ Options:
   --dim D              head dimension, D = Dv (default 64)
   --batch B            batch (default 1)
   --causal             causal attention (bottom-right aligned)
+  --dtype T            data types (default fp32): bf16 or fp16 (q, k, v and out), bf16kv
+                       or fp16kv (fp32 q and out over 16-bit K/V)
   --threads T          threads for every implementation (default: OpenMP's)
   --reps R             timed calls per point (default 5; 3 with --quick)
   --quick              N = M from 256 to 4096 and 3 reps: about a minute
@@ -141,6 +147,12 @@ bool parse(int argc, char** argv, Options* o) {
       if (!value(&o->reference_max)) return false;
     } else if (a == "--causal") {
       o->causal = true;
+    } else if (a == "--dtype") {
+      if (i + 1 >= argc || !fb::parse_dtype(argv[i + 1], &o->dtype)) {
+        std::fprintf(stderr, "flashcpu-sweep: --dtype needs fp32, bf16, fp16, bf16kv or fp16kv\n");
+        return false;
+      }
+      ++i;
     } else if (a == "--quick") {
       o->min_n = 256;
       o->max_n = 4096;
@@ -234,9 +246,12 @@ int main(int argc, char** argv) {
   const std::string commit = commit_env ? commit_env : "unknown";
   const std::string cpu = fb::cpu_model();
   const fb::OpenblasInfo blas_info = fb::openblas_info();
+  fb::Shape base = fb::mha(o.batch, o.heads, 1, 1, o.dim, o.causal);
+  base.dtype = o.dtype;
+  const std::string fused_label = fb::impl_label(Impl::fused, base);
   std::fprintf(stderr, "flashcpu-sweep: %s; isa %s (%s), %d threads, OMP_WAIT_POLICY=%s\n",
-               cpu.c_str(), flashcpu::active_isa().c_str(), fb::fused_label(o.dim).c_str(),
-               threads, wait ? wait : "(unset)");
+               cpu.c_str(), flashcpu::active_isa().c_str(), fused_label.c_str(), threads,
+               wait ? wait : "(unset)");
   std::fprintf(stderr, "OpenBLAS: %s\n",
                blas ? (blas_info.core + " (" + blas_info.note + "), " +
                        fb::blas_threading_name(fb::default_blas_threading()))
@@ -250,7 +265,8 @@ int main(int argc, char** argv) {
   std::vector<Result> results;
   Progress progress(total);
   for (std::int64_t n : ns) {
-    const fb::Shape shape = fb::mha(o.batch, o.heads, n, n, o.dim, o.causal);
+    fb::Shape shape = base;
+    shape.n = shape.m = n;
     fb::Problem p(shape);
     const double flop = fb::attention_flops(shape);
     fb::Buffer fused_out;
@@ -273,8 +289,7 @@ int main(int argc, char** argv) {
       progress.step(name, n, "first call (memory, check)");
       r.extra_mib = fb::measure_peak_extra_mib([&] { fb::run(impl, p, o.threads, &workspaces[impl]); });
       if (impl == Impl::fused) {
-        fused_out = fb::allocate_floats(p.out_size());
-        std::memcpy(fused_out.get(), p.out.get(), p.out_size() * sizeof(float));
+        fused_out = fb::output_floats(p);
       } else {
         fb::check_output(name, p, "fused", fused_out.get());
       }
@@ -314,13 +329,20 @@ int main(int argc, char** argv) {
     return nullptr;
   };
   std::printf("\n%s (%s)\n", cpu.c_str(), fb::cpu_flags_summary(fb::cpu_flags()).c_str());
-  std::printf("B=%lld H=%lld D=%lld%s, %d threads, isa %s, FMA peak %.1f GFLOP/s, median of %d\n",
+  const std::string dtype =
+      o.dtype == fb::DType::fp32 ? "" : std::string(" ") + fb::dtype_name(o.dtype);
+  std::printf("B=%lld H=%lld D=%lld%s%s, %d threads, isa %s, FMA peak %.1f GFLOP/s, median of %d\n",
               static_cast<long long>(o.batch), static_cast<long long>(o.heads),
-              static_cast<long long>(o.dim), o.causal ? " causal" : "", threads,
-              fb::fused_label(o.dim).c_str(), peak, o.reps);
+              static_cast<long long>(o.dim), o.causal ? " causal" : "", dtype.c_str(), threads,
+              fused_label.c_str(), peak, o.reps);
   if (blas) {
     std::printf("OpenBLAS core %s (%s); %s\n", blas_info.core.c_str(), blas_info.note.c_str(),
                 blas_info.config.c_str());
+  }
+  if (o.dtype != fb::DType::fp32) {
+    std::printf("%s: the baselines widen the 16-bit inputs to fp32 inside each timed call%s\n",
+                fb::dtype_name(o.dtype),
+                fb::act_elem(o.dtype) == fb::Elem::f32 ? "" : " and round the output back");
   }
   std::printf("%7s", "N=M");
   for (Impl impl : impls) std::printf(" | %-36s", fb::impl_name(impl));
@@ -367,12 +389,13 @@ int main(int argc, char** argv) {
     for (char& c : text) c = c == ',' ? ';' : c;
     return text;
   };
-  csv << "n,m,batch,heads,dim,causal,threads,isa,impl,status,time_ms,gflops,peak_frac,"
+  csv << "n,m,batch,heads,dim,causal,dtype,threads,isa,impl,status,time_ms,gflops,peak_frac,"
          "peak_extra_mib,analytic_mib,reps,fma_peak_gflops,cpu_model,openblas_core,commit\n";
   for (const Result& r : results) {
     csv << r.n << ',' << r.n << ',' << o.batch << ',' << o.heads << ',' << o.dim << ','
-        << (o.causal ? 1 : 0) << ',' << threads << ',' << flashcpu::active_isa() << ','
-        << fb::impl_name(r.impl) << ',' << (r.skipped ? "skipped" : "ok") << ',';
+        << (o.causal ? 1 : 0) << ',' << fb::dtype_name(o.dtype) << ',' << threads << ','
+        << flashcpu::active_isa() << ',' << fb::impl_name(r.impl) << ','
+        << (r.skipped ? "skipped" : "ok") << ',';
     if (r.skipped) {
       csv << ",,,";
     } else {
