@@ -3,7 +3,9 @@
 // Random bytes become shapes, strides (0, huge, overflowing products), options, masks
 // and views placed in guarded arenas (PROT_NONE pages on both sides), and then a call of
 // one entry point: attention (with and without lse), merge_into, nadaraya_watson,
-// reference::attention or reference::attention_weights. Every call must either raise
+// reference::attention or reference::attention_weights. attention and
+// reference::attention also run on 16-bit views of the same bytes (every element-type
+// combination the header offers), whose garbage includes 16-bit NaNs and infs. Every call must either raise
 // flashcpu::Error, with the outputs bitwise untouched, or compute without reading or
 // writing outside its views (the guard pages and AddressSanitizer catch that).
 //
@@ -27,6 +29,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -137,6 +140,27 @@ TensorView<T> place(Bytes& in, float* arena, std::int64_t floats, std::array<std
 std::array<std::int64_t, 4> shape4(std::int64_t a, std::int64_t b, std::int64_t c, std::int64_t d) { return {a, b, c, d}; }
 
 // Multiply-adds of a call, roughly: B * Hq * N * M * per_pair (in double: no overflow).
+// The same view over elements of type T (strides are in elements, so the view spans
+// fewer bytes than the float one it comes from, and fits the same arena).
+template <class T, class F>
+TensorView<T> as(const TensorView<F>& view) {
+  return {reinterpret_cast<T*>(const_cast<std::remove_const_t<F>*>(view.data)), view.shape, view.strides};
+}
+
+// attention (entry 0, 1) or reference::attention (4) with q and out of type Q, k and v
+// of type KV.
+template <class Q, class KV>
+void call_typed(int entry, const TensorView<const float>& q, const TensorView<const float>& k,
+                const TensorView<const float>& v, const TensorView<float>& out, const TensorView<float>& lse,
+                const flashcpu::AttentionOptions& o) {
+  const auto q2 = as<const Q>(q);
+  const auto k2 = as<const KV>(k), v2 = as<const KV>(v);
+  const auto out2 = as<Q>(out);
+  if (entry == 0) flashcpu::attention(q2, k2, v2, out2, o);
+  if (entry == 1) flashcpu::attention(q2, k2, v2, out2, lse, o);
+  if (entry == 4) flashcpu::reference::attention(q2, k2, v2, out2, o);
+}
+
 double work(std::int64_t b, std::int64_t h, std::int64_t n, std::int64_t m, double per_pair) {
   return double(std::max<std::int64_t>(b, 0)) * double(std::max<std::int64_t>(h, 0)) *
          double(std::max<std::int64_t>(n, 0)) * double(std::max<std::int64_t>(m, 0)) * std::max(per_pair, 1.0);
@@ -238,10 +262,20 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     std::fprintf(stderr, "entry %d B=%lld Hq=%lld Hkv=%lld N=%lld M=%lld D=%lld Dv=%lld must_reject=%d\n", entry,
                  (long long)B, (long long)Hq, (long long)Hkv, (long long)N, (long long)M, (long long)D, (long long)Dv,
                  int(must_reject));
+  // Element types of attention and reference::attention: 0 fp32, then the 16-bit
+  // combinations (read last, so that earlier bytes keep their meaning in the corpus).
+  const int types = entry <= 1 || entry == 4 ? in.next() % 5 : 0;
   std::memcpy(snapshot.data(), oa, snapshot.size() * sizeof(float));
   bool raised = false;
   try {
-    switch (entry) {
+    switch (types) {
+      case 1: call_typed<flashcpu::bf16, flashcpu::bf16>(entry, q, k, v, out, lse, o); break;
+      case 2: call_typed<flashcpu::fp16, flashcpu::fp16>(entry, q, k, v, out, lse, o); break;
+      case 3: call_typed<float, flashcpu::bf16>(entry, q, k, v, out, lse, o); break;
+      case 4: call_typed<float, flashcpu::fp16>(entry, q, k, v, out, lse, o); break;
+      default: break;
+    }
+    if (types == 0) switch (entry) {
       case 0:
         flashcpu::attention(q, k, v, out, o);
         break;
