@@ -5,6 +5,8 @@
 //                           dot product (it is one dot product plus two bias adds).
 //                           Additive does D tanh per score and is reported for scale.
 //   Options/<option>/P64    the cost of each option in the fused kernel.
+//   Options/<none|sinks>/DEC  attention sinks on decode (B=1, Hq=32, Hkv=8, N=1,
+//                           M=8192, D=128): one term per row, so within noise of none.
 //   NW/<impl>/N=M=16384/D   Nadaraya-Watson, fused vs the plain double loop
 //                           (reference::nadaraya_watson), D = 1 and 8, Gaussian kernel.
 //
@@ -76,11 +78,21 @@ void BM_Score(benchmark::State& state, flashcpu::Score score) {
   set_counters(state, 16.0 * 2048 * 2048, 64);
 }
 
-enum class Option { none, mask, bool_mask, softcap, alibi, window, causal_window, padding_mask, causal_bool_mask };
+enum class Option {
+  none, mask, bool_mask, softcap, alibi, window, causal_window, padding_mask, causal_bool_mask, sinks
+};
+
+// Per-head sinks near the scores' range, so that they change every row's weights.
+std::vector<float> some_sinks(std::int64_t heads) {
+  std::vector<float> sinks(static_cast<std::size_t>(heads), 0.0f);
+  for (std::int64_t h = 0; h < heads; ++h) sinks[std::size_t(h)] = 0.25f * float(h % 5) - 0.5f;
+  return sinks;
+}
 
 void BM_Option(benchmark::State& state, Option option) {
   Tensors t(1, 16, 2048, 2048, 64, 64);
   flashcpu::AttentionOptions options;
+  const std::vector<float> sinks = some_sinks(16);
   t.mask.assign(std::size_t(2048 * 2048), 0.0f);
   t.bool_mask.assign(std::size_t(2048 * 2048), 1);
   double pairs = 16.0 * 2048 * 2048;
@@ -98,6 +110,9 @@ void BM_Option(benchmark::State& state, Option option) {
       break;
     case Option::alibi:
       options.alibi_slopes = t.slopes.data();
+      break;
+    case Option::sinks:
+      options.sinks = sinks.data();
       break;
     case Option::window:  // 256 keys either side of the diagonal: the visible pairs only are
                           // counted
@@ -128,6 +143,23 @@ void BM_Option(benchmark::State& state, Option option) {
   }
   for (auto _ : state) t.run(options);
   set_counters(state, pairs, 64);
+}
+
+// Decoding with and without sinks (split-KV: the sinks join the chunks' merge).
+void BM_DecodeSinks(benchmark::State& state, bool with_sinks) {
+  const std::int64_t Hq = 32, Hkv = 8, M = 8192, D = 128;
+  std::mt19937 gen(7);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  std::vector<float> q(std::size_t(Hq * D)), k(std::size_t(Hkv * M * D)), v(k.size()), out(q.size());
+  for (auto* t : {&q, &k, &v})
+    for (float& x : *t) x = uniform(gen);
+  const std::vector<float> sinks = some_sinks(Hq);
+  flashcpu::AttentionOptions options;
+  if (with_sinks) options.sinks = sinks.data();
+  for (auto _ : state)
+    flashcpu::attention(bhsd<const float>(q.data(), 1, Hq, 1, D), bhsd<const float>(k.data(), 1, Hkv, M, D),
+                        bhsd<const float>(v.data(), 1, Hkv, M, D), bhsd(out.data(), 1, Hq, 1, D), options);
+  set_counters(state, double(Hq) * M, double(D));
 }
 
 // Nadaraya-Watson at N = M = 16384: the fused path against the plain double loop.
@@ -197,6 +229,18 @@ BENCHMARK_CAPTURE(BM_Option, window, Option::window)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_Option, causal_window, Option::causal_window)
     ->Name("Options/causal_window512/P64")
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_Option, sinks, Option::sinks)
+    ->Name("Options/sinks/P64")
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_DecodeSinks, none, false)
+    ->Name("Options/none/DEC")
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_DecodeSinks, sinks, true)
+    ->Name("Options/sinks/DEC")
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK_CAPTURE(BM_KernelRegression, fused, true)

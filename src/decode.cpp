@@ -154,7 +154,7 @@ void merge_chunks(const Plan& plan, const CallViews& views, const DecodeSplit& d
   const std::int64_t b = head / s.kv_heads, hkv = head % s.kv_heads, G = plan.group;
   const std::int64_t Dvp = plan.value_dim_padded;
   float* first = partials + head * d.chunks * d.partial_floats;
-  Partial parts[kTargetItems];  // chunks <= kTargetItems
+  Partial parts[kTargetItems + 1];  // chunks <= kTargetItems, and the sink
   for (std::int64_t r = 0; r < d.rows; ++r) {
     for (std::int64_t c = 0; c < d.chunks; ++c) {
       const float* partial = first + c * d.partial_floats;
@@ -162,10 +162,13 @@ void merge_chunks(const Plan& plan, const CallViews& views, const DecodeSplit& d
       parts[c] = {partial + r * Dvp, 1, float(row_max * 0.6931471805599453),
                   partial[d.rows_padded * Dvp + d.rows_padded + r]};
     }
+    // A sink is one more part, with no values.
+    const std::int64_t h = hkv * G + r % G, i = r / G;
+    std::int64_t count = d.chunks;
+    if (s.sinks) parts[count++] = {nullptr, 0, s.sinks[h], 1.0f};
     // Merged into chunk 0's accumulator row, then stored in the output's type.
     float* merged = first + r * Dvp;
-    const float lse = merge_partials(parts, d.chunks, s.value_dim, plan.empty_value, merged, 1);
-    const std::int64_t h = hkv * G + r % G, i = r / G;
+    const float lse = merge_partials(parts, count, s.value_dim, plan.empty_value, merged, 1);
     if (s.value_dim > 0) store_values(merged, s.value_dim, views.out.type, views.out.row(b, h, i), 0, views.out.strides[3]);
     if (views.has_lse)
       views.lse.data[b * views.lse.strides[0] + h * views.lse.strides[1] + i * views.lse.strides[2]] = lse;

@@ -17,7 +17,7 @@ float merge_partials(const Partial* parts, std::int64_t count, std::int64_t colu
   // Relative to the largest scale, so no weight overflows.
   float top = neg_inf;
   for (std::int64_t c = 0; c < count; ++c) top = std::max(top, parts[c].log_scale);
-  constexpr int kMaxParts = 64;  // decoding's chunks per head and merge_into's two
+  constexpr int kMaxParts = 65;  // decoding's chunks per head and a sink, or merge_into's two
   float weight[kMaxParts];
   float total = 0.0f;
   for (std::int64_t c = 0; c < count; ++c) {
@@ -31,7 +31,7 @@ float merge_partials(const Partial* parts, std::int64_t count, std::int64_t colu
   for (std::int64_t col = 0; col < columns; ++col) {
     float value = 0.0f;
     for (std::int64_t c = 0; c < count; ++c)
-      if (weight[c] != 0.0f) value += weight[c] * parts[c].values[col * parts[c].stride];
+      if (weight[c] != 0.0f && parts[c].values) value += weight[c] * parts[c].values[col * parts[c].stride];
     merged[col * merged_stride] = empty ? empty_value : value * inv;
   }
   return empty ? neg_inf : top + std::log(total);

@@ -10,7 +10,8 @@ namespace flashcpu::detail {
 /// e^log_scale * sum (natural log). A normalized output with its lse is
 /// {out, stride, lse, 1}; a running (acc, max, sum) of the kernels is {acc, 1, max * ln 2,
 /// sum}. log_scale = -inf marks a part that saw no key: it is left out entirely, so its
-/// values may hold anything.
+/// values may hold anything. Null values: a part that adds to the denominator only (an
+/// attention sink, {nullptr, 0, sink, 1}).
 struct Partial {
   const float* values;
   std::int64_t stride;

@@ -168,6 +168,7 @@ QueryBlockJob base_job(const Plan& plan, const CallViews& views) {
 void bind_heads(const Plan& plan, QueryBlockJob& job, std::int64_t b, std::int64_t first_head) {
   const AttentionShape& s = plan.shape;
   job.score.alibi_slopes = s.alibi_slopes ? s.alibi_slopes + first_head : nullptr;
+  job.output.sinks = s.sinks ? s.sinks + first_head : nullptr;
   job.masks.mask = s.mask.data ? s.mask.data + b * s.mask.strides[0] + first_head * s.mask.strides[1] : nullptr;
   job.masks.bool_mask =
       s.bool_mask.data ? s.bool_mask.data + b * s.bool_mask.strides[0] + first_head * s.bool_mask.strides[1] : nullptr;

@@ -88,9 +88,11 @@ void for_each_row(const detail::AttentionShape& s, const TensorView<const Q>& q,
         for (std::int64_t j = 0; j < M; ++j) scores[std::size_t(i * M + j)] = score(s, q, k, b, h, i, j);
       for (std::int64_t i = 0; i < N; ++i) {
         double* row = scores.data() + i * M;  // no [] on an empty matrix (M = 0)
-        double row_max = kNegInf;
+        // A sink joins the denominator as a score with no value.
+        const double sink = s.sinks ? double(s.sinks[h]) : kNegInf;
+        double row_max = sink;
         for (std::int64_t j = 0; j < M; ++j) row_max = std::max(row_max, row[j]);
-        double sum = 0;
+        double sum = sink == kNegInf ? 0.0 : std::exp(sink - row_max);
         // A NaN score stays NaN (std::max skipped it), and so do the row's sum and output.
         for (std::int64_t j = 0; j < M; ++j)
           sum += (row[j] = std::isnan(row[j]) ? row[j] : row_max == kNegInf ? 0.0 : std::exp(row[j] - row_max));

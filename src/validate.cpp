@@ -181,6 +181,11 @@ AttentionShape validate_attention(const TensorView<const Q>& q, const TensorView
     fail("options.softcap: expected a finite value >= 0 (0: off), got ", options.softcap);
   s.softcap = options.softcap;
   s.alibi_slopes = options.alibi_slopes;
+  s.sinks = options.sinks;
+  if (s.sinks)
+    for (std::int64_t h = 0; h < s.q_heads; ++h)
+      if (!std::isfinite(s.sinks[h]) && s.sinks[h] != -std::numeric_limits<float>::infinity())
+        fail("options.sinks[", h, "]: expected a finite value or -inf (no sink), got ", s.sinks[h]);
   s.key_lengths = options.key_lengths;
   if (s.key_lengths)
     for (std::int64_t b = 0; b < s.batch; ++b)

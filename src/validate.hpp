@@ -31,6 +31,7 @@ struct AttentionShape {
   std::int64_t window_left, window_right;
   float softcap;
   const float* alibi_slopes;
+  const float* sinks;  // null, or Hq values checked finite or -inf
   const float* additive_weights;
   bool empty() const { return batch == 0 || q_heads == 0 || q_len == 0; }
 };

@@ -125,7 +125,9 @@ Expected expect(TensorView<const float> q, TensorView<const float> k, TensorView
   if (opt.score == Score::additive && opt.additive_weights)
     for (std::int64_t c = 0; c < d.D; ++c) add_sum += std::fabs(double(opt.additive_weights[c]));
   const std::int64_t group = d.Hq / d.Hkv;
-  const std::size_t Ms = std::size_t(std::max<std::int64_t>(d.M, 1));
+  // Index M holds the sink, when there is one: a score with an exact value and no value row.
+  const std::int64_t Mk = d.M + 1;
+  const std::size_t Ms = std::size_t(Mk);
   const std::size_t Dvs = std::size_t(std::max<std::int64_t>(d.Dv, 1));
   std::vector<double> key_r2(Ms), s(Ms), w(Ms), delta(Ms), a_dot(Ms), lw(Ms), coef(Ms);
   std::vector<double> mine(Dvs), mag(Dvs), dev(Dvs), dev_ref(Dvs);
@@ -145,8 +147,10 @@ Expected expect(TensorView<const float> q, TensorView<const float> k, TensorView
       for (std::int64_t i = 0; i < d.N; ++i) {
         const std::int64_t row = (b * d.Hq + h) * d.N + i;
         row_scores(q, k, opt, d, scale, b, h, i, s, a_dot);
+        s[std::size_t(d.M)] = opt.sinks ? double(opt.sinks[h]) : -std::numeric_limits<double>::infinity();
+        a_dot[std::size_t(d.M)] = 0;
         double m = -std::numeric_limits<double>::infinity();
-        for (std::int64_t j = 0; j < d.M; ++j) m = std::max(m, s[std::size_t(j)]);
+        for (std::int64_t j = 0; j < Mk; ++j) m = std::max(m, s[std::size_t(j)]);
         if (m == -std::numeric_limits<double>::infinity()) {  // no visible key: exact zeros and -inf
           ++e.empty_rows;
           for (std::int64_t c = 0; c < d.Dv; ++c)
@@ -155,7 +159,7 @@ Expected expect(TensorView<const float> q, TensorView<const float> k, TensorView
           continue;
         }
         double sum = 0;
-        for (std::int64_t j = 0; j < d.M; ++j) sum += (w[std::size_t(j)] = std::exp(s[std::size_t(j)] - m));
+        for (std::int64_t j = 0; j < Mk; ++j) sum += (w[std::size_t(j)] = std::exp(s[std::size_t(j)] - m));
         const double L = m + std::log(sum);
         double query_r2 = 0;  // the query's squared distance to the center (Gaussian)
         if (opt.score == Score::gaussian && d.M > 0)
@@ -165,24 +169,24 @@ Expected expect(TensorView<const float> q, TensorView<const float> k, TensorView
           }
         const std::int64_t diag = i + d.M - d.N;
         double s_bar = 0;
-        for (std::int64_t j = 0; j < d.M; ++j) {
+        for (std::int64_t j = 0; j < Mk; ++j) {
           const double sj = s[std::size_t(j)];
           w[std::size_t(j)] /= sum;
           lw[std::size_t(j)] = sj - L;
           if (sj == -std::numeric_limits<double>::infinity()) continue;
           double a = 0;
-          switch (opt.score) {
+          if (j < d.M) switch (opt.score) {
             case Score::dot_product: a = a_dot[std::size_t(j)]; break;
             case Score::gaussian: a = 2 * std::fabs(scale) * (query_r2 + key_r2[std::size_t(j)]); break;
             case Score::additive: a = std::fabs(scale) * add_sum; break;
           }
           double t = 0;
-          if (opt.alibi_slopes) t += std::fabs(double(opt.alibi_slopes[h]) * double(std::llabs(diag - j)));
-          if (opt.mask.data) t += std::fabs(double(mask_at(opt.mask, b, h, i, j)));
+          if (opt.alibi_slopes && j < d.M) t += std::fabs(double(opt.alibi_slopes[h]) * double(std::llabs(diag - j)));
+          if (opt.mask.data && j < d.M) t += std::fabs(double(mask_at(opt.mask, b, h, i, j)));
           delta[std::size_t(j)] = kU * (double(d.D + 10) * a + 8 * (t + std::fabs(sj) + std::fabs(m)) + 16);
           s_bar += w[std::size_t(j)] * (std::fabs(sj) + std::fabs(m) + 1);
         }
-        const double lse_bound = weight_perturbation(lw, delta, d.M, coef);
+        const double lse_bound = weight_perturbation(lw, delta, Mk, coef);
         e.lse_tol[std::size_t(row)] = lse_bound + kLseAtol + 4 * kU * std::fabs(L);
         ref_lse.record(e.lse[std::size_t(row)], L, 4 * kU * std::fabs(L) + 1e-12 * s_bar, b, h, i, 0);
         std::fill(mine.begin(), mine.end(), 0.0), std::fill(mag.begin(), mag.end(), 0.0);
@@ -201,6 +205,12 @@ Expected expect(TensorView<const float> q, TensorView<const float> k, TensorView
             dev_ref[std::size_t(c)] += rj * spread;
           }
         }
+        if (s[std::size_t(d.M)] != -std::numeric_limits<double>::infinity())  // the sink's value row is 0
+          for (std::int64_t c = 0; c < d.Dv; ++c) {
+            const double spread = std::fabs(double(r[c]));
+            if (spread > 0) dev[std::size_t(c)] += coef[std::size_t(d.M)] * spread;
+            dev_ref[std::size_t(c)] += w[std::size_t(d.M)] * (std::fabs(s[std::size_t(d.M)]) + std::fabs(m) + 1) * spread;
+          }
         for (std::int64_t c = 0; c < d.Dv; ++c) {
           const std::size_t cs = std::size_t(c);
           e.out_tol[std::size_t(row * d.Dv + c)] = kAtol * mag[cs] + kRtol * std::fabs(double(r[c])) + dev[cs];

@@ -125,7 +125,7 @@ struct Problem {
   Layout layout;
   Tensor q, k, v, out, lse;
   AttentionOptions opt;
-  std::vector<float> mask_buf, slopes, add_w;
+  std::vector<float> mask_buf, slopes, add_w, sink_values;
   std::vector<std::uint8_t> bool_buf;
   std::vector<std::int32_t> lengths;
   std::string what;  // the options, for the report
@@ -201,6 +201,15 @@ struct Problem {
     scale(0.4f);
     softcap(3.0f);
     alibi();
+  }
+  // Attention sinks, one per query head, uniform in [lo, hi] (every third -inf when
+  // some_off: no sink for that head).
+  void sinks(float lo, float hi, bool some_off = false) {
+    std::uniform_real_distribution<float> val(lo, hi);
+    sink_values.resize(static_cast<std::size_t>(d.Hq));
+    for (std::size_t h = 0; h < sink_values.size(); ++h) sink_values[h] = some_off && h % 3 == 1 ? -kInf : val(rng);
+    opt.sinks = sink_values.data();
+    note("sinks in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]" + (some_off ? " some -inf" : ""));
   }
   void causal() { opt.causal = true, note("causal"); }
   void window(std::int64_t left, std::int64_t right) {

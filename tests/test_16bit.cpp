@@ -201,6 +201,7 @@ const std::vector<OptionSet>& option_sets() {
       {"softcap + alibi", [](Problem& p) { p.softcap(0.8f), p.alibi(); }},
       {"gaussian", [](Problem& p) { p.gaussian(); }},
       {"additive", [](Problem& p) { p.additive(); }},
+      {"sinks", [](Problem& p) { p.sinks(-2.0f, 4.0f, true); }},
       {"everything", [](Problem& p) { p.everything(); }},
   };
   return sets;

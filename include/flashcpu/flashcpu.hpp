@@ -78,6 +78,10 @@ struct AttentionOptions {
   std::int64_t window_right = -1;
   float softcap = 0;                     // > 0: s = softcap * tanh(s / softcap), on the scaled score
   const float* alibi_slopes = nullptr;   // Hq values: s += -slope[h] * |d - j|
+  // Attention sinks (gpt-oss): Hq values, in the units of the scores (after scale,
+  // softcap, ALiBi and mask): every row of head h also counts exp(sinks[h]) in its
+  // softmax denominator, with no value. -inf is the same as no sink.
+  const float* sinks = nullptr;
 
   Score score = Score::dot_product;
   const float* additive_weights = nullptr;  // D values, required by Score::additive
@@ -94,6 +98,13 @@ struct AttentionOptions {
 // exclude: a row masked entirely by -1e9 or -FLT_MAX still averages its keys by the
 // softmax of its (in fp32, equal) scores. The lse of a row whose scores are all below
 // -FLT_MAX * ln 2 (about -2.36e38) saturates near that value.
+//
+// With sinks, row i of head h with visible scores s_j gets
+//   out_i = sum_j exp(s_j) v_j / (sum_j exp(s_j) + exp(sinks[h])),
+//   lse_i = log(sum_j exp(s_j) + exp(sinks[h])),
+// and a row with no visible key gets out = 0 and lse = sinks[h]. When a context is
+// sharded across calls and merged with merge_into, pass the sinks to one shard only:
+// each shard that has them counts them once more.
 
 /// Every invalid argument raises this, naming the argument, the expected and the
 /// actual value, before anything is written.

@@ -609,26 +609,36 @@ struct ForwardKernel {
   }
 
   // out = acc / sum and lse for the job's rows; rows that saw no key get empty_value.
+  // A sink joins the denominator here: sum' = sum * 2^(max - max') + 2^(sink - max'),
+  // max' = max(max, sink) (log2 units), and acc scales by 2^(max - max') with it.
   static void finalize(const QueryBlockJob& job) {
     const std::int64_t G = job.q.heads_per_row, Dvp = job.dims.value_dim_padded;
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
     const std::int64_t Dv = job.dims.value_dim;
     for (std::int64_t r = 0, i = 0, g = 0; r < job.q.rows; ++r) {  // row r is query i, head g
-      // sum is 0 exactly when the row saw no key; a NaN sum (a NaN score) is not empty:
-      // it makes the row NaN, as in the oracle.
-      const float sum = job.state.row_sum[r];
+      // sum is 0 exactly when the row saw no key (and has no sink); a NaN sum (a NaN
+      // score) is not empty: it makes the row NaN, as in the oracle.
+      float sum = job.state.row_sum[r], row_max = job.state.row_max[r], scale = 1.0f;
+      const float sink = job.output.sinks ? job.output.sinks[g] : neg_inf;
+      if (sink != neg_inf) {
+        const float sink2 = sink * 1.4426950408889634f;
+        const float top = sink2 > row_max ? sink2 : row_max;  // a NaN max stays: the row is NaN anyway
+        scale = row_max == neg_inf ? 0.0f : exp2_nonpositive_scalar<Arch>(row_max - top);
+        sum = sum * scale + exp2_nonpositive_scalar<Arch>(sink2 - top);
+        row_max = top;
+      }
       const bool empty = sum == 0.0f;
       const std::int64_t offset = i * job.output.out_row_stride + g * job.output.out_head_stride;
       if (Dv > 0 && job.output.out_type != DType::f32) {
         // 16-bit output: normalized in place (the state is finished), rounded once.
         float* acc = job.state.acc + r * Dvp;
-        const float inv = empty ? 0.0f : 1.0f / sum;
+        const float inv = empty ? 0.0f : scale / sum;
         for (std::int64_t c = 0; c < Dv; ++c) acc[c] = empty ? job.output.empty_value : acc[c] * inv;
         store_values(acc, Dv, job.output.out_type, job.output.out, offset, job.output.out_col_stride);
       } else if (Dv > 0) {  // with Dv = 0 out may be null: only lse is written
         float* out = static_cast<float*>(job.output.out) + offset;
         const float* acc = job.state.acc + r * Dvp;
-        const float inv = empty ? 0.0f : 1.0f / sum;
+        const float inv = empty ? 0.0f : scale / sum;
         if (empty) {
           for (std::int64_t c = 0; c < Dv; ++c) out[c * job.output.out_col_stride] = job.output.empty_value;
         } else if (job.output.out_col_stride == 1) {
@@ -639,9 +649,12 @@ struct ForwardKernel {
           for (std::int64_t c = 0; c < Dv; ++c) out[c * job.output.out_col_stride] = acc[c] * inv;
         }
       }
+      // A row with no visible key but a sink: lse is the sink itself, exactly.
       if (job.output.lse)
         job.output.lse[i * job.output.lse_row_stride + g * job.output.lse_head_stride] =
-            empty ? neg_inf : (job.state.row_max[r] + log2_scalar(sum)) * 0.6931471805599453f;
+            empty                                        ? neg_inf
+            : sink != neg_inf && job.state.row_max[r] == neg_inf ? sink
+                                                         : (row_max + log2_scalar(sum)) * 0.6931471805599453f;
       if (++g == G) {
         g = 0;
         ++i;

@@ -111,6 +111,7 @@ struct JobOutput {
   std::int64_t out_row_stride, out_col_stride, out_head_stride;
   float* lse;  // null, or like out with lse_row_stride and lse_head_stride
   std::int64_t lse_row_stride, lse_head_stride;
+  const float* sinks;  // null, or each head of the group's sink (natural units), joined in at finalize
 };
 
 /// The running state, in scratch (64-byte aligned): scores [mr x block_keys]; acc

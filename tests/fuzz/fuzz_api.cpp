@@ -172,7 +172,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   static Arena inputs(kInputFloats), outputs(kOutputFloats);
   static std::vector<float> snapshot = std::vector<float>(std::size_t(kOutputFloats));
   static std::vector<std::int32_t> lengths(64);
-  static std::vector<float> per_head(64), per_dim(4096);
+  static std::vector<float> per_head(64), per_dim(4096), sinks(64);
   Bytes in(data, size);
 
   // Inputs: finite values, with a NaN or an inf sometimes (they may propagate; they
@@ -262,8 +262,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     std::fprintf(stderr, "entry %d B=%lld Hq=%lld Hkv=%lld N=%lld M=%lld D=%lld Dv=%lld must_reject=%d\n", entry,
                  (long long)B, (long long)Hq, (long long)Hkv, (long long)N, (long long)M, (long long)D, (long long)Dv,
                  int(must_reject));
-  // Element types of attention and reference::attention: 0 fp32, then the 16-bit
-  // combinations (read last, so that earlier bytes keep their meaning in the corpus).
+  // Attention sinks (NaN and +inf must be rejected), and the element types of attention
+  // and reference::attention: 0 fp32, then the 16-bit combinations. Read last, so that
+  // earlier bytes keep their meaning in the corpus.
+  if (in.next() % 4 == 1 && Hq >= 0 && Hq <= std::int64_t(sinks.size())) {
+    for (auto& x : sinks) x = in.pick(floats);
+    o.sinks = sinks.data();
+  }
   const int types = entry <= 1 || entry == 4 ? in.next() % 5 : 0;
   std::memcpy(snapshot.data(), oa, snapshot.size() * sizeof(float));
   bool raised = false;
