@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -54,6 +55,28 @@ TEST_CASE("sinks match the oracle on every path, alone and with other options", 
       INFO("option set: " << set.name << (d.N <= 16 ? " (decode path)" : " (prefill path)"));
       CHECK_PROBLEM(p);
     }
+}
+
+TEST_CASE("sinks on randomized shapes with awkward sizes, GQA and views", "[sinks]") {
+  std::mt19937 rng(5150);
+  const std::int64_t sizes[] = {1, 2, 3, 5, 7, 13, 17, 31, 37, 61, 64, 67, 131};
+  auto pick = [&] { return sizes[rng() % (sizeof(sizes) / sizeof(sizes[0]))]; };
+  int decode = 0, prefill = 0;
+  for (int t = 0; t < 24; ++t) {
+    const std::int64_t hkv = 1 + rng() % 3, group = 1 + rng() % 4;
+    const Dims d{1 + std::int64_t(rng() % 2), hkv * group, hkv, pick(), pick() + std::int64_t(rng() % 700), pick(),
+                 pick()};
+    (d.N <= 16 ? decode : prefill) += 1;
+    Problem p(d, std::uint32_t(rng()), t % 2 ? Layout::sliced : Layout::bshd, t % 3 ? Layout::padded : Layout::bhsd);
+    const float centre = float(int(rng() % 41) - 20);  // sinks from -20 to +20
+    p.sinks(centre - 1.0f, centre + 1.0f, t % 4 == 3);
+    if (t % 3 == 1) p.causal();
+    if (t % 5 == 2) p.full_bool(0.3);
+    if (t % 7 == 4) p.softcap(1.5f);
+    CHECK_PROBLEM(p);
+  }
+  CHECK(decode > 0);
+  CHECK(prefill > 0);
 }
 
 TEST_CASE("sinks: a row with no visible key gets out = 0 and lse = its sink", "[sinks][empty]") {
