@@ -16,7 +16,8 @@ using detail::AnyView;
 using detail::AttentionShape;
 using detail::CallViews;
 
-// M = 0 (no keys at all): every row sees no key.
+// M = 0 (no keys at all): every row sees no key, and its lse is its head's sink (-inf
+// without one).
 void write_empty_rows(const AttentionShape& s, const CallViews& views, float empty_value) {
   for (std::int64_t b = 0; b < s.batch; ++b)
     for (std::int64_t h = 0; h < s.q_heads; ++h)
@@ -25,7 +26,7 @@ void write_empty_rows(const AttentionShape& s, const CallViews& views, float emp
           detail::store_values(&empty_value, 1, views.out.type, views.out.row(b, h, i), c * views.out.strides[3], 0);
         if (views.has_lse)
           views.lse.data[b * views.lse.strides[0] + h * views.lse.strides[1] + i * views.lse.strides[2]] =
-              -std::numeric_limits<float>::infinity();
+              s.sinks ? s.sinks[h] : -std::numeric_limits<float>::infinity();
       }
 }
 

@@ -33,6 +33,7 @@ struct DecodeSplit {
 // Aim for 64 work items in all (enough for 64 cores), but no chunk under 512 keys,
 // where the per-chunk merge would start to cost more than the parallelism gains.
 constexpr std::int64_t kTargetItems = 64, kMinChunkKeys = 512;
+static_assert(kTargetItems + 1 <= kMaxMergeParts, "every chunk of a head and its sink fit one merge");
 
 DecodeSplit split_decode(const Plan& plan, const CallViews& views) {
   const AttentionShape& s = plan.shape;

@@ -3,6 +3,7 @@
 #include <flashcpu/flashcpu.hpp>
 
 #include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <limits>
 
@@ -17,8 +18,8 @@ float merge_partials(const Partial* parts, std::int64_t count, std::int64_t colu
   // Relative to the largest scale, so no weight overflows.
   float top = neg_inf;
   for (std::int64_t c = 0; c < count; ++c) top = std::max(top, parts[c].log_scale);
-  constexpr int kMaxParts = 65;  // decoding's chunks per head and a sink, or merge_into's two
-  float weight[kMaxParts];
+  assert(count <= kMaxMergeParts);
+  float weight[kMaxMergeParts];
   float total = 0.0f;
   for (std::int64_t c = 0; c < count; ++c) {
     weight[c] = parts[c].log_scale == neg_inf ? 0.0f : std::exp(parts[c].log_scale - top);

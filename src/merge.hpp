@@ -19,6 +19,9 @@ struct Partial {
   float sum;
 };
 
+/// The most parts merge_partials takes: decoding's chunks of a head (at most 64) and a sink.
+constexpr int kMaxMergeParts = 65;
+
 /// Merges `count` parts of a row of `columns` values in part order (so the result does
 /// not depend on who computed which part): merged[c * merged_stride] = the weighted mean,
 /// or empty_value when no part saw a key. `merged` may alias a part's values (each column

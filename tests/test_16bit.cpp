@@ -15,6 +15,8 @@
 // output's rounding alone may use most of its added term.
 #include <catch2/catch.hpp>
 
+#include <xmmintrin.h>  // _mm_getcsr / _mm_setcsr: the denormal flags
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -359,4 +361,39 @@ TEST_CASE("16-bit: bad input is rejected as in fp32, before anything is written"
     flashcpu::attention(bhsd<const bf16>(q.data(), B, H, N, D), k_in, k_in, bhsd(shared.data() + k.size(), B, H, N, D));
   });
   CHECK(after == "(no error)");
+}
+
+TEST_CASE("16-bit: fp16 subnormals widen exactly with flush-to-zero and denormals-are-zero set", "[16bit]") {
+  // Frameworks set FTZ and DAZ for speed; an fp16 subnormal must still widen to its
+  // value (a normal float), not to 0, on every level (SSE2 widens by integer code).
+  Problem p(Dims{1, 4, 2, 20, 300, 16, 16}, 7070, Layout::bhsd, Layout::bhsd);
+  std::mt19937 rng(7071);
+  std::uniform_real_distribution<float> tiny(-6e-5f, 6e-5f);  // mostly fp16 subnormals
+  for (Tensor* t : {&p.k, &p.v})
+    for (std::int64_t h = 0; h < 2; ++h)
+      for (std::int64_t j = 0; j < 300; ++j)
+        for (std::int64_t c = 0; c < 16; ++c) t->at(0, h, j, c) = tiny(rng);
+  round_view<fp16>(p.k);
+  round_view<fp16>(p.v);
+  const Expected e = expect(p.q.cview(), p.k.cview(), p.v.cview(), p.opt);
+  const Copy<fp16> k(p.k), v(p.v);
+  for (bool decode : {false, true}) {
+    flashcpu::AttentionOptions opt = p.opt;
+    opt.num_threads = 1;  // the calling thread, whose MXCSR is set here
+    TensorView<const float> q = p.q.cview();
+    TensorView<float> out = p.out.view();
+    if (decode) q.shape[2] = out.shape[2] = 1;  // query 0 only: the decode path
+    const unsigned saved = _mm_getcsr();
+    _mm_setcsr(saved | 0x8040);  // FTZ | DAZ
+    flashcpu::attention(q, k.cview(), v.cview(), out, opt);
+    _mm_setcsr(saved);
+    Worst w;
+    for (std::int64_t h = 0; h < 4; ++h)
+      for (std::int64_t c = 0; c < 16; ++c) {
+        const std::size_t at = std::size_t((h * 20) * 16 + c);  // query 0 of each head
+        w.record(p.out.at(0, h, 0, c), e.out[at], e.out_tol[at], 0, h, 0, c);
+      }
+    INFO((decode ? "decode: " : "prefill: ") << w.text("out"));
+    CHECK(w.bad == 0);
+  }
 }

@@ -176,3 +176,60 @@ TEST_CASE("sinks: a NaN or +inf sink is rejected, naming the head, before anythi
     CHECK(std::memcmp(before.data(), p.out.buffer().data(), before.size() * sizeof(float)) == 0);
   }
 }
+
+TEST_CASE("sinks with no keys at all (M = 0), and sinks beyond the float range of log2 units", "[sinks][empty]") {
+  // M = 0: every row sees no key; lse is the sink (or -inf where a head has none).
+  {
+    const std::int64_t B = 1, H = 2, N = 3, D = 4;
+    std::vector<float> q(std::size_t(B * H * N * D), 0.5f), out(std::size_t(B * H * N * D), 9.0f), lse(std::size_t(B * H * N), 9.0f);
+    std::vector<float> kv(1, 0.0f);
+    const float sinks[] = {0.5f, -std::numeric_limits<float>::infinity()};
+    flashcpu::AttentionOptions opt;
+    opt.sinks = sinks;
+    const auto empty = flashcpu::bhsd<const float>(kv.data(), B, H, 0, D);
+    flashcpu::attention(flashcpu::bhsd<const float>(q.data(), B, H, N, D), empty, empty,
+                        flashcpu::bhsd(out.data(), B, H, N, D), flashcpu::bhsd(lse.data(), B, H, N, 1), opt);
+    for (float x : out) CHECK(x == 0.0f);
+    for (std::int64_t i = 0; i < N; ++i) {
+      CHECK(lse[std::size_t(i)] == 0.5f);
+      CHECK(lse[std::size_t(N + i)] == -std::numeric_limits<float>::infinity());
+    }
+    std::vector<float> ref_lse(lse.size(), 9.0f), ref_out(out.size(), 9.0f);
+    flashcpu::reference::attention(flashcpu::bhsd<const float>(q.data(), B, H, N, D), empty, empty,
+                                   flashcpu::bhsd(ref_out.data(), B, H, N, D),
+                                   flashcpu::bhsd(ref_lse.data(), B, H, N, 1), opt);
+    CHECK(ref_lse == lse);
+    CHECK(ref_out == out);
+  }
+  // |sink| of 3e38 (beyond FLT_MAX / log2 e): +3e38 takes the whole row (out 0, lse the
+  // sink); -3e38 changes nothing where keys are visible, and is the lse of an empty row.
+  for (const Dims& d : kShapes) {
+    Problem plain(d, 5600, Layout::bhsd, Layout::bhsd);
+    plain.key_lengths(std::vector<std::int32_t>(std::size_t(d.B), std::int32_t(d.M)));
+    plain.lengths[0] = 0;  // batch 0 sees no key
+    flashcpu::attention(plain.q.cview(), plain.k.cview(), plain.v.cview(), plain.out.view(), plain.lse.view(),
+                        plain.opt);
+    for (float huge : {3e38f, -3e38f}) {
+      Problem p(d, 5600, Layout::bhsd, Layout::bhsd);
+      p.key_lengths(plain.lengths);
+      p.sink_values.assign(std::size_t(d.Hq), huge);
+      p.opt.sinks = p.sink_values.data();
+      flashcpu::attention(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), p.lse.view(), p.opt);
+      INFO(p.describe() << " sink " << huge);
+      for (std::int64_t b = 0; b < d.B; ++b)
+        for (std::int64_t h = 0; h < d.Hq; ++h)
+          for (std::int64_t i = 0; i < d.N; ++i) {
+            const bool empty = b == 0;
+            const float lse = p.lse.at(b, h, i, 0), want_lse = huge > 0 || empty ? huge : plain.lse.at(b, h, i, 0);
+            CHECK(std::memcmp(&lse, &want_lse, sizeof(float)) == 0);
+            for (std::int64_t c = 0; c < d.Dv; ++c) {
+              const float got = p.out.at(b, h, i, c);
+              if (huge > 0)
+                CHECK(got == 0.0f);  // +0 or -0: the row's weights are all 0
+              else
+                CHECK(std::memcmp(&got, &plain.out.at(b, h, i, c), sizeof(float)) == 0);
+            }
+          }
+    }
+  }
+}

@@ -2,7 +2,8 @@
 // kernels/forward.hpp, inside that file's per-variant namespace (see vmath.hpp).
 //
 // bf16 is the top half of an fp32: widening is a 16-bit shift, exact. fp16 widens
-// exactly too: by F16C's vcvtph2ps on AVX2 and AVX-512, by integer arithmetic on SSE2.
+// exactly too: by F16C's vcvtph2ps on AVX2 and AVX-512, by integer arithmetic on SSE2
+// (no fp32 denormal on the way, so flush-to-zero and denormals-are-zero do not apply).
 
 using f32 = float;
 struct bf16 { std::uint16_t bits; };  // layout of flashcpu::bf16
@@ -19,20 +20,19 @@ inline float widen_scalar(f16 x) {
 #ifdef __F16C__
   return _cvtsh_ss(x.bits);
 #else
-  // Magnitude bits shifted into an fp32's place read as 2^-112 of the value (exponent
-  // bias 127 against 15, subnormals included); inf and NaN keep an all-ones exponent.
+  // Normal: the magnitude bits shifted into an fp32's place, exponent rebiased (127
+  // against 15); subnormal: mantissa * 2^-24, a normal float; inf and NaN keep an
+  // all-ones exponent and their payload.
   const std::uint32_t magnitude = x.bits & 0x7fffu, sign = std::uint32_t(x.bits & 0x8000u) << 16;
-  if (magnitude >= 0x7c00u) {
-    const std::uint32_t bits = sign | 0x7f800000u | (magnitude & 0x3ffu) << 13;
-    float f;
-    __builtin_memcpy(&f, &bits, 4);
-    return f;
+  if (magnitude < 0x0400u) {
+    const float f = float(magnitude) * 0x1p-24f;
+    return sign ? -f : f;
   }
-  const std::uint32_t shifted = magnitude << 13;
+  const std::uint32_t bits =
+      sign | (magnitude >= 0x7c00u ? 0x7f800000u | (magnitude & 0x3ffu) << 13 : (magnitude << 13) + (112u << 23));
   float f;
-  __builtin_memcpy(&f, &shifted, 4);
-  f *= 0x1p112f;
-  return sign ? -f : f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
 #endif
 }
 
@@ -70,9 +70,12 @@ inline xsimd::batch<float, Arch> widen(const f16* p) {
     const __m128i magnitude = _mm_and_si128(h, _mm_set1_epi32(0x7fff));
     const __m128i sign = _mm_slli_epi32(_mm_and_si128(h, _mm_set1_epi32(0x8000)), 16);
     const __m128i shifted = _mm_slli_epi32(magnitude, 13);
-    const __m128i finite = _mm_castps_si128(_mm_mul_ps(_mm_castsi128_ps(shifted), _mm_set1_ps(0x1p112f)));
+    const __m128i normal = _mm_add_epi32(shifted, _mm_set1_epi32(112 << 23));
+    const __m128i subnormal = _mm_castps_si128(_mm_mul_ps(_mm_cvtepi32_ps(magnitude), _mm_set1_ps(0x1p-24f)));
     const __m128i special = _mm_or_si128(shifted, _mm_set1_epi32(0x7f800000));
     const __m128i is_special = _mm_cmpgt_epi32(magnitude, _mm_set1_epi32(0x7bff));
+    const __m128i is_subnormal = _mm_cmplt_epi32(magnitude, _mm_set1_epi32(0x0400));
+    const __m128i finite = _mm_or_si128(_mm_and_si128(is_subnormal, subnormal), _mm_andnot_si128(is_subnormal, normal));
     const __m128i value = _mm_or_si128(_mm_and_si128(is_special, special), _mm_andnot_si128(is_special, finite));
     return _mm_castsi128_ps(_mm_or_si128(value, sign));
   }

@@ -619,13 +619,20 @@ struct ForwardKernel {
       // sum is 0 exactly when the row saw no key (and has no sink); a NaN sum (a NaN
       // score) is not empty: it makes the row NaN, as in the oracle.
       float sum = job.state.row_sum[r], row_max = job.state.row_max[r], scale = 1.0f;
+      // lse = top + log(sum) in natural units, with top the larger of the row's max and
+      // its sink: taken from the sink itself when it is the larger, so that a sink beyond
+      // FLT_MAX / log2(e) (whose log2 units saturate below) still gives its exact lse.
+      float top_natural = row_max * 0.6931471805599453f;
       const float sink = job.output.sinks ? job.output.sinks[g] : neg_inf;
       if (sink != neg_inf) {
-        const float sink2 = sink * 1.4426950408889634f;
-        const float top = sink2 > row_max ? sink2 : row_max;  // a NaN max stays: the row is NaN anyway
+        constexpr float lowest = std::numeric_limits<float>::lowest(), highest = std::numeric_limits<float>::max();
+        const float scaled = sink * 1.4426950408889634f;
+        const float sink2 = scaled < lowest ? lowest : scaled > highest ? highest : scaled;  // finite stays finite
+        const bool sink_top = !(row_max >= sink2);  // a NaN max keeps the row NaN through sum
+        const float top = sink_top ? sink2 : row_max;
         scale = row_max == neg_inf ? 0.0f : exp2_nonpositive_scalar<Arch>(row_max - top);
         sum = sum * scale + exp2_nonpositive_scalar<Arch>(sink2 - top);
-        row_max = top;
+        if (sink_top) top_natural = sink;
       }
       const bool empty = sum == 0.0f;
       const std::int64_t offset = i * job.output.out_row_stride + g * job.output.out_head_stride;
@@ -649,12 +656,10 @@ struct ForwardKernel {
           for (std::int64_t c = 0; c < Dv; ++c) out[c * job.output.out_col_stride] = acc[c] * inv;
         }
       }
-      // A row with no visible key but a sink: lse is the sink itself, exactly.
+      // A row with no visible key but a sink: sum = 1 and lse is the sink itself, exactly.
       if (job.output.lse)
         job.output.lse[i * job.output.lse_row_stride + g * job.output.lse_head_stride] =
-            empty                                        ? neg_inf
-            : sink != neg_inf && job.state.row_max[r] == neg_inf ? sink
-                                                         : (row_max + log2_scalar(sum)) * 0.6931471805599453f;
+            empty ? neg_inf : top_natural + log2_scalar(sum) * 0.6931471805599453f;
       if (++g == G) {
         g = 0;
         ++i;
