@@ -24,9 +24,7 @@ void write_empty_rows(const AttentionShape& s, const CallViews& views, float emp
       for (std::int64_t i = 0; i < s.q_len; ++i) {
         for (std::int64_t c = 0; c < s.value_dim; ++c)
           detail::store_values(&empty_value, 1, views.out.type, views.out.row(b, h, i), c * views.out.strides[3], 0);
-        if (views.has_lse)
-          views.lse.data[b * views.lse.strides[0] + h * views.lse.strides[1] + i * views.lse.strides[2]] =
-              s.sinks ? s.sinks[h] : -std::numeric_limits<float>::infinity();
+        if (float* lse = views.lse_at(b, h, i)) *lse = s.sinks ? s.sinks[h] : -std::numeric_limits<float>::infinity();
       }
 }
 

@@ -131,7 +131,7 @@ void run_chunk(const Plan& plan, const CallViews& views, const DecodeSplit& d, s
   bind_distance_form(plan, job, exact, mine.key_bias, mine.row_bias);
   bind_heads(plan, job, b, hkv * G);
   job.output.out = views.out.row(b, hkv * G, 0);
-  job.output.lse = views.has_lse ? views.lse.data + b * views.lse.strides[0] + hkv * G * views.lse.strides[1] : nullptr;
+  job.output.lse = views.lse_at(b, hkv * G, 0);
 
   // Keys past the batch's key length are never read.
   const std::int64_t chunk_end = std::min({M, (chunk + 1) * d.chunk_keys, job.visible.key_limit});
@@ -171,8 +171,7 @@ void merge_chunks(const Plan& plan, const CallViews& views, const DecodeSplit& d
     float* merged = first + r * Dvp;
     const float lse = merge_partials(parts, count, s.value_dim, plan.empty_value, merged, 1);
     if (s.value_dim > 0) store_values(merged, s.value_dim, views.out.type, views.out.row(b, h, i), 0, views.out.strides[3]);
-    if (views.has_lse)
-      views.lse.data[b * views.lse.strides[0] + h * views.lse.strides[1] + i * views.lse.strides[2]] = lse;
+    if (float* row_lse = views.lse_at(b, h, i)) *row_lse = lse;
   }
 }
 

@@ -50,6 +50,11 @@ struct CallViews {
   AnyView q, k, v, out;
   TensorView<float> lse;
   bool has_lse;
+
+  /// lse of row i of head h of batch b, or null without lse.
+  float* lse_at(std::int64_t b, std::int64_t h, std::int64_t i) const {
+    return has_lse ? lse.data + b * lse.strides[0] + h * lse.strides[1] + i * lse.strides[2] : nullptr;
+  }
 };
 
 // Everything one call needs to know, fixed before any thread starts.

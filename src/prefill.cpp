@@ -101,9 +101,7 @@ void run_prefill(const Plan& plan, const CallViews& views) {
                    mine.row_bias);
       bind_heads(plan, job, b, h);
       job.output.out = views.out.row(b, h, job.q.first_row);
-      job.output.lse = views.has_lse ? views.lse.data + b * views.lse.strides[0] + h * views.lse.strides[1] +
-                                           job.q.first_row * views.lse.strides[2]
-                                     : nullptr;
+      job.output.lse = views.lse_at(b, h, job.q.first_row);
       kernels.forward_query_block(job);
     }
   }
