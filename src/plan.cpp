@@ -126,6 +126,19 @@ void pack_queries(const Plan& plan, const AnyView& q, std::int64_t b, std::int64
   plan.kernels->pack_query_rows(pack);
 }
 
+JobVisibility visibility(const AttentionShape& s, std::int64_t b) {
+  // Window and causal bounds around the diagonal d = i + (M - N), and the batch's key length.
+  JobVisibility visible{};
+  const std::int64_t diag = s.kv_len - s.q_len;
+  visible.has_lo = s.window_left >= 0;
+  visible.lo_offset = diag - s.window_left;
+  visible.has_hi = s.causal || s.window_right >= 0;
+  visible.hi_offset =
+      diag + (s.causal ? std::min<std::int64_t>(s.window_right >= 0 ? s.window_right : 0, 0) : s.window_right);
+  visible.key_limit = s.key_lengths && b < s.batch ? std::int64_t(s.key_lengths[b]) : s.kv_len;
+  return visible;
+}
+
 QueryBlockJob base_job(const Plan& plan, const CallViews& views) {
   const AttentionShape& s = plan.shape;
   QueryBlockJob job{};
@@ -149,30 +162,31 @@ QueryBlockJob base_job(const Plan& plan, const CallViews& views) {
   job.output.out_head_stride = views.out.strides[1];
   job.output.lse_row_stride = views.lse.strides[2];
   job.output.lse_head_stride = views.lse.strides[1];
-  // Visibility: window and causal bounds around the diagonal d = i + (M - N).
-  const std::int64_t diag = s.kv_len - s.q_len;
-  job.visible.has_lo = s.window_left >= 0;
-  job.visible.lo_offset = diag - s.window_left;
-  job.visible.has_hi = s.causal || s.window_right >= 0;
-  job.visible.hi_offset =
-      diag + (s.causal ? std::min<std::int64_t>(s.window_right >= 0 ? s.window_right : 0, 0) : s.window_right);
-  job.masks.mask_head_stride = s.mask.strides[1];
-  job.masks.mask_row_stride = s.mask.strides[2];
-  job.masks.mask_col_stride = s.mask.strides[3];
-  job.masks.bool_head_stride = s.bool_mask.strides[1];
-  job.masks.bool_row_stride = s.bool_mask.strides[2];
-  job.masks.bool_col_stride = s.bool_mask.strides[3];
+  job.visible = visibility(s, 0);
+  job.masks = masks_at(s, 0, 0);
   return job;
+}
+
+JobMasks masks_at(const AttentionShape& s, std::int64_t b, std::int64_t first_head) {
+  JobMasks masks{};
+  masks.mask = s.mask.data ? s.mask.data + b * s.mask.strides[0] + first_head * s.mask.strides[1] : nullptr;
+  masks.bool_mask =
+      s.bool_mask.data ? s.bool_mask.data + b * s.bool_mask.strides[0] + first_head * s.bool_mask.strides[1] : nullptr;
+  masks.mask_head_stride = s.mask.strides[1];
+  masks.mask_row_stride = s.mask.strides[2];
+  masks.mask_col_stride = s.mask.strides[3];
+  masks.bool_head_stride = s.bool_mask.strides[1];
+  masks.bool_row_stride = s.bool_mask.strides[2];
+  masks.bool_col_stride = s.bool_mask.strides[3];
+  return masks;
 }
 
 void bind_heads(const Plan& plan, QueryBlockJob& job, std::int64_t b, std::int64_t first_head) {
   const AttentionShape& s = plan.shape;
   job.score.alibi_slopes = s.alibi_slopes ? s.alibi_slopes + first_head : nullptr;
   job.output.sinks = s.sinks ? s.sinks + first_head : nullptr;
-  job.masks.mask = s.mask.data ? s.mask.data + b * s.mask.strides[0] + first_head * s.mask.strides[1] : nullptr;
-  job.masks.bool_mask =
-      s.bool_mask.data ? s.bool_mask.data + b * s.bool_mask.strides[0] + first_head * s.bool_mask.strides[1] : nullptr;
-  job.visible.key_limit = s.key_lengths ? std::int64_t(s.key_lengths[b]) : s.kv_len;
+  job.masks = masks_at(s, b, first_head);
+  job.visible = visibility(s, b);
 }
 
 }  // namespace flashcpu::detail

@@ -99,6 +99,12 @@ void pack_queries(const Plan& plan, const AnyView& q, std::int64_t b, std::int64
                   std::int64_t heads_per_row, std::int64_t first_row, std::int64_t rows, int mr, const float* center,
                   bool exact_distance, float* packed, float* row_bias);
 
+/// Which keys each query of batch b sees: the causal and window bounds and key_lengths[b].
+JobVisibility visibility(const AttentionShape& s, std::int64_t b);
+
+/// The masks at (batch b, query head first_head), with their broadcast strides.
+JobMasks masks_at(const AttentionShape& s, std::int64_t b, std::int64_t first_head);
+
 /// The job fields that depend only on the call (shape, score, visibility rules, output
 /// type) and on the thread's scratch (set by the caller).
 QueryBlockJob base_job(const Plan& plan, const CallViews& views);

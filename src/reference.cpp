@@ -36,19 +36,12 @@ T mask_at(const detail::MaskView<T>& m, std::int64_t b, std::int64_t h, std::int
   return m.data[b * m.strides[0] + h * m.strides[1] + i * m.strides[2] + j * m.strides[3]];
 }
 
-// The score of query i of head h against key j, in the documented order; -inf when the
-// key is excluded.
+// scale * f(q_i, k_j) of query i of head h: the score before soft-capping and the terms
+// after it.
 template <class Q, class KV>
-double score(const detail::AttentionShape& s, const TensorView<const Q>& q, const TensorView<const KV>& k,
-             std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) {
+double raw_score(const detail::AttentionShape& s, const TensorView<const Q>& q, const TensorView<const KV>& k,
+                 std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) {
   const std::int64_t hk = h / (s.q_heads / s.kv_heads);
-  const std::int64_t d = i + (s.kv_len - s.q_len);  // the causal diagonal of row i
-  if (s.bool_mask.data && mask_at(s.bool_mask, b, h, i, j) == 0) return kNegInf;
-  if (s.causal && j > d) return kNegInf;
-  if (s.window_left >= 0 && j < d - s.window_left) return kNegInf;
-  if (s.window_right >= 0 && j > d + s.window_right) return kNegInf;
-  if (s.key_lengths && j >= s.key_lengths[b]) return kNegInf;
-
   double x = 0;
   for (std::int64_t c = 0; c < s.head_dim; ++c) {
     const double qc = at(q, b, h, i, c), kc = at(k, b, hk, j, c);
@@ -58,7 +51,22 @@ double score(const detail::AttentionShape& s, const TensorView<const Q>& q, cons
       case Score::additive: x += double(s.additive_weights[c]) * std::tanh(qc + kc); break;
     }
   }
-  x *= double(s.scale);
+  return x * double(s.scale);
+}
+
+// The score of query i of head h against key j, in the documented order; -inf when the
+// key is excluded.
+template <class Q, class KV>
+double score(const detail::AttentionShape& s, const TensorView<const Q>& q, const TensorView<const KV>& k,
+             std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) {
+  const std::int64_t d = i + (s.kv_len - s.q_len);  // the causal diagonal of row i
+  if (s.bool_mask.data && mask_at(s.bool_mask, b, h, i, j) == 0) return kNegInf;
+  if (s.causal && j > d) return kNegInf;
+  if (s.window_left >= 0 && j < d - s.window_left) return kNegInf;
+  if (s.window_right >= 0 && j > d + s.window_right) return kNegInf;
+  if (s.key_lengths && j >= s.key_lengths[b]) return kNegInf;
+
+  double x = raw_score(s, q, k, b, h, i, j);
   if (s.softcap > 0) x = double(s.softcap) * std::tanh(x / double(s.softcap));
   if (s.alibi_slopes) x -= double(s.alibi_slopes[h]) * double(std::llabs(d - j));
   if (s.mask.data) {
@@ -150,6 +158,81 @@ FLASHCPU_REFERENCE_16BIT(fp16, fp16)
 FLASHCPU_REFERENCE_16BIT(float, bf16)
 FLASHCPU_REFERENCE_16BIT(float, fp16)
 #undef FLASHCPU_REFERENCE_16BIT
+
+void attention_backward(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
+                        TensorView<const float> out, TensorView<const float> lse, TensorView<const float> dout,
+                        TensorView<float> dq, TensorView<float> dk, TensorView<float> dv,
+                        const AttentionOptions& options) {
+  const detail::AttentionShape s = detail::validate_backward(q, k, v, out, lse, dout, dq, dk, dv, options);
+  const std::int64_t B = s.batch, Hkv = s.kv_heads, N = s.q_len, M = s.kv_len, D = s.head_dim, Dv = s.value_dim;
+  const std::int64_t group = Hkv > 0 ? s.q_heads / Hkv : 1;
+  auto put = [](const TensorView<float>& t, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t c, double x) {
+    t.data[b * t.strides[0] + h * t.strides[1] + i * t.strides[2] + c * t.strides[3]] = float(x);
+  };
+  // Every element is written: queries of heads with no KV head (none exist when Hq > 0)
+  // aside, each (b, KV head) item below owns its group's dq rows and its own dk, dv rows.
+#pragma omp parallel for schedule(dynamic) num_threads(thread_count(s.num_threads)) if (B * Hkv > 1)
+  for (std::int64_t bk = 0; bk < B * Hkv; ++bk) {
+    const std::int64_t b = bk / Hkv, hk = bk % Hkv;
+    std::vector<double> dk_acc(std::size_t(M * D), 0.0), dv_acc(std::size_t(M * Dv), 0.0);
+    std::vector<double> p(static_cast<std::size_t>(M)), dp(static_cast<std::size_t>(M)), dq_row(static_cast<std::size_t>(D));
+    for (std::int64_t g = 0; g < group; ++g) {
+      const std::int64_t h = hk * group + g;
+      for (std::int64_t i = 0; i < N; ++i) {
+        // The row's softmax in double (a sink counts in the denominator, with no value).
+        const double sink = s.sinks ? double(s.sinks[h]) : kNegInf;
+        double row_max = sink;
+        for (std::int64_t j = 0; j < M; ++j) {
+          p[std::size_t(j)] = score(s, q, k, b, h, i, j);
+          row_max = std::max(row_max, p[std::size_t(j)]);
+        }
+        double sum = sink == kNegInf ? 0.0 : std::exp(sink - row_max);
+        for (std::int64_t j = 0; j < M; ++j) {
+          double& x = p[std::size_t(j)];
+          x = x == kNegInf ? 0.0 : std::exp(x - row_max);
+          sum += x;
+        }
+        for (std::int64_t c = 0; c < D; ++c) dq_row[std::size_t(c)] = 0;
+        if (sum > 0) {
+          // dP_ij = dO_i . v_j; D_i = sum_j P_ij dP_ij (= dO_i . out_i); dS = P (dP - D_i).
+          double delta = 0;
+          for (std::int64_t j = 0; j < M; ++j) {
+            double& w = p[std::size_t(j)];
+            w /= sum;
+            double x = 0;
+            if (w != 0)
+              for (std::int64_t c = 0; c < Dv; ++c) x += at(dout, b, h, i, c) * at(v, b, hk, j, c);
+            dp[std::size_t(j)] = x;
+            delta += w * x;
+          }
+          for (std::int64_t j = 0; j < M; ++j) {
+            const double w = p[std::size_t(j)];
+            if (w == 0) continue;  // excluded (or underflowed): no gradient, whatever k_j, v_j hold
+            double ds = w * (dp[std::size_t(j)] - delta);
+            if (s.softcap > 0) {  // through c tanh(r / c): times 1 - tanh^2(r / c)
+              const double t = std::tanh(raw_score(s, q, k, b, h, i, j) / double(s.softcap));
+              ds *= 1 - t * t;
+            }
+            for (std::int64_t c = 0; c < Dv; ++c) dv_acc[std::size_t(j * Dv + c)] += w * at(dout, b, h, i, c);
+            for (std::int64_t c = 0; c < D; ++c) {
+              const double qc = at(q, b, h, i, c), kc = at(k, b, hk, j, c);
+              // d(scale q.k) = scale (k dq + q dk); d(-scale |q - k|^2) = -2 scale (q - k)(dq - dk).
+              const double gq = s.score == Score::gaussian ? -2.0 * (qc - kc) : kc;
+              const double gk = s.score == Score::gaussian ? 2.0 * (qc - kc) : qc;
+              dq_row[std::size_t(c)] += ds * double(s.scale) * gq;
+              dk_acc[std::size_t(j * D + c)] += ds * double(s.scale) * gk;
+            }
+          }
+        }
+        for (std::int64_t c = 0; c < D; ++c) put(dq, b, h, i, c, dq_row[std::size_t(c)]);
+      }
+    }
+    for (std::int64_t j = 0; j < M; ++j) {
+      for (std::int64_t c = 0; c < D; ++c) put(dk, b, hk, j, c, dk_acc[std::size_t(j * D + c)]);
+      for (std::int64_t c = 0; c < Dv; ++c) put(dv, b, hk, j, c, dv_acc[std::size_t(j * Dv + c)]);
+    }
+  }
+}
 
 void attention_weights(TensorView<const float> q, TensorView<const float> k, TensorView<float> weights,
                        const AttentionOptions& options) {

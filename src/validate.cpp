@@ -232,6 +232,44 @@ FLASHCPU_VALIDATE(float, bf16)
 FLASHCPU_VALIDATE(float, fp16)
 #undef FLASHCPU_VALIDATE
 
+AttentionShape validate_backward(const TensorView<const float>& q, const TensorView<const float>& k,
+                                 const TensorView<const float>& v, const TensorView<const float>& out,
+                                 const TensorView<const float>& lse, const TensorView<const float>& dout,
+                                 const TensorView<float>& dq, const TensorView<float>& dk,
+                                 const TensorView<float>& dv, const AttentionOptions& options) {
+  if (options.score == Score::additive)
+    fail("options.score: expected dot_product or gaussian (Score::additive has no backward yet), got additive");
+  // out and lse are inputs here; the forward's checks of them (shapes, and memory disjoint
+  // from q, k, v) hold for any pair a forward call wrote.
+  const TensorView<float> out_view{const_cast<float*>(out.data), out.shape, out.strides};
+  const TensorView<float> lse_view{const_cast<float*>(lse.data), lse.shape, lse.strides};
+  const AttentionShape s = validate_attention(q, k, v, out_view, &lse_view, options);
+
+  const ByteRange inputs[] = {check_view(q, "q"),    check_view(k, "k"),     check_view(v, "v"),
+                              check_view(out, "out"), check_view(lse, "lse"), check_view(dout, "dout")};
+  const char* const input_names[] = {"q", "k", "v", "out", "lse", "dout"};
+  for (int d = 0; d < 4; ++d) expect_equal(dout.shape[d], out.shape[d], "dout", d, "as out");
+  const ByteRange dq_range = check_view(dq, "dq"), dk_range = check_view(dk, "dk"), dv_range = check_view(dv, "dv");
+  for (int d = 0; d < 4; ++d) expect_equal(dq.shape[d], q.shape[d], "dq", d, "as q");
+  for (int d = 0; d < 4; ++d) expect_equal(dk.shape[d], k.shape[d], "dk", d, "as k");
+  for (int d = 0; d < 4; ++d) expect_equal(dv.shape[d], v.shape[d], "dv", d, "as v");
+  check_no_self_overlap(dq, "dq");
+  check_no_self_overlap(dk, "dk");
+  check_no_self_overlap(dv, "dv");
+  ByteRange mask_range, bool_mask_range;
+  if (options.mask.data) mask_range = check_view(options.mask, "options.mask");
+  if (options.bool_mask.data) bool_mask_range = check_view(options.bool_mask, "options.bool_mask");
+  const ByteRange grads[] = {dq_range, dk_range, dv_range};
+  const char* const grad_names[] = {"dq", "dk", "dv"};
+  for (int g = 0; g < 3; ++g) {
+    for (int i = 0; i < 6; ++i) check_disjoint(grads[g], inputs[i], grad_names[g], input_names[i]);
+    check_disjoint(grads[g], mask_range, grad_names[g], "options.mask");
+    check_disjoint(grads[g], bool_mask_range, grad_names[g], "options.bool_mask");
+    for (int h = 0; h < g; ++h) check_disjoint(grads[g], grads[h], grad_names[g], grad_names[h]);
+  }
+  return s;
+}
+
 void validate_weights(const TensorView<const float>& q, const TensorView<const float>& k,
                       const TensorView<float>& weights, const AttentionOptions& options) {
   const ByteRange w_range = check_view(weights, "weights");

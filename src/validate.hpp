@@ -44,6 +44,15 @@ AttentionShape validate_attention(const TensorView<const Q>& q, const TensorView
                                   const TensorView<const KV>& v, const TensorView<Q>& out,
                                   const TensorView<float>* lse, const AttentionOptions& options);
 
+/// Checks the arguments of attention_backward: those of the forward call that produced
+/// out and lse, then dout (as out), dq (as q), dk (as k), dv (as v), and that no gradient
+/// shares memory with another view. Score::additive is refused (no backward).
+AttentionShape validate_backward(const TensorView<const float>& q, const TensorView<const float>& k,
+                                 const TensorView<const float>& v, const TensorView<const float>& out,
+                                 const TensorView<const float>& lse, const TensorView<const float>& dout,
+                                 const TensorView<float>& dq, const TensorView<float>& dk,
+                                 const TensorView<float>& dv, const AttentionOptions& options);
+
 /// Checks the weights view of reference::attention_weights: [B, Hq, N, M], disjoint from
 /// the inputs.
 void validate_weights(const TensorView<const float>& q, const TensorView<const float>& k,

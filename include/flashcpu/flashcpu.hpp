@@ -159,6 +159,24 @@ void attention(TensorView<const float> q, TensorView<const bf16> k, TensorView<c
 void attention(TensorView<const float> q, TensorView<const fp16> k, TensorView<const fp16> v, TensorView<float> out,
                TensorView<float> lse, const AttentionOptions& options = {});
 
+/// Gradients of out = attention(q, k, v, options) given dout = dL/dout: the fused,
+/// tiled FlashAttention-2 backward, with no N x M buffer.
+///   out and lse come from the forward call with the same arguments (the lse overload);
+///   dout is shaped like out; dq like q, dk like k, dv like v. With grouped-query
+///   attention, dk and dv sum over the query heads that share each KV head.
+/// Scores: Score::dot_product and Score::gaussian (Score::additive raises Error: it has no
+/// backward yet). Every option of the forward applies; masks, ALiBi slopes, key lengths
+/// and sinks are constants and get no gradient. A row with no visible key contributes
+/// nothing, and a key no row sees gets dk = dv = 0.
+/// dq, dk and dv are overwritten (not accumulated into); they must not share memory with
+/// each other or with any input (checked, like every other argument, before anything is
+/// written). fp32, computed in fp32; results are bitwise identical for every num_threads.
+void attention_backward(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
+                        TensorView<const float> out, TensorView<const float> lse,
+                        TensorView<const float> dout,
+                        TensorView<float> dq, TensorView<float> dk, TensorView<float> dv,
+                        const AttentionOptions& options = {});
+
 /// Combines (out, lse), computed over one set of keys, with (part_out, part_lse), computed
 /// over a disjoint set, in place, exactly as if attention had run over the union: the way
 /// to shard a long context across calls, processes or machines. Merging with an empty
@@ -213,6 +231,16 @@ void attention(TensorView<const float> q, TensorView<const bf16> k, TensorView<c
                TensorView<float> lse, const AttentionOptions& options = {});
 void attention(TensorView<const float> q, TensorView<const fp16> k, TensorView<const fp16> v, TensorView<float> out,
                TensorView<float> lse, const AttentionOptions& options = {});
+
+/// The materialized backward oracle: per head the full P, dP and dS matrices in double,
+/// with P recomputed in double from q and k (out and lse are checked, not used), so it
+/// gives the exact gradient of reference::attention at these inputs. Same contract as
+/// flashcpu::attention_backward.
+void attention_backward(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
+                        TensorView<const float> out, TensorView<const float> lse,
+                        TensorView<const float> dout,
+                        TensorView<float> dq, TensorView<float> dk, TensorView<float> dv,
+                        const AttentionOptions& options = {});
 
 /// The N x M attention weights of any configuration, weights [B, Hq, N, M] (rows with no
 /// visible key are zero): for looking at what attention does on small problems.

@@ -82,13 +82,14 @@ struct ForwardKernel {
   static const KV* v_rows(const QueryBlockJob& job) { return static_cast<const KV*>(job.keys.v_rows); }
 
   // The S micro-kernel over packed K panels, one MR x NR tile per panel, written once for
-  // every score: `step(d, q, k, acc)` accumulates dimension d of a (query, key) pair;
+  // every score (q: MR rows, q_stride floats apart): `step(d, q, k, acc)` accumulates dimension d of a (query, key) pair;
   // each tile is multiplied by `factor` when stored. tile_max[r] = the largest of row
   // r's scores, taken while they are still in registers (it saves the softmax a pass
   // when nothing else changes the scores).
   template <class Step>
-  static void scores_tile(const float* q, std::int64_t D, const float* panels, std::int64_t num_panels,
-                          float* scores, std::int64_t scores_stride, float factor, float* tile_max, Step step) {
+  static void scores_tile(const float* q, std::int64_t q_stride, std::int64_t D, const float* panels,
+                          std::int64_t num_panels, float* scores, std::int64_t scores_stride, float factor,
+                          float* tile_max, Step step) {
     // The running maxima live in memory, not registers: with MR*NRV accumulators they
     // would push a large tile over the register budget, and they are touched once per panel.
     alignas(64) float running_max[MR][W];
@@ -102,7 +103,7 @@ struct ForwardKernel {
         batch keys[NRV];
         for (int v = 0; v < NRV; ++v) keys[v] = batch::load_aligned(panel + d * NR + v * W);
         for (int r = 0; r < MR; ++r) {
-          const batch qv(q[r * D + d]);
+          const batch qv(q[r * q_stride + d]);
           for (int v = 0; v < NRV; ++v) acc[r][v] = step(d, qv, keys[v], acc[r][v]);
         }
       }
@@ -465,15 +466,15 @@ struct ForwardKernel {
     const float* panels = job.keys.k_panels ? job.keys.k_panels + (j0 + t.c0 - job.keys.begin) * D : nullptr;
     const std::int64_t num_panels = (t.cols - t.c0) / NR;
     if (job.score.kind == ScoreKind::squared_distance) {
-      scores_tile(q, D, panels, num_panels, scores, Bk, job.score.distance_factor, tile_max, DistanceStep{});
+      scores_tile(q, D, D, panels, num_panels, scores, Bk, job.score.distance_factor, tile_max, DistanceStep{});
     } else if (job.score.kind == ScoreKind::additive) {
       const float* w = job.score.additive_weights;
-      scores_tile(q, D, panels, num_panels, scores, Bk, 1.0f, tile_max,
+      scores_tile(q, D, D, panels, num_panels, scores, Bk, 1.0f, tile_max,
                   [w](std::int64_t d, batch qv, batch kv, batch acc) {
                     return xsimd::fma(batch(w[d]), tanh_fast<Arch>(qv + kv), acc);
                   });
     } else if (panels) {
-      scores_tile(q, D, panels, num_panels, scores, Bk, 1.0f, tile_max, DotStep{});
+      scores_tile(q, D, D, panels, num_panels, scores, Bk, 1.0f, tile_max, DotStep{});
     } else {
       scores_tile_rows(q, D, k_rows(job) + (j0 + t.c0 - job.keys.begin) * job.keys.k_row_stride,
                        job.keys.k_row_stride, t.num_keys - t.c0, t.cols - t.c0, scores, Bk, ahead);

@@ -159,6 +159,55 @@ struct QueryPack {
   float* row_bias;
 };
 
+/// The fused backward (kernels/backward.hpp), fp32 only. One (batch, KV head) at a time:
+/// views at row 0 of that head; q, out, dout, lse and dq at the group's first query head,
+/// their head stride stepping through the group.
+struct HeadRows {
+  const float* data;
+  std::int64_t head_stride, row_stride, col_stride;
+};
+struct HeadRowsOut {
+  float* data;
+  std::int64_t head_stride, row_stride, col_stride;
+};
+
+/// Per-thread working memory of the backward, 64-byte aligned parts (sizes in
+/// src/backward.cpp). Query side, per query block: q rows (centered for the Gaussian,
+/// head_dim_padded wide), dout rows, lse in log2 units and D_i = dout_i . out_i. Key
+/// side: K and V as fp32 panels (the forward's layout) and, for dq, K rows
+/// head_dim_padded wide, of a key block (dk, dv) or of the whole head (dq). Then the
+/// block's P and dS [block_rows x block_keys], a tile of soft-capping derivatives
+/// [tile_rows x block_keys], the accumulators and the Gaussian's row or column sums of dS.
+struct BackwardScratch {
+  float *q_rows, *dout_rows, *lse2, *delta;
+  float *k_panels, *v_panels, *k_rows, *key_bias, *center;
+  float *probs, *dscores, *derivs;
+  float *acc_a, *acc_b, *sums, *ones;
+};
+
+struct BackwardJob {
+  std::int64_t q_len, kv_len, head_dim, value_dim, head_dim_padded, value_dim_padded;
+  std::int64_t block_rows, block_keys;  // multiples of tile_rows and panel_keys
+  std::int64_t group;                   // query heads per KV head
+  bool gaussian;                        // -scale |q - k|^2, else scale q.k
+  float scale;
+  Transform transform;  // none or softcap
+  float softcap;
+  const float* alibi_slopes;  // null, or at the group's first head
+  JobMasks masks;             // at (batch, the group's first head)
+  JobVisibility visible;
+  HeadRows q, k, v, out, dout, lse;
+  HeadRowsOut dq, dk, dv;
+  BackwardScratch scratch;
+  // The item: keys [first, first + count) of the KV head (backward_keys writes their dk
+  // and dv rows), or queries [first, first + count) of query head `head` of the group
+  // (backward_queries writes their dq rows).
+  std::int64_t first, count, head;
+  // backward_queries only: the whole head's K and V are already packed in the scratch
+  // (by an earlier item of the same head on this thread).
+  bool head_packed;
+};
+
 /// What one variant offers: its micro-kernel geometry, its entry points and its packers.
 struct KernelTable {
   Isa isa;
@@ -187,6 +236,11 @@ struct KernelTable {
                           std::int64_t value_dim_padded, void* rows);
   // Q rows (fp32, or of the kv type) in the kernels' layout.
   void (*pack_query_rows)(const QueryPack& pack);
+
+  // The fused backward on the same micro-kernels (fp32 variants; null for 16-bit ones).
+  const char* backward_name;  // f32_attn_bwd_<mr>x<nr>__<isa>
+  void (*backward_keys)(const BackwardJob& job);
+  void (*backward_queries)(const BackwardJob& job);
 };
 
 /// Writes count floats to out + offset + c * stride (elements of `type`), rounded to

@@ -1,12 +1,21 @@
-// One kernel variant (a line of kernels/variants.inc): kernels/forward.hpp and the
-// packers instantiated for its ISA, kv type and tiles, behind its KernelTable. Included
-// once, by the variant's generated translation unit, which defines FLASHCPU_VARIANT_*.
+// One kernel variant (a line of kernels/variants.inc): kernels/forward.hpp, the packers
+// and (fp32 variants) kernels/backward.hpp instantiated for its ISA, kv type and tiles,
+// behind its KernelTable. Included once, by the variant's generated translation unit,
+// which defines FLASHCPU_VARIANT_*.
 #include "kernels/forward.hpp"
 
 namespace flashcpu::detail {
 namespace FLASHCPU_ISA_NAMESPACE {
 
 #include "kernels/pack.hpp"
+
+}  // namespace FLASHCPU_ISA_NAMESPACE
+}  // namespace flashcpu::detail
+
+#include "kernels/backward.hpp"  // after the packers, which it calls
+
+namespace flashcpu::detail {
+namespace FLASHCPU_ISA_NAMESPACE {
 
 // The xsimd architecture of each ISA level.
 #define FLASHCPU_ISA_LEVEL(name, flags, cpu_test, widest_register, xsimd_arch) using arch_##name = xsimd_arch;
@@ -28,6 +37,19 @@ using Kernel = ForwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_
 using SmallKernel =
     ForwardKernel<Arch, FLASHCPU_VARIANT_SMALL_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_SMALL_MR, KV>;
 using Pack = Packers<KV, FLASHCPU_VARIANT_NR>;
+// The backward exists for fp32 variants only; a 16-bit variant's table holds nulls, and
+// the template keeps it from instantiating the backward at all.
+constexpr bool kHasBackward = std::is_same<KV, float>::value;
+using BackwardEntry = void (*)(const BackwardJob&);
+template <class T>
+constexpr BackwardEntry backward_entry(bool keys) {
+  using Backward =
+      BackwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR>;
+  if constexpr (std::is_same<T, float>::value)
+    return keys ? &Backward::backward_keys : &Backward::backward_queries;
+  else
+    return nullptr;
+}
 }  // namespace
 
 }  // namespace FLASHCPU_ISA_NAMESPACE
@@ -49,7 +71,10 @@ const KernelTable& FLASHCPU_PASTE(FLASHCPU_PASTE(FLASHCPU_PASTE(kernel_table_, F
       &Kernel::forward_lanes_block,
       &Pack::pack_key_panels,
       &Pack::pack_value_rows,
-      &Pack::pack_query_rows};
+      &Pack::pack_query_rows,
+      kHasBackward ? "f32_attn_bwd_" FLASHCPU_STRING(FLASHCPU_VARIANT_MR) "x" FLASHCPU_STRING(FLASHCPU_VARIANT_NR) "__" FLASHCPU_STRING(FLASHCPU_VARIANT_ISA) : nullptr,
+      backward_entry<KV>(true),
+      backward_entry<KV>(false)};
   return table;
 }
 

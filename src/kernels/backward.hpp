@@ -1,0 +1,321 @@
+// The fused attention backward (FlashAttention-2), templated on the architecture and built
+// from the forward's micro-kernels (kernels/forward.hpp): the S tile over K panels, the
+// score epilogue, and the P.V tiles. Included by each fp32 variant's translation unit
+// (kernels/variant.hpp), inside its ISA namespace like the forward.
+//
+// For a block of query rows against a block of keys, with P recomputed from the saved lse:
+//   S  = f(Q, K) (scale, soft-capping, ALiBi, masks: the forward's epilogue)
+//   P  = 2^(S log2 e - lse log2 e) on the visible pairs, 0 elsewhere
+//   dP = dO V^T                     the S micro-kernel again, dO as queries, V as panels
+//   dS = P (dP - D_i) [times 1 - tanh^2(r / c) under soft-capping], D_i = dO_i . O_i
+// and then either (backward_keys, one key block)
+//   dV += P^T dO,  dK += dS^T Q     P.V tiles with the roles of rows and keys exchanged
+// or (backward_queries, one query block)
+//   dQ += dS K                      the P.V tile, keys with dS = 0 kept out (garbage rows)
+// The scale (and the Gaussian's factor 2 and its terms in q and k, below) are applied
+// when the rows are written. Working memory: the scratch the driver passes.
+#pragma once
+
+#ifndef FLASHCPU_ISA_NAMESPACE
+#error "define FLASHCPU_ISA_NAMESPACE before including kernels/backward.hpp"
+#endif
+
+#include "kernels/forward.hpp"
+
+namespace flashcpu::detail::FLASHCPU_ISA_NAMESPACE {
+
+template <class Arch, int MR, int NRV, int NV, int PR>
+struct BackwardKernel {
+  using Fwd = ForwardKernel<Arch, MR, NRV, NV, PR, float>;
+  using batch = typename Fwd::batch;
+  static constexpr int W = Fwd::W;
+  static constexpr int NR = Fwd::NR;
+  // Keys per tile of the exchanged products (dV, dK): block_keys is a multiple of NR >= 8.
+  static constexpr int KR = 4;
+
+  static std::int64_t lo(const BackwardJob& job, std::int64_t i) {
+    return job.visible.has_lo ? i + job.visible.lo_offset : std::int64_t(0);
+  }
+  static std::int64_t hi(const BackwardJob& job, std::int64_t i) {
+    constexpr std::int64_t unbounded = std::numeric_limits<std::int64_t>::max() / 4;
+    return job.visible.has_hi ? i + job.visible.hi_offset : unbounded;
+  }
+  static std::int64_t key_end(const BackwardJob& job) { return min_i64(job.kv_len, job.visible.key_limit); }
+  static std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
+
+  // The Gaussian's gradients are formed as differences of products (see write_dq); q and k
+  // are shifted by the head's key 0 first, so that those products are of the size of the
+  // distances rather than of the points' offset from the origin. Key 0 may be an excluded
+  // slot holding garbage: the origin serves then.
+  static void head_center(const BackwardJob& job, float* center) {
+    bool finite = true;
+    for (std::int64_t d = 0; d < job.head_dim; ++d) {
+      center[d] = job.kv_len > 0 ? job.k.data[d * job.k.col_stride] : 0.0f;
+      finite = finite && center[d] - center[d] == 0.0f;
+    }
+    if (!finite)
+      for (std::int64_t d = 0; d < job.head_dim; ++d) center[d] = 0.0f;
+  }
+
+  // Query rows [i0, i0 + rows) of head g into the scratch: q (minus the center for the
+  // Gaussian) and dout as rows of head_dim_padded and value_dim_padded floats, lse in log2
+  // units (finite stays finite), D_i = dout_i . out_i. Rows up to rows_padded are zero,
+  // with lse -inf (no key visible).
+  static void pack_query_side(const BackwardJob& job, std::int64_t g, std::int64_t i0, std::int64_t rows,
+                              std::int64_t rows_padded, const float* center) {
+    const BackwardScratch& m = job.scratch;
+    const std::int64_t D = job.head_dim, Dv = job.value_dim, Dp = job.head_dim_padded, Dvp = job.value_dim_padded;
+    constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+    constexpr float lowest = std::numeric_limits<float>::lowest(), highest = std::numeric_limits<float>::max();
+    for (std::int64_t r = 0; r < rows_padded; ++r) {
+      float* qr = m.q_rows + r * Dp;
+      float* dr = m.dout_rows + r * Dvp;
+      if (r >= rows) {
+        for (std::int64_t d = 0; d < Dp; ++d) qr[d] = 0.0f;
+        for (std::int64_t c = 0; c < Dvp; ++c) dr[c] = 0.0f;
+        m.lse2[r] = neg_inf;
+        m.delta[r] = 0.0f;
+        continue;
+      }
+      const std::int64_t i = i0 + r;
+      const float* q = job.q.data + g * job.q.head_stride + i * job.q.row_stride;
+      const float* o = job.out.data + g * job.out.head_stride + i * job.out.row_stride;
+      const float* dout = job.dout.data + g * job.dout.head_stride + i * job.dout.row_stride;
+      for (std::int64_t d = 0; d < D; ++d) qr[d] = q[d * job.q.col_stride] - (center ? center[d] : 0.0f);
+      for (std::int64_t d = D; d < Dp; ++d) qr[d] = 0.0f;
+      float delta = 0.0f;
+      for (std::int64_t c = 0; c < Dv; ++c) {
+        dr[c] = dout[c * job.dout.col_stride];
+        delta += dr[c] * o[c * job.out.col_stride];
+      }
+      for (std::int64_t c = Dv; c < Dvp; ++c) dr[c] = 0.0f;
+      m.delta[r] = delta;
+      const float lse = job.lse.data[g * job.lse.head_stride + i * job.lse.row_stride];
+      const float lse2 = lse * 1.4426950408889634f;
+      m.lse2[r] = lse == neg_inf ? neg_inf : lse2 < lowest ? lowest : lse2 > highest ? highest : lse2;
+    }
+  }
+
+  // K and V of keys [j0, j0 + n) as fp32 panels (K minus the center for the Gaussian),
+  // and, when k_rows is not null, K (likewise centered) as rows of head_dim_padded floats.
+  static void pack_key_side(const BackwardJob& job, std::int64_t j0, std::int64_t n, const float* center,
+                            float* k_panels, float* v_panels, float* k_rows) {
+    const BackwardScratch& m = job.scratch;
+    const std::int64_t D = job.head_dim, Dp = job.head_dim_padded;
+    const float* k = job.k.data + j0 * job.k.row_stride;
+    pack_key_panels_from(k, job.k.row_stride, job.k.col_stride, n, D, NR, center, 0.0f, k_panels, m.key_bias);
+    pack_key_panels_from(job.v.data + j0 * job.v.row_stride, job.v.row_stride, job.v.col_stride, n,
+                         job.value_dim, NR, nullptr, 0.0f, v_panels, nullptr);
+    if (!k_rows) return;
+    for (std::int64_t j = 0; j < n; ++j) {
+      float* row = k_rows + j * Dp;
+      for (std::int64_t d = 0; d < D; ++d) row[d] = k[j * job.k.row_stride + d * job.k.col_stride] - (center ? center[d] : 0.0f);
+      for (std::int64_t d = D; d < Dp; ++d) row[d] = 0.0f;
+    }
+  }
+
+  // The forward's job as its score epilogue reads it, for query rows from i0 of head g.
+  static QueryBlockJob epilogue_job(const BackwardJob& job, std::int64_t g, std::int64_t i0, std::int64_t rows) {
+    QueryBlockJob ep{};
+    ep.dims.q_len = job.q_len;
+    ep.dims.kv_len = job.kv_len;
+    ep.dims.head_dim = job.head_dim;
+    ep.dims.value_dim = job.value_dim;
+    ep.dims.value_dim_padded = job.value_dim_padded;
+    ep.dims.block_keys = job.block_keys;
+    ep.q.first_row = i0;
+    ep.q.rows = rows;
+    ep.q.heads_per_row = 1;
+    ep.keys.begin = 0;
+    ep.keys.end = job.kv_len;
+    ep.score.natural_units = true;
+    ep.score.transform = job.transform;
+    ep.score.softcap = job.softcap;
+    ep.score.alibi_slopes = job.alibi_slopes ? job.alibi_slopes + g : nullptr;
+    ep.masks = job.masks;
+    ep.masks.mask = job.masks.mask ? job.masks.mask + g * job.masks.mask_head_stride : nullptr;
+    ep.masks.bool_mask = job.masks.bool_mask ? job.masks.bool_mask + g * job.masks.bool_head_stride : nullptr;
+    ep.visible = job.visible;
+    return ep;
+  }
+
+  // P and dS (the gradient of the raw score scale * f(q, k), without the scale) of the
+  // packed query rows [0, rows_padded) (query i0 + r) against keys [j0, j0 + n), whose
+  // panels start at k_panels and v_panels, into scratch.probs and scratch.dscores (row
+  // stride block_keys, columns up to n rounded up to NR). Excluded pairs and rows get
+  // exactly 0 in both, whatever K and V hold there.
+  static void block_grads(const BackwardJob& job, QueryBlockJob& ep, std::int64_t i0, std::int64_t rows,
+                          std::int64_t rows_padded, std::int64_t j0, std::int64_t n, const float* k_panels,
+                          const float* v_panels) {
+    const BackwardScratch& m = job.scratch;
+    const std::int64_t D = job.head_dim, Dv = job.value_dim, Dp = job.head_dim_padded, Dvp = job.value_dim_padded;
+    const std::int64_t Bk = job.block_keys, num_panels = (n + NR - 1) / NR, cols = num_panels * NR;
+    const std::int64_t kend = key_end(job);
+    const bool softcap = job.transform == Transform::softcap;
+    const batch iota = Fwd::lane_indices(), zero(0.0f);
+    for (std::int64_t r0 = 0; r0 < rows_padded; r0 += MR) {
+      float* const probs = m.probs + r0 * Bk;
+      float* const dscores = m.dscores + r0 * Bk;
+      const std::int64_t first_i = i0 + r0, last_i = i0 + min_i64(r0 + MR, rows) - 1;
+      if (r0 >= rows || lo(job, first_i) > j0 + n - 1 || hi(job, last_i) < j0 || j0 >= kend) {
+        for (int r = 0; r < MR; ++r)
+          for (std::int64_t j = 0; j < cols; j += W) {
+            zero.store_aligned(probs + r * Bk + j);
+            zero.store_aligned(dscores + r * Bk + j);
+          }
+        continue;
+      }
+      float tile_max[MR];
+      if (job.gaussian)
+        Fwd::scores_tile(m.q_rows + r0 * Dp, Dp, D, k_panels, num_panels, probs, Bk, -job.scale, tile_max,
+                         typename Fwd::DistanceStep{});
+      else
+        Fwd::scores_tile(m.q_rows + r0 * Dp, Dp, D, k_panels, num_panels, probs, Bk, job.scale, tile_max,
+                         typename Fwd::DotStep{});
+      if (softcap) {  // d(c tanh(r / c)) / dr, from the raw score before the epilogue caps it
+        const batch cap(job.softcap);
+        for (int r = 0; r < MR; ++r)
+          for (std::int64_t j = 0; j < cols; j += W) {
+            const batch t = tanh_fast<Arch>(batch::load_aligned(probs + r * Bk + j) / cap);
+            xsimd::fnma(t, t, batch(1.0f)).store_aligned(m.derivs + r * Bk + j);
+          }
+      }
+      ep.state.scores = probs;
+      Fwd::score_epilogue(ep, r0, j0, 0, cols);  // soft-capping, ALiBi, masks; log2 units
+      for (int r = 0; r < MR; ++r) {
+        float* s = probs + r * Bk;
+        const std::int64_t row = r0 + r, i = i0 + row;
+        std::int64_t first = lo(job, i) - j0, past = min_i64(min_i64(hi(job, i) + 1, kend) - j0, n);
+        if (first < 0) first = 0;
+        if (row >= rows || m.lse2[row] == -std::numeric_limits<float>::infinity() || past < first) first = past = 0;
+        const batch lse2 = batch(m.lse2[row]), first_v = batch(float(first)), past_v = batch(float(past));  // exact below 2^24
+        for (std::int64_t j = 0; j < cols; j += W) {
+          const batch column = iota + batch(float(j));
+          const batch x = batch::load_aligned(s + j) - lse2;
+          // P <= 1: a rounding above 0 is clamped; a NaN score (NaN in q or in a visible
+          // key) stays NaN, as in the forward; an excluded score (-inf) gives 0.
+          batch p = exp2_nonpositive<Arch>(xsimd::select(x > zero, zero, x));
+          p = xsimd::select(xsimd::isnan(x), x, p);
+          xsimd::select(column >= first_v && column < past_v, p, zero).store_aligned(s + j);
+        }
+      }
+      Fwd::scores_tile(m.dout_rows + r0 * Dvp, Dvp, Dv, v_panels, num_panels, dscores, Bk, 1.0f, tile_max,
+                       typename Fwd::DotStep{});
+      for (int r = 0; r < MR; ++r) {
+        const batch delta(m.delta[r0 + r]);
+        for (std::int64_t j = 0; j < cols; j += W) {
+          const batch p = batch::load_aligned(probs + r * Bk + j);
+          batch ds = p * (batch::load_aligned(dscores + r * Bk + j) - delta);
+          if (softcap) ds *= batch::load_aligned(m.derivs + r * Bk + j);
+          xsimd::select(p != zero, ds, zero).store_aligned(dscores + r * Bk + j);
+        }
+      }
+    }
+  }
+
+  // dK and dV of keys [first, first + count) of the KV head, summed over every query head
+  // of the group and every query block that sees them, in that fixed order.
+  static void backward_keys(const BackwardJob& job) {
+    const BackwardScratch& m = job.scratch;
+    const std::int64_t N = job.q_len, D = job.head_dim, Dv = job.value_dim;
+    const std::int64_t Dp = job.head_dim_padded, Dvp = job.value_dim_padded, Br = job.block_rows, Bk = job.block_keys;
+    const std::int64_t j0 = job.first, n = job.count;
+    assert(n > 0 && n <= Bk && Br % MR == 0 && Bk % NR == 0 && Bk % KR == 0);
+    float* const center = job.gaussian ? m.center : nullptr;
+    if (center) head_center(job, center);
+    pack_key_side(job, j0, n, center, m.k_panels, m.v_panels, nullptr);
+    float* const dk_acc = m.acc_a;  // [Bk][Dp]
+    float* const dv_acc = m.acc_b;  // [Bk][Dvp]
+    for (std::int64_t x = 0; x < Bk * Dp; ++x) dk_acc[x] = 0.0f;
+    for (std::int64_t x = 0; x < Bk * Dvp; ++x) dv_acc[x] = 0.0f;
+    for (std::int64_t j = 0; j < Bk; ++j) m.sums[j] = 0.0f;
+    for (int t = 0; t < 16; ++t) m.ones[t] = 1.0f;
+
+    // The queries that can see a key of [j0, j0 + n): hi_i >= j0 and lo_i <= j0 + n - 1.
+    std::int64_t i_begin = 0, i_end = j0 < key_end(job) ? N : 0;
+    if (job.visible.has_hi && j0 - job.visible.hi_offset > i_begin) i_begin = j0 - job.visible.hi_offset;
+    if (job.visible.has_lo) i_end = min_i64(i_end, j0 + n - job.visible.lo_offset);
+    for (std::int64_t g = 0; g < job.group; ++g) {
+      for (std::int64_t i0 = i_begin / Br * Br; i0 < i_end; i0 += Br) {
+        const std::int64_t rows = min_i64(Br, N - i0), rows_padded = round_up(rows, MR);
+        pack_query_side(job, g, i0, rows, rows_padded, center);
+        QueryBlockJob ep = epilogue_job(job, g, i0, rows);
+        block_grads(job, ep, i0, rows, rows_padded, j0, n, m.k_panels, m.v_panels);
+        // Rows of these products are keys: probs[key][row] at probs + key + row * Bk.
+        for (std::int64_t jj = 0; jj < n; jj += KR) {
+          Fwd::template pv_rows<KR>(m.probs + jj, 1, Bk, m.dout_rows, Dvp, rows_padded, m.ones, dv_acc + jj * Dvp, Dvp);
+          Fwd::template pv_rows<KR>(m.dscores + jj, 1, Bk, m.q_rows, Dp, rows_padded, m.ones, dk_acc + jj * Dp, Dp);
+        }
+        if (job.gaussian)
+          for (std::int64_t r = 0; r < rows; ++r)
+            for (std::int64_t j = 0; j < n; ++j) m.sums[j] += m.dscores[r * Bk + j];
+      }
+    }
+
+    // dk_j = scale sum_i dS_ij q_i (dot); for -scale |q - k|^2 it is
+    // 2 scale sum_i dS_ij (q_i - k_j) = 2 scale (sum_i dS_ij q'_i - k'_j sum_i dS_ij), with
+    // q', k' centered. A key no row sees keeps its (possibly garbage) k'_j out.
+    const float factor = job.gaussian ? 2.0f * job.scale : job.scale;
+    for (std::int64_t jj = 0; jj < n; ++jj) {
+      const std::int64_t j = j0 + jj;
+      float* dk = job.dk.data + j * job.dk.row_stride;
+      float* dv = job.dv.data + j * job.dv.row_stride;
+      const float* panel = m.k_panels + (jj / NR) * D * NR + jj % NR;  // k'_j, stride NR
+      const float sum = m.sums[jj];
+      for (std::int64_t d = 0; d < D; ++d) {
+        float x = dk_acc[jj * Dp + d];
+        if (job.gaussian && sum != 0.0f) x -= panel[d * NR] * sum;
+        dk[d * job.dk.col_stride] = factor * x;
+      }
+      for (std::int64_t c = 0; c < Dv; ++c) dv[c * job.dv.col_stride] = dv_acc[jj * Dvp + c];
+    }
+  }
+
+  // dQ of queries [first, first + count) of query head `head`, summed over the key blocks
+  // they see, in key order.
+  static void backward_queries(const BackwardJob& job) {
+    const BackwardScratch& m = job.scratch;
+    const std::int64_t M = job.kv_len, D = job.head_dim, Dp = job.head_dim_padded, Dv = job.value_dim;
+    const std::int64_t Bk = job.block_keys, g = job.head, i0 = job.first, rows = job.count;
+    const std::int64_t rows_padded = round_up(rows, MR);
+    assert(rows > 0 && rows <= job.block_rows && Bk % NR == 0);
+    float* const center = job.gaussian ? m.center : nullptr;
+    if (!job.head_packed) {
+      if (center) head_center(job, center);
+      pack_key_side(job, 0, M, center, m.k_panels, m.v_panels, m.k_rows);
+    }
+    pack_query_side(job, g, i0, rows, rows_padded, center);
+    float* const dq_acc = m.acc_a;  // [rows_padded][Dp]
+    for (std::int64_t x = 0; x < rows_padded * Dp; ++x) dq_acc[x] = 0.0f;
+    for (std::int64_t r = 0; r < rows_padded; ++r) m.sums[r] = 0.0f;
+    for (int t = 0; t < 16; ++t) m.ones[t] = 1.0f;
+    QueryBlockJob ep = epilogue_job(job, g, i0, rows);
+
+    // The keys some row sees: [lo of the first row, hi of the last], below key_end.
+    const std::int64_t j_begin = lo(job, i0) > 0 ? lo(job, i0) : 0;
+    const std::int64_t j_end = min_i64(key_end(job), hi(job, i0 + rows - 1) + 1);
+    for (std::int64_t j0 = j_begin / Bk * Bk; j0 < j_end; j0 += Bk) {
+      const std::int64_t n = min_i64(Bk, M - j0);
+      block_grads(job, ep, i0, rows, rows_padded, j0, n, m.k_panels + j0 * D, m.v_panels + j0 * Dv);
+      for (std::int64_t h = 0; h < rows_padded; h += PR)
+        Fwd::template pv_classified<PR>(m.dscores + h * Bk, Bk, m.k_rows + j0 * Dp, Dp, 0, n, m.ones, dq_acc + h * Dp, Dp);
+      if (job.gaussian)
+        for (std::int64_t r = 0; r < rows; ++r)
+          for (std::int64_t j = 0; j < n; ++j) m.sums[r] += m.dscores[r * Bk + j];
+    }
+
+    // dq_i = scale sum_j dS_ij k_j (dot); for -scale |q - k|^2 it is
+    // 2 scale sum_j dS_ij (k_j - q_i) = 2 scale (sum_j dS_ij k'_j - q'_i sum_j dS_ij).
+    const float factor = job.gaussian ? 2.0f * job.scale : job.scale;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      float* dq = job.dq.data + g * job.dq.head_stride + (i0 + r) * job.dq.row_stride;
+      for (std::int64_t d = 0; d < D; ++d) {
+        float x = dq_acc[r * Dp + d];
+        if (job.gaussian) x -= m.q_rows[r * Dp + d] * m.sums[r];
+        dq[d * job.dq.col_stride] = factor * x;
+      }
+    }
+  }
+};
+
+}  // namespace flashcpu::detail::FLASHCPU_ISA_NAMESPACE

@@ -1,0 +1,533 @@
+// attention_backward and its oracle, reference::attention_backward.
+//
+// The oracle is checked against central finite differences of reference::attention; the
+// fused backward against the oracle on every ISA level (the CTest runs per level), on
+// shapes with awkward tails, strided views, GQA, causal with N > M and N < M, every
+// option, both scores, rows that see nothing and garbage in excluded K/V slots; then
+// determinism over thread counts, the zero-size cases and the argument checks.
+//
+// Tolerance of the fused backward (fp32, u = 2^-24) against the oracle (double), per
+// element, derived here in double from the test's own scores (attention_oracle.hpp's
+// row_scores) and the forward's tolerances (expect()), over the visible pairs (i, j):
+//   P_ij is recomputed from the forward's lse: relative error eP_ij/P_ij = Δ_j + Δlse_i +
+//     4u, with Δ_j the forward's score bound (attention_oracle.hpp) and Δlse_i the bound
+//     on the lse the forward wrote;
+//   dP_ij = dO_i.v_j, a length-Dv fp32 dot: (Dv + 2) u Σ_c |dO_ic v_jc|;
+//   D_i = dO_i.O_i from the forward's out: Σ_c |dO_ic| tol(O_ic) + (Dv + 2) u Σ_c |dO_ic O_ic|;
+//   dS_ij = P_ij (dP_ij - D_i): eP_ij |dP_ij - D_i| + P_ij (e dP_ij + e D_i), and under
+//     soft-capping times the derivative t' = 1 - tanh^2, plus P_ij |dP_ij - D_i| (10 u +
+//     2 |t| t' Δ_j / c) for its own error (tanh good to a few ulp, the score to Δ_j);
+//   then each gradient element is a sum of n terms x_t y_t (n = N·G for dk and dv, M for
+//     dq) with x = dS or P: Σ_t e(x_t)|y_t| + (n + 2) u Σ_t |x_t y_t|, y = |k|, |q| or |dO|
+//     (the Gaussian: |q' - k'| split as |q'| + |k'|, centered on key 0, times 2, its
+//     difference of products).
+// Worst cases, far above what the kernels reach: every comparison must also stay within
+// kBackwardMargin of its bound (observed: see the constant).
+#include <catch2/catch.hpp>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "attention_oracle.hpp"
+#include "util.hpp"
+
+namespace {
+
+using namespace oracle;
+using flashcpu::bhsd;
+
+// The derived bounds are worst cases; each comparison must also stay within this fraction
+// of its bound. Observed: 0.067 (AVX2), 0.099 (SSE2), both on tiny dq elements of the
+// Gaussian with soft-capping, where dq is a difference of two sums ~100x larger than it.
+constexpr double kBackwardMargin = 0.25;
+
+// dout (padding NaN) and the three gradients (padding a sentinel) of a Problem.
+struct Grads {
+  Tensor dout, dq, dk, dv;
+  Grads(const Problem& p, Layout outs)
+      : dout(p.out.shape(), outs, kNaN),
+        dq(p.q.shape(), outs, kSentinel),
+        dk(p.k.shape(), outs, kSentinel),
+        dv(p.v.shape(), outs, kSentinel) {}
+};
+
+// out and lse from the fused forward, then dout uniform in [-1, 1].
+void forward(Problem& p, Grads& g) {
+  flashcpu::attention(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), p.lse.view(), p.opt);
+  g.dout.fill_uniform(p.rng, -1.0f, 1.0f);
+}
+
+void run_fused(Problem& p, Grads& g) {
+  flashcpu::attention_backward(p.q.cview(), p.k.cview(), p.v.cview(), p.out.cview(), p.lse.cview(), g.dout.cview(),
+                               g.dq.view(), g.dk.view(), g.dv.view(), p.opt);
+}
+
+// The oracle's gradients, contiguous.
+struct Exact {
+  std::vector<float> dq, dk, dv;
+};
+Exact run_oracle(Problem& p, Grads& g) {
+  const Dims& d = p.d;
+  Exact e;
+  e.dq.assign(std::size_t(std::max<std::int64_t>(d.B * d.Hq * d.N * d.D, 1)), kNaN);
+  e.dk.assign(std::size_t(std::max<std::int64_t>(d.B * d.Hkv * d.M * d.D, 1)), kNaN);
+  e.dv.assign(std::size_t(std::max<std::int64_t>(d.B * d.Hkv * d.M * d.Dv, 1)), kNaN);
+  flashcpu::reference::attention_backward(p.q.cview(), p.k.cview(), p.v.cview(), p.out.cview(), p.lse.cview(),
+                                          g.dout.cview(), bhsd(e.dq.data(), d.B, d.Hq, d.N, d.D),
+                                          bhsd(e.dk.data(), d.B, d.Hkv, d.M, d.D),
+                                          bhsd(e.dv.data(), d.B, d.Hkv, d.M, d.Dv), p.opt);
+  return e;
+}
+
+double resolved_scale(const Problem& p) {
+  return p.opt.scale                               ? double(*p.opt.scale)
+         : p.opt.score == Score::dot_product ? double(float(1.0 / std::sqrt(double(p.d.D))))
+                                             : 0.5;
+}
+
+// The per-element bounds of the header comment, contiguous like Exact.
+Exact bounds(Problem& p, Grads& g, const Expected& fwd) {
+  const Dims& d = p.d;
+  const std::int64_t G = d.Hq / d.Hkv;
+  const double u = kU, scale = resolved_scale(p);
+  const bool gauss = p.opt.score == Score::gaussian;
+  const double cap = p.opt.softcap;
+  std::vector<double> tq(std::size_t(d.B * d.Hq * d.N * d.D), 0.0), tk(std::size_t(d.B * d.Hkv * d.M * d.D), 0.0),
+      tv(std::size_t(d.B * d.Hkv * d.M * d.Dv), 0.0);
+  std::vector<double> s(std::size_t(d.M)), a(std::size_t(d.M)), P(std::size_t(d.M)), eP(std::size_t(d.M)),
+      dS(std::size_t(d.M)), edS(std::size_t(d.M));
+  const auto q = p.q.cview(), k = p.k.cview(), v = p.v.cview(), dout = g.dout.cview();
+  for (std::int64_t b = 0; b < d.B; ++b)
+    for (std::int64_t h = 0; h < d.Hq; ++h) {
+      const std::int64_t hk = h / G;
+      // The center the kernels use for the Gaussian: key 0 (when finite).
+      std::vector<double> c(std::size_t(d.D), 0.0);
+      if (gauss && d.M > 0) {
+        bool finite = true;
+        for (std::int64_t x = 0; x < d.D; ++x) finite = finite && std::isfinite(elem(k, b, hk, 0, x));
+        for (std::int64_t x = 0; x < d.D && finite; ++x) c[std::size_t(x)] = elem(k, b, hk, 0, x);
+      }
+      for (std::int64_t i = 0; i < d.N; ++i) {
+        row_scores(q, k, p.opt, d, scale, b, h, i, s, a);
+        const std::size_t row = std::size_t((b * d.Hq + h) * d.N + i);
+        double top = p.opt.sinks ? double(p.opt.sinks[h]) : -kInf;
+        for (std::int64_t j = 0; j < d.M; ++j) top = std::max(top, s[std::size_t(j)]);
+        if (top == -kInf) continue;  // no visible key, no sink: nothing flows through the row
+        double sum = p.opt.sinks && p.opt.sinks[h] != -kInf ? std::exp(double(p.opt.sinks[h]) - top) : 0.0;
+        for (std::int64_t j = 0; j < d.M; ++j) sum += s[std::size_t(j)] == -kInf ? 0.0 : std::exp(s[std::size_t(j)] - top);
+        double Drow = 0, eD = 0;
+        for (std::int64_t x = 0; x < d.Dv; ++x) {
+          const double o = fwd.out[row * std::size_t(d.Dv) + std::size_t(x)], dO = elem(dout, b, h, i, x);
+          Drow += dO * o;
+          eD += std::fabs(dO) * fwd.out_tol[row * std::size_t(d.Dv) + std::size_t(x)] + (d.Dv + 2) * u * std::fabs(dO * o);
+        }
+        // Drow from the reference out; its own error is in eD.
+        const double lse_err = fwd.lse_tol[row] + 4 * u;
+        for (std::int64_t j = 0; j < d.M; ++j) {
+          const std::size_t js = std::size_t(j);
+          if (s[js] == -kInf) {
+            P[js] = eP[js] = dS[js] = edS[js] = 0;
+            continue;
+          }
+          // The raw score and its magnitude a_j, as the forward's bound takes them.
+          double raw = 0, mag = 0;
+          for (std::int64_t x = 0; x < d.D; ++x) {
+            const double qx = elem(q, b, h, i, x), kx = elem(k, b, hk, j, x);
+            if (gauss) {
+              raw -= (qx - kx) * (qx - kx);
+              const double m = std::fabs(qx - c[std::size_t(x)]) + std::fabs(kx - c[std::size_t(x)]);
+              mag += m * m;
+            } else {
+              raw += qx * kx;
+              mag += std::fabs(qx * kx);
+            }
+          }
+          raw *= scale;
+          mag *= std::fabs(scale);
+          const double t = cap > 0 ? std::tanh(raw / cap) : 0.0;
+          const double capped = cap > 0 ? cap * t : raw;
+          const double delta_j = u * ((d.D + 10) * mag + 8 * (std::fabs(s[js]) + std::fabs(raw) + std::fabs(s[js] - capped)) + 16);
+          P[js] = std::exp(s[js] - top) / sum;
+          eP[js] = P[js] * 1.01 * (delta_j + lse_err + 4 * u);
+          double dP = 0, edP = 0;
+          for (std::int64_t x = 0; x < d.Dv; ++x) {
+            const double t2 = double(elem(dout, b, h, i, x)) * double(elem(v, b, hk, j, x));
+            dP += t2;
+            edP += std::fabs(t2);
+          }
+          edP *= (d.Dv + 2) * u;
+          const double deriv = cap > 0 ? 1 - t * t : 1.0;
+          dS[js] = P[js] * (dP - Drow) * deriv;
+          edS[js] = (eP[js] * std::fabs(dP - Drow) + P[js] * (edP + eD)) * deriv;
+          // 1 - t^2 from a t good to a few ulp (xsimd's tanh) is off by ~10 u absolutely,
+          // which near |t| = 1 is large against 1 - t^2 itself; and the score's own error
+          // moves it by 2 |t| (1 - t^2) Δ_j / c.
+          if (cap > 0)
+            edS[js] += P[js] * std::fabs(dP - Drow) * (10 * u + 2 * std::fabs(t) * deriv * delta_j / cap);
+        }
+        const double nq = double(d.M + 2) * u, nk = double(d.N * G + 2) * u;
+        const double f = gauss ? 2 * std::fabs(scale) : std::fabs(scale);
+        for (std::int64_t j = 0; j < d.M; ++j) {
+          const std::size_t js = std::size_t(j);
+          if (P[js] == 0 && eP[js] == 0) continue;
+          for (std::int64_t x = 0; x < d.D; ++x) {
+            const double qx = elem(q, b, h, i, x), kx = elem(k, b, hk, j, x);
+            const double yk = gauss ? std::fabs(kx - c[std::size_t(x)]) + std::fabs(qx - c[std::size_t(x)]) : std::fabs(kx);
+            const double yq = gauss ? yk : std::fabs(qx);
+            tq[row * std::size_t(d.D) + std::size_t(x)] += f * (edS[js] * yk + nq * std::fabs(dS[js]) * yk);
+            tk[std::size_t(((b * d.Hkv + hk) * d.M + j) * d.D + x)] += f * (edS[js] * yq + nk * std::fabs(dS[js]) * yq);
+          }
+          for (std::int64_t x = 0; x < d.Dv; ++x) {
+            const double dO = std::fabs(elem(dout, b, h, i, x));
+            tv[std::size_t(((b * d.Hkv + hk) * d.M + j) * d.Dv + x)] += eP[js] * dO + nk * P[js] * dO;
+          }
+        }
+      }
+    }
+  Exact out;
+  out.dq.assign(tq.begin(), tq.end());
+  out.dk.assign(tk.begin(), tk.end());
+  out.dv.assign(tv.begin(), tv.end());
+  return out;
+}
+
+struct BackwardOutcome {
+  bool ok = true;
+  double ratio = 0;  // worst |fused - oracle| / bound
+  std::string report;
+};
+
+// Compares one gradient view with the oracle's contiguous values under the bounds.
+void compare_grad(const char* name, const Tensor& got, const std::vector<float>& want, const std::vector<float>& tol,
+                  BackwardOutcome& o) {
+  const Shape sh = got.shape();
+  Worst w;
+  for (std::int64_t b = 0; b < sh[0]; ++b)
+    for (std::int64_t h = 0; h < sh[1]; ++h)
+      for (std::int64_t i = 0; i < sh[2]; ++i)
+        for (std::int64_t c = 0; c < sh[3]; ++c) {
+          const std::size_t x = std::size_t(((b * sh[1] + h) * sh[2] + i) * sh[3] + c);
+          // The bound plus one rounding of the result to float.
+          const double bound = double(tol[x]) + kU * std::fabs(double(want[x]));
+          w.record(got.at(b, h, i, c), want[x], bound, b, h, i, c);
+        }
+  if (w.bad > 0) o.ok = false;
+  o.ratio = std::max(o.ratio, w.ratio);
+  if (!got.padding_intact()) {
+    o.ok = false;
+    o.report += std::string(name) + ": wrote outside its view\n";
+  }
+  o.report += w.text(name, "fused", "oracle") + "\n";
+}
+
+BackwardOutcome check_backward(Problem& p, Layout outs = Layout::padded) {
+  Grads g(p, outs);
+  forward(p, g);
+  const Expected fwd = expect(p.q.cview(), p.k.cview(), p.v.cview(), p.opt);
+  run_fused(p, g);
+  const Exact want = run_oracle(p, g);
+  const Exact tol = bounds(p, g, fwd);
+  BackwardOutcome o;
+  compare_grad("dq", g.dq, want.dq, tol.dq, o);
+  compare_grad("dk", g.dk, want.dk, tol.dk, o);
+  compare_grad("dv", g.dv, want.dv, tol.dv, o);
+  return o;
+}
+
+#define CHECK_BACKWARD(p, ...)                                  \
+  do {                                                          \
+    const BackwardOutcome outcome_ = check_backward(p, ##__VA_ARGS__); \
+    INFO((p).describe());                                       \
+    INFO(outcome_.report);                                      \
+    CHECK(outcome_.ok);                                         \
+    ::ftest::record_margin(outcome_.ratio);                     \
+    CHECK(outcome_.ratio <= kBackwardMargin);                   \
+  } while (false)
+
+// Key lengths that cut every shape short, small ones included: M - 1 for batch 0, M / 2
+// for batch 1.
+void short_keys(Problem& p) {
+  std::vector<std::int32_t> l;
+  for (std::int64_t b = 0; b < p.d.B; ++b) l.push_back(std::int32_t(b == 0 ? std::max<std::int64_t>(p.d.M - 1, 0) : p.d.M / 2));
+  p.key_lengths(std::move(l));
+}
+
+// Every option at once, on any shape (attention_oracle.hpp's everything() needs M > 37).
+void every_option(Problem& p) {
+  p.causal();
+  p.full_mask(0.05);
+  p.full_bool(0.2);
+  short_keys(p);
+  p.window(p.d.M / 2 + 3, 2);
+  p.scale(0.4f);
+  p.softcap(3.0f);
+  p.alibi();
+}
+
+// The option sets of the tests below.
+struct Set {
+  const char* name;
+  void (*apply)(Problem&);
+};
+const Set kSets[] = {
+    {"none", [](Problem&) {}},
+    {"causal", [](Problem& p) { p.causal(); }},
+    {"gaussian", [](Problem& p) { p.gaussian(); }},
+    {"softcap 2", [](Problem& p) { p.softcap(2.0f), p.scale(1.5f); }},
+    {"alibi + causal", [](Problem& p) { p.alibi(), p.causal(); }},
+    {"mask with -inf", [](Problem& p) { p.full_mask(0.2); }},
+    {"bool mask", [](Problem& p) { p.full_bool(0.3); }},
+    {"key lengths", [](Problem& p) { short_keys(p); }},
+    {"window", [](Problem& p) { p.window(5, 3); }},
+    {"sinks", [](Problem& p) { p.sinks(-1.0f, 1.0f, true); }},
+    {"everything", [](Problem& p) { every_option(p); }},
+    {"gaussian + everything", [](Problem& p) { every_option(p), p.gaussian(), p.sinks(-1.0f, 1.0f); }},
+};
+
+// L = sum(dout * reference::attention(q, k, v)), in double over the float outputs.
+double loss(Problem& p, const Tensor& dout) {
+  flashcpu::reference::attention(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), p.opt);
+  const Shape sh = p.out.shape();
+  double l = 0;
+  for (std::int64_t b = 0; b < sh[0]; ++b)
+    for (std::int64_t h = 0; h < sh[1]; ++h)
+      for (std::int64_t i = 0; i < sh[2]; ++i)
+        for (std::int64_t c = 0; c < sh[3]; ++c) l += double(dout.at(b, h, i, c)) * double(p.out.at(b, h, i, c));
+  return l;
+}
+
+}  // namespace
+
+TEST_CASE("the backward oracle matches central finite differences of reference::attention", "[backward][reference]") {
+  // Step 1e-2 on inputs in [-1, 1]: the truncation error h^2/6 |L'''| and the rounding of
+  // the float outputs (L ~ 1 to 2^-24 each, over 2h) both stay below 1e-4; the bound
+  // 2e-3 + 1e-2 |g| leaves room and still fails a wrong sign, factor or missing term,
+  // whose errors are of the size of the gradient itself (checked: the gradients below
+  // reach 0.1 and more).
+  const double h = 1e-2;
+  std::uint32_t seed = 7000;
+  for (const Set& set : kSets) {
+    for (const Dims& d : {Dims{1, 2, 1, 5, 7, 3, 4}, Dims{1, 2, 2, 6, 3, 2, 3}}) {
+      Problem p(d, ++seed, Layout::padded, Layout::bhsd);
+      set.apply(p);
+      Grads g(p, Layout::bhsd);
+      forward(p, g);
+      const Exact e = run_oracle(p, g);
+      double largest = 0;
+      auto check = [&](Tensor& t, const std::vector<float>& grad, const char* name) {
+        const Shape sh = t.shape();
+        for (std::int64_t b = 0; b < sh[0]; ++b)
+          for (std::int64_t hh = 0; hh < sh[1]; ++hh)
+            for (std::int64_t i = 0; i < sh[2]; ++i)
+              for (std::int64_t c = 0; c < sh[3]; ++c) {
+                float& x = t.at(b, hh, i, c);
+                const float saved = x;
+                x = float(saved + h);
+                const double up = loss(p, g.dout);
+                x = float(saved - h);
+                const double down = loss(p, g.dout);
+                x = saved;
+                const double fd = (up - down) / (2 * h);
+                const double an = grad[std::size_t(((b * sh[1] + hh) * sh[2] + i) * sh[3] + c)];
+                largest = std::max(largest, std::fabs(an));
+                INFO(set.name << " " << p.describe() << " " << name << "(" << b << "," << hh << "," << i << "," << c
+                              << "): oracle " << an << ", finite difference " << fd);
+                CHECK(std::fabs(an - fd) <= 2e-3 + 1e-2 * std::fabs(fd));
+              }
+      };
+      check(p.q, e.dq, "dq");
+      check(p.k, e.dk, "dk");
+      check(p.v, e.dv, "dv");
+      INFO(set.name);
+      CHECK(largest > 0.05);  // the comparison had something to compare
+    }
+  }
+}
+
+TEST_CASE("the fused backward matches the oracle for every option set and score", "[backward]") {
+  // Prefill-like and decode-like shapes; N > M and N < M (causal aligned bottom-right);
+  // sizes off every tile and vector multiple; GQA.
+  const Dims shapes[] = {
+      {2, 4, 2, 37, 53, 19, 23}, {1, 6, 2, 90, 31, 33, 7}, {1, 2, 1, 1, 150, 17, 9},
+      {1, 4, 1, 130, 200, 64, 64}, {1, 3, 3, 7, 1, 5, 3},
+  };
+  std::uint32_t seed = 7100;
+  for (const Set& set : kSets)
+    for (const Dims& d : shapes) {
+      ++seed;
+      Problem p(d, seed, seed % 2 ? Layout::padded : Layout::bshd, seed % 3 ? Layout::padded : Layout::bhsd);
+      set.apply(p);
+      INFO("option set: " << set.name);
+      CHECK_BACKWARD(p, seed % 2 ? Layout::bshd : Layout::sliced);
+    }
+}
+
+TEST_CASE("the fused backward on randomized awkward shapes, views and GQA", "[backward]") {
+  std::mt19937 rng(7200);
+  const std::int64_t sizes[] = {1, 2, 3, 5, 7, 13, 17, 31, 37, 61, 64, 65, 67, 131};
+  auto pick = [&] { return sizes[rng() % (sizeof(sizes) / sizeof(sizes[0]))]; };
+  const Layout layouts[] = {Layout::bhsd, Layout::bshd, Layout::padded, Layout::sliced};
+  for (int t = 0; t < 30; ++t) {
+    const std::int64_t hkv = 1 + rng() % 3, group = 1 + rng() % 3;
+    const Dims d{1 + std::int64_t(rng() % 2), hkv * group, hkv, pick(), pick(), pick(), pick()};
+    Problem p(d, std::uint32_t(rng()), layouts[rng() % 4], layouts[rng() % 3 + 1]);
+    if (t % 2) p.gaussian();
+    if (t % 3 == 1) p.causal();
+    if (t % 5 == 2) p.full_bool(0.3);
+    if (t % 7 == 3) p.softcap(1.5f);
+    if (t % 4 == 0) p.alibi();
+    CHECK_BACKWARD(p, layouts[rng() % 4]);
+  }
+}
+
+TEST_CASE("the fused backward keeps garbage in excluded K and V slots out", "[backward]") {
+  // Keys past key_lengths and keys behind a -inf mask column hold NaN and inf (stale
+  // KV-cache slots); rows masked entirely see nothing. dk and dv of those keys must be
+  // exactly 0, and nothing else may turn NaN.
+  for (bool gauss : {false, true}) {
+    const Dims d{2, 4, 2, 40, 75, 16, 8};
+    Problem p(d, gauss ? 7301 : 7300);
+    if (gauss) p.gaussian();
+    p.key_lengths({60, 23});
+    for (std::int64_t b = 0; b < d.B; ++b)
+      for (std::int64_t h = 0; h < d.Hkv; ++h)
+        for (std::int64_t j = p.lengths[std::size_t(b)]; j < d.M; ++j) {
+          for (std::int64_t x = 0; x < d.D; ++x) p.k.at(b, h, j, x) = j % 2 ? kNaN : kInf;
+          for (std::int64_t x = 0; x < d.Dv; ++x) p.v.at(b, h, j, x) = j % 2 ? -kInf : kNaN;
+        }
+    // Row 3 of every head sees nothing: a bool mask zero across it.
+    const Shape shape{d.B, d.Hq, d.N, d.M};
+    p.opt.bool_mask = make_view<std::uint8_t>(p.bool_buf, shape, contiguous(shape), 0, 0,
+                                              [](auto, auto, auto i, auto) { return std::uint8_t(i == 3 ? 0 : 1); });
+    p.note("bool mask: row 3 empty");
+    CHECK_BACKWARD(p);
+    Grads g(p, Layout::padded);
+    forward(p, g);
+    run_fused(p, g);
+    for (std::int64_t b = 0; b < d.B; ++b) {
+      for (std::int64_t h = 0; h < d.Hkv; ++h)
+        for (std::int64_t j = p.lengths[std::size_t(b)]; j < d.M; ++j) {
+          for (std::int64_t x = 0; x < d.D; ++x) CHECK(g.dk.at(b, h, j, x) == 0.0f);
+          for (std::int64_t x = 0; x < d.Dv; ++x) CHECK(g.dv.at(b, h, j, x) == 0.0f);
+        }
+      for (std::int64_t h = 0; h < d.Hq; ++h)
+        for (std::int64_t x = 0; x < d.D; ++x) CHECK(g.dq.at(b, h, 3, x) == 0.0f);
+    }
+  }
+}
+
+TEST_CASE("the fused backward is bitwise identical for 1, 2, 3 and 5 threads", "[backward][threads]") {
+  for (bool gauss : {false, true}) {
+    const Dims d{2, 6, 2, 150, 170, 24, 20};
+    std::vector<float> first_dq, first_dk, first_dv;
+    for (int threads : {1, 2, 3, 5}) {
+      Problem p(d, 7400);
+      p.causal();
+      p.full_mask(0.05);
+      if (gauss) p.gaussian();
+      p.opt.num_threads = threads;
+      Grads g(p, Layout::padded);
+      forward(p, g);
+      run_fused(p, g);
+      if (threads == 1) {
+        first_dq = g.dq.values(), first_dk = g.dk.values(), first_dv = g.dv.values();
+        continue;
+      }
+      INFO("threads " << threads << (gauss ? " gaussian" : " dot"));
+      CHECK(std::memcmp(first_dq.data(), g.dq.values().data(), first_dq.size() * sizeof(float)) == 0);
+      CHECK(std::memcmp(first_dk.data(), g.dk.values().data(), first_dk.size() * sizeof(float)) == 0);
+      CHECK(std::memcmp(first_dv.data(), g.dv.values().data(), first_dv.size() * sizeof(float)) == 0);
+    }
+  }
+}
+
+TEST_CASE("the backward with no queries, no keys or no heads writes zero gradients", "[backward]") {
+  for (const Dims& d : {Dims{1, 2, 1, 0, 5, 3, 4}, Dims{1, 2, 1, 4, 0, 3, 4}, Dims{2, 0, 1, 4, 5, 3, 4}}) {
+    Problem p(d, 7500);
+    Grads g(p, Layout::padded);
+    forward(p, g);
+    run_fused(p, g);
+    for (float x : g.dq.values()) CHECK(x == 0.0f);
+    for (float x : g.dk.values()) CHECK(x == 0.0f);
+    for (float x : g.dv.values()) CHECK(x == 0.0f);
+    const Exact e = run_oracle(p, g);
+    for (std::size_t x = 0; x < g.dk.values().size(); ++x) CHECK(e.dk[x] == 0.0f);
+  }
+}
+
+TEST_CASE("the backward rejects bad arguments before writing", "[backward][errors]") {
+  const Dims d{1, 2, 1, 6, 5, 4, 3};
+  Problem p(d, 7600, Layout::bhsd, Layout::bhsd);
+  Grads g(p, Layout::bhsd);
+  forward(p, g);
+  auto expect_error = [&](const std::string& what, auto&& call) {
+    const std::vector<float> dq = g.dq.buffer(), dk = g.dk.buffer(), dv = g.dv.buffer();
+    bool threw = false;
+    try {
+      call();
+    } catch (const flashcpu::Error& e) {
+      threw = true;
+      INFO(e.what());
+      CHECK(std::string(e.what()).find(what) != std::string::npos);
+    }
+    INFO("expected an Error naming " << what);
+    CHECK(threw);
+    CHECK(std::memcmp(dq.data(), g.dq.buffer().data(), dq.size() * sizeof(float)) == 0);
+    CHECK(std::memcmp(dk.data(), g.dk.buffer().data(), dk.size() * sizeof(float)) == 0);
+    CHECK(std::memcmp(dv.data(), g.dv.buffer().data(), dv.size() * sizeof(float)) == 0);
+  };
+  for (int oracle_side = 0; oracle_side < 2; ++oracle_side) {
+    auto call = [&](auto q, auto k, auto v, auto out, auto lse, auto dout, auto dq, auto dk, auto dv,
+                    const AttentionOptions& o) {
+      if (oracle_side)
+        flashcpu::reference::attention_backward(q, k, v, out, lse, dout, dq, dk, dv, o);
+      else
+        flashcpu::attention_backward(q, k, v, out, lse, dout, dq, dk, dv, o);
+    };
+    const auto q = p.q.cview(), k = p.k.cview(), v = p.v.cview(), out = p.out.cview(), lse = p.lse.cview();
+    const auto dout = g.dout.cview();
+    const auto dq = g.dq.view(), dk = g.dk.view(), dv = g.dv.view();
+    AttentionOptions additive;
+    std::vector<float> w(std::size_t(d.D), 1.0f);
+    additive.score = Score::additive;
+    additive.additive_weights = w.data();
+    expect_error("no backward yet", [&] { call(q, k, v, out, lse, dout, dq, dk, dv, additive); });
+    auto bad = dout;
+    bad.shape[3] = 2;
+    expect_error("dout.shape[3]", [&] { call(q, k, v, out, lse, bad, dq, dk, dv, p.opt); });
+    auto bad_dq = dq;
+    bad_dq.shape[2] = 5;
+    expect_error("dq.shape[2]", [&] { call(q, k, v, out, lse, dout, bad_dq, dk, dv, p.opt); });
+    auto bad_dk = dk;
+    bad_dk.shape[3] = 3;
+    expect_error("dk.shape[3]", [&] { call(q, k, v, out, lse, dout, dq, bad_dk, dv, p.opt); });
+    auto bad_dv = dv;
+    bad_dv.shape[1] = 2;
+    expect_error("dv.shape[1]", [&] { call(q, k, v, out, lse, dout, dq, dk, bad_dv, p.opt); });
+    auto bad_lse = lse;
+    bad_lse.shape[2] = 7;
+    expect_error("lse.shape[2]", [&] { call(q, k, v, out, bad_lse, dout, dq, dk, dv, p.opt); });
+    auto self = dq;
+    self.strides[2] = 1;
+    expect_error("dq.strides", [&] { call(q, k, v, out, lse, dout, self, dk, dv, p.opt); });
+    // A gradient over an input, and two gradients over each other.
+    const flashcpu::TensorView<float> over_q{const_cast<float*>(q.data), q.shape, q.strides};
+    expect_error("dq: expected memory disjoint from q", [&] { call(q, k, v, out, lse, dout, over_q, dk, dv, p.opt); });
+    const flashcpu::TensorView<float> over_dout{const_cast<float*>(dout.data), dv.shape, dv.strides};
+    expect_error("dv: expected memory disjoint from dout",
+                 [&] { call(q, k, v, out, lse, dout, dq, dk, over_dout, p.opt); });
+    const flashcpu::TensorView<float> dk_over_dq{dq.data, dk.shape, dk.strides};
+    expect_error("dk: expected memory disjoint from dq", [&] { call(q, k, v, out, lse, dout, dq, dk_over_dq, dv, p.opt); });
+    AttentionOptions threads;
+    threads.num_threads = -1;
+    expect_error("options.num_threads", [&] { call(q, k, v, out, lse, dout, dq, dk, dv, threads); });
+  }
+}
