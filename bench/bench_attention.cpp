@@ -8,7 +8,8 @@
 //   <family>/openblas_full/...  causal only: the same over the full masked square
 //   <family>/reference/...      the fp64 oracle, only with --with-reference
 // Families: prefill sweep, the named workloads (P64, P128, C128, S16K, short, DEC,
-// thread scaling), their 16-bit forms (<family>_<dtype>: P64_bf16, P128_bf16,
+// thread scaling), their backward (P64_bwd, C128_bwd, S16K_bwd: fused and materialized
+// OpenBLAS backward, FLOP = the backward's five products), their 16-bit forms (<family>_<dtype>: P64_bf16, P128_bf16,
 // P64_fp16kv, DEC_bf16kv, DEC_fp16kv), a decode sweep, head shapes of real models, the
 // two OpenBLAS threading modes, and the machine probes (BM_FmaPeak, BM_ReadBandwidth).
 // On a 16-bit workload the baselines widen the inputs to fp32 inside the timed call
@@ -216,6 +217,62 @@ void add_workload(const std::string& prefix, const std::string& suffix, const Sh
   }
 }
 
+// The backward: <family>_bwd/<impl>. Same method as bm_attention (peak memory and a
+// cross-check on the first call, a probe before each repetition); the FLOP counter is
+// backward_flops, its five products.
+void bm_backward(benchmark::State& st, const std::string& name, fb::BackwardImpl impl, const Shape& s) {
+  if (impl == fb::BackwardImpl::openblas && !fb::have_openblas()) {
+    st.SkipWithError("OpenBLAS was not found at configure time");
+    return;
+  }
+  const int threads = fb::resolve_threads(g.threads);
+  // One backward problem at a time (the implementations of a family share it), rebuilt
+  // untimed when the family changes.
+  static std::string current;
+  static std::unique_ptr<fb::BackwardProblem> problem;
+  static std::map<std::string, fb::MaterializedWorkspace> workspaces;
+  if (current != fb::describe(s)) {
+    problem.reset();  // free first
+    problem = std::make_unique<fb::BackwardProblem>(s);
+    current = fb::describe(s);
+  }
+  fb::BackwardProblem& p = *problem;
+  fb::MaterializedWorkspace* ws = &workspaces[name];
+  const std::string key = name + "|" + std::to_string(threads);
+  auto it = first_runs().find(key);
+  if (it == first_runs().end()) {
+    const double extra = fb::measure_peak_extra_mib([&] { fb::run_backward(impl, p, threads, ws); });
+    if (impl != fb::BackwardImpl::fused) fb::check_backward_against_fused(impl, p, threads, ws);
+    it = first_runs().emplace(key, FirstRun{extra}).first;
+  } else {
+    fb::run_backward(impl, p, threads, ws);  // warm-up
+  }
+  const double probe_flops = fb::fma_probe_now(threads);
+  const double t0 = fb::now_seconds();
+  for (auto _ : st) {
+    fb::run_backward(impl, p, threads, ws);
+    benchmark::ClobberMemory();
+  }
+  const double per_iter = (fb::now_seconds() - t0) / double(st.iterations());
+  const double flop = fb::backward_flops(s);
+  st.counters["FLOP"] = benchmark::Counter(flop, benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["probe_gflops"] = probe_flops;
+  st.counters["peak_frac"] = flop / per_iter * 1e-9 / probe_flops;
+  if (it->second.extra_mib >= 0) st.counters["peak_extra_MiB"] = it->second.extra_mib;
+  st.SetLabel(impl == fb::BackwardImpl::fused ? std::string("flashcpu backward (") + flashcpu::active_isa() + ")"
+                                              : std::string("materialized backward (OpenBLAS sgemm)"));
+}
+
+void add_backward_workload(const std::string& family, const Shape& s, bool with_openblas) {
+  for (fb::BackwardImpl impl : {fb::BackwardImpl::fused, fb::BackwardImpl::openblas}) {
+    if (impl == fb::BackwardImpl::openblas && (!with_openblas || !fb::have_openblas())) continue;
+    const std::string name = family + "_bwd/" + fb::backward_impl_name(impl);
+    benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& st) { bm_backward(st, name, impl, s); })
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  }
+}
+
 // 1, 2, 4, ... up to the number of cores, and the number of cores itself.
 std::vector<int> thread_counts() {
   const int procs = omp_get_num_procs();
@@ -257,6 +314,12 @@ void register_attention_benchmarks() {
     w.s.dtype = w.dtype;
     add_workload(std::string(w.family) + "_" + fb::dtype_name(w.dtype), "", w.s, 0, w.decode);
   }
+
+  // The backward of three named workloads. S16K's materialized backward would need two
+  // 1 GiB matrices per thread: only the fused one runs there (its memory is the point).
+  add_backward_workload("P64", p64, true);
+  add_backward_workload("C128", fb::mha(1, 8, 4096, 4096, 128, true), true);
+  add_backward_workload("S16K", fb::mha(1, 1, 16384, 16384, 64), false);
 
   for (int t : thread_counts()) {
     add_workload("scaling_P64", "/threads:" + std::to_string(t), p64, t);
@@ -388,7 +451,8 @@ void print_usage() {
       "  --no-probes              do not measure FMA peak and bandwidth at start-up (they are\n"
       "                           then measured when first needed)\n"
       "Families (use --benchmark_filter): P64 P128 C128 S16K short DEC DEC_hot scaling_P64\n"
-      "  P64_bf16 P128_bf16 P64_fp16kv DEC_bf16kv DEC_fp16kv prefill decode model blas_mode\n"
+      "  P64_bf16 P128_bf16 P64_fp16kv DEC_bf16kv DEC_fp16kv P64_bwd C128_bwd S16K_bwd prefill\n"
+      "  decode model blas_mode\n"
       "  BM_FmaPeak BM_ReadBandwidth. Example:\n"
       "  flashcpu_bench --benchmark_filter='^(P64|DEC)/'\n"
       "      --benchmark_repetitions=5 --benchmark_report_aggregates_only=true\n"

@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <set>
 #include <string>
@@ -110,6 +111,35 @@ using Buffer = std::unique_ptr<float[], FreeDeleter>;
 using RawBuffer = std::unique_ptr<void, FreeDeleter>;
 /// Allocates `count` floats (64-byte aligned). Not initialized.
 Buffer allocate_floats(std::size_t count);
+/// Fills with values uniform in [-1, 1), a pure function of (seed, index): the same for
+/// every thread count.
+void fill_uniform(float* p, std::size_t count, std::uint64_t seed);
+void fill_zero(float* p, std::size_t count);
+
+// exp(x) for x <= 0 in a form the compiler vectorizes (no libm call): 2^t with
+// t = x*log2(e) split into round(t) + f, |f| <= 1/2, 2^f = e^(f ln 2) by a degree-6
+// Taylor polynomial (relative error < 2e-7 for |f ln 2| <= 0.347), and round(t)
+// added to the exponent bits. Clamped at -87 so the exponent stays normal.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float t = x * 1.44269504088896341f;
+  const float r = (t + 12582912.0f) - 12582912.0f;  // round to nearest, |t| < 2^22
+  const float g = (t - r) * 0.693147180559945309f;
+  float p = 1.0f / 720;
+  p = p * g + 1.0f / 120;
+  p = p * g + 1.0f / 24;
+  p = p * g + 1.0f / 6;
+  p = p * g + 0.5f;
+  p = p * g + 1.0f;
+  p = p * g + 1.0f;
+  std::uint32_t bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += static_cast<std::uint32_t>(static_cast<std::int32_t>(r)) << 23;
+  std::memcpy(&p, &bits, sizeof p);
+  return p;
+}
+
+
 /// Allocates `count` elements of `e` (64-byte aligned). Not initialized.
 RawBuffer allocate_elems(Elem e, std::size_t count);
 
@@ -375,6 +405,57 @@ void check_against_reference(Impl impl, const Shape& s, int threads);
 /// Dv != D and fully masked rows, and a prefill and a decode problem of each 16-bit
 /// dtype. Aborts on a mismatch; prints one line per problem when verbose.
 void self_check(bool verbose);
+
+// ---------------------------------------------------------------------------------
+// The backward (bench/backward.cpp)
+// ---------------------------------------------------------------------------------
+
+/// Useful FLOP of one backward call: its five products S = QK^T, dP = dO V^T, dV = P^T dO,
+/// dQ = dS K and dK = dS^T Q over the visible pairs, 2 * B * Hq * pairs * (3 D + 2 Dv)
+/// (10 * B * Hq * N * M * D with Dv = D and no mask). Products an implementation
+/// repeats (flashcpu recomputes S and dP in a second pass) are not counted.
+double backward_flops(const Shape& s);
+
+/// One fp32 backward problem: the forward's inputs, its out and lse from
+/// flashcpu::attention, dout uniform in [-1, 1], and the three gradients (zeroed).
+struct BackwardProblem {
+  Problem fwd;
+  Buffer lse, dout, dq, dk, dv;
+  explicit BackwardProblem(const Shape& s, std::uint64_t seed = 42);
+  TensorView<const float> lsev() const;
+  TensorView<const float> doutv() const;
+  TensorView<float> dqv() const;
+  TensorView<float> dkv() const;
+  TensorView<float> dvv() const;
+};
+
+enum class BackwardImpl {
+  fused,     // flashcpu::attention_backward
+  openblas,  // materialized: S, P, dP and dS as full matrices between five sgemms
+};
+const char* backward_impl_name(BackwardImpl impl);  // "fused", "openblas"
+
+/// The materialized backward a user would build from OpenBLAS. Per (b, KV head), one
+/// work item (OpenMP over items, OpenBLAS single-threaded inside, so that dK and dV of a
+/// KV head sum over its query heads without a reduction); per query head of the group
+/// and per block of query rows (all N rows, or kCausalSkipRows with causal, whose keys
+/// end at the block's last diagonal):
+///   S = scale Q K^T, P = exp(S - lse) (0 past the diagonal), dP = dO V^T  (two sgemms)
+///   dS = P (dP - D), D_i = dO_i . O_i                                      (elementwise)
+///   dV += P^T dO, dQ = scale dS K, dK += scale dS^T Q                     (three sgemms)
+/// Working memory: two rows x M fp32 matrices (S/P and dP/dS) per thread. Dot-product
+/// score, `causal` and the default scale only.
+void openblas_attention_backward(BackwardProblem& p, int threads, MaterializedWorkspace* workspace);
+
+/// Runs one backward implementation on the problem's own buffers.
+void run_backward(BackwardImpl impl, BackwardProblem& p, int threads, MaterializedWorkspace* workspace);
+
+/// Runs `impl` and flashcpu::attention_backward on the problem and returns the largest
+/// |difference| over the three gradients relative to the largest |gradient|; throws
+/// Error above 1e-3 (fp32 sums of thousands of terms agree to ~1e-5 here). The
+/// benchmarks' first-run cross-check.
+double check_backward_against_fused(BackwardImpl impl, BackwardProblem& p, int threads,
+                                    MaterializedWorkspace* workspace);
 
 // ---------------------------------------------------------------------------------
 // Memory

@@ -8,6 +8,7 @@ include_guard(GLOBAL)
 
 add_library(flashcpu_bench_support STATIC
   ${CMAKE_CURRENT_LIST_DIR}/support.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/backward.cpp
   ${CMAKE_CURRENT_LIST_DIR}/machine.cpp
   ${CMAKE_CURRENT_LIST_DIR}/naive.cpp
   ${CMAKE_CURRENT_LIST_DIR}/fma_probe.cpp)

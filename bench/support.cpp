@@ -328,7 +328,8 @@ std::uint64_t splitmix64(std::uint64_t x) {
   return x ^ (x >> 31);
 }
 
-// Uniform in [-1, 1), a pure function of (seed, index): thread-count independent.
+}  // namespace
+
 void fill_uniform(float* p, std::size_t count, std::uint64_t seed) {
   const auto n = static_cast<std::int64_t>(count);
 #pragma omp parallel for schedule(static)
@@ -343,6 +344,8 @@ void fill_zero(float* p, std::size_t count) {
 #pragma omp parallel for schedule(static)
   for (std::int64_t i = 0; i < n; ++i) p[i] = 0.0f;
 }
+
+namespace {
 
 std::size_t count_of(std::int64_t b, std::int64_t h, std::int64_t s, std::int64_t d) {
   return std::size_t(b) * std::size_t(h) * std::size_t(s) * std::size_t(d);
@@ -464,29 +467,6 @@ BlasThreading default_blas_threading() {
 }
 
 namespace {
-
-// exp(x) for x <= 0 in a form the compiler vectorizes (no libm call): 2^t with
-// t = x*log2(e) split into round(t) + f, |f| <= 1/2, 2^f = e^(f ln 2) by a degree-6
-// Taylor polynomial (relative error < 2e-7 for |f ln 2| <= 0.347), and round(t)
-// added to the exponent bits. Clamped at -87 so the exponent stays normal.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float t = x * 1.44269504088896341f;
-  const float r = (t + 12582912.0f) - 12582912.0f;  // round to nearest, |t| < 2^22
-  const float g = (t - r) * 0.693147180559945309f;
-  float p = 1.0f / 720;
-  p = p * g + 1.0f / 120;
-  p = p * g + 1.0f / 24;
-  p = p * g + 1.0f / 6;
-  p = p * g + 0.5f;
-  p = p * g + 1.0f;
-  p = p * g + 1.0f;
-  std::uint32_t bits;
-  std::memcpy(&bits, &p, sizeof bits);
-  bits += static_cast<std::uint32_t>(static_cast<std::int32_t>(r)) << 23;
-  std::memcpy(&p, &bits, sizeof p);
-  return p;
-}
 
 // Softmax of one score row in place over its first `visible` entries; the rest (the
 // causal mask) become 0, and a row with no visible key is all zeros. Cloned for

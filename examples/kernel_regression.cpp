@@ -23,6 +23,8 @@
 // Every tensor is [B = 1, H = 1, N, D = 1] in BHSD layout. Run with --help for the
 // options and the files written.
 
+#include "kernel_regression_data.hpp"
+
 #include <flashcpu/flashcpu.hpp>
 
 #include <algorithm>
@@ -33,19 +35,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <random>
 #include <string>
 #include <vector>
 
-#include <sys/stat.h>
-#include <sys/types.h>
-
 namespace {
 
-constexpr int kTrain = 50;            // training points
-constexpr double kXMax = 5.0;         // inputs in [0, 5]
-constexpr double kNoiseSd = 0.5;      // y = f(x) + N(0, 0.5^2)
-constexpr std::uint32_t kDefaultSeed = 20240611;
+using namespace kernel_regression;
+
+constexpr const char* kProgram = "flashcpu-kernel-regression";
 constexpr double kBandwidths[] = {0.1, 0.3, 1.0};
 
 struct KernelInfo {
@@ -62,38 +59,6 @@ constexpr KernelInfo kKernels[] = {
 // Fused results must match the double-precision reference to |a - b| <= tol * max(1, |b|):
 // the tolerance tests/test_reference.cpp holds the fused attention kernel to.
 constexpr double kTolerance = 1e-5;
-
-constexpr double kTwoPi = 6.283185307179586476925286766559;
-
-double truth(double x) { return 2.0 * std::sin(x) + std::pow(x, 0.8); }
-
-// Random numbers from std::mt19937, whose output sequence the standard fixes. The
-// std:: distributions are implementation-defined, so uniform and normal draws are
-// made by hand: the data set is the same with every standard library.
-struct Rng {
-  std::mt19937 gen;
-  explicit Rng(std::uint32_t seed) : gen(seed) {}
-  double uniform() { return (double(gen()) + 0.5) / 4294967296.0; }  // in (0, 1)
-  double normal() {                                                   // Box-Muller
-    const double u1 = uniform(), u2 = uniform();
-    return std::sqrt(-2.0 * std::log(u1)) * std::cos(kTwoPi * u2);
-  }
-};
-
-// A [1, 1, n, 1] view of a vector: one head of n one-dimensional tokens.
-flashcpu::TensorView<const float> col(const std::vector<float>& v) {
-  return flashcpu::bhsd<const float>(v.data(), 1, 1, std::int64_t(v.size()), 1);
-}
-flashcpu::TensorView<float> col(std::vector<float>& v) {
-  return flashcpu::bhsd(v.data(), 1, 1, std::int64_t(v.size()), 1);
-}
-
-std::vector<float> grid(double step) {
-  const int n = int(std::lround(kXMax / step)) + 1;  // 0, step, ..., 5 inclusive
-  std::vector<float> x(static_cast<std::size_t>(n));
-  for (int i = 0; i < n; ++i) x[std::size_t(i)] = float(i * step);
-  return x;
-}
 
 std::string fmt_g(double v) {
   char buf[32];
@@ -209,43 +174,9 @@ void check_support(SupportCheck& c, const char* kernel_name, flashcpu::Kernel ke
   }
 }
 
-bool make_dir(const std::string& path) {
-  std::string prefix;
-  std::size_t pos = 0;
-  while (pos != std::string::npos) {
-    pos = path.find('/', pos + 1);
-    prefix = path.substr(0, pos);
-    if (prefix.empty()) continue;
-    if (mkdir(prefix.c_str(), 0777) != 0 && errno != EEXIST) return false;
-  }
-  struct stat st {};
-  return stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
-}
-
-struct Csv {
-  std::FILE* f;
-  std::string path;
-  explicit Csv(const std::string& p) : f(std::fopen(p.c_str(), "w")), path(p) {
-    if (!f) {
-      std::fprintf(stderr, "flashcpu-kernel-regression: cannot write %s: %s\n", p.c_str(), std::strerror(errno));
-      std::exit(1);
-    }
-  }
-  ~Csv() { std::fclose(f); }
-  Csv(const Csv&) = delete;
-  Csv& operator=(const Csv&) = delete;
-};
-
-void put(std::FILE* f, double v) {
-  if (std::isnan(v))
-    std::fputs("nan", f);
-  else
-    std::fprintf(f, "%.9g", v);
-}
-
 void write_predictions(const std::string& path, const std::vector<float>& x,
                        const std::vector<std::vector<float>>& columns, const std::vector<std::string>& names) {
-  Csv csv(path);
+  Csv csv(path, kProgram);
   std::fputs("x,truth", csv.f);
   for (const auto& n : names) std::fprintf(csv.f, ",%s", n.c_str());
   std::fputc('\n', csv.f);
@@ -325,10 +256,7 @@ int run(int argc, char** argv) {
       out_dir = value();
     } else if (a == "--seed") {
       const std::string v = value();
-      char* end = nullptr;
-      const unsigned long long s = std::strtoull(v.c_str(), &end, 10);
-      if (v.empty() || *end || s > 0xffffffffull) usage_error("--seed: expected an integer in [0, 2^32), got " + v);
-      seed = std::uint32_t(s);
+      if (!parse_seed(v, seed)) usage_error("--seed: expected an integer in [0, 2^32), got " + v);
     } else if (a == "--weights-bandwidth") {
       const std::string v = value();
       char* end = nullptr;
@@ -345,12 +273,9 @@ int run(int argc, char** argv) {
   }
 
   // ---- The data set: keys x_train, values y_train. -----------------------------------
-  Rng rng(seed);
-  std::vector<float> x_train(kTrain), y_train(kTrain);
-  for (auto& x : x_train) x = float(kXMax * rng.uniform());
-  std::sort(x_train.begin(), x_train.end());
-  for (int j = 0; j < kTrain; ++j)
-    y_train[std::size_t(j)] = float(truth(x_train[std::size_t(j)]) + kNoiseSd * rng.normal());
+  const TrainingSet data = make_training_set(seed);
+  const std::vector<float>& x_train = data.x;
+  const std::vector<float>& y_train = data.y;
 
   const std::vector<float> x_coarse = grid(0.1), x_fine = grid(0.01);
 
@@ -502,7 +427,7 @@ int run(int argc, char** argv) {
 
   // ---- 4. CSVs. ----------------------------------------------------------------------------
   {
-    Csv csv(out_dir + "/train.csv");
+    Csv csv(out_dir + "/train.csv", kProgram);
     std::fputs("x,y,truth\n", csv.f);
     for (std::size_t j = 0; j < nt; ++j)
       std::fprintf(csv.f, "%.9g,%.9g,%.9g\n", double(x_train[j]), double(y_train[j]), truth(x_train[j]));
@@ -510,7 +435,7 @@ int run(int argc, char** argv) {
   write_predictions(out_dir + "/predictions.csv", x_coarse, coarse_cols, names);
   write_predictions(out_dir + "/predictions_fine.csv", x_fine, fine_cols, names);
   {
-    Csv csv(out_dir + "/mse.csv");
+    Csv csv(out_dir + "/mse.csv", kProgram);
     std::fputs("kernel,bandwidth,grid_step,queries,nan,mse\n", csv.f);
     for (const Row& r : rows) {
       std::fprintf(csv.f, "%s,%g,0.1,%zu,%d,", r.kernel.c_str(), r.h, nq, r.coarse.nan);
@@ -521,7 +446,7 @@ int run(int argc, char** argv) {
     }
   }
   if (have_weights) {
-    Csv csv(out_dir + "/weights.csv");
+    Csv csv(out_dir + "/weights.csv", kProgram);
     std::fputs("x_query,bandwidth", csv.f);
     for (std::size_t j = 0; j < nt; ++j) std::fprintf(csv.f, ",w_%zu", j);
     std::fputc('\n', csv.f);

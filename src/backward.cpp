@@ -1,12 +1,17 @@
-// attention_backward: the fused backward's driver. Two passes over the kernels of
-// kernels/backward.hpp, each parallel over items that own their outputs outright:
-//   1. (batch, KV head, key block): dK and dV of the block, summed over the group's query
-//      heads and the query blocks that see it;
-//   2. (batch, query head, query block): dQ of the block, summed over its key blocks.
-// P and dS are recomputed in each pass, two more products than a single pass, but no
-// partial sums are reduced across threads: each output element is summed by one thread in
-// an order fixed by the tiles alone, so results are bitwise identical for every thread
-// count. Working memory per thread: the tiles, plus one KV head's K and V packed for pass 2.
+// attention_backward: the fused backward's driver, over the kernels of
+// kernels/backward.hpp. Every item owns its outputs outright: no partial sums are
+// reduced across threads, and each output element is summed by one thread in an order
+// fixed by the tiles alone, so results are bitwise identical for every thread count.
+// Two schedules, with bitwise the same results (kernels/backward.hpp):
+//  - one pass, items (batch, KV head): dK, dV and dQ of the head, P and dS once per
+//    block pair; when there are enough heads to go round the threads;
+//  - two passes, parallel over blocks, for few heads on many threads:
+//      1. (batch, KV head, key block): dK and dV of the block, summed over the group's
+//         query heads and the query blocks that see it;
+//      2. (batch, query head, query block): dQ of the block, summed over its key blocks;
+//    P and dS are recomputed in each pass, two more products.
+// Working memory per thread: the tiles, plus every query row of the group (one pass) or
+// one KV head's K and V packed (pass 2).
 #include <flashcpu/flashcpu.hpp>
 
 #include <omp.h>
@@ -26,45 +31,51 @@ using detail::BackwardScratch;
 using detail::round_up;
 
 // Query rows and keys per block; rounded up to the variant's tile rows and key panel.
+// P64 backward, AVX2, 2 threads, rows x keys: 64 x 64, 32 x 64, 64 x 128, 128 x 128 and
+// 32 x 128 all ran at 117-139 GFLOP/s, within the noise of two alternating runs of each.
 constexpr std::int64_t kBlockRows = 64;
 constexpr std::int64_t kBlockKeys = 64;
+// The largest per-thread scratch of the one-pass schedule (it holds every query row of
+// a group): beyond it, two passes.
+constexpr std::int64_t kOnePassBytes = std::int64_t(64) << 20;
 
 // The parts of BackwardScratch, in floats, for one thread.
 struct BackwardSizes {
-  std::int64_t q_rows, dout_rows, rows, key_panels, value_panels, k_rows, keys, center, block, derivs, acc_a, acc_b,
-      sums, ones;
+  std::int64_t query_rows;  // rows of the query side: a block, or every row of the group
+  std::int64_t keys;        // keys of the key side: a block, or the whole head (padded)
+  std::int64_t dq_rows;     // rows of dQ accumulated
+  std::int64_t head_dim, value_dim, head_dim_padded, value_dim_padded, block_rows, block_keys, tile_rows;
 
-  std::int64_t total() const {
+  // Calls part(&BackwardScratch::field, floats) for every part, in memory order.
+  template <class Part>
+  void layout(Part part) const {
+    part(&BackwardScratch::q_rows, query_rows * head_dim_padded);
+    part(&BackwardScratch::dout_rows, query_rows * value_dim_padded);
+    part(&BackwardScratch::lse2, query_rows);
+    part(&BackwardScratch::delta, query_rows);
+    part(&BackwardScratch::k_panels, keys * head_dim);
+    part(&BackwardScratch::v_panels, keys * value_dim);
+    part(&BackwardScratch::k_rows, keys * head_dim_padded);
+    part(&BackwardScratch::probs, block_rows * block_keys);
+    part(&BackwardScratch::dscores, block_rows * block_keys);
+    part(&BackwardScratch::derivs, tile_rows * block_keys);
+    part(&BackwardScratch::dk_acc, block_keys * head_dim_padded);
+    part(&BackwardScratch::dv_acc, block_keys * value_dim_padded);
+    part(&BackwardScratch::dq_acc, dq_rows * head_dim_padded);
+    part(&BackwardScratch::ones, 16);
+  }
+  std::int64_t total() const {  // 64-byte aligned parts
     std::int64_t t = 0;
-    for (std::int64_t part : {q_rows, dout_rows, rows, rows, key_panels, value_panels, k_rows, keys, center, block,
-                              block, derivs, acc_a, acc_b, sums, ones})
-      t += round_up(part, 16);
+    layout([&t](float* BackwardScratch::*, std::int64_t floats) { t += round_up(floats, 16); });
     return t;
   }
   BackwardScratch carve(float* memory, int thread) const {
-    float* next = memory + total() * thread;
-    auto take = [&next](std::int64_t floats) {
-      float* p = next;
-      next += round_up(floats, 16);
-      return p;
-    };
     BackwardScratch m{};
-    m.q_rows = take(q_rows);
-    m.dout_rows = take(dout_rows);
-    m.lse2 = take(rows);
-    m.delta = take(rows);
-    m.k_panels = take(key_panels);
-    m.v_panels = take(value_panels);
-    m.k_rows = take(k_rows);
-    m.key_bias = take(keys);
-    m.center = take(center);
-    m.probs = take(block);
-    m.dscores = take(block);
-    m.derivs = take(derivs);
-    m.acc_a = take(acc_a);
-    m.acc_b = take(acc_b);
-    m.sums = take(sums);
-    m.ones = take(ones);
+    float* next = memory + total() * thread;
+    layout([&](float* BackwardScratch::*field, std::int64_t floats) {
+      m.*field = next;
+      next += round_up(floats, 16);
+    });
     return m;
   }
 };
@@ -105,27 +116,22 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
   const std::int64_t group = Hq / Hkv, W = kernels.vector_floats, mr = kernels.tile_rows;
   const std::int64_t Br = round_up(std::min(kBlockRows, N), mr);
   const std::int64_t Bk = round_up(std::min(kBlockKeys, M), kernels.panel_keys);
-  const std::int64_t Dp = round_up(D, W), Dvp = round_up(Dv, W), Mp = round_up(M, kernels.panel_keys);
+  const std::int64_t Dp = round_up(D, W), Dvp = round_up(Dv, W);
 
-  BackwardSizes sizes{};
-  sizes.q_rows = Br * Dp;
-  sizes.dout_rows = Br * Dvp;
-  sizes.rows = Br;
-  sizes.key_panels = Mp * D;  // pass 2 packs the whole head; pass 1 a block
-  sizes.value_panels = Mp * Dv;
-  sizes.k_rows = Mp * Dp;
-  sizes.keys = Mp;
-  sizes.center = D;
-  sizes.block = Br * Bk;
-  sizes.derivs = mr * Bk;
-  sizes.acc_a = std::max(Br, Bk) * Dp;
-  sizes.acc_b = Bk * Dvp;
-  sizes.sums = std::max(Br, Bk);
-  sizes.ones = 16;
-
+  // The schedule. One pass per KV head does five products per block pair; two passes do
+  // seven but split a head's work into blocks. One pass when whole heads keep the
+  // threads as busy: rounds of heads x 5 <= heads per thread x 7 (and its per-thread
+  // scratch, every query row of a group, stays below kOnePassBytes).
   const std::int64_t key_blocks = (M + Bk - 1) / Bk, q_blocks = (N + Br - 1) / Br;
-  const std::int64_t key_items = B * Hkv * key_blocks, query_items = B * Hq * q_blocks;
-  const int threads = int(std::min<std::int64_t>(detail::thread_count(s.num_threads), std::max(key_items, query_items)));
+  const std::int64_t heads = B * Hkv, key_items = heads * key_blocks, query_items = B * Hq * q_blocks;
+  const std::int64_t wanted = detail::thread_count(s.num_threads);
+  BackwardSizes one_pass{group * q_blocks * Br, Bk, group * q_blocks * Br, D, Dv, Dp, Dvp, Br, Bk, mr};
+  const bool whole_heads = (heads + wanted - 1) / wanted * 5 <= heads * 7 / wanted &&
+                           one_pass.total() * std::int64_t(sizeof(float)) <= kOnePassBytes;
+  // Two passes: the query side of a block; the key side of the whole head (pass 2).
+  const BackwardSizes two_pass{Br, round_up(M, kernels.panel_keys), Br, D, Dv, Dp, Dvp, Br, Bk, mr};
+  const BackwardSizes& sizes = whole_heads ? one_pass : two_pass;
+  const int threads = int(std::min<std::int64_t>(wanted, whole_heads ? heads : std::max(key_items, query_items)));
   detail::AlignedBuffer scratch(sizes.total() * threads);  // before any thread starts: failure reaches the caller
 
   BackwardJob base{};
@@ -158,6 +164,20 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
     job.dk = head_rows(dk, b, hkv);
     job.dv = head_rows(dv, b, hkv);
   };
+
+  if (whole_heads) {
+#pragma omp parallel num_threads(threads)
+    {
+      BackwardJob job = base;
+      job.scratch = sizes.carve(scratch.get(), omp_get_thread_num());
+#pragma omp for schedule(dynamic) nowait
+      for (std::int64_t item = 0; item < heads; ++item) {
+        bind(job, item / Hkv, item % Hkv);
+        kernels.backward_head(job);
+      }
+    }
+    return;
+  }
 
   // Pass 1: dK and dV, one key block per item.
 #pragma omp parallel num_threads(threads)

@@ -41,7 +41,8 @@ Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const AnyVie
   plan.value_dim_padded = round_up(s.value_dim, kernels.vector_floats);
   plan.v_in_place = v.strides[3] == 1 && s.value_dim == plan.value_dim_padded;
   const std::int64_t bytes = element_bytes(v.type);
-  const auto on_lines = [bytes](std::int64_t elements) { return elements * bytes % 64 == 0; };
+  // (elements mod 64) first: a stride of a size-1 dim may be any value up to INT64_MAX.
+  const auto on_lines = [bytes](std::int64_t elements) { return elements % 64 * bytes % 64 == 0; };
   plan.v_in_place_prefill = plan.v_in_place && reinterpret_cast<std::uintptr_t>(v.data) % 64 == 0 &&
                             on_lines(v.strides[0]) && on_lines(v.strides[1]) && on_lines(v.strides[2]);
 

@@ -234,3 +234,16 @@ TEST_CASE("merge_into of views with no rows returns at once, whatever the batch 
   flashcpu::merge_into(out, lse, out, lse);  // finishes: the test would time out otherwise
   CHECK(one == 1.0f);
 }
+
+TEST_CASE("a size-1 dim's stride may be any value up to INT64_MAX (found by fuzzing)", "[layouts]") {
+  // v.strides[0] = 2^62 - 1 on a batch of 1 is a valid view (the stride is never applied),
+  // but the check whether V's rows start on 64-byte lines multiplied it by the element
+  // size and overflowed (undefined behaviour). The result must equal the plain view's.
+  const Dims d{1, 4, 2, 20, 30, 16, 16};
+  Problem odd(d, 43, Layout::bhsd, Layout::bhsd), plain(d, 43, Layout::bhsd, Layout::bhsd);
+  auto v = odd.v.cview();
+  v.strides[0] = std::numeric_limits<std::int64_t>::max() / 2;
+  flashcpu::attention(odd.q.cview(), odd.k.cview(), v, odd.out.view(), odd.opt);
+  flashcpu::attention(plain.q.cview(), plain.k.cview(), plain.v.cview(), plain.out.view(), plain.opt);
+  CHECK(odd.out.values() == plain.out.values());
+}

@@ -8,12 +8,13 @@
 //   P  = 2^(S log2 e - lse log2 e) on the visible pairs, 0 elsewhere
 //   dP = dO V^T                     the S micro-kernel again, dO as queries, V as panels
 //   dS = P (dP - D_i) [times 1 - tanh^2(r / c) under soft-capping], D_i = dO_i . O_i
-// and then either (backward_keys, one key block)
+// and then (backward_keys, one key block)
 //   dV += P^T dO,  dK += dS^T Q     P.V tiles with the roles of rows and keys exchanged
 // or (backward_queries, one query block)
 //   dQ += dS K                      the P.V tile, keys with dS = 0 kept out (garbage rows)
-// The scale (and the Gaussian's factor 2 and its terms in q and k, below) are applied
-// when the rows are written. Working memory: the scratch the driver passes.
+// or both (backward_head, a whole KV head in one pass).
+// The Gaussian's dQ and dK are summed from exact differences instead (exact_keys). The
+// scale (and the Gaussian's factor 2) is applied when the rows are written. Working memory: the scratch the driver passes.
 #pragma once
 
 #ifndef FLASHCPU_ISA_NAMESPACE
@@ -43,26 +44,11 @@ struct BackwardKernel {
   static std::int64_t key_end(const BackwardJob& job) { return min_i64(job.kv_len, job.visible.key_limit); }
   static std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
 
-  // The Gaussian's gradients are formed as differences of products (see write_dq); q and k
-  // are shifted by the head's key 0 first, so that those products are of the size of the
-  // distances rather than of the points' offset from the origin. Key 0 may be an excluded
-  // slot holding garbage: the origin serves then.
-  static void head_center(const BackwardJob& job, float* center) {
-    bool finite = true;
-    for (std::int64_t d = 0; d < job.head_dim; ++d) {
-      center[d] = job.kv_len > 0 ? job.k.data[d * job.k.col_stride] : 0.0f;
-      finite = finite && center[d] - center[d] == 0.0f;
-    }
-    if (!finite)
-      for (std::int64_t d = 0; d < job.head_dim; ++d) center[d] = 0.0f;
-  }
-
-  // Query rows [i0, i0 + rows) of head g into the scratch: q (minus the center for the
-  // Gaussian) and dout as rows of head_dim_padded and value_dim_padded floats, lse in log2
-  // units (finite stays finite), D_i = dout_i . out_i. Rows up to rows_padded are zero,
-  // with lse -inf (no key visible).
+  // Query rows [i0, i0 + rows) of head g into the scratch: q and dout as rows of
+  // head_dim_padded and value_dim_padded floats, lse in log2 units (finite stays finite),
+  // D_i = dout_i . out_i. Rows up to rows_padded are zero, with lse -inf (no key visible).
   static void pack_query_side(const BackwardJob& job, std::int64_t g, std::int64_t i0, std::int64_t rows,
-                              std::int64_t rows_padded, const float* center) {
+                              std::int64_t rows_padded) {
     const BackwardScratch& m = job.scratch;
     const std::int64_t D = job.head_dim, Dv = job.value_dim, Dp = job.head_dim_padded, Dvp = job.value_dim_padded;
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
@@ -81,7 +67,7 @@ struct BackwardKernel {
       const float* q = job.q.data + g * job.q.head_stride + i * job.q.row_stride;
       const float* o = job.out.data + g * job.out.head_stride + i * job.out.row_stride;
       const float* dout = job.dout.data + g * job.dout.head_stride + i * job.dout.row_stride;
-      for (std::int64_t d = 0; d < D; ++d) qr[d] = q[d * job.q.col_stride] - (center ? center[d] : 0.0f);
+      for (std::int64_t d = 0; d < D; ++d) qr[d] = q[d * job.q.col_stride];
       for (std::int64_t d = D; d < Dp; ++d) qr[d] = 0.0f;
       float delta = 0.0f;
       for (std::int64_t c = 0; c < Dv; ++c) {
@@ -96,20 +82,19 @@ struct BackwardKernel {
     }
   }
 
-  // K and V of keys [j0, j0 + n) as fp32 panels (K minus the center for the Gaussian),
-  // and, when k_rows is not null, K (likewise centered) as rows of head_dim_padded floats.
-  static void pack_key_side(const BackwardJob& job, std::int64_t j0, std::int64_t n, const float* center,
-                            float* k_panels, float* v_panels, float* k_rows) {
-    const BackwardScratch& m = job.scratch;
+  // K and V of keys [j0, j0 + n) as fp32 panels, and, when k_rows is not null, K as rows
+  // of head_dim_padded floats.
+  static void pack_key_side(const BackwardJob& job, std::int64_t j0, std::int64_t n, float* k_panels,
+                            float* v_panels, float* k_rows) {
     const std::int64_t D = job.head_dim, Dp = job.head_dim_padded;
     const float* k = job.k.data + j0 * job.k.row_stride;
-    pack_key_panels_from(k, job.k.row_stride, job.k.col_stride, n, D, NR, center, 0.0f, k_panels, m.key_bias);
+    pack_key_panels_from(k, job.k.row_stride, job.k.col_stride, n, D, NR, nullptr, 0.0f, k_panels, nullptr);
     pack_key_panels_from(job.v.data + j0 * job.v.row_stride, job.v.row_stride, job.v.col_stride, n,
                          job.value_dim, NR, nullptr, 0.0f, v_panels, nullptr);
     if (!k_rows) return;
     for (std::int64_t j = 0; j < n; ++j) {
       float* row = k_rows + j * Dp;
-      for (std::int64_t d = 0; d < D; ++d) row[d] = k[j * job.k.row_stride + d * job.k.col_stride] - (center ? center[d] : 0.0f);
+      for (std::int64_t d = 0; d < D; ++d) row[d] = k[j * job.k.row_stride + d * job.k.col_stride];
       for (std::int64_t d = D; d < Dp; ++d) row[d] = 0.0f;
     }
   }
@@ -165,12 +150,16 @@ struct BackwardKernel {
           }
         continue;
       }
+      // Without soft-capping, ALiBi or masks the epilogue would only convert to log2
+      // units: the micro-kernel's factor does it instead, as in the forward.
+      const bool epilogue = softcap || job.alibi_slopes || job.masks.mask || job.masks.bool_mask;
+      const float factor = epilogue ? job.scale : job.scale * 1.4426950408889634f;
       float tile_max[MR];
       if (job.gaussian)
-        Fwd::scores_tile(m.q_rows + r0 * Dp, Dp, D, k_panels, num_panels, probs, Bk, -job.scale, tile_max,
+        Fwd::scores_tile(m.q_rows + r0 * Dp, Dp, D, k_panels, num_panels, probs, Bk, -factor, tile_max,
                          typename Fwd::DistanceStep{});
       else
-        Fwd::scores_tile(m.q_rows + r0 * Dp, Dp, D, k_panels, num_panels, probs, Bk, job.scale, tile_max,
+        Fwd::scores_tile(m.q_rows + r0 * Dp, Dp, D, k_panels, num_panels, probs, Bk, factor, tile_max,
                          typename Fwd::DotStep{});
       if (softcap) {  // d(c tanh(r / c)) / dr, from the raw score before the epilogue caps it
         const batch cap(job.softcap);
@@ -180,8 +169,10 @@ struct BackwardKernel {
             xsimd::fnma(t, t, batch(1.0f)).store_aligned(m.derivs + r * Bk + j);
           }
       }
-      ep.state.scores = probs;
-      Fwd::score_epilogue(ep, r0, j0, 0, cols);  // soft-capping, ALiBi, masks; log2 units
+      if (epilogue) {
+        ep.state.scores = probs;
+        Fwd::score_epilogue(ep, r0, j0, 0, cols);  // soft-capping, ALiBi, masks; log2 units
+      }
       for (int r = 0; r < MR; ++r) {
         float* s = probs + r * Bk;
         const std::int64_t row = r0 + r, i = i0 + row;
@@ -213,62 +204,135 @@ struct BackwardKernel {
     }
   }
 
-  // dK and dV of keys [first, first + count) of the KV head, summed over every query head
-  // of the group and every query block that sees them, in that fixed order.
-  static void backward_keys(const BackwardJob& job) {
+  // The query block's share of a key block's dV and dK (P and dS in the scratch, rows
+  // [0, rows_padded); k_panels: the block's K panels). dV += P^T dO and, for the dot
+  // product, dK += dS^T Q: P.V tiles whose rows are keys (probs[key][row] at probs + key
+  // + row * Bk). The Gaussian's dK is summed from exact differences (exact_keys).
+  static void accumulate_keys(const BackwardJob& job, std::int64_t rows_padded, std::int64_t n,
+                              const float* k_panels) {
     const BackwardScratch& m = job.scratch;
-    const std::int64_t N = job.q_len, D = job.head_dim, Dv = job.value_dim;
-    const std::int64_t Dp = job.head_dim_padded, Dvp = job.value_dim_padded, Br = job.block_rows, Bk = job.block_keys;
-    const std::int64_t j0 = job.first, n = job.count;
-    assert(n > 0 && n <= Bk && Br % MR == 0 && Bk % NR == 0 && Bk % KR == 0);
-    float* const center = job.gaussian ? m.center : nullptr;
-    if (center) head_center(job, center);
-    pack_key_side(job, j0, n, center, m.k_panels, m.v_panels, nullptr);
-    float* const dk_acc = m.acc_a;  // [Bk][Dp]
-    float* const dv_acc = m.acc_b;  // [Bk][Dvp]
-    for (std::int64_t x = 0; x < Bk * Dp; ++x) dk_acc[x] = 0.0f;
-    for (std::int64_t x = 0; x < Bk * Dvp; ++x) dv_acc[x] = 0.0f;
-    for (std::int64_t j = 0; j < Bk; ++j) m.sums[j] = 0.0f;
-    for (int t = 0; t < 16; ++t) m.ones[t] = 1.0f;
-
-    // The queries that can see a key of [j0, j0 + n): hi_i >= j0 and lo_i <= j0 + n - 1.
-    std::int64_t i_begin = 0, i_end = j0 < key_end(job) ? N : 0;
-    if (job.visible.has_hi && j0 - job.visible.hi_offset > i_begin) i_begin = j0 - job.visible.hi_offset;
-    if (job.visible.has_lo) i_end = min_i64(i_end, j0 + n - job.visible.lo_offset);
-    for (std::int64_t g = 0; g < job.group; ++g) {
-      for (std::int64_t i0 = i_begin / Br * Br; i0 < i_end; i0 += Br) {
-        const std::int64_t rows = min_i64(Br, N - i0), rows_padded = round_up(rows, MR);
-        pack_query_side(job, g, i0, rows, rows_padded, center);
-        QueryBlockJob ep = epilogue_job(job, g, i0, rows);
-        block_grads(job, ep, i0, rows, rows_padded, j0, n, m.k_panels, m.v_panels);
-        // Rows of these products are keys: probs[key][row] at probs + key + row * Bk.
-        for (std::int64_t jj = 0; jj < n; jj += KR) {
-          Fwd::template pv_rows<KR>(m.probs + jj, 1, Bk, m.dout_rows, Dvp, rows_padded, m.ones, dv_acc + jj * Dvp, Dvp);
-          Fwd::template pv_rows<KR>(m.dscores + jj, 1, Bk, m.q_rows, Dp, rows_padded, m.ones, dk_acc + jj * Dp, Dp);
-        }
-        if (job.gaussian)
-          for (std::int64_t r = 0; r < rows; ++r)
-            for (std::int64_t j = 0; j < n; ++j) m.sums[j] += m.dscores[r * Bk + j];
-      }
+    const std::int64_t Dp = job.head_dim_padded, Dvp = job.value_dim_padded, Bk = job.block_keys;
+    for (std::int64_t jj = 0; jj < n; jj += KR) {
+      Fwd::template pv_rows<KR>(m.probs + jj, 1, Bk, m.dout_rows, Dvp, rows_padded, m.ones, m.dv_acc + jj * Dvp, Dvp);
+      if (!job.gaussian)
+        Fwd::template pv_rows<KR>(m.dscores + jj, 1, Bk, m.q_rows, Dp, rows_padded, m.ones, m.dk_acc + jj * Dp, Dp);
     }
+    if (job.gaussian) exact_keys(job, rows_padded, n, k_panels);
+  }
 
-    // dk_j = scale sum_i dS_ij q_i (dot); for -scale |q - k|^2 it is
-    // 2 scale sum_i dS_ij (q_i - k_j) = 2 scale (sum_i dS_ij q'_i - k'_j sum_i dS_ij), with
-    // q', k' centered. A key no row sees keeps its (possibly garbage) k'_j out.
+  // The Gaussian's d(-|q - k|^2)/dk = 2 (q - k), summed as sum_i dS_ij (q_i - k_j) term by
+  // term: the products form sum_i dS_ij q_i - k_j sum_i dS_ij cancels catastrophically
+  // when the points sit far apart compared with the distances that carry the weight
+  // (kernel regression with a narrow kernel). Keys in vector lanes, read from the panels;
+  // dk_acc holds [head_dim][block_keys] here. A pair with dS = 0 adds nothing, whatever
+  // the (excluded) key holds.
+  static void exact_keys(const BackwardJob& job, std::int64_t rows_padded, std::int64_t n, const float* k_panels) {
+    const BackwardScratch& m = job.scratch;
+    const std::int64_t D = job.head_dim, Dp = job.head_dim_padded, Bk = job.block_keys;
+    const batch zero(0.0f);
+    for (std::int64_t d = 0; d < D; ++d)
+      for (std::int64_t j = 0; j < n; j += W) {
+        const batch k = batch::load_aligned(k_panels + (j / NR) * D * NR + d * NR + j % NR);
+        batch acc = batch::load_aligned(m.dk_acc + d * Bk + j);
+        for (std::int64_t r = 0; r < rows_padded; ++r) {
+          const batch ds = batch::load_aligned(m.dscores + r * Bk + j);
+          acc = xsimd::select(ds != zero, xsimd::fma(ds, batch(m.q_rows[r * Dp + d]) - k, acc), acc);
+        }
+        acc.store_aligned(m.dk_acc + d * Bk + j);
+      }
+  }
+
+  // The key block's share of the query block's dQ: for the dot product dQ += dS K (K rows
+  // of the block at k_rows; keys whose dS is 0 for a row keep their possibly garbage rows
+  // out); for the Gaussian sum_j dS_ij (k_j - q_i) term by term (see exact_keys), keys in
+  // vector lanes from the panels, one horizontal sum per row and dimension.
+  static void accumulate_queries(const BackwardJob& job, std::int64_t rows, std::int64_t rows_padded, std::int64_t n,
+                                 const float* k_panels, const float* k_rows) {
+    const BackwardScratch& m = job.scratch;
+    const std::int64_t D = job.head_dim, Dp = job.head_dim_padded, Bk = job.block_keys;
+    if (!job.gaussian) {
+      for (std::int64_t h = 0; h < rows_padded; h += PR)
+        Fwd::template pv_classified<PR>(m.dscores + h * Bk, Bk, k_rows, Dp, 0, n, m.ones, m.dq_acc + h * Dp, Dp);
+      return;
+    }
+    const batch zero(0.0f);
+    for (std::int64_t r = 0; r < rows; ++r)
+      for (std::int64_t d = 0; d < D; ++d) {
+        const batch q(m.q_rows[r * Dp + d]);
+        batch acc = zero;
+        for (std::int64_t j = 0; j < n; j += W) {
+          const batch ds = batch::load_aligned(m.dscores + r * Bk + j);
+          const batch k = batch::load_aligned(k_panels + (j / NR) * D * NR + d * NR + j % NR);
+          acc = xsimd::select(ds != zero, xsimd::fma(ds, k - q, acc), acc);
+        }
+        m.dq_acc[r * Dp + d] += xsimd::hadd(acc);
+      }
+  }
+
+  // dk and dv rows of keys [j0, j0 + n) from the accumulators: dk_j = scale sum_i dS_ij
+  // q_i (dot), 2 scale sum_i dS_ij (q_i - k_j) (Gaussian, accumulated [dim][key]).
+  static void write_keys(const BackwardJob& job, std::int64_t j0, std::int64_t n) {
+    const BackwardScratch& m = job.scratch;
+    const std::int64_t D = job.head_dim, Dv = job.value_dim, Dp = job.head_dim_padded, Dvp = job.value_dim_padded;
+    const std::int64_t Bk = job.block_keys;
     const float factor = job.gaussian ? 2.0f * job.scale : job.scale;
     for (std::int64_t jj = 0; jj < n; ++jj) {
       const std::int64_t j = j0 + jj;
       float* dk = job.dk.data + j * job.dk.row_stride;
       float* dv = job.dv.data + j * job.dv.row_stride;
-      const float* panel = m.k_panels + (jj / NR) * D * NR + jj % NR;  // k'_j, stride NR
-      const float sum = m.sums[jj];
-      for (std::int64_t d = 0; d < D; ++d) {
-        float x = dk_acc[jj * Dp + d];
-        if (job.gaussian && sum != 0.0f) x -= panel[d * NR] * sum;
-        dk[d * job.dk.col_stride] = factor * x;
-      }
-      for (std::int64_t c = 0; c < Dv; ++c) dv[c * job.dv.col_stride] = dv_acc[jj * Dvp + c];
+      for (std::int64_t d = 0; d < D; ++d)
+        dk[d * job.dk.col_stride] = factor * (job.gaussian ? m.dk_acc[d * Bk + jj] : m.dk_acc[jj * Dp + d]);
+      for (std::int64_t c = 0; c < Dv; ++c) dv[c * job.dv.col_stride] = m.dv_acc[jj * Dvp + c];
     }
+  }
+
+  // dq rows of queries [i0, i0 + rows) of head g from the scratch's dq_acc: dq_i = scale
+  // sum_j dS_ij k_j (dot), 2 scale sum_j dS_ij (k_j - q_i) (Gaussian).
+  static void write_queries(const BackwardJob& job, std::int64_t g, std::int64_t i0, std::int64_t rows) {
+    const BackwardScratch& m = job.scratch;
+    const std::int64_t D = job.head_dim, Dp = job.head_dim_padded;
+    const float factor = job.gaussian ? 2.0f * job.scale : job.scale;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      float* dq = job.dq.data + g * job.dq.head_stride + (i0 + r) * job.dq.row_stride;
+      for (std::int64_t d = 0; d < D; ++d) dq[d * job.dq.col_stride] = factor * m.dq_acc[r * Dp + d];
+    }
+  }
+
+  static void fill(float* p, std::int64_t count, float value) {
+    for (std::int64_t x = 0; x < count; ++x) p[x] = value;
+  }
+
+  // The queries that can see a key of [j0, j0 + n): hi_i >= j0 and lo_i <= j0 + n - 1.
+  static void query_range(const BackwardJob& job, std::int64_t j0, std::int64_t n, std::int64_t* begin,
+                          std::int64_t* end) {
+    *begin = 0;
+    *end = j0 < key_end(job) ? job.q_len : 0;
+    if (job.visible.has_hi && j0 - job.visible.hi_offset > *begin) *begin = j0 - job.visible.hi_offset;
+    if (job.visible.has_lo) *end = min_i64(*end, j0 + n - job.visible.lo_offset);
+  }
+
+  // dK and dV of keys [first, first + count) of the KV head, summed over every query head
+  // of the group and every query block that sees them, in that fixed order.
+  static void backward_keys(const BackwardJob& job) {
+    const BackwardScratch& m = job.scratch;
+    const std::int64_t N = job.q_len, Br = job.block_rows, Bk = job.block_keys;
+    const std::int64_t j0 = job.first, n = job.count;
+    assert(n > 0 && n <= Bk && Br % MR == 0 && Bk % NR == 0 && Bk % KR == 0);
+    pack_key_side(job, j0, n, m.k_panels, m.v_panels, nullptr);
+    fill(m.dk_acc, Bk * job.head_dim_padded, 0.0f);
+    fill(m.dv_acc, Bk * job.value_dim_padded, 0.0f);
+    fill(m.ones, 16, 1.0f);
+    std::int64_t i_begin, i_end;
+    query_range(job, j0, n, &i_begin, &i_end);
+    for (std::int64_t g = 0; g < job.group; ++g)
+      for (std::int64_t i0 = i_begin / Br * Br; i0 < i_end; i0 += Br) {
+        const std::int64_t rows = min_i64(Br, N - i0), rows_padded = round_up(rows, MR);
+        pack_query_side(job, g, i0, rows, rows_padded);
+        QueryBlockJob ep = epilogue_job(job, g, i0, rows);
+        block_grads(job, ep, i0, rows, rows_padded, j0, n, m.k_panels, m.v_panels);
+        accumulate_keys(job, rows_padded, n, m.k_panels);
+      }
+    write_keys(job, j0, n);
   }
 
   // dQ of queries [first, first + count) of query head `head`, summed over the key blocks
@@ -279,42 +343,73 @@ struct BackwardKernel {
     const std::int64_t Bk = job.block_keys, g = job.head, i0 = job.first, rows = job.count;
     const std::int64_t rows_padded = round_up(rows, MR);
     assert(rows > 0 && rows <= job.block_rows && Bk % NR == 0);
-    float* const center = job.gaussian ? m.center : nullptr;
-    if (!job.head_packed) {
-      if (center) head_center(job, center);
-      pack_key_side(job, 0, M, center, m.k_panels, m.v_panels, m.k_rows);
-    }
-    pack_query_side(job, g, i0, rows, rows_padded, center);
-    float* const dq_acc = m.acc_a;  // [rows_padded][Dp]
-    for (std::int64_t x = 0; x < rows_padded * Dp; ++x) dq_acc[x] = 0.0f;
-    for (std::int64_t r = 0; r < rows_padded; ++r) m.sums[r] = 0.0f;
-    for (int t = 0; t < 16; ++t) m.ones[t] = 1.0f;
+    if (!job.head_packed) pack_key_side(job, 0, M, m.k_panels, m.v_panels, job.gaussian ? nullptr : m.k_rows);
+    pack_query_side(job, g, i0, rows, rows_padded);
+    fill(m.dq_acc, rows_padded * Dp, 0.0f);
+    fill(m.ones, 16, 1.0f);
     QueryBlockJob ep = epilogue_job(job, g, i0, rows);
-
     // The keys some row sees: [lo of the first row, hi of the last], below key_end.
     const std::int64_t j_begin = lo(job, i0) > 0 ? lo(job, i0) : 0;
     const std::int64_t j_end = min_i64(key_end(job), hi(job, i0 + rows - 1) + 1);
     for (std::int64_t j0 = j_begin / Bk * Bk; j0 < j_end; j0 += Bk) {
       const std::int64_t n = min_i64(Bk, M - j0);
       block_grads(job, ep, i0, rows, rows_padded, j0, n, m.k_panels + j0 * D, m.v_panels + j0 * Dv);
-      for (std::int64_t h = 0; h < rows_padded; h += PR)
-        Fwd::template pv_classified<PR>(m.dscores + h * Bk, Bk, m.k_rows + j0 * Dp, Dp, 0, n, m.ones, dq_acc + h * Dp, Dp);
-      if (job.gaussian)
-        for (std::int64_t r = 0; r < rows; ++r)
-          for (std::int64_t j = 0; j < n; ++j) m.sums[r] += m.dscores[r * Bk + j];
+      accumulate_queries(job, rows, rows_padded, n, m.k_panels + j0 * D, m.k_rows + j0 * Dp);
     }
+    write_queries(job, g, i0, rows);
+  }
 
-    // dq_i = scale sum_j dS_ij k_j (dot); for -scale |q - k|^2 it is
-    // 2 scale sum_j dS_ij (k_j - q_i) = 2 scale (sum_j dS_ij k'_j - q'_i sum_j dS_ij).
-    const float factor = job.gaussian ? 2.0f * job.scale : job.scale;
-    for (std::int64_t r = 0; r < rows; ++r) {
-      float* dq = job.dq.data + g * job.dq.head_stride + (i0 + r) * job.dq.row_stride;
-      for (std::int64_t d = 0; d < D; ++d) {
-        float x = dq_acc[r * Dp + d];
-        if (job.gaussian) x -= m.q_rows[r * Dp + d] * m.sums[r];
-        dq[d * job.dq.col_stride] = factor * x;
+  // dK, dV and dQ of the whole KV head in one pass: per key block (in order), per query
+  // head of the group and query block (in order), P and dS once, then both the key
+  // block's and the query block's shares. Each accumulator sees the same additions in
+  // the same order as in the two passes (a pair one schedule visits and the other skips
+  // adds exact zeros), so the results are bitwise those of backward_keys and
+  // backward_queries. The query side of every row of the group is packed once; dQ of
+  // all of them accumulates in the scratch.
+  static void backward_head(const BackwardJob& job) {
+    const BackwardScratch& m = job.scratch;
+    const std::int64_t N = job.q_len, M = job.kv_len, Br = job.block_rows, Bk = job.block_keys;
+    const std::int64_t Dp = job.head_dim_padded, Dvp = job.value_dim_padded;
+    const std::int64_t q_blocks = (N + Br - 1) / Br, Np = q_blocks * Br;  // rows of one head, padded per block
+    // The scratch of query block i0 of head g: its rows of the whole-group buffers.
+    auto block_view = [&](std::int64_t g, std::int64_t i0) {
+      BackwardJob view = job;
+      const std::int64_t row = g * Np + i0;
+      view.scratch.q_rows = m.q_rows + row * Dp;
+      view.scratch.dout_rows = m.dout_rows + row * Dvp;
+      view.scratch.lse2 = m.lse2 + row;
+      view.scratch.delta = m.delta + row;
+      view.scratch.dq_acc = m.dq_acc + row * Dp;
+      return view;
+    };
+    for (std::int64_t g = 0; g < job.group; ++g)
+      for (std::int64_t i0 = 0; i0 < N; i0 += Br) {
+        const std::int64_t rows = min_i64(Br, N - i0), rows_padded = round_up(rows, MR);
+        pack_query_side(block_view(g, i0), g, i0, rows, rows_padded);
       }
+    fill(m.dq_acc, job.group * Np * Dp, 0.0f);
+    fill(m.ones, 16, 1.0f);
+
+    for (std::int64_t j0 = 0; j0 < M; j0 += Bk) {
+      const std::int64_t n = min_i64(Bk, M - j0);
+      pack_key_side(job, j0, n, m.k_panels, m.v_panels, job.gaussian ? nullptr : m.k_rows);
+      fill(m.dk_acc, Bk * Dp, 0.0f);
+      fill(m.dv_acc, Bk * Dvp, 0.0f);
+      std::int64_t i_begin, i_end;
+      query_range(job, j0, n, &i_begin, &i_end);
+      for (std::int64_t g = 0; g < job.group; ++g)
+        for (std::int64_t i0 = i_begin / Br * Br; i0 < i_end; i0 += Br) {
+          const std::int64_t rows = min_i64(Br, N - i0), rows_padded = round_up(rows, MR);
+          const BackwardJob view = block_view(g, i0);
+          QueryBlockJob ep = epilogue_job(job, g, i0, rows);
+          block_grads(view, ep, i0, rows, rows_padded, j0, n, m.k_panels, m.v_panels);
+          accumulate_keys(view, rows_padded, n, m.k_panels);
+          accumulate_queries(view, rows, rows_padded, n, m.k_panels, m.k_rows);
+        }
+      write_keys(job, j0, n);
     }
+    for (std::int64_t g = 0; g < job.group; ++g)
+      for (std::int64_t i0 = 0; i0 < N; i0 += Br) write_queries(block_view(g, i0), g, i0, min_i64(Br, N - i0));
   }
 };
 

@@ -172,17 +172,19 @@ struct HeadRowsOut {
 };
 
 /// Per-thread working memory of the backward, 64-byte aligned parts (sizes in
-/// src/backward.cpp). Query side, per query block: q rows (centered for the Gaussian,
-/// head_dim_padded wide), dout rows, lse in log2 units and D_i = dout_i . out_i. Key
-/// side: K and V as fp32 panels (the forward's layout) and, for dq, K rows
-/// head_dim_padded wide, of a key block (dk, dv) or of the whole head (dq). Then the
-/// block's P and dS [block_rows x block_keys], a tile of soft-capping derivatives
-/// [tile_rows x block_keys], the accumulators and the Gaussian's row or column sums of dS.
+/// src/backward.cpp). Query side: q rows and dout rows (head_dim_padded and
+/// value_dim_padded wide), lse in log2 units and D_i = dout_i . out_i, of one query block
+/// or (backward_head) of every query row of the group. Key side: K and V as fp32 panels
+/// (the forward's layout) and K rows head_dim_padded wide, of one key block or
+/// (backward_queries) of the whole head. Then the block's P and dS [block_rows x
+/// block_keys], a tile of soft-capping derivatives [tile_rows x block_keys], and the
+/// accumulators of dK and dV (a key block) and dQ (a query block, or every query row of
+/// the group).
 struct BackwardScratch {
   float *q_rows, *dout_rows, *lse2, *delta;
-  float *k_panels, *v_panels, *k_rows, *key_bias, *center;
+  float *k_panels, *v_panels, *k_rows;
   float *probs, *dscores, *derivs;
-  float *acc_a, *acc_b, *sums, *ones;
+  float *dk_acc, *dv_acc, *dq_acc, *ones;
 };
 
 struct BackwardJob {
@@ -201,7 +203,7 @@ struct BackwardJob {
   BackwardScratch scratch;
   // The item: keys [first, first + count) of the KV head (backward_keys writes their dk
   // and dv rows), or queries [first, first + count) of query head `head` of the group
-  // (backward_queries writes their dq rows).
+  // (backward_queries writes their dq rows); backward_head takes the whole KV head.
   std::int64_t first, count, head;
   // backward_queries only: the whole head's K and V are already packed in the scratch
   // (by an earlier item of the same head on this thread).
@@ -237,10 +239,13 @@ struct KernelTable {
   // Q rows (fp32, or of the kv type) in the kernels' layout.
   void (*pack_query_rows)(const QueryPack& pack);
 
-  // The fused backward on the same micro-kernels (fp32 variants; null for 16-bit ones).
+  // The fused backward on the same micro-kernels (fp32 variants; null for 16-bit ones):
+  // dK and dV of a key block, dQ of a query block (two passes, each recomputing P and
+  // dS), or all three of a whole KV head in one pass. Bitwise the same results.
   const char* backward_name;  // f32_attn_bwd_<mr>x<nr>__<isa>
   void (*backward_keys)(const BackwardJob& job);
   void (*backward_queries)(const BackwardJob& job);
+  void (*backward_head)(const BackwardJob& job);
 };
 
 /// Writes count floats to out + offset + c * stride (elements of `type`), rounded to

@@ -41,12 +41,15 @@ using Pack = Packers<KV, FLASHCPU_VARIANT_NR>;
 // the template keeps it from instantiating the backward at all.
 constexpr bool kHasBackward = std::is_same<KV, float>::value;
 using BackwardEntry = void (*)(const BackwardJob&);
+enum class BackwardPart { keys, queries, head };
 template <class T>
-constexpr BackwardEntry backward_entry(bool keys) {
+constexpr BackwardEntry backward_entry(BackwardPart part) {
   using Backward =
       BackwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR>;
   if constexpr (std::is_same<T, float>::value)
-    return keys ? &Backward::backward_keys : &Backward::backward_queries;
+    return part == BackwardPart::keys      ? &Backward::backward_keys
+           : part == BackwardPart::queries ? &Backward::backward_queries
+                                           : &Backward::backward_head;
   else
     return nullptr;
 }
@@ -73,8 +76,9 @@ const KernelTable& FLASHCPU_PASTE(FLASHCPU_PASTE(FLASHCPU_PASTE(kernel_table_, F
       &Pack::pack_value_rows,
       &Pack::pack_query_rows,
       kHasBackward ? "f32_attn_bwd_" FLASHCPU_STRING(FLASHCPU_VARIANT_MR) "x" FLASHCPU_STRING(FLASHCPU_VARIANT_NR) "__" FLASHCPU_STRING(FLASHCPU_VARIANT_ISA) : nullptr,
-      backward_entry<KV>(true),
-      backward_entry<KV>(false)};
+      backward_entry<KV>(BackwardPart::keys),
+      backward_entry<KV>(BackwardPart::queries),
+      backward_entry<KV>(BackwardPart::head)};
   return table;
 }
 

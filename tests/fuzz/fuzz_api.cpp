@@ -2,8 +2,9 @@
 //
 // Random bytes become shapes, strides (0, huge, overflowing products), options, masks
 // and views placed in guarded arenas (PROT_NONE pages on both sides), and then a call of
-// one entry point: attention (with and without lse), merge_into, nadaraya_watson,
-// reference::attention or reference::attention_weights. attention and
+// one entry point: attention (with and without lse), attention_backward, merge_into,
+// nadaraya_watson, reference::attention, reference::attention_backward or
+// reference::attention_weights. attention and
 // reference::attention also run on 16-bit views of the same bytes (every element-type
 // combination the header offers), whose garbage includes 16-bit NaNs and infs. Every call must either raise
 // flashcpu::Error, with the outputs bitwise untouched, or compute without reading or
@@ -270,6 +271,28 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     o.sinks = sinks.data();
   }
   const int types = entry <= 1 || entry == 4 ? in.next() % 5 : 0;
+  // The backward, on entry 1's views (out and lse now inputs, holding whatever they
+  // hold), plus dout among the inputs and dq, dk, dv in an arena of their own: 0 no,
+  // 1 and 2 attention_backward, 3 reference::attention_backward. Read last as well.
+  static Arena grads(kOutputFloats);
+  static std::vector<float> grads_snapshot = std::vector<float>(std::size_t(kOutputFloats));
+  const int backward = entry == 1 && types == 0 ? in.next() % 4 : 0;
+  Placement pdout, pdq, pdk, pdv;
+  TensorView<const float> dout{};
+  TensorView<float> dq{}, dk{}, dv{};
+  if (backward) {
+    float* const ga = grads.data();
+    const std::int64_t third = kOutputFloats / 3;
+    dout = place<const float>(in, ia + 3 * half, half, shape4(B, Hq, N, Dv), &pdout);
+    dq = place<float>(in, ga, third, shape4(B, Hq, N, D), &pdq);
+    dk = place<float>(in, ga + third, third, shape4(B, Hkv, M, D), &pdk);
+    dv = place<float>(in, ga + 2 * third, third, shape4(B, Hkv, M, Dv), &pdv);
+    for (const Placement* u : {&pdout, &pdq, &pdk, &pdv}) fits = fits && u->ok, must_reject = must_reject || u->invalid;
+    if (!fits && !must_reject) return 0;
+    if (!must_reject && 3 * cost > kMaxWork) return 0;  // five products and their recomputation
+    for (std::int64_t i = 0; i < kOutputFloats; ++i) grads.data()[i] = float(i % 239);
+  }
+  std::memcpy(grads_snapshot.data(), grads.data(), grads_snapshot.size() * sizeof(float));
   std::memcpy(snapshot.data(), oa, snapshot.size() * sizeof(float));
   bool raised = false;
   try {
@@ -285,7 +308,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         flashcpu::attention(q, k, v, out, o);
         break;
       case 1:
-        flashcpu::attention(q, k, v, out, lse, o);
+        if (backward == 0)
+          flashcpu::attention(q, k, v, out, lse, o);
+        else if (backward < 3)
+          flashcpu::attention_backward(q, k, v, out, lse, dout, dq, dk, dv, o);
+        else
+          flashcpu::reference::attention_backward(q, k, v, out, lse, dout, dq, dk, dv, o);
         break;
       case 2: {  // merge_into: the parts are views of the inputs
         const TensorView<const float> part_lse{v.data, lse.shape, lse.strides};
@@ -313,7 +341,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   } catch (const flashcpu::Error&) {
     raised = true;
   }
-  if (raised && std::memcmp(snapshot.data(), oa, snapshot.size() * sizeof(float)) != 0) {
+  if (raised && (std::memcmp(snapshot.data(), oa, snapshot.size() * sizeof(float)) != 0 ||
+                 std::memcmp(grads_snapshot.data(), grads.data(), grads_snapshot.size() * sizeof(float)) != 0)) {
     std::fprintf(stderr, "flashcpu::Error raised after writing to an output (entry %d)\n", entry);
     std::abort();
   }
