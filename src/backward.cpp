@@ -10,13 +10,19 @@
 //         query heads and the query blocks that see it;
 //      2. (batch, query head, query block): dQ of the block, summed over its key blocks;
 //    P and dS are recomputed in each pass, two more products.
-// Working memory per thread: the tiles, plus every query row of the group (one pass) or
-// one KV head's K and V packed (pass 2).
+// Working memory per thread: the tiles, plus every query row of the group (one pass).
+// Rows whose lse is too coarse to recompute P from (masked by -1e9, say) get their own
+// statistics first (backward_row_stats).
 #include <flashcpu/flashcpu.hpp>
 
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <cstdint>
+#include <memory>
+#include <new>
 
 #include "dispatch.hpp"
 #include "plan.hpp"
@@ -42,7 +48,7 @@ constexpr std::int64_t kOnePassBytes = std::int64_t(64) << 20;
 // The parts of BackwardScratch, in floats, for one thread.
 struct BackwardSizes {
   std::int64_t query_rows;  // rows of the query side: a block, or every row of the group
-  std::int64_t keys;        // keys of the key side: a block, or the whole head (padded)
+  std::int64_t keys;        // keys of the key side: a block
   std::int64_t dq_rows;     // rows of dQ accumulated
   std::int64_t head_dim, value_dim, head_dim_padded, value_dim_padded, block_rows, block_keys, tile_rows;
 
@@ -51,7 +57,8 @@ struct BackwardSizes {
   void layout(Part part) const {
     part(&BackwardScratch::q_rows, query_rows * head_dim_padded);
     part(&BackwardScratch::dout_rows, query_rows * value_dim_padded);
-    part(&BackwardScratch::lse2, query_rows);
+    part(&BackwardScratch::row_shift, query_rows);
+    part(&BackwardScratch::row_scale, query_rows);
     part(&BackwardScratch::delta, query_rows);
     part(&BackwardScratch::k_panels, keys * head_dim);
     part(&BackwardScratch::v_panels, keys * value_dim);
@@ -64,10 +71,16 @@ struct BackwardSizes {
     part(&BackwardScratch::dq_acc, dq_rows * head_dim_padded);
     part(&BackwardScratch::ones, 16);
   }
-  std::int64_t total() const {  // 64-byte aligned parts
+  // Floats per thread, 64-byte aligned parts; INT64_MAX when that overflows (a stride-0
+  // view can be huge and valid), which the allocation then refuses.
+  std::int64_t total() const {
     std::int64_t t = 0;
-    layout([&t](float* BackwardScratch::*, std::int64_t floats) { t += round_up(floats, 16); });
-    return t;
+    bool overflow = false;
+    layout([&](float* BackwardScratch::*, std::int64_t floats) {
+      overflow = overflow || floats > std::numeric_limits<std::int64_t>::max() / 2 ||
+                 __builtin_add_overflow(t, round_up(floats, 16), &t);
+    });
+    return overflow ? std::numeric_limits<std::int64_t>::max() : t;
   }
   BackwardScratch carve(float* memory, int thread) const {
     BackwardScratch m{};
@@ -125,14 +138,36 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
   const std::int64_t key_blocks = (M + Bk - 1) / Bk, q_blocks = (N + Br - 1) / Br;
   const std::int64_t heads = B * Hkv, key_items = heads * key_blocks, query_items = B * Hq * q_blocks;
   const std::int64_t wanted = detail::thread_count(s.num_threads);
-  BackwardSizes one_pass{group * q_blocks * Br, Bk, group * q_blocks * Br, D, Dv, Dp, Dvp, Br, Bk, mr};
+  std::int64_t group_rows = 0;  // every query row of a group, padded per block
+  if (__builtin_mul_overflow(group, q_blocks * Br, &group_rows)) group_rows = std::numeric_limits<std::int64_t>::max() / 4;
+  const BackwardSizes one_pass{group_rows, Bk, group_rows, D, Dv, Dp, Dvp, Br, Bk, mr};
+  const std::int64_t one_pass_floats = one_pass.total();
   const bool whole_heads = (heads + wanted - 1) / wanted * 5 <= heads * 7 / wanted &&
-                           one_pass.total() * std::int64_t(sizeof(float)) <= kOnePassBytes;
-  // Two passes: the query side of a block; the key side of the whole head (pass 2).
-  const BackwardSizes two_pass{Br, round_up(M, kernels.panel_keys), Br, D, Dv, Dp, Dvp, Br, Bk, mr};
+                           one_pass_floats <= kOnePassBytes / std::int64_t(sizeof(float));
+  // Two passes (and the coarse rows' statistics): the query side and the key side of a block.
+  const BackwardSizes two_pass{Br, Bk, Br, D, Dv, Dp, Dvp, Br, Bk, mr};
   const BackwardSizes& sizes = whole_heads ? one_pass : two_pass;
-  const int threads = int(std::min<std::int64_t>(wanted, whole_heads ? heads : std::max(key_items, query_items)));
-  detail::AlignedBuffer scratch(sizes.total() * threads);  // before any thread starts: failure reaches the caller
+  const std::int64_t items = std::max({heads, key_items, query_items});
+  const int threads = int(std::min<std::int64_t>(wanted, whole_heads ? heads : items));
+  std::int64_t scratch_floats = 0;
+  if (__builtin_mul_overflow(sizes.total(), std::int64_t(threads), &scratch_floats))
+    scratch_floats = std::numeric_limits<std::int64_t>::max();
+  detail::AlignedBuffer scratch(scratch_floats);  // before any thread starts: failure reaches the caller
+
+  // Coarse rows (see BackwardJob::coarse_shift): their statistics for the whole call, B x
+  // Hq x N each, only when there is one.
+  bool any_coarse = false;
+  for (std::int64_t b = 0; b < B && !any_coarse; ++b)
+    for (std::int64_t h = 0; h < Hq && !any_coarse; ++h)
+      for (std::int64_t i = 0; i < N && !any_coarse; ++i) {
+        const float lse2 = lse.data[b * lse.strides[0] + h * lse.strides[1] + i * lse.strides[2]] * 1.4426950408889634f;
+        any_coarse = !(lse2 > -detail::kCoarseLse2 && lse2 < detail::kCoarseLse2) &&
+                     lse2 != -std::numeric_limits<float>::infinity() && !std::isnan(lse2);
+      }
+  std::int64_t stats_floats = 0;
+  if (any_coarse && (__builtin_mul_overflow(B * Hq, N, &stats_floats) || stats_floats > PTRDIFF_MAX / 8))
+    throw std::bad_alloc();
+  std::unique_ptr<float[]> coarse_stats(any_coarse ? new float[std::size_t(2 * stats_floats)]() : nullptr);
 
   BackwardJob base{};
   base.q_len = N;
@@ -152,6 +187,9 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
   auto bind = [&](BackwardJob& job, std::int64_t b, std::int64_t hkv) {
     const std::int64_t h0 = hkv * group;  // the group's first query head
     job.alibi_slopes = s.alibi_slopes ? s.alibi_slopes + h0 : nullptr;
+    job.sinks = s.sinks ? s.sinks + h0 : nullptr;
+    job.coarse_shift = any_coarse ? coarse_stats.get() + (b * Hq + h0) * N : nullptr;
+    job.coarse_scale = any_coarse ? coarse_stats.get() + (B * Hq + b * Hq + h0) * N : nullptr;
     job.masks = detail::masks_at(s, b, h0);
     job.visible = detail::visibility(s, b);
     job.q = head_rows(q, b, h0);
@@ -164,6 +202,28 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
     job.dk = head_rows(dk, b, hkv);
     job.dv = head_rows(dv, b, hkv);
   };
+
+  // Items (batch, query head, query block), for the coarse rows' statistics and pass 2.
+  auto bind_query_block = [&](BackwardJob& job, std::int64_t item) {
+    const std::int64_t bh = item / q_blocks, b = bh / Hq, h = bh % Hq;
+    bind(job, b, h / group);
+    job.head = h % group;
+    job.first = item % q_blocks * Br;
+    job.count = std::min(Br, N - job.first);
+  };
+  if (any_coarse) {
+    // Statistics of the coarse rows; two-pass-sized scratch suffices (a block per item).
+#pragma omp parallel num_threads(threads)
+    {
+      BackwardJob job = base;
+      job.scratch = two_pass.carve(scratch.get(), omp_get_thread_num());
+#pragma omp for schedule(dynamic) nowait
+      for (std::int64_t item = 0; item < query_items; ++item) {
+        bind_query_block(job, item);
+        kernels.backward_row_stats(job);
+      }
+    }
+  }
 
   if (whole_heads) {
 #pragma omp parallel num_threads(threads)
@@ -194,26 +254,17 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
     }
   }
 
-  // Pass 2: dQ, one query block per item. Items in (batch, KV head, query head, block)
-  // order in static chunks, so that a thread packs each KV head it meets once; causal and
-  // windowed blocks interleaved heavy and light (0, n-1, 1, n-2, ...) for even chunks.
+  // Pass 2: dQ, one query block per item. Causal and windowed blocks are interleaved
+  // heavy and light (0, n-1, 1, n-2, ...) so that static chunks get even shares.
   const bool triangular = s.causal || s.window_left >= 0 || s.window_right >= 0;
 #pragma omp parallel num_threads(threads)
   {
     BackwardJob job = base;
     job.scratch = sizes.carve(scratch.get(), omp_get_thread_num());
-    std::int64_t packed_head = -1;
 #pragma omp for schedule(static) nowait
     for (std::int64_t item = 0; item < query_items; ++item) {
-      const std::int64_t slot = item % q_blocks, bh = item / q_blocks;
-      const std::int64_t b = bh / Hq, h = bh % Hq, hkv = h / group;
-      const std::int64_t qb = !triangular ? slot : (slot % 2 == 0 ? slot / 2 : q_blocks - 1 - slot / 2);
-      bind(job, b, hkv);
-      job.head = h % group;
-      job.first = qb * Br;
-      job.count = std::min(Br, N - job.first);
-      job.head_packed = packed_head == b * Hkv + hkv;
-      packed_head = b * Hkv + hkv;
+      const std::int64_t slot = item % q_blocks, qb = !triangular ? slot : (slot % 2 == 0 ? slot / 2 : q_blocks - 1 - slot / 2);
+      bind_query_block(job, item - slot + qb);
       kernels.backward_queries(job);
     }
   }

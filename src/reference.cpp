@@ -193,7 +193,7 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
           sum += x;
         }
         for (std::int64_t c = 0; c < D; ++c) dq_row[std::size_t(c)] = 0;
-        if (sum > 0) {
+        if (sum != 0) {  // a NaN sum (a NaN score) makes the row's gradients NaN, as its output
           // dP_ij = dO_i . v_j; D_i = sum_j P_ij dP_ij (= dO_i . out_i); dS = P (dP - D_i).
           double delta = 0;
           for (std::int64_t j = 0; j < M; ++j) {

@@ -10,8 +10,8 @@
 // element, derived here in double from the test's own scores (attention_oracle.hpp's
 // row_scores) and the forward's tolerances (expect()), over the visible pairs (i, j):
 //   P_ij is recomputed from the forward's lse: relative error eP_ij/P_ij = Δ_j + Δlse_i +
-//     4u, with Δ_j the forward's score bound (attention_oracle.hpp) and Δlse_i the bound
-//     on the lse the forward wrote;
+//     2u|lse_i| + 4u, with Δ_j the forward's score bound (attention_oracle.hpp), Δlse_i
+//     the bound on the lse the forward wrote, and the lse's conversion to log2 units;
 //   dP_ij = dO_i.v_j, a length-Dv fp32 dot: (Dv + 2) u Σ_c |dO_ic v_jc|;
 //   D_i = dO_i.O_i from the forward's out: Σ_c |dO_ic| tol(O_ic) + (Dv + 2) u Σ_c |dO_ic O_ic|;
 //   dS_ij = P_ij (dP_ij - D_i): eP_ij |dP_ij - D_i| + P_ij (e dP_ij + e D_i), and under
@@ -147,7 +147,8 @@ Exact bounds(Problem& p, Grads& g, const Expected& fwd) {
           const double capped = cap > 0 ? cap * t : raw;
           const double delta_j = u * ((d.D + 10) * mag + 8 * (std::fabs(s[js]) + std::fabs(raw) + std::fabs(s[js] - capped)) + 16);
           P[js] = std::exp(s[js] - top) / sum;
-          eP[js] = P[js] * 1.01 * (delta_j + lse_err + 4 * u);
+          // The saved lse's bound, then its conversion to log2 units and the subtraction.
+          eP[js] = P[js] * 1.01 * (delta_j + lse_err + 2 * u * std::fabs(top + std::log(sum)) + 4 * u);
           double dP = 0, edP = 0;
           for (std::int64_t x = 0; x < d.Dv; ++x) {
             const double t2 = double(elem(dout, b, h, i, x)) * double(elem(v, b, hk, j, x));
@@ -459,18 +460,121 @@ TEST_CASE("the fused backward keeps garbage in excluded K and V slots out", "[ba
   }
 }
 
+TEST_CASE("the backward of rows masked entirely by -1e9 or -FLT_MAX weighs their keys evenly", "[backward]") {
+  // Such a row's lse is about -1e9 (or -FLT_MAX ln 2), whose fp32 ulp (64 and more) is
+  // far coarser than the row's softmax: P recomputed as exp(s - lse) would be 0 or 1.
+  // The backward recomputes these rows' max and sum instead (backward_row_stats). With q
+  // = 0 on those rows every score is the mask value exactly, in fp32 as in double, so the
+  // oracle weighs the keys evenly too, and the fused gradients must match it to fp32
+  // accuracy: on both schedules, and with sinks of -1e9 (exact in fp32), which then
+  // count as one more key of those rows.
+  for (int threads : {1, 2})
+    for (bool sinks : {false, true}) {
+      const Dims d{1, 2, 1, 9, 20, 8, 8};
+      Problem p(d, 7800, Layout::bhsd, Layout::bhsd);
+      for (std::int64_t h = 0; h < d.Hq; ++h)
+        for (std::int64_t x = 0; x < d.D; ++x) p.q.at(0, h, 2, x) = p.q.at(0, h, 3, x) = 0.0f;
+      const Shape shape{1, 1, d.N, d.M};
+      p.opt.mask = make_view<float>(p.mask_buf, shape, contiguous(shape), 0, kNaN, [](auto, auto, auto i, auto) {
+        return i == 2 ? -1e9f : i == 3 ? -std::numeric_limits<float>::max() : 0.0f;
+      });
+      p.opt.num_threads = threads;
+      if (sinks) {
+        p.sink_values.assign(std::size_t(d.Hq), -1e9f);
+        p.opt.sinks = p.sink_values.data();
+      }
+      Grads g(p, Layout::bhsd);
+      forward(p, g);
+      run_fused(p, g);
+      const Exact e = run_oracle(p, g);
+      INFO("threads " << threads << (sinks ? ", sinks -1e9" : ""));
+      for (auto [got, want] : {std::pair{&g.dq, &e.dq}, {&g.dk, &e.dk}, {&g.dv, &e.dv}}) {
+        const std::vector<float> x = got->values();
+        double worst = 0;
+        for (std::size_t t = 0; t < x.size(); ++t)
+          worst = std::max(worst, std::fabs(double(x[t]) - double((*want)[t])) / (1 + std::fabs(double((*want)[t]))));
+        CHECK(worst <= 1e-5);
+      }
+    }
+}
+
+TEST_CASE("non-finite q, dout or keys: what a row cannot see stays out, a visible NaN propagates", "[backward]") {
+  // Against the oracle, whose rule is the forward's: a key or row with zero weight adds
+  // nothing whatever it holds; a NaN in a visible pair makes what it touches NaN.
+  struct Poison {
+    const char* what;
+    void (*apply)(Problem&);
+  };
+  const Poison poisons[] = {
+      {"q NaN on a row the bool mask hides entirely",
+       [](Problem& p) {
+         const Shape shape{p.d.B, p.d.Hq, p.d.N, p.d.M};
+         p.opt.bool_mask = make_view<std::uint8_t>(p.bool_buf, shape, contiguous(shape), 0, 0,
+                                                   [](auto, auto, auto i, auto) { return std::uint8_t(i != 3); });
+         for (std::int64_t x = 0; x < p.d.D; ++x) p.q.at(0, 0, 3, x) = kNaN;
+       }},
+      {"q inf on causal rows that see no key (N > M)",
+       [](Problem& p) {
+         p.causal();
+         for (std::int64_t x = 0; x < p.d.D; ++x) p.q.at(0, 1, 0, x) = kInf;
+       }},
+      {"causal, dout inf on row 0 (it sees key 0 only)", [](Problem& p) { p.causal(); }},
+      {"causal, NaN in key 2: rows before it stay finite", [](Problem& p) {
+         p.causal();
+         p.k.at(0, 0, 2, 1) = kNaN;
+       }}};
+  for (bool gauss : {false, true})
+    for (const Poison& poison : poisons) {
+      const bool tall = std::string(poison.what).find("N > M") != std::string::npos;
+      const Dims d = tall ? Dims{1, 2, 1, 12, 6, 8, 8} : Dims{1, 2, 1, 8, 8, 8, 8};
+      Problem p(d, 7900, Layout::bhsd, Layout::bhsd);
+      if (gauss) p.gaussian();
+      poison.apply(p);
+      p.note(poison.what);
+      Grads g(p, Layout::bhsd);
+      forward(p, g);
+      if (std::string(poison.what).find("dout inf") != std::string::npos)
+        for (std::int64_t x = 0; x < d.Dv; ++x) g.dout.at(0, 0, 0, x) = kInf;
+      run_fused(p, g);
+      const Exact e = run_oracle(p, g);
+      INFO(p.describe());
+      std::size_t finite = 0;
+      for (auto [got, want] : {std::pair{&g.dq, &e.dq}, {&g.dk, &e.dk}, {&g.dv, &e.dv}}) {
+        const std::vector<float> x = got->values();
+        for (std::size_t t = 0; t < x.size(); ++t) {
+          const float w = (*want)[t];
+          INFO("element " << t << ": fused " << x[t] << ", oracle " << w);
+          CHECK(std::isnan(x[t]) == std::isnan(w));
+          CHECK(std::isinf(x[t]) == std::isinf(w));
+          if (std::isfinite(w)) {
+            ++finite;
+            CHECK(std::fabs(double(x[t]) - double(w)) <= 1e-4 * (1 + std::fabs(double(w))));
+          }
+        }
+      }
+      CHECK(finite > 0);  // the poison did not simply spread everywhere
+    }
+}
+
 TEST_CASE("the fused backward is bitwise identical for 1, 2, 3 and 5 threads", "[backward][threads]") {
   // Both schedules are reached: one pass over whole KV heads with 1 thread (and with 2 and
   // 5 threads on 4 heads), two passes over blocks with 2, 3 and 5 threads on 1 head and
   // with 3 threads on 4 heads (src/backward.cpp); they must agree bitwise too.
-  for (int t = 0; t < 4; ++t) {
+  for (int t = 0; t < 6; ++t) {
     const bool gauss = t % 2 == 1;
     const Dims d = t < 2 ? Dims{2, 6, 2, 150, 170, 24, 20} : Dims{1, 3, 1, 150, 170, 24, 20};
     std::vector<float> first_dq, first_dk, first_dv;
     for (int threads : {1, 2, 3, 5}) {
       Problem p(d, 7400);
-      p.causal();
-      p.full_mask(0.05);
+      if (t < 4) {
+        p.causal();
+        p.full_mask(0.05);
+      } else {  // every option, sinks, and a row masked by -1e9 (its statistics recomputed)
+        every_option(p);
+        p.sinks(-1.0f, 1.0f);
+        for (std::int64_t h = 0; h < d.Hq; ++h)
+          for (std::int64_t j = 0; j < d.M; ++j) p.mask_buf[std::size_t((h * d.N + 7) * d.M + j)] = -1e9f;
+      }
       if (gauss) p.gaussian();
       p.opt.num_threads = threads;
       Grads g(p, Layout::padded);

@@ -44,53 +44,72 @@ struct BackwardKernel {
   static std::int64_t key_end(const BackwardJob& job) { return min_i64(job.kv_len, job.visible.key_limit); }
   static std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
 
+  // The log2-units lse of row i of head g, finite stays finite.
+  static float lse_log2(const BackwardJob& job, std::int64_t g, std::int64_t i) {
+    constexpr float lowest = std::numeric_limits<float>::lowest(), highest = std::numeric_limits<float>::max();
+    const float lse = job.lse.data[g * job.lse.head_stride + i * job.lse.row_stride];
+    const float lse2 = lse * 1.4426950408889634f;
+    return lse == -std::numeric_limits<float>::infinity() ? lse : lse2 < lowest ? lowest : lse2 > highest ? highest : lse2;
+  }
+  // Whether a row's (finite or -inf) log2 lse is too coarse to recompute P from (see
+  // BackwardJob::coarse_shift); -inf is not: such a row sees nothing.
+  static bool coarse(float lse2) {
+    return (lse2 >= kCoarseLse2 || lse2 <= -kCoarseLse2) && lse2 != -std::numeric_limits<float>::infinity();
+  }
+
   // Query rows [i0, i0 + rows) of head g into the scratch: q and dout as rows of
-  // head_dim_padded and value_dim_padded floats, lse in log2 units (finite stays finite),
-  // D_i = dout_i . out_i. Rows up to rows_padded are zero, with lse -inf (no key visible).
+  // head_dim_padded and value_dim_padded floats, each row's shift and scale of P (see
+  // BackwardScratch), D_i = dout_i . out_i. A row with no visible key (lse -inf) and the
+  // rows up to rows_padded get zeros, shift -inf and scale 0: nothing flows through them,
+  // whatever their q and dout hold.
   static void pack_query_side(const BackwardJob& job, std::int64_t g, std::int64_t i0, std::int64_t rows,
                               std::int64_t rows_padded) {
     const BackwardScratch& m = job.scratch;
     const std::int64_t D = job.head_dim, Dv = job.value_dim, Dp = job.head_dim_padded, Dvp = job.value_dim_padded;
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
-    constexpr float lowest = std::numeric_limits<float>::lowest(), highest = std::numeric_limits<float>::max();
     for (std::int64_t r = 0; r < rows_padded; ++r) {
       float* qr = m.q_rows + r * Dp;
       float* dr = m.dout_rows + r * Dvp;
-      if (r >= rows) {
+      const std::int64_t i = i0 + r;
+      const float lse2 = r < rows ? lse_log2(job, g, i) : neg_inf;
+      if (lse2 == neg_inf) {
         for (std::int64_t d = 0; d < Dp; ++d) qr[d] = 0.0f;
         for (std::int64_t c = 0; c < Dvp; ++c) dr[c] = 0.0f;
-        m.lse2[r] = neg_inf;
+        m.row_shift[r] = neg_inf;
+        m.row_scale[r] = 0.0f;
         m.delta[r] = 0.0f;
         continue;
       }
-      const std::int64_t i = i0 + r;
       const float* q = job.q.data + g * job.q.head_stride + i * job.q.row_stride;
-      const float* o = job.out.data + g * job.out.head_stride + i * job.out.row_stride;
-      const float* dout = job.dout.data + g * job.dout.head_stride + i * job.dout.row_stride;
       for (std::int64_t d = 0; d < D; ++d) qr[d] = q[d * job.q.col_stride];
       for (std::int64_t d = D; d < Dp; ++d) qr[d] = 0.0f;
       float delta = 0.0f;
-      for (std::int64_t c = 0; c < Dv; ++c) {
-        dr[c] = dout[c * job.dout.col_stride];
-        delta += dr[c] * o[c * job.out.col_stride];
+      if (Dv > 0) {  // else out and dout may be null
+        const float* o = job.out.data + g * job.out.head_stride + i * job.out.row_stride;
+        const float* dout = job.dout.data + g * job.dout.head_stride + i * job.dout.row_stride;
+        for (std::int64_t c = 0; c < Dv; ++c) {
+          dr[c] = dout[c * job.dout.col_stride];
+          delta += dr[c] * o[c * job.out.col_stride];
+        }
       }
       for (std::int64_t c = Dv; c < Dvp; ++c) dr[c] = 0.0f;
       m.delta[r] = delta;
-      const float lse = job.lse.data[g * job.lse.head_stride + i * job.lse.row_stride];
-      const float lse2 = lse * 1.4426950408889634f;
-      m.lse2[r] = lse == neg_inf ? neg_inf : lse2 < lowest ? lowest : lse2 > highest ? highest : lse2;
+      const bool from_stats = job.coarse_shift && coarse(lse2);
+      m.row_shift[r] = from_stats ? job.coarse_shift[g * job.q_len + i] : lse2;
+      m.row_scale[r] = from_stats ? job.coarse_scale[g * job.q_len + i] : 1.0f;
     }
   }
 
-  // K and V of keys [j0, j0 + n) as fp32 panels, and, when k_rows is not null, K as rows
-  // of head_dim_padded floats.
+  // K and V (unless v_panels is null) of keys [j0, j0 + n) as fp32 panels, and, when
+  // k_rows is not null, K as rows of head_dim_padded floats.
   static void pack_key_side(const BackwardJob& job, std::int64_t j0, std::int64_t n, float* k_panels,
                             float* v_panels, float* k_rows) {
     const std::int64_t D = job.head_dim, Dp = job.head_dim_padded;
     const float* k = job.k.data + j0 * job.k.row_stride;
     pack_key_panels_from(k, job.k.row_stride, job.k.col_stride, n, D, NR, nullptr, 0.0f, k_panels, nullptr);
-    pack_key_panels_from(job.v.data + j0 * job.v.row_stride, job.v.row_stride, job.v.col_stride, n,
-                         job.value_dim, NR, nullptr, 0.0f, v_panels, nullptr);
+    if (v_panels && job.value_dim > 0)  // else v may be null
+      pack_key_panels_from(job.v.data + j0 * job.v.row_stride, job.v.row_stride, job.v.col_stride, n,
+                           job.value_dim, NR, nullptr, 0.0f, v_panels, nullptr);
     if (!k_rows) return;
     for (std::int64_t j = 0; j < n; ++j) {
       float* row = k_rows + j * Dp;
@@ -124,25 +143,70 @@ struct BackwardKernel {
     return ep;
   }
 
+  // The scores (log2 units) of packed query rows [r0, r0 + MR) against keys [j0, j0 + n)
+  // (panels at k_panels) into probs (row stride block_keys, columns up to n rounded up to
+  // NR): the micro-kernel, then soft-capping, ALiBi and the masks. Under soft-capping,
+  // also the derivative 1 - tanh^2 of each raw score into scratch.derivs.
+  static void score_tile(const BackwardJob& job, QueryBlockJob& ep, std::int64_t r0, std::int64_t j0,
+                         std::int64_t n, const float* k_panels, float* probs) {
+    const BackwardScratch& m = job.scratch;
+    const std::int64_t D = job.head_dim, Dp = job.head_dim_padded, Bk = job.block_keys;
+    const std::int64_t num_panels = (n + NR - 1) / NR, cols = num_panels * NR;
+    const bool softcap = job.transform == Transform::softcap;
+    // Without soft-capping, ALiBi or masks the epilogue would only convert to log2
+    // units: the micro-kernel's factor does it instead, as in the forward.
+    const bool epilogue = softcap || job.alibi_slopes || job.masks.mask || job.masks.bool_mask;
+    const float factor = epilogue ? job.scale : job.scale * 1.4426950408889634f;
+    float tile_max[MR];
+    if (job.gaussian)
+      Fwd::scores_tile(m.q_rows + r0 * Dp, Dp, D, k_panels, num_panels, probs, Bk, -factor, tile_max,
+                       typename Fwd::DistanceStep{});
+    else
+      Fwd::scores_tile(m.q_rows + r0 * Dp, Dp, D, k_panels, num_panels, probs, Bk, factor, tile_max,
+                       typename Fwd::DotStep{});
+    if (softcap) {  // d(c tanh(r / c)) / dr, from the raw score before the epilogue caps it
+      const batch cap(job.softcap);
+      for (int r = 0; r < MR; ++r)
+        for (std::int64_t j = 0; j < cols; j += W) {
+          const batch t = tanh_fast<Arch>(batch::load_aligned(probs + r * Bk + j) / cap);
+          xsimd::fnma(t, t, batch(1.0f)).store_aligned(m.derivs + r * Bk + j);
+        }
+    }
+    if (epilogue) {
+      ep.state.scores = probs;
+      Fwd::score_epilogue(ep, r0, j0, 0, cols);  // soft-capping, ALiBi, masks; log2 units
+    }
+  }
+
+  // Keys [first, past) of the block [j0, j0 + n) that query i sees, relative to j0.
+  static void visible_columns(const BackwardJob& job, std::int64_t i, std::int64_t j0, std::int64_t n,
+                              std::int64_t* first, std::int64_t* past) {
+    *first = lo(job, i) - j0;
+    *past = min_i64(min_i64(hi(job, i) + 1, key_end(job)) - j0, n);
+    if (*first < 0) *first = 0;
+    if (*past < *first) *past = *first;
+  }
+
   // P and dS (the gradient of the raw score scale * f(q, k), without the scale) of the
   // packed query rows [0, rows_padded) (query i0 + r) against keys [j0, j0 + n), whose
   // panels start at k_panels and v_panels, into scratch.probs and scratch.dscores (row
   // stride block_keys, columns up to n rounded up to NR). Excluded pairs and rows get
-  // exactly 0 in both, whatever K and V hold there.
+  // exactly 0 in both, whatever K and V hold there; a NaN score stays NaN in both on
+  // every ISA (the zero tests are written !(x == 0): xsimd's != is ordered on AVX and
+  // unordered on SSE2).
   static void block_grads(const BackwardJob& job, QueryBlockJob& ep, std::int64_t i0, std::int64_t rows,
                           std::int64_t rows_padded, std::int64_t j0, std::int64_t n, const float* k_panels,
                           const float* v_panels) {
     const BackwardScratch& m = job.scratch;
-    const std::int64_t D = job.head_dim, Dv = job.value_dim, Dp = job.head_dim_padded, Dvp = job.value_dim_padded;
+    const std::int64_t Dv = job.value_dim, Dvp = job.value_dim_padded;
     const std::int64_t Bk = job.block_keys, num_panels = (n + NR - 1) / NR, cols = num_panels * NR;
-    const std::int64_t kend = key_end(job);
     const bool softcap = job.transform == Transform::softcap;
     const batch iota = Fwd::lane_indices(), zero(0.0f);
     for (std::int64_t r0 = 0; r0 < rows_padded; r0 += MR) {
       float* const probs = m.probs + r0 * Bk;
       float* const dscores = m.dscores + r0 * Bk;
       const std::int64_t first_i = i0 + r0, last_i = i0 + min_i64(r0 + MR, rows) - 1;
-      if (r0 >= rows || lo(job, first_i) > j0 + n - 1 || hi(job, last_i) < j0 || j0 >= kend) {
+      if (r0 >= rows || lo(job, first_i) > j0 + n - 1 || hi(job, last_i) < j0 || j0 >= key_end(job)) {
         for (int r = 0; r < MR; ++r)
           for (std::int64_t j = 0; j < cols; j += W) {
             zero.store_aligned(probs + r * Bk + j);
@@ -150,46 +214,26 @@ struct BackwardKernel {
           }
         continue;
       }
-      // Without soft-capping, ALiBi or masks the epilogue would only convert to log2
-      // units: the micro-kernel's factor does it instead, as in the forward.
-      const bool epilogue = softcap || job.alibi_slopes || job.masks.mask || job.masks.bool_mask;
-      const float factor = epilogue ? job.scale : job.scale * 1.4426950408889634f;
-      float tile_max[MR];
-      if (job.gaussian)
-        Fwd::scores_tile(m.q_rows + r0 * Dp, Dp, D, k_panels, num_panels, probs, Bk, -factor, tile_max,
-                         typename Fwd::DistanceStep{});
-      else
-        Fwd::scores_tile(m.q_rows + r0 * Dp, Dp, D, k_panels, num_panels, probs, Bk, factor, tile_max,
-                         typename Fwd::DotStep{});
-      if (softcap) {  // d(c tanh(r / c)) / dr, from the raw score before the epilogue caps it
-        const batch cap(job.softcap);
-        for (int r = 0; r < MR; ++r)
-          for (std::int64_t j = 0; j < cols; j += W) {
-            const batch t = tanh_fast<Arch>(batch::load_aligned(probs + r * Bk + j) / cap);
-            xsimd::fnma(t, t, batch(1.0f)).store_aligned(m.derivs + r * Bk + j);
-          }
-      }
-      if (epilogue) {
-        ep.state.scores = probs;
-        Fwd::score_epilogue(ep, r0, j0, 0, cols);  // soft-capping, ALiBi, masks; log2 units
-      }
+      score_tile(job, ep, r0, j0, n, k_panels, probs);
       for (int r = 0; r < MR; ++r) {
         float* s = probs + r * Bk;
-        const std::int64_t row = r0 + r, i = i0 + row;
-        std::int64_t first = lo(job, i) - j0, past = min_i64(min_i64(hi(job, i) + 1, kend) - j0, n);
-        if (first < 0) first = 0;
-        if (row >= rows || m.lse2[row] == -std::numeric_limits<float>::infinity() || past < first) first = past = 0;
-        const batch lse2 = batch(m.lse2[row]), first_v = batch(float(first)), past_v = batch(float(past));  // exact below 2^24
+        const std::int64_t row = r0 + r;
+        std::int64_t first = 0, past = 0;
+        if (row < rows && m.row_shift[row] != -std::numeric_limits<float>::infinity())
+          visible_columns(job, i0 + row, j0, n, &first, &past);
+        const batch shift(m.row_shift[row]), scale(m.row_scale[row]);
+        const batch first_v = batch(float(first)), past_v = batch(float(past));  // exact below 2^24
         for (std::int64_t j = 0; j < cols; j += W) {
           const batch column = iota + batch(float(j));
-          const batch x = batch::load_aligned(s + j) - lse2;
+          const batch x = batch::load_aligned(s + j) - shift;
           // P <= 1: a rounding above 0 is clamped; a NaN score (NaN in q or in a visible
           // key) stays NaN, as in the forward; an excluded score (-inf) gives 0.
-          batch p = exp2_nonpositive<Arch>(xsimd::select(x > zero, zero, x));
+          batch p = exp2_nonpositive<Arch>(xsimd::select(x > zero, zero, x)) * scale;
           p = xsimd::select(xsimd::isnan(x), x, p);
           xsimd::select(column >= first_v && column < past_v, p, zero).store_aligned(s + j);
         }
       }
+      float tile_max[MR];
       Fwd::scores_tile(m.dout_rows + r0 * Dvp, Dvp, Dv, v_panels, num_panels, dscores, Bk, 1.0f, tile_max,
                        typename Fwd::DotStep{});
       for (int r = 0; r < MR; ++r) {
@@ -198,7 +242,7 @@ struct BackwardKernel {
           const batch p = batch::load_aligned(probs + r * Bk + j);
           batch ds = p * (batch::load_aligned(dscores + r * Bk + j) - delta);
           if (softcap) ds *= batch::load_aligned(m.derivs + r * Bk + j);
-          xsimd::select(p != zero, ds, zero).store_aligned(dscores + r * Bk + j);
+          xsimd::select(!(p == zero), ds, zero).store_aligned(dscores + r * Bk + j);
         }
       }
     }
@@ -207,15 +251,36 @@ struct BackwardKernel {
   // The query block's share of a key block's dV and dK (P and dS in the scratch, rows
   // [0, rows_padded); k_panels: the block's K panels). dV += P^T dO and, for the dot
   // product, dK += dS^T Q: P.V tiles whose rows are keys (probs[key][row] at probs + key
-  // + row * Bk). The Gaussian's dK is summed from exact differences (exact_keys).
+  // + row * Bk). The Gaussian's dK is summed from exact differences (exact_keys). The safe
+  // and plain tiles add the same amounts wherever q and dout are finite, so the choice
+  // leaves results bitwise alike across schedules.
   static void accumulate_keys(const BackwardJob& job, std::int64_t rows_padded, std::int64_t n,
                               const float* k_panels) {
     const BackwardScratch& m = job.scratch;
     const std::int64_t Dp = job.head_dim_padded, Dvp = job.value_dim_padded, Bk = job.block_keys;
-    for (std::int64_t jj = 0; jj < n; jj += KR) {
-      Fwd::template pv_rows<KR>(m.probs + jj, 1, Bk, m.dout_rows, Dvp, rows_padded, m.ones, m.dv_acc + jj * Dvp, Dvp);
-      if (!job.gaussian)
-        Fwd::template pv_rows<KR>(m.dscores + jj, 1, Bk, m.q_rows, Dp, rows_padded, m.ones, m.dk_acc + jj * Dp, Dp);
+    const batch zero(0.0f);
+    for (std::int64_t j = 0; j < n; j += W) {
+      // Keys that some row of the block does not weigh take the safe tile: a zero P (or
+      // dS) must keep that row's dout (or q) out, which may hold NaN or inf.
+      xsimd::batch_bool<float, Arch> any_zero(false);
+      for (std::int64_t r = 0; r < rows_padded; ++r)
+        any_zero = any_zero || batch::load_aligned(m.probs + r * Bk + j) == zero;
+      const bool safe = xsimd::any(any_zero);
+      for (std::int64_t jj = j; jj < min_i64(j + W, n); jj += KR) {
+        if (safe) {
+          Fwd::template pv_rows<KR, true>(m.probs + jj, 1, Bk, m.dout_rows, Dvp, rows_padded, m.ones,
+                                          m.dv_acc + jj * Dvp, Dvp);
+          if (!job.gaussian)
+            Fwd::template pv_rows<KR, true>(m.dscores + jj, 1, Bk, m.q_rows, Dp, rows_padded, m.ones,
+                                            m.dk_acc + jj * Dp, Dp);
+        } else {
+          Fwd::template pv_rows<KR>(m.probs + jj, 1, Bk, m.dout_rows, Dvp, rows_padded, m.ones, m.dv_acc + jj * Dvp,
+                                    Dvp);
+          if (!job.gaussian)
+            Fwd::template pv_rows<KR>(m.dscores + jj, 1, Bk, m.q_rows, Dp, rows_padded, m.ones, m.dk_acc + jj * Dp,
+                                      Dp);
+        }
+      }
     }
     if (job.gaussian) exact_keys(job, rows_padded, n, k_panels);
   }
@@ -236,7 +301,7 @@ struct BackwardKernel {
         batch acc = batch::load_aligned(m.dk_acc + d * Bk + j);
         for (std::int64_t r = 0; r < rows_padded; ++r) {
           const batch ds = batch::load_aligned(m.dscores + r * Bk + j);
-          acc = xsimd::select(ds != zero, xsimd::fma(ds, batch(m.q_rows[r * Dp + d]) - k, acc), acc);
+          acc = xsimd::select(!(ds == zero), xsimd::fma(ds, batch(m.q_rows[r * Dp + d]) - k, acc), acc);
         }
         acc.store_aligned(m.dk_acc + d * Bk + j);
       }
@@ -263,7 +328,7 @@ struct BackwardKernel {
         for (std::int64_t j = 0; j < n; j += W) {
           const batch ds = batch::load_aligned(m.dscores + r * Bk + j);
           const batch k = batch::load_aligned(k_panels + (j / NR) * D * NR + d * NR + j % NR);
-          acc = xsimd::select(ds != zero, xsimd::fma(ds, k - q, acc), acc);
+          acc = xsimd::select(!(ds == zero), xsimd::fma(ds, k - q, acc), acc);
         }
         m.dq_acc[r * Dp + d] += xsimd::hadd(acc);
       }
@@ -279,9 +344,11 @@ struct BackwardKernel {
     for (std::int64_t jj = 0; jj < n; ++jj) {
       const std::int64_t j = j0 + jj;
       float* dk = job.dk.data + j * job.dk.row_stride;
-      float* dv = job.dv.data + j * job.dv.row_stride;
+      // + 0: a zero sum times a negative scale is +0, as in the oracle.
       for (std::int64_t d = 0; d < D; ++d)
-        dk[d * job.dk.col_stride] = factor * (job.gaussian ? m.dk_acc[d * Bk + jj] : m.dk_acc[jj * Dp + d]);
+        dk[d * job.dk.col_stride] = factor * (job.gaussian ? m.dk_acc[d * Bk + jj] : m.dk_acc[jj * Dp + d]) + 0.0f;
+      if (Dv == 0) continue;  // dv may be null
+      float* dv = job.dv.data + j * job.dv.row_stride;
       for (std::int64_t c = 0; c < Dv; ++c) dv[c * job.dv.col_stride] = m.dv_acc[jj * Dvp + c];
     }
   }
@@ -294,7 +361,7 @@ struct BackwardKernel {
     const float factor = job.gaussian ? 2.0f * job.scale : job.scale;
     for (std::int64_t r = 0; r < rows; ++r) {
       float* dq = job.dq.data + g * job.dq.head_stride + (i0 + r) * job.dq.row_stride;
-      for (std::int64_t d = 0; d < D; ++d) dq[d * job.dq.col_stride] = factor * m.dq_acc[r * Dp + d];
+      for (std::int64_t d = 0; d < D; ++d) dq[d * job.dq.col_stride] = factor * m.dq_acc[r * Dp + d] + 0.0f;
     }
   }
 
@@ -339,11 +406,10 @@ struct BackwardKernel {
   // they see, in key order.
   static void backward_queries(const BackwardJob& job) {
     const BackwardScratch& m = job.scratch;
-    const std::int64_t M = job.kv_len, D = job.head_dim, Dp = job.head_dim_padded, Dv = job.value_dim;
+    const std::int64_t M = job.kv_len, Dp = job.head_dim_padded;
     const std::int64_t Bk = job.block_keys, g = job.head, i0 = job.first, rows = job.count;
     const std::int64_t rows_padded = round_up(rows, MR);
     assert(rows > 0 && rows <= job.block_rows && Bk % NR == 0);
-    if (!job.head_packed) pack_key_side(job, 0, M, m.k_panels, m.v_panels, job.gaussian ? nullptr : m.k_rows);
     pack_query_side(job, g, i0, rows, rows_padded);
     fill(m.dq_acc, rows_padded * Dp, 0.0f);
     fill(m.ones, 16, 1.0f);
@@ -353,10 +419,93 @@ struct BackwardKernel {
     const std::int64_t j_end = min_i64(key_end(job), hi(job, i0 + rows - 1) + 1);
     for (std::int64_t j0 = j_begin / Bk * Bk; j0 < j_end; j0 += Bk) {
       const std::int64_t n = min_i64(Bk, M - j0);
-      block_grads(job, ep, i0, rows, rows_padded, j0, n, m.k_panels + j0 * D, m.v_panels + j0 * Dv);
-      accumulate_queries(job, rows, rows_padded, n, m.k_panels + j0 * D, m.k_rows + j0 * Dp);
+      // Packed per block: a pass over K and V per query block, against 2 Br flops per
+      // element packed, keeps the scratch independent of M.
+      pack_key_side(job, j0, n, m.k_panels, m.v_panels, job.gaussian ? nullptr : m.k_rows);
+      block_grads(job, ep, i0, rows, rows_padded, j0, n, m.k_panels, m.v_panels);
+      accumulate_queries(job, rows, rows_padded, n, m.k_panels, m.k_rows);
     }
     write_queries(job, g, i0, rows);
+  }
+
+  // The statistics of the coarse rows (see BackwardJob::coarse_shift) among queries
+  // [first, first + count) of query head `head`: the largest visible score m (log2
+  // units) and 1 / sum_j 2^(s_j - m), over the key blocks in order with the scores
+  // exactly as block_grads computes them, so that P = 2^(s - m) / sum is the softmax of
+  // those scores whatever the lse's rounding. A row masked entirely by -1e9 has equal
+  // fp32 scores and gets P = 1 / (its visible keys), as the forward weighs it. A sink
+  // joins the sum as it does in the forward.
+  static void backward_row_stats(const BackwardJob& job) {
+    const BackwardScratch& m = job.scratch;
+    const std::int64_t M = job.kv_len, Bk = job.block_keys, g = job.head, i0 = job.first, rows = job.count;
+    const std::int64_t rows_padded = round_up(rows, MR);
+    constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+    bool any = false;
+    for (std::int64_t r = 0; r < rows; ++r) any = any || coarse(lse_log2(job, g, i0 + r));
+    if (!any) return;
+    pack_query_side(job, g, i0, rows, rows_padded);
+    float* const row_max = m.dq_acc;        // the running max and sum of each packed row
+    float* const row_sum = m.dq_acc + rows_padded;
+    for (std::int64_t r = 0; r < rows_padded; ++r) row_max[r] = neg_inf, row_sum[r] = 0.0f;
+    QueryBlockJob ep = epilogue_job(job, g, i0, rows);
+    const batch iota = Fwd::lane_indices();
+    const std::int64_t j_begin = lo(job, i0) > 0 ? lo(job, i0) : 0;
+    const std::int64_t j_end = min_i64(key_end(job), hi(job, i0 + rows - 1) + 1);
+    for (std::int64_t j0 = j_begin / Bk * Bk; j0 < j_end; j0 += Bk) {
+      const std::int64_t n = min_i64(Bk, M - j0), cols = (n + NR - 1) / NR * NR;
+      pack_key_side(job, j0, n, m.k_panels, nullptr, nullptr);
+      for (std::int64_t r0 = 0; r0 < rows; r0 += MR) {
+        bool tile_coarse = false;
+        for (std::int64_t r = r0; r < min_i64(r0 + MR, rows); ++r) tile_coarse = tile_coarse || coarse(lse_log2(job, g, i0 + r));
+        if (!tile_coarse) continue;
+        score_tile(job, ep, r0, j0, n, m.k_panels, m.probs);
+        for (std::int64_t r = r0; r < min_i64(r0 + MR, rows); ++r) {
+          std::int64_t first, past;
+          visible_columns(job, i0 + r, j0, n, &first, &past);
+          if (past <= first) continue;
+          const float* s = m.probs + (r - r0) * Bk;
+          const batch first_v = batch(float(first)), past_v = batch(float(past));
+          batch block_max(neg_inf);
+          for (std::int64_t j = 0; j < cols; j += W) {
+            const batch column = iota + batch(float(j));
+            block_max = xsimd::max(block_max, xsimd::select(column >= first_v && column < past_v,
+                                                            batch::load_aligned(s + j), batch(neg_inf)));
+          }
+          const float bm = reduce_max<Arch>(block_max), old_max = row_max[r];
+          const float new_max = bm > old_max ? bm : old_max;
+          if (new_max == neg_inf) continue;  // every visible score -inf (masked): nothing to add
+          batch sum(0.0f), nan_probe(0.0f);
+          for (std::int64_t j = 0; j < cols; j += W) {
+            const batch column = iota + batch(float(j));
+            const batch x = batch::load_aligned(s + j) - batch(new_max);
+            const batch p = exp2_nonpositive<Arch>(xsimd::select(x > batch(0.0f), batch(0.0f), x));
+            sum += xsimd::select(column >= first_v && column < past_v, p, batch(0.0f));
+            nan_probe += xsimd::select(column >= first_v && column < past_v, x, batch(0.0f));
+          }
+          sum = xsimd::select(xsimd::isnan(nan_probe), nan_probe, sum);
+          const float alpha = old_max == neg_inf ? 0.0f : exp2_nonpositive_scalar<Arch>(old_max - new_max);
+          row_sum[r] = alpha * row_sum[r] + xsimd::hadd(sum);
+          row_max[r] = new_max;
+        }
+      }
+    }
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const std::int64_t i = i0 + r;
+      if (!coarse(lse_log2(job, g, i))) continue;
+      float top = row_max[r], sum = row_sum[r];
+      const float sink = job.sinks ? job.sinks[g] : neg_inf;
+      if (sink != neg_inf) {  // in log2 units, finite stays finite, as the forward joins it
+        constexpr float lowest = std::numeric_limits<float>::lowest(), highest = std::numeric_limits<float>::max();
+        const float scaled = sink * 1.4426950408889634f;
+        const float sink2 = scaled < lowest ? lowest : scaled > highest ? highest : scaled;
+        const float t = sink2 > top ? sink2 : top;
+        sum = (top == neg_inf ? 0.0f : sum * exp2_nonpositive_scalar<Arch>(top - t)) +
+              exp2_nonpositive_scalar<Arch>(sink2 - t);
+        top = t;
+      }
+      job.coarse_shift[g * job.q_len + i] = top;
+      job.coarse_scale[g * job.q_len + i] = sum == 0.0f ? 0.0f : 1.0f / sum;  // a NaN sum stays NaN
+    }
   }
 
   // dK, dV and dQ of the whole KV head in one pass: per key block (in order), per query
@@ -377,7 +526,8 @@ struct BackwardKernel {
       const std::int64_t row = g * Np + i0;
       view.scratch.q_rows = m.q_rows + row * Dp;
       view.scratch.dout_rows = m.dout_rows + row * Dvp;
-      view.scratch.lse2 = m.lse2 + row;
+      view.scratch.row_shift = m.row_shift + row;
+      view.scratch.row_scale = m.row_scale + row;
       view.scratch.delta = m.delta + row;
       view.scratch.dq_acc = m.dq_acc + row * Dp;
       return view;

@@ -307,7 +307,9 @@ struct ForwardKernel {
       for (int r = 0; r < ROWS; ++r) {
         const batch p(probs[r * probs_stride + j * key_stride]);
         if constexpr (SAFE) {
-          const auto live = p != batch(0.0f);
+          // !(p == 0), not p != 0: xsimd's != is ordered on AVX and unordered on SSE2, and a
+          // NaN weight (the backward's, from a NaN score) must stay in on every ISA.
+          const auto live = !(p == batch(0.0f));
           for (int c = 0; c < NVC; ++c) o[r][c] = xsimd::select(live, xsimd::fma(p, vals[c], o[r][c]), o[r][c]);
         } else {
           for (int c = 0; c < NVC; ++c) o[r][c] = xsimd::fma(p, vals[c], o[r][c]);

@@ -174,14 +174,16 @@ struct HeadRowsOut {
 /// Per-thread working memory of the backward, 64-byte aligned parts (sizes in
 /// src/backward.cpp). Query side: q rows and dout rows (head_dim_padded and
 /// value_dim_padded wide), lse in log2 units and D_i = dout_i . out_i, of one query block
-/// or (backward_head) of every query row of the group. Key side: K and V as fp32 panels
-/// (the forward's layout) and K rows head_dim_padded wide, of one key block or
-/// (backward_queries) of the whole head. Then the block's P and dS [block_rows x
+/// or (backward_head) of every query row of the group. Key side: K and V of one key block
+/// as fp32 panels (the forward's layout) and K rows head_dim_padded wide. Then the
+/// block's P and dS [block_rows x
 /// block_keys], a tile of soft-capping derivatives [tile_rows x block_keys], and the
 /// accumulators of dK and dV (a key block) and dQ (a query block, or every query row of
-/// the group).
+/// the group). Packed K and V are always of one key block.
 struct BackwardScratch {
-  float *q_rows, *dout_rows, *lse2, *delta;
+  // Per query row, P = 2^(s - row_shift) * row_scale (s in log2 units): the row's lse and
+  // 1, or (coarse rows, see BackwardJob::coarse_shift) its max score and 1 / sum.
+  float *q_rows, *dout_rows, *row_shift, *row_scale, *delta;
   float *k_panels, *v_panels, *k_rows;
   float *probs, *dscores, *derivs;
   float *dk_acc, *dv_acc, *dq_acc, *ones;
@@ -196,19 +198,26 @@ struct BackwardJob {
   Transform transform;  // none or softcap
   float softcap;
   const float* alibi_slopes;  // null, or at the group's first head
+  const float* sinks;         // null, or at the group's first head (natural units)
   JobMasks masks;             // at (batch, the group's first head)
   JobVisibility visible;
   HeadRows q, k, v, out, dout, lse;
   HeadRowsOut dq, dk, dv;
   BackwardScratch scratch;
+  // Coarse rows: an lse of magnitude kCoarseLse2 or more in log2 units has an ulp of
+  // 2^-13 or more, too coarse to recompute P from (a row masked by -1e9 has lse ~ -1e9,
+  // ulp 64). backward_row_stats recomputes such a row's max score (log2 units) and 1 /
+  // its sum; the passes read them here, at the group's first head, head stride q_len,
+  // row stride 1. Null when the call has no coarse row.
+  float* coarse_shift;
+  float* coarse_scale;
   // The item: keys [first, first + count) of the KV head (backward_keys writes their dk
   // and dv rows), or queries [first, first + count) of query head `head` of the group
-  // (backward_queries writes their dq rows); backward_head takes the whole KV head.
+  // (backward_queries writes their dq rows; backward_row_stats the statistics of their
+  // coarse rows); backward_head takes the whole KV head.
   std::int64_t first, count, head;
-  // backward_queries only: the whole head's K and V are already packed in the scratch
-  // (by an earlier item of the same head on this thread).
-  bool head_packed;
 };
+inline constexpr float kCoarseLse2 = 1024.0f;
 
 /// What one variant offers: its micro-kernel geometry, its entry points and its packers.
 struct KernelTable {
@@ -246,6 +255,7 @@ struct KernelTable {
   void (*backward_keys)(const BackwardJob& job);
   void (*backward_queries)(const BackwardJob& job);
   void (*backward_head)(const BackwardJob& job);
+  void (*backward_row_stats)(const BackwardJob& job);
 };
 
 /// Writes count floats to out + offset + c * stride (elements of `type`), rounded to

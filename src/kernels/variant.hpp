@@ -41,7 +41,7 @@ using Pack = Packers<KV, FLASHCPU_VARIANT_NR>;
 // the template keeps it from instantiating the backward at all.
 constexpr bool kHasBackward = std::is_same<KV, float>::value;
 using BackwardEntry = void (*)(const BackwardJob&);
-enum class BackwardPart { keys, queries, head };
+enum class BackwardPart { keys, queries, head, row_stats };
 template <class T>
 constexpr BackwardEntry backward_entry(BackwardPart part) {
   using Backward =
@@ -49,7 +49,8 @@ constexpr BackwardEntry backward_entry(BackwardPart part) {
   if constexpr (std::is_same<T, float>::value)
     return part == BackwardPart::keys      ? &Backward::backward_keys
            : part == BackwardPart::queries ? &Backward::backward_queries
-                                           : &Backward::backward_head;
+           : part == BackwardPart::head    ? &Backward::backward_head
+                                           : &Backward::backward_row_stats;
   else
     return nullptr;
 }
@@ -78,7 +79,8 @@ const KernelTable& FLASHCPU_PASTE(FLASHCPU_PASTE(FLASHCPU_PASTE(kernel_table_, F
       kHasBackward ? "f32_attn_bwd_" FLASHCPU_STRING(FLASHCPU_VARIANT_MR) "x" FLASHCPU_STRING(FLASHCPU_VARIANT_NR) "__" FLASHCPU_STRING(FLASHCPU_VARIANT_ISA) : nullptr,
       backward_entry<KV>(BackwardPart::keys),
       backward_entry<KV>(BackwardPart::queries),
-      backward_entry<KV>(BackwardPart::head)};
+      backward_entry<KV>(BackwardPart::head),
+      backward_entry<KV>(BackwardPart::row_stats)};
   return table;
 }
 

@@ -347,9 +347,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     std::abort();
   }
   if (must_reject && !raised) {
-    const char* names[] = {"q", "k", "v", "out", "lse", "mask", "bool_mask"};
-    const Placement* all[] = {&pq, &pk, &pv, &pout, &plse, &pmask, &pbool};
-    for (int i = 0; i < 7; ++i)
+    const char* names[] = {"q", "k", "v", "out", "lse", "mask", "bool_mask", "dout", "dq", "dk", "dv"};
+    const Placement* all[] = {&pq, &pk, &pv, &pout, &plse, &pmask, &pbool, &pdout, &pdq, &pdk, &pdv};
+    for (int i = 0; i < 11; ++i)
       if (all[i]->invalid) std::fprintf(stderr, "%s's extent overflows 64 bits\n", names[i]);
     std::fprintf(stderr, "shape B=%lld Hq=%lld Hkv=%lld N=%lld M=%lld D=%lld Dv=%lld\n", (long long)B, (long long)Hq,
                  (long long)Hkv, (long long)N, (long long)M, (long long)D, (long long)Dv);
