@@ -18,9 +18,8 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <new>
 
@@ -111,6 +110,13 @@ void write_zeros(const TensorView<float>& t) {
 
 }  // namespace
 
+namespace detail {
+bool coarse_lse(float lse) {
+  const float lse2 = lse * 1.4426950408889634f;  // +-inf beyond the range: coarse too
+  return (lse2 >= 1024.0f || lse2 <= -1024.0f) && lse != -std::numeric_limits<float>::infinity();
+}
+}  // namespace detail
+
 void attention_backward(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
                         TensorView<const float> out, TensorView<const float> lse, TensorView<const float> dout,
                         TensorView<float> dq, TensorView<float> dk, TensorView<float> dv,
@@ -159,11 +165,8 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
   bool any_coarse = false;
   for (std::int64_t b = 0; b < B && !any_coarse; ++b)
     for (std::int64_t h = 0; h < Hq && !any_coarse; ++h)
-      for (std::int64_t i = 0; i < N && !any_coarse; ++i) {
-        const float lse2 = lse.data[b * lse.strides[0] + h * lse.strides[1] + i * lse.strides[2]] * 1.4426950408889634f;
-        any_coarse = !(lse2 > -detail::kCoarseLse2 && lse2 < detail::kCoarseLse2) &&
-                     lse2 != -std::numeric_limits<float>::infinity() && !std::isnan(lse2);
-      }
+      for (std::int64_t i = 0; i < N && !any_coarse; ++i)
+        any_coarse = detail::coarse_lse(lse.data[b * lse.strides[0] + h * lse.strides[1] + i * lse.strides[2]]);
   std::int64_t stats_floats = 0;
   if (any_coarse && (__builtin_mul_overflow(B * Hq, N, &stats_floats) || stats_floats > PTRDIFF_MAX / 8))
     throw std::bad_alloc();

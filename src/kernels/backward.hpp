@@ -14,7 +14,8 @@
 //   dQ += dS K                      the P.V tile, keys with dS = 0 kept out (garbage rows)
 // or both (backward_head, a whole KV head in one pass).
 // The Gaussian's dQ and dK are summed from exact differences instead (exact_keys). The
-// scale (and the Gaussian's factor 2) is applied when the rows are written. Working memory: the scratch the driver passes.
+// scale (and the Gaussian's factor 2) is applied when the rows are written. Working
+// memory: the scratch the driver passes.
 #pragma once
 
 #ifndef FLASHCPU_ISA_NAMESPACE
@@ -34,27 +35,12 @@ struct BackwardKernel {
   // Keys per tile of the exchanged products (dV, dK): block_keys is a multiple of NR >= 8.
   static constexpr int KR = 4;
 
-  static std::int64_t lo(const BackwardJob& job, std::int64_t i) {
-    return job.visible.has_lo ? i + job.visible.lo_offset : std::int64_t(0);
-  }
-  static std::int64_t hi(const BackwardJob& job, std::int64_t i) {
-    constexpr std::int64_t unbounded = std::numeric_limits<std::int64_t>::max() / 4;
-    return job.visible.has_hi ? i + job.visible.hi_offset : unbounded;
-  }
+  static std::int64_t lo(const BackwardJob& job, std::int64_t i) { return visible_lo(job.visible, i); }
+  static std::int64_t hi(const BackwardJob& job, std::int64_t i) { return visible_hi(job.visible, i); }
   static std::int64_t key_end(const BackwardJob& job) { return min_i64(job.kv_len, job.visible.key_limit); }
   static std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
-
-  // The log2-units lse of row i of head g, finite stays finite.
-  static float lse_log2(const BackwardJob& job, std::int64_t g, std::int64_t i) {
-    constexpr float lowest = std::numeric_limits<float>::lowest(), highest = std::numeric_limits<float>::max();
-    const float lse = job.lse.data[g * job.lse.head_stride + i * job.lse.row_stride];
-    const float lse2 = lse * 1.4426950408889634f;
-    return lse == -std::numeric_limits<float>::infinity() ? lse : lse2 < lowest ? lowest : lse2 > highest ? highest : lse2;
-  }
-  // Whether a row's (finite or -inf) log2 lse is too coarse to recompute P from (see
-  // BackwardJob::coarse_shift); -inf is not: such a row sees nothing.
-  static bool coarse(float lse2) {
-    return (lse2 >= kCoarseLse2 || lse2 <= -kCoarseLse2) && lse2 != -std::numeric_limits<float>::infinity();
+  static float lse_at(const BackwardJob& job, std::int64_t g, std::int64_t i) {
+    return job.lse.data[g * job.lse.head_stride + i * job.lse.row_stride];
   }
 
   // Query rows [i0, i0 + rows) of head g into the scratch: q and dout as rows of
@@ -71,7 +57,7 @@ struct BackwardKernel {
       float* qr = m.q_rows + r * Dp;
       float* dr = m.dout_rows + r * Dvp;
       const std::int64_t i = i0 + r;
-      const float lse2 = r < rows ? lse_log2(job, g, i) : neg_inf;
+      const float lse = r < rows ? lse_at(job, g, i) : neg_inf, lse2 = log2_units(lse);
       if (lse2 == neg_inf) {
         for (std::int64_t d = 0; d < Dp; ++d) qr[d] = 0.0f;
         for (std::int64_t c = 0; c < Dvp; ++c) dr[c] = 0.0f;
@@ -94,7 +80,7 @@ struct BackwardKernel {
       }
       for (std::int64_t c = Dv; c < Dvp; ++c) dr[c] = 0.0f;
       m.delta[r] = delta;
-      const bool from_stats = job.coarse_shift && coarse(lse2);
+      const bool from_stats = job.coarse_shift && coarse_lse(lse);
       m.row_shift[r] = from_stats ? job.coarse_shift[g * job.q_len + i] : lse2;
       m.row_scale[r] = from_stats ? job.coarse_scale[g * job.q_len + i] : 1.0f;
     }
@@ -440,71 +426,44 @@ struct BackwardKernel {
     const std::int64_t M = job.kv_len, Bk = job.block_keys, g = job.head, i0 = job.first, rows = job.count;
     const std::int64_t rows_padded = round_up(rows, MR);
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+    auto coarse_row = [&](std::int64_t r) { return coarse_lse(lse_at(job, g, i0 + r)); };
     bool any = false;
-    for (std::int64_t r = 0; r < rows; ++r) any = any || coarse(lse_log2(job, g, i0 + r));
+    for (std::int64_t r = 0; r < rows; ++r) any = any || coarse_row(r);
     if (!any) return;
     pack_query_side(job, g, i0, rows, rows_padded);
-    float* const row_max = m.dq_acc;        // the running max and sum of each packed row
-    float* const row_sum = m.dq_acc + rows_padded;
-    for (std::int64_t r = 0; r < rows_padded; ++r) row_max[r] = neg_inf, row_sum[r] = 0.0f;
+    // The forward's online softmax keeps each packed row's running max and sum.
     QueryBlockJob ep = epilogue_job(job, g, i0, rows);
-    const batch iota = Fwd::lane_indices();
+    ep.keys.k_panels = m.k_panels;  // column tiles of whole panels
+    ep.state.scores = m.probs;
+    ep.state.row_max = m.dq_acc;
+    ep.state.row_sum = m.dq_acc + rows_padded;
+    for (std::int64_t r = 0; r < rows_padded; ++r) ep.state.row_max[r] = neg_inf, ep.state.row_sum[r] = 0.0f;
     const std::int64_t j_begin = lo(job, i0) > 0 ? lo(job, i0) : 0;
     const std::int64_t j_end = min_i64(key_end(job), hi(job, i0 + rows - 1) + 1);
     for (std::int64_t j0 = j_begin / Bk * Bk; j0 < j_end; j0 += Bk) {
-      const std::int64_t n = min_i64(Bk, M - j0), cols = (n + NR - 1) / NR * NR;
+      const std::int64_t n = min_i64(Bk, M - j0);
       pack_key_side(job, j0, n, m.k_panels, nullptr, nullptr);
       for (std::int64_t r0 = 0; r0 < rows; r0 += MR) {
         bool tile_coarse = false;
-        for (std::int64_t r = r0; r < min_i64(r0 + MR, rows); ++r) tile_coarse = tile_coarse || coarse(lse_log2(job, g, i0 + r));
-        if (!tile_coarse) continue;
+        for (std::int64_t r = r0; r < min_i64(r0 + MR, rows); ++r) tile_coarse = tile_coarse || coarse_row(r);
+        typename Fwd::TileColumns t;
+        if (!tile_coarse || !Fwd::tile_columns(ep, r0, j0, min_i64(j0 + n, key_end(job)), &t)) continue;
         score_tile(job, ep, r0, j0, n, m.k_panels, m.probs);
-        for (std::int64_t r = r0; r < min_i64(r0 + MR, rows); ++r) {
-          std::int64_t first, past;
-          visible_columns(job, i0 + r, j0, n, &first, &past);
-          if (past <= first) continue;
-          const float* s = m.probs + (r - r0) * Bk;
-          const batch first_v = batch(float(first)), past_v = batch(float(past));
-          batch block_max(neg_inf);
-          for (std::int64_t j = 0; j < cols; j += W) {
-            const batch column = iota + batch(float(j));
-            block_max = xsimd::max(block_max, xsimd::select(column >= first_v && column < past_v,
-                                                            batch::load_aligned(s + j), batch(neg_inf)));
-          }
-          const float bm = reduce_max<Arch>(block_max), old_max = row_max[r];
-          const float new_max = bm > old_max ? bm : old_max;
-          if (new_max == neg_inf) continue;  // every visible score -inf (masked): nothing to add
-          batch sum(0.0f), nan_probe(0.0f);
-          for (std::int64_t j = 0; j < cols; j += W) {
-            const batch column = iota + batch(float(j));
-            const batch x = batch::load_aligned(s + j) - batch(new_max);
-            const batch p = exp2_nonpositive<Arch>(xsimd::select(x > batch(0.0f), batch(0.0f), x));
-            sum += xsimd::select(column >= first_v && column < past_v, p, batch(0.0f));
-            nan_probe += xsimd::select(column >= first_v && column < past_v, x, batch(0.0f));
-          }
-          sum = xsimd::select(xsimd::isnan(nan_probe), nan_probe, sum);
-          const float alpha = old_max == neg_inf ? 0.0f : exp2_nonpositive_scalar<Arch>(old_max - new_max);
-          row_sum[r] = alpha * row_sum[r] + xsimd::hadd(sum);
-          row_max[r] = new_max;
-        }
+        float tile_max[MR], alpha[MR];
+        std::int64_t clean_begin = t.first, clean_end = t.num_keys;
+        Fwd::online_softmax(ep, r0, j0, t, tile_max, false, alpha, &clean_begin, &clean_end);
       }
     }
     for (std::int64_t r = 0; r < rows; ++r) {
-      const std::int64_t i = i0 + r;
-      if (!coarse(lse_log2(job, g, i))) continue;
-      float top = row_max[r], sum = row_sum[r];
-      const float sink = job.sinks ? job.sinks[g] : neg_inf;
-      if (sink != neg_inf) {  // in log2 units, finite stays finite, as the forward joins it
-        constexpr float lowest = std::numeric_limits<float>::lowest(), highest = std::numeric_limits<float>::max();
-        const float scaled = sink * 1.4426950408889634f;
-        const float sink2 = scaled < lowest ? lowest : scaled > highest ? highest : scaled;
-        const float t = sink2 > top ? sink2 : top;
-        sum = (top == neg_inf ? 0.0f : sum * exp2_nonpositive_scalar<Arch>(top - t)) +
-              exp2_nonpositive_scalar<Arch>(sink2 - t);
-        top = t;
+      if (!coarse_row(r)) continue;
+      float top = ep.state.row_max[r], sum = ep.state.row_sum[r];
+      if (job.sinks && job.sinks[g] != neg_inf) {  // as the forward's finalize joins it
+        const typename Fwd::SinkJoin joined = Fwd::join_sink(top, sum, log2_units(job.sinks[g]));
+        top = joined.top;
+        sum = joined.sum;
       }
-      job.coarse_shift[g * job.q_len + i] = top;
-      job.coarse_scale[g * job.q_len + i] = sum == 0.0f ? 0.0f : 1.0f / sum;  // a NaN sum stays NaN
+      job.coarse_shift[g * job.q_len + i0 + r] = top;
+      job.coarse_scale[g * job.q_len + i0 + r] = sum == 0.0f ? 0.0f : 1.0f / sum;  // a NaN sum stays NaN
     }
   }
 

@@ -42,6 +42,15 @@ constexpr DType dtype_of() {
 
 inline std::int64_t min_i64(std::int64_t a, std::int64_t b) { return a < b ? a : b; }
 
+// The visible key interval [lo_i, hi_i] of query i (JobVisibility); it moves right with
+// i, so the interval of a set of consecutive rows spans lo(first) .. hi(last). Shared by
+// the forward and the backward kernels.
+inline std::int64_t visible_lo(const JobVisibility& v, std::int64_t i) { return v.has_lo ? i + v.lo_offset : 0; }
+inline std::int64_t visible_hi(const JobVisibility& v, std::int64_t i) {
+  constexpr std::int64_t unbounded = std::numeric_limits<std::int64_t>::max() / 4;
+  return v.has_hi ? i + v.hi_offset : unbounded;
+}
+
 // Decoding streams K and V from memory once. A stream of software prefetches runs a
 // fixed distance ahead of the keys being scored, one key's K and V rows per key scored,
 // so that requests stay in flight evenly rather than in a burst per block.
@@ -423,14 +432,25 @@ struct ForwardKernel {
     runs.finish();
   }
 
-  // The visible key interval [lo_i, hi_i] of query i; it moves right with i, so the
-  // interval of a set of consecutive rows spans lo(first) .. hi(last).
-  static std::int64_t lo(const QueryBlockJob& job, std::int64_t i) {
-    return job.visible.has_lo ? i + job.visible.lo_offset : std::int64_t(0);
-  }
-  static std::int64_t hi(const QueryBlockJob& job, std::int64_t i) {
-    constexpr std::int64_t unbounded = std::numeric_limits<std::int64_t>::max() / 4;
-    return job.visible.has_hi ? i + job.visible.hi_offset : unbounded;
+  static std::int64_t lo(const QueryBlockJob& job, std::int64_t i) { return visible_lo(job.visible, i); }
+  static std::int64_t hi(const QueryBlockJob& job, std::int64_t i) { return visible_hi(job.visible, i); }
+
+  // A sink joins a row's running max and sum (log2 units): top = max(max, sink2), sum' =
+  // sum * 2^(max - top) + 2^(sink2 - top); `scale` = 2^(max - top) rescales what was
+  // accumulated against the max. A NaN max counts as below the sink, so that its NaN
+  // stays in the sum.
+  struct SinkJoin {
+    float top, sum, scale;
+    bool sink_top;  // the sink is the larger
+  };
+  static SinkJoin join_sink(float row_max, float row_sum, float sink2) {
+    constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+    SinkJoin j;
+    j.sink_top = !(row_max >= sink2);
+    j.top = j.sink_top ? sink2 : row_max;
+    j.scale = row_max == neg_inf ? 0.0f : exp2_nonpositive_scalar<Arch>(row_max - j.top);
+    j.sum = row_sum * j.scale + exp2_nonpositive_scalar<Arch>(sink2 - j.top);
+    return j;
   }
 
   // The columns of one row tile in one key block, relative to the block's first key j0.
@@ -628,14 +648,10 @@ struct ForwardKernel {
       float top_natural = row_max * 0.6931471805599453f;
       const float sink = job.output.sinks ? job.output.sinks[g] : neg_inf;
       if (sink != neg_inf) {
-        constexpr float lowest = std::numeric_limits<float>::lowest(), highest = std::numeric_limits<float>::max();
-        const float scaled = sink * 1.4426950408889634f;
-        const float sink2 = scaled < lowest ? lowest : scaled > highest ? highest : scaled;  // finite stays finite
-        const bool sink_top = !(row_max >= sink2);  // a NaN max keeps the row NaN through sum
-        const float top = sink_top ? sink2 : row_max;
-        scale = row_max == neg_inf ? 0.0f : exp2_nonpositive_scalar<Arch>(row_max - top);
-        sum = sum * scale + exp2_nonpositive_scalar<Arch>(sink2 - top);
-        if (sink_top) top_natural = sink;
+        const SinkJoin joined = join_sink(row_max, sum, log2_units(sink));
+        scale = joined.scale;
+        sum = joined.sum;
+        if (joined.sink_top) top_natural = sink;
       }
       const bool empty = sum == 0.0f;
       const std::int64_t offset = i * job.output.out_row_stride + g * job.output.out_head_stride;

@@ -204,11 +204,9 @@ struct BackwardJob {
   HeadRows q, k, v, out, dout, lse;
   HeadRowsOut dq, dk, dv;
   BackwardScratch scratch;
-  // Coarse rows: an lse of magnitude kCoarseLse2 or more in log2 units has an ulp of
-  // 2^-13 or more, too coarse to recompute P from (a row masked by -1e9 has lse ~ -1e9,
-  // ulp 64). backward_row_stats recomputes such a row's max score (log2 units) and 1 /
-  // its sum; the passes read them here, at the group's first head, head stride q_len,
-  // row stride 1. Null when the call has no coarse row.
+  // Coarse rows (coarse_lse): backward_row_stats recomputes such a row's max score (log2
+  // units) and 1 / its sum; the passes read them here, at the group's first head, head
+  // stride q_len, row stride 1. Null when the call has no coarse row.
   float* coarse_shift;
   float* coarse_scale;
   // The item: keys [first, first + count) of the KV head (backward_keys writes their dk
@@ -217,7 +215,12 @@ struct BackwardJob {
   // coarse rows); backward_head takes the whole KV head.
   std::int64_t first, count, head;
 };
-inline constexpr float kCoarseLse2 = 1024.0f;
+
+/// Whether a row's lse is too coarse to recompute P = exp(s - lse) from: 1024 or more in
+/// log2 units has an ulp of 2^-13 or more (a row masked by -1e9 has lse ~ -1e9, ulp 64).
+/// -inf (a row that sees nothing) and NaN are not. The driver asks it to decide whether
+/// a call needs the statistics, the kernels for each row (src/backward.cpp).
+bool coarse_lse(float lse);
 
 /// What one variant offers: its micro-kernel geometry, its entry points and its packers.
 struct KernelTable {

@@ -94,6 +94,15 @@ inline xsimd::batch<float, Arch> tanh_fast(xsimd::batch<float, Arch> x) {
   return xsimd::tanh(x);
 }
 
+// x (natural-log units) times log2(e), a finite x kept finite: a sink or an lse beyond
+// FLT_MAX / log2(e) would overflow to -inf and read as "nothing". -inf and NaN stay.
+inline float log2_units(float x) {
+  constexpr float lowest = std::numeric_limits<float>::lowest(), highest = std::numeric_limits<float>::max();
+  if (x == -std::numeric_limits<float>::infinity()) return x;
+  const float y = x * 1.4426950408889634f;
+  return y < lowest ? lowest : y > highest ? highest : y;
+}
+
 // log2 of a positive float, for the log-sum-exp output (once per row). The builtin calls
 // libm's log2f directly: no inline std:: wrapper that differently-flagged TUs would share.
 inline float log2_scalar(float x) { return __builtin_log2f(x); }
