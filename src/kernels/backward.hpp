@@ -228,7 +228,7 @@ struct BackwardKernel {
           const batch p = batch::load_aligned(probs + r * Bk + j);
           batch ds = p * (batch::load_aligned(dscores + r * Bk + j) - delta);
           if (softcap) ds *= batch::load_aligned(m.derivs + r * Bk + j);
-          xsimd::select(!(p == zero), ds, zero).store_aligned(dscores + r * Bk + j);
+          xsimd::select(p == zero, zero, ds).store_aligned(dscores + r * Bk + j);
         }
       }
     }

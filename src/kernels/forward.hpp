@@ -51,28 +51,43 @@ inline std::int64_t visible_hi(const JobVisibility& v, std::int64_t i) {
   return v.has_hi ? i + v.hi_offset : unbounded;
 }
 
-// Decoding streams K and V from memory once. A stream of software prefetches runs a
-// fixed distance ahead of the keys being scored, one key's K and V rows per key scored,
-// so that requests stay in flight evenly rather than in a burst per block.
+// Decoding streams K and V from memory once, by software prefetches that keep requests in
+// flight evenly rather than in a burst per block. A block's S phase requests K rows, a
+// fixed distance ahead of the keys being scored, one row per key scored; its P.V phase
+// requests the next block's V rows, one per key weighed (ValuesAhead). So both halves of
+// a block keep memory busy. (The first block's V rows, which no P.V phase before it
+// requests, ride along with its K rows.)
 // DEC (Hq=32, Hkv=8, M=8192, D=128), K/V bytes per second against the read probe, median
-// of 5 by distance: 32 keys 97%, 64 keys 101%, 128 keys 95%, 256 keys 87%, 1024 keys 87%;
-// the burst per block it replaces reached 80-83%.
+// of 5 by distance (K and V both requested in the S phase, on a Xeon): 32 keys 97%, 64
+// keys 101%, 128 keys 95%, 256 keys 87%, 1024 keys 87%; the burst per block it replaced
+// reached 80-83%. On AVX2 with 16-bit K/V, where the S loop is fast, requesting V in the
+// P.V phase rather than with K gained 10-20% (docs/performance-notes.md).
 constexpr std::int64_t kPrefetchKeys = 64;
 
 struct PrefetchStream {
   const char* k = nullptr;  // K row of the next key to request
   const char* v = nullptr;
   std::int64_t k_stride = 0, v_stride = 0, k_bytes = 0, v_bytes = 0;  // in bytes
-  std::int64_t left = 0;                                              // keys still to request
+  std::int64_t k_left = 0, v_left = 0;                                // rows still to request
 
   void step() {
-    if (left <= 0) return;
-    for (std::int64_t b = 0; b < k_bytes; b += 64) __builtin_prefetch(k + b, 0, 2);
-    for (std::int64_t b = 0; b < v_bytes; b += 64) __builtin_prefetch(v + b, 0, 2);
-    k += k_stride;
-    v += v_stride;
-    --left;
+    if (k_left > 0) {
+      for (std::int64_t b = 0; b < k_bytes; b += 64) __builtin_prefetch(k + b, 0, 2);
+      k += k_stride;
+      --k_left;
+    }
+    if (v_left > 0) {
+      for (std::int64_t b = 0; b < v_bytes; b += 64) __builtin_prefetch(v + b, 0, 2);
+      v += v_stride;
+      --v_left;
+    }
   }
+};
+
+// The V rows a decoding block's P.V tiles request for the next block: the row `offset`
+// bytes past each row read, for the run's first `keys` keys (the rest lie past the end).
+struct ValuesAhead {
+  std::int64_t offset = 0, keys = 0;
 };
 
 /// MR: query rows per micro-kernel; NRV: key vectors per S tile (NR = NRV * W keys,
@@ -170,7 +185,8 @@ struct ForwardKernel {
           for (std::int64_t d = 0; d < D; d += W) {
             const batch k0 = load_kv(key0 + d), k1 = load_kv(key1 + d);
             for (int r = 0; r < MR; ++r) {
-              const batch qv = batch::load_aligned(q + r * D + d);
+              batch qv = batch::load_aligned(q + r * D + d);
+              keep_in_register(qv);  // one load for both keys
               acc0[r] = xsimd::fma(qv, k0, acc0[r]);
               acc1[r] = xsimd::fma(qv, k1, acc1[r]);
             }
@@ -301,25 +317,33 @@ struct ForwardKernel {
   // key's probability is exactly 0, and 0 * NaN (a stale or poisoned KV-cache slot) is
   // NaN; the select keeps such a row out at one extra operation per FMA, so only keys
   // that some row of the tile excludes take this path. Visible pairs get the same FMA.
-  template <int ROWS, int NVC, bool SAFE = false>
+  // AHEAD: request the V rows of `ahead` (decoding).
+  template <int ROWS, int NVC, bool SAFE = false, bool AHEAD = false>
   static void pv_tile(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const KV* v,
                       std::int64_t v_stride, std::int64_t num_keys, const float* alpha, float* acc,
-                      std::int64_t acc_stride) {
+                      std::int64_t acc_stride, ValuesAhead ahead = {}) {
     batch o[ROWS][NVC];
     for (int r = 0; r < ROWS; ++r) {
       const batch a(alpha[r]);
       for (int c = 0; c < NVC; ++c) o[r][c] = batch::load_aligned(acc + r * acc_stride + c * W) * a;
     }
     for (std::int64_t j = 0; j < num_keys; ++j) {
+      if constexpr (AHEAD) {
+        if (j < ahead.keys) {
+          const char* row = reinterpret_cast<const char*>(v + j * v_stride) + ahead.offset;
+          for (int b = 0; b < NVC * W * int(sizeof(KV)); b += 64) __builtin_prefetch(row + b, 0, 2);
+        }
+      }
       batch vals[NVC];
       for (int c = 0; c < NVC; ++c) vals[c] = load_kv(v + j * v_stride + c * W);
       for (int r = 0; r < ROWS; ++r) {
         const batch p(probs[r * probs_stride + j * key_stride]);
         if constexpr (SAFE) {
-          // !(p == 0), not p != 0: xsimd's != is ordered on AVX and unordered on SSE2, and a
-          // NaN weight (the backward's, from a NaN score) must stay in on every ISA.
-          const auto live = !(p == batch(0.0f));
-          for (int c = 0; c < NVC; ++c) o[r][c] = xsimd::select(live, xsimd::fma(p, vals[c], o[r][c]), o[r][c]);
+          // Keep o where p == 0, not add where p != 0: xsimd's != is ordered on AVX and
+          // unordered on SSE2, and a NaN weight (the backward's, from a NaN score) must stay
+          // in on every ISA; the negation !(p == 0) would cost AVX2 five more operations.
+          const auto dead = p == batch(0.0f);
+          for (int c = 0; c < NVC; ++c) o[r][c] = xsimd::select(dead, o[r][c], xsimd::fma(p, vals[c], o[r][c]));
         } else {
           for (int c = 0; c < NVC; ++c) o[r][c] = xsimd::fma(p, vals[c], o[r][c]);
         }
@@ -331,14 +355,17 @@ struct ForwardKernel {
 
   // The P.V tiles of ROWS rows across all Dvp value columns: NV vectors at a time, then
   // single vectors for the rest.
-  template <int ROWS, bool SAFE = false>
+  template <int ROWS, bool SAFE = false, bool AHEAD = false>
   static void pv_rows(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const KV* v,
-                      std::int64_t v_stride, std::int64_t num_keys, const float* alpha, float* acc, std::int64_t Dvp) {
+                      std::int64_t v_stride, std::int64_t num_keys, const float* alpha, float* acc, std::int64_t Dvp,
+                      ValuesAhead ahead = {}) {
     std::int64_t c = 0;
     for (; c + NV * W <= Dvp; c += NV * W)
-      pv_tile<ROWS, NV, SAFE>(probs, probs_stride, key_stride, v + c, v_stride, num_keys, alpha, acc + c, Dvp);
+      pv_tile<ROWS, NV, SAFE, AHEAD>(probs, probs_stride, key_stride, v + c, v_stride, num_keys, alpha, acc + c, Dvp,
+                                     ahead);
     for (; c < Dvp; c += W)
-      pv_tile<ROWS, 1, SAFE>(probs, probs_stride, key_stride, v + c, v_stride, num_keys, alpha, acc + c, Dvp);
+      pv_tile<ROWS, 1, SAFE, AHEAD>(probs, probs_stride, key_stride, v + c, v_stride, num_keys, alpha, acc + c, Dvp,
+                                    ahead);
   }
 
   // O = alpha * O + P.V over consecutive runs of a block's keys: alpha scales O once, with
@@ -349,9 +376,9 @@ struct ForwardKernel {
   class PvRuns {
    public:
     PvRuns(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const KV* v,
-           std::int64_t v_stride, const float* alpha, float* acc, std::int64_t Dvp)
+           std::int64_t v_stride, const float* alpha, float* acc, std::int64_t Dvp, ValuesAhead ahead = {})
         : probs_(probs), probs_stride_(probs_stride), key_stride_(key_stride), v_(v), v_stride_(v_stride),
-          scale_(alpha), acc_(acc), Dvp_(Dvp) {
+          scale_(alpha), acc_(acc), Dvp_(Dvp), ahead_(ahead) {
       for (int r = 0; r < ROWS; ++r) one_[r] = 1.0f;
     }
     // Keys [from, to); `safe` when some row excludes one of them.
@@ -359,10 +386,17 @@ struct ForwardKernel {
       if (to <= from) return;
       const float* p = probs_ + from * key_stride_;
       const KV* v = v_ + from * v_stride_;
-      if (safe)
+      const ValuesAhead ahead{ahead_.offset, ahead_.keys - from};
+      if (ahead.keys > 0) {
+        if (safe)
+          pv_rows<ROWS, true, true>(p, probs_stride_, key_stride_, v, v_stride_, to - from, scale_, acc_, Dvp_, ahead);
+        else
+          pv_rows<ROWS, false, true>(p, probs_stride_, key_stride_, v, v_stride_, to - from, scale_, acc_, Dvp_, ahead);
+      } else if (safe) {
         pv_rows<ROWS, true>(p, probs_stride_, key_stride_, v, v_stride_, to - from, scale_, acc_, Dvp_);
-      else
+      } else {
         pv_rows<ROWS, false>(p, probs_stride_, key_stride_, v, v_stride_, to - from, scale_, acc_, Dvp_);
+      }
       scale_ = one_;
     }
     void finish() {
@@ -377,6 +411,7 @@ struct ForwardKernel {
     const float* scale_;
     float* acc_;
     std::int64_t Dvp_;
+    ValuesAhead ahead_;
     alignas(64) float one_[ROWS];
   };
 
@@ -388,9 +423,10 @@ struct ForwardKernel {
   // the safe tile only near its diagonal.
   template <int ROWS>
   static void pv_classified(const float* probs, std::int64_t probs_stride, const KV* v, std::int64_t v_stride,
-                            std::int64_t first, std::int64_t last, const float* alpha, float* acc, std::int64_t Dvp) {
+                            std::int64_t first, std::int64_t last, const float* alpha, float* acc, std::int64_t Dvp,
+                            ValuesAhead ahead = {}) {
     enum { skip, clean, mixed };
-    PvRuns<ROWS> runs(probs, probs_stride, 1, v, v_stride, alpha, acc, Dvp);
+    PvRuns<ROWS> runs(probs, probs_stride, 1, v, v_stride, alpha, acc, Dvp, ahead);
     auto flush = [&](int kind, std::int64_t from, std::int64_t to) {
       if (kind != skip) runs.add(from < first ? first : from, min_i64(to, last), kind == mixed);
     };
@@ -422,10 +458,11 @@ struct ForwardKernel {
   template <int ROWS>
   static void pv_runs(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const KV* v,
                       std::int64_t v_stride, std::int64_t first, std::int64_t clean_begin, std::int64_t clean_end,
-                      std::int64_t last, const float* alpha, float* acc, std::int64_t Dvp) {
+                      std::int64_t last, const float* alpha, float* acc, std::int64_t Dvp,
+                      ValuesAhead ahead = {}) {
     clean_begin = clean_begin < first ? first : min_i64(clean_begin, last);
     clean_end = clean_end < clean_begin ? clean_begin : min_i64(clean_end, last);
-    PvRuns<ROWS> runs(probs, probs_stride, key_stride, v, v_stride, alpha, acc, Dvp);
+    PvRuns<ROWS> runs(probs, probs_stride, key_stride, v, v_stride, alpha, acc, Dvp, ahead);
     runs.add(first, clean_begin, true);
     runs.add(clean_begin, clean_end, false);
     runs.add(clean_end, last, true);
@@ -572,20 +609,22 @@ struct ForwardKernel {
   }
 
   // O = alpha * O + P.V for the tile, over its visible keys; keys that some row
-  // excludes keep their value rows out (see pv_tile's SAFE).
+  // excludes keep their value rows out (see pv_tile's SAFE). The first P.V tile requests
+  // `ahead`, the next block's V rows when decoding.
   static void accumulate_values(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
                                 const float* alpha, bool masked_out, std::int64_t clean_begin,
-                                std::int64_t clean_end) {
+                                std::int64_t clean_end, ValuesAhead ahead) {
     const std::int64_t Bk = job.dims.block_keys, Dvp = job.dims.value_dim_padded;
     const KV* v_block = v_rows(job) + (j0 - job.keys.begin) * job.keys.v_row_stride;
-    for (int h = 0; h < MR; h += PR) {
+    for (int h = 0; h < MR; h += PR, ahead = {}) {
       const float* probs = job.state.scores + h * Bk;
       float* acc = job.state.acc + (r0 + h) * Dvp;
       if (masked_out)  // masks exclude anywhere: classify the keys
-        pv_classified<PR>(probs, Bk, v_block, job.keys.v_row_stride, t.first, t.num_keys, alpha + h, acc, Dvp);
+        pv_classified<PR>(probs, Bk, v_block, job.keys.v_row_stride, t.first, t.num_keys, alpha + h, acc, Dvp,
+                          ahead);
       else
         pv_runs<PR>(probs, Bk, 1, v_block, job.keys.v_row_stride, t.first, clean_begin, clean_end, t.num_keys,
-                    alpha + h, acc, Dvp);
+                    alpha + h, acc, Dvp, ahead);
     }
   }
 
@@ -606,11 +645,12 @@ struct ForwardKernel {
     const std::int64_t start =
         begin <= job.keys.begin ? job.keys.begin : job.keys.begin + (begin - job.keys.begin) / NR * NR;
 
-    // Decoding (K read in place): K and V rows requested kPrefetchKeys keys ahead of the
-    // keys being scored (see PrefetchStream).
+    // Decoding (K read in place): K rows requested kPrefetchKeys keys ahead of the keys
+    // being scored, V rows a block ahead of the keys being weighed (see PrefetchStream).
     PrefetchStream ahead = prefetch_stream(job, start, end);
     for (std::int64_t j0 = start; j0 < end; j0 += Bk) {
       const std::int64_t block_end = min_i64(j0 + Bk, end);
+      ValuesAhead next_values = values_ahead(job, j0, end);
       for (std::int64_t r0 = 0; r0 < rows_padded; r0 += MR) {
         TileColumns t;
         if (!tile_columns(job, r0, j0, block_end, &t)) continue;
@@ -624,7 +664,8 @@ struct ForwardKernel {
         float alpha[MR];
         std::int64_t clean_begin = t.first, clean_end = t.num_keys;
         online_softmax(job, r0, j0, t, tile_max, have_tile_max, alpha, &clean_begin, &clean_end);
-        accumulate_values(job, r0, j0, t, alpha, masked_out, clean_begin, clean_end);
+        accumulate_values(job, r0, j0, t, alpha, masked_out, clean_begin, clean_end, next_values);
+        next_values = {};  // requested once per block
       }
     }
 
@@ -695,7 +736,7 @@ struct ForwardKernel {
   }
 
   // The prefetch stream over keys [start, end) of a job that reads K in place (else none),
-  // already kPrefetchKeys keys ahead.
+  // already kPrefetchKeys keys ahead: K rows of every key, V rows of the first block.
   static PrefetchStream prefetch_stream(const QueryBlockJob& job, std::int64_t start, std::int64_t end) {
     PrefetchStream ahead;
     if (!job.keys.k_rows || start >= end) return ahead;
@@ -706,9 +747,18 @@ struct ForwardKernel {
     ahead.v_stride = job.keys.v_row_stride * bytes;
     ahead.k_bytes = job.dims.head_dim * bytes;
     ahead.v_bytes = job.dims.value_dim * bytes;
-    ahead.left = end - start;
+    ahead.k_left = end - start;
+    ahead.v_left = min_i64(job.dims.block_keys, end - start);
     for (std::int64_t j = 0; j < kPrefetchKeys; ++j) ahead.step();
     return ahead;
+  }
+
+  // The V rows that block [j0, j0 + block_keys) requests for the next one, up to `end`,
+  // when decoding (a job that reads K in place); else none.
+  static ValuesAhead values_ahead(const QueryBlockJob& job, std::int64_t j0, std::int64_t end) {
+    const std::int64_t Bk = job.dims.block_keys;
+    if (!job.keys.k_rows || j0 + Bk >= end) return {};
+    return {Bk * job.keys.v_row_stride * std::int64_t(sizeof(KV)), min_i64(Bk, end - j0 - Bk)};
   }
 
   // qt[d][r] = rows[r][d] for W rows of D floats (row stride D).
@@ -846,9 +896,11 @@ struct ForwardKernel {
         a.store_aligned(alpha);
 
         const KV* v_block = v_rows(job) + (j0 - job.keys.begin) * job.keys.v_row_stride;
-        for (int h = 0; h < W; h += PV_ROWS)
+        // The first P.V tiles request the next block's V rows (see PrefetchStream).
+        ValuesAhead next_values = r0 == 0 ? values_ahead(job, j0, end) : ValuesAhead{};
+        for (int h = 0; h < W; h += PV_ROWS, next_values = {})
           pv_runs<PV_ROWS>(st + h, 1, W, v_block, job.keys.v_row_stride, 0, clean_first - j0, clean_past - j0, n,
-                           alpha + h, job.state.acc + (r0 + h) * Dvp, Dvp);
+                           alpha + h, job.state.acc + (r0 + h) * Dvp, Dvp, next_values);
       }
       m.store_unaligned(job.state.row_max + r0);
       l.store_unaligned(job.state.row_sum + r0);

@@ -53,6 +53,14 @@ inline float exp2_nonpositive_scalar(float x) {
   return lanes[0];
 }
 
+// Keeps a loaded vector in a register: GCC otherwise folds a load used by several FMAs
+// into each of them as a memory operand, and a loop whose FMAs all read memory runs out
+// of load ports before FMA units (the in-place decode S loop: 10 loads per 8 FMAs).
+template <class Arch>
+inline void keep_in_register(xsimd::batch<float, Arch>& b) {
+  asm("" : "+v"(b.data));
+}
+
 template <class Arch>
 inline float reduce_max(xsimd::batch<float, Arch> b) {
   if constexpr (std::is_same<Arch, xsimd::avx512bw>::value) return _mm512_reduce_max_ps(b);  // not in xsimd 8.1
