@@ -19,6 +19,8 @@ using detail::CallViews;
 // M = 0 (no keys at all): every row sees no key, and its lse is its head's sink (-inf
 // without one).
 void write_empty_rows(const AttentionShape& s, const CallViews& views, float empty_value) {
+  // Nothing to write (Dv = 0, no lse): the rows are not walked, however many there are.
+  if (s.value_dim == 0 && !views.has_lse) return;
   for (std::int64_t b = 0; b < s.batch; ++b)
     for (std::int64_t h = 0; h < s.q_heads; ++h)
       for (std::int64_t i = 0; i < s.q_len; ++i) {

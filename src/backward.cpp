@@ -99,8 +99,10 @@ detail::HeadRowsOut head_rows(const TensorView<float>& t, std::int64_t b, std::i
   return {t.data ? t.data + b * t.strides[0] + h * t.strides[1] : nullptr, t.strides[1], t.strides[2], t.strides[3]};
 }
 
-// Zeros every element of a gradient view.
+// Zeros every element of a gradient view. A view with no elements may still have huge
+// outer sizes (2^40 query heads over 0 rows): it is not walked.
 void write_zeros(const TensorView<float>& t) {
+  if (t.shape[0] == 0 || t.shape[1] == 0 || t.shape[2] == 0 || t.shape[3] == 0) return;
   for (std::int64_t b = 0; b < t.shape[0]; ++b)
     for (std::int64_t h = 0; h < t.shape[1]; ++h)
       for (std::int64_t i = 0; i < t.shape[2]; ++i)

@@ -113,7 +113,8 @@ void for_each_row(const detail::AttentionShape& s, const TensorView<const Q>& q,
 template <class Q, class KV>
 void run(const detail::AttentionShape& s, const TensorView<const Q>& q, const TensorView<const KV>& k,
          const TensorView<const KV>& v, const TensorView<Q>& out, const TensorView<float>* lse) {
-  if (s.empty()) return;
+  // Nothing to write (Dv = 0, no lse): the rows are not walked, however many there are.
+  if (s.empty() || (s.value_dim == 0 && !lse)) return;
   const std::int64_t M = s.kv_len, group = s.q_heads / s.kv_heads;
   for_each_row(s, q, k, [&](std::int64_t b, std::int64_t h, std::int64_t i, const double* row, double sum, double row_max) {
     for (std::int64_t c = 0; c < s.value_dim; ++c) {
@@ -176,7 +177,8 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
     const std::int64_t b = bk / Hkv, hk = bk % Hkv;
     std::vector<double> dk_acc(std::size_t(M * D), 0.0), dv_acc(std::size_t(M * Dv), 0.0);
     std::vector<double> p(static_cast<std::size_t>(M)), dp(static_cast<std::size_t>(M)), dq_row(static_cast<std::size_t>(D));
-    for (std::int64_t g = 0; g < group; ++g) {
+    // Without query rows there is nothing to visit, however many heads a group has.
+    for (std::int64_t g = 0; g < (N > 0 ? group : 0); ++g) {
       const std::int64_t h = hk * group + g;
       for (std::int64_t i = 0; i < N; ++i) {
         // The row's softmax in double (a sink counts in the denominator, with no value).
@@ -241,8 +243,8 @@ void attention_weights(TensorView<const float> q, TensorView<const float> k, Ten
   const TensorView<float> no_out{nullptr, {q.shape[0], q.shape[1], q.shape[2], 0}, {0, 0, 0, 0}};
   const detail::AttentionShape s = detail::validate_attention(q, k, no_values, no_out, nullptr, options);
   detail::validate_weights(q, k, weights, options);
-  if (s.empty()) return;
   const std::int64_t M = s.kv_len;
+  if (s.empty() || M == 0) return;  // no weight to write, however many rows
   for_each_row(s, q, k, [&](std::int64_t b, std::int64_t h, std::int64_t i, const double* row, double sum, double) {
     float* w = weights.data + b * weights.strides[0] + h * weights.strides[1] + i * weights.strides[2];
     for (std::int64_t j = 0; j < M; ++j) w[j * weights.strides[3]] = sum > 0 ? float(row[j] / sum) : 0.0f;

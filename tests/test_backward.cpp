@@ -674,3 +674,25 @@ TEST_CASE("the backward rejects bad arguments before writing", "[backward][error
     expect_error("options.num_threads", [&] { call(q, k, v, out, lse, dout, dq, dk, dv, threads); });
   }
 }
+
+TEST_CASE("a gradient with no elements is not walked, however many heads it spans", "[backward]") {
+  // 2^40 query heads over N = 0 rows: dq has no element, dk and dv are small and get zeros.
+  const std::int64_t Hq = std::int64_t(1) << 40, Hkv = 256, M = 1, D = 4;
+  std::vector<float> keys(std::size_t(Hkv * M * D), 0.5f), dk(keys.size()), dv(keys.size()), none(1);
+  const flashcpu::TensorView<const float> rows{none.data(), {1, Hq, 0, D}, {0, 0, D, 1}};
+  const flashcpu::TensorView<const float> lse{none.data(), {1, Hq, 0, 1}, {0, 0, 1, 1}};
+  const flashcpu::TensorView<const float> k{keys.data(), {1, Hkv, M, D}, {Hkv * M * D, M * D, D, 1}};
+  const flashcpu::TensorView<float> dq{none.data(), {1, Hq, 0, D}, {0, 0, D, 1}};
+  for (const bool oracle : {false, true}) {
+    INFO((oracle ? "reference::attention_backward" : "attention_backward"));
+    std::fill(dk.begin(), dk.end(), 7.0f);
+    std::fill(dv.begin(), dv.end(), 7.0f);
+    const flashcpu::TensorView<float> dkv{dk.data(), k.shape, k.strides}, dvv{dv.data(), k.shape, k.strides};
+    if (oracle)
+      flashcpu::reference::attention_backward(rows, k, k, rows, lse, rows, dq, dkv, dvv);
+    else
+      flashcpu::attention_backward(rows, k, k, rows, lse, rows, dq, dkv, dvv);
+    CHECK(std::all_of(dk.begin(), dk.end(), [](float x) { return x == 0.0f; }));
+    CHECK(std::all_of(dv.begin(), dv.end(), [](float x) { return x == 0.0f; }));
+  }
+}

@@ -385,6 +385,20 @@ TEST_CASE("empty calls are valid", "[forward][empty]") {
     }
 }
 
+TEST_CASE("no keys and no value columns: nothing is walked, however many rows there are", "[forward][empty]") {
+  // M = 0 and Dv = 0 without lse: out has no element, and 2^40 heads x 2^20 rows are not visited.
+  const std::int64_t Hq = std::int64_t(1) << 40, Hkv = 256, N = std::int64_t(1) << 20;
+  std::vector<float> none(4, 0.5f);
+  const flashcpu::TensorView<const float> q{none.data(), {1, Hq, N, 4}, {0, 0, 0, 1}};
+  const flashcpu::TensorView<const float> k{none.data(), {1, Hkv, 0, 4}, {0, 0, 4, 1}};
+  const flashcpu::TensorView<const float> v{none.data(), {1, Hkv, 0, 0}, {0, 0, 1, 1}};
+  const flashcpu::TensorView<float> out{none.data(), {1, Hq, N, 0}, {0, 0, 0, 1}};
+  CHECK_NOTHROW(flashcpu::attention(q, k, v, out));
+  CHECK_NOTHROW(flashcpu::reference::attention(q, k, v, out));
+  const flashcpu::TensorView<float> weights{none.data(), {1, Hq, N, 0}, {0, 0, 0, 1}};
+  CHECK_NOTHROW(flashcpu::reference::attention_weights(q, k, weights));
+}
+
 TEST_CASE("causal with N > M: the first N - M rows are zero, the rest match", "[forward][causal]") {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const std::int64_t B = 2, Hq = 4, Hkv = 2, N = 45, M = 13, D = 17, Dv = 9;
