@@ -34,9 +34,18 @@ void write_empty_rows(const AttentionShape& s, const CallViews& views, float emp
 // decode path reads K and V once per KV head and splits the keys across threads.
 bool use_decode_path(const AttentionShape& s) { return s.q_len <= 16; }
 
+// What the tile variant (AMX) takes: bf16 q, k and v, the dot product, prefill. Other
+// calls at that level run the vector kernels of the level below.
+bool tiles_take(const AttentionShape& s, const CallViews& views, detail::Transform transform) {
+  return views.q.type == detail::DType::bf16 && views.k.type == detail::DType::bf16 &&
+         s.score == Score::dot_product && transform == detail::Transform::none && !use_decode_path(s);
+}
+
 void run(const AttentionShape& s, const CallViews& views, detail::Transform transform = detail::Transform::none,
          float empty_value = 0.0f, bool regression = false) {
-  const detail::KernelTable& kernels = detail::active_kernels(views.k.type);
+  const detail::KernelTable* chosen = &detail::active_kernels(views.k.type);
+  if (chosen->tiles && !tiles_take(s, views, transform)) chosen = &detail::kernels_below(chosen->isa, views.k.type);
+  const detail::KernelTable& kernels = *chosen;
   if (s.empty()) return;
   if (s.kv_len == 0) return write_empty_rows(s, views, empty_value);
   const detail::Plan plan = detail::make_plan(kernels, s, views.v, transform, empty_value, regression);  // may throw

@@ -3,6 +3,8 @@
 #include <flashcpu/flashcpu.hpp>
 
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -24,8 +26,19 @@ std::uint64_t read_xcr0() {
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;
   bool avx512_fcdbwdqvl = false;  // AVX-512 F, CD, BW, DQ and VL
-  bool ymm_state = false, zmm_state = false;  // enabled by the OS (XCR0)
+  bool avx512_bf16 = false;
+  bool amx_tile = false, amx_bf16 = false;
+  bool ymm_state = false, zmm_state = false, tile_state = false;  // enabled by the OS (XCR0)
+  // Linux gives a process the tile data state only when asked (arch_prctl
+  // ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); the first tile instruction of a process
+  // that has not asked is killed. Asked once, here, when the CPU and the OS have AMX.
+  bool tile_permitted = false;
 };
+
+bool request_tile_permission() {
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
 
 CpuFeatures read_cpu() {
   CpuFeatures cpu;
@@ -38,19 +51,28 @@ CpuFeatures read_cpu() {
     const std::uint64_t xcr0 = read_xcr0();
     cpu.ymm_state = (xcr0 & 0x6) == 0x6;           // XMM and YMM state
     cpu.zmm_state = cpu.ymm_state && (xcr0 & 0xE0) == 0xE0;  // opmask, ZMM0-15 upper halves, ZMM16-31
+    cpu.tile_state = (xcr0 & 0x60000) == 0x60000;  // XTILECFG and XTILEDATA
   }
   if (__get_cpuid_max(0, nullptr) < 7) return cpu;
   __cpuid_count(7, 0, a, b, c, d);
   cpu.avx2 = b & (1u << 5);
   const unsigned avx512 = (1u << 16) | (1u << 17) | (1u << 28) | (1u << 30) | (1u << 31);
   cpu.avx512_fcdbwdqvl = (b & avx512) == avx512;
+  cpu.amx_bf16 = d & (1u << 22);
+  cpu.amx_tile = d & (1u << 24);
+  if (a >= 1) {  // leaf 7 sub-leaf 1
+    unsigned a1, b1, c1, d1;
+    __cpuid_count(7, 1, a1, b1, c1, d1);
+    cpu.avx512_bf16 = a1 & (1u << 5);
+  }
+  if (cpu.amx_tile && cpu.amx_bf16 && cpu.tile_state) cpu.tile_permitted = request_tile_permission();
   return cpu;
 }
 
 bool cpu_supports(Isa isa) {
   static const CpuFeatures cpu = read_cpu();
   switch (isa) {
-#define FLASHCPU_ISA_LEVEL(name, flags, cpu_test, widest_register, xsimd_arch) \
+#define FLASHCPU_ISA_LEVEL(name, flags, cpu_test, widest_register, xsimd_arch, by_default) \
   case Isa::name:                                                             \
     return cpu_test;
 #include "kernels/variants.inc"
@@ -62,9 +84,10 @@ bool cpu_supports(Isa isa) {
 struct Level {
   Isa isa;
   const char* name;
+  bool by_default;  // picked without FLASHCPU_ISA naming it (kernels/variants.inc)
 };
 constexpr Level kLevels[] = {
-#define FLASHCPU_ISA_LEVEL(name, flags, cpu_test, widest_register, xsimd_arch) {Isa::name, #name},
+#define FLASHCPU_ISA_LEVEL(name, flags, cpu_test, widest_register, xsimd_arch, by_default) {Isa::name, #name, by_default},
 #include "kernels/variants.inc"
 #undef FLASHCPU_ISA_LEVEL
 };
@@ -91,14 +114,16 @@ struct Choice {
 Choice choose() {
   Choice choice;
   Isa cap = kLevels[kLevelCount - 1].isa;
+  bool named = false;
   if (const char* env = std::getenv("FLASHCPU_ISA"); env && *env) {
     if (!parse_isa(env, &cap)) {
       choice.error = std::string("flashcpu: FLASHCPU_ISA: expected one of ") + isa_names() + ", got '" + env + "'";
       return choice;
     }
+    named = true;
   }
   for (int l = kLevelCount - 1; l >= 0; --l)  // newest first
-    if (int(kLevels[l].isa) <= int(cap) && cpu_supports(kLevels[l].isa)) {
+    if (int(kLevels[l].isa) <= int(cap) && (named || kLevels[l].by_default) && cpu_supports(kLevels[l].isa)) {
       choice.level = kLevels[l].isa;
       choice.valid = true;
       break;
@@ -138,9 +163,17 @@ const char* isa_names() {
 }
 
 const KernelTable& kernels_for(Isa isa, DType kv) {
-  for (const Variant& variant : kVariants)
-    if (variant.isa == isa && variant.kv == kv) return variant.table();
+  // A level without a variant for kv (the AMX level is bf16 only) runs the one of the
+  // highest level below it that has one.
+  for (int level = int(isa); level >= 0; --level)
+    for (const Variant& variant : kVariants)
+      if (int(variant.isa) == level && variant.kv == kv) return variant.table();
   throw Error(std::string("flashcpu: no kernel variant for ISA ") + isa_name(isa));  // a gap in variants.inc
+}
+
+const KernelTable& kernels_below(Isa isa, DType kv) {
+  if (int(isa) == 0) throw Error(std::string("flashcpu: no level below ISA ") + isa_name(isa));
+  return kernels_for(Isa(int(isa) - 1), kv);
 }
 
 Isa active_level() {

@@ -10,8 +10,13 @@ namespace flashcpu::detail {
 /// The active ISA level. Throws Error if FLASHCPU_ISA names no known level.
 Isa active_level();
 
-/// The variant of `isa` (which the CPU must support) whose K and V are of type `kv`.
+/// The variant of `isa` (which the CPU must support) whose K and V are of type `kv`, or
+/// that of the highest level below it that has one.
 const KernelTable& kernels_for(Isa isa, DType kv);
+
+/// The variant for `kv` of the levels below `isa`: where a call the tile variant does not
+/// take goes (kernels/kernel_api.hpp, KernelTable::tiles).
+const KernelTable& kernels_below(Isa isa, DType kv);
 
 /// The active level's variant for `kv`.
 inline const KernelTable& active_kernels(DType kv = DType::f32) { return kernels_for(active_level(), kv); }

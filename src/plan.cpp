@@ -38,12 +38,12 @@ Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const AnyVie
   plan.block_rows = round_up(std::min<std::int64_t>(tiles.block_rows, std::max<std::int64_t>(s.q_len, 1)), kernels.tile_rows);
   plan.block_keys = std::min(round_up(tiles.block_keys, kernels.panel_keys),
                              round_up(std::max<std::int64_t>(s.kv_len, 1), kernels.panel_keys));
-  plan.value_dim_padded = round_up(s.value_dim, kernels.vector_floats);
+  plan.value_dim_padded = round_up(s.value_dim, kernels.value_columns);
   plan.v_in_place = v.strides[3] == 1 && s.value_dim == plan.value_dim_padded;
   const std::int64_t bytes = element_bytes(v.type);
   // (elements mod 64) first: a stride of a size-1 dim may be any value up to INT64_MAX.
   const auto on_lines = [bytes](std::int64_t elements) { return elements % 64 * bytes % 64 == 0; };
-  plan.v_in_place_prefill = plan.v_in_place && reinterpret_cast<std::uintptr_t>(v.data) % 64 == 0 &&
+  plan.v_in_place_prefill = plan.v_in_place && !kernels.tiles && reinterpret_cast<std::uintptr_t>(v.data) % 64 == 0 &&
                             on_lines(v.strides[0]) && on_lines(v.strides[1]) && on_lines(v.strides[2]);
 
   plan.transform = s.softcap > 0 ? Transform::softcap : transform;
@@ -156,6 +156,7 @@ QueryBlockJob base_job(const Plan& plan, const CallViews& views) {
   job.score.distance_factor = plan.distance_factor;
   job.score.transform = plan.transform;
   job.score.softcap = s.softcap;
+  job.score.raw_factor = plan.q_factor;
   job.output.empty_value = plan.empty_value;
   job.output.out_type = views.out.type;
   job.output.out_row_stride = views.out.strides[2];

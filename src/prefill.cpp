@@ -15,10 +15,10 @@ ThreadScratch prefill_scratch(const Plan& plan) {
   const AttentionShape& s = plan.shape;
   const std::int64_t M = s.kv_len, D = s.head_dim, nr = plan.kernels->panel_keys;
   ThreadScratch parts{};
-  parts.key_panels = round_up(std::max<std::int64_t>(M, 1), nr) * D;
+  parts.key_panels = plan.kernels->key_panel_floats(M, D);
   parts.key_bias = plan.centered ? round_up(std::max<std::int64_t>(M, 1), nr) : 0;
-  parts.value_rows = plan.v_in_place_prefill ? 0 : M * plan.value_dim_padded;  // floats: room for any element type
-  parts.q_packed = plan.block_rows * D;
+  parts.value_rows = plan.v_in_place_prefill ? 0 : plan.kernels->value_floats(M, plan.value_dim_padded);
+  parts.q_packed = plan.kernels->query_floats(plan.block_rows, D);
   parts.row_bias = plan.centered ? plan.block_rows : 0;
   parts.center = D;
   parts.scores = std::int64_t(plan.kernels->tile_rows) * plan.block_keys;

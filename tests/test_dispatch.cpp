@@ -13,10 +13,11 @@
 
 namespace {
 
+// The level an unforced run picks: the best supported one that dispatch picks unasked.
 std::string best_supported() {
   using flashcpu::variant_list::kLevels;
   for (int l = flashcpu::variant_list::kLevelCount - 1; l >= 0; --l)
-    if (flashcpu::isa_supported(kLevels[l])) return kLevels[l];
+    if (flashcpu::variant_list::kLevelByDefault[l] && flashcpu::isa_supported(kLevels[l])) return kLevels[l];
   return "none";
 }
 
@@ -70,8 +71,11 @@ TEST_CASE("isa_supported agrees with the features Linux reports", "[dispatch]") 
   CHECK(flashcpu::isa_supported("sse2") == has("sse2"));
   const bool avx2 = has("avx2") && has("fma") && has("f16c");
   CHECK(flashcpu::isa_supported("avx2") == avx2);
-  CHECK(flashcpu::isa_supported("avx512") ==
-        (avx2 && has("avx512f") && has("avx512dq") && has("avx512cd") && has("avx512bw") && has("avx512vl")));
+  const bool avx512 = avx2 && has("avx512f") && has("avx512dq") && has("avx512cd") && has("avx512bw") && has("avx512vl");
+  CHECK(flashcpu::isa_supported("avx512") == avx512);
+  // Linux lists amx_tile only when it supports the tile state, which it then grants on
+  // request (the library asks once, when it first reads the CPU).
+  CHECK(flashcpu::isa_supported("amx") == (avx512 && has("avx512_bf16") && has("amx_tile") && has("amx_bf16")));
 }
 
 TEST_CASE("tile_config gives tiles the active micro-kernel can use", "[tiles]") {

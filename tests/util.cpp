@@ -336,10 +336,15 @@ std::vector<float> run_fused_buffer(const Case& c) {
   return t.out.values();
 }
 
-// The fp32 variant of the level (kernels/variants.inc).
+// The fp32 variant of the level, or of the highest level below it that has one (the AMX
+// level is bf16 only), as dispatch picks it (kernels/variants.inc).
 static const flashcpu::variant_list::Variant& f32_variant(const std::string& isa) {
-  for (const auto& v : flashcpu::variant_list::kVariants)
-    if (isa == v.isa && std::string(v.kv) == "f32") return v;
+  using flashcpu::variant_list::kLevels;
+  int level = flashcpu::variant_list::kLevelCount - 1;
+  while (level >= 0 && isa != kLevels[level]) --level;
+  for (; level >= 0; --level)
+    for (const auto& v : flashcpu::variant_list::kVariants)
+      if (std::string(kLevels[level]) == v.isa && std::string(v.kv) == "f32") return v;
   throw std::runtime_error("no f32 variant for ISA " + isa);
 }
 int micro_rows(const std::string& isa) { return f32_variant(isa).mr; }

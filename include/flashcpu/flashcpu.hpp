@@ -253,12 +253,22 @@ void nadaraya_watson(TensorView<const float> x_query, TensorView<const float> x_
                      const KernelRegressionOptions& options = {});
 }  // namespace reference
 
-/// The instruction set the kernels run with: "avx512", "avx2" or "sse2". Chosen once
-/// from the CPU's features; the environment variable FLASHCPU_ISA (avx512, avx2,
-/// sse2) caps it at a lower level.
+/// The instruction set the kernels run with: "amx", "avx512", "avx2" or "sse2". Chosen
+/// once from the CPU's features; the environment variable FLASHCPU_ISA (amx, avx512,
+/// avx2, sse2) caps it at a lower level.
+///
+/// "amx" (Intel AMX tiles with AVX512-BF16) runs only when FLASHCPU_ISA=amx asks for it:
+/// its kernel is tested on emulated tiles but has not yet run on a CPU with AMX. It
+/// takes bf16 q, k, v and out with the dot-product score, for prefill (more than 16
+/// query rows), with every option: masks, causal, windows, key lengths, softcap, ALiBi,
+/// sinks and lse. Q·Kᵀ runs on the tiles from q, k as given (the scale multiplies the
+/// fp32 scores); the softmax weights are rounded to bf16 for P·V (relative error 2^-8 per
+/// weight; the row sums stay fp32). Every other call at that level (other types, other
+/// scores, decoding) runs the avx512 kernels, and active_isa() still says "amx".
 std::string active_isa();
 
-/// Whether this CPU (and OS) can run the kernels of `isa` ("avx512", "avx2", "sse2").
+/// Whether this CPU (and OS) can run the kernels of `isa` ("amx", "avx512", "avx2",
+/// "sse2"). For "amx" that includes Linux granting the process the tile state.
 bool isa_supported(const std::string& isa);
 
 /// Tile sizes the fused kernel uses for one head dimension on the active ISA.

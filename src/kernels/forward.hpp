@@ -21,6 +21,7 @@
 #endif
 
 #include <cassert>  // xsimd 8.1 uses assert without including it
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>

@@ -10,7 +10,7 @@ namespace flashcpu::detail {
 
 /// The instruction-set levels, lowest first (kernels/variants.inc).
 enum class Isa {
-#define FLASHCPU_ISA_LEVEL(name, flags, cpu_test, widest_register, xsimd_arch) name,
+#define FLASHCPU_ISA_LEVEL(name, flags, cpu_test, widest_register, xsimd_arch, by_default) name,
 #include "kernels/variants.inc"
 #undef FLASHCPU_ISA_LEVEL
 };
@@ -84,6 +84,9 @@ struct JobScore {
   Transform transform;
   float softcap;
   const float* alibi_slopes;  // null, or the slope of each head of the group: s -= slope * |d - j|
+  // The factor the packers fold into Q (q_factor); a tile kernel, whose packer keeps Q as
+  // stored (it is rounded to bf16 once, never twice), multiplies the raw scores by it.
+  float raw_factor;
 };
 
 /// Masks at (batch, first head of the group, query 0, key 0), with broadcast strides.
@@ -230,6 +233,11 @@ struct KernelTable {
   int vector_floats;  // floats per SIMD register
   int tile_rows;      // mr: query rows of the micro-kernels
   int panel_keys;     // nr: keys per packed K panel
+  // The AMX variant (kernels/forward_tiles.hpp): bf16 Q, K and V in tile layouts, dot
+  // product, prefill. The driver hands anything else to the vector variant of the level
+  // below (dispatch.hpp, kernels_below).
+  bool tiles;
+  int value_columns;  // value_dim is padded to a multiple of this (JobDims::value_dim_padded)
   void (*forward_query_block)(const QueryBlockJob& job);
   // The same kernel with fewer rows per tile (same panels), for decoding blocks whose
   // rows (query heads of a group x queries) would leave most of a tile_rows tile empty.
@@ -250,6 +258,11 @@ struct KernelTable {
                           std::int64_t value_dim_padded, void* rows);
   // Q rows (fp32, or of the kv type) in the kernels' layout.
   void (*pack_query_rows)(const QueryPack& pack);
+  // The scratch the three packers write, in floats: K of `keys` keys, Q of `rows` rows
+  // (a multiple of tile_rows), V of `keys` keys.
+  std::int64_t (*key_panel_floats)(std::int64_t keys, std::int64_t head_dim);
+  std::int64_t (*query_floats)(std::int64_t rows, std::int64_t head_dim);
+  std::int64_t (*value_floats)(std::int64_t keys, std::int64_t value_dim_padded);
 
   // The fused backward on the same micro-kernels (fp32 variants; null for 16-bit ones):
   // dK and dV of a key block, dQ of a query block (two passes, each recomputing P and

@@ -128,6 +128,14 @@ void pack_query_rows_from(const QueryPack& pack) {
 // The variant's entry points: K and V must be of its kv type KV; Q fp32 or KV.
 template <class KV, int NR>
 struct Packers {
+  static std::int64_t key_panel_floats(std::int64_t keys, std::int64_t head_dim) {
+    return (keys > 0 ? (keys + NR - 1) / NR * NR : NR) * head_dim;
+  }
+  static std::int64_t query_floats(std::int64_t rows, std::int64_t head_dim) { return rows * head_dim; }
+  // Floats: room for rows of any element type.
+  static std::int64_t value_floats(std::int64_t keys, std::int64_t value_dim_padded) {
+    return keys * value_dim_padded;
+  }
   static float pack_key_panels(const SourceRows& k, std::int64_t keys, std::int64_t head_dim, const float* center,
                                float bias_scale, float* panels, float* key_bias) {
     assert(k.type == dtype_of<KV>());

@@ -8,6 +8,8 @@ namespace flashcpu::detail {
 namespace FLASHCPU_ISA_NAMESPACE {
 
 #include "kernels/pack.hpp"
+#include "kernels/tiles.hpp"
+#include "kernels/forward_tiles.hpp"
 
 }  // namespace FLASHCPU_ISA_NAMESPACE
 }  // namespace flashcpu::detail
@@ -18,7 +20,7 @@ namespace flashcpu::detail {
 namespace FLASHCPU_ISA_NAMESPACE {
 
 // The xsimd architecture of each ISA level.
-#define FLASHCPU_ISA_LEVEL(name, flags, cpu_test, widest_register, xsimd_arch) using arch_##name = xsimd_arch;
+#define FLASHCPU_ISA_LEVEL(name, flags, cpu_test, widest_register, xsimd_arch, by_default) using arch_##name = xsimd_arch;
 #include "kernels/variants.inc"
 #undef FLASHCPU_ISA_LEVEL
 
@@ -33,10 +35,24 @@ using KV = FLASHCPU_VARIANT_KV;
 constexpr int kW = int(xsimd::batch<float, Arch>::size);
 static_assert(FLASHCPU_VARIANT_NR % kW == 0, "nr is a whole number of vectors");
 constexpr int kPanelVectors = FLASHCPU_VARIANT_NR / kW;
-using Kernel = ForwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR, KV>;
+using VectorKernel =
+    ForwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR, KV>;
 using SmallKernel =
     ForwardKernel<Arch, FLASHCPU_VARIANT_SMALL_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_SMALL_MR, KV>;
+// A level whose flags enable the tile instructions (AMX) gets the tile kernel and its
+// packers; its variant is bf16 only, with the tile geometry (variants.inc).
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+constexpr bool kTiles = true;
+static_assert(std::is_same<KV, bf16>::value && FLASHCPU_VARIANT_MR == kTileRows &&
+                  FLASHCPU_VARIANT_NR == kTilePanelKeys,
+              "the tile variant is bf16, 16 rows x 32 keys");
+using Kernel = TileForwardKernel<Arch, HardwareTiles>;
+using Pack = TilePackers;
+#else
+constexpr bool kTiles = false;
+using Kernel = VectorKernel;
 using Pack = Packers<KV, FLASHCPU_VARIANT_NR>;
+#endif
 // The backward exists for fp32 variants only; a 16-bit variant's table holds nulls, and
 // the template keeps it from instantiating the backward at all.
 constexpr bool kHasBackward = std::is_same<KV, float>::value;
@@ -69,13 +85,19 @@ const KernelTable& FLASHCPU_PASTE(FLASHCPU_PASTE(FLASHCPU_PASTE(kernel_table_, F
       kW,
       FLASHCPU_VARIANT_MR,
       Kernel::NR,
+      kTiles,
+      kTiles ? kTileValueColumns : kW,
       &Kernel::forward_query_block,
       FLASHCPU_VARIANT_SMALL_MR,
-      &SmallKernel::forward_query_block,
-      &Kernel::forward_lanes_block,
+      // The tile variant never decodes (the driver hands decoding to the level below).
+      kTiles ? nullptr : &SmallKernel::forward_query_block,
+      kTiles ? nullptr : &VectorKernel::forward_lanes_block,
       &Pack::pack_key_panels,
       &Pack::pack_value_rows,
       &Pack::pack_query_rows,
+      &Pack::key_panel_floats,
+      &Pack::query_floats,
+      &Pack::value_floats,
       kHasBackward ? "f32_attn_bwd_" FLASHCPU_STRING(FLASHCPU_VARIANT_MR) "x" FLASHCPU_STRING(FLASHCPU_VARIANT_NR) "__" FLASHCPU_STRING(FLASHCPU_VARIANT_ISA) : nullptr,
       backward_entry<KV>(BackwardPart::keys),
       backward_entry<KV>(BackwardPart::queries),

@@ -6,11 +6,17 @@
 namespace flashcpu::variant_list {
 
 inline constexpr const char* kLevels[] = {
-#define FLASHCPU_ISA_LEVEL(name, flags, cpu_test, widest_register, xsimd_arch) #name,
+#define FLASHCPU_ISA_LEVEL(name, flags, cpu_test, widest_register, xsimd_arch, by_default) #name,
 #include "kernels/variants.inc"
 #undef FLASHCPU_ISA_LEVEL
 };
 inline constexpr int kLevelCount = int(sizeof(kLevels) / sizeof(kLevels[0]));
+// Whether dispatch picks each level without FLASHCPU_ISA naming it.
+inline constexpr bool kLevelByDefault[] = {
+#define FLASHCPU_ISA_LEVEL(name, flags, cpu_test, widest_register, xsimd_arch, by_default) by_default,
+#include "kernels/variants.inc"
+#undef FLASHCPU_ISA_LEVEL
+};
 
 struct Variant {
   const char* isa;

@@ -1,0 +1,263 @@
+// The fused forward on AMX tiles: bf16 Q, K and V, both products on the matrix unit, the
+// online softmax on the vector units between them. Included by kernels/variant.hpp when
+// the variant's level compiles the tile instructions (the `amx` line of
+// kernels/variants.inc), and by tests/amx_emulation.cpp with EmulatedTiles.
+//
+// One call handles one query block, as ForwardKernel::forward_query_block does, and
+// reuses its stages: which keys a row tile sees (tile_columns), the score terms
+// (score_epilogue: masks, softcap, ALiBi), the online softmax and the finalization.
+// Only the two products differ:
+//   S = Q . K^T   Q unscaled in bf16 (a bf16 q scaled and rounded again would move every
+//                 score by up to 2^-9 of its size), K in 32-key panels in the pair layout;
+//                 the scale (times log2 e) multiplies the fp32 scores as they leave the tiles.
+//   O = alpha O + P . V   P rounded to bf16 in place (as FlashAttention does; the row sums
+//                 stay fp32), V packed in the pair layout.
+//
+// Tile budget (each register 16 rows x 64 bytes, all eight used):
+//   tmm0, tmm1  C  scores of keys [0, 16) and [16, 32) of a panel, 16 rows x 16 fp32
+//   tmm2        A  16 query rows x 32 dims of Q
+//   tmm3, tmm4  B  32 dims x 16 keys of K, for each half of the panel
+//   tmm5        C  16 rows x 16 columns of O, loaded from the block's accumulator and back
+//   tmm6        A  16 rows x 32 keys of P
+//   tmm7        B  32 keys x 16 columns of V
+//
+// Packed layouts (TilePackers writes them; bf16 bits in the driver's float scratch):
+//   Q  rows of head_dim_tiles = round_up(D, 32) elements, zero past D;
+//   K  panel p (keys 32p .. 32p + 31): head_dim_tiles / 2 rows of 32 keys x (d, d + 1);
+//   V  rows of key pairs (2t, 2t + 1): value_dim_padded columns x the pair, keys padded to
+//      a multiple of 32 with zeros; then one byte per 32 keys, 1 when a value in them is
+//      inf or NaN.
+// A zero weight times an inf or NaN value is NaN on the tiles; such a chunk of 32 keys
+// (a stale KV-cache slot, say) is weighed by the vector units instead, where a zero
+// weight adds nothing, as in the vector kernels.
+
+template <class Arch>
+using TileBase = ForwardKernel<Arch, 16, 32 / int(xsimd::batch<float, Arch>::size), 1, 16, bf16>;
+
+inline std::int64_t round_up_i64(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
+
+constexpr int kTileRows = 16;         // query rows per tile
+constexpr int kTilePanelKeys = 32;    // keys per K panel and per P.V step
+constexpr int kTileDims = 32;         // head dimensions per S step
+constexpr int kTileValueColumns = 16;  // value columns per P.V tile
+
+inline std::int64_t tile_head_dim(std::int64_t head_dim) { return round_up_i64(head_dim, kTileDims); }
+inline bool bf16_nonfinite(std::uint16_t bits) { return (bits & 0x7f80u) == 0x7f80u; }
+
+template <class Arch, class Tiles>
+struct TileForwardKernel : TileBase<Arch> {
+  using Base = TileBase<Arch>;
+  using batch = typename Base::batch;
+  using TileColumns = typename Base::TileColumns;
+  static constexpr int W = Base::W;
+  static constexpr int MR = kTileRows;
+  static constexpr int NR = kTilePanelKeys;
+  static_assert(Base::NR == NR, "the vector stages see the tile geometry");
+
+  static TileConfigBlock tile_config() {
+    TileConfigBlock config;
+    for (int t = 0; t < 8; ++t) {
+      config.rows[t] = 16;
+      config.bytes_per_row[t] = 64;
+    }
+    return config;
+  }
+
+  // S for the tile's columns [c0, cols) (whole panels), times the score factor.
+  static void tile_scores(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t) {
+    const std::int64_t Dt = tile_head_dim(job.dims.head_dim), Bk = job.dims.block_keys;
+    const auto* q = reinterpret_cast<const std::uint16_t*>(job.q.q_packed) + r0 * Dt;
+    const auto* panels = reinterpret_cast<const std::uint16_t*>(job.keys.k_panels) + (j0 + t.c0 - job.keys.begin) * Dt;
+    float* const scores = job.state.scores;
+    for (std::int64_t c = t.c0; c < t.cols; c += NR) {
+      const std::uint16_t* panel = panels + (c - t.c0) * Dt;
+      Tiles::template zero<0>();
+      Tiles::template zero<1>();
+      for (std::int64_t d = 0; d < Dt; d += kTileDims) {
+        Tiles::template load<2>(q + d, Dt * 2);
+        Tiles::template load<3>(panel + d * NR, NR * 4);
+        Tiles::template load<4>(panel + d * NR + 32, NR * 4);
+        Tiles::template dot_bf16<0, 2, 3>();
+        Tiles::template dot_bf16<1, 2, 4>();
+      }
+      Tiles::template store<0>(scores + c, Bk * 4);
+      Tiles::template store<1>(scores + c + 16, Bk * 4);
+    }
+    const float factor = job.score.raw_factor;
+    if (factor == 1.0f) return;
+    for (int r = 0; r < MR; ++r) {
+      float* s = scores + r * Bk;
+      for (std::int64_t j = t.c0; j < t.cols; j += W) (batch::load_aligned(s + j) * batch(factor)).store_aligned(s + j);
+    }
+  }
+
+  // Row r's probabilities [c0, cols) to bf16, in place: element j's 16 bits go to the
+  // row's j-th 16-bit slot, which lies in floats already read.
+  static void round_probabilities(float* row, std::int64_t c0, std::int64_t cols) {
+    auto* out = reinterpret_cast<std::uint16_t*>(row);
+    std::int64_t j = c0;
+#if defined(__AVX512BF16__)
+    if constexpr (W == 16)
+      for (; j < cols; j += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(row + j)));
+#endif
+    for (; j < cols; ++j) {  // round to nearest even; probabilities are finite
+      std::uint32_t bits;
+      __builtin_memcpy(&bits, row + j, 4);
+      out[j] = std::uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+    }
+  }
+
+  // O = alpha O + P . V for the tile's columns [c0, cols).
+  static void tile_values(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
+                          const float* alpha) {
+    const std::int64_t Bk = job.dims.block_keys, Dvp = job.dims.value_dim_padded;
+    float* const acc = job.state.acc + r0 * Dvp;
+    for (int r = 0; r < MR; ++r) {
+      if (alpha[r] == 1.0f) continue;
+      const batch a(alpha[r]);
+      for (std::int64_t c = 0; c < Dvp; c += W) (batch::load_aligned(acc + r * Dvp + c) * a).store_aligned(acc + r * Dvp + c);
+    }
+    for (int r = 0; r < MR; ++r) round_probabilities(job.state.scores + r * Bk, t.c0, t.cols);
+    const auto* probs = reinterpret_cast<const std::uint16_t*>(job.state.scores);
+    const auto* v = static_cast<const std::uint16_t*>(job.keys.v_rows);
+    const std::int64_t packed_keys = round_up_i64(job.keys.end - job.keys.begin, NR);
+    const auto* nonfinite = reinterpret_cast<const std::uint8_t*>(v + packed_keys * Dvp);
+    const std::int64_t first_chunk = (j0 + t.c0 - job.keys.begin) / NR;
+    bool any_nonfinite = false;
+    for (std::int64_t c = 0; c < Dvp; c += kTileValueColumns) {
+      Tiles::template load<5>(acc + c, Dvp * 4);
+      for (std::int64_t k = t.c0; k < t.cols; k += NR) {
+        if (nonfinite[first_chunk + (k - t.c0) / NR]) {
+          any_nonfinite = true;
+          continue;
+        }
+        Tiles::template load<6>(probs + k, Bk * 4);
+        Tiles::template load<7>(v + (j0 + k - job.keys.begin) * Dvp + c * 2, Dvp * 4);
+        Tiles::template dot_bf16<5, 6, 7>();
+      }
+      Tiles::template store<5>(acc + c, Dvp * 4);
+    }
+    if (!any_nonfinite) return;
+    // Chunks holding inf or NaN: weighed here, skipping zero weights.
+    for (std::int64_t k = t.c0; k < t.cols; k += NR) {
+      if (!nonfinite[first_chunk + (k - t.c0) / NR]) continue;
+      for (int r = 0; r < MR; ++r)
+        for (std::int64_t j = k; j < k + NR; ++j) {
+          const float p = widen_scalar(bf16{probs[r * Bk * 2 + j]});
+          if (p == 0.0f) continue;
+          const std::int64_t key = j0 + j - job.keys.begin;
+          const std::uint16_t* pair = v + (key / 2) * Dvp * 2 + key % 2;
+          for (std::int64_t c = 0; c < Dvp; ++c) acc[r * Dvp + c] += p * widen_scalar(bf16{pair[2 * c]});
+        }
+    }
+  }
+
+  // The fused kernel on one job (see ForwardKernel::forward_query_block), tiles
+  // configured for the call and released after it.
+  static void forward_query_block(const QueryBlockJob& job) {
+    assert(job.q.rows > 0 && job.dims.block_keys % NR == 0 && job.keys.k_panels != nullptr);
+    assert(job.score.kind == ScoreKind::dot && !job.score.key_bias && !job.score.row_bias);
+    assert(job.dims.value_dim_padded % kTileValueColumns == 0);
+    const std::int64_t G = job.q.heads_per_row, Bk = job.dims.block_keys;
+    const std::int64_t rows_padded = round_up_i64(job.q.rows, MR);
+    if (!job.state.resume) Base::reset_state(job, rows_padded);
+    const std::int64_t key_end = min_i64(job.keys.end, job.visible.key_limit);
+    const std::int64_t first_query = job.q.first_row, last_query = job.q.first_row + (job.q.rows - 1) / G;
+    const std::int64_t begin =
+        Base::lo(job, first_query) > job.keys.begin ? Base::lo(job, first_query) : job.keys.begin;
+    const std::int64_t end = min_i64(key_end, Base::hi(job, last_query) + 1);
+    const std::int64_t start =
+        begin <= job.keys.begin ? job.keys.begin : job.keys.begin + (begin - job.keys.begin) / NR * NR;
+
+    const TileConfigBlock config = tile_config();
+    Tiles::configure(config);
+    for (std::int64_t j0 = start; j0 < end; j0 += Bk) {
+      const std::int64_t block_end = min_i64(j0 + Bk, end);
+      for (std::int64_t r0 = 0; r0 < rows_padded; r0 += MR) {
+        TileColumns t;
+        if (!Base::tile_columns(job, r0, j0, block_end, &t)) continue;
+        tile_scores(job, r0, j0, t);
+        if (job.score.natural_units) Base::score_epilogue(job, r0, j0, t.c0, t.cols);
+        alignas(64) float alpha[MR];
+        std::int64_t clean_begin = t.first, clean_end = t.num_keys;
+        Base::online_softmax(job, r0, j0, t, nullptr, false, alpha, &clean_begin, &clean_end);
+        tile_values(job, r0, j0, t, alpha);
+      }
+    }
+    Tiles::release();
+    if (job.state.finalize) Base::finalize(job);
+  }
+};
+
+// The packers of the tile layouts above (bf16 sources only), and the scratch they need.
+struct TilePackers {
+  static std::int64_t key_panel_floats(std::int64_t keys, std::int64_t head_dim) {
+    return round_up_i64(keys > 0 ? keys : 1, kTilePanelKeys) * tile_head_dim(head_dim) / 2;
+  }
+  static std::int64_t query_floats(std::int64_t rows, std::int64_t head_dim) {
+    return round_up_i64(rows, 2) * tile_head_dim(head_dim) / 2;
+  }
+  static std::int64_t value_floats(std::int64_t keys, std::int64_t value_dim_padded) {
+    const std::int64_t packed = round_up_i64(keys > 0 ? keys : 1, kTilePanelKeys);
+    return packed * value_dim_padded / 2 + (packed / kTilePanelKeys + 3) / 4;
+  }
+
+  static float pack_key_panels(const SourceRows& k, std::int64_t keys, std::int64_t head_dim, const float* center,
+                               float, float* panels, float*) {
+    assert(k.type == DType::bf16 && center == nullptr);
+    (void)center;
+    const auto* src = static_cast<const std::uint16_t*>(k.data);
+    auto* out = reinterpret_cast<std::uint16_t*>(panels);
+    const std::int64_t Dt = tile_head_dim(head_dim), packed = round_up_i64(keys, kTilePanelKeys);
+    for (std::int64_t j = 0; j < packed; ++j) {
+      // Key j: column j % 32 of panel j / 32; dimension d in row d / 2, slot d % 2.
+      std::uint16_t* key = out + (j / kTilePanelKeys) * kTilePanelKeys * Dt + (j % kTilePanelKeys) * 2;
+      for (std::int64_t d = 0; d < Dt; ++d)
+        key[(d / 2) * kTilePanelKeys * 2 + d % 2] = j < keys && d < head_dim ? src[j * k.row_stride + d * k.col_stride] : 0;
+    }
+    return 0.0f;
+  }
+
+  static void pack_value_rows(const SourceRows& v, std::int64_t keys, std::int64_t value_dim,
+                              std::int64_t value_dim_padded, void* rows) {
+    assert(v.type == DType::bf16);
+    const auto* src = static_cast<const std::uint16_t*>(v.data);
+    auto* out = static_cast<std::uint16_t*>(rows);
+    const std::int64_t packed = round_up_i64(keys, kTilePanelKeys);
+    auto* nonfinite = reinterpret_cast<std::uint8_t*>(out + packed * value_dim_padded);
+    for (std::int64_t chunk = 0; chunk < packed / kTilePanelKeys; ++chunk) nonfinite[chunk] = 0;
+    for (std::int64_t j = 0; j < packed; ++j) {
+      std::uint16_t* pair = out + (j / 2) * value_dim_padded * 2 + j % 2;
+      bool bad = false;
+      for (std::int64_t c = 0; c < value_dim_padded; ++c) {
+        const std::uint16_t x = j < keys && c < value_dim ? src[j * v.row_stride + c * v.col_stride] : 0;
+        bad = bad || bf16_nonfinite(x);
+        pair[2 * c] = x;
+      }
+      if (bad) nonfinite[j / kTilePanelKeys] = 1;
+    }
+  }
+
+  // Q as stored (bf16), unscaled: the kernel scales the fp32 scores (JobScore::raw_factor).
+  static void pack_query_rows(const QueryPack& pack) {
+    assert(pack.source.type == DType::bf16 && pack.center == nullptr);
+    const auto* base = static_cast<const std::uint16_t*>(pack.source.data);
+    auto* out = reinterpret_cast<std::uint16_t*>(pack.packed);
+    const std::int64_t D = pack.head_dim, Dt = tile_head_dim(D);
+    std::int64_t i = 0, g = 0;
+    for (std::int64_t r = 0; r < pack.rows_padded; ++r) {
+      std::uint16_t* dst = out + r * Dt;
+      if (r >= pack.rows) {
+        for (std::int64_t d = 0; d < Dt; ++d) dst[d] = 0;
+        continue;
+      }
+      const std::uint16_t* src = base + i * pack.source.row_stride + g * pack.head_stride;
+      if (++g == pack.heads_per_row) {
+        g = 0;
+        ++i;
+      }
+      for (std::int64_t d = 0; d < Dt; ++d) dst[d] = d < D ? src[d * pack.source.col_stride] : 0;
+    }
+  }
+};
