@@ -154,8 +154,10 @@ struct TileForwardKernel : TileBase<Arch> {
   }
 
   // The fused kernel on one job (see ForwardKernel::forward_query_block), tiles
-  // configured for the call and released after it.
-  static void forward_query_block(const QueryBlockJob& job) {
+  // configured for the call and released after it. Flattened: every vector helper it
+  // calls (xsimd's included) is inlined, so this object holds no out-of-line copy that
+  // the linker could share with the avx512 objects (tests/check_isa_symbols.cmake).
+  __attribute__((flatten)) static void forward_query_block(const QueryBlockJob& job) {
     assert(job.q.rows > 0 && job.dims.block_keys % NR == 0 && job.keys.k_panels != nullptr);
     assert(job.score.kind == ScoreKind::dot && !job.score.key_bias && !job.score.row_bias);
     assert(job.dims.value_dim_padded % kTileValueColumns == 0);

@@ -35,12 +35,12 @@ using KV = FLASHCPU_VARIANT_KV;
 constexpr int kW = int(xsimd::batch<float, Arch>::size);
 static_assert(FLASHCPU_VARIANT_NR % kW == 0, "nr is a whole number of vectors");
 constexpr int kPanelVectors = FLASHCPU_VARIANT_NR / kW;
-using VectorKernel =
-    ForwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR, KV>;
-using SmallKernel =
-    ForwardKernel<Arch, FLASHCPU_VARIANT_SMALL_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_SMALL_MR, KV>;
 // A level whose flags enable the tile instructions (AMX) gets the tile kernel and its
-// packers; its variant is bf16 only, with the tile geometry (variants.inc).
+// packers; its variant is bf16 only, with the tile geometry (variants.inc). It never
+// decodes (the driver hands decoding to the level below), so it instantiates no vector
+// kernel of its own: an out-of-line copy of an xsimd function in this object would share
+// its name with the avx512 objects' copy (tests/check_isa_symbols.cmake).
+using ForwardEntry = void (*)(const QueryBlockJob&);
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 constexpr bool kTiles = true;
 static_assert(std::is_same<KV, bf16>::value && FLASHCPU_VARIANT_MR == kTileRows &&
@@ -48,10 +48,14 @@ static_assert(std::is_same<KV, bf16>::value && FLASHCPU_VARIANT_MR == kTileRows 
               "the tile variant is bf16, 16 rows x 32 keys");
 using Kernel = TileForwardKernel<Arch, HardwareTiles>;
 using Pack = TilePackers;
+constexpr ForwardEntry kSmallEntry = nullptr, kLanesEntry = nullptr;
 #else
 constexpr bool kTiles = false;
-using Kernel = VectorKernel;
+using Kernel = ForwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR, KV>;
+using SmallKernel =
+    ForwardKernel<Arch, FLASHCPU_VARIANT_SMALL_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_SMALL_MR, KV>;
 using Pack = Packers<KV, FLASHCPU_VARIANT_NR>;
+constexpr ForwardEntry kSmallEntry = &SmallKernel::forward_query_block, kLanesEntry = &Kernel::forward_lanes_block;
 #endif
 // The backward exists for fp32 variants only; a 16-bit variant's table holds nulls, and
 // the template keeps it from instantiating the backward at all.
@@ -89,9 +93,8 @@ const KernelTable& FLASHCPU_PASTE(FLASHCPU_PASTE(FLASHCPU_PASTE(kernel_table_, F
       kTiles ? kTileValueColumns : kW,
       &Kernel::forward_query_block,
       FLASHCPU_VARIANT_SMALL_MR,
-      // The tile variant never decodes (the driver hands decoding to the level below).
-      kTiles ? nullptr : &SmallKernel::forward_query_block,
-      kTiles ? nullptr : &VectorKernel::forward_lanes_block,
+      kSmallEntry,
+      kLanesEntry,
       &Pack::pack_key_panels,
       &Pack::pack_value_rows,
       &Pack::pack_query_rows,
