@@ -631,7 +631,15 @@ struct ForwardKernel {
 
   // The fused kernel on one job: per key block and row tile, raw scores, the score
   // epilogue (biases, transform, ALiBi, masks), the online softmax, and P.V.
-  static void forward_query_block(const QueryBlockJob& job) {
+  static void forward_query_block(const QueryBlockJob& job) { run_blocks<ForwardKernel>(job); }
+
+  // forward_query_block's loop, with the two products taken from `Products`: this kernel,
+  // or one derived from it that computes them otherwise (AMX tiles in
+  // kernels/forward_tiles.hpp) and shares every other stage. Its static functions:
+  //   raw_scores(job, r0, j0, t, tile_max, ahead) -> whether tile_max holds the row maxima
+  //   accumulate_values(job, r0, j0, t, alpha, masked_out, clean_begin, clean_end, ahead)
+  template <class Products>
+  static void run_blocks(const QueryBlockJob& job) {
     assert(job.q.rows > 0 && job.dims.block_keys % NR == 0);
     assert((job.keys.k_panels != nullptr) != (job.keys.k_rows != nullptr) || job.keys.begin == job.keys.end);
     assert(job.keys.k_panels || job.dims.head_dim % W == 0);
@@ -656,7 +664,7 @@ struct ForwardKernel {
         TileColumns t;
         if (!tile_columns(job, r0, j0, block_end, &t)) continue;
         float tile_max[MR];
-        bool have_tile_max = raw_scores(job, r0, j0, t, tile_max, ahead);
+        bool have_tile_max = Products::raw_scores(job, r0, j0, t, tile_max, ahead);
         bool masked_out = false;  // a mask excluded some key of the tile
         if (job.score.key_bias || job.score.row_bias || job.score.natural_units) {
           masked_out = score_epilogue(job, r0, j0, t.c0, t.cols);
@@ -665,7 +673,7 @@ struct ForwardKernel {
         float alpha[MR];
         std::int64_t clean_begin = t.first, clean_end = t.num_keys;
         online_softmax(job, r0, j0, t, tile_max, have_tile_max, alpha, &clean_begin, &clean_end);
-        accumulate_values(job, r0, j0, t, alpha, masked_out, clean_begin, clean_end, next_values);
+        Products::accumulate_values(job, r0, j0, t, alpha, masked_out, clean_begin, clean_end, next_values);
         next_values = {};  // requested once per block
       }
     }

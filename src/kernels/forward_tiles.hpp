@@ -153,42 +153,28 @@ struct TileForwardKernel : TileBase<Arch> {
     }
   }
 
-  // The fused kernel on one job (see ForwardKernel::forward_query_block), tiles
-  // configured for the call and released after it. Flattened: every vector helper it
-  // calls (xsimd's included) is inlined, so this object holds no out-of-line copy that
+  // The two products as ForwardKernel::run_blocks calls them.
+  static bool raw_scores(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t, float*,
+                         PrefetchStream&) {
+    tile_scores(job, r0, j0, t);
+    return false;  // no row maxima on the way: the softmax takes them
+  }
+  static void accumulate_values(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
+                                const float* alpha, bool, std::int64_t, std::int64_t, ValuesAhead) {
+    tile_values(job, r0, j0, t, alpha);
+  }
+
+  // The fused kernel on one job (ForwardKernel::run_blocks with the products above),
+  // tiles configured for the call and released after it. Flattened: every vector helper
+  // it calls (xsimd's included) is inlined, so this object holds no out-of-line copy that
   // the linker could share with the avx512 objects (tests/check_isa_symbols.cmake).
   __attribute__((flatten)) static void forward_query_block(const QueryBlockJob& job) {
-    assert(job.q.rows > 0 && job.dims.block_keys % NR == 0 && job.keys.k_panels != nullptr);
-    assert(job.score.kind == ScoreKind::dot && !job.score.key_bias && !job.score.row_bias);
-    assert(job.dims.value_dim_padded % kTileValueColumns == 0);
-    const std::int64_t G = job.q.heads_per_row, Bk = job.dims.block_keys;
-    const std::int64_t rows_padded = round_up_i64(job.q.rows, MR);
-    if (!job.state.resume) Base::reset_state(job, rows_padded);
-    const std::int64_t key_end = min_i64(job.keys.end, job.visible.key_limit);
-    const std::int64_t first_query = job.q.first_row, last_query = job.q.first_row + (job.q.rows - 1) / G;
-    const std::int64_t begin =
-        Base::lo(job, first_query) > job.keys.begin ? Base::lo(job, first_query) : job.keys.begin;
-    const std::int64_t end = min_i64(key_end, Base::hi(job, last_query) + 1);
-    const std::int64_t start =
-        begin <= job.keys.begin ? job.keys.begin : job.keys.begin + (begin - job.keys.begin) / NR * NR;
-
+    assert(job.keys.k_panels != nullptr && job.score.kind == ScoreKind::dot);
+    assert(!job.score.key_bias && !job.score.row_bias && job.dims.value_dim_padded % kTileValueColumns == 0);
     const TileConfigBlock config = tile_config();
     Tiles::configure(config);
-    for (std::int64_t j0 = start; j0 < end; j0 += Bk) {
-      const std::int64_t block_end = min_i64(j0 + Bk, end);
-      for (std::int64_t r0 = 0; r0 < rows_padded; r0 += MR) {
-        TileColumns t;
-        if (!Base::tile_columns(job, r0, j0, block_end, &t)) continue;
-        tile_scores(job, r0, j0, t);
-        if (job.score.natural_units) Base::score_epilogue(job, r0, j0, t.c0, t.cols);
-        alignas(64) float alpha[MR];
-        std::int64_t clean_begin = t.first, clean_end = t.num_keys;
-        Base::online_softmax(job, r0, j0, t, nullptr, false, alpha, &clean_begin, &clean_end);
-        tile_values(job, r0, j0, t, alpha);
-      }
-    }
+    Base::template run_blocks<TileForwardKernel>(job);
     Tiles::release();
-    if (job.state.finalize) Base::finalize(job);
   }
 };
 
