@@ -180,6 +180,7 @@ AttentionShape validate_attention(const TensorView<const Q>& q, const TensorView
   if (!std::isfinite(options.softcap) || options.softcap < 0)
     fail("options.softcap: expected a finite value >= 0 (0: off), got ", options.softcap);
   s.softcap = options.softcap;
+  s.allow_bf16_compute = options.allow_bf16_compute;
   s.alibi_slopes = options.alibi_slopes;
   s.sinks = options.sinks;
   if (s.sinks)

@@ -33,6 +33,7 @@ struct AttentionShape {
   const float* alibi_slopes;
   const float* sinks;  // null, or Hq values checked finite or -inf
   const float* additive_weights;
+  bool allow_bf16_compute;  // fp32 / fp16 inputs may be rounded to bf16 for the products
   bool empty() const { return batch == 0 || q_heads == 0 || q_len == 0; }
 };
 

@@ -75,6 +75,7 @@ TEST_CASE("isa_supported agrees with the features Linux reports", "[dispatch]") 
   CHECK(flashcpu::isa_supported("avx512") == avx512);
   // Linux lists amx_tile only when it supports the tile state, which it then grants on
   // request (the library asks once, when it first reads the CPU).
+  CHECK(flashcpu::isa_supported("avx512bf16") == (avx512 && has("avx512_bf16")));
   CHECK(flashcpu::isa_supported("amx") == (avx512 && has("avx512_bf16") && has("amx_tile") && has("amx_bf16")));
 }
 

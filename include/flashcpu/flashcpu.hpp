@@ -85,6 +85,16 @@ struct AttentionOptions {
 
   Score score = Score::dot_product;
   const float* additive_weights = nullptr;  // D values, required by Score::additive
+
+  // Lets fp32 and fp16 q, k and v be rounded to bf16 (to nearest even) for the two
+  // products, on a level with bf16 products (see active_isa: "amx", "avx512bf16"), for the
+  // calls those take (dot product, prefill). oneDNN's "fpmath mode bf16" and PyTorch's
+  // float32_matmul_precision("medium") allow the same. Each rounding has a relative error
+  // of at most 2^-8, so a score moves by up to about 2^-7 scale sum_d |q_d k_d| and an
+  // output by up to 2^-8 max|v| more (twice that on "amx", which also rounds the
+  // weights). A value beyond bf16's largest finite (about 3.39e38) becomes inf. out
+  // keeps q's type and lse stays fp32. false (the default): exact fp32 and fp16 inputs.
+  bool allow_bf16_compute = false;
 };
 // Order for one score: s = f(q, k) with its scale; soft-capping; ALiBi; plus the
 // additive mask; then the exclusions (bool mask, a -inf mask entry, causal, window, key
@@ -253,22 +263,25 @@ void nadaraya_watson(TensorView<const float> x_query, TensorView<const float> x_
                      const KernelRegressionOptions& options = {});
 }  // namespace reference
 
-/// The instruction set the kernels run with: "amx", "avx512", "avx2" or "sse2". Chosen
-/// once from the CPU's features; the environment variable FLASHCPU_ISA (amx, avx512,
-/// avx2, sse2) caps it at a lower level.
+/// The instruction set the kernels run with: "amx", "avx512bf16", "avx512", "avx2" or
+/// "sse2". Chosen once from the CPU's features; the environment variable FLASHCPU_ISA
+/// (one of those names) caps it at a lower level.
 ///
-/// "amx" (Intel AMX tiles with AVX512-BF16) runs only when FLASHCPU_ISA=amx asks for it:
-/// its kernel is tested on emulated tiles but has not yet run on a CPU with AMX. It
-/// takes bf16 q, k, v and out with the dot-product score, for prefill (more than 16
-/// query rows), with every option: masks, causal, windows, key lengths, softcap, ALiBi,
-/// sinks and lse. Q·Kᵀ runs on the tiles from q, k as given (the scale multiplies the
-/// fp32 scores); the softmax weights are rounded to bf16 for P·V (relative error 2^-8 per
-/// weight; the row sums stay fp32). Every other call at that level (other types, other
-/// scores, decoding) runs the avx512 kernels, and active_isa() still says "amx".
+/// "amx" (Intel AMX tiles) and "avx512bf16" (AVX512-BF16's vdpbf16ps) run only when
+/// FLASHCPU_ISA names them: their kernels are tested on emulated instructions but have
+/// not yet run on CPUs that have them. They take bf16 q, k, v and out with the
+/// dot-product score, for prefill (more than 16 query rows), with every option: masks,
+/// causal, windows, key lengths, softcap, ALiBi, sinks and lse. Q·Kᵀ multiplies q and k
+/// as given, in fp32 sums (the scale multiplies the fp32 scores). On "amx" P·V runs on
+/// the tiles too, with the softmax weights rounded to bf16 (relative error 2^-8 per
+/// weight; the row sums stay fp32); on "avx512bf16" it is fp32 from V widened exactly.
+/// Every other call at those levels (other types, other scores, decoding) runs the
+/// level below, and active_isa() still names the level.
 std::string active_isa();
 
-/// Whether this CPU (and OS) can run the kernels of `isa` ("amx", "avx512", "avx2",
-/// "sse2"). For "amx" that includes Linux granting the process the tile state.
+/// Whether this CPU (and OS) can run the kernels of `isa` ("amx", "avx512bf16",
+/// "avx512", "avx2", "sse2"). For "amx" that includes Linux granting the process the
+/// tile state.
 bool isa_supported(const std::string& isa);
 
 /// Tile sizes the fused kernel uses for one head dimension on the active ISA.

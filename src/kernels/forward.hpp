@@ -635,7 +635,8 @@ struct ForwardKernel {
 
   // forward_query_block's loop, with the two products taken from `Products`: this kernel,
   // or one derived from it that computes them otherwise (AMX tiles in
-  // kernels/forward_tiles.hpp) and shares every other stage. Its static functions:
+  // kernels/forward_tiles.hpp, vdpbf16ps in kernels/forward_pairs.hpp) and shares every
+  // other stage. Its static functions:
   //   raw_scores(job, r0, j0, t, tile_max, ahead) -> whether tile_max holds the row maxima
   //   accumulate_values(job, r0, j0, t, alpha, masked_out, clean_begin, clean_end, ahead)
   template <class Products>

@@ -178,7 +178,8 @@ struct TileForwardKernel : TileBase<Arch> {
   }
 };
 
-// The packers of the tile layouts above (bf16 sources only), and the scratch they need.
+// The packers of the tile layouts above, and the scratch they need. Sources are bf16, or
+// fp32 / fp16 rounded to bf16 (allow_bf16_compute).
 struct TilePackers {
   static std::int64_t key_panel_floats(std::int64_t keys, std::int64_t head_dim) {
     return round_up_i64(keys > 0 ? keys : 1, kTilePanelKeys) * tile_head_dim(head_dim) / 2;
@@ -193,24 +194,22 @@ struct TilePackers {
 
   static float pack_key_panels(const SourceRows& k, std::int64_t keys, std::int64_t head_dim, const float* center,
                                float, float* panels, float*) {
-    assert(k.type == DType::bf16 && center == nullptr);
+    assert(center == nullptr);
     (void)center;
-    const auto* src = static_cast<const std::uint16_t*>(k.data);
     auto* out = reinterpret_cast<std::uint16_t*>(panels);
     const std::int64_t Dt = tile_head_dim(head_dim), packed = round_up_i64(keys, kTilePanelKeys);
     for (std::int64_t j = 0; j < packed; ++j) {
       // Key j: column j % 32 of panel j / 32; dimension d in row d / 2, slot d % 2.
       std::uint16_t* key = out + (j / kTilePanelKeys) * kTilePanelKeys * Dt + (j % kTilePanelKeys) * 2;
       for (std::int64_t d = 0; d < Dt; ++d)
-        key[(d / 2) * kTilePanelKeys * 2 + d % 2] = j < keys && d < head_dim ? src[j * k.row_stride + d * k.col_stride] : 0;
+        key[(d / 2) * kTilePanelKeys * 2 + d % 2] =
+            j < keys && d < head_dim ? bf16_bits_at(k.data, k.type, j * k.row_stride + d * k.col_stride) : 0;
     }
     return 0.0f;
   }
 
   static void pack_value_rows(const SourceRows& v, std::int64_t keys, std::int64_t value_dim,
                               std::int64_t value_dim_padded, void* rows) {
-    assert(v.type == DType::bf16);
-    const auto* src = static_cast<const std::uint16_t*>(v.data);
     auto* out = static_cast<std::uint16_t*>(rows);
     const std::int64_t packed = round_up_i64(keys, kTilePanelKeys);
     auto* nonfinite = reinterpret_cast<std::uint8_t*>(out + packed * value_dim_padded);
@@ -219,7 +218,8 @@ struct TilePackers {
       std::uint16_t* pair = out + (j / 2) * value_dim_padded * 2 + j % 2;
       bool bad = false;
       for (std::int64_t c = 0; c < value_dim_padded; ++c) {
-        const std::uint16_t x = j < keys && c < value_dim ? src[j * v.row_stride + c * v.col_stride] : 0;
+        const std::uint16_t x =
+            j < keys && c < value_dim ? bf16_bits_at(v.data, v.type, j * v.row_stride + c * v.col_stride) : 0;
         bad = bad || bf16_nonfinite(x);
         pair[2 * c] = x;
       }
@@ -227,25 +227,6 @@ struct TilePackers {
     }
   }
 
-  // Q as stored (bf16), unscaled: the kernel scales the fp32 scores (JobScore::raw_factor).
-  static void pack_query_rows(const QueryPack& pack) {
-    assert(pack.source.type == DType::bf16 && pack.center == nullptr);
-    const auto* base = static_cast<const std::uint16_t*>(pack.source.data);
-    auto* out = reinterpret_cast<std::uint16_t*>(pack.packed);
-    const std::int64_t D = pack.head_dim, Dt = tile_head_dim(D);
-    std::int64_t i = 0, g = 0;
-    for (std::int64_t r = 0; r < pack.rows_padded; ++r) {
-      std::uint16_t* dst = out + r * Dt;
-      if (r >= pack.rows) {
-        for (std::int64_t d = 0; d < Dt; ++d) dst[d] = 0;
-        continue;
-      }
-      const std::uint16_t* src = base + i * pack.source.row_stride + g * pack.head_stride;
-      if (++g == pack.heads_per_row) {
-        g = 0;
-        ++i;
-      }
-      for (std::int64_t d = 0; d < Dt; ++d) dst[d] = d < D ? src[d * pack.source.col_stride] : 0;
-    }
-  }
+  // Q in bf16, rows of tile_head_dim elements (pack.hpp).
+  static void pack_query_rows(const QueryPack& pack) { pack_bf16_query_rows(pack, tile_head_dim(pack.head_dim)); }
 };

@@ -233,10 +233,12 @@ struct KernelTable {
   int vector_floats;  // floats per SIMD register
   int tile_rows;      // mr: query rows of the micro-kernels
   int panel_keys;     // nr: keys per packed K panel
-  // The AMX variant (kernels/forward_tiles.hpp): bf16 Q, K and V in tile layouts, dot
-  // product, prefill. The driver hands anything else to the vector variant of the level
-  // below (dispatch.hpp, kernels_below).
-  bool tiles;
+  // Q.K^T from bf16 Q and K as given (AMX tiles, kernels/forward_tiles.hpp; vdpbf16ps,
+  // kernels/forward_pairs.hpp): the variant takes only bf16 q, k and v with the dot
+  // product, for prefill. The driver hands anything else to the level below
+  // (dispatch.hpp, kernels_below).
+  bool bf16_products;
+  bool tiles;  // AMX: V too is packed, in the tile layout (never read in place)
   int value_columns;  // value_dim is padded to a multiple of this (JobDims::value_dim_padded)
   void (*forward_query_block)(const QueryBlockJob& job);
   // The same kernel with fewer rows per tile (same panels), for decoding blocks whose

@@ -125,6 +125,32 @@ void pack_query_rows_from(const QueryPack& pack) {
   }
 }
 
+// Q rows for the kernels with bf16 products (kernels/forward_tiles.hpp, forward_pairs.hpp):
+// bf16 (fp32 and fp16 rounded, under allow_bf16_compute), unscaled, `width` >= head_dim
+// elements each, zero past head_dim. Those kernels multiply the fp32 scores by the
+// factor instead (JobScore::raw_factor): a bf16 q scaled and rounded again would move
+// every score by up to 2^-9 of its size.
+inline void pack_bf16_query_rows(const QueryPack& pack, std::int64_t width) {
+  assert(pack.center == nullptr);
+  auto* out = reinterpret_cast<std::uint16_t*>(pack.packed);
+  const std::int64_t D = pack.head_dim, stride = pack.source.col_stride;
+  std::int64_t i = 0, g = 0;  // (query i, head g) of row r, stepped
+  for (std::int64_t r = 0; r < pack.rows_padded; ++r) {
+    std::uint16_t* dst = out + r * width;
+    if (r >= pack.rows) {
+      for (std::int64_t d = 0; d < width; ++d) dst[d] = 0;
+      continue;
+    }
+    const std::int64_t row = i * pack.source.row_stride + g * pack.head_stride;
+    if (++g == pack.heads_per_row) {
+      g = 0;
+      ++i;
+    }
+    for (std::int64_t d = 0; d < width; ++d)
+      dst[d] = d < D ? bf16_bits_at(pack.source.data, pack.source.type, row + d * stride) : 0;
+  }
+}
+
 // The variant's entry points: K and V must be of its kv type KV; Q fp32 or KV.
 template <class KV, int NR>
 struct Packers {

@@ -10,6 +10,7 @@ namespace FLASHCPU_ISA_NAMESPACE {
 #include "kernels/pack.hpp"
 #include "kernels/tiles.hpp"
 #include "kernels/forward_tiles.hpp"
+#include "kernels/forward_pairs.hpp"
 
 }  // namespace FLASHCPU_ISA_NAMESPACE
 }  // namespace flashcpu::detail
@@ -36,21 +37,29 @@ constexpr int kW = int(xsimd::batch<float, Arch>::size);
 static_assert(FLASHCPU_VARIANT_NR % kW == 0, "nr is a whole number of vectors");
 constexpr int kPanelVectors = FLASHCPU_VARIANT_NR / kW;
 // A level whose flags enable the tile instructions (AMX) gets the tile kernel and its
-// packers; its variant is bf16 only, with the tile geometry (variants.inc). It never
-// decodes (the driver hands decoding to the level below), so it instantiates no vector
-// kernel of its own: an out-of-line copy of an xsimd function in this object would share
-// its name with the avx512 objects' copy (tests/check_isa_symbols.cmake).
+// packers; one whose flags enable AVX512-BF16 without them gets the vdpbf16ps kernel.
+// Either variant is bf16 only (variants.inc) and never decodes (the driver hands
+// decoding to the level below), so it instantiates no vector kernel of its own: an
+// out-of-line copy of an xsimd function in this object would share its name with the
+// avx512 objects' copy (tests/check_isa_symbols.cmake).
 using ForwardEntry = void (*)(const QueryBlockJob&);
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-constexpr bool kTiles = true;
+constexpr bool kBf16Products = true, kTiles = true;
 static_assert(std::is_same<KV, bf16>::value && FLASHCPU_VARIANT_MR == kTileRows &&
                   FLASHCPU_VARIANT_NR == kTilePanelKeys,
               "the tile variant is bf16, 16 rows x 32 keys");
 using Kernel = TileForwardKernel<Arch, HardwareTiles>;
 using Pack = TilePackers;
 constexpr ForwardEntry kSmallEntry = nullptr, kLanesEntry = nullptr;
+#elif defined(__AVX512BF16__)
+constexpr bool kBf16Products = true, kTiles = false;
+static_assert(std::is_same<KV, bf16>::value, "the vdpbf16ps variant is bf16");
+using Kernel = PairForwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR,
+                                 HardwarePairDot>;
+using Pack = PairPackers<FLASHCPU_VARIANT_NR>;
+constexpr ForwardEntry kSmallEntry = nullptr, kLanesEntry = nullptr;
 #else
-constexpr bool kTiles = false;
+constexpr bool kBf16Products = false, kTiles = false;
 using Kernel = ForwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR, KV>;
 using SmallKernel =
     ForwardKernel<Arch, FLASHCPU_VARIANT_SMALL_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_SMALL_MR, KV>;
@@ -89,6 +98,7 @@ const KernelTable& FLASHCPU_PASTE(FLASHCPU_PASTE(FLASHCPU_PASTE(kernel_table_, F
       kW,
       FLASHCPU_VARIANT_MR,
       Kernel::NR,
+      kBf16Products,
       kTiles,
       kTiles ? kTileValueColumns : kW,
       &Kernel::forward_query_block,

@@ -1,0 +1,89 @@
+// The kernels with bf16 products, on emulated instructions and SSE2 vectors, so that
+// test_bf16_products.cpp checks their packing, tiling, tails and options against the
+// oracle on any CPU:
+//  - the AMX tile kernel (src/kernels/forward_tiles.hpp) on EmulatedTiles
+//    (src/kernels/tiles.hpp);
+//  - the vdpbf16ps kernel (src/kernels/forward_pairs.hpp) with EmulatedPairDot.
+// Only the instructions themselves (and the vector width of the stages between them)
+// differ from the variants the library dispatches to; on a CPU that has them, the
+// forced-ISA runs (flashcpu_tests_amx, flashcpu_tests_avx512bf16) test those too.
+//
+// Compiled for the baseline like every test file; it never reaches the library's
+// dispatch.
+#define FLASHCPU_ISA_NAMESPACE bf16_products_emulated
+#include "kernels/forward.hpp"
+
+namespace flashcpu::detail::bf16_products_emulated {
+#include "kernels/pack.hpp"
+#include "kernels/tiles.hpp"
+#include "kernels/forward_tiles.hpp"
+#include "kernels/forward_pairs.hpp"
+}  // namespace flashcpu::detail::bf16_products_emulated
+
+#include "emulation.hpp"
+
+namespace flashcpu::detail {
+
+const KernelTable& emulated_tile_kernels() {
+  using namespace bf16_products_emulated;
+  using Kernel = TileForwardKernel<xsimd::sse2, EmulatedTiles>;
+  static const KernelTable table{Isa::amx,
+                                 DType::bf16,
+                                 "bf16_attn_fwd_16x32__amx (emulated tiles, sse2 vectors)",
+                                 4,
+                                 kTileRows,
+                                 kTilePanelKeys,
+                                 true,
+                                 true,
+                                 kTileValueColumns,
+                                 &Kernel::forward_query_block,
+                                 kTileRows,
+                                 nullptr,
+                                 nullptr,
+                                 &TilePackers::pack_key_panels,
+                                 &TilePackers::pack_value_rows,
+                                 &TilePackers::pack_query_rows,
+                                 &TilePackers::key_panel_floats,
+                                 &TilePackers::query_floats,
+                                 &TilePackers::value_floats,
+                                 nullptr,
+                                 nullptr,
+                                 nullptr,
+                                 nullptr,
+                                 nullptr};
+  return table;
+}
+
+const KernelTable& emulated_pair_kernels() {
+  using namespace bf16_products_emulated;
+  constexpr int kRows = 4, kKeys = 16, kW = 4;
+  using Kernel = PairForwardKernel<xsimd::sse2, kRows, kKeys / kW, 2, kRows, EmulatedPairDot>;
+  using Pack = PairPackers<kKeys>;
+  static const KernelTable table{Isa::avx512bf16,
+                                 DType::bf16,
+                                 "bf16_attn_fwd_4x16__avx512bf16 (emulated vdpbf16ps, sse2 vectors)",
+                                 kW,
+                                 kRows,
+                                 kKeys,
+                                 true,
+                                 false,
+                                 kW,
+                                 &Kernel::forward_query_block,
+                                 kRows,
+                                 nullptr,
+                                 nullptr,
+                                 &Pack::pack_key_panels,
+                                 &Pack::pack_value_rows,
+                                 &Pack::pack_query_rows,
+                                 &Pack::key_panel_floats,
+                                 &Pack::query_floats,
+                                 &Pack::value_floats,
+                                 nullptr,
+                                 nullptr,
+                                 nullptr,
+                                 nullptr,
+                                 nullptr};
+  return table;
+}
+
+}  // namespace flashcpu::detail

@@ -1,0 +1,14 @@
+// The bf16-product variants' kernel tables on emulated instructions (emulation.cpp).
+#pragma once
+
+#include "kernels/kernel_api.hpp"
+
+namespace flashcpu::detail {
+
+/// The AMX variant's kernel on emulated tiles, with SSE2 vectors.
+const KernelTable& emulated_tile_kernels();
+
+/// The avx512bf16 variant's kernel with vdpbf16ps emulated on SSE2 vectors (4 rows x 16 keys).
+const KernelTable& emulated_pair_kernels();
+
+}  // namespace flashcpu::detail

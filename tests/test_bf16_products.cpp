@@ -1,0 +1,445 @@
+// The kernels with bf16 products against the fp64 oracle, on emulated instructions
+// (emulation.cpp), so they are checked on every machine:
+//  - the AMX tile kernel (src/kernels/forward_tiles.hpp), both products on tiles;
+//  - the vdpbf16ps kernel (src/kernels/forward_pairs.hpp), Q.K^T in pairs of dimensions.
+// bf16 q, k, v and out, with every option these kernels take (causal, windows, key
+// lengths, additive and bool masks, softcap, ALiBi, sinks, lse), GQA, strided views,
+// garbage in excluded slots, and lengths and head dims that are not multiples of the
+// tiles. The variants themselves run in the forced-ISA runs "flashcpu_tests_amx" and
+// "flashcpu_tests_avx512bf16" on CPUs that have them (every bf16 test of
+// test_16bit.cpp); elsewhere those runs report "Skipped".
+//
+// Tolerance. q, k and v are bf16 values, so every product is exact and the scores are
+// fp32 sums (error ~ D 2^-24 sum |q_d k_d|, negligible here). The output's one rounding
+// to bf16 adds at most u |out|, u = 2^-8. The tile kernel also rounds each weight p to
+// bf16 (relative error <= u) before P.V and keeps the row sum l in fp32, so
+// |sum_j (p~_j - p_j) v_j| / l <= u max_j |v_j|. Bound: u (|ref| + max|v| where the
+// weights are rounded) + 1e-5 (fp32 arithmetic). lse involves no 16-bit rounding:
+// 2e-5 (1 + |lse|), tight enough that a single missed or extra key among the longest rows
+// here (weight >= 1e-3) fails it.
+// Margins: on the tiles the output's rounding alone may take up to half of the bound
+// (observed worst 0.49), so the check is 0.75; with vdpbf16ps the bound is that rounding
+// alone, which may use all of it (no margin check). lse errors were at most 1% of their
+// bound, checked at 10%.
+// Mutations that these tests caught: the score factor off by 0.1%, V read one column
+// pair off, zero weights multiplied into a poisoned chunk.
+#include <catch2/catch.hpp>
+
+#include <flashcpu/flashcpu.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "plan.hpp"
+#include "dispatch.hpp"
+#include "emulation.hpp"
+#include "validate.hpp"
+
+namespace {
+
+using flashcpu::bf16;
+using flashcpu::fp16;
+
+// The element type of q, k, v and out: bf16, or fp32 / fp16 rounded to bf16 by the
+// packers (allow_bf16_compute).
+enum class Input { bf16, f32, f16 };
+
+struct TileCase {
+  Input input = Input::bf16;
+  std::int64_t B = 1, Hq = 1, Hkv = 1, N = 17, M = 1, D = 1, Dv = 1;
+  bool causal = false;
+  std::int64_t window_left = -1, window_right = -1;
+  bool key_lengths = false, mask = false, bool_mask = false, alibi = false, sinks = false;
+  float softcap = 0.0f;
+  bool strided = false;  // [B, S, H, D] buffers with padded rows instead of [B, H, S, D]
+  bool poison = false;   // NaN and inf in K and V past each batch's key length
+  float qk_range = 1.0f;
+  int threads = 2;
+  std::uint32_t seed = 1;
+
+  std::string describe() const {
+    std::ostringstream s;
+    s << "B=" << B << " Hq=" << Hq << " Hkv=" << Hkv << " N=" << N << " M=" << M << " D=" << D << " Dv=" << Dv
+      << " causal=" << causal << " window=" << window_left << "," << window_right << " key_lengths=" << key_lengths
+      << " mask=" << mask << " bool_mask=" << bool_mask << " alibi=" << alibi << " sinks=" << sinks
+      << " softcap=" << softcap << " strided=" << strided << " poison=" << poison << " threads=" << threads
+      << " seed=" << seed << " input=" << (input == Input::bf16 ? "bf16" : input == Input::f32 ? "fp32" : "fp16");
+    return s.str();
+  }
+};
+
+// A [B, H, S, E] tensor of `type` in a buffer laid out [B, H, S, E] or, strided,
+// [B, S, H, E + 3], with its values widened to fp32 (exact) in the same layout.
+struct Buffer {
+  std::int64_t B, H, S, E;
+  Input type;
+  std::array<std::int64_t, 4> strides;
+  std::vector<float> values;  // the elements (bf16 and fp16 ones widened); fp32 input reads it
+  std::vector<bf16> bits;
+  std::vector<fp16> halves;
+
+  Buffer(std::int64_t b, std::int64_t h, std::int64_t s, std::int64_t e, bool strided, Input t)
+      : B(b), H(h), S(s), E(e), type(t) {
+    const std::int64_t row = strided ? e + 3 : e;
+    strides = strided ? std::array<std::int64_t, 4>{s * h * row, row, h * row, 1}
+                      : std::array<std::int64_t, 4>{h * s * row, s * row, row, 1};
+    const std::size_t n = std::size_t(std::max<std::int64_t>(b * h * s * row, 1));
+    const float nan = std::numeric_limits<float>::quiet_NaN();  // padding: NaN, never read
+    values.assign(n, nan);
+    bits.assign(n, flashcpu::to_bf16(nan));
+    halves.assign(n, flashcpu::to_fp16(nan));
+  }
+  std::int64_t at(std::int64_t b, std::int64_t h, std::int64_t s, std::int64_t e) const {
+    return b * strides[0] + h * strides[1] + s * strides[2] + e;
+  }
+  void set(std::int64_t i, float x) {
+    const std::size_t at = std::size_t(i);
+    if (type == Input::bf16) {
+      bits[at] = flashcpu::to_bf16(x);
+      values[at] = flashcpu::to_float(bits[at]);
+    } else if (type == Input::f16) {
+      halves[at] = flashcpu::to_fp16(x);
+      values[at] = flashcpu::to_float(halves[at]);
+    } else {
+      values[at] = x;
+    }
+  }
+  void fill(std::mt19937& rng, float range) {
+    std::uniform_real_distribution<float> u(-range, range);
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t h = 0; h < H; ++h)
+        for (std::int64_t s = 0; s < S; ++s)
+          for (std::int64_t e = 0; e < E; ++e) set(at(b, h, s, e), u(rng));
+  }
+  flashcpu::TensorView<const float> fview() const { return {values.data(), {B, H, S, E}, strides}; }
+  template <class T>
+  flashcpu::TensorView<const T> view() const {
+    if constexpr (std::is_same<T, bf16>::value)
+      return {bits.data(), {B, H, S, E}, strides};
+    else if constexpr (std::is_same<T, fp16>::value)
+      return {halves.data(), {B, H, S, E}, strides};
+    else
+      return {values.data(), {B, H, S, E}, strides};
+  }
+};
+
+inline float widened(float x) { return x; }
+inline float widened(bf16 x) { return flashcpu::to_float(x); }
+inline float widened(fp16 x) { return flashcpu::to_float(x); }
+
+// The kernel of `kernels`, through the prefill driver, on q, k, v of type T: out (T,
+// widened) and lse.
+template <class T>
+void run_kernel(const flashcpu::detail::KernelTable& kernels, const Buffer& q, const Buffer& k, const Buffer& v,
+                const flashcpu::AttentionOptions& o, std::vector<float>* out, std::vector<float>* lse) {
+  const std::int64_t B = q.B, Hq = q.H, N = q.S, Dv = v.E;
+  std::vector<T> out_t(out->size());
+  const flashcpu::TensorView<T> out_view = flashcpu::bhsd(out_t.data(), B, Hq, N, Dv);
+  flashcpu::TensorView<float> lse_view = flashcpu::bhsd(lse->data(), B, Hq, N, 1);
+  const flashcpu::TensorView<const T> qv = q.view<T>(), kv = k.view<T>(), vv = v.view<T>();
+  namespace fd = flashcpu::detail;
+  const fd::AttentionShape s = fd::validate_attention(qv, kv, vv, out_view, &lse_view, o);
+  const fd::CallViews views{fd::AnyView::of(qv), fd::AnyView::of(kv), fd::AnyView::of(vv), fd::AnyView::of(out_view),
+                            lse_view, true};
+  fd::run_prefill(fd::make_plan(kernels, s, views.v, fd::Transform::none, 0.0f, false), views);
+  for (std::size_t i = 0; i < out_t.size(); ++i) (*out)[i] = widened(out_t[i]);
+}
+
+struct Outcome {
+  bool ok = true;
+  double worst_out = 0, worst_lse = 0;  // error / bound
+  std::string report;
+  std::vector<std::uint32_t> out_bits;  // the kernel's output (widened), for bitwise comparisons
+};
+
+Outcome run_tile_case(const flashcpu::detail::KernelTable& kernels, const TileCase& c) {
+  std::mt19937 rng(c.seed);
+  Buffer q(c.B, c.Hq, c.N, c.D, c.strided, c.input), k(c.B, c.Hkv, c.M, c.D, c.strided, c.input),
+      v(c.B, c.Hkv, c.M, c.Dv, c.strided, c.input);
+  q.fill(rng, c.qk_range);
+  k.fill(rng, c.qk_range);
+  v.fill(rng, 1.0f);
+
+  flashcpu::AttentionOptions o;
+  o.causal = c.causal;
+  o.num_threads = c.threads;
+  o.window_left = c.window_left;
+  o.window_right = c.window_right;
+  o.softcap = c.softcap;
+  o.allow_bf16_compute = c.input != Input::bf16;
+  std::vector<std::int32_t> lengths;
+  if (c.key_lengths) {
+    std::uniform_int_distribution<std::int32_t> len(0, std::int32_t(c.M));
+    for (std::int64_t b = 0; b < c.B; ++b) lengths.push_back(len(rng));
+    o.key_lengths = lengths.data();
+  }
+  if (c.poison)  // stale slots past each batch's length: what a KV cache may hold there
+    for (std::int64_t b = 0; b < c.B; ++b)
+      for (std::int64_t h = 0; h < c.Hkv; ++h)
+        for (std::int64_t j = c.key_lengths ? lengths[std::size_t(b)] : c.M; j < c.M; ++j) {
+          for (std::int64_t d = 0; d < c.D; ++d) k.set(k.at(b, h, j, d), std::numeric_limits<float>::quiet_NaN());
+          for (std::int64_t e = 0; e < c.Dv; ++e)
+            v.set(v.at(b, h, j, e), e % 2 ? std::numeric_limits<float>::infinity() : std::numeric_limits<float>::quiet_NaN());
+        }
+  std::vector<float> mask;
+  if (c.mask) {  // [1, Hq, N, M], broadcast over the batch
+    std::uniform_real_distribution<float> u(0.0f, 1.0f);
+    for (std::int64_t i = 0; i < c.Hq * c.N * c.M; ++i) {
+      const float x = u(rng);
+      mask.push_back(x < 0.1f ? -std::numeric_limits<float>::infinity() : x < 0.5f ? -2.0f * x : 0.0f);
+    }
+    o.mask = {mask.data(), {1, c.Hq, c.N, c.M}, {0, c.N * c.M, c.M, 1}};
+  }
+  std::vector<std::uint8_t> bool_mask;
+  if (c.bool_mask) {  // [B, 1, N, M], broadcast over the heads
+    std::uniform_int_distribution<int> u(0, 4);
+    for (std::int64_t i = 0; i < c.B * c.N * c.M; ++i) bool_mask.push_back(u(rng) != 0);
+    o.bool_mask = {bool_mask.data(), {c.B, 1, c.N, c.M}, {c.N * c.M, 0, c.M, 1}};
+  }
+  std::vector<float> slopes, sinks;
+  for (std::int64_t h = 0; h < c.Hq; ++h) {
+    slopes.push_back(0.05f * float(h + 1));
+    sinks.push_back(0.25f * float(h) - 0.5f);
+  }
+  if (c.alibi) o.alibi_slopes = slopes.data();
+  if (c.sinks) o.sinks = sinks.data();
+
+  // The reference, on the same values widened to fp32 (exact).
+  std::vector<float> ref(std::size_t(std::max<std::int64_t>(c.B * c.Hq * c.N * c.Dv, 1)));
+  std::vector<float> ref_lse(std::size_t(std::max<std::int64_t>(c.B * c.Hq * c.N, 1)));
+  flashcpu::reference::attention(q.fview(), k.fview(), v.fview(), flashcpu::bhsd(ref.data(), c.B, c.Hq, c.N, c.Dv),
+                                 flashcpu::bhsd(ref_lse.data(), c.B, c.Hq, c.N, 1), o);
+
+  // The kernel, through the prefill driver, on emulated instructions.
+  std::vector<float> out(ref.size(), 12345.0f), lse(ref_lse.size(), 12345.0f);
+  if (c.input == Input::bf16)
+    run_kernel<bf16>(kernels, q, k, v, o, &out, &lse);
+  else if (c.input == Input::f16)
+    run_kernel<fp16>(kernels, q, k, v, o, &out, &lse);
+  else
+    run_kernel<float>(kernels, q, k, v, o, &out, &lse);
+
+  // The largest |v| a row may weigh: every value of its KV head (poisoned slots aside).
+  // Inputs rounded to bf16 (fp32, fp16) move each score s_ij by at most
+  // shift_i = (2u + u^2) scale max_j sum_d |q_id k_jd| (softcap only shrinks differences;
+  // masks and ALiBi are exact), each weight then by a factor within e^(+-2 shift_i) after
+  // normalization, and each value by u |v|: out gains (e^(2 shift_i) - 1) max|v| + u max|v|,
+  // lse gains shift_i. A 16-bit out adds its rounding, u_out |ref| (bf16: 2^-8, fp16 2^-11).
+  Outcome r;
+  const double u = std::ldexp(1.0, -8);
+  const bool rounded = c.input != Input::bf16;
+  const double u_out = c.input == Input::f32 ? 0.0 : c.input == Input::f16 ? std::ldexp(1.0, -11) : u;
+  const double scale = 1.0 / std::sqrt(double(c.D));
+  std::ostringstream report;
+  for (std::int64_t b = 0; b < c.B; ++b)
+    for (std::int64_t h = 0; h < c.Hq; ++h) {
+      double vmax = 0;
+      const std::int64_t hkv = h / (c.Hq / c.Hkv), limit = c.key_lengths ? lengths[std::size_t(b)] : c.M;
+      const std::int64_t sane = c.poison ? limit : c.M;
+      for (std::int64_t j = 0; j < sane; ++j)
+        for (std::int64_t e = 0; e < c.Dv; ++e) vmax = std::max(vmax, std::fabs(double(v.values[std::size_t(v.at(b, hkv, j, e))])));
+      for (std::int64_t i = 0; i < c.N; ++i) {
+        double shift = 0;
+        if (rounded)
+          for (std::int64_t j = 0; j < sane; ++j) {
+            double dot = 0;
+            for (std::int64_t d = 0; d < c.D; ++d)
+              dot += std::fabs(double(q.values[std::size_t(q.at(b, h, i, d))]) * k.values[std::size_t(k.at(b, hkv, j, d))]);
+            shift = std::max(shift, (2 * u + u * u) * scale * dot);
+          }
+        const double weights_term = (kernels.tiles ? u * vmax : 0.0) + (rounded ? std::expm1(2 * shift) * vmax + u * vmax : 0.0);
+        for (std::int64_t e = 0; e < c.Dv; ++e) {
+          const std::size_t at = std::size_t(((b * c.Hq + h) * c.N + i) * c.Dv + e);
+          const double got = out[at], want = ref[at];
+          const double bound = weights_term + u_out * std::fabs(want) + 1e-5;
+          const double ratio = std::isnan(want) ? (std::isnan(got) ? 0.0 : 1e9) : std::fabs(got - want) / bound;
+          if (!(ratio <= 1.0) && r.ok) {
+            r.ok = false;
+            report << "out(" << b << "," << h << "," << i << "," << e << "): got " << got << ", want " << want
+                   << ", bound " << bound << "\n";
+          }
+          if (ratio == ratio) r.worst_out = std::max(r.worst_out, ratio);
+        }
+        const std::size_t at = std::size_t((b * c.Hq + h) * c.N + i);
+        const double got = lse[at], want = ref_lse[at];
+        const double bound = 2e-5 * (1.0 + std::fabs(want)) + shift;
+        const bool same_inf = std::isinf(want) && got == want;
+        const double ratio = same_inf ? 0.0 : std::isnan(want) ? (std::isnan(got) ? 0.0 : 1e9) : std::fabs(got - want) / bound;
+        if (!(ratio <= 1.0) && r.ok) {
+          r.ok = false;
+          report << "lse(" << b << "," << h << "," << i << "): got " << got << ", want " << want << "\n";
+        }
+        if (ratio == ratio) r.worst_lse = std::max(r.worst_lse, ratio);
+      }
+    }
+  r.report = report.str();
+  for (float x : out) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &x, 4);
+    r.out_bits.push_back(bits);
+  }
+  return r;
+}
+
+// Both emulated kernels on the case.
+#define TILE_CHECK_CASE(c)                                                                        \
+  for (const flashcpu::detail::KernelTable* kernels_ : kEmulated) {                               \
+    const TileCase& tile_case_ = (c);                                                             \
+    const Outcome tile_r_ = run_tile_case(*kernels_, tile_case_);                                 \
+    INFO(kernels_->name << ": " << tile_case_.describe());                                        \
+    INFO(tile_r_.report);                                                                         \
+    CHECK(tile_r_.ok);                                                                            \
+    if (kernels_->tiles && tile_case_.input == Input::bf16) CHECK(tile_r_.worst_out <= 0.75);     \
+    if (tile_case_.input == Input::bf16) CHECK(tile_r_.worst_lse <= 0.1);                         \
+  }
+
+const flashcpu::detail::KernelTable* const kEmulated[] = {&flashcpu::detail::emulated_tile_kernels(),
+                                                          &flashcpu::detail::emulated_pair_kernels()};
+
+}  // namespace
+
+TEST_CASE("bf16 products (emulated AMX, vdpbf16ps): shapes at the edges of the tiles, against the oracle", "[bf16products]") {
+  // Rows past 16 (prefill takes N > 16), keys around the 32-key panel, head dims around
+  // the 32-dim step, value dims around the 16-column tile.
+  for (std::int64_t N : {17, 31, 33, 48})
+    for (std::int64_t M : {1, 2, 31, 32, 33, 97})
+      for (std::int64_t D : {1, 5, 32, 33, 64}) {
+        TileCase c;
+        c.N = N;
+        c.M = M;
+        c.D = D;
+        c.Dv = (N + M + D) % 3 == 0 ? 16 : (N + M + D) % 3 == 1 ? 7 : 17;
+        c.seed = std::uint32_t(N * 1000 + M * 10 + D);
+        TILE_CHECK_CASE(c);
+      }
+}
+
+TEST_CASE("bf16 products (emulated AMX, vdpbf16ps): every option they take, GQA, strided views", "[bf16products]") {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 60; ++trial) {
+    TileCase c;
+    c.B = 1 + trial % 2;
+    c.Hkv = 1 + trial % 2;
+    c.Hq = c.Hkv * (1 + trial % 3);
+    c.N = std::uniform_int_distribution<std::int64_t>(17, 90)(rng);
+    c.M = std::uniform_int_distribution<std::int64_t>(1, 300)(rng);
+    c.D = std::vector<std::int64_t>{3, 16, 31, 40, 64, 80}[std::size_t(trial % 6)];
+    c.Dv = std::vector<std::int64_t>{1, 16, 19, 33}[std::size_t(trial % 4)];
+    c.causal = trial % 3 == 0;
+    if (trial % 5 == 1) {
+      c.window_left = std::uniform_int_distribution<std::int64_t>(0, 40)(rng);
+      c.window_right = trial % 2 ? -1 : std::uniform_int_distribution<std::int64_t>(0, 10)(rng);
+    }
+    c.key_lengths = trial % 4 == 2;
+    c.poison = c.key_lengths && trial % 8 == 2;
+    c.mask = trial % 7 == 3;
+    c.bool_mask = trial % 6 == 4;
+    c.alibi = trial % 5 == 2;
+    c.sinks = trial % 4 == 1;
+    c.softcap = trial % 9 == 5 ? 3.0f : 0.0f;
+    c.strided = trial % 2 == 1;
+    c.qk_range = trial % 3 == 1 ? 2.5f : 1.0f;  // sharper weights: a wrong key shows
+    c.threads = 1 + trial % 3;
+    c.seed = std::uint32_t(100 + trial);
+    TILE_CHECK_CASE(c);
+  }
+}
+
+TEST_CASE("bf16 products (emulated AMX, vdpbf16ps): garbage past the key length stays out", "[bf16products]") {
+  // NaN keys and NaN / inf values in excluded slots, inside a 32-key chunk that visible
+  // keys share: on the tiles the chunk is weighed on the vector units, where a zero weight
+  // adds nothing (as in the vector kernels' P.V).
+  for (std::uint32_t seed = 1; seed <= 6; ++seed) {
+    TileCase c;
+    c.B = 3;
+    c.N = 40;
+    c.M = 70;
+    c.D = 32;
+    c.Dv = 24;
+    c.key_lengths = true;
+    c.poison = true;
+    c.causal = seed % 2 == 0;
+    c.seed = seed;
+    TILE_CHECK_CASE(c);
+  }
+}
+
+TEST_CASE("bf16 products (emulated AMX, vdpbf16ps): the same bits on any thread count", "[bf16products]") {
+  TileCase c;
+  c.B = 2;
+  c.Hq = 4;
+  c.Hkv = 2;
+  c.N = 70;
+  c.M = 130;
+  c.D = 48;
+  c.Dv = 20;
+  c.causal = true;
+  for (const flashcpu::detail::KernelTable* kernels : kEmulated) {
+    INFO(kernels->name);
+    std::vector<std::vector<std::uint32_t>> outputs;
+    for (int threads : {1, 2, 3}) {
+      c.threads = threads;
+      const Outcome r = run_tile_case(*kernels, c);  // against the oracle, and kept for the bits
+      CHECK(r.ok);
+      outputs.push_back(r.out_bits);
+    }
+    CHECK(outputs[0] == outputs[1]);
+    CHECK(outputs[0] == outputs[2]);
+  }
+}
+
+TEST_CASE("bf16 products (emulated AMX, vdpbf16ps): fp32 and fp16 inputs under allow_bf16_compute", "[bf16products]") {
+  // The packers round q, k and v to bf16; out keeps the inputs' type. The bound adds the
+  // rounding's effect on the scores and the values (run_tile_case).
+  std::mt19937 rng(11);
+  for (int trial = 0; trial < 24; ++trial) {
+    TileCase c;
+    c.input = trial % 2 ? Input::f32 : Input::f16;
+    c.Hkv = 1 + trial % 2;
+    c.Hq = c.Hkv * (1 + trial % 3);
+    c.N = std::uniform_int_distribution<std::int64_t>(17, 70)(rng);
+    c.M = std::uniform_int_distribution<std::int64_t>(1, 200)(rng);
+    c.D = std::vector<std::int64_t>{3, 16, 33, 64}[std::size_t(trial % 4)];
+    c.Dv = std::vector<std::int64_t>{1, 16, 21}[std::size_t(trial % 3)];
+    c.causal = trial % 3 == 0;
+    c.key_lengths = trial % 4 == 2;
+    c.poison = c.key_lengths;
+    c.mask = trial % 5 == 3;
+    c.sinks = trial % 4 == 1;
+    c.strided = trial % 2 == 0;
+    c.seed = std::uint32_t(500 + trial);
+    TILE_CHECK_CASE(c);
+  }
+}
+
+TEST_CASE("allow_bf16_compute changes nothing where no level with bf16 products runs", "[bf16products]") {
+  // Through the public entry point, fp32 in and out: at avx512 and below the option must
+  // leave every bit as it is (the exact fp32 kernels run). At amx and avx512bf16 the
+  // emulated cases above cover it.
+  if (flashcpu::detail::active_kernels(flashcpu::detail::DType::bf16).bf16_products) {
+    WARN("the active level has bf16 products: covered by the emulated cases");
+    return;
+  }
+  const std::int64_t B = 1, H = 2, N = 40, M = 70, D = 24;
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> q(std::size_t(B * H * N * D)), k(std::size_t(B * H * M * D)), v(k.size());
+  for (float& x : q) x = u(rng);
+  for (float& x : k) x = u(rng);
+  for (float& x : v) x = u(rng);
+  std::vector<float> exact(q.size()), allowed(q.size());
+  flashcpu::AttentionOptions o;
+  o.causal = true;
+  flashcpu::attention(flashcpu::bhsd<const float>(q.data(), B, H, N, D), flashcpu::bhsd<const float>(k.data(), B, H, M, D),
+                      flashcpu::bhsd<const float>(v.data(), B, H, M, D), flashcpu::bhsd(exact.data(), B, H, N, D), o);
+  o.allow_bf16_compute = true;
+  flashcpu::attention(flashcpu::bhsd<const float>(q.data(), B, H, N, D), flashcpu::bhsd<const float>(k.data(), B, H, M, D),
+                      flashcpu::bhsd<const float>(v.data(), B, H, M, D), flashcpu::bhsd(allowed.data(), B, H, N, D), o);
+  CHECK(std::memcmp(exact.data(), allowed.data(), exact.size() * sizeof(float)) == 0);
+}
