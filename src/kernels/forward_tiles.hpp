@@ -63,8 +63,10 @@ struct TileForwardKernel : TileBase<Arch> {
     return config;
   }
 
-  // S for the tile's columns [c0, cols) (whole panels), times the score factor.
-  static void tile_scores(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t) {
+  // S for the tile's columns [c0, cols) (whole panels), times the score factor, as
+  // ForwardKernel::run_blocks calls it. No row maxima on the way: the softmax takes them.
+  static bool raw_scores(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t, float*,
+                         PrefetchStream&) {
     const std::int64_t Dt = tile_head_dim(job.dims.head_dim), Bk = job.dims.block_keys;
     const auto* q = reinterpret_cast<const std::uint16_t*>(job.q.q_packed) + r0 * Dt;
     const auto* panels = reinterpret_cast<const std::uint16_t*>(job.keys.k_panels) + (j0 + t.c0 - job.keys.begin) * Dt;
@@ -84,11 +86,12 @@ struct TileForwardKernel : TileBase<Arch> {
       Tiles::template store<1>(scores + c + 16, Bk * 4);
     }
     const float factor = job.score.raw_factor;
-    if (factor == 1.0f) return;
+    if (factor == 1.0f) return false;
     for (int r = 0; r < MR; ++r) {
       float* s = scores + r * Bk;
       for (std::int64_t j = t.c0; j < t.cols; j += W) (batch::load_aligned(s + j) * batch(factor)).store_aligned(s + j);
     }
+    return false;
   }
 
   // Row r's probabilities [c0, cols) to bf16, in place: element j's 16 bits go to the
@@ -101,16 +104,13 @@ struct TileForwardKernel : TileBase<Arch> {
       for (; j < cols; j += 16)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(row + j)));
 #endif
-    for (; j < cols; ++j) {  // round to nearest even; probabilities are finite
-      std::uint32_t bits;
-      __builtin_memcpy(&bits, row + j, 4);
-      out[j] = std::uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-    }
+    for (; j < cols; ++j) out[j] = round_to_bf16(row[j]);
   }
 
-  // O = alpha O + P . V for the tile's columns [c0, cols).
-  static void tile_values(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
-                          const float* alpha) {
+  // O = alpha O + P . V for the tile's columns [c0, cols), as ForwardKernel::run_blocks
+  // calls it (zero weights need no care here but in the chunks flagged non-finite).
+  static void accumulate_values(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
+                                const float* alpha, bool, std::int64_t, std::int64_t, ValuesAhead) {
     const std::int64_t Bk = job.dims.block_keys, Dvp = job.dims.value_dim_padded;
     float* const acc = job.state.acc + r0 * Dvp;
     for (int r = 0; r < MR; ++r) {
@@ -151,17 +151,6 @@ struct TileForwardKernel : TileBase<Arch> {
           for (std::int64_t c = 0; c < Dvp; ++c) acc[r * Dvp + c] += p * widen_scalar(bf16{pair[2 * c]});
         }
     }
-  }
-
-  // The two products as ForwardKernel::run_blocks calls them.
-  static bool raw_scores(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t, float*,
-                         PrefetchStream&) {
-    tile_scores(job, r0, j0, t);
-    return false;  // no row maxima on the way: the softmax takes them
-  }
-  static void accumulate_values(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
-                                const float* alpha, bool, std::int64_t, std::int64_t, ValuesAhead) {
-    tile_values(job, r0, j0, t, alpha);
   }
 
   // The fused kernel on one job (ForwardKernel::run_blocks with the products above),

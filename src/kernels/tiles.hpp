@@ -19,10 +19,6 @@
 // Every user configures, uses and releases the tiles within one call of one thread:
 // OpenMP reuses threads, and a configuration is the thread's own.
 
-struct NoTiles {
-  static constexpr bool enabled = false;
-};
-
 // The 64-byte LDTILECFG operand, palette 1.
 struct alignas(64) TileConfigBlock {
   std::uint8_t palette = 1;
