@@ -30,33 +30,21 @@ void write_empty_rows(const AttentionShape& s, const CallViews& views, float emp
       }
 }
 
-// Decoding shapes: a handful of query rows per head. Up to 16 rows the stacked-heads
-// decode path reads K and V once per KV head and splits the keys across threads.
-bool use_decode_path(const AttentionShape& s) { return s.q_len <= 16; }
-
-// What a variant with bf16 products (AMX tiles, vdpbf16ps) takes: the dot product,
-// prefill, and bf16 q, k and v, or any types if the call allows rounding them to bf16.
-// Other calls at its level run the level below.
-bool bf16_products_take(const AttentionShape& s, const CallViews& views, detail::Transform transform) {
-  const bool bf16_inputs = views.q.type == detail::DType::bf16 && views.k.type == detail::DType::bf16;
-  return (bf16_inputs || s.allow_bf16_compute) && s.score == Score::dot_product &&
-         transform == detail::Transform::none && !use_decode_path(s);
-}
-
 void run(const AttentionShape& s, const CallViews& views, detail::Transform transform = detail::Transform::none,
          float empty_value = 0.0f, bool regression = false) {
   const detail::KernelTable* chosen = &detail::active_kernels(views.k.type);
   if (s.allow_bf16_compute && views.k.type != detail::DType::bf16) {
     const detail::KernelTable& rounded = detail::active_kernels(detail::DType::bf16);
-    if (rounded.bf16_products && bf16_products_take(s, views, transform)) chosen = &rounded;
+    if (rounded.bf16_products && detail::bf16_products_take(rounded, s, views.q.type, views.k.type, transform))
+      chosen = &rounded;
   }
-  while (chosen->bf16_products && !bf16_products_take(s, views, transform))
+  while (chosen->bf16_products && !detail::bf16_products_take(*chosen, s, views.q.type, views.k.type, transform))
     chosen = &detail::kernels_below(chosen->isa, views.k.type);
   const detail::KernelTable& kernels = *chosen;
   if (s.empty()) return;
   if (s.kv_len == 0) return write_empty_rows(s, views, empty_value);
   const detail::Plan plan = detail::make_plan(kernels, s, views.v, transform, empty_value, regression);  // may throw
-  if (use_decode_path(s))
+  if (detail::use_decode_path(s))
     detail::run_decode(plan, views);
   else
     detail::run_prefill(plan, views);

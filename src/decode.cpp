@@ -41,8 +41,9 @@ DecodeSplit split_decode(const Plan& plan, const CallViews& views) {
   DecodeSplit d{};
   d.rows = plan.group * s.q_len;
   // K rows are read in place when they are contiguous whole vectors of a plain dot
-  // product: no reuse to pay for a packing pass.
-  d.k_in_place = plan.kind == ScoreKind::dot && !plan.centered && views.k.strides[3] == 1 &&
+  // product: no reuse to pay for a packing pass. (AMX tiles read K panels only: each key
+  // block is packed for a tile of 16 or more stacked rows, see attention.cpp.)
+  d.k_in_place = !kernels.tiles && plan.kind == ScoreKind::dot && !plan.centered && views.k.strides[3] == 1 &&
                  s.head_dim % kernels.vector_floats == 0;
   // Kernel: with a vector's worth of rows or more (and nothing but exclusions on the
   // scores), the rows become vector lanes; else the smaller tile when it pads less (e.g.
@@ -73,12 +74,13 @@ DecodeSplit split_decode(const Plan& plan, const CallViews& views) {
 
 ThreadScratch decode_scratch(const Plan& plan, const DecodeSplit& d) {
   const std::int64_t D = plan.shape.head_dim, Bk = plan.block_keys;
-  const bool wide_k = plan.kernels->kv != DType::f32;
+  const KernelTable& kernels = *plan.kernels;
+  const bool wide_k = kernels.kv != DType::f32;
   ThreadScratch parts{};
-  parts.key_panels = d.k_in_place ? 0 : Bk * D;
+  parts.key_panels = d.k_in_place ? 0 : kernels.key_panel_floats(Bk, D);
   parts.key_bias = plan.centered ? Bk : 0;
-  parts.value_rows = plan.v_in_place ? 0 : Bk * plan.value_dim_padded;
-  parts.q_packed = d.rows_padded * D;
+  parts.value_rows = plan.v_in_place ? 0 : kernels.value_floats(Bk, plan.value_dim_padded);
+  parts.q_packed = kernels.query_floats(d.rows_padded, D);
   parts.row_bias = plan.centered ? d.rows_padded : 0;
   parts.center = D;
   // Lanes: the transposed Q follows the scores, then K widened to fp32 (16-bit K).

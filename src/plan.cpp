@@ -26,6 +26,21 @@ float load_element(const void* p, DType type) {
 
 int thread_count(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
 
+bool use_decode_path(const AttentionShape& s) { return s.q_len <= 16; }
+
+// Such a variant takes the dot product, and bf16 q and k or any types if the call allows
+// rounding them to bf16; for prefill, and on the tiles also for decoding with a whole
+// tile of stacked rows (query heads per KV head x queries >= 16: batched or speculative
+// decoding, or a wide GQA group). Fewer stacked rows are bound by memory, not arithmetic:
+// the vector kernels read K in place there, and take every other score and transform.
+bool bf16_products_take(const KernelTable& kernels, const AttentionShape& s, DType q, DType k, Transform transform) {
+  const bool bf16_inputs = q == DType::bf16 && k == DType::bf16;
+  const std::int64_t stacked_rows = s.q_len * (s.kv_heads > 0 ? s.q_heads / s.kv_heads : 1);
+  const bool shape_taken = !use_decode_path(s) || (kernels.tiles && stacked_rows >= kernels.tile_rows);
+  return (bf16_inputs || s.allow_bf16_compute) && s.score == Score::dot_product && transform == Transform::none &&
+         shape_taken;
+}
+
 Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const AnyView& v, Transform transform,
                float empty_value, bool regression) {
   Plan plan{};
@@ -39,12 +54,14 @@ Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const AnyVie
   plan.block_keys = std::min(round_up(tiles.block_keys, kernels.panel_keys),
                              round_up(std::max<std::int64_t>(s.kv_len, 1), kernels.panel_keys));
   plan.value_dim_padded = round_up(s.value_dim, kernels.value_columns);
-  // (Never when the table's type is not V's: allow_bf16_compute, whose packers convert.)
-  plan.v_in_place = v.strides[3] == 1 && s.value_dim == plan.value_dim_padded && v.type == kernels.kv;
+  // (Never when the table's type is not V's: allow_bf16_compute, whose packers convert;
+  // nor on AMX tiles, which read V in their own layout.)
+  plan.v_in_place =
+      v.strides[3] == 1 && s.value_dim == plan.value_dim_padded && v.type == kernels.kv && !kernels.tiles;
   const std::int64_t bytes = element_bytes(v.type);
   // (elements mod 64) first: a stride of a size-1 dim may be any value up to INT64_MAX.
   const auto on_lines = [bytes](std::int64_t elements) { return elements % 64 * bytes % 64 == 0; };
-  plan.v_in_place_prefill = plan.v_in_place && !kernels.tiles && reinterpret_cast<std::uintptr_t>(v.data) % 64 == 0 &&
+  plan.v_in_place_prefill = plan.v_in_place && reinterpret_cast<std::uintptr_t>(v.data) % 64 == 0 &&
                             on_lines(v.strides[0]) && on_lines(v.strides[1]) && on_lines(v.strides[2]);
 
   plan.transform = s.softcap > 0 ? Transform::softcap : transform;

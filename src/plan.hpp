@@ -81,6 +81,15 @@ struct Plan {
   float empty_value;
 };
 
+/// Decoding shapes: a handful of query rows per head (16 or fewer). The decode driver
+/// stacks the query heads of a KV head as rows, reads K and V once per KV head and splits
+/// the keys across threads.
+bool use_decode_path(const AttentionShape& s);
+
+/// Whether a variant with bf16 products (kernels.bf16_products: AMX tiles, vdpbf16ps)
+/// takes the call; else the level below runs it (attention.cpp).
+bool bf16_products_take(const KernelTable& kernels, const AttentionShape& s, DType q, DType k, Transform transform);
+
 Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const AnyView& v, Transform transform,
                float empty_value, bool regression);
 

@@ -133,8 +133,8 @@ inline float widened(float x) { return x; }
 inline float widened(bf16 x) { return flashcpu::to_float(x); }
 inline float widened(fp16 x) { return flashcpu::to_float(x); }
 
-// The kernel of `kernels`, through the prefill driver, on q, k, v of type T: out (T,
-// widened) and lse.
+// The kernel of `kernels`, through the driver the library would call (prefill, or
+// decoding for 16 query rows or fewer), on q, k, v of type T: out (T, widened) and lse.
 template <class T>
 void run_kernel(const flashcpu::detail::KernelTable& kernels, const Buffer& q, const Buffer& k, const Buffer& v,
                 const flashcpu::AttentionOptions& o, std::vector<float>* out, std::vector<float>* lse) {
@@ -147,7 +147,11 @@ void run_kernel(const flashcpu::detail::KernelTable& kernels, const Buffer& q, c
   const fd::AttentionShape s = fd::validate_attention(qv, kv, vv, out_view, &lse_view, o);
   const fd::CallViews views{fd::AnyView::of(qv), fd::AnyView::of(kv), fd::AnyView::of(vv), fd::AnyView::of(out_view),
                             lse_view, true};
-  fd::run_prefill(fd::make_plan(kernels, s, views.v, fd::Transform::none, 0.0f, false), views);
+  const fd::Plan plan = fd::make_plan(kernels, s, views.v, fd::Transform::none, 0.0f, false);
+  if (fd::use_decode_path(s))
+    fd::run_decode(plan, views);
+  else
+    fd::run_prefill(plan, views);
   for (std::size_t i = 0; i < out_t.size(); ++i) (*out)[i] = widened(out_t[i]);
 }
 
@@ -216,7 +220,7 @@ Outcome run_tile_case(const flashcpu::detail::KernelTable& kernels, const TileCa
   flashcpu::reference::attention(q.fview(), k.fview(), v.fview(), flashcpu::bhsd(ref.data(), c.B, c.Hq, c.N, c.Dv),
                                  flashcpu::bhsd(ref_lse.data(), c.B, c.Hq, c.N, 1), o);
 
-  // The kernel, through the prefill driver, on emulated instructions.
+  // The kernel, through the prefill or decode driver, on emulated instructions.
   std::vector<float> out(ref.size(), 12345.0f), lse(ref_lse.size(), 12345.0f);
   if (c.input == Input::bf16)
     run_kernel<bf16>(kernels, q, k, v, o, &out, &lse);
@@ -416,6 +420,91 @@ TEST_CASE("bf16 products (emulated AMX, vdpbf16ps): fp32 and fp16 inputs under a
     c.seed = std::uint32_t(500 + trial);
     TILE_CHECK_CASE(c);
   }
+}
+
+TEST_CASE("bf16 products (emulated AMX): decoding with 16 or more stacked rows per KV head", "[bf16products]") {
+  // The decode driver stacks the query heads of a KV head as rows (row r: query r / G of
+  // head r % G), splits the keys into chunks of at least 512 and merges the chunks'
+  // partial states: M up to 1500 gives up to three chunks, M = 1 and 33 a single one.
+  const flashcpu::detail::KernelTable& tiles = flashcpu::detail::emulated_tile_kernels();
+  struct Rows {
+    std::int64_t N, G;
+  };
+  const Rows shapes[] = {{1, 16}, {2, 8}, {4, 4}, {3, 6}, {5, 4}, {16, 1}, {1, 17}, {7, 3}};
+  std::mt19937 rng(19);
+  int trial = 0;
+  for (const Rows& rows : shapes)
+    for (std::int64_t M : {1, 33, 700, 1500}) {
+      TileCase c;
+      c.N = rows.N;
+      c.Hkv = 1 + trial % 2;
+      c.Hq = c.Hkv * rows.G;
+      c.B = 1 + trial % 3 / 2;
+      c.M = M;
+      c.D = std::vector<std::int64_t>{64, 5, 33, 128}[std::size_t(trial % 4)];
+      c.Dv = std::vector<std::int64_t>{64, 7, 17, 32, 1}[std::size_t(trial % 5)];
+      c.causal = trial % 3 == 0;
+      c.key_lengths = trial % 4 == 1;
+      c.poison = c.key_lengths && trial % 8 == 1;
+      c.mask = trial % 5 == 2;
+      c.bool_mask = trial % 6 == 3;
+      c.alibi = trial % 7 == 4;
+      c.sinks = trial % 4 == 3;
+      c.softcap = trial % 9 == 6 ? 3.0f : 0.0f;
+      if (trial % 10 == 7) c.window_left = std::uniform_int_distribution<std::int64_t>(0, M)(rng);
+      c.strided = trial % 2 == 1;
+      c.qk_range = trial % 3 == 1 ? 2.5f : 1.0f;
+      c.threads = 1 + trial % 3;
+      c.input = trial % 11 == 5 ? Input::f32 : trial % 11 == 8 ? Input::f16 : Input::bf16;
+      c.seed = std::uint32_t(900 + trial);
+      ++trial;
+      const Outcome r = run_tile_case(tiles, c);
+      INFO(tiles.name << ": " << c.describe());
+      INFO(r.report);
+      CHECK(r.ok);
+      if (c.input == Input::bf16) CHECK(r.worst_out <= 0.75);
+      if (c.input == Input::bf16) CHECK(r.worst_lse <= 0.1);
+    }
+}
+
+TEST_CASE("bf16 products: which calls the variants take", "[bf16products]") {
+  namespace fd = flashcpu::detail;
+  const fd::KernelTable& tiles = fd::emulated_tile_kernels();
+  const fd::KernelTable& pairs = fd::emulated_pair_kernels();
+  const auto shape = [](std::int64_t N, std::int64_t Hq, std::int64_t Hkv) {
+    fd::AttentionShape s{};
+    s.batch = 1;
+    s.q_len = N;
+    s.kv_len = 100;
+    s.q_heads = Hq;
+    s.kv_heads = Hkv;
+    s.head_dim = s.value_dim = 64;
+    s.score = flashcpu::Score::dot_product;
+    return s;
+  };
+  const auto takes = [](const fd::KernelTable& kernels, const fd::AttentionShape& s,
+                        fd::DType q = fd::DType::bf16, fd::Transform t = fd::Transform::none) {
+    return fd::bf16_products_take(kernels, s, q, fd::DType::bf16, t);
+  };
+  // Prefill: both.
+  CHECK(takes(tiles, shape(17, 1, 1)));
+  CHECK(takes(pairs, shape(17, 1, 1)));
+  // Decoding: the tiles from 16 stacked rows (query heads per KV head x queries) up.
+  CHECK(takes(tiles, shape(4, 32, 8)));
+  CHECK(takes(tiles, shape(1, 16, 1)));
+  CHECK(takes(tiles, shape(16, 4, 4)));
+  CHECK_FALSE(takes(tiles, shape(3, 32, 8)));
+  CHECK_FALSE(takes(tiles, shape(1, 32, 8)));
+  CHECK_FALSE(takes(pairs, shape(4, 32, 8)));
+  // Other scores, kernel regression's transforms, fp32 q without the option: not taken.
+  fd::AttentionShape gaussian = shape(64, 1, 1);
+  gaussian.score = flashcpu::Score::gaussian;
+  CHECK_FALSE(takes(tiles, gaussian));
+  CHECK_FALSE(takes(tiles, shape(64, 1, 1), fd::DType::bf16, fd::Transform::nw_laplacian));
+  CHECK_FALSE(takes(tiles, shape(64, 1, 1), fd::DType::f32));
+  fd::AttentionShape allowed = shape(64, 1, 1);
+  allowed.allow_bf16_compute = true;
+  CHECK(takes(tiles, allowed, fd::DType::f32));
 }
 
 TEST_CASE("allow_bf16_compute changes nothing where no level with bf16 products runs", "[bf16products]") {

@@ -271,12 +271,16 @@ void nadaraya_watson(TensorView<const float> x_query, TensorView<const float> x_
 /// FLASHCPU_ISA names them: their kernels are tested on emulated instructions but have
 /// not yet run on CPUs that have them. They take bf16 q, k, v and out with the
 /// dot-product score, for prefill (more than 16 query rows), with every option: masks,
-/// causal, windows, key lengths, softcap, ALiBi, sinks and lse. Q·Kᵀ multiplies q and k
-/// as given, in fp32 sums (the scale multiplies the fp32 scores). On "amx" P·V runs on
-/// the tiles too, with the softmax weights rounded to bf16 (relative error 2^-8 per
-/// weight; the row sums stay fp32); on "avx512bf16" it is fp32 from V widened exactly.
-/// Every other call at those levels (other types, other scores, decoding) runs the
-/// level below, and active_isa() still names the level.
+/// causal, windows, key lengths, softcap, ALiBi, sinks and lse. "amx" also takes
+/// decoding (16 query rows or fewer) when the query heads per KV head times the query
+/// rows make 16 or more (batched or speculative decoding); fewer such rows are bound by
+/// memory and run the vector kernels. Q·Kᵀ multiplies q and k as given, in fp32 sums
+/// (the scale multiplies the fp32 scores). On "amx" P·V runs on the tiles too, with the
+/// softmax weights rounded to bf16 (relative error 2^-8 per weight; the row sums stay
+/// fp32); on "avx512bf16" it is fp32 from V widened exactly. Every other call at those
+/// levels (other types without allow_bf16_compute, the Gaussian and additive scores,
+/// kernel regression, decoding fewer rows) runs the level below, and active_isa() still
+/// names the level.
 std::string active_isa();
 
 /// Whether this CPU (and OS) can run the kernels of `isa` ("amx", "avx512bf16",
