@@ -10,7 +10,7 @@
 // Families: prefill sweep, the named workloads (P64, P128, C128, S16K, short, DEC,
 // thread scaling), their backward (P64_bwd, C128_bwd, S16K_bwd: fused and materialized
 // OpenBLAS backward, FLOP = the backward's five products), their 16-bit forms (<family>_<dtype>: P64_bf16, P128_bf16,
-// P64_fp16kv, DEC_bf16kv, DEC_fp16kv), a decode sweep, head shapes of real models, the
+// C128_bf16, P64_fp16kv, DEC_bf16kv, DEC_fp16kv), a decode sweep, head shapes of real models, the
 // two OpenBLAS threading modes, and the machine probes (BM_FmaPeak, BM_ReadBandwidth).
 // On a 16-bit workload the baselines widen the inputs to fp32 inside the timed call
 // (common.hpp, run()).
@@ -20,6 +20,8 @@
 //   probe_gflops    an FMA probe taken right before this repetition
 //   peak_frac       this repetition's GFLOP/s / probe_gflops: its median is the median
 //                   of per-pair ratios (probe, kernel, probe, kernel...)
+//   probe_amx_gflops, amx_frac   fused all-bf16 calls on the amx level: the same against
+//                   an AMX probe (back-to-back TDPBF16PS) taken right before
 //   kv_bytes_per_s  decode only: K+V bytes (each KV head once, as stored) per second
 //   probe_read_gbps decode only: a read-bandwidth probe right before this repetition
 //   bw_frac         decode only: kv_bytes_per_s / probe_read_gbps
@@ -153,6 +155,10 @@ void bm_attention(benchmark::State& st, const std::string& name, Impl impl, cons
   }
   const double probe_flops = fb::fma_probe_now(threads);
   const double probe_read = decode ? fb::read_probe_now(threads) : 0.0;
+  // The AMX kernels' figures are also quoted against the AMX probe: fused all-bf16 calls
+  // when dispatch runs the amx level (prefill, and decoding with 16 stacked rows or more).
+  const bool on_amx = impl == Impl::fused && s.dtype == fb::DType::bf16 && flashcpu::active_isa() == "amx";
+  const double probe_amx = on_amx ? fb::amx_probe_now(threads) : 0.0;
 
   std::size_t next = 0;
   const double t0 = fb::now_seconds();
@@ -167,6 +173,10 @@ void bm_attention(benchmark::State& st, const std::string& name, Impl impl, cons
   st.counters["FLOP"] = benchmark::Counter(flop, benchmark::Counter::kIsIterationInvariantRate);
   st.counters["probe_gflops"] = probe_flops;
   st.counters["peak_frac"] = flop / per_iter * 1e-9 / probe_flops;
+  if (probe_amx > 0) {
+    st.counters["probe_amx_gflops"] = probe_amx;
+    st.counters["amx_frac"] = flop / per_iter * 1e-9 / probe_amx;
+  }
   if (decode) {
     const double bytes = fb::kv_bytes(s);
     st.counters["kv_bytes_per_s"] =
@@ -288,7 +298,8 @@ void register_attention_benchmarks() {
   const Shape dec = fb::gqa(1, 32, 8, 1, 8192, 128);
   add_workload("P64", "", p64);
   add_workload("P128", "", p128);
-  add_workload("C128", "", fb::mha(1, 8, 4096, 4096, 128, true));
+  const Shape c128 = fb::mha(1, 8, 4096, 4096, 128, true);
+  add_workload("C128", "", c128);
   add_workload("S16K", "", fb::mha(1, 1, 16384, 16384, 64));
   for (std::int64_t n : {16, 64, 256}) {
     add_workload("short", "/N:" + std::to_string(n), fb::mha(1, 16, n, n, 64));
@@ -308,6 +319,7 @@ void register_attention_benchmarks() {
   const Typed typed[] = {{"P64", p64, fb::DType::bf16, false},
                          {"P64", p64, fb::DType::fp16kv, false},
                          {"P128", p128, fb::DType::bf16, false},
+                         {"C128", c128, fb::DType::bf16, false},
                          {"DEC", dec, fb::DType::bf16kv, true},
                          {"DEC", dec, fb::DType::fp16kv, true}};
   for (Typed w : typed) {
@@ -405,6 +417,19 @@ void register_probe_benchmarks() {
           ->Unit(benchmark::kMillisecond);
     }
   }
+  if (flashcpu::isa_supported("amx"))
+    for (int t : counts) {
+      const std::string name = "BM_AmxPeak/threads:" + std::to_string(t);
+      benchmark::RegisterBenchmark(name.c_str(),
+                                   [t](benchmark::State& st) {
+                                     double sum = 0;
+                                     for (auto _ : st) sum += fb::measure_amx_gflops(t, 0.1);
+                                     st.counters["GFLOPs"] = sum / double(st.iterations());
+                                   })
+          ->UseRealTime()
+          ->Iterations(3)
+          ->Unit(benchmark::kMillisecond);
+    }
   for (int t : counts) {
     const std::string name = "BM_ReadBandwidth/threads:" + std::to_string(t);
     benchmark::RegisterBenchmark(name.c_str(),
@@ -451,7 +476,7 @@ void print_usage() {
       "  --no-probes              do not measure FMA peak and bandwidth at start-up (they are\n"
       "                           then measured when first needed)\n"
       "Families (use --benchmark_filter): P64 P128 C128 S16K short DEC DEC_hot scaling_P64\n"
-      "  P64_bf16 P128_bf16 P64_fp16kv DEC_bf16kv DEC_fp16kv P64_bwd C128_bwd S16K_bwd prefill\n"
+      "  P64_bf16 P128_bf16 C128_bf16 P64_fp16kv DEC_bf16kv DEC_fp16kv P64_bwd C128_bwd S16K_bwd prefill\n"
       "  decode model blas_mode\n"
       "  BM_FmaPeak BM_ReadBandwidth. Example:\n"
       "  flashcpu_bench --benchmark_filter='^(P64|DEC)/'\n"
@@ -539,6 +564,11 @@ int main(int argc, char** argv) {
       benchmark::AddCustomContext("fma_peak_gflops" + sfx, std::to_string(fma));
       benchmark::AddCustomContext("fma_peak_isa" + sfx, fb::fma_peak_isa(t));
       benchmark::AddCustomContext("read_gbps" + sfx, std::to_string(bw));
+      if (flashcpu::isa_supported("amx")) {
+        const double amx = fb::amx_peak_gflops(t);
+        std::fprintf(stderr, "probe: %d thread%s: AMX peak %.1f GFLOP/s (TDPBF16PS)\n", t, t == 1 ? "" : "s", amx);
+        benchmark::AddCustomContext("amx_peak_gflops" + sfx, std::to_string(amx));
+      }
     }
   }
 

@@ -537,6 +537,11 @@ double measure_fma_gflops(const std::string& isa, int threads, double seconds = 
 /// width, and a level that adds instructions but no width (a future one) has none.
 bool has_fma_probe(const std::string& isa);
 
+/// AMX throughput in GFLOP/s (bf16 products, fp32 sums) on `threads` threads:
+/// back-to-back TDPBF16PS into four independent accumulator tiles for about `seconds`.
+/// Returns 0 unless the CPU and OS can run AMX (flashcpu::isa_supported("amx")).
+double measure_amx_gflops(int threads, double seconds = 0.1);
+
 /// Read bandwidth in GB/s (1e9 B/s): every thread sums its share of a `bytes` buffer
 /// (first-touched by the same thread); best of `passes` passes.
 double measure_read_gbps(int threads, std::size_t bytes = std::size_t(512) << 20, int passes = 3);
@@ -548,10 +553,15 @@ double fma_peak_gflops(int threads);
 std::string fma_peak_isa(int threads);
 /// Cached per process and thread count.
 double read_bandwidth_gbps(int threads);
+/// Cached per process and thread count: measure_amx_gflops, best of four 50 ms windows
+/// (0 without AMX).
+double amx_peak_gflops(int threads);
 
 /// A short FMA probe at the width fma_peak_isa(threads) chose (best of three 20 ms
 /// windows), for a benchmark to take right before each repetition it normalizes.
 double fma_probe_now(int threads);
+/// A short AMX probe (best of three 20 ms windows), likewise, for the AMX kernels' figures.
+double amx_probe_now(int threads);
 /// A short read-bandwidth probe (one pass over a 512 MiB buffer kept for the process,
 /// best of two), likewise.
 double read_probe_now(int threads);

@@ -89,13 +89,62 @@ __attribute__((noinline)) float chains_xmm(std::int64_t iters, float seed) {
 #undef FCB_REP12
 #undef FCB_REP16
 
+// AMX: back-to-back TDPBF16PS, each 16 x 16 x 32 multiply-adds (16,384 FLOP). Four
+// independent accumulators (tmm0-3) from two A tiles (tmm4, tmm5) and two B tiles (tmm6,
+// tmm7), loaded once: nothing but the products is timed. One product issues every 16
+// cycles per core and completes in about 50, so four chains keep the unit busy. The
+// operands are 2^-8 in bf16: a product adds 32 * 2^-16 per element, and an hour of them
+// stays far below bf16 or fp32 overflow. The configuration is loaded and released within
+// the call, on the calling thread (OpenMP threads do not keep one across calls).
+struct alignas(64) AmxConfig {
+  std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  std::uint16_t bytes_per_row[16] = {};
+  std::uint8_t rows[16] = {};
+};
+
+__attribute__((target("amx-tile,amx-bf16"), noinline)) float chains_amx(std::int64_t iters, float seed) {
+  AmxConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.bytes_per_row[t] = 64;
+  }
+  alignas(64) std::uint16_t operand[16 * 32];
+  for (std::uint16_t& x : operand) x = 0x3b80;  // bf16 2^-8
+  alignas(64) float out[16 * 16];
+  // The whole 64-byte block is the asm's operand, so every byte of it is stored first.
+  __asm__ volatile("ldtilecfg %0" ::"m"(config));
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, operand, 64);
+  _tile_loadd(5, operand, 64);
+  _tile_loadd(6, operand, 64);
+  _tile_loadd(7, operand, 64);
+  for (std::int64_t it = 0; it < iters; ++it) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  float sum = seed;
+  _tile_stored(0, out, 64);
+  sum += out[0];
+  _tile_stored(3, out, 64);
+  sum += out[255];
+  _tile_release();
+  return sum;
+}
+
 struct Probe {
   float (*fn)(std::int64_t, float);
   double flop_per_iter;  // chains * lanes * 2
 };
 
 bool probe_for(const std::string& isa, Probe* out) {
-  if (isa == "avx512") {
+  if (isa == "amx") {
+    *out = {chains_amx, 4.0 * 16 * 16 * 32 * 2};
+  } else if (isa == "avx512") {
     *out = {chains_zmm, 16.0 * 16 * 2};
   } else if (isa == "avx2") {
     *out = {chains_ymm, 12.0 * 8 * 2};
@@ -111,7 +160,9 @@ bool probe_for(const std::string& isa, Probe* out) {
 
 bool has_fma_probe(const std::string& isa) { return isa == "avx512" || isa == "avx2" || isa == "sse2"; }
 
-double measure_fma_gflops(const std::string& isa, int threads, double seconds) {
+namespace {
+
+double measure_probe_gflops(const std::string& isa, int threads, double seconds) {
   Probe probe{};
   if (!probe_for(isa, &probe)) return 0.0;
   threads = resolve_threads(threads);
@@ -146,5 +197,13 @@ double measure_fma_gflops(const std::string& isa, int threads, double seconds) {
   for (double f : flop) total += f;
   return total / wall * 1e-9;
 }
+
+}  // namespace
+
+double measure_fma_gflops(const std::string& isa, int threads, double seconds) {
+  return has_fma_probe(isa) ? measure_probe_gflops(isa, threads, seconds) : 0.0;
+}
+
+double measure_amx_gflops(int threads, double seconds) { return measure_probe_gflops("amx", threads, seconds); }
 
 }  // namespace flashcpu::bench

@@ -1034,6 +1034,7 @@ struct PeakCache {
   std::mutex mu;
   std::map<int, std::pair<double, std::string>> fma;
   std::map<int, double> bw;
+  std::map<int, double> amx;
 };
 PeakCache& cache() {
   static PeakCache c;
@@ -1072,6 +1073,24 @@ double read_bandwidth_gbps(int threads) {
   const double g = measure_read_gbps(threads);
   c.bw[threads] = g;
   return g;
+}
+
+double amx_peak_gflops(int threads) {
+  threads = resolve_threads(threads);
+  PeakCache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  auto it = c.amx.find(threads);
+  if (it != c.amx.end()) return it->second;
+  double g = 0;
+  for (int w = 0; w < 4; ++w) g = std::max(g, measure_amx_gflops(threads, 0.05));
+  c.amx[threads] = g;
+  return g;
+}
+
+double amx_probe_now(int threads) {
+  double best = 0;
+  for (int w = 0; w < 3; ++w) best = std::max(best, measure_amx_gflops(threads, 0.02));
+  return best;
 }
 
 double fma_probe_now(int threads) {

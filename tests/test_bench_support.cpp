@@ -355,3 +355,18 @@ TEST_CASE("labels say what each implementation does with 16-bit data", "[bench][
   CHECK(fb::impl_label(fb::Impl::naive, fb::mha(1, 16, 2048, 2048, 64)) ==
         "naive fp32 -O3 -march=native");
 }
+
+TEST_CASE("the AMX probe measures only where AMX runs, and never stands in for the FMA peak", "[bench][probe]") {
+  // The FMA peak (peak_frac) stays a vector-unit figure on every CPU: no level's FMA probe
+  // is the AMX one.
+  CHECK_FALSE(fb::has_fma_probe("amx"));
+  CHECK(fb::measure_fma_gflops("amx", 1, 0.01) == 0.0);
+  if (!flashcpu::isa_supported("amx")) {
+    CHECK(fb::measure_amx_gflops(1, 0.01) == 0.0);
+    WARN("AMX probe not run: this CPU (or OS) cannot run AMX");
+    return;
+  }
+  // One core's TDPBF16PS rate is 16,384 FLOP per 16 cycles: far above any FMA probe.
+  const double amx = fb::measure_amx_gflops(1, 0.05);
+  CHECK(amx > 2.0 * fb::measure_fma_gflops(fb::fma_peak_isa(1), 1, 0.05));
+}
