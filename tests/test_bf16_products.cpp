@@ -58,6 +58,7 @@ struct TileCase {
   bool key_lengths = false, mask = false, bool_mask = false, alibi = false, sinks = false;
   float softcap = 0.0f;
   bool strided = false;  // [B, S, H, D] buffers with padded rows instead of [B, H, S, D]
+  bool spread = false;   // elements of a row 2 apart (a column stride of 2)
   bool poison = false;   // NaN and inf in K and V past each batch's key length
   float qk_range = 1.0f;
   int threads = 2;
@@ -68,14 +69,15 @@ struct TileCase {
     s << "B=" << B << " Hq=" << Hq << " Hkv=" << Hkv << " N=" << N << " M=" << M << " D=" << D << " Dv=" << Dv
       << " causal=" << causal << " window=" << window_left << "," << window_right << " key_lengths=" << key_lengths
       << " mask=" << mask << " bool_mask=" << bool_mask << " alibi=" << alibi << " sinks=" << sinks
-      << " softcap=" << softcap << " strided=" << strided << " poison=" << poison << " threads=" << threads
+      << " softcap=" << softcap << " strided=" << strided << " spread=" << spread << " poison=" << poison << " threads=" << threads
       << " seed=" << seed << " input=" << (input == Input::bf16 ? "bf16" : input == Input::f32 ? "fp32" : "fp16");
     return s.str();
   }
 };
 
 // A [B, H, S, E] tensor of `type` in a buffer laid out [B, H, S, E] or, strided,
-// [B, S, H, E + 3], with its values widened to fp32 (exact) in the same layout.
+// [B, S, H, E + 3], with its values widened to fp32 (exact) in the same layout; spread,
+// the elements of a row 2 apart.
 struct Buffer {
   std::int64_t B, H, S, E;
   Input type;
@@ -84,11 +86,11 @@ struct Buffer {
   std::vector<bf16> bits;
   std::vector<fp16> halves;
 
-  Buffer(std::int64_t b, std::int64_t h, std::int64_t s, std::int64_t e, bool strided, Input t)
+  Buffer(std::int64_t b, std::int64_t h, std::int64_t s, std::int64_t e, bool strided, Input t, bool spread = false)
       : B(b), H(h), S(s), E(e), type(t) {
-    const std::int64_t row = strided ? e + 3 : e;
-    strides = strided ? std::array<std::int64_t, 4>{s * h * row, row, h * row, 1}
-                      : std::array<std::int64_t, 4>{h * s * row, s * row, row, 1};
+    const std::int64_t col = spread ? 2 : 1, row = strided ? col * e + 3 : col * e;
+    strides = strided ? std::array<std::int64_t, 4>{s * h * row, row, h * row, col}
+                      : std::array<std::int64_t, 4>{h * s * row, s * row, row, col};
     const std::size_t n = std::size_t(std::max<std::int64_t>(b * h * s * row, 1));
     const float nan = std::numeric_limits<float>::quiet_NaN();  // padding: NaN, never read
     values.assign(n, nan);
@@ -96,7 +98,7 @@ struct Buffer {
     halves.assign(n, flashcpu::to_fp16(nan));
   }
   std::int64_t at(std::int64_t b, std::int64_t h, std::int64_t s, std::int64_t e) const {
-    return b * strides[0] + h * strides[1] + s * strides[2] + e;
+    return b * strides[0] + h * strides[1] + s * strides[2] + e * strides[3];
   }
   void set(std::int64_t i, float x) {
     const std::size_t at = std::size_t(i);
@@ -164,8 +166,8 @@ struct Outcome {
 
 Outcome run_tile_case(const flashcpu::detail::KernelTable& kernels, const TileCase& c) {
   std::mt19937 rng(c.seed);
-  Buffer q(c.B, c.Hq, c.N, c.D, c.strided, c.input), k(c.B, c.Hkv, c.M, c.D, c.strided, c.input),
-      v(c.B, c.Hkv, c.M, c.Dv, c.strided, c.input);
+  Buffer q(c.B, c.Hq, c.N, c.D, c.strided, c.input, c.spread), k(c.B, c.Hkv, c.M, c.D, c.strided, c.input, c.spread),
+      v(c.B, c.Hkv, c.M, c.Dv, c.strided, c.input, c.spread);
   q.fill(rng, c.qk_range);
   k.fill(rng, c.qk_range);
   v.fill(rng, 1.0f);
@@ -322,6 +324,21 @@ TEST_CASE("bf16 products (emulated AMX, vdpbf16ps): shapes at the edges of the t
         c.seed = std::uint32_t(N * 1000 + M * 10 + D);
         TILE_CHECK_CASE(c);
       }
+  // Rows longer than the packers' 256-column chunks (kBf16Columns in pack.hpp), with
+  // odd lengths, from bf16, fp32 and fp16 sources, contiguous and 2 apart.
+  int trial = 0;
+  for (std::int64_t D : {257, 300})
+    for (Input input : {Input::bf16, Input::f32, Input::f16}) {
+      TileCase c;
+      c.input = input;
+      c.N = 20;
+      c.M = 37;
+      c.D = D;
+      c.Dv = D == 257 ? 300 : 259;
+      c.spread = trial++ % 2 == 1;
+      c.seed = std::uint32_t(7000 + trial);
+      TILE_CHECK_CASE(c);
+    }
 }
 
 TEST_CASE("bf16 products (emulated AMX, vdpbf16ps): every option they take, GQA, strided views", "[bf16products]") {
@@ -348,6 +365,7 @@ TEST_CASE("bf16 products (emulated AMX, vdpbf16ps): every option they take, GQA,
     c.sinks = trial % 4 == 1;
     c.softcap = trial % 9 == 5 ? 3.0f : 0.0f;
     c.strided = trial % 2 == 1;
+    c.spread = trial % 4 == 3;
     c.qk_range = trial % 3 == 1 ? 2.5f : 1.0f;  // sharper weights: a wrong key shows
     c.threads = 1 + trial % 3;
     c.seed = std::uint32_t(100 + trial);
@@ -417,6 +435,7 @@ TEST_CASE("bf16 products (emulated AMX, vdpbf16ps): fp32 and fp16 inputs under a
     c.mask = trial % 5 == 3;
     c.sinks = trial % 4 == 1;
     c.strided = trial % 2 == 0;
+    c.spread = trial % 3 == 1;
     c.seed = std::uint32_t(500 + trial);
     TILE_CHECK_CASE(c);
   }
@@ -453,6 +472,7 @@ TEST_CASE("bf16 products (emulated AMX): decoding with 16 or more stacked rows p
       c.softcap = trial % 9 == 6 ? 3.0f : 0.0f;
       if (trial % 10 == 7) c.window_left = std::uniform_int_distribution<std::int64_t>(0, M)(rng);
       c.strided = trial % 2 == 1;
+      c.spread = trial % 5 == 3;
       c.qk_range = trial % 3 == 1 ? 2.5f : 1.0f;
       c.threads = 1 + trial % 3;
       c.input = trial % 11 == 5 ? Input::f32 : trial % 11 == 8 ? Input::f16 : Input::bf16;

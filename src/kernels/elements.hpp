@@ -88,14 +88,3 @@ inline std::uint16_t round_to_bf16(float x) {
   if ((bits & 0x7fffffffu) > 0x7f800000u) return std::uint16_t(bits >> 16 | 0x40u);
   return std::uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
-
-// Element `index` of `data` (of `type`) as bf16 bits: bf16 as stored, fp32 and fp16
-// rounded to nearest even (the bf16-product packers, under allow_bf16_compute).
-inline std::uint16_t bf16_bits_at(const void* data, DType type, std::int64_t index) {
-  switch (type) {
-    case DType::bf16: return static_cast<const std::uint16_t*>(data)[index];
-    case DType::f16: return round_to_bf16(widen_scalar(static_cast<const f16*>(data)[index]));
-    case DType::f32: break;
-  }
-  return round_to_bf16(static_cast<const float*>(data)[index]);
-}

@@ -91,17 +91,7 @@ struct PairPackers {
                                float, float* panels, float*) {
     assert(center == nullptr);
     (void)center;
-    auto* out = reinterpret_cast<std::uint32_t*>(panels);
-    const std::int64_t Dh = head_pairs(head_dim), packed = (keys + NR - 1) / NR * NR;
-    for (std::int64_t j = 0; j < packed; ++j) {
-      std::uint32_t* key = out + (j / NR) * Dh * NR + j % NR;  // column j % NR of its panel
-      for (std::int64_t t = 0; t < Dh; ++t) {
-        const std::int64_t at = j * k.row_stride + 2 * t * k.col_stride;
-        const std::uint32_t lo = j < keys ? bf16_bits_at(k.data, k.type, at) : 0;
-        const std::uint32_t hi = j < keys && 2 * t + 1 < head_dim ? bf16_bits_at(k.data, k.type, at + k.col_stride) : 0;
-        key[t * NR] = lo | hi << 16;
-      }
-    }
+    pack_bf16_key_pairs(k, keys, head_dim, head_pairs(head_dim), NR, reinterpret_cast<std::uint32_t*>(panels));
     return 0.0f;
   }
 
@@ -109,9 +99,7 @@ struct PairPackers {
                               std::int64_t value_dim_padded, void* rows) {
     auto* out = static_cast<std::uint16_t*>(rows);  // bf16 rows (fp32 / fp16 rounded)
     for (std::int64_t j = 0; j < keys; ++j)
-      for (std::int64_t c = 0; c < value_dim_padded; ++c)
-        out[j * value_dim_padded + c] =
-            c < value_dim ? bf16_bits_at(v.data, v.type, j * v.row_stride + c * v.col_stride) : 0;
+      pack_bf16_row(v, j * v.row_stride, value_dim, value_dim_padded, out + j * value_dim_padded);
   }
 
   // Q in bf16, rows of 2 head_pairs elements, which are head_pairs little-endian pairs

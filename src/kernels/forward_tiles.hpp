@@ -185,34 +185,36 @@ struct TilePackers {
                                float, float* panels, float*) {
     assert(center == nullptr);
     (void)center;
-    auto* out = reinterpret_cast<std::uint16_t*>(panels);
-    const std::int64_t Dt = tile_head_dim(head_dim), packed = round_up_i64(keys, kTilePanelKeys);
-    for (std::int64_t j = 0; j < packed; ++j) {
-      // Key j: column j % 32 of panel j / 32; dimension d in row d / 2, slot d % 2.
-      std::uint16_t* key = out + (j / kTilePanelKeys) * kTilePanelKeys * Dt + (j % kTilePanelKeys) * 2;
-      for (std::int64_t d = 0; d < Dt; ++d)
-        key[(d / 2) * kTilePanelKeys * 2 + d % 2] =
-            j < keys && d < head_dim ? bf16_bits_at(k.data, k.type, j * k.row_stride + d * k.col_stride) : 0;
-    }
+    pack_bf16_key_pairs(k, keys, head_dim, tile_head_dim(head_dim) / 2, kTilePanelKeys,
+                        reinterpret_cast<std::uint32_t*>(panels));
     return 0.0f;
   }
 
+  // V by pairs of keys: word c of pair t holds column c of key 2t (low half) and of key
+  // 2t + 1 (high half). Then the flags of the 32-key chunks holding an inf or NaN.
   static void pack_value_rows(const SourceRows& v, std::int64_t keys, std::int64_t value_dim,
                               std::int64_t value_dim_padded, void* rows) {
-    auto* out = static_cast<std::uint16_t*>(rows);
+    auto* out = static_cast<std::uint32_t*>(rows);
     const std::int64_t packed = round_up_i64(keys, kTilePanelKeys);
-    auto* nonfinite = reinterpret_cast<std::uint8_t*>(out + packed * value_dim_padded);
+    auto* nonfinite = reinterpret_cast<std::uint8_t*>(out + packed / 2 * value_dim_padded);
     for (std::int64_t chunk = 0; chunk < packed / kTilePanelKeys; ++chunk) nonfinite[chunk] = 0;
-    for (std::int64_t j = 0; j < packed; ++j) {
-      std::uint16_t* pair = out + (j / 2) * value_dim_padded * 2 + j % 2;
-      bool bad = false;
-      for (std::int64_t c = 0; c < value_dim_padded; ++c) {
-        const std::uint16_t x =
-            j < keys && c < value_dim ? bf16_bits_at(v.data, v.type, j * v.row_stride + c * v.col_stride) : 0;
-        bad = bad || bf16_nonfinite(x);
-        pair[2 * c] = x;
+    std::uint16_t even_buffer[kBf16Columns], odd_buffer[kBf16Columns];
+    for (std::int64_t t = 0; t < packed / 2; ++t) {
+      std::uint32_t* pair = out + t * value_dim_padded;
+      const std::int64_t even = 2 * t, odd = 2 * t + 1;
+      unsigned bad = 0;
+      for (std::int64_t c0 = 0; even < keys && c0 < value_dim; c0 += kBf16Columns) {
+        const std::int64_t n = min_i64(kBf16Columns, value_dim - c0);
+        const std::uint16_t* a = bf16_columns(v, even * v.row_stride + c0 * v.col_stride, n, even_buffer);
+        const std::uint16_t* b =
+            odd < keys ? bf16_columns(v, odd * v.row_stride + c0 * v.col_stride, n, odd_buffer) : kBf16Zeros;
+        for (std::int64_t i = 0; i < n; ++i) {
+          pair[c0 + i] = a[i] | std::uint32_t(b[i]) << 16;
+          bad |= unsigned(bf16_nonfinite(a[i])) | unsigned(bf16_nonfinite(b[i]));
+        }
       }
-      if (bad) nonfinite[j / kTilePanelKeys] = 1;
+      for (std::int64_t c = even < keys ? value_dim : 0; c < value_dim_padded; ++c) pair[c] = 0;
+      if (bad) nonfinite[even / kTilePanelKeys] = 1;
     }
   }
 

@@ -125,15 +125,79 @@ void pack_query_rows_from(const QueryPack& pack) {
   }
 }
 
-// Q rows for the kernels with bf16 products (kernels/forward_tiles.hpp, forward_pairs.hpp):
-// bf16 (fp32 and fp16 rounded, under allow_bf16_compute), unscaled, `width` >= head_dim
-// elements each, zero past head_dim. Those kernels multiply the fp32 scores by the
-// factor instead (JobScore::raw_factor): a bf16 q scaled and rounded again would move
-// every score by up to 2^-9 of its size.
+// ---- The layouts of the kernels with bf16 products (kernels/forward_tiles.hpp,
+// forward_pairs.hpp). Their sources are bf16, or fp32 and fp16 rounded to bf16 to
+// nearest even (allow_bf16_compute).
+
+// Columns per bf16_columns call; even, so a pair of columns never straddles two calls.
+constexpr std::int64_t kBf16Columns = 256;
+constexpr std::uint16_t kBf16Zeros[kBf16Columns] = {};
+
+// `count` (<= kBf16Columns) columns of a source row as bf16 bits, the first at element
+// `at`: a pointer into the source where it holds them as contiguous bf16 (the common
+// case, no copy), else `buffer` filled. One type test per call, and loops the compiler
+// can vectorize, where a test per element made packing a tenth of a bf16 call's time.
+inline const std::uint16_t* bf16_columns(const SourceRows& s, std::int64_t at, std::int64_t count,
+                                         std::uint16_t* buffer) {
+  const std::int64_t stride = s.col_stride;
+  switch (s.type) {
+    case DType::bf16: {
+      const auto* x = static_cast<const std::uint16_t*>(s.data) + at;
+      if (stride == 1) return x;
+      for (std::int64_t i = 0; i < count; ++i) buffer[i] = x[i * stride];
+      return buffer;
+    }
+    case DType::f16: {
+      const auto* x = static_cast<const f16*>(s.data) + at;
+      for (std::int64_t i = 0; i < count; ++i) buffer[i] = round_to_bf16(widen_scalar(x[i * stride]));
+      return buffer;
+    }
+    case DType::f32: break;
+  }
+  const auto* x = static_cast<const float*>(s.data) + at;
+  for (std::int64_t i = 0; i < count; ++i) buffer[i] = round_to_bf16(x[i * stride]);
+  return buffer;
+}
+
+// K in panels of `panel_keys` keys whose rows are `words` 32-bit words, word w holding
+// dimensions (2w, 2w + 1) of every key of the panel (the pair layout of TDPBF16PS's B
+// operand and of vdpbf16ps): key j is column j % panel_keys of panel j / panel_keys.
+// Words past the head dim, and keys from `keys` to a whole panel, are zero.
+inline void pack_bf16_key_pairs(const SourceRows& k, std::int64_t keys, std::int64_t head_dim, std::int64_t words,
+                                std::int64_t panel_keys, std::uint32_t* out) {
+  const std::int64_t packed = (keys + panel_keys - 1) / panel_keys * panel_keys;
+  std::uint16_t buffer[kBf16Columns];
+  for (std::int64_t j = 0; j < packed; ++j) {
+    std::uint32_t* key = out + (j / panel_keys) * panel_keys * words + j % panel_keys;
+    std::int64_t w = 0;
+    for (std::int64_t c0 = 0; j < keys && c0 < head_dim; c0 += kBf16Columns) {
+      const std::int64_t n = min_i64(kBf16Columns, head_dim - c0);
+      const std::uint16_t* x = bf16_columns(k, j * k.row_stride + c0 * k.col_stride, n, buffer);
+      for (std::int64_t i = 0; i + 1 < n; i += 2, ++w) key[w * panel_keys] = x[i] | std::uint32_t(x[i + 1]) << 16;
+      if (n % 2) key[w++ * panel_keys] = x[n - 1];
+    }
+    for (; w < words; ++w) key[w * panel_keys] = 0;
+  }
+}
+
+// One row of `columns` bf16 elements: `count` source columns from element `at`, then zeros.
+inline void pack_bf16_row(const SourceRows& s, std::int64_t at, std::int64_t count, std::int64_t columns,
+                          std::uint16_t* dst) {
+  std::uint16_t buffer[kBf16Columns];
+  std::int64_t c0 = 0;
+  for (; c0 < count; c0 += kBf16Columns) {
+    const std::int64_t n = min_i64(kBf16Columns, count - c0);
+    __builtin_memcpy(dst + c0, bf16_columns(s, at + c0 * s.col_stride, n, buffer), std::size_t(n) * 2);
+  }
+  for (std::int64_t c = count; c < columns; ++c) dst[c] = 0;
+}
+
+// Q rows: bf16, unscaled, `width` >= head_dim elements each, zero past head_dim. Those
+// kernels multiply the fp32 scores by the factor instead (JobScore::raw_factor): a bf16
+// q scaled and rounded again would move every score by up to 2^-9 of its size.
 inline void pack_bf16_query_rows(const QueryPack& pack, std::int64_t width) {
   assert(pack.center == nullptr);
   auto* out = reinterpret_cast<std::uint16_t*>(pack.packed);
-  const std::int64_t D = pack.head_dim, stride = pack.source.col_stride;
   std::int64_t i = 0, g = 0;  // (query i, head g) of row r, stepped
   for (std::int64_t r = 0; r < pack.rows_padded; ++r) {
     std::uint16_t* dst = out + r * width;
@@ -141,13 +205,11 @@ inline void pack_bf16_query_rows(const QueryPack& pack, std::int64_t width) {
       for (std::int64_t d = 0; d < width; ++d) dst[d] = 0;
       continue;
     }
-    const std::int64_t row = i * pack.source.row_stride + g * pack.head_stride;
+    pack_bf16_row(pack.source, i * pack.source.row_stride + g * pack.head_stride, pack.head_dim, width, dst);
     if (++g == pack.heads_per_row) {
       g = 0;
       ++i;
     }
-    for (std::int64_t d = 0; d < width; ++d)
-      dst[d] = d < D ? bf16_bits_at(pack.source.data, pack.source.type, row + d * stride) : 0;
   }
 }
 
