@@ -55,9 +55,9 @@ Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const AnyVie
                              round_up(std::max<std::int64_t>(s.kv_len, 1), kernels.panel_keys));
   plan.value_dim_padded = round_up(s.value_dim, kernels.value_columns);
   // (Never when the table's type is not V's: allow_bf16_compute, whose packers convert;
-  // nor on AMX tiles, which read V in their own layout.)
+  // nor with pair values, which read V in their own layout.)
   plan.v_in_place =
-      v.strides[3] == 1 && s.value_dim == plan.value_dim_padded && v.type == kernels.kv && !kernels.tiles;
+      v.strides[3] == 1 && s.value_dim == plan.value_dim_padded && v.type == kernels.kv && !kernels.pair_values;
   const std::int64_t bytes = element_bytes(v.type);
   // (elements mod 64) first: a stride of a size-1 dim may be any value up to INT64_MAX.
   const auto on_lines = [bytes](std::int64_t elements) { return elements % 64 * bytes % 64 == 0; };

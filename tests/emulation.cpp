@@ -3,7 +3,8 @@
 // oracle on any CPU:
 //  - the AMX tile kernel (src/kernels/forward_tiles.hpp) on EmulatedTiles
 //    (src/kernels/tiles.hpp);
-//  - the vdpbf16ps kernel (src/kernels/forward_pairs.hpp) with EmulatedPairDot.
+//  - the vdpbf16ps kernel (src/kernels/forward_pairs.hpp) with EmulatedPairDot, in both
+//    its forms of P.V (V widened, and pair values).
 // Only the instructions themselves (and the vector width of the stages between them)
 // differ from the variants the library dispatches to; on a CPU that has them, the
 // forced-ISA runs (flashcpu_tests_amx, flashcpu_tests_avx512bf16) test those too.
@@ -15,6 +16,7 @@
 
 namespace flashcpu::detail::bf16_products_emulated {
 #include "kernels/pack.hpp"
+#include "kernels/pair_values.hpp"
 #include "kernels/tiles.hpp"
 #include "kernels/forward_tiles.hpp"
 #include "kernels/forward_pairs.hpp"
@@ -33,6 +35,7 @@ const KernelTable& emulated_tile_kernels() {
                                  4,
                                  kTileRows,
                                  kTilePanelKeys,
+                                 true,
                                  true,
                                  true,
                                  kTileValueColumns,
@@ -54,19 +57,23 @@ const KernelTable& emulated_tile_kernels() {
   return table;
 }
 
-const KernelTable& emulated_pair_kernels() {
+namespace {
+
+template <bool PairValues>
+const KernelTable& pair_kernels(const char* name) {
   using namespace bf16_products_emulated;
   constexpr int kRows = 4, kKeys = 16, kW = 4;
-  using Kernel = PairForwardKernel<xsimd::sse2, kRows, kKeys / kW, 2, kRows, EmulatedPairDot>;
-  using Pack = PairPackers<kKeys>;
+  using Kernel = PairForwardKernel<xsimd::sse2, kRows, kKeys / kW, 2, kRows, EmulatedPairDot, PairValues>;
+  using Pack = PairPackers<kKeys, PairValues>;
   static const KernelTable table{Isa::avx512bf16,
                                  DType::bf16,
-                                 "bf16_attn_fwd_4x16__avx512bf16 (emulated vdpbf16ps, sse2 vectors)",
+                                 name,
                                  kW,
                                  kRows,
                                  kKeys,
                                  true,
                                  false,
+                                 PairValues,
                                  kW,
                                  &Kernel::forward_query_block,
                                  kRows,
@@ -84,6 +91,16 @@ const KernelTable& emulated_pair_kernels() {
                                  nullptr,
                                  nullptr};
   return table;
+}
+
+}  // namespace
+
+const KernelTable& emulated_pair_kernels() {
+  return pair_kernels<false>("bf16_attn_fwd_4x16__avx512bf16 (emulated vdpbf16ps, sse2 vectors)");
+}
+
+const KernelTable& emulated_pair_value_kernels() {
+  return pair_kernels<true>("bf16_attn_fwd_4x16__avx512bf16 with pair values (emulated vdpbf16ps, sse2 vectors)");
 }
 
 }  // namespace flashcpu::detail

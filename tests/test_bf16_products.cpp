@@ -1,28 +1,33 @@
 // The kernels with bf16 products against the fp64 oracle, on emulated instructions
 // (emulation.cpp), so they are checked on every machine:
 //  - the AMX tile kernel (src/kernels/forward_tiles.hpp), both products on tiles;
-//  - the vdpbf16ps kernel (src/kernels/forward_pairs.hpp), Q.K^T in pairs of dimensions.
+//  - the vdpbf16ps kernel (src/kernels/forward_pairs.hpp), Q.K^T in pairs of dimensions,
+//    with P.V from V widened and with pair values (P.V by vdpbf16ps too);
+//  - decoding with 16 or more stacked rows on the tiles.
 // bf16 q, k, v and out, with every option these kernels take (causal, windows, key
 // lengths, additive and bool masks, softcap, ALiBi, sinks, lse), GQA, strided views,
-// garbage in excluded slots, and lengths and head dims that are not multiples of the
-// tiles. The variants themselves run in the forced-ISA runs "flashcpu_tests_amx" and
+// column strides of 2, garbage in excluded slots, and lengths and head dims that are not
+// multiples of the tiles. The variants themselves run in the forced-ISA runs "flashcpu_tests_amx" and
 // "flashcpu_tests_avx512bf16" on CPUs that have them (every bf16 test of
 // test_16bit.cpp); elsewhere those runs report "Skipped".
 //
 // Tolerance. q, k and v are bf16 values, so every product is exact and the scores are
 // fp32 sums (error ~ D 2^-24 sum |q_d k_d|, negligible here). The output's one rounding
-// to bf16 adds at most u |out|, u = 2^-8. The tile kernel also rounds each weight p to
-// bf16 (relative error <= u) before P.V and keeps the row sum l in fp32, so
+// to bf16 adds at most u |out|, u = 2^-8. With pair values (the tiles, and the pair
+// kernel's second form) each weight p is rounded to bf16 (relative error <= u) before
+// P.V and the row sum l stays fp32, so
 // |sum_j (p~_j - p_j) v_j| / l <= u max_j |v_j|. Bound: u (|ref| + max|v| where the
 // weights are rounded) + 1e-5 (fp32 arithmetic). lse involves no 16-bit rounding:
 // 2e-5 (1 + |lse|), tight enough that a single missed or extra key among the longest rows
 // here (weight >= 1e-3) fails it.
-// Margins: on the tiles the output's rounding alone may take up to half of the bound
-// (observed worst 0.49), so the check is 0.75; with vdpbf16ps the bound is that rounding
+// Margins: with pair values the output's rounding alone may take up to half of the bound
+// (observed worst 0.49), so the check is 0.75; with V widened the bound is that rounding
 // alone, which may use all of it (no margin check). lse errors were at most 1% of their
 // bound, checked at 10%.
 // Mutations that these tests caught: the score factor off by 0.1%, V read one column
-// pair off, zero weights multiplied into a poisoned chunk.
+// pair off, zero weights multiplied into a poisoned chunk, V read in place on the tiles
+// when decoding, a pair's odd element dropped by the K packer, a column stride ignored,
+// flagged chunks left out, alpha applied to every run of chunks.
 #include <catch2/catch.hpp>
 
 #include <flashcpu/flashcpu.hpp>
@@ -60,6 +65,7 @@ struct TileCase {
   bool strided = false;  // [B, S, H, D] buffers with padded rows instead of [B, H, S, D]
   bool spread = false;   // elements of a row 2 apart (a column stride of 2)
   bool poison = false;   // NaN and inf in K and V past each batch's key length
+  bool poison_masked = false;  // NaN and inf in K and V of keys the bool mask hides from every row
   float qk_range = 1.0f;
   int threads = 2;
   std::uint32_t seed = 1;
@@ -69,7 +75,8 @@ struct TileCase {
     s << "B=" << B << " Hq=" << Hq << " Hkv=" << Hkv << " N=" << N << " M=" << M << " D=" << D << " Dv=" << Dv
       << " causal=" << causal << " window=" << window_left << "," << window_right << " key_lengths=" << key_lengths
       << " mask=" << mask << " bool_mask=" << bool_mask << " alibi=" << alibi << " sinks=" << sinks
-      << " softcap=" << softcap << " strided=" << strided << " spread=" << spread << " poison=" << poison << " threads=" << threads
+      << " softcap=" << softcap << " strided=" << strided << " spread=" << spread << " poison=" << poison
+      << " poison_masked=" << poison_masked << " threads=" << threads
       << " seed=" << seed << " input=" << (input == Input::bf16 ? "bf16" : input == Input::f32 ? "fp32" : "fp16");
     return s.str();
   }
@@ -203,10 +210,23 @@ Outcome run_tile_case(const flashcpu::detail::KernelTable& kernels, const TileCa
     o.mask = {mask.data(), {1, c.Hq, c.N, c.M}, {0, c.N * c.M, c.M, 1}};
   }
   std::vector<std::uint8_t> bool_mask;
-  if (c.bool_mask) {  // [B, 1, N, M], broadcast over the heads
+  if (c.bool_mask || c.poison_masked) {  // [B, 1, N, M], broadcast over the heads
     std::uniform_int_distribution<int> u(0, 4);
-    for (std::int64_t i = 0; i < c.B * c.N * c.M; ++i) bool_mask.push_back(u(rng) != 0);
+    for (std::int64_t i = 0; i < c.B * c.N * c.M; ++i) bool_mask.push_back(!c.bool_mask || u(rng) != 0);
     o.bool_mask = {bool_mask.data(), {c.B, 1, c.N, c.M}, {c.N * c.M, 0, c.M, 1}};
+  }
+  if (c.poison_masked) {  // stale slots anywhere in the cache, hidden from every row
+    std::uniform_int_distribution<int> u(0, 19);
+    for (std::int64_t b = 0; b < c.B; ++b)
+      for (std::int64_t j = 0; j < c.M; ++j) {
+        if (u(rng) != 0) continue;
+        for (std::int64_t i = 0; i < c.N; ++i) bool_mask[std::size_t((b * c.N + i) * c.M + j)] = 0;
+        for (std::int64_t h = 0; h < c.Hkv; ++h) {
+          for (std::int64_t d = 0; d < c.D; ++d) k.set(k.at(b, h, j, d), std::numeric_limits<float>::quiet_NaN());
+          for (std::int64_t e = 0; e < c.Dv; ++e)
+            v.set(v.at(b, h, j, e), e % 2 ? std::numeric_limits<float>::infinity() : std::numeric_limits<float>::quiet_NaN());
+        }
+      }
   }
   std::vector<float> slopes, sinks;
   for (std::int64_t h = 0; h < c.Hq; ++h) {
@@ -249,7 +269,10 @@ Outcome run_tile_case(const flashcpu::detail::KernelTable& kernels, const TileCa
       const std::int64_t hkv = h / (c.Hq / c.Hkv), limit = c.key_lengths ? lengths[std::size_t(b)] : c.M;
       const std::int64_t sane = c.poison ? limit : c.M;
       for (std::int64_t j = 0; j < sane; ++j)
-        for (std::int64_t e = 0; e < c.Dv; ++e) vmax = std::max(vmax, std::fabs(double(v.values[std::size_t(v.at(b, hkv, j, e))])));
+        for (std::int64_t e = 0; e < c.Dv; ++e) {
+          const double x = std::fabs(double(v.values[std::size_t(v.at(b, hkv, j, e))]));
+          if (std::isfinite(x)) vmax = std::max(vmax, x);  // poisoned slots are weighed by 0
+        }
       for (std::int64_t i = 0; i < c.N; ++i) {
         double shift = 0;
         if (rounded)
@@ -257,9 +280,9 @@ Outcome run_tile_case(const flashcpu::detail::KernelTable& kernels, const TileCa
             double dot = 0;
             for (std::int64_t d = 0; d < c.D; ++d)
               dot += std::fabs(double(q.values[std::size_t(q.at(b, h, i, d))]) * k.values[std::size_t(k.at(b, hkv, j, d))]);
-            shift = std::max(shift, (2 * u + u * u) * scale * dot);
+            if (std::isfinite(dot)) shift = std::max(shift, (2 * u + u * u) * scale * dot);
           }
-        const double weights_term = (kernels.tiles ? u * vmax : 0.0) + (rounded ? std::expm1(2 * shift) * vmax + u * vmax : 0.0);
+        const double weights_term = (kernels.pair_values ? u * vmax : 0.0) + (rounded ? std::expm1(2 * shift) * vmax + u * vmax : 0.0);
         for (std::int64_t e = 0; e < c.Dv; ++e) {
           const std::size_t at = std::size_t(((b * c.Hq + h) * c.N + i) * c.Dv + e);
           const double got = out[at], want = ref[at];
@@ -301,12 +324,13 @@ Outcome run_tile_case(const flashcpu::detail::KernelTable& kernels, const TileCa
     INFO(kernels_->name << ": " << tile_case_.describe());                                        \
     INFO(tile_r_.report);                                                                         \
     CHECK(tile_r_.ok);                                                                            \
-    if (kernels_->tiles && tile_case_.input == Input::bf16) CHECK(tile_r_.worst_out <= 0.75);     \
+    if (kernels_->pair_values && tile_case_.input == Input::bf16) CHECK(tile_r_.worst_out <= 0.75); \
     if (tile_case_.input == Input::bf16) CHECK(tile_r_.worst_lse <= 0.1);                         \
   }
 
 const flashcpu::detail::KernelTable* const kEmulated[] = {&flashcpu::detail::emulated_tile_kernels(),
-                                                          &flashcpu::detail::emulated_pair_kernels()};
+                                                          &flashcpu::detail::emulated_pair_kernels(),
+                                                          &flashcpu::detail::emulated_pair_value_kernels()};
 
 }  // namespace
 
@@ -387,6 +411,26 @@ TEST_CASE("bf16 products (emulated AMX, vdpbf16ps): garbage past the key length 
     c.key_lengths = true;
     c.poison = true;
     c.causal = seed % 2 == 0;
+    c.seed = seed;
+    TILE_CHECK_CASE(c);
+  }
+}
+
+TEST_CASE("bf16 products (emulated AMX, vdpbf16ps): garbage in masked slots anywhere", "[bf16products]") {
+  // Keys hidden from every row by the bool mask, their K NaN and V NaN / inf, scattered
+  // through several key blocks: with pair values their chunks are weighed apart, between
+  // runs of clean chunks, and each row's rescaling by alpha must apply once.
+  for (std::uint32_t seed = 1; seed <= 8; ++seed) {
+    TileCase c;
+    c.B = 2;
+    c.N = 17 + 9 * seed;
+    c.M = 300 + 97 * seed;
+    c.D = seed % 2 ? 32 : 19;
+    c.Dv = seed % 3 ? 24 : 9;
+    c.poison_masked = true;
+    c.bool_mask = seed % 4 == 0;
+    c.causal = seed % 2 == 0;
+    c.qk_range = 2.5f;  // sharp weights: later blocks raise the running max
     c.seed = seed;
     TILE_CHECK_CASE(c);
   }

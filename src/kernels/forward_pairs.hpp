@@ -4,9 +4,12 @@
 // flags enable AVX512-BF16 but not the tiles (the `avx512bf16` line of
 // kernels/variants.inc), and by tests/emulation.cpp with EmulatedPairDot.
 //
-// Only the S product is new. The score terms, the online softmax, P.V (bf16 V rows
-// widened exactly as they load, P kept in fp32) and the finalization are ForwardKernel's,
-// through ForwardKernel::run_blocks.
+// The score terms, the online softmax and the finalization are ForwardKernel's, through
+// ForwardKernel::run_blocks. P.V comes in two forms (the PairValues parameter):
+//   false  ForwardKernel's: bf16 V rows widened exactly as they load, P kept in fp32;
+//   true   by vdpbf16ps as well: P rounded to bf16 (relative error 2^-8 per weight, the
+//          row sums stay fp32) and V packed by pairs of keys (kernels/pair_values.hpp),
+//          two keys per instruction, half the instructions of the widened form.
 //
 // Packed layouts (PairPackers; each bf16 pair one 32-bit word of the driver's float
 // scratch, element 2t in the low half):
@@ -14,7 +17,8 @@
 //      bf16 q scaled and rounded again would move every score by up to 2^-9 of its
 //      size): the scale (times log2 e) multiplies the fp32 scores as they are stored;
 //   K  panel p (keys NR p .. NR p + NR - 1): head_pairs rows of NR words (k[2t], k[2t + 1]);
-//   V  rows as stored, like the bf16 vector variant.
+//   V  rows as stored, like the bf16 vector variant; with pair values, by pairs of keys
+//      in chunks of NR keys.
 
 inline std::int64_t head_pairs(std::int64_t head_dim) { return (head_dim + 1) / 2; }
 
@@ -42,12 +46,13 @@ struct EmulatedPairDot {
   }
 };
 
-template <class Arch, int MR, int NRV, int NV, int PR, class Dot>
+template <class Arch, int MR, int NRV, int NV, int PR, class Dot, bool PairValues>
 struct PairForwardKernel : ForwardKernel<Arch, MR, NRV, NV, PR, bf16> {
   using Base = ForwardKernel<Arch, MR, NRV, NV, PR, bf16>;
   using batch = typename Base::batch;
   using TileColumns = typename Base::TileColumns;
   static constexpr int NR = Base::NR;
+  static constexpr int W = Base::W;
 
   struct PairStep {
     batch operator()(std::int64_t, batch q, batch k, batch acc) const { return Dot::step(acc, q, k); }
@@ -65,7 +70,82 @@ struct PairForwardKernel : ForwardKernel<Arch, MR, NRV, NV, PR, bf16> {
     return true;
   }
 
-  // ForwardKernel::run_blocks with the product above. Flattened, so that this object
+  // acc[r][c0 .. c0 + NVC W) = alpha[r] acc[..] + sum over the pairs of keys
+  // [k0, k0 + keys) (whole chunks, none flagged) of P.V, for ROWS rows: per pair, one
+  // product of the rows' weight pair (broadcast) and the pair row's NVC vectors.
+  template <int ROWS, int NVC>
+  static void pair_values_tile(const std::uint32_t* weights, std::int64_t weights_stride, const float* alpha,
+                               const std::uint32_t* pairs, std::int64_t Dvp, std::int64_t pair_count, float* acc) {
+    batch o[ROWS][NVC];
+    for (int r = 0; r < ROWS; ++r) {
+      const batch a(alpha[r]);
+      for (int c = 0; c < NVC; ++c) o[r][c] = batch::load_aligned(acc + r * Dvp + c * W) * a;
+    }
+    for (std::int64_t t = 0; t < pair_count; ++t) {
+      batch vals[NVC];
+      for (int c = 0; c < NVC; ++c)
+        vals[c] = batch::load_aligned(reinterpret_cast<const float*>(pairs + t * Dvp + c * W));
+      for (int r = 0; r < ROWS; ++r) {
+        float word;
+        __builtin_memcpy(&word, weights + r * weights_stride + t, 4);
+        const batch p(word);
+        for (int c = 0; c < NVC; ++c) o[r][c] = Dot::step(o[r][c], p, vals[c]);
+      }
+    }
+    for (int r = 0; r < ROWS; ++r)
+      for (int c = 0; c < NVC; ++c) o[r][c].store_aligned(acc + r * Dvp + c * W);
+  }
+
+  // O = alpha O + P.V with pair values, for the tile's columns [c0, cols) (whole
+  // chunks): runs of unflagged chunks by pair_values_tile, NV vectors of columns at a
+  // time; flagged chunks (an inf or NaN value) apart, skipping zero weights.
+  static void accumulate_values(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
+                                const float* alpha, bool masked_out, std::int64_t clean_begin,
+                                std::int64_t clean_end, ValuesAhead ahead) {
+    if constexpr (!PairValues) {
+      Base::accumulate_values(job, r0, j0, t, alpha, masked_out, clean_begin, clean_end, ahead);
+    } else {
+      const std::int64_t Bk = job.dims.block_keys, Dvp = job.dims.value_dim_padded;
+      float* const scores = job.state.scores;
+      for (int r = 0; r < MR; ++r) round_weights_to_bf16<W>(scores + r * Bk, t.c0, t.cols);
+      const auto* weights = reinterpret_cast<const std::uint32_t*>(scores);  // row r's pair t at r Bk + t
+      const auto* pairs = static_cast<const std::uint32_t*>(job.keys.v_rows);
+      const std::int64_t packed_keys = (job.keys.end - job.keys.begin + NR - 1) / NR * NR;
+      const auto* nonfinite = reinterpret_cast<const std::uint8_t*>(pairs + packed_keys / 2 * Dvp);
+      const std::int64_t first = j0 - job.keys.begin;  // the block's first key, from keys.begin
+      for (int h = 0; h < MR; h += PR) {
+        const float* a = alpha + h;
+        float* acc = job.state.acc + (r0 + h) * Dvp;
+        const std::uint32_t* w = weights + h * Bk;
+        // Runs of unflagged chunks; alpha scales acc with the first run (or alone).
+        std::int64_t k = t.c0;
+        bool scaled = false;
+        alignas(64) float one[PR];
+        for (int r = 0; r < PR; ++r) one[r] = 1.0f;
+        while (k < t.cols || !scaled) {
+          while (k < t.cols && nonfinite[(first + k) / NR]) k += NR;
+          if (k == t.cols && scaled) break;
+          std::int64_t end = k;
+          while (end < t.cols && !nonfinite[(first + end) / NR]) end += NR;
+          const std::uint32_t* run_pairs = pairs + (first + k) / 2 * Dvp;
+          const float* scale = scaled ? one : a;
+          std::int64_t c = 0;
+          for (; c + NV * W <= Dvp; c += NV * W)
+            pair_values_tile<PR, NV>(w + k / 2, Bk, scale, run_pairs + c, Dvp, (end - k) / 2, acc + c);
+          for (; c < Dvp; c += W)
+            pair_values_tile<PR, 1>(w + k / 2, Bk, scale, run_pairs + c, Dvp, (end - k) / 2, acc + c);
+          scaled = true;
+          k = end;
+        }
+        for (std::int64_t chunk = t.c0; chunk < t.cols; chunk += NR)
+          if (nonfinite[(first + chunk) / NR])
+            add_nonfinite_chunk(reinterpret_cast<const std::uint16_t*>(w) + chunk, 2 * Bk, PR,
+                                pairs + (first + chunk) / 2 * Dvp, NR, Dvp, acc, Dvp);
+      }
+    }
+  }
+
+  // ForwardKernel::run_blocks with the products above. Flattened, so that this object
   // holds no out-of-line copy of an xsimd function that the linker could share with the
   // avx512 objects (tests/check_isa_symbols.cmake).
   __attribute__((flatten)) static void forward_query_block(const QueryBlockJob& job) {
@@ -77,14 +157,14 @@ struct PairForwardKernel : ForwardKernel<Arch, MR, NRV, NV, PR, bf16> {
 
 // The packers of the layouts above, and the scratch they need. Sources are bf16, or fp32
 // / fp16 rounded to bf16 (allow_bf16_compute).
-template <int NR>
+template <int NR, bool PairValues>
 struct PairPackers {
   static std::int64_t key_panel_floats(std::int64_t keys, std::int64_t head_dim) {
     return (keys > 0 ? (keys + NR - 1) / NR * NR : NR) * head_pairs(head_dim);
   }
   static std::int64_t query_floats(std::int64_t rows, std::int64_t head_dim) { return rows * head_pairs(head_dim); }
   static std::int64_t value_floats(std::int64_t keys, std::int64_t value_dim_padded) {
-    return keys * value_dim_padded;
+    return PairValues ? value_pairs_floats(keys, value_dim_padded, NR) : keys * value_dim_padded;
   }
 
   static float pack_key_panels(const SourceRows& k, std::int64_t keys, std::int64_t head_dim, const float* center,
@@ -97,9 +177,13 @@ struct PairPackers {
 
   static void pack_value_rows(const SourceRows& v, std::int64_t keys, std::int64_t value_dim,
                               std::int64_t value_dim_padded, void* rows) {
-    auto* out = static_cast<std::uint16_t*>(rows);  // bf16 rows (fp32 / fp16 rounded)
-    for (std::int64_t j = 0; j < keys; ++j)
-      pack_bf16_row(v, j * v.row_stride, value_dim, value_dim_padded, out + j * value_dim_padded);
+    if constexpr (PairValues) {
+      pack_bf16_value_pairs(v, keys, value_dim, value_dim_padded, NR, static_cast<std::uint32_t*>(rows));
+    } else {
+      auto* out = static_cast<std::uint16_t*>(rows);  // bf16 rows (fp32 / fp16 rounded)
+      for (std::int64_t j = 0; j < keys; ++j)
+        pack_bf16_row(v, j * v.row_stride, value_dim, value_dim_padded, out + j * value_dim_padded);
+    }
   }
 
   // Q in bf16, rows of 2 head_pairs elements, which are head_pairs little-endian pairs

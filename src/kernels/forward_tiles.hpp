@@ -1,7 +1,7 @@
 // The fused forward on AMX tiles: bf16 Q, K and V, both products on the matrix unit, the
 // online softmax on the vector units between them. Included by kernels/variant.hpp when
 // the variant's level compiles the tile instructions (the `amx` line of
-// kernels/variants.inc), and by tests/amx_emulation.cpp with EmulatedTiles.
+// kernels/variants.inc), and by tests/emulation.cpp with EmulatedTiles.
 //
 // One call handles one query block, as ForwardKernel::forward_query_block does, and
 // reuses its stages: which keys a row tile sees (tile_columns), the score terms
@@ -24,12 +24,10 @@
 // Packed layouts (TilePackers writes them; bf16 bits in the driver's float scratch):
 //   Q  rows of head_dim_tiles = round_up(D, 32) elements, zero past D;
 //   K  panel p (keys 32p .. 32p + 31): head_dim_tiles / 2 rows of 32 keys x (d, d + 1);
-//   V  rows of key pairs (2t, 2t + 1): value_dim_padded columns x the pair, keys padded to
-//      a multiple of 32 with zeros; then one byte per 32 keys, 1 when a value in them is
-//      inf or NaN.
-// A zero weight times an inf or NaN value is NaN on the tiles; such a chunk of 32 keys
-// (a stale KV-cache slot, say) is weighed by the vector units instead, where a zero
-// weight adds nothing, as in the vector kernels.
+//   V  by pairs of keys, in chunks of 32 keys (kernels/pair_values.hpp). A zero weight
+//      times an inf or NaN value is NaN on the tiles; such a chunk (a stale KV-cache
+//      slot, say) is weighed by the vector units instead, where a zero weight adds
+//      nothing, as in the vector kernels.
 
 template <class Arch>
 using TileBase = ForwardKernel<Arch, 16, 32 / int(xsimd::batch<float, Arch>::size), 1, 16, bf16>;
@@ -42,7 +40,6 @@ constexpr int kTileDims = 32;         // head dimensions per S step
 constexpr int kTileValueColumns = 16;  // value columns per P.V tile
 
 inline std::int64_t tile_head_dim(std::int64_t head_dim) { return round_up_i64(head_dim, kTileDims); }
-inline bool bf16_nonfinite(std::uint16_t bits) { return (bits & 0x7f80u) == 0x7f80u; }
 
 template <class Arch, class Tiles>
 struct TileForwardKernel : TileBase<Arch> {
@@ -94,19 +91,6 @@ struct TileForwardKernel : TileBase<Arch> {
     return false;
   }
 
-  // Row r's probabilities [c0, cols) to bf16, in place: element j's 16 bits go to the
-  // row's j-th 16-bit slot, which lies in floats already read.
-  static void round_probabilities(float* row, std::int64_t c0, std::int64_t cols) {
-    auto* out = reinterpret_cast<std::uint16_t*>(row);
-    std::int64_t j = c0;
-#if defined(__AVX512BF16__)
-    if constexpr (W == 16)
-      for (; j < cols; j += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(row + j)));
-#endif
-    for (; j < cols; ++j) out[j] = round_to_bf16(row[j]);
-  }
-
   // O = alpha O + P . V for the tile's columns [c0, cols), as ForwardKernel::run_blocks
   // calls it (zero weights need no care here but in the chunks flagged non-finite).
   static void accumulate_values(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
@@ -118,11 +102,11 @@ struct TileForwardKernel : TileBase<Arch> {
       const batch a(alpha[r]);
       for (std::int64_t c = 0; c < Dvp; c += W) (batch::load_aligned(acc + r * Dvp + c) * a).store_aligned(acc + r * Dvp + c);
     }
-    for (int r = 0; r < MR; ++r) round_probabilities(job.state.scores + r * Bk, t.c0, t.cols);
+    for (int r = 0; r < MR; ++r) round_weights_to_bf16<W>(job.state.scores + r * Bk, t.c0, t.cols);
     const auto* probs = reinterpret_cast<const std::uint16_t*>(job.state.scores);
-    const auto* v = static_cast<const std::uint16_t*>(job.keys.v_rows);
+    const auto* pairs = static_cast<const std::uint32_t*>(job.keys.v_rows);
     const std::int64_t packed_keys = round_up_i64(job.keys.end - job.keys.begin, NR);
-    const auto* nonfinite = reinterpret_cast<const std::uint8_t*>(v + packed_keys * Dvp);
+    const auto* nonfinite = reinterpret_cast<const std::uint8_t*>(pairs + packed_keys / 2 * Dvp);
     const std::int64_t first_chunk = (j0 + t.c0 - job.keys.begin) / NR;
     bool any_nonfinite = false;
     for (std::int64_t c = 0; c < Dvp; c += kTileValueColumns) {
@@ -133,24 +117,16 @@ struct TileForwardKernel : TileBase<Arch> {
           continue;
         }
         Tiles::template load<6>(probs + k, Bk * 4);
-        Tiles::template load<7>(v + (j0 + k - job.keys.begin) * Dvp + c * 2, Dvp * 4);
+        Tiles::template load<7>(pairs + (j0 + k - job.keys.begin) / 2 * Dvp + c, Dvp * 4);
         Tiles::template dot_bf16<5, 6, 7>();
       }
       Tiles::template store<5>(acc + c, Dvp * 4);
     }
     if (!any_nonfinite) return;
     // Chunks holding inf or NaN: weighed here, skipping zero weights.
-    for (std::int64_t k = t.c0; k < t.cols; k += NR) {
-      if (!nonfinite[first_chunk + (k - t.c0) / NR]) continue;
-      for (int r = 0; r < MR; ++r)
-        for (std::int64_t j = k; j < k + NR; ++j) {
-          const float p = widen_scalar(bf16{probs[r * Bk * 2 + j]});
-          if (p == 0.0f) continue;
-          const std::int64_t key = j0 + j - job.keys.begin;
-          const std::uint16_t* pair = v + (key / 2) * Dvp * 2 + key % 2;
-          for (std::int64_t c = 0; c < Dvp; ++c) acc[r * Dvp + c] += p * widen_scalar(bf16{pair[2 * c]});
-        }
-    }
+    for (std::int64_t k = t.c0; k < t.cols; k += NR)
+      if (nonfinite[first_chunk + (k - t.c0) / NR])
+        add_nonfinite_chunk(probs + k, 2 * Bk, MR, pairs + (j0 + k - job.keys.begin) / 2 * Dvp, NR, Dvp, acc, Dvp);
   }
 
   // The fused kernel on one job (ForwardKernel::run_blocks with the products above),
@@ -177,8 +153,7 @@ struct TilePackers {
     return round_up_i64(rows, 2) * tile_head_dim(head_dim) / 2;
   }
   static std::int64_t value_floats(std::int64_t keys, std::int64_t value_dim_padded) {
-    const std::int64_t packed = round_up_i64(keys > 0 ? keys : 1, kTilePanelKeys);
-    return packed * value_dim_padded / 2 + (packed / kTilePanelKeys + 3) / 4;
+    return value_pairs_floats(keys, value_dim_padded, kTilePanelKeys);
   }
 
   static float pack_key_panels(const SourceRows& k, std::int64_t keys, std::int64_t head_dim, const float* center,
@@ -190,32 +165,10 @@ struct TilePackers {
     return 0.0f;
   }
 
-  // V by pairs of keys: word c of pair t holds column c of key 2t (low half) and of key
-  // 2t + 1 (high half). Then the flags of the 32-key chunks holding an inf or NaN.
+  // V by pairs of keys, flags per 32-key chunk (pair_values.hpp).
   static void pack_value_rows(const SourceRows& v, std::int64_t keys, std::int64_t value_dim,
                               std::int64_t value_dim_padded, void* rows) {
-    auto* out = static_cast<std::uint32_t*>(rows);
-    const std::int64_t packed = round_up_i64(keys, kTilePanelKeys);
-    auto* nonfinite = reinterpret_cast<std::uint8_t*>(out + packed / 2 * value_dim_padded);
-    for (std::int64_t chunk = 0; chunk < packed / kTilePanelKeys; ++chunk) nonfinite[chunk] = 0;
-    std::uint16_t even_buffer[kBf16Columns], odd_buffer[kBf16Columns];
-    for (std::int64_t t = 0; t < packed / 2; ++t) {
-      std::uint32_t* pair = out + t * value_dim_padded;
-      const std::int64_t even = 2 * t, odd = 2 * t + 1;
-      unsigned bad = 0;
-      for (std::int64_t c0 = 0; even < keys && c0 < value_dim; c0 += kBf16Columns) {
-        const std::int64_t n = min_i64(kBf16Columns, value_dim - c0);
-        const std::uint16_t* a = bf16_columns(v, even * v.row_stride + c0 * v.col_stride, n, even_buffer);
-        const std::uint16_t* b =
-            odd < keys ? bf16_columns(v, odd * v.row_stride + c0 * v.col_stride, n, odd_buffer) : kBf16Zeros;
-        for (std::int64_t i = 0; i < n; ++i) {
-          pair[c0 + i] = a[i] | std::uint32_t(b[i]) << 16;
-          bad |= unsigned(bf16_nonfinite(a[i])) | unsigned(bf16_nonfinite(b[i]));
-        }
-      }
-      for (std::int64_t c = even < keys ? value_dim : 0; c < value_dim_padded; ++c) pair[c] = 0;
-      if (bad) nonfinite[even / kTilePanelKeys] = 1;
-    }
+    pack_bf16_value_pairs(v, keys, value_dim, value_dim_padded, kTilePanelKeys, static_cast<std::uint32_t*>(rows));
   }
 
   // Q in bf16, rows of tile_head_dim elements (pack.hpp).

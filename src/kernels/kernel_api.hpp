@@ -238,7 +238,9 @@ struct KernelTable {
   // product, for prefill. The driver hands anything else to the level below
   // (dispatch.hpp, kernels_below).
   bool bf16_products;
-  bool tiles;  // AMX: V too is packed, in the tile layout (never read in place)
+  bool tiles;        // AMX tiles: K panels only, also for decoding 16 or more stacked rows
+  bool pair_values;  // P.V from bf16 weights and V packed by pairs of keys (kernels/pair_values.hpp):
+                     // V is never read in place
   int value_columns;  // value_dim is padded to a multiple of this (JobDims::value_dim_padded)
   void (*forward_query_block)(const QueryBlockJob& job);
   // The same kernel with fewer rows per tile (same panels), for decoding blocks whose

@@ -8,6 +8,7 @@ namespace flashcpu::detail {
 namespace FLASHCPU_ISA_NAMESPACE {
 
 #include "kernels/pack.hpp"
+#include "kernels/pair_values.hpp"
 #include "kernels/tiles.hpp"
 #include "kernels/forward_tiles.hpp"
 #include "kernels/forward_pairs.hpp"
@@ -38,13 +39,13 @@ static_assert(FLASHCPU_VARIANT_NR % kW == 0, "nr is a whole number of vectors");
 constexpr int kPanelVectors = FLASHCPU_VARIANT_NR / kW;
 // A level whose flags enable the tile instructions (AMX) gets the tile kernel and its
 // packers; one whose flags enable AVX512-BF16 without them gets the vdpbf16ps kernel.
-// Either variant is bf16 only (variants.inc) and never decodes (the driver hands
-// decoding to the level below), so it instantiates no vector kernel of its own: an
-// out-of-line copy of an xsimd function in this object would share its name with the
-// avx512 objects' copy (tests/check_isa_symbols.cmake).
+// Either variant is bf16 only (variants.inc) and has no small or lanes kernel (the
+// driver hands the decoding they do not take to the level below), so it instantiates no
+// vector kernel of its own: an out-of-line copy of an xsimd function in this object
+// would share its name with the avx512 objects' copy (tests/check_isa_symbols.cmake).
 using ForwardEntry = void (*)(const QueryBlockJob&);
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-constexpr bool kBf16Products = true, kTiles = true;
+constexpr bool kBf16Products = true, kTiles = true, kPairValues = true;
 static_assert(std::is_same<KV, bf16>::value && FLASHCPU_VARIANT_MR == kTileRows &&
                   FLASHCPU_VARIANT_NR == kTilePanelKeys,
               "the tile variant is bf16, 16 rows x 32 keys");
@@ -52,14 +53,17 @@ using Kernel = TileForwardKernel<Arch, HardwareTiles>;
 using Pack = TilePackers;
 constexpr ForwardEntry kSmallEntry = nullptr, kLanesEntry = nullptr;
 #elif defined(__AVX512BF16__)
-constexpr bool kBf16Products = true, kTiles = false;
+// P.V: V widened (kPairValues false) or by vdpbf16ps from bf16 weights and pair values
+// (true). Neither has run on hardware yet: the choice is to be measured
+// (flashcpu_bench P64_bf16 and P128_bf16, both settings alternating) and the faster kept.
+constexpr bool kBf16Products = true, kTiles = false, kPairValues = false;
 static_assert(std::is_same<KV, bf16>::value, "the vdpbf16ps variant is bf16");
 using Kernel = PairForwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR,
-                                 HardwarePairDot>;
-using Pack = PairPackers<FLASHCPU_VARIANT_NR>;
+                                 HardwarePairDot, kPairValues>;
+using Pack = PairPackers<FLASHCPU_VARIANT_NR, kPairValues>;
 constexpr ForwardEntry kSmallEntry = nullptr, kLanesEntry = nullptr;
 #else
-constexpr bool kBf16Products = false, kTiles = false;
+constexpr bool kBf16Products = false, kTiles = false, kPairValues = false;
 using Kernel = ForwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR, KV>;
 using SmallKernel =
     ForwardKernel<Arch, FLASHCPU_VARIANT_SMALL_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_SMALL_MR, KV>;
@@ -100,6 +104,7 @@ const KernelTable& FLASHCPU_PASTE(FLASHCPU_PASTE(FLASHCPU_PASTE(kernel_table_, F
       Kernel::NR,
       kBf16Products,
       kTiles,
+      kPairValues,
       kTiles ? kTileValueColumns : kW,
       &Kernel::forward_query_block,
       FLASHCPU_VARIANT_SMALL_MR,
