@@ -4,7 +4,8 @@
     python3 tools/plot_scaling.py build/scaling.csv build/scaling.png
 
 Two panels, one line per implementation (fused, naive, openblas, and openblas_full or
-reference when the sweep ran them). Points the sweep skipped (above a cutoff) are drawn hollow on the memory panel
+reference when the sweep ran them, and fused_<dtype>: the fused kernel on another data
+type, from flashcpu-sweep --also-dtype). Points the sweep skipped (above a cutoff) are drawn hollow on the memory panel
 at their analytic size, so the O(N^2) trend stays visible. Memory below 0.1 MiB is
 drawn at 0.1 MiB (a log axis has no zero). The title names the data types when they
 are not fp32 (CSVs from before the dtype column are fp32). Uses matplotlib's Agg
@@ -25,6 +26,7 @@ STYLE = {
     "openblas_full": dict(color="tab:olive", marker="v"),
     "reference": dict(color="tab:gray", marker="x"),
 }
+SECOND_TYPE_STYLE = dict(color="tab:purple", marker="D")  # fused_<dtype>
 LABEL = {
     "naive": "naive (textbook fp32)",
     "openblas": "OpenBLAS materialized",
@@ -39,6 +41,14 @@ DTYPE_TEXT = {
     "bf16kv": "fp32 q over bf16 K/V",
     "fp16kv": "fp32 q over fp16 K/V",
 }
+
+
+def label_of(impl, rows):
+    if impl.startswith("fused_"):  # --also-dtype: name the type and the kernels that ran
+        dtype = impl[len("fused_"):]
+        isa = next((r["isa"] for r in rows if r["impl"] == impl), "?")
+        return f"fused, {DTYPE_TEXT.get(dtype, dtype)} ({isa})"
+    return LABEL.get(impl, impl)
 
 
 def number(text):
@@ -76,23 +86,24 @@ def main(argv):
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
     for impl in impls:
-        style = STYLE.get(impl, {})
+        style = STYLE.get(impl, SECOND_TYPE_STYLE if impl.startswith("fused_") else {})
+        label = label_of(impl, rows)
         ok = [r for r in rows if r["impl"] == impl and r["status"] == "ok"]
         ok.sort(key=lambda r: int(r["n"]))
         if ok:
             n = [int(r["n"]) for r in ok]
-            ax_t.plot(n, [float(r["time_ms"]) for r in ok], label=LABEL.get(impl, impl), **style)
+            ax_t.plot(n, [float(r["time_ms"]) for r in ok], label=label, **style)
             mem = [(int(r["n"]), number(r["peak_extra_mib"])) for r in ok]
             mem = [(x, max(y, MEM_FLOOR_MIB)) for x, y in mem if y is not None]
             if mem:
-                ax_m.plot(*zip(*mem), label=LABEL.get(impl, impl) + " (measured)", **style)
+                ax_m.plot(*zip(*mem), label=label + " (measured)", **style)
         skipped = [r for r in rows if r["impl"] == impl and r["status"] == "skipped"
                    and number(r["analytic_mib"]) is not None]
         if skipped:
             ax_m.plot([int(r["n"]) for r in skipped],
                       [number(r["analytic_mib"]) for r in skipped],
                       linestyle="none", markerfacecolor="none",
-                      label=LABEL.get(impl, impl) + " (skipped: analytic)",
+                      label=label + " (skipped: analytic)",
                       **{k: v for k, v in style.items()})
 
     ax_t.set_title("time per call (median)")

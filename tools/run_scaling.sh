@@ -6,6 +6,7 @@
 #   bash tools/run_scaling.sh --full     # N = M from 256 to 16384 (several minutes)
 #   bash tools/run_scaling.sh --full --causal --threads 1   # extra flags go to the sweep
 #   bash tools/run_scaling.sh --dtype bf16kv   # fp32 q over bf16 K/V: build/scaling_bf16kv.csv, .png
+#   bash tools/run_scaling.sh --also-dtype bf16   # fp32, and fused on bf16 data as one more line
 #
 # Steps: install missing packages (tools/install_deps.sh), configure a Release build
 # in ./build, build only flashcpu-sweep, run it, plot. --dtype (fp32, bf16, fp16, bf16kv,
@@ -24,7 +25,7 @@ for arg in "$@"; do
   case "$arg" in
     --full) mode=() ;;
     --quick) mode=(--quick) ;;
-    -h|--help) sed -n '2,12p' "$self" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$self" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *)
       extra+=("$arg")
       # The value of --dtype (the sweep checks it): one output per type, fp32 as before.

@@ -31,6 +31,8 @@ struct Options {
   std::int64_t heads = 4, dim = 64, batch = 1;
   bool causal = false;
   fb::DType dtype = fb::DType::fp32;
+  bool also = false;  // --also-dtype: a second fused line of another type, in the same rounds
+  fb::DType also_dtype = fb::DType::fp32;
   int threads = 0;
   int reps = 5;
   std::int64_t naive_max = 1 << 30;  // the textbook naive runs at every size by default
@@ -76,6 +78,10 @@ Options:
   --causal             causal attention (bottom-right aligned)
   --dtype T            data types (default fp32): bf16 or fp16 (q, k, v and out), bf16kv
                        or fp16kv (fp32 q and out over 16-bit K/V)
+  --also-dtype T       also run fused on data of type T (one of the above), as one more
+                       implementation "fused_T" taking its turn in the same rounds: e.g.
+                       --also-dtype bf16 puts the bf16 kernels (AMX where they run) beside
+                       fp32; checked against the fp64 oracle at a reduced size
   --threads T          threads for every implementation (default: OpenMP's)
   --reps R             timed calls per point (default 5; 3 with --quick)
   --quick              N = M from 256 to 4096 and 3 reps: about a minute
@@ -153,6 +159,13 @@ bool parse(int argc, char** argv, Options* o) {
         return false;
       }
       ++i;
+    } else if (a == "--also-dtype") {
+      if (i + 1 >= argc || !fb::parse_dtype(argv[i + 1], &o->also_dtype)) {
+        std::fprintf(stderr, "flashcpu-sweep: --also-dtype needs fp32, bf16, fp16, bf16kv or fp16kv\n");
+        return false;
+      }
+      o->also = true;
+      ++i;
     } else if (a == "--quick") {
       o->min_n = 256;
       o->max_n = 4096;
@@ -174,13 +187,26 @@ bool parse(int argc, char** argv, Options* o) {
     std::fprintf(stderr, "flashcpu-sweep: need 1 <= --min <= --max, and positive sizes\n");
     return false;
   }
+  if (o->also && o->also_dtype == o->dtype) {
+    std::fprintf(stderr, "flashcpu-sweep: --also-dtype %s is the sweep's own type\n", fb::dtype_name(o->dtype));
+    return false;
+  }
   o->min_n = round_pow2(o->min_n);
   o->max_n = std::max(o->min_n, round_pow2(o->max_n));
   return true;
 }
 
+// One implementation on one data type: a column of the table, a line of the plot, the
+// "impl" of the CSV (fused_<dtype> for --also-dtype).
+struct Lane {
+  Impl impl;
+  fb::DType dtype;
+  std::string name;
+};
+
 struct Result {
   std::int64_t n = 0;
+  std::size_t lane = 0;
   Impl impl = Impl::fused;
   bool skipped = false;
   std::string note;
@@ -230,6 +256,9 @@ int main(int argc, char** argv) {
   if (blas) impls.push_back(Impl::openblas);
   if (blas && o.causal) impls.push_back(Impl::openblas_full);
   if (o.reference_max > 0) impls.push_back(Impl::reference);
+  std::vector<Lane> lanes;
+  for (Impl impl : impls) lanes.push_back({impl, o.dtype, fb::impl_name(impl)});
+  if (o.also) lanes.push_back({Impl::fused, o.also_dtype, std::string("fused_") + fb::dtype_name(o.also_dtype)});
   auto skipped_at = [&](Impl impl, std::int64_t n) {
     return (impl == Impl::naive && n > o.naive_max) ||
            (impl == Impl::reference && n > o.reference_max);
@@ -238,7 +267,7 @@ int main(int argc, char** argv) {
   for (std::int64_t n = o.min_n; n <= o.max_n; n *= 2) ns.push_back(n);
   int total = 0;
   for (std::int64_t n : ns) {
-    for (Impl impl : impls) total += skipped_at(impl, n) ? 0 : 1;
+    for (const Lane& lane : lanes) total += skipped_at(lane.impl, n) ? 0 : 1;
   }
 
   const char* wait = std::getenv("OMP_WAIT_POLICY");
@@ -265,68 +294,85 @@ int main(int argc, char** argv) {
   std::vector<Result> results;
   Progress progress(total);
   for (std::int64_t n : ns) {
-    fb::Shape shape = base;
-    shape.n = shape.m = n;
-    fb::Problem p(shape);
-    const double flop = fb::attention_flops(shape);
+    // One problem per data type (the same values: fb::Problem draws them from its shape).
+    std::map<fb::DType, fb::Problem> problems;
+    std::map<fb::DType, fb::Shape> shapes;
+    for (const Lane& lane : lanes) {
+      fb::Shape shape = base;
+      shape.n = shape.m = n;
+      shape.dtype = lane.dtype;
+      shapes.emplace(lane.dtype, shape);
+      problems.try_emplace(lane.dtype, shape);
+    }
+    const double flop = fb::attention_flops(shapes.at(o.dtype));
     fb::Buffer fused_out;
-    std::map<Impl, fb::MaterializedWorkspace> workspaces;
-    std::vector<Impl> timed;
-    std::map<Impl, std::vector<double>> times, ratios;
+    std::map<std::size_t, fb::MaterializedWorkspace> workspaces;
+    std::vector<std::size_t> timed;
+    std::map<std::size_t, std::vector<double>> times, ratios;
     const std::size_t first = results.size();
-    for (Impl impl : impls) {
+    for (std::size_t l = 0; l < lanes.size(); ++l) {
+      const Lane& lane = lanes[l];
+      fb::Problem& p = problems.at(lane.dtype);
       Result r;
       r.n = n;
-      r.impl = impl;
-      r.analytic_mib = fb::analytic_mib(impl, shape, threads);
-      if (skipped_at(impl, n)) {
+      r.lane = l;
+      r.impl = lane.impl;
+      r.analytic_mib = fb::analytic_mib(lane.impl, shapes.at(lane.dtype), threads);
+      if (skipped_at(lane.impl, n)) {
         r.skipped = true;
-        r.note = "N>" + std::to_string(impl == Impl::naive ? o.naive_max : o.reference_max);
+        r.note = "N>" + std::to_string(lane.impl == Impl::naive ? o.naive_max : o.reference_max);
         results.push_back(r);
         continue;
       }
-      const char* name = fb::impl_name(impl);
-      progress.step(name, n, "first call (memory, check)");
-      r.extra_mib = fb::measure_peak_extra_mib([&] { fb::run(impl, p, o.threads, &workspaces[impl]); });
-      if (impl == Impl::fused) {
+      progress.step(lane.name.c_str(), n, "first call (memory, check)");
+      r.extra_mib = fb::measure_peak_extra_mib([&] { fb::run(lane.impl, p, o.threads, &workspaces[l]); });
+      if (lane.dtype != o.dtype) {
+        // Another type's fused line: its output is of that type; the oracle checks it.
+      } else if (lane.impl == Impl::fused) {
         fused_out = fb::output_floats(p);
       } else {
-        fb::check_output(name, p, "fused", fused_out.get());
+        fb::check_output(lane.name.c_str(), p, "fused", fused_out.get());
       }
-      fb::check_against_reference(impl, shape, o.threads);
+      fb::check_against_reference(lane.impl, shapes.at(lane.dtype), o.threads);
       results.push_back(r);
-      timed.push_back(impl);
+      timed.push_back(l);
       progress.next();
     }
     // Rounds: every implementation once per round, each call right after its probe.
     for (int rep = 0; rep < o.reps; ++rep) {
-      for (Impl impl : timed) {
-        progress.step(fb::impl_name(impl), n,
+      for (std::size_t l : timed) {
+        progress.step(lanes[l].name.c_str(), n,
                       "rep " + std::to_string(rep + 1) + "/" + std::to_string(o.reps), true);
+        fb::Problem& p = problems.at(lanes[l].dtype);
         const double probe = fb::fma_probe_now(threads);
         const double t0 = fb::now_seconds();
-        fb::run(impl, p, o.threads, &workspaces[impl]);
+        fb::run(lanes[l].impl, p, o.threads, &workspaces[l]);
         const double t = fb::now_seconds() - t0;
-        times[impl].push_back(t);
-        ratios[impl].push_back(probe > 0 ? flop / t * 1e-9 / probe : 0.0);
+        times[l].push_back(t);
+        ratios[l].push_back(probe > 0 ? flop / t * 1e-9 / probe : 0.0);
       }
     }
     for (std::size_t i = first; i < results.size(); ++i) {
       Result& r = results[i];
       if (r.skipped) continue;
-      const double t = fb::median(times[r.impl]);
+      const double t = fb::median(times[r.lane]);
       r.ms = t * 1e3;
       r.gflops = flop / t * 1e-9;
-      r.peak_frac = fb::median(ratios[r.impl]);
+      r.peak_frac = fb::median(ratios[r.lane]);
     }
   }
   progress.done();
 
-  // The table: one row per N, one column group per implementation.
-  auto find = [&](std::int64_t n, Impl impl) -> const Result* {
+  // The table: one row per N, one column group per implementation (lane).
+  auto find = [&](std::int64_t n, std::size_t lane) -> const Result* {
     for (const Result& r : results)
-      if (r.n == n && r.impl == impl) return &r;
+      if (r.n == n && r.lane == lane) return &r;
     return nullptr;
+  };
+  auto lane_of = [&](Impl impl) {  // the sweep's own type
+    std::size_t l = 0;
+    while (lanes[l].impl != impl || lanes[l].dtype != o.dtype) ++l;
+    return l;
   };
   std::printf("\n%s (%s)\n", cpu.c_str(), fb::cpu_flags_summary(fb::cpu_flags()).c_str());
   const std::string dtype =
@@ -344,20 +390,28 @@ int main(int argc, char** argv) {
                 fb::dtype_name(o.dtype),
                 fb::act_elem(o.dtype) == fb::Elem::f32 ? "" : " and round the output back");
   }
+  if (o.also) {
+    fb::Shape also = base;
+    also.dtype = o.also_dtype;
+    std::printf("%s: fused on %s data (%s), GFLOP/s and %%peak against the same FLOP count\n",
+                lanes.back().name.c_str(), fb::dtype_name(o.also_dtype), fb::impl_label(Impl::fused, also).c_str());
+  }
   std::printf("%7s", "N=M");
-  for (Impl impl : impls) std::printf(" | %-36s", fb::impl_name(impl));
+  for (const Lane& lane : lanes) std::printf(" | %-36s", lane.name.c_str());
   std::printf(" | %9s", "fused/nv");
   if (blas) std::printf(" | %9s", "fused/obl");
+  if (o.also) std::printf(" | %9s", "fused/2nd");
   std::printf("\n%7s", "");
-  for (size_t i = 0; i < impls.size(); ++i)
+  for (size_t i = 0; i < lanes.size(); ++i)
     std::printf(" | %9s %8s %6s %9s", "ms", "GFLOP/s", "%peak", "extra MiB");
   std::printf(" | %9s", "speedup");
   if (blas) std::printf(" | %9s", "speedup");
+  if (o.also) std::printf(" | %9s", "speedup");
   std::printf("\n");
   for (std::int64_t n : ns) {
     std::printf("%7lld", static_cast<long long>(n));
-    for (Impl impl : impls) {
-      const Result* r = find(n, impl);
+    for (std::size_t l = 0; l < lanes.size(); ++l) {
+      const Result* r = find(n, l);
       if (r->skipped) {
         std::printf(" | %-36s", ("skipped (" + r->note + ")").c_str());
       } else {
@@ -365,12 +419,16 @@ int main(int argc, char** argv) {
                     mem_str(r->extra_mib).c_str());
       }
     }
-    const Result* f = find(n, Impl::fused);
-    const Result* nv = find(n, Impl::naive);
+    const Result* f = find(n, lane_of(Impl::fused));
+    const Result* nv = find(n, lane_of(Impl::naive));
     std::printf(" | %9s", nv->skipped ? "-" : (fmt("%.1f", nv->ms / f->ms) + "x").c_str());
     if (blas) {
-      const Result* b = find(n, Impl::openblas);
+      const Result* b = find(n, lane_of(Impl::openblas));
       std::printf(" | %9s", (fmt("%.2f", b->ms / f->ms) + "x").c_str());
+    }
+    if (o.also) {  // the second type's fused line: above 1, it is the faster
+      const Result* a = find(n, lanes.size() - 1);
+      std::printf(" | %9s", (fmt("%.2f", f->ms / a->ms) + "x").c_str());
     }
     std::printf("\n");
   }
@@ -393,8 +451,8 @@ int main(int argc, char** argv) {
          "peak_extra_mib,analytic_mib,reps,fma_peak_gflops,cpu_model,openblas_core,commit\n";
   for (const Result& r : results) {
     csv << r.n << ',' << r.n << ',' << o.batch << ',' << o.heads << ',' << o.dim << ','
-        << (o.causal ? 1 : 0) << ',' << fb::dtype_name(o.dtype) << ',' << threads << ','
-        << flashcpu::active_isa() << ',' << fb::impl_name(r.impl) << ','
+        << (o.causal ? 1 : 0) << ',' << fb::dtype_name(lanes[r.lane].dtype) << ',' << threads << ','
+        << flashcpu::active_isa() << ',' << lanes[r.lane].name << ','
         << (r.skipped ? "skipped" : "ok") << ',';
     if (r.skipped) {
       csv << ",,,";
