@@ -531,6 +531,69 @@ TEST_CASE("bf16 products (emulated AMX): decoding with 16 or more stacked rows p
     }
 }
 
+// Two kernels' outputs on one case, each checked against the oracle by run_tile_case,
+// and against each other: each is within its bound of the oracle, so they differ by at
+// most the sum, u (2 max|v| + |a| + |b|) + 2e-5 with |v| <= 1 here (both bounds at their
+// widest: rounded weights and a bf16 output).
+void check_same_within_tolerance(const flashcpu::detail::KernelTable& a, const flashcpu::detail::KernelTable& b,
+                                 const TileCase& c) {
+  const Outcome ra = run_tile_case(a, c), rb = run_tile_case(b, c);
+  INFO(a.name << " against " << b.name << ": " << c.describe());
+  INFO(ra.report << rb.report);
+  REQUIRE(ra.ok);
+  REQUIRE(rb.ok);
+  const double u = std::ldexp(1.0, -8);
+  double worst = 0;
+  for (std::size_t i = 0; i < ra.out_bits.size(); ++i) {
+    float x, y;
+    std::memcpy(&x, &ra.out_bits[i], 4);
+    std::memcpy(&y, &rb.out_bits[i], 4);
+    if (std::isnan(x) || std::isnan(y)) {
+      CHECK(std::isnan(x) == std::isnan(y));
+      continue;
+    }
+    worst = std::max(worst, std::fabs(double(x) - y) / (u * (2.0 + std::fabs(x) + std::fabs(y)) + 2e-5));
+  }
+  CHECK(worst <= 1.0);
+}
+
+TEST_CASE("bf16 products: with AMX capped off, the avx512bf16 kernels give the same results", "[bf16products][fallback]") {
+  // The fallback a user gets when AMX is unavailable (no AMX, no tile state, Linux
+  // refusing it, FLASHCPU_ISA=avx512bf16): the same attention within the tolerance. On
+  // emulated instructions everywhere; on the variants themselves where the active level
+  // is amx (the forced run flashcpu_tests_amx on a CPU with AMX).
+  namespace fd = flashcpu::detail;
+  std::vector<TileCase> cases;
+  for (int trial = 0; trial < 6; ++trial) {
+    TileCase c;
+    c.B = 1 + trial % 2;
+    c.Hkv = 2;
+    c.Hq = 2 * (1 + trial % 3);
+    c.N = 17 + 23 * trial;
+    c.M = 40 + 61 * trial;
+    c.D = std::vector<std::int64_t>{64, 33, 128, 5, 80, 16}[std::size_t(trial)];
+    c.Dv = std::vector<std::int64_t>{64, 17, 128, 7, 48, 1}[std::size_t(trial)];
+    c.causal = trial % 2 == 0;
+    c.key_lengths = trial % 3 == 1;
+    c.poison = c.key_lengths;
+    c.sinks = trial % 4 == 3;
+    c.seed = std::uint32_t(300 + trial);
+    cases.push_back(c);
+  }
+  for (const TileCase& c : cases) {
+    check_same_within_tolerance(fd::emulated_tile_kernels(), fd::emulated_pair_kernels(), c);
+    check_same_within_tolerance(fd::emulated_tile_kernels(), fd::emulated_pair_value_kernels(), c);
+  }
+  if (fd::active_level() != fd::Isa::amx) {
+    WARN("the AMX and avx512bf16 variants themselves: not run (the active level is " << flashcpu::active_isa()
+                                                                                       << ", not amx)");
+    return;
+  }
+  for (const TileCase& c : cases)
+    check_same_within_tolerance(fd::kernels_for(fd::Isa::amx, fd::DType::bf16),
+                                fd::kernels_for(fd::Isa::avx512bf16, fd::DType::bf16), c);
+}
+
 TEST_CASE("bf16 products: which calls the variants take", "[bf16products]") {
   namespace fd = flashcpu::detail;
   const fd::KernelTable& tiles = fd::emulated_tile_kernels();
