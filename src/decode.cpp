@@ -42,7 +42,7 @@ DecodeSplit split_decode(const Plan& plan, const CallViews& views) {
   d.rows = plan.group * s.q_len;
   // K rows are read in place when they are contiguous whole vectors of a plain dot
   // product: no reuse to pay for a packing pass. (AMX tiles read K panels only: each key
-  // block is packed for a tile of 16 or more stacked rows, see attention.cpp.)
+  // block is packed for a tile of 16 or more stacked rows, see bf16_products_take.)
   d.k_in_place = !kernels.tiles && plan.kind == ScoreKind::dot && !plan.centered && views.k.strides[3] == 1 &&
                  s.head_dim % kernels.vector_floats == 0;
   // Kernel: with a vector's worth of rows or more (and nothing but exclusions on the

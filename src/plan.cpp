@@ -35,8 +35,8 @@ bool use_decode_path(const AttentionShape& s) { return s.q_len <= 16; }
 // the vector kernels read K in place there, and take every other score and transform.
 bool bf16_products_take(const KernelTable& kernels, const AttentionShape& s, DType q, DType k, Transform transform) {
   const bool bf16_inputs = q == DType::bf16 && k == DType::bf16;
-  const std::int64_t stacked_rows = s.q_len * (s.kv_heads > 0 ? s.q_heads / s.kv_heads : 1);
-  const bool shape_taken = !use_decode_path(s) || (kernels.tiles && stacked_rows >= kernels.tile_rows);
+  const std::int64_t group = s.kv_heads > 0 ? s.q_heads / s.kv_heads : 1;
+  const bool shape_taken = !use_decode_path(s) || (kernels.tiles && s.q_len * group >= kernels.tile_rows);
   return (bf16_inputs || s.allow_bf16_compute) && s.score == Score::dot_product && transform == Transform::none &&
          shape_taken;
 }

@@ -70,9 +70,9 @@ struct PairForwardKernel : ForwardKernel<Arch, MR, NRV, NV, PR, bf16> {
     return true;
   }
 
-  // acc[r][c0 .. c0 + NVC W) = alpha[r] acc[..] + sum over the pairs of keys
-  // [k0, k0 + keys) (whole chunks, none flagged) of P.V, for ROWS rows: per pair, one
-  // product of the rows' weight pair (broadcast) and the pair row's NVC vectors.
+  // acc[r][0 .. NVC W) = alpha[r] acc[..] + P.V over `pair_count` pairs of keys (whole
+  // chunks, none flagged), for ROWS rows: per pair, one product of the row's weight pair
+  // (word t of its weights, broadcast) and the pair row's NVC vectors.
   template <int ROWS, int NVC>
   static void pair_values_tile(const std::uint32_t* weights, std::int64_t weights_stride, const float* alpha,
                                const std::uint32_t* pairs, std::int64_t Dvp, std::int64_t pair_count, float* acc) {
