@@ -332,8 +332,10 @@ void run(Impl impl, Problem& p, int threads, MaterializedWorkspace* workspace = 
 double analytic_mib(Impl impl, const Shape& s, int threads,
                     BlasThreading t = default_blas_threading());
 
-/// The ISA and tiles of the fused kernel for head dim d, e.g. "avx512 br=64 bc=256".
-std::string fused_label(std::int64_t d);
+/// The active ISA level, the kernel variant flashcpu::attention runs for this shape and
+/// its tiles, e.g. "amx bf16_attn_fwd_16x32__amx br=256 bc=512" or
+/// "avx2 f32_attn_fwd_4x16__avx2 br=144 bc=256".
+std::string fused_label(const Shape& s);
 /// What ran, for a benchmark's label: the fused ISA and tiles, "naive fp32 -O3
 /// -march=native", "openblas <core> heads-parallel causal-skip", "reference (fp64)",
 /// and on a 16-bit problem its types: "avx2 br=144 bc=256, bf16 K/V", "openblas Haswell

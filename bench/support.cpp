@@ -18,6 +18,8 @@
 #include <string>
 
 #include "kernels/variant_list.hpp"
+#include "plan.hpp"
+#include "tuning.hpp"
 
 #ifdef FLASHCPU_BENCH_HAVE_OPENBLAS
 #include <cblas.h>  // OpenBLAS's own cblas.h: declares openblas_set_num_threads
@@ -706,9 +708,28 @@ double analytic_mib(Impl impl, const Shape& s, int threads, BlasThreading t) {
   return -1.0;
 }
 
-std::string fused_label(std::int64_t d) {
-  const TileConfig t = tile_config(d);
-  return active_isa() + " br=" + std::to_string(t.block_rows) +
+std::string fused_label(const Shape& s) {
+  // The variant flashcpu::attention picks for this shape (the library's own choice,
+  // src/plan.cpp): on the amx level, say, bf16 prefill names the tile kernel and fp32 the
+  // avx512 one. Its tiles are the ones it plans with.
+  namespace fd = flashcpu::detail;
+  const auto type = [](Elem e) {
+    return e == Elem::bf16 ? fd::DType::bf16 : e == Elem::fp16 ? fd::DType::f16 : fd::DType::f32;
+  };
+  fd::AttentionShape call{};
+  call.batch = s.batch;
+  call.q_heads = s.q_heads;
+  call.kv_heads = s.kv_heads;
+  call.q_len = s.n;
+  call.kv_len = s.m;
+  call.head_dim = s.d;
+  call.value_dim = s.dv;
+  call.score = Score::dot_product;
+  call.causal = s.causal;
+  const fd::KernelTable& kernels =
+      fd::kernels_for_call(call, type(act_elem(s.dtype)), type(kv_elem(s.dtype)), fd::Transform::none);
+  const TileConfig t = fd::tiles_for(kernels, s.d);
+  return active_isa() + " " + kernels.name + " br=" + std::to_string(t.block_rows) +
          " bc=" + std::to_string(t.block_keys);
 }
 
@@ -724,7 +745,7 @@ std::string impl_label(Impl impl, const Shape& s) {
   }
   switch (impl) {
     case Impl::fused:
-      return fused_label(s.d) + types;
+      return fused_label(s) + types;
     case Impl::naive:
       return "naive fp32 -O3 -march=native" + widening;
     case Impl::openblas:

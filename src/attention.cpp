@@ -32,15 +32,7 @@ void write_empty_rows(const AttentionShape& s, const CallViews& views, float emp
 
 void run(const AttentionShape& s, const CallViews& views, detail::Transform transform = detail::Transform::none,
          float empty_value = 0.0f, bool regression = false) {
-  const detail::KernelTable* chosen = &detail::active_kernels(views.k.type);
-  if (s.allow_bf16_compute && views.k.type != detail::DType::bf16) {
-    const detail::KernelTable& rounded = detail::active_kernels(detail::DType::bf16);
-    if (rounded.bf16_products && detail::bf16_products_take(rounded, s, views.q.type, views.k.type, transform))
-      chosen = &rounded;
-  }
-  while (chosen->bf16_products && !detail::bf16_products_take(*chosen, s, views.q.type, views.k.type, transform))
-    chosen = &detail::kernels_below(chosen->isa, views.k.type);
-  const detail::KernelTable& kernels = *chosen;
+  const detail::KernelTable& kernels = detail::kernels_for_call(s, views.q.type, views.k.type, transform);
   if (s.empty()) return;
   if (s.kv_len == 0) return write_empty_rows(s, views, empty_value);
   const detail::Plan plan = detail::make_plan(kernels, s, views.v, transform, empty_value, regression);  // may throw

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "dispatch.hpp"
 #include "tuning.hpp"
 
 namespace flashcpu::detail {
@@ -39,6 +40,17 @@ bool bf16_products_take(const KernelTable& kernels, const AttentionShape& s, DTy
   const bool shape_taken = !use_decode_path(s) || (kernels.tiles && s.q_len * group >= kernels.tile_rows);
   return (bf16_inputs || s.allow_bf16_compute) && s.score == Score::dot_product && transform == Transform::none &&
          shape_taken;
+}
+
+const KernelTable& kernels_for_call(const AttentionShape& s, DType q, DType k, Transform transform) {
+  const KernelTable* chosen = &active_kernels(k);
+  if (s.allow_bf16_compute && k != DType::bf16) {
+    const KernelTable& rounded = active_kernels(DType::bf16);
+    if (rounded.bf16_products && bf16_products_take(rounded, s, q, k, transform)) chosen = &rounded;
+  }
+  while (chosen->bf16_products && !bf16_products_take(*chosen, s, q, k, transform))
+    chosen = &kernels_below(chosen->isa, k);
+  return *chosen;
 }
 
 Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const AnyView& v, Transform transform,

@@ -87,8 +87,14 @@ struct Plan {
 bool use_decode_path(const AttentionShape& s);
 
 /// Whether a variant with bf16 products (kernels.bf16_products: AMX tiles, vdpbf16ps)
-/// takes the call; else the level below runs it (attention.cpp).
+/// takes the call; else the level below runs it.
 bool bf16_products_take(const KernelTable& kernels, const AttentionShape& s, DType q, DType k, Transform transform);
+
+/// The variant that runs a call with q and k of these types at the active level: the
+/// level's table for k's type, the bf16 one under allow_bf16_compute when it takes the
+/// call, and the levels below for what a bf16-product variant does not take. The
+/// benchmarks and the tuner name and tune it.
+const KernelTable& kernels_for_call(const AttentionShape& s, DType q, DType k, Transform transform);
 
 Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const AnyView& v, Transform transform,
                float empty_value, bool regression);

@@ -17,7 +17,9 @@
 #include <string>
 #include <vector>
 
+#include "dispatch.hpp"
 #include "kernels/variant_list.hpp"
+#include "tuning.hpp"
 
 namespace fb = flashcpu::bench;
 
@@ -57,7 +59,9 @@ For each head dimension D it tries every block_rows x block_keys candidate
 --quick {48,96,144,192} x {64,128,256,512}), installs it with
 flashcpu::set_tile_config(isa, D, {block_rows, block_keys}), times flashcpu::attention on
 the workloads (median of --reps calls each; the score is the geometric mean of GFLOP/s
-over the workloads), and keeps the best. The built-in default, tile_config(D) as read
+over the workloads), and keeps the best. On a level whose kernels compute bf16 products
+(amx, avx512bf16) the workloads are bf16: that level's entries drive its bf16 prefill
+kernel, and its fp32 calls run the level below. The built-in default, as read
 before any change, is then re-timed against the best, alternating A B A B, and the
 winner is written. Progress (count, best so far, ETA) goes to stderr.
 
@@ -329,17 +333,34 @@ std::string tiles(const flashcpu::TileConfig& t) {
   return "br=" + std::to_string(t.block_rows) + " bc=" + std::to_string(t.block_keys);
 }
 
+// What the tiles under the active level's name drive: its fp32 variant, or, on a level
+// whose variants compute bf16 products (amx, avx512bf16), its bf16 prefill kernel. Such a
+// level runs its fp32 calls on the level below, whose entries are tuned under that
+// level's name (--isa avx512), so it is timed on bf16 data.
+struct TuningTarget {
+  const flashcpu::detail::KernelTable* kernels;
+  fb::DType dtype;
+};
+TuningTarget tuning_target() {
+  namespace fd = flashcpu::detail;
+  const fd::KernelTable& bf16 = fd::active_kernels(fd::DType::bf16);
+  if (bf16.bf16_products) return {&bf16, fb::DType::bf16};
+  return {&fd::active_kernels(fd::DType::f32), fb::DType::fp32};
+}
+
 int tune(const Options& o) {
   const std::string isa = flashcpu::active_isa();
+  const TuningTarget target = tuning_target();
   const int threads = fb::resolve_threads(o.threads);
   if (const char* f = std::getenv("FLASHCPU_TUNING_FILE")) {
     std::fprintf(stderr, "note: FLASHCPU_TUNING_FILE=%s is set: the baseline is its entries\n", f);
   }
   // The baseline, read before any set_tile_config call.
   std::vector<flashcpu::TileConfig> defaults;
-  for (std::int64_t d : o.dims) defaults.push_back(flashcpu::tile_config(d));
+  for (std::int64_t d : o.dims) defaults.push_back(flashcpu::detail::tiles_for(*target.kernels, d));
 
-  std::fprintf(stderr, "flashcpu-tune: isa %s, %d threads, dims", isa.c_str(), threads);
+  std::fprintf(stderr, "flashcpu-tune: isa %s (%s on %s data), %d threads, dims", isa.c_str(),
+               target.kernels->name, fb::dtype_name(target.dtype), threads);
   for (std::int64_t d : o.dims) std::fprintf(stderr, " %lld", static_cast<long long>(d));
   std::fprintf(stderr, ", %zu x %zu candidates, workload %s, median of %d\n", o.rows.size(),
                o.keys.size(), workload_str(o.workloads).c_str(), o.reps);
@@ -354,7 +375,9 @@ int tune(const Options& o) {
     const std::int64_t d = o.dims[di];
     Bench bench{{}, threads, o.reps};
     for (const Workload& w : o.workloads) {
-      bench.problems.emplace_back(fb::mha(w.batch, w.heads, w.n, w.m, d, w.causal));
+      fb::Shape shape = fb::mha(w.batch, w.heads, w.n, w.m, d, w.causal);
+      shape.dtype = target.dtype;
+      bench.problems.emplace_back(shape);
     }
     DimResult res{d, defaults[di], defaults[di], 0, 0};
     double best = 0;
@@ -431,7 +454,7 @@ int tune(const Options& o) {
   out << "# flashcpu tuning file, written by flashcpu-tune\n"
       << "# date: " << today() << "\n"
       << "# cpu: " << cpu_model() << ", " << threads << " threads\n"
-      << "# isa: " << isa << "\n"
+      << "# isa: " << isa << " (" << target.kernels->name << " on " << fb::dtype_name(target.dtype) << " data)\n"
       << "# workload: " << workload_str(o.workloads) << "; D = Dv = head_dim; score = geometric"
       << " mean of GFLOP/s, median of " << o.reps << "\n"
       << "# candidates: block_rows {" << list(o.rows) << "} x block_keys {" << list(o.keys) << "}\n"
@@ -452,7 +475,7 @@ int tune(const Options& o) {
   // Read it back through the library, as a user's program would.
   flashcpu::load_tuning(o.out);
   for (const DimResult& r : results) {
-    if (!same(flashcpu::tile_config(r.dim), r.best)) {
+    if (!same(flashcpu::detail::tiles_for(*target.kernels, r.dim), r.best)) {
       std::fprintf(stderr, "flashcpu-tune: %s does not round-trip for D=%lld\n", o.out.c_str(),
                    static_cast<long long>(r.dim));
       return 1;
