@@ -294,8 +294,10 @@ struct TileConfig {
   int block_keys;  // keys per block (used rounded up to the micro-kernel's key panel: 64 on AVX-512, 16 or 8 below)
 };
 
-/// The tile sizes attention() uses for head dimension `head_dim` on the active ISA:
-/// from a loaded tuning file when it has an entry, else the built-in defaults.
+/// The tile sizes attention() uses for head dimension `head_dim` on the active ISA, for
+/// fp32 calls: from a loaded tuning file when it has an entry, else the built-in defaults.
+/// (On "amx" and "avx512bf16", fp32 calls run the "avx512" kernels and their tiles; the
+/// entries under those levels' own names drive their bf16 kernels.)
 TileConfig tile_config(std::int64_t head_dim);
 
 /// Loads a tuning file written by the flashcpu-tune tool (replacing any earlier
