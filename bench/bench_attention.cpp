@@ -306,6 +306,11 @@ void register_attention_benchmarks() {
   }
   add_workload("DEC", "", dec, 0, /*decode=*/true);
   add_workload("DEC_hot", "", dec, 0, /*decode=*/true, /*cold=*/false);
+  // Speculative (or batched) decoding: 4 queries per head, so each KV head stacks 16 rows,
+  // a whole AMX tile (bf16 on the amx level runs the tile kernel; fewer rows stay on the
+  // vector kernels). Not in tools/bench_report's default filter.
+  const Shape dec4 = fb::gqa(1, 32, 8, 4, 8192, 128);
+  add_workload("DEC4", "", dec4, 0, /*decode=*/true);
 
   // 16-bit forms of the named workloads, <family>_<dtype>: the project's 16-bit targets
   // are ratios to the fp32 ones. DEC's are cold like DEC, their bandwidth counted on the
@@ -321,7 +326,8 @@ void register_attention_benchmarks() {
                          {"P128", p128, fb::DType::bf16, false},
                          {"C128", c128, fb::DType::bf16, false},
                          {"DEC", dec, fb::DType::bf16kv, true},
-                         {"DEC", dec, fb::DType::fp16kv, true}};
+                         {"DEC", dec, fb::DType::fp16kv, true},
+                         {"DEC4", dec4, fb::DType::bf16, true}};
   for (Typed w : typed) {
     w.s.dtype = w.dtype;
     add_workload(std::string(w.family) + "_" + fb::dtype_name(w.dtype), "", w.s, 0, w.decode);
@@ -475,7 +481,7 @@ void print_usage() {
       "                           the fp64 oracle on small problems\n"
       "  --no-probes              do not measure FMA peak and bandwidth at start-up (they are\n"
       "                           then measured when first needed)\n"
-      "Families (use --benchmark_filter): P64 P128 C128 S16K short DEC DEC_hot scaling_P64\n"
+      "Families (use --benchmark_filter): P64 P128 C128 S16K short DEC DEC_hot DEC4 DEC4_bf16 scaling_P64\n"
       "  P64_bf16 P128_bf16 C128_bf16 P64_fp16kv DEC_bf16kv DEC_fp16kv P64_bwd C128_bwd S16K_bwd prefill\n"
       "  decode model blas_mode\n"
       "  BM_FmaPeak BM_ReadBandwidth. Example:\n"
