@@ -304,6 +304,14 @@ void register_attention_benchmarks() {
   for (std::int64_t n : {16, 64, 256}) {
     add_workload("short", "/N:" + std::to_string(n), fb::mha(1, 16, n, n, 64));
   }
+  // The same in bf16, prefill only (N > 16): the AMX kernel against the vdpbf16ps one on
+  // short sequences, in two runs (FLASHCPU_ISA=amx, then avx512bf16). Not in
+  // tools/bench_report's default filter.
+  for (std::int64_t n : {64, 256}) {
+    Shape s = fb::mha(1, 16, n, n, 64);
+    s.dtype = fb::DType::bf16;
+    add_workload("short_bf16", "/N:" + std::to_string(n), s);
+  }
   add_workload("DEC", "", dec, 0, /*decode=*/true);
   add_workload("DEC_hot", "", dec, 0, /*decode=*/true, /*cold=*/false);
   // Speculative (or batched) decoding: 4 queries per head, so each KV head stacks 16 rows,
@@ -481,7 +489,8 @@ void print_usage() {
       "                           the fp64 oracle on small problems\n"
       "  --no-probes              do not measure FMA peak and bandwidth at start-up (they are\n"
       "                           then measured when first needed)\n"
-      "Families (use --benchmark_filter): P64 P128 C128 S16K short DEC DEC_hot DEC4 DEC4_bf16 scaling_P64\n"
+      "Families (use --benchmark_filter): P64 P128 C128 S16K short short_bf16 DEC DEC_hot DEC4 DEC4_bf16\n"
+      "  scaling_P64\n"
       "  P64_bf16 P128_bf16 C128_bf16 P64_fp16kv DEC_bf16kv DEC_fp16kv P64_bwd C128_bwd S16K_bwd prefill\n"
       "  decode model blas_mode\n"
       "  BM_FmaPeak BM_ReadBandwidth. Example:\n"
