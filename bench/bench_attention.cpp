@@ -493,7 +493,7 @@ void print_usage() {
       "  scaling_P64\n"
       "  P64_bf16 P128_bf16 C128_bf16 P64_fp16kv DEC_bf16kv DEC_fp16kv P64_bwd C128_bwd S16K_bwd prefill\n"
       "  decode model blas_mode\n"
-      "  BM_FmaPeak BM_ReadBandwidth. Example:\n"
+      "  BM_FmaPeak BM_AmxPeak BM_ReadBandwidth. Example:\n"
       "  flashcpu_bench --benchmark_filter='^(P64|DEC)/'\n"
       "      --benchmark_repetitions=5 --benchmark_report_aggregates_only=true\n"
       "      --benchmark_out=bench.json --benchmark_out_format=json\n"
