@@ -41,8 +41,8 @@
 #include <string>
 #include <vector>
 
-#include "plan.hpp"
 #include "dispatch.hpp"
+#include "plan.hpp"
 #include "emulation.hpp"
 #include "validate.hpp"
 
@@ -632,6 +632,27 @@ TEST_CASE("bf16 products: which calls the variants take", "[bf16products]") {
   fd::AttentionShape allowed = shape(64, 1, 1);
   allowed.allow_bf16_compute = true;
   CHECK(takes(tiles, allowed, fd::DType::f32));
+
+  // The library's choice at the active level (kernels_for_call, which attention() and the
+  // benchmark labels use): a level's table for k's type, except that a bf16-product
+  // variant hands what it does not take to the level below.
+  for (fd::DType k : {fd::DType::f32, fd::DType::bf16, fd::DType::f16}) {
+    const fd::KernelTable& level = fd::active_kernels(k);
+    const fd::DType q = k == fd::DType::bf16 ? fd::DType::bf16 : k;
+    const fd::KernelTable& prefill = fd::kernels_for_call(shape(64, 4, 2), q, k, fd::Transform::none);
+    const fd::KernelTable& decode = fd::kernels_for_call(shape(1, 32, 8), q, k, fd::Transform::none);
+    INFO("k type " << int(k) << ", level " << level.name);
+    CHECK(prefill.kv == k);
+    CHECK(decode.kv == k);
+    CHECK(int(prefill.isa) <= int(fd::active_level()));
+    if (!level.bf16_products) {
+      CHECK(&prefill == &level);
+      CHECK(&decode == &level);
+    } else {
+      CHECK(&prefill == &level);         // bf16 prefill: the bf16-product variant
+      CHECK_FALSE(decode.bf16_products);  // 4 stacked rows: the vector kernels below
+    }
+  }
 }
 
 TEST_CASE("allow_bf16_compute changes nothing where no level with bf16 products runs", "[bf16products]") {
