@@ -83,8 +83,9 @@ ThreadScratch decode_scratch(const Plan& plan, const DecodeSplit& d) {
   parts.q_packed = kernels.query_floats(d.rows_padded, D);
   parts.row_bias = plan.centered ? d.rows_padded : 0;
   parts.center = D;
-  // Lanes: the transposed Q follows the scores, then K widened to fp32 (16-bit K).
-  parts.scores = std::int64_t(d.mr) * (d.lanes ? Bk + D : Bk) + (d.lanes && wide_k ? Bk * D : 0);
+  // Lanes: the transposed Q of every group of rows follows the scores, then K widened to
+  // fp32 (16-bit K).
+  parts.scores = std::int64_t(d.mr) * Bk + (d.lanes ? d.rows_padded * D : 0) + (d.lanes && wide_k ? Bk * D : 0);
   return parts;
 }
 

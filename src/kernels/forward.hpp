@@ -802,10 +802,13 @@ struct ForwardKernel {
   // transposed once per call (head_dim rows of W floats per W query rows), each key's
   // scores for all W rows come from broadcasts of that key's elements (no horizontal
   // sums), and the online softmax runs on whole vectors of rows. Handles exclusions
-  // (causal, window); not masks, biases or transforms. Scratch: job.state.scores holds
-  // block_keys x W scores, then head_dim x W of transposed Q, then (16-bit K) block_keys x
-  // head_dim of K widened to fp32: each K element is broadcast to W lanes, and a
-  // broadcast straight from fp32 memory is one instruction where a 16-bit one is four.
+  // (causal, window); not masks, biases or transforms. Key blocks are the outer loop and
+  // groups of W rows the inner one, so a block's K (widened once, if 16-bit) and V serve
+  // every group while they are in cache. Scratch: job.state.scores holds block_keys x W
+  // scores, then head_dim x rows_padded of transposed Q (head_dim x W per group), then
+  // (16-bit K) block_keys x head_dim of K widened to fp32: each K element is broadcast to
+  // W lanes, and a broadcast straight from fp32 memory is one instruction where a 16-bit
+  // one is four.
   static void forward_lanes_block(const QueryBlockJob& job) {
     assert(job.keys.k_panels == nullptr && (job.keys.k_rows != nullptr || job.keys.begin == job.keys.end) &&
            "lanes read K in place");
@@ -825,42 +828,48 @@ struct ForwardKernel {
     std::int64_t begin = job.keys.begin, end = min_i64(job.keys.end, job.visible.key_limit);
     if (job.visible.has_lo && first_query + job.visible.lo_offset > begin) begin = first_query + job.visible.lo_offset;
     if (job.visible.has_hi) end = min_i64(end, last_query + job.visible.hi_offset + 1);
-    float* const st = job.state.scores;        // [Bk][W]
-    float* const qt = job.state.scores + Bk * W;  // [D][W]
-    float* const k_wide = qt + D * W;             // [Bk][D], 16-bit K only
+    float* const st = job.state.scores;                   // [Bk][W]
+    float* const qt_all = job.state.scores + Bk * W;         // per group of W rows: [D][W]
+    float* const k_wide = qt_all + D * rows_padded;          // [Bk][D], 16-bit K only
     PrefetchStream ahead = prefetch_stream(job, begin, end);
+    for (std::int64_t r0 = 0; r0 < rows_padded; r0 += W) transpose_rows(job.q.q_packed + r0 * D, D, qt_all + r0 * D);
 
-    for (std::int64_t r0 = 0; r0 < rows_padded; r0 += W) {
-      transpose_rows(job.q.q_packed + r0 * D, D, qt);
-      alignas(64) float alpha[W];
-      // Keys in [clean_first, clean_past) are visible to every valid lane; P.V keeps the
-      // others' value rows out (see pv_tile's SAFE).
-      const std::int64_t valid = min_i64(W, job.q.rows - r0);
-      const std::int64_t lane_first = job.q.first_row + r0 / G, lane_last = job.q.first_row + (r0 + valid - 1) / G;
-      const std::int64_t clean_first = job.visible.has_lo ? lane_last + job.visible.lo_offset : begin;
-      const std::int64_t clean_past = job.visible.has_hi ? lane_first + job.visible.hi_offset + 1 : end;
-      batch m = batch::load_unaligned(job.state.row_max + r0), l = batch::load_unaligned(job.state.row_sum + r0);
-      for (std::int64_t j0 = begin; j0 < end; j0 += Bk) {
-        const std::int64_t n = min_i64(Bk, end - j0);
-        const KV* k_block = k_rows(job) + (j0 - job.keys.begin) * job.keys.k_row_stride;
-        const float* k;
-        std::int64_t k_stride;
-        if constexpr (std::is_same<KV, float>::value) {
-          k = k_block;
-          k_stride = job.keys.k_row_stride;
-        } else {
-          for (std::int64_t t = 0; t < n; ++t)
-            for (std::int64_t d = 0; d < D; d += W) load_kv(k_block + t * job.keys.k_row_stride + d).store_aligned(k_wide + t * D + d);
-          k = k_wide;
-          k_stride = D;
-        }
+    for (std::int64_t j0 = begin; j0 < end; j0 += Bk) {
+      const std::int64_t n = min_i64(Bk, end - j0);
+      const KV* k_block = k_rows(job) + (j0 - job.keys.begin) * job.keys.k_row_stride;
+      const float* k;
+      std::int64_t k_stride;
+      if constexpr (std::is_same<KV, float>::value) {
+        k = k_block;
+        k_stride = job.keys.k_row_stride;
+      } else {
+        for (std::int64_t t = 0; t < n; ++t)
+          for (std::int64_t d = 0; d < D; d += W) load_kv(k_block + t * job.keys.k_row_stride + d).store_aligned(k_wide + t * D + d);
+        k = k_wide;
+        k_stride = D;
+      }
+      const KV* v_block = v_rows(job) + (j0 - job.keys.begin) * job.keys.v_row_stride;
+      // The first group's P.V tiles request the next block's V rows (see PrefetchStream),
+      // and its S steps K's request stream.
+      ValuesAhead next_values = values_ahead(job, j0, end);
+      for (std::int64_t r0 = 0; r0 < rows_padded; r0 += W) {
+        const float* qt = qt_all + r0 * D;
+        alignas(64) float alpha[W];
+        // Keys in [clean_first, clean_past) are visible to every valid lane; P.V keeps the
+        // others' value rows out (see pv_tile's SAFE).
+        const std::int64_t valid = min_i64(W, job.q.rows - r0);
+        const std::int64_t lane_first = job.q.first_row + r0 / G, lane_last = job.q.first_row + (r0 + valid - 1) / G;
+        const std::int64_t clean_first = job.visible.has_lo ? lane_last + job.visible.lo_offset : begin;
+        const std::int64_t clean_past = job.visible.has_hi ? lane_first + job.visible.hi_offset + 1 : end;
+        batch m = batch::load_unaligned(job.state.row_max + r0), l = batch::load_unaligned(job.state.row_sum + r0);
         std::int64_t t = 0;
         for (; t + KB <= n; t += KB) {
-          for (int u = 0; u < KB; ++u) ahead.step();
+          if (r0 == 0)
+            for (int u = 0; u < KB; ++u) ahead.step();
           lanes_scores<KB>(qt, D, k + t * k_stride, k_stride, st + t * W);
         }
         for (; t < n; ++t) {
-          ahead.step();
+          if (r0 == 0) ahead.step();
           lanes_scores<1>(qt, D, k + t * k_stride, k_stride, st + t * W);
         }
         // Each lane's visible keys [lo, hi], relative to this block and clamped to
@@ -904,16 +913,12 @@ struct ForwardKernel {
         l = xsimd::fma(a, l, sum);
         m = new_max;
         a.store_aligned(alpha);
-
-        const KV* v_block = v_rows(job) + (j0 - job.keys.begin) * job.keys.v_row_stride;
-        // The first P.V tiles request the next block's V rows (see PrefetchStream).
-        ValuesAhead next_values = r0 == 0 ? values_ahead(job, j0, end) : ValuesAhead{};
         for (int h = 0; h < W; h += PV_ROWS, next_values = {})
           pv_runs<PV_ROWS>(st + h, 1, W, v_block, job.keys.v_row_stride, 0, clean_first - j0, clean_past - j0, n,
                            alpha + h, job.state.acc + (r0 + h) * Dvp, Dvp, next_values);
+        m.store_unaligned(job.state.row_max + r0);
+        l.store_unaligned(job.state.row_sum + r0);
       }
-      m.store_unaligned(job.state.row_max + r0);
-      l.store_unaligned(job.state.row_sum + r0);
     }
     if (job.state.finalize) finalize(job);
   }
