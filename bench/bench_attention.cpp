@@ -20,7 +20,7 @@
 //   probe_gflops    an FMA probe taken right before this repetition
 //   peak_frac       this repetition's GFLOP/s / probe_gflops: its median is the median
 //                   of per-pair ratios (probe, kernel, probe, kernel...)
-//   probe_amx_gflops, amx_frac   fused all-bf16 calls on the amx level: the same against
+//   probe_amx_gflops, amx_frac   fused calls that run the AMX tile kernel: the same against
 //                   an AMX probe (back-to-back TDPBF16PS) taken right before
 //   kv_bytes_per_s  decode only: K+V bytes (each KV head once, as stored) per second
 //   probe_read_gbps decode only: a read-bandwidth probe right before this repetition
@@ -155,9 +155,9 @@ void bm_attention(benchmark::State& st, const std::string& name, Impl impl, cons
   }
   const double probe_flops = fb::fma_probe_now(threads);
   const double probe_read = decode ? fb::read_probe_now(threads) : 0.0;
-  // The AMX kernels' figures are also quoted against the AMX probe: fused all-bf16 calls
-  // when dispatch runs the amx level (prefill, and decoding with 16 stacked rows or more).
-  const bool on_amx = impl == Impl::fused && s.dtype == fb::DType::bf16 && flashcpu::active_isa() == "amx";
+  // The AMX kernel's figures are also quoted against the AMX probe: fused calls that run
+  // the tile kernel (bf16 prefill on the amx level, and decoding with 16 stacked rows or more).
+  const bool on_amx = impl == Impl::fused && fb::fused_runs_on_tiles(s);
   const double probe_amx = on_amx ? fb::amx_probe_now(threads) : 0.0;
 
   std::size_t next = 0;

@@ -336,6 +336,9 @@ double analytic_mib(Impl impl, const Shape& s, int threads,
 /// its tiles, e.g. "amx bf16_attn_fwd_16x32__amx br=256 bc=512" or
 /// "avx2 f32_attn_fwd_4x16__avx2 br=144 bc=256".
 std::string fused_label(const Shape& s);
+/// Whether that variant is the AMX tile kernel (its figures are then also quoted against
+/// the AMX probe).
+bool fused_runs_on_tiles(const Shape& s);
 /// What ran, for a benchmark's label: the fused ISA and tiles, "naive fp32 -O3
 /// -march=native", "openblas <core> heads-parallel causal-skip", "reference (fp64)",
 /// and on a 16-bit problem its types: "avx2 br=144 bc=256, bf16 K/V", "openblas Haswell

@@ -708,10 +708,12 @@ double analytic_mib(Impl impl, const Shape& s, int threads, BlasThreading t) {
   return -1.0;
 }
 
-std::string fused_label(const Shape& s) {
-  // The variant flashcpu::attention picks for this shape (the library's own choice,
-  // src/plan.cpp): on the amx level, say, bf16 prefill names the tile kernel and fp32 the
-  // avx512 one. Its tiles are the ones it plans with.
+namespace {
+
+// The variant flashcpu::attention picks for this shape (the library's own choice,
+// src/plan.cpp): on the amx level, say, bf16 prefill takes the tile kernel and fp32 the
+// avx512 one.
+const flashcpu::detail::KernelTable& fused_kernels(const Shape& s) {
   namespace fd = flashcpu::detail;
   const auto type = [](Elem e) {
     return e == Elem::bf16 ? fd::DType::bf16 : e == Elem::fp16 ? fd::DType::f16 : fd::DType::f32;
@@ -726,9 +728,16 @@ std::string fused_label(const Shape& s) {
   call.value_dim = s.dv;
   call.score = Score::dot_product;
   call.causal = s.causal;
-  const fd::KernelTable& kernels =
-      fd::kernels_for_call(call, type(act_elem(s.dtype)), type(kv_elem(s.dtype)), fd::Transform::none);
-  const TileConfig t = fd::tiles_for(kernels, s.d);
+  return fd::kernels_for_call(call, type(act_elem(s.dtype)), type(kv_elem(s.dtype)), fd::Transform::none);
+}
+
+}  // namespace
+
+bool fused_runs_on_tiles(const Shape& s) { return fused_kernels(s).tiles; }
+
+std::string fused_label(const Shape& s) {
+  const flashcpu::detail::KernelTable& kernels = fused_kernels(s);
+  const TileConfig t = flashcpu::detail::tiles_for(kernels, s.d);  // the tiles it plans with
   return active_isa() + " " + kernels.name + " br=" + std::to_string(t.block_rows) +
          " bc=" + std::to_string(t.block_keys);
 }
@@ -1085,27 +1094,27 @@ std::pair<double, std::string> fma_entry(int threads) {
 double fma_peak_gflops(int threads) { return fma_entry(threads).first; }
 std::string fma_peak_isa(int threads) { return fma_entry(threads).second; }
 
-double read_bandwidth_gbps(int threads) {
+// The figure of `entries` for this thread count, measured on first use.
+template <class Measure>
+double cached_probe(std::map<int, double> PeakCache::*entries, int threads, Measure measure) {
   threads = resolve_threads(threads);
   PeakCache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
-  auto it = c.bw.find(threads);
-  if (it != c.bw.end()) return it->second;
-  const double g = measure_read_gbps(threads);
-  c.bw[threads] = g;
-  return g;
+  auto it = (c.*entries).find(threads);
+  if (it != (c.*entries).end()) return it->second;
+  return (c.*entries)[threads] = measure(threads);
+}
+
+double read_bandwidth_gbps(int threads) {
+  return cached_probe(&PeakCache::bw, threads, [](int t) { return measure_read_gbps(t); });
 }
 
 double amx_peak_gflops(int threads) {
-  threads = resolve_threads(threads);
-  PeakCache& c = cache();
-  std::lock_guard<std::mutex> lock(c.mu);
-  auto it = c.amx.find(threads);
-  if (it != c.amx.end()) return it->second;
-  double g = 0;
-  for (int w = 0; w < 4; ++w) g = std::max(g, measure_amx_gflops(threads, 0.05));
-  c.amx[threads] = g;
-  return g;
+  return cached_probe(&PeakCache::amx, threads, [](int t) {
+    double g = 0;  // best of four 50 ms windows, as the FMA peak
+    for (int w = 0; w < 4; ++w) g = std::max(g, measure_amx_gflops(t, 0.05));
+    return g;
+  });
 }
 
 double amx_probe_now(int threads) {

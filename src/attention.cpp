@@ -5,7 +5,6 @@
 #include <cmath>
 #include <limits>
 
-#include "dispatch.hpp"
 #include "plan.hpp"
 #include "validate.hpp"
 

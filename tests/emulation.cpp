@@ -26,74 +26,59 @@ namespace flashcpu::detail::bf16_products_emulated {
 
 namespace flashcpu::detail {
 
-const KernelTable& emulated_tile_kernels() {
-  using namespace bf16_products_emulated;
-  using Kernel = TileForwardKernel<xsimd::sse2, EmulatedTiles>;
-  static const KernelTable table{Isa::amx,
-                                 DType::bf16,
-                                 "bf16_attn_fwd_16x32__amx (emulated tiles, sse2 vectors)",
-                                 4,
-                                 kTileRows,
-                                 kTilePanelKeys,
-                                 true,
-                                 true,
-                                 true,
-                                 kTileValueColumns,
-                                 &Kernel::forward_query_block,
-                                 kTileRows,
-                                 nullptr,
-                                 nullptr,
-                                 &TilePackers::pack_key_panels,
-                                 &TilePackers::pack_value_rows,
-                                 &TilePackers::pack_query_rows,
-                                 &TilePackers::key_panel_floats,
-                                 &TilePackers::query_floats,
-                                 &TilePackers::value_floats,
-                                 nullptr,
-                                 nullptr,
-                                 nullptr,
-                                 nullptr,
-                                 nullptr};
-  return table;
-}
-
 namespace {
+
+// A bf16-product variant's table (forward only, no small or lanes kernel) for a kernel and
+// its packers on emulated instructions.
+template <class Kernel, class Pack>
+KernelTable emulated_table(Isa isa, const char* name, int rows, int keys, bool tiles, bool pair_values,
+                           int value_columns) {
+  return {isa,
+          DType::bf16,
+          name,
+          int(Kernel::W),
+          rows,
+          keys,
+          true,
+          tiles,
+          pair_values,
+          value_columns,
+          &Kernel::forward_query_block,
+          rows,
+          nullptr,
+          nullptr,
+          &Pack::pack_key_panels,
+          &Pack::pack_value_rows,
+          &Pack::pack_query_rows,
+          &Pack::key_panel_floats,
+          &Pack::query_floats,
+          &Pack::value_floats,
+          nullptr,
+          nullptr,
+          nullptr,
+          nullptr,
+          nullptr};
+}
 
 template <bool PairValues>
 const KernelTable& pair_kernels(const char* name) {
   using namespace bf16_products_emulated;
   constexpr int kRows = 4, kKeys = 16, kW = 4;
   using Kernel = PairForwardKernel<xsimd::sse2, kRows, kKeys / kW, 2, kRows, EmulatedPairDot, PairValues>;
-  using Pack = PairPackers<kKeys, PairValues>;
-  static const KernelTable table{Isa::avx512bf16,
-                                 DType::bf16,
-                                 name,
-                                 kW,
-                                 kRows,
-                                 kKeys,
-                                 true,
-                                 false,
-                                 PairValues,
-                                 kW,
-                                 &Kernel::forward_query_block,
-                                 kRows,
-                                 nullptr,
-                                 nullptr,
-                                 &Pack::pack_key_panels,
-                                 &Pack::pack_value_rows,
-                                 &Pack::pack_query_rows,
-                                 &Pack::key_panel_floats,
-                                 &Pack::query_floats,
-                                 &Pack::value_floats,
-                                 nullptr,
-                                 nullptr,
-                                 nullptr,
-                                 nullptr,
-                                 nullptr};
+  static const KernelTable table = emulated_table<Kernel, PairPackers<kKeys, PairValues>>(
+      Isa::avx512bf16, name, kRows, kKeys, false, PairValues, kW);
   return table;
 }
 
 }  // namespace
+
+const KernelTable& emulated_tile_kernels() {
+  using namespace bf16_products_emulated;
+  static const KernelTable table = emulated_table<TileForwardKernel<xsimd::sse2, EmulatedTiles>, TilePackers>(
+      Isa::amx, "bf16_attn_fwd_16x32__amx (emulated tiles, sse2 vectors)", kTileRows, kTilePanelKeys, true, true,
+      kTileValueColumns);
+  return table;
+}
 
 const KernelTable& emulated_pair_kernels() {
   return pair_kernels<false>("bf16_attn_fwd_4x16__avx512bf16 (emulated vdpbf16ps, sse2 vectors)");

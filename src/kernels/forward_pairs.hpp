@@ -110,8 +110,7 @@ struct PairForwardKernel : ForwardKernel<Arch, MR, NRV, NV, PR, bf16> {
       for (int r = 0; r < MR; ++r) round_weights_to_bf16<W>(scores + r * Bk, t.c0, t.cols);
       const auto* weights = reinterpret_cast<const std::uint32_t*>(scores);  // row r's pair t at r Bk + t
       const auto* pairs = static_cast<const std::uint32_t*>(job.keys.v_rows);
-      const std::int64_t packed_keys = (job.keys.end - job.keys.begin + NR - 1) / NR * NR;
-      const auto* nonfinite = reinterpret_cast<const std::uint8_t*>(pairs + packed_keys / 2 * Dvp);
+      const std::uint8_t* nonfinite = value_pairs_flags(pairs, job.keys.end - job.keys.begin, Dvp, NR);
       const std::int64_t first = j0 - job.keys.begin;  // the block's first key, from keys.begin
       for (int h = 0; h < MR; h += PR) {
         const float* a = alpha + h;

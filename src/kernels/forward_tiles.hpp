@@ -105,8 +105,7 @@ struct TileForwardKernel : TileBase<Arch> {
     for (int r = 0; r < MR; ++r) round_weights_to_bf16<W>(job.state.scores + r * Bk, t.c0, t.cols);
     const auto* probs = reinterpret_cast<const std::uint16_t*>(job.state.scores);
     const auto* pairs = static_cast<const std::uint32_t*>(job.keys.v_rows);
-    const std::int64_t packed_keys = round_up_i64(job.keys.end - job.keys.begin, NR);
-    const auto* nonfinite = reinterpret_cast<const std::uint8_t*>(pairs + packed_keys / 2 * Dvp);
+    const std::uint8_t* nonfinite = value_pairs_flags(pairs, job.keys.end - job.keys.begin, Dvp, NR);
     const std::int64_t first_chunk = (j0 + t.c0 - job.keys.begin) / NR;
     bool any_nonfinite = false;
     for (std::int64_t c = 0; c < Dvp; c += kTileValueColumns) {

@@ -16,15 +16,30 @@
 
 inline bool bf16_nonfinite(std::uint16_t bits) { return (bits & 0x7f80u) == 0x7f80u; }
 
+// Keys rounded up to whole chunks (at least one, for the scratch of an empty range).
+inline std::int64_t value_pairs_keys(std::int64_t keys, std::int64_t chunk_keys) {
+  return (keys > 0 ? keys + chunk_keys - 1 : chunk_keys) / chunk_keys * chunk_keys;
+}
+
 inline std::int64_t value_pairs_floats(std::int64_t keys, std::int64_t value_dim_padded, std::int64_t chunk_keys) {
-  const std::int64_t packed = (keys > 0 ? keys + chunk_keys - 1 : chunk_keys) / chunk_keys * chunk_keys;
+  const std::int64_t packed = value_pairs_keys(keys, chunk_keys);
   return packed * value_dim_padded / 2 + (packed / chunk_keys + 3) / 4;
+}
+
+// The chunks' flags of V packed for `keys` keys, past the pair rows.
+inline std::uint8_t* value_pairs_flags(std::uint32_t* pairs, std::int64_t keys, std::int64_t value_dim_padded,
+                                       std::int64_t chunk_keys) {
+  return reinterpret_cast<std::uint8_t*>(pairs + value_pairs_keys(keys, chunk_keys) / 2 * value_dim_padded);
+}
+inline const std::uint8_t* value_pairs_flags(const std::uint32_t* pairs, std::int64_t keys,
+                                             std::int64_t value_dim_padded, std::int64_t chunk_keys) {
+  return value_pairs_flags(const_cast<std::uint32_t*>(pairs), keys, value_dim_padded, chunk_keys);
 }
 
 inline void pack_bf16_value_pairs(const SourceRows& v, std::int64_t keys, std::int64_t value_dim,
                                   std::int64_t value_dim_padded, std::int64_t chunk_keys, std::uint32_t* out) {
   const std::int64_t packed = (keys + chunk_keys - 1) / chunk_keys * chunk_keys;
-  auto* nonfinite = reinterpret_cast<std::uint8_t*>(out + packed / 2 * value_dim_padded);
+  std::uint8_t* nonfinite = value_pairs_flags(out, keys, value_dim_padded, chunk_keys);
   for (std::int64_t chunk = 0; chunk < packed / chunk_keys; ++chunk) nonfinite[chunk] = 0;
   std::uint16_t even_buffer[kBf16Columns], odd_buffer[kBf16Columns];
   for (std::int64_t t = 0; t < packed / 2; ++t) {
