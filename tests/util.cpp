@@ -349,9 +349,10 @@ static const flashcpu::variant_list::Variant& f32_variant(const std::string& isa
 }
 int micro_rows(const std::string& isa) { return f32_variant(isa).mr; }
 int key_panel(const std::string& isa) { return f32_variant(isa).nr; }
+std::string f32_tile_isa(const std::string& isa) { return f32_variant(isa).isa; }
 
 TileOverride::TileOverride(std::int64_t head_dim, flashcpu::TileConfig tiles)
-    : isa_(flashcpu::active_isa()), head_dim_(head_dim) {
+    : isa_(f32_tile_isa(flashcpu::active_isa())), head_dim_(head_dim) {
   flashcpu::set_tile_config(isa_, head_dim_, tiles);
 }
 TileOverride::~TileOverride() { flashcpu::set_tile_config(isa_, head_dim_, std::nullopt); }

@@ -105,7 +105,12 @@ std::vector<float> run_fused_buffer(const Case& c);
 int micro_rows(const std::string& isa);
 int key_panel(const std::string& isa);
 
-/// Sets a tile override for (active ISA, head_dim) and removes it on scope exit.
+/// The level whose tuning entries fp32 calls read when `isa` is active: itself, or on
+/// "amx" and "avx512bf16" (whose own entries drive their bf16 kernels) "avx512".
+std::string f32_tile_isa(const std::string& isa);
+
+/// Sets a tile override for fp32 calls at head_dim on the active ISA (the entry of
+/// f32_tile_isa(active_isa())) and removes it on scope exit.
 class TileOverride {
  public:
   TileOverride(std::int64_t head_dim, flashcpu::TileConfig tiles);
