@@ -34,7 +34,10 @@ static_assert(sizeof(TileConfigBlock) == 64, "LDTILECFG reads 64 bytes");
 // spelled out: one specialization per register (and per product the kernel issues).
 struct HardwareTiles {
   static constexpr bool enabled = true;
-  static void configure(const TileConfigBlock& config) { _tile_loadconfig(&config); }
+  // Not _tile_loadconfig: GCC 12's gives its asm an 8-byte memory operand, so the
+  // compiler may drop or delay stores to the rest of the block (rows, bytes per row). The
+  // whole 64-byte block is this asm's operand, so all of it is written first.
+  static void configure(const TileConfigBlock& config) { __asm__ volatile("ldtilecfg %0" ::"m"(config)); }
   static void release() { _tile_release(); }
   template <int T>
   static void zero();
