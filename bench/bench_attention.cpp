@@ -7,6 +7,8 @@
 //                               the key blocks a query block cannot see (common.hpp)
 //   <family>/openblas_full/...  causal only: the same over the full masked square
 //   <family>/reference/...      the fp64 oracle, only with --with-reference
+// pair/<family>_<dtype> times the fused fp32 workload against its 16-bit form in turn
+// (bm_pair; counter ratio = fp32 time / 16-bit time).
 // Families: prefill sweep, the named workloads (P64, P128, C128, S16K, short, DEC,
 // thread scaling), their backward (P64_bwd, C128_bwd, S16K_bwd: fused and materialized
 // OpenBLAS backward, FLOP = the backward's five products), their 16-bit forms (<family>_<dtype>: P64_bf16, P128_bf16,
@@ -227,6 +229,60 @@ void add_workload(const std::string& prefix, const std::string& suffix, const Sh
   }
 }
 
+// pair/<typed>: the fused fp32 workload and its 16-bit form `typed`, call by call in
+// turn (the order flips every iteration), each call timed on its own. ratio = the fp32
+// calls' time over the 16-bit calls', per repetition; its median (and min, max) over
+// repetitions is a median of ratios taken seconds apart. On a shared machine whose speed
+// drifts over minutes, that is steadier than the ratio of two medians whose repetitions
+// ran minutes apart (tools/bench_report quotes both). Correctness and memory are the
+// single workloads' business (bm_attention); this only times.
+void bm_pair(benchmark::State& st, const Shape& base, const Shape& typed, bool cold) {
+  const int threads = fb::resolve_threads(g.threads);
+  // Both problems resident at once: fetching the second may evict the first (the cache's
+  // budget), so the first is fetched again, which then finds room beside the second.
+  CachedProblem* a = &problems_for(base, cold);
+  CachedProblem* b = &problems_for(typed, cold);
+  a = &problems_for(base, cold);
+  CachedProblem* sides[2] = {a, b};
+  std::size_t next[2] = {0, 0};
+  double seconds[2] = {0, 0};
+  auto call = [&](int side, bool timed) {
+    std::vector<fb::Problem>& copies = sides[side]->copies;
+    const double t0 = fb::now_seconds();
+    fb::run(Impl::fused, copies[next[side]], threads);
+    if (timed) seconds[side] += fb::now_seconds() - t0;
+    next[side] = next[side] + 1 == copies.size() ? 0 : next[side] + 1;
+  };
+  call(0, false);  // warm-up
+  call(1, false);
+  int first = 0;
+  for (auto _ : st) {
+    call(first, true);
+    call(1 - first, true);
+    first = 1 - first;
+    benchmark::ClobberMemory();
+  }
+  const double iterations = double(st.iterations());
+  st.counters["ratio"] = seconds[0] / seconds[1];
+  st.counters["base_ms"] = seconds[0] / iterations * 1e3;
+  st.counters["typed_ms"] = seconds[1] / iterations * 1e3;
+  st.SetLabel(fb::impl_label(Impl::fused, base) + " vs " + fb::impl_label(Impl::fused, typed));
+}
+
+double min_of(const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); }
+double max_of(const std::vector<double>& v) { return *std::max_element(v.begin(), v.end()); }
+
+void add_pair(const std::string& typed_name, const Shape& base, const Shape& typed, bool decode) {
+  const bool cold = decode;
+  const std::string name = "pair/" + typed_name;
+  benchmark::RegisterBenchmark(name.c_str(),
+                               [=](benchmark::State& st) { bm_pair(st, base, typed, cold); })
+      ->UseRealTime()
+      ->ComputeStatistics("min", min_of)
+      ->ComputeStatistics("max", max_of)
+      ->Unit(benchmark::kMillisecond);
+}
+
 // The backward: <family>_bwd/<impl>. Same method as bm_attention (peak memory and a
 // cross-check on the first call, a probe before each repetition); the FLOP counter is
 // backward_flops, its five products.
@@ -337,8 +393,11 @@ void register_attention_benchmarks() {
                          {"DEC", dec, fb::DType::fp16kv, true},
                          {"DEC4", dec4, fb::DType::bf16, true}};
   for (Typed w : typed) {
+    const Shape base = w.s;
     w.s.dtype = w.dtype;
-    add_workload(std::string(w.family) + "_" + fb::dtype_name(w.dtype), "", w.s, 0, w.decode);
+    const std::string name = std::string(w.family) + "_" + fb::dtype_name(w.dtype);
+    add_workload(name, "", w.s, 0, w.decode);
+    add_pair(name, base, w.s, w.decode);
   }
 
   // The backward of three named workloads. S16K's materialized backward would need two
@@ -493,6 +552,8 @@ void print_usage() {
       "  scaling_P64\n"
       "  P64_bf16 P128_bf16 C128_bf16 P64_fp16kv DEC_bf16kv DEC_fp16kv P64_bwd C128_bwd S16K_bwd prefill\n"
       "  decode model blas_mode\n"
+      "  pair/<16-bit family>: the fused fp32 workload and its 16-bit form, call by call in\n"
+      "  turn; counter ratio = fp32 time / 16-bit time, per repetition\n"
       "  BM_FmaPeak BM_AmxPeak BM_ReadBandwidth. Example:\n"
       "  flashcpu_bench --benchmark_filter='^(P64|DEC)/'\n"
       "      --benchmark_repetitions=5 --benchmark_report_aggregates_only=true\n"
