@@ -355,15 +355,24 @@ struct ForwardKernel {
   }
 
   // The P.V tiles of ROWS rows across all Dvp value columns: NV vectors at a time, then
-  // single vectors for the rest.
+  // pairs of vectors, then a single one. With NV odd, an odd remainder gives up one wide
+  // tile for pairs (Dvp = 16 vectors, NV = 3: 3 3 3 3 2 2, not 3 3 3 3 3 1): a single
+  // vector has only ROWS accumulator chains, too few to hide the FMA latency.
   template <int ROWS, bool SAFE = false, bool AHEAD = false>
   static void pv_rows(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const KV* v,
                       std::int64_t v_stride, std::int64_t num_keys, const float* alpha, float* acc, std::int64_t Dvp,
                       ValuesAhead ahead = {}) {
+    const std::int64_t vectors = Dvp / W;
+    std::int64_t wide = vectors / NV;
+    if (NV > 2 && NV % 2 == 1 && (vectors - wide * NV) % 2 == 1 && wide > 0) --wide;
     std::int64_t c = 0;
-    for (; c + NV * W <= Dvp; c += NV * W)
+    for (; c < wide * NV * W; c += NV * W)
       pv_tile<ROWS, NV, SAFE, AHEAD>(probs, probs_stride, key_stride, v + c, v_stride, num_keys, alpha, acc + c, Dvp,
                                      ahead);
+    if constexpr (NV > 2)
+      for (; c + 2 * W <= Dvp; c += 2 * W)
+        pv_tile<ROWS, 2, SAFE, AHEAD>(probs, probs_stride, key_stride, v + c, v_stride, num_keys, alpha, acc + c, Dvp,
+                                      ahead);
     for (; c < Dvp; c += W)
       pv_tile<ROWS, 1, SAFE, AHEAD>(probs, probs_stride, key_stride, v + c, v_stride, num_keys, alpha, acc + c, Dvp,
                                     ahead);
