@@ -100,7 +100,7 @@ struct Variant {
 };
 constexpr DType dtype_named_f32 = DType::f32, dtype_named_bf16 = DType::bf16, dtype_named_f16 = DType::f16;
 constexpr Variant kVariants[] = {
-#define FLASHCPU_VARIANT(isa, kv, mr, nr, nv, pr, small_mr) {Isa::isa, dtype_named_##kv, &kernel_table_##kv##_##isa},
+#define FLASHCPU_VARIANT(isa, kv, mr, nr, nv, pr, small_mr, small_nv) {Isa::isa, dtype_named_##kv, &kernel_table_##kv##_##isa},
 #include "kernels/variants.inc"
 #undef FLASHCPU_VARIANT
 };

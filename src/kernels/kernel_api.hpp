@@ -285,7 +285,7 @@ void store_values(const float* values, std::int64_t count, DType type, void* out
                     std::int64_t stride);
 
 /// Each variant's table, named after it (kernels/variant.cpp.in).
-#define FLASHCPU_VARIANT(isa, kv, mr, nr, nv, pr, small_mr) const KernelTable& kernel_table_##kv##_##isa();
+#define FLASHCPU_VARIANT(isa, kv, mr, nr, nv, pr, small_mr, small_nv) const KernelTable& kernel_table_##kv##_##isa();
 #include "kernels/variants.inc"
 #undef FLASHCPU_VARIANT
 

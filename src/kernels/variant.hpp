@@ -66,7 +66,7 @@ constexpr ForwardEntry kSmallEntry = nullptr, kLanesEntry = nullptr;
 constexpr bool kBf16Products = false, kTiles = false, kPairValues = false;
 using Kernel = ForwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR, KV>;
 using SmallKernel =
-    ForwardKernel<Arch, FLASHCPU_VARIANT_SMALL_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_SMALL_MR, KV>;
+    ForwardKernel<Arch, FLASHCPU_VARIANT_SMALL_MR, kPanelVectors, FLASHCPU_VARIANT_SMALL_NV, FLASHCPU_VARIANT_SMALL_MR, KV>;
 using Pack = Packers<KV, FLASHCPU_VARIANT_NR>;
 constexpr ForwardEntry kSmallEntry = &SmallKernel::forward_query_block, kLanesEntry = &Kernel::forward_lanes_block;
 #endif

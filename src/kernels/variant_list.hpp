@@ -24,7 +24,7 @@ struct Variant {
   int mr, nr;      // query rows of the micro-kernel, keys per K panel
 };
 inline constexpr Variant kVariants[] = {
-#define FLASHCPU_VARIANT(isa, kv, mr, nr, nv, pr, small_mr) {#isa, #kv, mr, nr},
+#define FLASHCPU_VARIANT(isa, kv, mr, nr, nv, pr, small_mr, small_nv) {#isa, #kv, mr, nr},
 #include "kernels/variants.inc"
 #undef FLASHCPU_VARIANT
 };
