@@ -46,10 +46,11 @@ DecodeSplit split_decode(const Plan& plan, const CallViews& views) {
   d.k_in_place = !kernels.tiles && plan.kind == ScoreKind::dot && !plan.centered && views.k.strides[3] == 1 &&
                  s.head_dim % kernels.vector_floats == 0;
   // Kernel: with a vector's worth of rows or more (and nothing but exclusions on the
-  // scores), the rows become vector lanes; else the smaller tile when it pads less (e.g.
-  // 4 stacked heads: one 4-row tile, not a 6-row one with 2 empty rows): decoding is bound
-  // by memory, and padded rows only add compute.
-  d.lanes = d.k_in_place && !plan.natural_units && d.rows >= kernels.vector_floats;
+  // scores), the rows become vector lanes where the variant has a lanes kernel (fp32 K);
+  // else the smaller tile when it pads less (e.g. 4 stacked heads: one 4-row tile, not a
+  // 6-row one with 2 empty rows): decoding is bound by memory, and padded rows only add
+  // compute.
+  d.lanes = kernels.forward_lanes_block && d.k_in_place && !plan.natural_units && d.rows >= kernels.vector_floats;
   d.small = round_up(d.rows, kernels.small_tile_rows) < round_up(d.rows, kernels.tile_rows);
   d.mr = d.lanes ? kernels.vector_floats : d.small ? kernels.small_tile_rows : kernels.tile_rows;
   d.forward = d.lanes   ? kernels.forward_lanes_block
@@ -75,7 +76,6 @@ DecodeSplit split_decode(const Plan& plan, const CallViews& views) {
 ThreadScratch decode_scratch(const Plan& plan, const DecodeSplit& d) {
   const std::int64_t D = plan.shape.head_dim, Bk = plan.block_keys;
   const KernelTable& kernels = *plan.kernels;
-  const bool wide_k = kernels.kv != DType::f32;
   ThreadScratch parts{};
   parts.key_panels = d.k_in_place ? 0 : kernels.key_panel_floats(Bk, D);
   parts.key_bias = plan.centered ? Bk : 0;
@@ -83,9 +83,8 @@ ThreadScratch decode_scratch(const Plan& plan, const DecodeSplit& d) {
   parts.q_packed = kernels.query_floats(d.rows_padded, D);
   parts.row_bias = plan.centered ? d.rows_padded : 0;
   parts.center = D;
-  // Lanes: the transposed Q of every group of rows follows the scores, then K widened to
-  // fp32 (16-bit K).
-  parts.scores = std::int64_t(d.mr) * Bk + (d.lanes ? d.rows_padded * D : 0) + (d.lanes && wide_k ? Bk * D : 0);
+  // Lanes: the transposed Q of every group of rows follows the scores.
+  parts.scores = std::int64_t(d.mr) * Bk + (d.lanes ? d.rows_padded * D : 0);
   return parts;
 }
 

@@ -1,7 +1,7 @@
 // The 16-bit combinations of flashcpu::attention (bf16 or fp16 q, k, v and out; fp32 q
 // and out over a bf16 or fp16 KV cache), against the fp64 oracle, on whatever ISA level
-// the run is forced to: every option and score, prefill and decode shapes (split-KV, the
-// stacked-heads tiles and the lanes kernel), GQA, strided and padded views, determinism
+// the run is forced to: every option and score, prefill and decode shapes (split-KV and
+// the stacked-heads tiles, at every row count), GQA, strided and padded views, determinism
 // over thread counts, and bad input rejected as in fp32.
 //
 // Tolerance. The kernels widen 16-bit inputs exactly and compute in fp32, so on inputs
@@ -194,8 +194,8 @@ void for_each_combination(Fn fn) {
 
 // Prefill (N > 16: with N < M, N > M, N = 17) and decode (N <= 16: split-KV with several
 // chunks; N = 16 with D = 32 reads K and V in place, and its 4 x 16 stacked rows take
-// the lanes kernel). GQA 8/2; D and Dv odd except where the in-place paths need whole
-// vectors.
+// the tiles: the lanes kernel is fp32's only). GQA 8/2; D and Dv odd except where the
+// in-place paths need whole vectors.
 const Dims kShapes[] = {
     {2, 8, 2, 24, 160, 19, 23}, {1, 8, 2, 90, 60, 33, 7},  {1, 8, 2, 17, 300, 17, 9},
     {2, 8, 2, 1, 1800, 17, 9},  {2, 8, 2, 3, 1300, 17, 9}, {1, 8, 2, 16, 1100, 32, 16},

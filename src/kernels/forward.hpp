@@ -812,13 +812,11 @@ struct ForwardKernel {
   // scores for all W rows come from broadcasts of that key's elements (no horizontal
   // sums), and the online softmax runs on whole vectors of rows. Handles exclusions
   // (causal, window); not masks, biases or transforms. Key blocks are the outer loop and
-  // groups of W rows the inner one, so a block's K (widened once, if 16-bit) and V serve
-  // every group while they are in cache. Scratch: job.state.scores holds block_keys x W
-  // scores, then head_dim x rows_padded of transposed Q (head_dim x W per group), then
-  // (16-bit K) block_keys x head_dim of K widened to fp32: each K element is broadcast to
-  // W lanes, and a broadcast straight from fp32 memory is one instruction where a 16-bit
-  // one is four.
+  // groups of W rows the inner one, so a block's K and V serve every group while they
+  // are in cache. Scratch: job.state.scores holds block_keys x W scores, then head_dim x
+  // rows_padded of transposed Q (head_dim x W per group). fp32 K only (see variant.hpp).
   static void forward_lanes_block(const QueryBlockJob& job) {
+    static_assert(std::is_same<KV, float>::value, "the lanes kernel reads fp32 K");
     assert(job.keys.k_panels == nullptr && (job.keys.k_rows != nullptr || job.keys.begin == job.keys.end) &&
            "lanes read K in place");
     assert(job.dims.head_dim % W == 0);
@@ -839,24 +837,13 @@ struct ForwardKernel {
     if (job.visible.has_hi) end = min_i64(end, last_query + job.visible.hi_offset + 1);
     float* const st = job.state.scores;                   // [Bk][W]
     float* const qt_all = job.state.scores + Bk * W;         // per group of W rows: [D][W]
-    float* const k_wide = qt_all + D * rows_padded;          // [Bk][D], 16-bit K only
     PrefetchStream ahead = prefetch_stream(job, begin, end);
     for (std::int64_t r0 = 0; r0 < rows_padded; r0 += W) transpose_rows(job.q.q_packed + r0 * D, D, qt_all + r0 * D);
 
     for (std::int64_t j0 = begin; j0 < end; j0 += Bk) {
       const std::int64_t n = min_i64(Bk, end - j0);
-      const KV* k_block = k_rows(job) + (j0 - job.keys.begin) * job.keys.k_row_stride;
-      const float* k;
-      std::int64_t k_stride;
-      if constexpr (std::is_same<KV, float>::value) {
-        k = k_block;
-        k_stride = job.keys.k_row_stride;
-      } else {
-        for (std::int64_t t = 0; t < n; ++t)
-          for (std::int64_t d = 0; d < D; d += W) load_kv(k_block + t * job.keys.k_row_stride + d).store_aligned(k_wide + t * D + d);
-        k = k_wide;
-        k_stride = D;
-      }
+      const float* k = k_rows(job) + (j0 - job.keys.begin) * job.keys.k_row_stride;
+      const std::int64_t k_stride = job.keys.k_row_stride;
       const KV* v_block = v_rows(job) + (j0 - job.keys.begin) * job.keys.v_row_stride;
       // The first group's P.V tiles request the next block's V rows (see PrefetchStream),
       // and its S steps K's request stream.

@@ -247,8 +247,9 @@ struct KernelTable {
   // rows (query heads of a group x queries) would leave most of a tile_rows tile empty.
   int small_tile_rows;
   void (*forward_small_block)(const QueryBlockJob& job);
-  // Decoding with at least vector_floats rows, dot product, K in place, no mask, bias or
-  // transform: the rows as vector lanes (see ForwardKernel::forward_lanes_block).
+  // Decoding with at least vector_floats rows, dot product, fp32 K in place, no mask,
+  // bias or transform: the rows as vector lanes (see ForwardKernel::forward_lanes_block).
+  // Null where the variant has none (16-bit K/V: see kernels/variant.hpp).
   void (*forward_lanes_block)(const QueryBlockJob& job);
 
   // K of keys [0, keys) as fp32 panels of panel_keys keys (see JobKeys). With a center
