@@ -1,0 +1,214 @@
+// flashcpu-ab: two builds of libflashcpu in one process, called in turn, so that both see
+// the same machine from one call to the next. On a shared VM whose speed drifts over
+// minutes, alternating two binaries run for run compares different moments; here every
+// round calls build A then build B (B then A on odd rounds) on the same tensors, and the
+// ratio of each round's pair is the figure. tools/ab_builds builds the two libraries and
+// runs this; see its header for use.
+//
+//   flashcpu-ab libA.so libB.so rounds "mode Hq Hkv N M D threads causal" ...
+//   mode: f32 (fp32 forward), bwd (fp32 backward), bf16 (bf16 q, k, v, out), f16kv (fp32 q
+//   over fp16 K/V), bf16kv (fp32 q over bf16 K/V). Dv = D, B = 1.
+//
+// Prints per workload: min and median time of each build, min(A) / min(B), and the
+// median with quartiles of the per-round ratio A / B (> 1: B is faster).
+#include <flashcpu/flashcpu.hpp>
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+using namespace flashcpu;
+
+namespace {
+
+template <class T>
+using In = TensorView<const T>;
+template <class T>
+using Out = TensorView<T>;
+using Opt = const AttentionOptions&;
+
+// The entry points of one build, looked up by their mangled names in the shared object.
+struct Build {
+  void (*f32)(In<float>, In<float>, In<float>, Out<float>, Opt);
+  void (*f32_lse)(In<float>, In<float>, In<float>, Out<float>, Out<float>, Opt);
+  void (*bwd)(In<float>, In<float>, In<float>, In<float>, In<float>, In<float>, Out<float>, Out<float>, Out<float>, Opt);
+  void (*bf16_all)(In<bf16>, In<bf16>, In<bf16>, Out<bf16>, Opt);
+  void (*f16kv)(In<float>, In<fp16>, In<fp16>, Out<float>, Opt);
+  void (*bf16kv)(In<float>, In<bf16>, In<bf16>, Out<float>, Opt);
+  bf16 (*round_bf16)(float);
+  fp16 (*round_fp16)(float);
+};
+
+template <class F>
+void bind(void* lib, const char* name, F& f) {
+  void* p = dlsym(lib, name);
+  if (!p) {
+    std::fprintf(stderr, "flashcpu-ab: %s\n", dlerror());
+    std::exit(1);
+  }
+  static_assert(sizeof(f) == sizeof(p), "function and object pointers differ in size");
+  std::memcpy(&f, &p, sizeof(p));
+}
+
+Build load(const char* path) {
+  // Local and deep-bound: each build resolves its own symbols, never the other's.
+  void* lib = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+  if (!lib) {
+    std::fprintf(stderr, "flashcpu-ab: %s\n", dlerror());
+    std::exit(1);
+  }
+  Build b{};
+  bind(lib, "_ZN8flashcpu9attentionENS_10TensorViewIKfEES2_S2_NS0_IfEERKNS_16AttentionOptionsE", b.f32);
+  bind(lib, "_ZN8flashcpu9attentionENS_10TensorViewIKfEES2_S2_NS0_IfEES3_RKNS_16AttentionOptionsE", b.f32_lse);
+  bind(lib,
+       "_ZN8flashcpu18attention_backwardENS_10TensorViewIKfEES2_S2_S2_S2_S2_NS0_IfEES3_S3_RKNS_"
+       "16AttentionOptionsE",
+       b.bwd);
+  bind(lib, "_ZN8flashcpu9attentionENS_10TensorViewIKNS_4bf16EEES3_S3_NS0_IS1_EERKNS_16AttentionOptionsE", b.bf16_all);
+  bind(lib, "_ZN8flashcpu9attentionENS_10TensorViewIKfEENS0_IKNS_4fp16EEES5_NS0_IfEERKNS_16AttentionOptionsE",
+       b.f16kv);
+  bind(lib, "_ZN8flashcpu9attentionENS_10TensorViewIKfEENS0_IKNS_4bf16EEES5_NS0_IfEERKNS_16AttentionOptionsE",
+       b.bf16kv);
+  bind(lib, "_ZN8flashcpu7to_bf16Ef", b.round_bf16);
+  bind(lib, "_ZN8flashcpu7to_fp16Ef", b.round_fp16);
+  return b;
+}
+
+struct Workload {
+  std::string mode;
+  long Hq = 0, Hkv = 0, N = 0, M = 0, D = 0;
+  int threads = 0;
+  bool causal = false;
+  std::vector<float> q, k, v, out, lse, dq, dk, dv;
+  std::vector<bf16> q16, k16, v16, out16;
+  std::vector<fp16> kh, vh;
+  std::vector<double> ms_a, ms_b;
+
+  template <class T>
+  In<T> queries(const std::vector<T>& x) const { return bhsd<const T>(x.data(), 1, Hq, N, D); }
+  template <class T>
+  In<T> keys(const std::vector<T>& x) const { return bhsd<const T>(x.data(), 1, Hkv, M, D); }
+  template <class T>
+  Out<T> queries_out(std::vector<T>& x) const { return bhsd<T>(x.data(), 1, Hq, N, D); }
+  template <class T>
+  Out<T> keys_out(std::vector<T>& x) const { return bhsd<T>(x.data(), 1, Hkv, M, D); }
+  AttentionOptions options() const {
+    AttentionOptions o;
+    o.causal = causal;
+    o.num_threads = threads;
+    return o;
+  }
+
+  double run(const Build& b) {
+    const AttentionOptions o = options();
+    const auto start = std::chrono::steady_clock::now();
+    if (mode == "f32")
+      b.f32(queries(q), keys(k), keys(v), queries_out(out), o);
+    else if (mode == "bwd")
+      b.bwd(queries(q), keys(k), keys(v), queries(out), bhsd<const float>(lse.data(), 1, Hq, N, 1), queries(out),
+            queries_out(dq), keys_out(dk), keys_out(dv), o);
+    else if (mode == "bf16")
+      b.bf16_all(queries(q16), keys(k16), keys(v16), queries_out(out16), o);
+    else if (mode == "f16kv")
+      b.f16kv(queries(q), keys(kh), keys(vh), queries_out(out), o);
+    else
+      b.bf16kv(queries(q), keys(k16), keys(v16), queries_out(out), o);
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  }
+};
+
+Workload parse(const char* spec, const Build& convert) {
+  Workload w;
+  char mode[16] = {};
+  int causal = 0;
+  if (std::sscanf(spec, "%15s %ld %ld %ld %ld %ld %d %d", mode, &w.Hq, &w.Hkv, &w.N, &w.M, &w.D, &w.threads, &causal) !=
+          8 ||
+      w.Hq < 1 || w.Hkv < 1 || w.Hq % w.Hkv != 0 || w.N < 1 || w.M < 1 || w.D < 1) {
+    std::fprintf(stderr, "flashcpu-ab: expected \"mode Hq Hkv N M D threads causal\", got \"%s\"\n", spec);
+    std::exit(2);
+  }
+  w.mode = mode;
+  if (w.mode != "f32" && w.mode != "bwd" && w.mode != "bf16" && w.mode != "f16kv" && w.mode != "bf16kv") {
+    std::fprintf(stderr, "flashcpu-ab: mode is f32, bwd, bf16, f16kv or bf16kv, got \"%s\"\n", mode);
+    std::exit(2);
+  }
+  w.causal = causal != 0;
+  const std::size_t nq = std::size_t(w.Hq * w.N * w.D), nk = std::size_t(w.Hkv * w.M * w.D);
+  w.q.resize(nq);
+  w.out.resize(nq);
+  w.dq.resize(nq);
+  w.k.resize(nk);
+  w.v.resize(nk);
+  w.dk.resize(nk);
+  w.dv.resize(nk);
+  w.lse.resize(std::size_t(w.Hq * w.N));
+  unsigned state = 1;
+  auto uniform = [&] {
+    state = state * 1664525u + 1013904223u;
+    return float(state >> 8) / float(1 << 24) - 0.5f;
+  };
+  for (auto* x : {&w.q, &w.k, &w.v})
+    for (float& y : *x) y = uniform();
+  for (float x : w.q) w.q16.push_back(convert.round_bf16(x));
+  for (float x : w.k) w.k16.push_back(convert.round_bf16(x)), w.kh.push_back(convert.round_fp16(x));
+  for (float x : w.v) w.v16.push_back(convert.round_bf16(x)), w.vh.push_back(convert.round_fp16(x));
+  w.out16.resize(nq);
+  return w;
+}
+
+double quantile(std::vector<double> x, double f) {
+  std::sort(x.begin(), x.end());
+  return x[std::size_t(f * double(x.size() - 1) + 0.5)];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 5) {
+    std::fprintf(stderr, "usage: flashcpu-ab libA.so libB.so rounds \"mode Hq Hkv N M D threads causal\" ...\n");
+    return 2;
+  }
+  const Build a = load(argv[1]), b = load(argv[2]);
+  const int rounds = std::atoi(argv[3]);
+  if (rounds < 1) {
+    std::fprintf(stderr, "flashcpu-ab: rounds must be at least 1\n");
+    return 2;
+  }
+  std::vector<Workload> work;
+  for (int i = 4; i < argc; ++i) work.push_back(parse(argv[i], a));
+  for (Workload& w : work) {
+    if (w.mode == "bwd")  // out and lse for the backward, from build A
+      a.f32_lse(w.queries(w.q), w.keys(w.k), w.keys(w.v), w.queries_out(w.out),
+                bhsd<float>(w.lse.data(), 1, w.Hq, w.N, 1), w.options());
+    w.run(a);  // warm-up: first touch, OpenMP's pool
+    w.run(b);
+  }
+  for (int r = 0; r < rounds; ++r)
+    for (Workload& w : work) {
+      if (r % 2 == 0) {
+        w.ms_a.push_back(w.run(a));
+        w.ms_b.push_back(w.run(b));
+      } else {
+        w.ms_b.push_back(w.run(b));
+        w.ms_a.push_back(w.run(a));
+      }
+    }
+  std::printf("%-6s %3s %3s %5s %5s %4s %2s %1s | %9s %9s | %9s %9s | %7s | %s\n", "mode", "Hq", "Hkv", "N", "M", "D",
+              "th", "c", "A min ms", "A median", "B min ms", "B median", "min A/B", "A/B per round: median (q1-q3)");
+  for (const Workload& w : work) {
+    std::vector<double> ratio;
+    for (std::size_t i = 0; i < w.ms_a.size(); ++i) ratio.push_back(w.ms_a[i] / w.ms_b[i]);
+    const double min_a = quantile(w.ms_a, 0), min_b = quantile(w.ms_b, 0);
+    std::printf("%-6s %3ld %3ld %5ld %5ld %4ld %2d %1d | %9.3f %9.3f | %9.3f %9.3f | %7.3f | %.3f (%.3f-%.3f)\n",
+                w.mode.c_str(), w.Hq, w.Hkv, w.N, w.M, w.D, w.threads, int(w.causal), min_a, quantile(w.ms_a, 0.5),
+                min_b, quantile(w.ms_b, 0.5), min_a / min_b, quantile(ratio, 0.5), quantile(ratio, 0.25),
+                quantile(ratio, 0.75));
+  }
+}
