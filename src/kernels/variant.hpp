@@ -72,7 +72,7 @@ using Pack = Packers<KV, FLASHCPU_VARIANT_NR>;
 // count measured on AVX2 (Zen 4 VM, 2 threads, the two builds called in turn in one
 // process, paired median of 10 rounds, D = 128): the lanes kernel, widening each key
 // block once, took 1.12x the tiles' time for bf16 with 16 stacked rows (DEC4_bf16), 1.16x
-// for fp32 q over fp16 K/V and 1.13x over bf16, and 1.23x for bf16 with 8 rows; for fp32
+// for fp32 q over fp16 K/V and 1.13x over bf16, and 1.23-1.28x for bf16 with 8 rows; for fp32
 // K the tiles took 1.03-1.09x the lanes' time.
 template <class T>
 constexpr ForwardEntry lanes_entry() {
