@@ -72,17 +72,16 @@ using Pack = Packers<KV, FLASHCPU_VARIANT_NR>;
 // count measured on AVX2 (Zen 4 VM, 2 threads, the two builds called in turn in one
 // process, paired median of 10 rounds, D = 128): the lanes kernel, widening each key
 // block once, took 1.12x the tiles' time for bf16 with 16 stacked rows (DEC4_bf16), 1.16x
-// for fp32 q over fp16 K/V and 1.13x over bf16, and 1.23-1.28x for bf16 with 8 rows; for fp32
-// K the tiles took 1.03-1.09x the lanes' time.
-template <class T>
+// for fp32 q over fp16 K/V and 1.13x over bf16, and 1.23-1.28x for bf16 with 8 rows; for
+// fp32 K the tiles took 1.03-1.09x the lanes' time.
+template <class K = Kernel>  // dependent, so a 16-bit variant never instantiates it
 constexpr ForwardEntry lanes_entry() {
-  if constexpr (std::is_same<T, float>::value)  // spelt with T: not instantiated for 16-bit K
-    return &ForwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR,
-                          T>::forward_lanes_block;
+  if constexpr (std::is_same<KV, float>::value)
+    return &K::forward_lanes_block;
   else
     return nullptr;
 }
-constexpr ForwardEntry kSmallEntry = &SmallKernel::forward_query_block, kLanesEntry = lanes_entry<KV>();
+constexpr ForwardEntry kSmallEntry = &SmallKernel::forward_query_block, kLanesEntry = lanes_entry();
 #endif
 // The backward exists for fp32 variants only; a 16-bit variant's table holds nulls, and
 // the template keeps it from instantiating the backward at all.
