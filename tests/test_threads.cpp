@@ -81,13 +81,14 @@ bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
-// Two tuning tables for D = 32 on the active ISA, A loaded from a file and B set over
+// Two tuning tables for D = 32 on the level whose entries fp32 calls read (on "amx" and
+// "avx512bf16" that is "avx512": ftest::f32_tile_isa), A loaded from a file and B set over
 // it by set_tile_config, so that the tuner thread below moves A -> B -> A with one
 // atomic replacement per step and no third state between. Their blocks differ, and so
 // (in the last bits) do their results.
 class Tables {
  public:
-  Tables() : isa_(flashcpu::active_isa()), stem_("flashcpu_test_threads_" + std::to_string(::getpid())) {
+  Tables() : isa_(ftest::f32_tile_isa(flashcpu::active_isa())), stem_("flashcpu_test_threads_" + std::to_string(::getpid())) {
     write(stem_ + "_a.txt", isa_ + " 32 96 512\n");
     write(stem_ + "_empty.txt", "");
   }
