@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "attention_oracle.hpp"
+#include "dispatch.hpp"
 #include "util.hpp"
 
 namespace {
@@ -138,10 +139,12 @@ Outcome run16(Problem& p, int num_threads = 0) {
   Expected e = expect(p.q.cview(), p.k.cview(), p.v.cview(), p.opt);
   if constexpr (!std::is_same<Q, float>::value) {
     const double u16 = unit_roundoff<Q>(), tiny = std::is_same<Q, fp16>::value ? std::ldexp(1.0, -25) : 0.0;
-    // The AMX tile path (all-bf16 prefill) also rounds each weight to bf16 before P.V:
-    // |sum_j (p~_j - p_j) v_j| / l <= u16 max|v| (tests/test_tiles.cpp).
+    // The bf16-product levels' all-bf16 variants (AMX tiles, and vdpbf16ps pairs of keys
+    // on avx512bf16) round each weight to bf16 before P.V:
+    // |sum_j (p~_j - p_j) v_j| / l <= u16 max|v| (tests/test_bf16_products.cpp).
     double weights_term = 0;
-    if (std::is_same<Q, bf16>::value && std::is_same<KV, bf16>::value && flashcpu::active_isa() == "amx") {
+    if (std::is_same<Q, bf16>::value && std::is_same<KV, bf16>::value &&
+        flashcpu::detail::active_kernels(flashcpu::detail::DType::bf16).pair_values) {
       const TensorView<const float> vv = p.v.cview();
       for (std::int64_t b = 0; b < vv.shape[0]; ++b)
         for (std::int64_t h = 0; h < vv.shape[1]; ++h)

@@ -91,7 +91,7 @@ struct AttentionOptions {
   // calls those take (dot product, prefill). oneDNN's "fpmath mode bf16" and PyTorch's
   // float32_matmul_precision("medium") allow the same. Each rounding has a relative error
   // of at most 2^-8, so a score moves by up to about 2^-7 scale sum_d |q_d k_d| and an
-  // output by up to 2^-8 max|v| more (twice that on "amx", which also rounds the
+  // output by up to 2^-8 max|v| more (twice that, as both levels also round the
   // weights). A value beyond bf16's largest finite (about 3.39e38) becomes inf. out
   // keeps q's type and lse stays fp32. false (the default): exact fp32 and fp16 inputs.
   bool allow_bf16_compute = false;
@@ -147,8 +147,9 @@ void attention(TensorView<const float> q, TensorView<const float> k, TensorView<
 ///  - 16-bit inputs are widened exactly to fp32; fp32 q is never rounded to 16 bits, and
 ///    fp16 is never narrowed to bf16;
 ///  - scores, the running max and sum and the output accumulator are fp32;
-///  - the probabilities are kept in fp32 on every kernel today; a kernel that multiplies
-///    in 16 bits may round them to the value type before P.V, as FlashAttention does;
+///  - the probabilities are fp32, except on the kernels that multiply P.V in bf16 (all-bf16
+///    calls on "amx" and "avx512bf16", below), which round them to bf16 before P.V, as
+///    FlashAttention does;
 ///  - the output is rounded once, to nearest even, at the end (lse stays fp32).
 /// So a 16-bit output is within about one of its ulps (2^-8 relative for bf16, 2^-11 for
 /// fp16) of the fp64 result on the same 16-bit inputs.
@@ -276,9 +277,9 @@ void nadaraya_watson(TensorView<const float> x_query, TensorView<const float> x_
 /// decoding (16 query rows or fewer) when the query heads per KV head times the query
 /// rows make 16 or more (batched or speculative decoding); fewer such rows are bound by
 /// memory and run the vector kernels. Q·Kᵀ multiplies q and k as given, in fp32 sums
-/// (the scale multiplies the fp32 scores). On "amx" P·V runs on the tiles too, with the
-/// softmax weights rounded to bf16 (relative error 2^-8 per weight; the row sums stay
-/// fp32); on "avx512bf16" it is fp32 from V widened exactly. Every other call at those
+/// (the scale multiplies the fp32 scores). P·V runs on the tiles ("amx") or by vdpbf16ps
+/// ("avx512bf16") too, with the softmax weights rounded to bf16 (relative error 2^-8 per
+/// weight; the row sums stay fp32). Every other call at those
 /// levels (other types without allow_bf16_compute, the Gaussian and additive scores,
 /// kernel regression, decoding fewer rows) runs the level below, and active_isa() still
 /// names the level.
