@@ -364,9 +364,9 @@ Diff compare(const float* a, const float* b, std::size_t count, double atol, dou
 /// units would let a 2% error through; fp32 implementations agree to about 1e-6 of
 /// the scale, and an error of 1e-3 of it fails.
 constexpr double kRelToScale = 1e-4;
-/// compare() with atol = kRelToScale * max|expected| and the given rtol.
+/// compare() with atol = kRelToScale * max|expected| + extra_atol and the given rtol.
 Diff compare_to_scale(const float* actual, const float* expected, std::size_t count,
-                      double rtol = 0.0);
+                      double rtol = 0.0, double extra_atol = 0.0);
 
 /// The per-element relative tolerance a 16-bit output adds to kRelToScale: 2^-7 for
 /// bf16, 2^-10 for fp16, 0 for an fp32 output. Rounding an output to 16 bits moves it
@@ -378,8 +378,15 @@ double output_rounding_rtol(DType t);
 /// p's output in fp32: a copy of p.out, or p.out16 widened.
 Buffer output_floats(const Problem& p);
 
+/// The absolute tolerance the rounding of the softmax weights adds: all-bf16 calls on the
+/// bf16-product levels ("amx", "avx512bf16") round each weight to bf16 before P.V, which
+/// moves an output by up to 2^-8 max|v| (|sum_j (p~_j - p_j) v_j| / l, the header's
+/// bound). 0 for the other types, whose weights stay fp32.
+double weight_rounding_atol(const Problem& p);
+
 /// p's output (output_floats) against `expected`, within the cross-check tolerance of
-/// p's types: kRelToScale of the scale, plus output_rounding_rtol per element.
+/// p's types: kRelToScale of the scale plus weight_rounding_atol, and
+/// output_rounding_rtol per element.
 Diff compare_output(const Problem& p, const float* expected);
 
 /// Runs `impl` and the fused kernel on p and aborts the process with a loud message

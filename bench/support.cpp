@@ -792,12 +792,12 @@ Diff compare(const float* a, const float* b, std::size_t count, double atol, dou
 }
 
 Diff compare_to_scale(const float* actual, const float* expected, std::size_t count,
-                      double rtol) {
+                      double rtol, double extra_atol) {
   double scale = 0;
   for (std::size_t i = 0; i < count; ++i) scale = std::max(scale, std::fabs(double(expected[i])));
   // 0/0 (both exactly zero on an all-zero expectation) is a NaN excess, which never
   // counts as worse; any other difference from an all-zero expectation is infinite.
-  return compare(actual, expected, count, kRelToScale * scale, rtol);
+  return compare(actual, expected, count, kRelToScale * scale + extra_atol, rtol);
 }
 
 double output_rounding_rtol(DType t) {
@@ -823,10 +823,17 @@ Buffer output_floats(const Problem& p) {
   return f;
 }
 
+double weight_rounding_atol(const Problem& p) {
+  if (act_elem(p.shape.dtype) != Elem::bf16 || kv_elem(p.shape.dtype) != Elem::bf16) return 0.0;
+  double vmax = 0;
+  for (std::size_t i = 0; i < p.v_size(); ++i) vmax = std::max(vmax, std::fabs(double(p.v[i])));
+  return 0x1p-8 * vmax;
+}
+
 Diff compare_output(const Problem& p, const float* expected) {
   const Buffer actual = output_floats(p);
   return compare_to_scale(actual.get(), expected, p.out_size(),
-                          output_rounding_rtol(p.shape.dtype));
+                          output_rounding_rtol(p.shape.dtype), weight_rounding_atol(p));
 }
 
 namespace {
@@ -838,8 +845,12 @@ namespace {
   const std::size_t e = i % std::size_t(s.dv), row = i / std::size_t(s.dv);
   const std::size_t n = row % std::size_t(s.n), bh = row / std::size_t(s.n);
   const double rtol = output_rounding_rtol(s.dtype);
-  char per_element[64] = "";
-  if (rtol > 0) std::snprintf(per_element, sizeof per_element, " + %.1e of |%s|", rtol, what_b);
+  char per_element[128] = "";
+  const double weights = weight_rounding_atol(p);
+  if (weights > 0) std::snprintf(per_element, sizeof per_element, " + %.1e for the bf16 weights", weights);
+  if (rtol > 0)
+    std::snprintf(per_element + std::strlen(per_element), sizeof per_element - std::strlen(per_element),
+                  " + %.1e of |%s|", rtol, what_b);
   std::fprintf(stderr,
                "\n*** flashcpu bench: OUTPUT MISMATCH %s vs %s on %s\n"
                "*** worst at (b*h=%zu, n=%zu, e=%zu): %s=%.8g %s=%.8g, |diff|=%.3g, "
