@@ -268,10 +268,10 @@ void nadaraya_watson(TensorView<const float> x_query, TensorView<const float> x_
 /// "sse2". Chosen once from the CPU's features; the environment variable FLASHCPU_ISA
 /// (one of those names) caps it at a lower level.
 ///
-/// "amx" (Intel AMX tiles) and "avx512bf16" (AVX512-BF16's vdpbf16ps) run only when
-/// FLASHCPU_ISA names them: their kernels are tested on emulated instructions (the
-/// tests' own, and an emulator's model of a Sapphire Rapids Xeon) but have not yet run on
-/// CPUs that have them. They take bf16 q, k, v and out with the
+/// "avx512bf16" (AVX512-BF16's vdpbf16ps) runs wherever the CPU has it. "amx" (Intel AMX
+/// tiles) runs only when FLASHCPU_ISA names it: its kernels are tested on emulated
+/// instructions (the tests' own, and an emulator's model of a Sapphire Rapids Xeon) but
+/// have not yet run on a CPU that has AMX. The two take bf16 q, k, v and out with the
 /// dot-product score, for prefill (more than 16 query rows), with every option: masks,
 /// causal, windows, key lengths, softcap, ALiBi, sinks and lse. "amx" also takes
 /// decoding (16 query rows or fewer) when the query heads per KV head times the query
