@@ -203,6 +203,8 @@ const Dims kShapes[] = {
     {2, 8, 2, 24, 160, 19, 23}, {1, 8, 2, 90, 60, 33, 7},  {1, 8, 2, 17, 300, 17, 9},
     {2, 8, 2, 1, 1800, 17, 9},  {2, 8, 2, 3, 1300, 17, 9}, {1, 8, 2, 16, 1100, 32, 16},
     {1, 4, 4, 1, 1031, 64, 64},  // one query head per KV head, K/V in place, a prime M
+    // Decoding's wide P.V tiles (8 vectors on AVX-512) with a one-vector tail, a prime M.
+    {1, 8, 2, 1, 1283, 128, 136}, {1, 8, 2, 2, 700, 128, 128},
 };
 
 struct OptionSet {

@@ -66,8 +66,19 @@ constexpr ForwardEntry kSmallEntry = nullptr, kLanesEntry = nullptr;
 #else
 constexpr bool kBf16Products = false, kTiles = false, kPairValues = false;
 using Kernel = ForwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR, KV>;
+// The small kernel's P.V tiles: small_nv vectors over as many of its rows as the
+// registers hold (accumulators, the value vectors and one broadcast): all small_mr rows
+// of a 4 x 4 AVX-512 tile, 2 rows of a 4 x 8 one.
+constexpr int kVectorRegisters = kW >= 16 ? 32 : 16;
+constexpr int small_pv_rows() {
+  int rows = FLASHCPU_VARIANT_SMALL_MR;
+  while (rows % 2 == 0 && rows * FLASHCPU_VARIANT_SMALL_NV + FLASHCPU_VARIANT_SMALL_NV + 1 > kVectorRegisters) rows /= 2;
+  return rows;
+}
+static_assert(small_pv_rows() * FLASHCPU_VARIANT_SMALL_NV + FLASHCPU_VARIANT_SMALL_NV + 1 <= kVectorRegisters,
+              "the small kernel's P.V tile fits the registers");
 using SmallKernel =
-    ForwardKernel<Arch, FLASHCPU_VARIANT_SMALL_MR, kPanelVectors, FLASHCPU_VARIANT_SMALL_NV, FLASHCPU_VARIANT_SMALL_MR, KV>;
+    ForwardKernel<Arch, FLASHCPU_VARIANT_SMALL_MR, kPanelVectors, FLASHCPU_VARIANT_SMALL_NV, small_pv_rows(), KV>;
 using Pack = Packers<KV, FLASHCPU_VARIANT_NR>;
 // The lanes kernel serves fp32 K only. For 16-bit K the tiles were faster at every row
 // count measured on AVX2 (Zen 4 VM, 2 threads, the two builds called in turn in one
