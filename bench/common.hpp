@@ -378,10 +378,11 @@ double output_rounding_rtol(DType t);
 /// p's output in fp32: a copy of p.out, or p.out16 widened.
 Buffer output_floats(const Problem& p);
 
-/// The absolute tolerance the rounding of the softmax weights adds: all-bf16 calls on the
-/// bf16-product levels ("amx", "avx512bf16") round each weight to bf16 before P.V, which
-/// moves an output by up to 2^-8 max|v| (|sum_j (p~_j - p_j) v_j| / l, the header's
-/// bound). 0 for the other types, whose weights stay fp32.
+/// The absolute tolerance the rounding of the softmax weights adds: all-bf16 prefill on
+/// the bf16-product levels ("amx", "avx512bf16") rounds each weight to bf16 before P.V,
+/// which moves an output by up to 2^-8 max|v| (|sum_j (p~_j - p_j) v_j| / l, the header's
+/// bound). Allowed on every all-bf16 problem, whichever kernel the level and shape pick;
+/// 0 for the other types, whose weights stay fp32.
 double weight_rounding_atol(const Problem& p);
 
 /// p's output (output_floats) against `expected`, within the cross-check tolerance of
