@@ -166,17 +166,14 @@ struct ForwardKernel {
 
   // The same scores from K rows read in place (decoding: K is streamed once, packing it
   // would cost a second pass). W keys at a time: per key, one vector of partial dot
-  // products per row, then haddp turns W such vectors into W finished scores. Two keys
+  // products per row, then PairSums turns W such vectors into W finished scores. Two keys
   // per pass over D, so that 2*MR accumulator chains hide the FMA latency.
   static void scores_tile_rows(const float* q, std::int64_t D, const KV* k, std::int64_t k_stride,
                                std::int64_t num_keys, std::int64_t cols, float* scores, std::int64_t scores_stride,
                                PrefetchStream& ahead) {
     static_assert(W % 2 == 0, "keys are taken in pairs");
-    alignas(64) batch partial[MR][W];
-#if defined(__AVX512F__)
-    __m512 pending[MR], quads[MR][4];
-#endif
     for (std::int64_t j0 = 0; j0 < cols; j0 += W) {
+      PairSums<Arch> sums[MR];
       for (int t = 0; t < W; t += 2) {
         batch acc0[MR], acc1[MR];
         for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = batch(0.0f);
@@ -197,33 +194,9 @@ struct ForwardKernel {
           }
         }
         const bool second = j0 + t + 1 < num_keys;
-        for (int r = 0; r < MR; ++r) {
-          const batch a1 = second ? acc1[r] : batch(0.0f);
-#if defined(__AVX512F__)
-          // The first two stages of sum_rows as the pairs come (4 vectors per row kept,
-          // not 16): the same sums, bitwise, with a quarter of the stores and reloads.
-          if constexpr (std::is_same<Arch, xsimd::avx512bw>::value) {
-            const __m512 pair = sum_rows_pair(acc0[r], a1);
-            if (t % 4 == 0)
-              pending[r] = pair;
-            else
-              quads[r][t / 4] = sum_rows_quad(pending[r], pair);
-            continue;
-          }
-#endif
-          partial[r][t] = acc0[r];
-          partial[r][t + 1] = a1;
-        }
+        for (int r = 0; r < MR; ++r) sums[r].add(t / 2, acc0[r], second ? acc1[r] : batch(0.0f));
       }
-      for (int r = 0; r < MR; ++r) {
-#if defined(__AVX512F__)
-        if constexpr (std::is_same<Arch, xsimd::avx512bw>::value) {
-          batch(sum_rows_quads(quads[r])).store_aligned(scores + r * scores_stride + j0);
-          continue;
-        }
-#endif
-        sum_rows<Arch>(partial[r]).store_aligned(scores + r * scores_stride + j0);
-      }
+      for (int r = 0; r < MR; ++r) batch(sums[r].sums()).store_aligned(scores + r * scores_stride + j0);
     }
   }
 

@@ -71,48 +71,55 @@ inline float reduce_max(xsimd::batch<float, Arch> b) {
   return m;
 }
 
-// sums[i] = the sum of the lanes of rows[i], for W rows. xsimd 8.1's haddp returns the
-// lanes in the wrong order on AVX-512 (its float version), so that ISA gets its own
-// transpose-and-add tree: 4 levels of unpack/shuffle + add on 16 vectors.
-//
-// The AVX-512 tree in its three stages, so that a caller producing the rows in pairs can
-// run the first two as they come and keep 4 vectors per 16 rows instead of 16 (the
-// decoding kernel's S, kernels/forward.hpp); the sums are bitwise those of sum_rows.
-#if defined(__AVX512F__)
-// Stage 1, rows 2k and 2k + 1 -> t[k]; per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3].
-inline __m512 sum_rows_pair(__m512 a, __m512 b) {
-  return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-}
-// Stage 2, t[2m] and t[2m + 1] -> u[m]; per 128-bit lane: that lane's sums of rows 4m .. 4m+3.
-inline __m512 sum_rows_quad(__m512 t0, __m512 t1) {
-  return _mm512_add_ps(_mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
-                       _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));
-}
-// Stage 3, u[0..3] -> the 16 sums in row order.
-inline __m512 sum_rows_quads(const __m512* u) {
-  const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
-                                   _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
-                                   _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-#endif
-
+// The lane sums of W vectors that come two at a time (vectors 2k and 2k + 1 by
+// add(k, a, b), k = 0 .. W/2 - 1 in order): sums() gives the W sums in order. xsimd 8.1's
+// haddp returns the lanes in the wrong order on AVX-512 (its float version), so that ISA
+// gets its own transpose-and-add tree, whose first two stages run as the pairs come: it
+// keeps 4 vectors per 16 instead of 16 (the decoding kernel's S, kernels/forward.hpp).
 template <class Arch>
-inline xsimd::batch<float, Arch> sum_rows(const xsimd::batch<float, Arch>* rows) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same<Arch, xsimd::avx512bw>::value) {
-    __m512 u[4];
-    for (int m = 0; m < 4; ++m)
-      u[m] = sum_rows_quad(sum_rows_pair(rows[4 * m], rows[4 * m + 1]), sum_rows_pair(rows[4 * m + 2], rows[4 * m + 3]));
-    return sum_rows_quads(u);
-  } else
-#endif
-  {
-    return xsimd::haddp(rows);
+class PairSums {
+  using batch = xsimd::batch<float, Arch>;
+
+ public:
+  void add(int k, batch a, batch b) {
+    rows_[2 * k] = a;
+    rows_[2 * k + 1] = b;
   }
-}
+  batch sums() const { return xsimd::haddp(rows_); }
+
+ private:
+  batch rows_[batch::size];
+};
+
+#if defined(__AVX512F__)
+template <>
+class PairSums<xsimd::avx512bw> {
+ public:
+  void add(int k, __m512 a, __m512 b) {
+    // Stage 1, vectors 2k and 2k + 1; per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3].
+    const __m512 t = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    // Stage 2, two such: per 128-bit lane, that lane's sums of vectors 4m .. 4m+3.
+    if (k % 2 == 0)
+      pending_ = t;
+    else
+      quads_[k / 2] = _mm512_add_ps(_mm512_shuffle_ps(pending_, t, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_ps(pending_, t, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  // Stage 3: the 16 sums in order.
+  __m512 sums() const {
+    const __m512* u = quads_;
+    const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+
+ private:
+  __m512 pending_, quads_[4];
+};
+#endif
 
 // tanh for the additive score and soft-capping. xsimd's tanh, which is accurate to a
 // few ulp; kept behind one name so a faster approximation can be swapped in here.
