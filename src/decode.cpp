@@ -34,12 +34,14 @@ struct DecodeSplit {
 // where the per-chunk merge would start to cost more than the parallelism gains.
 constexpr std::int64_t kTargetItems = 64, kMinChunkKeys = 512;
 static_assert(kTargetItems + 1 <= kMaxMergeParts, "every chunk of a head and its sink fit one merge");
-// The lanes kernel (rows in vector lanes) pays for its setup (Q transposed per call) only
-// over enough keys. AVX2, 16 stacked rows, fp32, tools/ab_builds, lanes' time / tiles'
-// time: M = 16 1.07-1.17x (1 and 2 threads, D = 64 and 128: the short N=16 workload),
-// M = 64 and 256 about 1, M = 1024 0.94-0.97x by the minima, M = 4096 and 8192
-// 0.94-0.96x.
-constexpr std::int64_t kLanesMinKeys = 512;
+// The lanes kernel (rows in vector lanes) does no padded or horizontal work, and since Q's
+// transpose runs in registers (kernels/forward.hpp) its setup costs little: with 8 or 16
+// lanes it runs at any key count. 16 stacked rows, fp32, 1 thread, tiles' time / lanes'
+// time, median of 4000 calls, Zen 5: AVX-512 1.19x at M = 16, 1.17-1.24x at M = 64 to 256
+// (D = 64), 1.08-1.20x at D = 128; AVX2 1.04-1.05x at M = 16 to 256, 1.00x at D = 128.
+// SSE2's 4 lanes still lose below some hundreds of keys (M = 16: 0.90x, M = 64 and 256:
+// 0.89x); there the earlier measurement on AVX2 stands (M = 1024: 1.03-1.06x).
+constexpr std::int64_t kLanesMinKeysSse2 = 512;
 
 DecodeSplit split_decode(const Plan& plan, const CallViews& views) {
   const AttentionShape& s = plan.shape;
@@ -51,13 +53,13 @@ DecodeSplit split_decode(const Plan& plan, const CallViews& views) {
   // block is packed for a tile of 16 or more stacked rows, see bf16_products_take.)
   d.k_in_place = !kernels.tiles && plan.kind == ScoreKind::dot && !plan.centered && views.k.strides[3] == 1 &&
                  s.head_dim % kernels.vector_floats == 0;
-  // Kernel: with a vector's worth of rows or more, kLanesMinKeys keys or more, and nothing
-  // but exclusions on the scores, the rows become vector lanes where the variant has a
-  // lanes kernel (fp32 K); else the smaller tile when it pads less (e.g. 4 stacked heads:
-  // one 4-row tile, not a 6-row one with 2 empty rows): decoding is bound by memory, and
-  // padded rows only add compute.
+  // Kernel: with a vector's worth of rows or more (on SSE2 also kLanesMinKeysSse2 keys or
+  // more) and nothing but exclusions on the scores, the rows become vector lanes where the
+  // variant has a lanes kernel (fp32 K); else the smaller tile when it pads less (e.g. 4
+  // stacked heads: one 4-row tile, not a 6-row one with 2 empty rows): decoding is bound
+  // by memory, and padded rows only add compute.
   d.lanes = kernels.forward_lanes_block && d.k_in_place && !plan.natural_units && d.rows >= kernels.vector_floats &&
-            s.kv_len >= kLanesMinKeys;
+            (kernels.vector_floats >= 8 || s.kv_len >= kLanesMinKeysSse2);
   d.small = round_up(d.rows, kernels.small_tile_rows) < round_up(d.rows, kernels.tile_rows);
   d.mr = d.lanes ? kernels.vector_floats : d.small ? kernels.small_tile_rows : kernels.tile_rows;
   d.forward = d.lanes   ? kernels.forward_lanes_block

@@ -175,9 +175,9 @@ TEST_CASE("fused matches the reference at micro-kernel and vector-width edges", 
 TEST_CASE("decoding with a vector's worth of stacked rows or more (rows as vector lanes)", "[forward][decode]") {
   // Decoding shapes (N <= 16) whose stacked rows G*N reach the vector width (16 / 8 / 4
   // floats) take the lanes kernel when K rows are whole vectors (D a multiple of 16 here,
-  // so on every ISA) and M >= 512 (fewer keys take the tiles): rows at, below and above
-  // one and two lane tiles, key counts across block (256) and chunk (512+) boundaries,
-  // causal and not, and out-of-place V (Dv = 19).
+  // so on every ISA; on SSE2 only from M = 512, fewer keys take the tiles there): rows at,
+  // below and above one and two lane tiles, key counts across block (256) and chunk (512+)
+  // boundaries, causal and not, and out-of-place V (Dv = 19).
   struct Shape {
     std::int64_t Hq, Hkv, N, M, D, Dv;
   };
