@@ -218,8 +218,7 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
   };
   if (any_coarse) {
     // Statistics of the coarse rows; two-pass-sized scratch suffices (a block per item).
-#pragma omp parallel num_threads(threads)
-    {
+    detail::run_parallel(threads, [&] {
       BackwardJob job = base;
       job.scratch = two_pass.carve(scratch.get(), omp_get_thread_num());
 #pragma omp for schedule(dynamic) nowait
@@ -227,12 +226,11 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
         bind_query_block(job, item);
         kernels.backward_row_stats(job);
       }
-    }
+    });
   }
 
   if (whole_heads) {
-#pragma omp parallel num_threads(threads)
-    {
+    detail::run_parallel(threads, [&] {
       BackwardJob job = base;
       job.scratch = sizes.carve(scratch.get(), omp_get_thread_num());
 #pragma omp for schedule(dynamic) nowait
@@ -240,13 +238,12 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
         bind(job, item / Hkv, item % Hkv);
         kernels.backward_head(job);
       }
-    }
+    });
     return;
   }
 
   // Pass 1: dK and dV, one key block per item.
-#pragma omp parallel num_threads(threads)
-  {
+  detail::run_parallel(threads, [&] {
     BackwardJob job = base;
     job.scratch = sizes.carve(scratch.get(), omp_get_thread_num());
 #pragma omp for schedule(dynamic) nowait
@@ -257,13 +254,12 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
       job.count = std::min(Bk, M - job.first);
       kernels.backward_keys(job);
     }
-  }
+  });
 
   // Pass 2: dQ, one query block per item. Causal and windowed blocks are interleaved
   // heavy and light (0, n-1, 1, n-2, ...) so that static chunks get even shares.
   const bool triangular = s.causal || s.window_left >= 0 || s.window_right >= 0;
-#pragma omp parallel num_threads(threads)
-  {
+  detail::run_parallel(threads, [&] {
     BackwardJob job = base;
     job.scratch = sizes.carve(scratch.get(), omp_get_thread_num());
 #pragma omp for schedule(static) nowait
@@ -272,7 +268,7 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
       bind_query_block(job, item - slot + qb);
       kernels.backward_queries(job);
     }
-  }
+  });
 }
 
 }  // namespace flashcpu

@@ -198,8 +198,7 @@ void run_decode(const Plan& plan, const CallViews& views) {
   const ThreadScratch parts = decode_scratch(plan, d);
   AlignedBuffer scratch(parts.total() * threads);
 
-#pragma omp parallel num_threads(threads)
-  {
+  run_parallel(threads, [&] {
     const ThreadScratch::Parts mine = parts.carve(scratch.get(), omp_get_thread_num());
     QueryBlockJob job = base_job(plan, views);
     job.q = {mine.q_packed, d.rows, 0, plan.group};
@@ -224,7 +223,7 @@ void run_decode(const Plan& plan, const CallViews& views) {
 #pragma omp for schedule(static)
       for (std::int64_t head = 0; head < s.batch * s.kv_heads; ++head) merge_chunks(plan, views, d, partials.get(), head);
     }
-  }
+  });
 }
 
 }  // namespace flashcpu::detail

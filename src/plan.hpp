@@ -129,6 +129,21 @@ void bind_heads(const Plan& plan, QueryBlockJob& job, std::int64_t b, std::int64
 
 int thread_count(int requested);
 
+/// Runs body() on `threads` threads, as the body of an OpenMP parallel region, or called
+/// directly when one thread does the work: its worksharing and barriers then bind to a
+/// team of one. libgomp's region wakes the team through a futex even when the team is the
+/// caller alone: 1.2 us per region on a 2-core KVM guest (Zen 5, empty regions, median of
+/// 20000), against 20-30 ns for the call, a sixth of a 16-head N = 16 call on one thread.
+template <class Body>
+void run_parallel(int threads, Body&& body) {
+  if (threads <= 1) {
+    body();
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  body();
+}
+
 /// The drivers.
 void run_prefill(const Plan& plan, const CallViews& views);
 void run_decode(const Plan& plan, const CallViews& views);

@@ -69,8 +69,7 @@ void run_prefill(const Plan& plan, const CallViews& views) {
   const ThreadScratch parts = prefill_scratch(plan);
   AlignedBuffer scratch(parts.total() * threads);
 
-#pragma omp parallel num_threads(threads)
-  {
+  run_parallel(threads, [&] {
     const ThreadScratch::Parts mine = parts.carve(scratch.get(), omp_get_thread_num());
     QueryBlockJob job = base_job(plan, views);
     job.q.q_packed = mine.q_packed;
@@ -104,7 +103,7 @@ void run_prefill(const Plan& plan, const CallViews& views) {
       job.output.lse = views.lse_at(b, h, job.q.first_row);
       kernels.forward_query_block(job);
     }
-  }
+  });
 }
 
 }  // namespace flashcpu::detail
