@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -33,6 +34,18 @@ BackwardProblem::BackwardProblem(const Shape& s, std::uint64_t seed) : fwd(s, se
   AttentionOptions options;
   options.causal = s.causal;
   attention(fwd.qv(), fwd.kv(), fwd.vv(), fwd.outv(), bhsd<float>(lse.get(), s.batch, s.q_heads, s.n, 1), options);
+  const Elem e = act_elem(s.dtype);
+  if (kv_elem(s.dtype) != e) throw Error("the backward takes fp32 or all-16-bit data, not " + describe(s));
+  if (e == Elem::f32) return;
+  // out and dout as 16-bit values (the forward's out rounded, as a 16-bit forward writes it).
+  narrow(fwd.out.get(), e, fwd.out16.get(), fwd.out_size());
+  widen(fwd.out16.get(), e, fwd.out.get(), fwd.out_size());
+  dout16 = allocate_elems(e, fwd.out_size());
+  narrow(dout.get(), e, dout16.get(), fwd.out_size());
+  widen(dout16.get(), e, dout.get(), fwd.out_size());
+  dq16 = allocate_elems(e, fwd.q_size());
+  dk16 = allocate_elems(e, fwd.k_size());
+  dv16 = allocate_elems(e, fwd.v_size());
 }
 
 TensorView<const float> BackwardProblem::lsev() const {
@@ -156,6 +169,29 @@ void run_backward(BackwardImpl impl, BackwardProblem& p, int threads, Materializ
   AttentionOptions options;
   options.causal = p.fwd.shape.causal;
   options.num_threads = threads;
+  const Shape& s = p.fwd.shape;
+  // The 16-bit overload, on the 16-bit copies.
+  auto with16 = [&](auto tag) {
+    using T = decltype(tag);
+    auto in = [&](const RawBuffer& b, std::int64_t heads, std::int64_t seq, std::int64_t dim) {
+      return bhsd<const T>(static_cast<const T*>(b.get()), s.batch, heads, seq, dim);
+    };
+    auto grad = [&](const RawBuffer& b, std::int64_t heads, std::int64_t seq, std::int64_t dim) {
+      return bhsd<T>(static_cast<T*>(b.get()), s.batch, heads, seq, dim);
+    };
+    attention_backward(in(p.fwd.q16, s.q_heads, s.n, s.d), in(p.fwd.k16, s.kv_heads, s.m, s.d),
+                       in(p.fwd.v16, s.kv_heads, s.m, s.dv), in(p.fwd.out16, s.q_heads, s.n, s.dv), p.lsev(),
+                       in(p.dout16, s.q_heads, s.n, s.dv), grad(p.dq16, s.q_heads, s.n, s.d),
+                       grad(p.dk16, s.kv_heads, s.m, s.d), grad(p.dv16, s.kv_heads, s.m, s.dv), options);
+  };
+  switch (act_elem(s.dtype)) {
+    case Elem::bf16:
+      return with16(bf16{});
+    case Elem::fp16:
+      return with16(fp16{});
+    case Elem::f32:
+      break;
+  }
   attention_backward(p.fwd.qv(), p.fwd.kv(), p.fwd.vv(), p.fwd.outv(), p.lsev(), p.doutv(), p.dqv(), p.dkv(),
                      p.dvv(), options);
 }
@@ -179,6 +215,26 @@ double check_backward_against_fused(BackwardImpl impl, BackwardProblem& p, int t
     throw Error(std::string("backward cross-check: ") + backward_impl_name(impl) + " differs from fused by " +
                 std::to_string(relative) + " of the largest gradient on " + describe(p.fwd.shape));
   return relative;
+}
+
+void check_backward16_against_fp32(BackwardProblem& p, int threads) {
+  const Elem e = act_elem(p.fwd.shape.dtype);
+  AttentionOptions options;
+  options.causal = p.fwd.shape.causal;
+  options.num_threads = threads;
+  attention_backward(p.fwd.qv(), p.fwd.kv(), p.fwd.vv(), p.fwd.outv(), p.lsev(), p.doutv(), p.dqv(), p.dkv(),
+                     p.dvv(), options);
+  const std::size_t sizes[3] = {p.fwd.q_size(), p.fwd.k_size(), p.fwd.v_size()};
+  const float* fp32[3] = {p.dq.get(), p.dk.get(), p.dv.get()};
+  const void* bits[3] = {p.dq16.get(), p.dk16.get(), p.dv16.get()};
+  const char* names[3] = {"dq", "dk", "dv"};
+  for (int t = 0; t < 3; ++t) {
+    RawBuffer rounded = allocate_elems(e, sizes[t]);
+    narrow(fp32[t], e, rounded.get(), sizes[t]);
+    if (std::memcmp(rounded.get(), bits[t], sizes[t] * elem_bytes(e)) != 0)
+      throw Error(std::string("16-bit backward cross-check: ") + names[t] +
+                  " is not the fp32 backward's rounded, on " + describe(p.fwd.shape));
+  }
 }
 
 }  // namespace flashcpu::bench

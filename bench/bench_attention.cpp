@@ -11,7 +11,8 @@
 // (bm_pair; counter ratio = fp32 time / 16-bit time).
 // Families: prefill sweep, the named workloads (P64, P128, C128, S16K, short, DEC,
 // thread scaling), their backward (P64_bwd, C128_bwd, S16K_bwd: fused and materialized
-// OpenBLAS backward, FLOP = the backward's five products), their 16-bit forms (<family>_<dtype>: P64_bf16, P128_bf16,
+// OpenBLAS backward, FLOP = the backward's five products; P64_bf16_bwd: fused, all bf16),
+// their 16-bit forms (<family>_<dtype>: P64_bf16, P128_bf16,
 // C128_bf16, P64_fp16kv, DEC_bf16kv, DEC_fp16kv), a decode sweep, head shapes of real models, the
 // two OpenBLAS threading modes, and the machine probes (BM_FmaPeak, BM_ReadBandwidth).
 // On a 16-bit workload the baselines widen the inputs to fp32 inside the timed call
@@ -309,6 +310,7 @@ void bm_backward(benchmark::State& st, const std::string& name, fb::BackwardImpl
   if (it == first_runs().end()) {
     const double extra = fb::measure_peak_extra_mib([&] { fb::run_backward(impl, p, threads, ws); });
     if (impl != fb::BackwardImpl::fused) fb::check_backward_against_fused(impl, p, threads, ws);
+    if (fb::act_elem(s.dtype) != fb::Elem::f32) fb::check_backward16_against_fp32(p, threads);
     it = first_runs().emplace(key, FirstRun{extra}).first;
   } else {
     fb::run_backward(impl, p, threads, ws);  // warm-up
@@ -325,7 +327,8 @@ void bm_backward(benchmark::State& st, const std::string& name, fb::BackwardImpl
   st.counters["probe_gflops"] = probe_flops;
   st.counters["peak_frac"] = flop / per_iter * 1e-9 / probe_flops;
   if (it->second.extra_mib >= 0) st.counters["peak_extra_MiB"] = it->second.extra_mib;
-  st.SetLabel(impl == fb::BackwardImpl::fused ? std::string("flashcpu backward (") + flashcpu::active_isa() + ")"
+  st.SetLabel(impl == fb::BackwardImpl::fused ? std::string("flashcpu backward (") + flashcpu::active_isa() + ", " +
+                                                    fb::dtype_name(s.dtype) + ")"
                                               : std::string("materialized backward (OpenBLAS sgemm)"));
 }
 
@@ -405,6 +408,10 @@ void register_attention_benchmarks() {
   add_backward_workload("P64", p64, true);
   add_backward_workload("C128", fb::mha(1, 8, 4096, 4096, 128, true), true);
   add_backward_workload("S16K", fb::mha(1, 1, 16384, 16384, 64), false);
+  // P64's backward on bf16 q, k, v, out, dout and gradients (the 16-bit overload).
+  fb::Shape p64_bf16 = p64;
+  p64_bf16.dtype = fb::DType::bf16;
+  add_backward_workload("P64_bf16", p64_bf16, false);
 
   for (int t : thread_counts()) {
     add_workload("scaling_P64", "/threads:" + std::to_string(t), p64, t);
@@ -550,7 +557,8 @@ void print_usage() {
       "                           then measured when first needed)\n"
       "Families (use --benchmark_filter): P64 P128 C128 S16K short short_bf16 DEC DEC_hot DEC4 DEC4_bf16\n"
       "  scaling_P64\n"
-      "  P64_bf16 P128_bf16 C128_bf16 P64_fp16kv DEC_bf16kv DEC_fp16kv P64_bwd C128_bwd S16K_bwd prefill\n"
+      "  P64_bf16 P128_bf16 C128_bf16 P64_fp16kv DEC_bf16kv DEC_fp16kv P64_bwd C128_bwd S16K_bwd\n"
+      "  P64_bf16_bwd prefill\n"
       "  decode model blas_mode\n"
       "  pair/<16-bit family>: the fused fp32 workload and its 16-bit form, call by call in\n"
       "  turn; counter ratio = fp32 time / 16-bit time, per repetition\n"

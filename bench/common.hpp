@@ -431,9 +431,14 @@ double backward_flops(const Shape& s);
 
 /// One fp32 backward problem: the forward's inputs, its out and lse from
 /// flashcpu::attention, dout uniform in [-1, 1], and the three gradients (zeroed).
+/// A backward problem: the forward's inputs, its out and lse (from the fused fp32 forward on
+/// the same values), dout, and the gradients. An all-16-bit dtype (bf16, fp16) also keeps
+/// out, dout and the gradients in that type (the fp32 buffers hold the same values), for
+/// attention_backward's 16-bit overload; fp32 q and out over a 16-bit cache has no backward.
 struct BackwardProblem {
   Problem fwd;
   Buffer lse, dout, dq, dk, dv;
+  RawBuffer dout16, dq16, dk16, dv16;  // null unless the dtype is bf16 or fp16
   explicit BackwardProblem(const Shape& s, std::uint64_t seed = 42);
   TensorView<const float> lsev() const;
   TensorView<const float> doutv() const;
@@ -469,6 +474,11 @@ void run_backward(BackwardImpl impl, BackwardProblem& p, int threads, Materializ
 /// benchmarks' first-run cross-check.
 double check_backward_against_fused(BackwardImpl impl, BackwardProblem& p, int threads,
                                     MaterializedWorkspace* workspace);
+
+/// For a 16-bit problem: its 16-bit gradients (from the last run_backward) must be bitwise
+/// the fp32 backward's on the same values, rounded, as the header promises; throws Error
+/// naming the first gradient that is not. Overwrites the fp32 gradient buffers.
+void check_backward16_against_fp32(BackwardProblem& p, int threads);
 
 // ---------------------------------------------------------------------------------
 // Memory

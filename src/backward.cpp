@@ -92,22 +92,28 @@ struct BackwardSizes {
   }
 };
 
-detail::HeadRows head_rows(const TensorView<const float>& t, std::int64_t b, std::int64_t h) {
-  return {t.data ? t.data + b * t.strides[0] + h * t.strides[1] : nullptr, t.strides[1], t.strides[2], t.strides[3]};
+template <class T>
+detail::HeadRows head_rows(const TensorView<const T>& t, std::int64_t b, std::int64_t h) {
+  return {t.data ? t.data + b * t.strides[0] + h * t.strides[1] : nullptr, detail::dtype_of<T>(), t.strides[1],
+          t.strides[2], t.strides[3]};
 }
-detail::HeadRowsOut head_rows(const TensorView<float>& t, std::int64_t b, std::int64_t h) {
-  return {t.data ? t.data + b * t.strides[0] + h * t.strides[1] : nullptr, t.strides[1], t.strides[2], t.strides[3]};
+template <class T>
+detail::HeadRowsOut head_rows(const TensorView<T>& t, std::int64_t b, std::int64_t h) {
+  return {t.data ? t.data + b * t.strides[0] + h * t.strides[1] : nullptr, detail::dtype_of<T>(), t.strides[1],
+          t.strides[2], t.strides[3]};
 }
 
-// Zeros every element of a gradient view. A view with no elements may still have huge
-// outer sizes (2^40 query heads over 0 rows): it is not walked.
-void write_zeros(const TensorView<float>& t) {
+// Zeros every element of a gradient view (all bits clear: +0 in every type). A view with
+// no elements may still have huge outer sizes (2^40 query heads over 0 rows): it is not
+// walked.
+template <class T>
+void write_zeros(const TensorView<T>& t) {
   if (t.shape[0] == 0 || t.shape[1] == 0 || t.shape[2] == 0 || t.shape[3] == 0) return;
   for (std::int64_t b = 0; b < t.shape[0]; ++b)
     for (std::int64_t h = 0; h < t.shape[1]; ++h)
       for (std::int64_t i = 0; i < t.shape[2]; ++i)
         for (std::int64_t c = 0; c < t.shape[3]; ++c)
-          t.data[b * t.strides[0] + h * t.strides[1] + i * t.strides[2] + c * t.strides[3]] = 0.0f;
+          t.data[b * t.strides[0] + h * t.strides[1] + i * t.strides[2] + c * t.strides[3]] = T{};
 }
 
 }  // namespace
@@ -119,10 +125,14 @@ bool coarse_lse(float lse) {
 }
 }  // namespace detail
 
-void attention_backward(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
-                        TensorView<const float> out, TensorView<const float> lse, TensorView<const float> dout,
-                        TensorView<float> dq, TensorView<float> dk, TensorView<float> dv,
-                        const AttentionOptions& options) {
+namespace {
+
+// The driver for every element type T of q, k, v, out, dout and the gradients: the
+// kernels are the fp32 ones, reading and writing T through HeadRows (kernels/backward.hpp).
+template <class T>
+void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v, TensorView<const T> out,
+                  TensorView<const float> lse, TensorView<const T> dout, TensorView<T> dq, TensorView<T> dk,
+                  TensorView<T> dv, const AttentionOptions& options) {
   const detail::AttentionShape s = detail::validate_backward(q, k, v, out, lse, dout, dq, dk, dv, options);
   const detail::KernelTable& kernels = detail::active_kernels(detail::DType::f32);
   const std::int64_t B = s.batch, Hq = s.q_heads, Hkv = s.kv_heads, N = s.q_len, M = s.kv_len;
@@ -269,6 +279,25 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
       kernels.backward_queries(job);
     }
   });
+}
+
+}  // namespace
+
+void attention_backward(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
+                        TensorView<const float> out, TensorView<const float> lse, TensorView<const float> dout,
+                        TensorView<float> dq, TensorView<float> dk, TensorView<float> dv,
+                        const AttentionOptions& options) {
+  backward_any(q, k, v, out, lse, dout, dq, dk, dv, options);
+}
+void attention_backward(TensorView<const bf16> q, TensorView<const bf16> k, TensorView<const bf16> v,
+                        TensorView<const bf16> out, TensorView<const float> lse, TensorView<const bf16> dout,
+                        TensorView<bf16> dq, TensorView<bf16> dk, TensorView<bf16> dv, const AttentionOptions& options) {
+  backward_any(q, k, v, out, lse, dout, dq, dk, dv, options);
+}
+void attention_backward(TensorView<const fp16> q, TensorView<const fp16> k, TensorView<const fp16> v,
+                        TensorView<const fp16> out, TensorView<const float> lse, TensorView<const fp16> dout,
+                        TensorView<fp16> dq, TensorView<fp16> dk, TensorView<fp16> dv, const AttentionOptions& options) {
+  backward_any(q, k, v, out, lse, dout, dq, dk, dv, options);
 }
 
 }  // namespace flashcpu

@@ -233,16 +233,17 @@ FLASHCPU_VALIDATE(float, bf16)
 FLASHCPU_VALIDATE(float, fp16)
 #undef FLASHCPU_VALIDATE
 
-AttentionShape validate_backward(const TensorView<const float>& q, const TensorView<const float>& k,
-                                 const TensorView<const float>& v, const TensorView<const float>& out,
-                                 const TensorView<const float>& lse, const TensorView<const float>& dout,
-                                 const TensorView<float>& dq, const TensorView<float>& dk,
-                                 const TensorView<float>& dv, const AttentionOptions& options) {
+template <class T>
+AttentionShape validate_backward(const TensorView<const T>& q, const TensorView<const T>& k,
+                                 const TensorView<const T>& v, const TensorView<const T>& out,
+                                 const TensorView<const float>& lse, const TensorView<const T>& dout,
+                                 const TensorView<T>& dq, const TensorView<T>& dk, const TensorView<T>& dv,
+                                 const AttentionOptions& options) {
   if (options.score == Score::additive)
     fail("options.score: expected dot_product or gaussian (Score::additive has no backward yet), got additive");
   // out and lse are inputs here; the forward's checks of them (shapes, and memory disjoint
   // from q, k, v) hold for any pair a forward call wrote.
-  const TensorView<float> out_view{const_cast<float*>(out.data), out.shape, out.strides};
+  const TensorView<T> out_view{const_cast<T*>(out.data), out.shape, out.strides};
   const TensorView<float> lse_view{const_cast<float*>(lse.data), lse.shape, lse.strides};
   const AttentionShape s = validate_attention(q, k, v, out_view, &lse_view, options);
 
@@ -270,6 +271,21 @@ AttentionShape validate_backward(const TensorView<const float>& q, const TensorV
   }
   return s;
 }
+template AttentionShape validate_backward(const TensorView<const float>&, const TensorView<const float>&,
+                                          const TensorView<const float>&, const TensorView<const float>&,
+                                          const TensorView<const float>&, const TensorView<const float>&,
+                                          const TensorView<float>&, const TensorView<float>&,
+                                          const TensorView<float>&, const AttentionOptions&);
+template AttentionShape validate_backward(const TensorView<const bf16>&, const TensorView<const bf16>&,
+                                          const TensorView<const bf16>&, const TensorView<const bf16>&,
+                                          const TensorView<const float>&, const TensorView<const bf16>&,
+                                          const TensorView<bf16>&, const TensorView<bf16>&, const TensorView<bf16>&,
+                                          const AttentionOptions&);
+template AttentionShape validate_backward(const TensorView<const fp16>&, const TensorView<const fp16>&,
+                                          const TensorView<const fp16>&, const TensorView<const fp16>&,
+                                          const TensorView<const float>&, const TensorView<const fp16>&,
+                                          const TensorView<fp16>&, const TensorView<fp16>&, const TensorView<fp16>&,
+                                          const AttentionOptions&);
 
 void validate_weights(const TensorView<const float>& q, const TensorView<const float>& k,
                       const TensorView<float>& weights, const AttentionOptions& options) {

@@ -48,11 +48,12 @@ AttentionShape validate_attention(const TensorView<const Q>& q, const TensorView
 /// Checks the arguments of attention_backward: those of the forward call that produced
 /// out and lse, then dout (as out), dq (as q), dk (as k), dv (as v), and that no gradient
 /// shares memory with another view. Score::additive is refused (no backward).
-AttentionShape validate_backward(const TensorView<const float>& q, const TensorView<const float>& k,
-                                 const TensorView<const float>& v, const TensorView<const float>& out,
-                                 const TensorView<const float>& lse, const TensorView<const float>& dout,
-                                 const TensorView<float>& dq, const TensorView<float>& dk,
-                                 const TensorView<float>& dv, const AttentionOptions& options);
+template <class T>  // float, bf16, fp16
+AttentionShape validate_backward(const TensorView<const T>& q, const TensorView<const T>& k,
+                                 const TensorView<const T>& v, const TensorView<const T>& out,
+                                 const TensorView<const float>& lse, const TensorView<const T>& dout,
+                                 const TensorView<T>& dq, const TensorView<T>& dk, const TensorView<T>& dv,
+                                 const AttentionOptions& options);
 
 /// Checks the weights view of reference::attention_weights: [B, Hq, N, M], disjoint from
 /// the inputs.

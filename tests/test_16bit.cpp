@@ -39,80 +39,13 @@ using namespace oracle;
 using flashcpu::bf16;
 using flashcpu::fp16;
 
-template <class T>
-T narrow(float x) {
-  if constexpr (std::is_same<T, bf16>::value)
-    return flashcpu::to_bf16(x);
-  else
-    return flashcpu::to_fp16(x);
-}
-inline float widen(float x) { return x; }
-inline float widen(bf16 x) { return flashcpu::to_float(x); }
-inline float widen(fp16 x) { return flashcpu::to_float(x); }
-
-template <class T>
-const char* type_name() {
-  return std::is_same<T, float>::value ? "fp32" : std::is_same<T, bf16>::value ? "bf16" : "fp16";
-}
-
-// Unit roundoff of a 16-bit output type.
-template <class T>
-double unit_roundoff() {
-  return std::is_same<T, bf16>::value ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
-}
-
-// Rounds every element of the tensor's view to T's nearest value, in place.
-template <class T>
-void round_view(Tensor& t) {
-  const Shape s = t.shape();
-  for (std::int64_t b = 0; b < s[0]; ++b)
-    for (std::int64_t h = 0; h < s[1]; ++h)
-      for (std::int64_t i = 0; i < s[2]; ++i)
-        for (std::int64_t c = 0; c < s[3]; ++c) t.at(b, h, i, c) = widen(narrow<T>(t.at(b, h, i, c)));
-}
-
-// A copy of a whole tensor buffer (padding included: NaN padding stays NaN, so a kernel
-// reading it is caught) in T, viewed with the same offset and strides.
-template <class T>
-struct Copy {
-  std::vector<T> buf;
-  std::int64_t offset;
-  Shape shape, strides;
-
-  explicit Copy(const Tensor& t) {
-    const TensorView<const float> v = t.cview();
-    offset = v.data - t.buffer().data();
-    shape = v.shape;
-    strides = v.strides;
-    buf.resize(t.buffer().size());
-    for (std::size_t e = 0; e < buf.size(); ++e) {
-      if constexpr (std::is_same<T, float>::value)
-        buf[e] = t.buffer()[e];
-      else
-        buf[e] = narrow<T>(t.buffer()[e]);
-    }
-  }
-  TensorView<const T> cview() const { return {buf.data() + offset, shape, strides}; }
-  TensorView<T> view() { return {buf.data() + offset, shape, strides}; }
-  T at(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t c) const {
-    return buf[std::size_t(offset + b * strides[0] + h * strides[1] + i * strides[2] + c * strides[3])];
-  }
-};
-
-// Whether two buffers hold the same bits outside the view (the kernel wrote nothing
-// there) and, with `inside` true, inside it too.
-template <class T>
-bool same_bits(const Copy<T>& a, const Copy<T>& b, bool inside) {
-  std::vector<char> in_view(a.buf.size(), 0);
-  for (std::int64_t x = 0; x < a.shape[0]; ++x)
-    for (std::int64_t y = 0; y < a.shape[1]; ++y)
-      for (std::int64_t z = 0; z < a.shape[2]; ++z)
-        for (std::int64_t w = 0; w < a.shape[3]; ++w)
-          in_view[std::size_t(a.offset + x * a.strides[0] + y * a.strides[1] + z * a.strides[2] + w * a.strides[3])] = 1;
-  for (std::size_t e = 0; e < a.buf.size(); ++e)
-    if ((inside || !in_view[e]) && std::memcmp(&a.buf[e], &b.buf[e], sizeof(T)) != 0) return false;
-  return true;
-}
+using ftest::Copy;
+using ftest::narrow;
+using ftest::round_view;
+using ftest::same_bits;
+using ftest::type_name;
+using ftest::unit_roundoff;
+using ftest::widen;
 
 // Runs the 16-bit combination (Q for q and out, KV for k and v) on the problem, after
 // rounding its inputs to those types, and compares with the oracle on the rounded inputs.

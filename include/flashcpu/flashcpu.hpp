@@ -188,6 +188,23 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
                         TensorView<float> dq, TensorView<float> dk, TensorView<float> dv,
                         const AttentionOptions& options = {});
 
+/// The same for 16-bit training: bf16 (or fp16) q, k, v, out and dout, as the 16-bit
+/// forward takes and writes them, its fp32 lse, and gradients of the same 16-bit type.
+/// The inputs are widened exactly and everything above runs in fp32 on them, in the same
+/// order (with grouped-query heads, dk and dv are summed in fp32); each gradient element
+/// is then rounded once, to nearest even. So a 16-bit gradient is the fp32 backward's on
+/// the widened inputs, rounded: within half an ulp of it (2^-9 relative for bf16, 2^-12
+/// for fp16). Same checks, options, scores and determinism as the fp32 call;
+/// allow_bf16_compute does not apply (the backward never rounds its operands).
+void attention_backward(TensorView<const bf16> q, TensorView<const bf16> k, TensorView<const bf16> v,
+                        TensorView<const bf16> out, TensorView<const float> lse, TensorView<const bf16> dout,
+                        TensorView<bf16> dq, TensorView<bf16> dk, TensorView<bf16> dv,
+                        const AttentionOptions& options = {});
+void attention_backward(TensorView<const fp16> q, TensorView<const fp16> k, TensorView<const fp16> v,
+                        TensorView<const fp16> out, TensorView<const float> lse, TensorView<const fp16> dout,
+                        TensorView<fp16> dq, TensorView<fp16> dk, TensorView<fp16> dv,
+                        const AttentionOptions& options = {});
+
 /// Combines (out, lse), computed over one set of keys, with (part_out, part_lse), computed
 /// over a disjoint set, in place, exactly as if attention had run over the union: the way
 /// to shard a long context across calls, processes or machines. Merging with an empty

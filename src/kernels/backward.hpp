@@ -1,5 +1,5 @@
 // The fused attention backward (FlashAttention-2), templated on the architecture and built
-// from the forward's micro-kernels (kernels/forward.hpp): the S tile over K panels, the
+// from the fp32 forward's micro-kernels (kernels/forward.hpp): the S tile over K panels, the
 // score epilogue, and the P.V tiles. Included by each fp32 variant's translation unit
 // (kernels/variant.hpp), inside its ISA namespace like the forward.
 //
@@ -14,8 +14,10 @@
 //   dQ += dS K                      the P.V tile, keys with dS = 0 kept out (garbage rows)
 // or both (backward_head, a whole KV head in one pass).
 // The Gaussian's dQ and dK are summed from exact differences instead (exact_keys). The
-// scale (and the Gaussian's factor 2) is applied when the rows are written. Working
-// memory: the scratch the driver passes.
+// scale (and the Gaussian's factor 2) is applied when the rows are written. 16-bit q, k,
+// v, out and dout are widened as they are packed, and 16-bit gradients rounded once as
+// they are written; everything between is this fp32 code. Working memory: the scratch the
+// driver passes.
 #pragma once
 
 #ifndef FLASHCPU_ISA_NAMESPACE
@@ -40,7 +42,49 @@ struct BackwardKernel {
   static std::int64_t key_end(const BackwardJob& job) { return min_i64(job.kv_len, job.visible.key_limit); }
   static std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
   static float lse_at(const BackwardJob& job, std::int64_t g, std::int64_t i) {
-    return job.lse.data[g * job.lse.head_stride + i * job.lse.row_stride];
+    return static_cast<const float*>(job.lse.data)[g * job.lse.head_stride + i * job.lse.row_stride];
+  }
+
+  // The rows' elements by type: fp32 as they are, 16-bit widened exactly (elements.hpp).
+  // The loops below are those of fp32 for every type, so a 16-bit call computes bitwise
+  // what an fp32 call computes on the widened values.
+  template <class S>
+  static void widen_strided(const S* src, std::int64_t stride, std::int64_t count, float* dst) {
+    if (stride == 1)  // a loop the compiler vectorizes
+      for (std::int64_t c = 0; c < count; ++c) dst[c] = widen_scalar(src[c]);
+    else
+      for (std::int64_t c = 0; c < count; ++c) dst[c] = widen_scalar(src[c * stride]);
+  }
+  // dst[c] = element offset + c * col_stride of the rows, c < count.
+  static void widen_row(const HeadRows& rows, std::int64_t offset, std::int64_t count, float* dst) {
+    switch (rows.type) {
+      case DType::bf16: return widen_strided(static_cast<const bf16*>(rows.data) + offset, rows.col_stride, count, dst);
+      case DType::f16: return widen_strided(static_cast<const f16*>(rows.data) + offset, rows.col_stride, count, dst);
+      case DType::f32: break;
+    }
+    widen_strided(static_cast<const float*>(rows.data) + offset, rows.col_stride, count, dst);
+  }
+  // sum_c x[c] * (element offset + c * col_stride), in order.
+  template <class S>
+  static float dot_strided(const float* x, const S* src, std::int64_t stride, std::int64_t count) {
+    float sum = 0.0f;
+    for (std::int64_t c = 0; c < count; ++c) sum += x[c] * widen_scalar(src[c * stride]);
+    return sum;
+  }
+  static float dot_row(const float* x, const HeadRows& rows, std::int64_t offset, std::int64_t count) {
+    switch (rows.type) {
+      case DType::bf16: return dot_strided(x, static_cast<const bf16*>(rows.data) + offset, rows.col_stride, count);
+      case DType::f16: return dot_strided(x, static_cast<const f16*>(rows.data) + offset, rows.col_stride, count);
+      case DType::f32: break;
+    }
+    return dot_strided(x, static_cast<const float*>(rows.data) + offset, rows.col_stride, count);
+  }
+  // Element `offset` of a gradient set to x, rounded to its type (fp32: as it is).
+  static void store_at(const HeadRowsOut& rows, std::int64_t offset, float x) {
+    if (rows.type == DType::f32)
+      static_cast<float*>(rows.data)[offset] = x;
+    else
+      store_values(&x, 1, rows.type, rows.data, offset, 1);
   }
 
   // Query rows [i0, i0 + rows) of head g into the scratch: q and dout as rows of
@@ -66,17 +110,12 @@ struct BackwardKernel {
         m.delta[r] = 0.0f;
         continue;
       }
-      const float* q = job.q.data + g * job.q.head_stride + i * job.q.row_stride;
-      for (std::int64_t d = 0; d < D; ++d) qr[d] = q[d * job.q.col_stride];
+      widen_row(job.q, g * job.q.head_stride + i * job.q.row_stride, D, qr);
       for (std::int64_t d = D; d < Dp; ++d) qr[d] = 0.0f;
       float delta = 0.0f;
       if (Dv > 0) {  // else out and dout may be null
-        const float* o = job.out.data + g * job.out.head_stride + i * job.out.row_stride;
-        const float* dout = job.dout.data + g * job.dout.head_stride + i * job.dout.row_stride;
-        for (std::int64_t c = 0; c < Dv; ++c) {
-          dr[c] = dout[c * job.dout.col_stride];
-          delta += dr[c] * o[c * job.out.col_stride];
-        }
+        widen_row(job.dout, g * job.dout.head_stride + i * job.dout.row_stride, Dv, dr);
+        delta = dot_row(dr, job.out, g * job.out.head_stride + i * job.out.row_stride, Dv);
       }
       for (std::int64_t c = Dv; c < Dvp; ++c) dr[c] = 0.0f;
       m.delta[r] = delta;
@@ -91,17 +130,32 @@ struct BackwardKernel {
   static void pack_key_side(const BackwardJob& job, std::int64_t j0, std::int64_t n, float* k_panels,
                             float* v_panels, float* k_rows) {
     const std::int64_t D = job.head_dim, Dp = job.head_dim_padded;
-    const float* k = job.k.data + j0 * job.k.row_stride;
-    pack_key_panels_from(k, job.k.row_stride, job.k.col_stride, n, D, NR, nullptr, 0.0f, k_panels, nullptr);
+    panels_from(job.k, j0, n, D, k_panels);
     if (v_panels && job.value_dim > 0)  // else v may be null
-      pack_key_panels_from(job.v.data + j0 * job.v.row_stride, job.v.row_stride, job.v.col_stride, n,
-                           job.value_dim, NR, nullptr, 0.0f, v_panels, nullptr);
+      panels_from(job.v, j0, n, job.value_dim, v_panels);
     if (!k_rows) return;
     for (std::int64_t j = 0; j < n; ++j) {
       float* row = k_rows + j * Dp;
-      for (std::int64_t d = 0; d < D; ++d) row[d] = k[j * job.k.row_stride + d * job.k.col_stride];
+      widen_row(job.k, (j0 + j) * job.k.row_stride, D, row);
       for (std::int64_t d = D; d < Dp; ++d) row[d] = 0.0f;
     }
+  }
+  // Rows [j0, j0 + n) of a KV head as fp32 panels of NR keys.
+  static void panels_from(const HeadRows& rows, std::int64_t j0, std::int64_t n, std::int64_t dim, float* panels) {
+    const std::int64_t offset = j0 * rows.row_stride;
+    switch (rows.type) {
+      case DType::bf16:
+        pack_key_panels_from(static_cast<const bf16*>(rows.data) + offset, rows.row_stride, rows.col_stride, n, dim,
+                             NR, nullptr, 0.0f, panels, nullptr);
+        return;
+      case DType::f16:
+        pack_key_panels_from(static_cast<const f16*>(rows.data) + offset, rows.row_stride, rows.col_stride, n, dim,
+                             NR, nullptr, 0.0f, panels, nullptr);
+        return;
+      case DType::f32: break;
+    }
+    pack_key_panels_from(static_cast<const float*>(rows.data) + offset, rows.row_stride, rows.col_stride, n, dim, NR,
+                         nullptr, 0.0f, panels, nullptr);
   }
 
   // The forward's job as its score epilogue reads it, for query rows from i0 of head g.
@@ -329,13 +383,19 @@ struct BackwardKernel {
     const float factor = job.gaussian ? 2.0f * job.scale : job.scale;
     for (std::int64_t jj = 0; jj < n; ++jj) {
       const std::int64_t j = j0 + jj;
-      float* dk = job.dk.data + j * job.dk.row_stride;
-      // + 0: a zero sum times a negative scale is +0, as in the oracle.
-      for (std::int64_t d = 0; d < D; ++d)
-        dk[d * job.dk.col_stride] = factor * (job.gaussian ? m.dk_acc[d * Bk + jj] : m.dk_acc[jj * Dp + d]) + 0.0f;
+      // + 0: a zero sum times a negative scale is +0, as in the oracle. The dot product's
+      // row is finished in place (the accumulator is reset for the next block) and
+      // written in one call.
+      if (job.gaussian) {
+        for (std::int64_t d = 0; d < D; ++d)
+          store_at(job.dk, j * job.dk.row_stride + d * job.dk.col_stride, factor * m.dk_acc[d * Bk + jj] + 0.0f);
+      } else {
+        float* row = m.dk_acc + jj * Dp;
+        for (std::int64_t d = 0; d < D; ++d) row[d] = factor * row[d] + 0.0f;
+        store_values(row, D, job.dk.type, job.dk.data, j * job.dk.row_stride, job.dk.col_stride);
+      }
       if (Dv == 0) continue;  // dv may be null
-      float* dv = job.dv.data + j * job.dv.row_stride;
-      for (std::int64_t c = 0; c < Dv; ++c) dv[c * job.dv.col_stride] = m.dv_acc[jj * Dvp + c];
+      store_values(m.dv_acc + jj * Dvp, Dv, job.dv.type, job.dv.data, j * job.dv.row_stride, job.dv.col_stride);
     }
   }
 
@@ -345,9 +405,11 @@ struct BackwardKernel {
     const BackwardScratch& m = job.scratch;
     const std::int64_t D = job.head_dim, Dp = job.head_dim_padded;
     const float factor = job.gaussian ? 2.0f * job.scale : job.scale;
-    for (std::int64_t r = 0; r < rows; ++r) {
-      float* dq = job.dq.data + g * job.dq.head_stride + (i0 + r) * job.dq.row_stride;
-      for (std::int64_t d = 0; d < D; ++d) dq[d * job.dq.col_stride] = factor * m.dq_acc[r * Dp + d] + 0.0f;
+    for (std::int64_t r = 0; r < rows; ++r) {  // finished in place, as in write_keys
+      float* acc = m.dq_acc + r * Dp;
+      for (std::int64_t d = 0; d < D; ++d) acc[d] = factor * acc[d] + 0.0f;
+      store_values(acc, D, job.dq.type, job.dq.data, g * job.dq.head_stride + (i0 + r) * job.dq.row_stride,
+                   job.dq.col_stride);
     }
   }
 

@@ -162,15 +162,19 @@ struct QueryPack {
   float* row_bias;
 };
 
-/// The fused backward (kernels/backward.hpp), fp32 only. One (batch, KV head) at a time:
-/// views at row 0 of that head; q, out, dout, lse and dq at the group's first query head,
-/// their head stride stepping through the group.
+/// The fused backward (kernels/backward.hpp), computed in fp32. One (batch, KV head) at a
+/// time: views at row 0 of that head; q, out, dout, lse and dq at the group's first query
+/// head, their head stride stepping through the group. Elements are of `type`: fp32, or
+/// 16-bit (q, k, v, out, dout and the gradients of a 16-bit call), widened as they are
+/// packed and rounded once as the gradients are written. lse is always fp32.
 struct HeadRows {
-  const float* data;
+  const void* data;
+  DType type;
   std::int64_t head_stride, row_stride, col_stride;
 };
 struct HeadRowsOut {
-  float* data;
+  void* data;
+  DType type;
   std::int64_t head_stride, row_stride, col_stride;
 };
 
