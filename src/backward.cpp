@@ -155,7 +155,8 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   // scratch, every query row of a group, stays below kOnePassBytes).
   const std::int64_t key_blocks = (M + Bk - 1) / Bk, q_blocks = (N + Br - 1) / Br;
   const std::int64_t heads = B * Hkv, key_items = heads * key_blocks, query_items = B * Hq * q_blocks;
-  const std::int64_t wanted = detail::thread_count(s.num_threads);
+  // Its five products: two and a half times a forward's two.
+  const std::int64_t wanted = detail::thread_count(s.num_threads, 2.5 * detail::forward_flops(s));
   std::int64_t group_rows = 0;  // every query row of a group, padded per block
   if (__builtin_mul_overflow(group, q_blocks * Br, &group_rows)) group_rows = std::numeric_limits<std::int64_t>::max() / 4;
   const BackwardSizes one_pass{group_rows, Bk, group_rows, D, Dv, Dp, Dvp, Br, Bk, mr};

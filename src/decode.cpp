@@ -191,7 +191,7 @@ void merge_chunks(const Plan& plan, const CallViews& views, const DecodeSplit& d
 void run_decode(const Plan& plan, const CallViews& views) {
   const AttentionShape& s = plan.shape;
   const DecodeSplit d = split_decode(plan, views);
-  const int threads = int(std::min<std::int64_t>(thread_count(s.num_threads), d.items));
+  const int threads = int(std::min<std::int64_t>(thread_count(s.num_threads, forward_flops(s)), d.items));
   // Partial state of every item. At most kTargetItems chunks per call (fewer when B * Hkv
   // is large), so this does not grow with M.
   AlignedBuffer partials(d.items * d.partial_floats);

@@ -25,7 +25,16 @@ float load_element(const void* p, DType type) {
 
 }  // namespace
 
-int thread_count(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
+int thread_count(int requested, double flops) {
+  if (requested > 0) return requested;
+  const double useful = std::floor(flops / kMinFlopsPerThread);
+  return useful < 1 ? 1 : useful < omp_get_max_threads() ? int(useful) : omp_get_max_threads();
+}
+
+double forward_flops(const AttentionShape& s) {
+  return 2.0 * double(s.batch) * double(s.q_heads) * double(s.q_len) * double(s.kv_len) *
+         double(s.head_dim + s.value_dim);
+}
 
 bool use_decode_path(const AttentionShape& s) { return s.q_len <= 16; }
 

@@ -66,7 +66,7 @@ enum class Score {
 struct AttentionOptions {
   std::optional<float> scale;  // default by score: 1/sqrt(D), 1/2, 1
   bool causal = false;         // query i sees key j only when j <= i + (M - N)
-  int num_threads = 0;         // 0: OpenMP's default
+  int num_threads = 0;         // 0: OpenMP's default (fewer for calls under ~1 MFLOP per thread)
 
   // Masks broadcast to [B, Hq, N, M]: a size-1 dim or a 0 stride broadcasts.
   TensorView<const float> mask{};              // additive; -inf excludes

@@ -47,37 +47,33 @@ struct BackwardKernel {
 
   // The rows' elements by type: fp32 as they are, 16-bit widened exactly (elements.hpp).
   // The loops below are those of fp32 for every type, so a 16-bit call computes bitwise
-  // what an fp32 call computes on the widened values.
-  template <class S>
-  static void widen_strided(const S* src, std::int64_t stride, std::int64_t count, float* dst) {
-    if (stride == 1)  // a loop the compiler vectorizes
-      for (std::int64_t c = 0; c < count; ++c) dst[c] = widen_scalar(src[c]);
-    else
-      for (std::int64_t c = 0; c < count; ++c) dst[c] = widen_scalar(src[c * stride]);
+  // what an fp32 call computes on the widened values. typed() calls f with the rows'
+  // data at element `offset` as a pointer to their element type.
+  template <class F>
+  static decltype(auto) typed(const HeadRows& rows, std::int64_t offset, F&& f) {
+    switch (rows.type) {
+      case DType::bf16: return f(static_cast<const bf16*>(rows.data) + offset);
+      case DType::f16: return f(static_cast<const f16*>(rows.data) + offset);
+      case DType::f32: break;
+    }
+    return f(static_cast<const float*>(rows.data) + offset);
   }
   // dst[c] = element offset + c * col_stride of the rows, c < count.
   static void widen_row(const HeadRows& rows, std::int64_t offset, std::int64_t count, float* dst) {
-    switch (rows.type) {
-      case DType::bf16: return widen_strided(static_cast<const bf16*>(rows.data) + offset, rows.col_stride, count, dst);
-      case DType::f16: return widen_strided(static_cast<const f16*>(rows.data) + offset, rows.col_stride, count, dst);
-      case DType::f32: break;
-    }
-    widen_strided(static_cast<const float*>(rows.data) + offset, rows.col_stride, count, dst);
+    typed(rows, offset, [&](const auto* src) {
+      if (rows.col_stride == 1)  // a loop the compiler vectorizes
+        for (std::int64_t c = 0; c < count; ++c) dst[c] = widen_scalar(src[c]);
+      else
+        for (std::int64_t c = 0; c < count; ++c) dst[c] = widen_scalar(src[c * rows.col_stride]);
+    });
   }
   // sum_c x[c] * (element offset + c * col_stride), in order.
-  template <class S>
-  static float dot_strided(const float* x, const S* src, std::int64_t stride, std::int64_t count) {
-    float sum = 0.0f;
-    for (std::int64_t c = 0; c < count; ++c) sum += x[c] * widen_scalar(src[c * stride]);
-    return sum;
-  }
   static float dot_row(const float* x, const HeadRows& rows, std::int64_t offset, std::int64_t count) {
-    switch (rows.type) {
-      case DType::bf16: return dot_strided(x, static_cast<const bf16*>(rows.data) + offset, rows.col_stride, count);
-      case DType::f16: return dot_strided(x, static_cast<const f16*>(rows.data) + offset, rows.col_stride, count);
-      case DType::f32: break;
-    }
-    return dot_strided(x, static_cast<const float*>(rows.data) + offset, rows.col_stride, count);
+    return typed(rows, offset, [&](const auto* src) {
+      float sum = 0.0f;
+      for (std::int64_t c = 0; c < count; ++c) sum += x[c] * widen_scalar(src[c * rows.col_stride]);
+      return sum;
+    });
   }
   // Element `offset` of a gradient set to x, rounded to its type (fp32: as it is).
   static void store_at(const HeadRowsOut& rows, std::int64_t offset, float x) {
@@ -142,20 +138,9 @@ struct BackwardKernel {
   }
   // Rows [j0, j0 + n) of a KV head as fp32 panels of NR keys.
   static void panels_from(const HeadRows& rows, std::int64_t j0, std::int64_t n, std::int64_t dim, float* panels) {
-    const std::int64_t offset = j0 * rows.row_stride;
-    switch (rows.type) {
-      case DType::bf16:
-        pack_key_panels_from(static_cast<const bf16*>(rows.data) + offset, rows.row_stride, rows.col_stride, n, dim,
-                             NR, nullptr, 0.0f, panels, nullptr);
-        return;
-      case DType::f16:
-        pack_key_panels_from(static_cast<const f16*>(rows.data) + offset, rows.row_stride, rows.col_stride, n, dim,
-                             NR, nullptr, 0.0f, panels, nullptr);
-        return;
-      case DType::f32: break;
-    }
-    pack_key_panels_from(static_cast<const float*>(rows.data) + offset, rows.row_stride, rows.col_stride, n, dim, NR,
-                         nullptr, 0.0f, panels, nullptr);
+    typed(rows, j0 * rows.row_stride, [&](const auto* src) {
+      pack_key_panels_from(src, rows.row_stride, rows.col_stride, n, dim, NR, nullptr, 0.0f, panels, nullptr);
+    });
   }
 
   // The forward's job as its score epilogue reads it, for query rows from i0 of head g.
