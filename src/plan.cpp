@@ -27,8 +27,7 @@ float load_element(const void* p, DType type) {
 
 int thread_count(int requested, double flops) {
   if (requested > 0) return requested;
-  const double useful = std::floor(flops / kMinFlopsPerThread);
-  return useful < 1 ? 1 : useful < omp_get_max_threads() ? int(useful) : omp_get_max_threads();
+  return int(std::clamp(std::floor(flops / kMinFlopsPerThread), 1.0, double(omp_get_max_threads())));
 }
 
 double forward_flops(const AttentionShape& s) {

@@ -220,17 +220,22 @@ void compare_grad(const char* name, const Tensor& got, const std::vector<float>&
   o.report += w.text(name, "fused", "oracle") + "\n";
 }
 
+// The fused fp32 gradients in g against the oracle's, under the bounds from fwd.
+void compare_with_oracle(Problem& p, Grads& g, const Expected& fwd, BackwardOutcome& o, const std::string& suffix = "") {
+  const Exact want = run_oracle(p, g);
+  const Exact tol = bounds(p, g, fwd);
+  compare_grad(("dq" + suffix).c_str(), g.dq, want.dq, tol.dq, o);
+  compare_grad(("dk" + suffix).c_str(), g.dk, want.dk, tol.dk, o);
+  compare_grad(("dv" + suffix).c_str(), g.dv, want.dv, tol.dv, o);
+}
+
 BackwardOutcome check_backward(Problem& p, Layout outs = Layout::padded) {
   Grads g(p, outs);
   forward(p, g);
   const Expected fwd = expect(p.q.cview(), p.k.cview(), p.v.cview(), p.opt);
   run_fused(p, g);
-  const Exact want = run_oracle(p, g);
-  const Exact tol = bounds(p, g, fwd);
   BackwardOutcome o;
-  compare_grad("dq", g.dq, want.dq, tol.dq, o);
-  compare_grad("dk", g.dk, want.dk, tol.dk, o);
-  compare_grad("dv", g.dv, want.dv, tol.dv, o);
+  compare_with_oracle(p, g, fwd, o);
   return o;
 }
 
@@ -294,11 +299,7 @@ BackwardOutcome check_backward16(Problem& p, Layout outs, std::int64_t* mismatch
   rounded_from("dq", dq, dq_before, g.dq);
   rounded_from("dk", dk, dk_before, g.dk);
   rounded_from("dv", dv, dv_before, g.dv);
-  const Exact want = run_oracle(p, g);
-  const Exact tol = bounds(p, g, fwd);
-  compare_grad("dq (fp32)", g.dq, want.dq, tol.dq, o);
-  compare_grad("dk (fp32)", g.dk, want.dk, tol.dk, o);
-  compare_grad("dv (fp32)", g.dv, want.dv, tol.dv, o);
+  compare_with_oracle(p, g, fwd, o, " (fp32)");
   return o;
 }
 
