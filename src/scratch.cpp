@@ -10,22 +10,30 @@
 
 namespace flashcpu::detail {
 
+namespace {
+constexpr std::size_t kHugePage = std::size_t(2) << 20;
+}
+
 AlignedBuffer::AlignedBuffer(std::int64_t floats)
     : bytes_(std::size_t(round_up(std::max<std::int64_t>(floats, 1), 16)) * sizeof(float)), mapped_(bytes_ >= kMapBytes) {
-  void* p = nullptr;
-  if (mapped_) {
-    p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);  // page aligned
-    if (p == MAP_FAILED) p = nullptr;
-  } else {
-    p = std::aligned_alloc(64, bytes_);
+  if (!mapped_) {
+    memory_ = static_cast<float*>(std::aligned_alloc(64, bytes_));
+    if (memory_ == nullptr) throw std::bad_alloc();
+    return;
   }
-  if (p == nullptr) throw std::bad_alloc();
-  memory_ = static_cast<float*>(p);
+  // Whole huge pages from a 2 MiB boundary on; the slack before it is address space only.
+  const std::size_t huge_bytes = (bytes_ + kHugePage - 1) / kHugePage * kHugePage;
+  mapping_bytes_ = huge_bytes + kHugePage;
+  mapping_ = mmap(nullptr, mapping_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (mapping_ == MAP_FAILED) throw std::bad_alloc();
+  const std::uintptr_t start = (reinterpret_cast<std::uintptr_t>(mapping_) + kHugePage - 1) & ~(kHugePage - 1);
+  memory_ = reinterpret_cast<float*>(start);
+  madvise(memory_, huge_bytes, MADV_HUGEPAGE);  // advice: where it fails, 4 KiB pages serve
 }
 
 AlignedBuffer::~AlignedBuffer() {
   if (mapped_)
-    munmap(memory_, bytes_);
+    munmap(mapping_, mapping_bytes_);
   else
     std::free(memory_);
 }

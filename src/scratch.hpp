@@ -13,9 +13,13 @@ namespace flashcpu::detail {
 /// up to 32 MiB) serves the next call's scratch from the heap instead, and the heap keeps
 /// its pages: measured, 20 calls at N = M = 16384, D = 64, 2 threads left the process
 /// 113 MiB above its inputs (0.3 MiB with the threshold pinned, as mapping does here).
-/// The price is faulting the pages in on every call, about 0.25 us per 4 KiB page: 0.2%
-/// of a P64 call (docs/performance-notes.md). Smaller scratch stays with malloc, whose
-/// reuse of small blocks is free and bounded.
+/// The price is faulting the pages in on every call. The mapping is 2 MiB aligned and
+/// advised as huge pages (MADV_HUGEPAGE; Debian's transparent huge pages default to
+/// "madvise"), so that takes one fault per 2 MiB: faulting 4 MiB in took 10 ms in 4 KiB
+/// pages and 0.15 ms in huge pages on a 2-core KVM guest (Zen 5), where a 4 KiB fault
+/// costs about 10 us; about 0.25 us on the Xeon measured before. Where huge pages are
+/// off, the advice is ignored and 4 KiB pages serve. Smaller scratch stays with malloc,
+/// whose reuse of small blocks is free and bounded.
 class AlignedBuffer {
  public:
   static constexpr std::size_t kMapBytes = std::size_t(1) << 20;
@@ -30,6 +34,8 @@ class AlignedBuffer {
   std::size_t bytes_;
   bool mapped_;
   float* memory_ = nullptr;
+  void* mapping_ = nullptr;  // the whole mapping (memory_ is its first 2 MiB boundary)
+  std::size_t mapping_bytes_ = 0;
 };
 
 /// Per-thread scratch: the sizes of its parts (in floats; 0 for a part a path does not

@@ -337,6 +337,20 @@ TEST_CASE("results are bitwise identical for every num_threads", "[forward][thre
   }
 }
 
+TEST_CASE("working memory above the mapping threshold (2 MiB aligned huge pages) is used correctly",
+          "[forward][scratch]") {
+  // Prefill packs a whole K (and V) head per thread: at M = 4099 and D = Dv = 67 that is
+  // over 1 MiB, so the call's scratch is mapped, 2 MiB aligned and advised as huge pages
+  // (src/scratch.hpp). An error in that carving would shift or overlap the threads' parts.
+  Case c;
+  c.B = 1, c.Hq = 3, c.Hkv = 3, c.N = 19, c.M = 4099, c.D = 67, c.Dv = 67, c.seed = 1234;
+  for (const int threads : {1, 3}) {
+    c.threads = threads;
+    c.lv = threads == 1 ? Layout::bhsd : Layout::padded;  // V read in place or packed
+    FTEST_CHECK_CASE(c);
+  }
+}
+
 TEST_CASE("empty calls are valid", "[forward][empty]") {
   const float sentinel = -12345.5f;
   flashcpu::AttentionOptions plain, causal;
