@@ -35,7 +35,7 @@ void run(const AttentionShape& s, const CallViews& views, detail::Transform tran
   if (s.empty()) return;
   if (s.kv_len == 0) return write_empty_rows(s, views, empty_value);
   const detail::Plan plan = detail::make_plan(kernels, s, views.v, transform, empty_value, regression);  // may throw
-  if (detail::use_decode_path(s))
+  if (detail::use_decode_path(s, kernels))
     detail::run_decode(plan, views);
   else
     detail::run_prefill(plan, views);

@@ -1,10 +1,11 @@
-// Decoding (few query rows, many keys): the query heads of a KV-head group are stacked
-// as rows of one block, so K and V are read once per KV head rather than once per query
-// head. The key range is split into chunks processed in parallel, each leaving an
-// unnormalized partial (acc, max, sum); the partials are merged by log-sum-exp in chunk
-// order (merge.hpp). The split depends on the shape only, so results are identical for
-// any thread count. K is read in place (dot product) or packed one key block at a time:
-// no copy of a whole head, no buffer that grows with M.
+// Decoding (few query rows, many keys; also short prompts, see kDecodeMaxStackedRows):
+// the query heads of a KV-head group are stacked as rows of one block, so K and V are
+// read once per KV head rather than once per query head. The key range is split into
+// chunks processed in parallel, each leaving an unnormalized partial (acc, max, sum); the
+// partials are merged by log-sum-exp in chunk order (merge.hpp). The split depends on the
+// shape only, so results are identical for any thread count. K is read in place (dot
+// product) or packed one key block at a time: no copy of a whole head, no buffer that
+// grows with M.
 #include <omp.h>
 
 #include <algorithm>

@@ -35,7 +35,12 @@ double forward_flops(const AttentionShape& s) {
          double(s.head_dim + s.value_dim);
 }
 
-bool use_decode_path(const AttentionShape& s) { return s.q_len <= 16; }
+bool decoding_shape(const AttentionShape& s) { return s.q_len <= 16; }
+
+bool use_decode_path(const AttentionShape& s, const KernelTable& kernels) {
+  const std::int64_t group = std::max<std::int64_t>(s.kv_heads > 0 ? s.q_heads / s.kv_heads : 1, 1);
+  return decoding_shape(s) || (!kernels.bf16_products && s.q_len <= kDecodeMaxStackedRows / group);
+}
 
 // Such a variant takes the dot product, and bf16 q and k or any types if the call allows
 // rounding them to bf16; for prefill, and on the tiles also for decoding with a whole
@@ -45,7 +50,7 @@ bool use_decode_path(const AttentionShape& s) { return s.q_len <= 16; }
 bool bf16_products_take(const KernelTable& kernels, const AttentionShape& s, DType q, DType k, Transform transform) {
   const bool bf16_inputs = q == DType::bf16 && k == DType::bf16;
   const std::int64_t group = s.kv_heads > 0 ? s.q_heads / s.kv_heads : 1;
-  const bool shape_taken = !use_decode_path(s) || (kernels.tiles && s.q_len * group >= kernels.tile_rows);
+  const bool shape_taken = !decoding_shape(s) || (kernels.tiles && s.q_len * group >= kernels.tile_rows);
   return (bf16_inputs || s.allow_bf16_compute) && s.score == Score::dot_product && transform == Transform::none &&
          shape_taken;
 }

@@ -84,7 +84,24 @@ struct Plan {
 /// Decoding shapes: a handful of query rows per head (16 or fewer). The decode driver
 /// stacks the query heads of a KV head as rows, reads K and V once per KV head and splits
 /// the keys across threads.
-bool use_decode_path(const AttentionShape& s);
+bool decoding_shape(const AttentionShape& s);
+
+/// Stacked rows (query heads per KV head x queries) up to which a call on the vector
+/// kernels runs on the decode driver even when it is not a decoding shape: a short prompt
+/// or a draft of speculative tokens against a cache. Prefill packs each KV head whole, in
+/// working memory the call maps and the system zeroes, to share it among that head's rows;
+/// with this few rows the decode driver's blocks, read in place or packed one at a time,
+/// cost less. 2 threads, Zen 5 guest, medians of 40 calls, prefill / decode driver: 4 heads
+/// N = 40 M = 2048 D = 64 0.83-0.91 / 0.41-0.43 ms; 8 heads N = 33 M = 1024 D = 128 causal
+/// 1.00 / 0.72; 16/8 heads N = 24 M = 2048 D = 64 1.15-1.18 / 0.71-0.74; 8 heads N = 48
+/// M = 4096 D = 128 4.39-4.47 / 4.42-4.49; past it, 64 rows: 8 heads N = 64 M = 4096 D = 128
+/// 5.54-5.66 / 6.01-6.33, 32/8 heads N = 17 (68 rows) 5.17-5.37 / 5.40-5.88.
+constexpr std::int64_t kDecodeMaxStackedRows = 48;
+
+/// Whether a call planned on `kernels` runs on the decode driver: decoding shapes, and on
+/// kernels without bf16 products (whose prefill those shapes keep, see bf16_products_take)
+/// any call with kDecodeMaxStackedRows stacked rows or fewer.
+bool use_decode_path(const AttentionShape& s, const KernelTable& kernels);
 
 /// Whether a variant with bf16 products (kernels.bf16_products: AMX tiles, vdpbf16ps)
 /// takes the call; else the level below runs it.

@@ -85,6 +85,11 @@ struct Dims {
 
 std::string str(const Dims& d);
 
+// Whether the library runs these dims on the decode driver with kernels that have no bf16
+// products (use_decode_path): N <= 16, or at most kDecodeMaxStackedRows (48) stacked rows
+// (query heads per KV head x N). bf16 products keep the prefill driver for N > 16.
+inline bool on_decode_driver(const Dims& d) { return d.N <= 16 || d.N * (d.Hq / d.Hkv) <= 48; }
+
 // Element (b, h, i, j) of a mask view broadcast to [B, Hq, N, M] (a size-1 dim reads index 0).
 template <class T>
 T mask_at(const TensorView<const T>& m, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) {

@@ -143,7 +143,7 @@ inline float widened(bf16 x) { return flashcpu::to_float(x); }
 inline float widened(fp16 x) { return flashcpu::to_float(x); }
 
 // The kernel of `kernels`, through the driver the library would call (prefill, or
-// decoding for 16 query rows or fewer), on q, k, v of type T: out (T, widened) and lse.
+// decoding: use_decode_path), on q, k, v of type T: out (T, widened) and lse.
 template <class T>
 void run_kernel(const flashcpu::detail::KernelTable& kernels, const Buffer& q, const Buffer& k, const Buffer& v,
                 const flashcpu::AttentionOptions& o, std::vector<float>* out, std::vector<float>* lse) {
@@ -157,7 +157,7 @@ void run_kernel(const flashcpu::detail::KernelTable& kernels, const Buffer& q, c
   const fd::CallViews views{fd::AnyView::of(qv), fd::AnyView::of(kv), fd::AnyView::of(vv), fd::AnyView::of(out_view),
                             lse_view, true};
   const fd::Plan plan = fd::make_plan(kernels, s, views.v, fd::Transform::none, 0.0f, false);
-  if (fd::use_decode_path(s))
+  if (fd::use_decode_path(s, kernels))
     fd::run_decode(plan, views);
   else
     fd::run_prefill(plan, views);

@@ -1,7 +1,8 @@
 // The attention options through the fused kernel, against the reference oracle:
 // additive and boolean masks (with every broadcast and odd view), key lengths, sliding
 // windows, soft-capping, ALiBi, each alone and in combination, on prefill shapes and on
-// decode shapes (N <= 16) that take the split-KV path with several chunks; rows and whole
+// shapes of the decode driver (N <= 16, or few stacked rows: a short prompt) that take the
+// split-KV path with several chunks; rows and whole
 // key blocks / chunks with no visible key; the lse output and merge_into; bitwise
 // determinism of decoding over thread counts; and every invalid option, rejected before
 // anything is written.
@@ -24,6 +25,7 @@
 #include <vector>
 
 #include "attention_oracle.hpp"
+#include "plan.hpp"
 #include "util.hpp"
 
 namespace {
@@ -34,16 +36,22 @@ using namespace oracle;
 
 // Shapes: prefill (N >= 17, causal N < M and N > M, the N = 17 boundary) and decode
 // (N = 1, 3, 16: split-KV, M large enough for 3-4 chunks of >= 512 keys). GQA 8/2, D and
-// Dv not multiples of any vector width.
+// Dv not multiples of any vector width. Short prompts with at most kDecodeMaxStackedRows
+// stacked rows also take the decode driver: N = 29 over 1100 keys (one query head per KV
+// head, K read in place), N = 40 over 39 keys (causal N > M) and GQA 6/3 at N = 24.
 const Dims kPrefill{2, 8, 2, 24, 160, 19, 23};
 const Dims kPrefillTall{1, 8, 2, 90, 60, 33, 7};  // N > M
 const Dims kPrefill17{1, 8, 2, 17, 300, 17, 9};
 const Dims kDecode1{2, 8, 2, 1, 1800, 17, 9};
 const Dims kDecode3{2, 8, 2, 3, 1300, 17, 9};
 const Dims kDecode16{1, 8, 2, 16, 1100, 32, 16};  // K and V read in place (whole vectors)
-const Dims kShapes[] = {kPrefill, kPrefillTall, kPrefill17, kDecode1, kDecode3, kDecode16};
+const Dims kShort29{1, 4, 4, 29, 1100, 32, 32};
+const Dims kShortTall{2, 2, 2, 40, 39, 17, 9};
+const Dims kShortGqa{1, 6, 3, 24, 300, 17, 9};
+const Dims kShapes[] = {kPrefill, kPrefillTall, kPrefill17, kDecode1,  kDecode3,
+                        kDecode16, kShort29,     kShortTall, kShortGqa};
 
-bool is_decode(const Dims& d) { return d.N <= 16; }
+static_assert(flashcpu::detail::kDecodeMaxStackedRows == 48, "on_decode_driver (attention_oracle.hpp) follows it");
 
 struct OptionSet {
   const char* name;
@@ -111,7 +119,7 @@ TEST_CASE("each option alone matches the reference, prefill and decode", "[optio
       ++seed;
       Problem p(d, seed, seed % 2 ? Layout::padded : Layout::bshd);
       set.apply(p);
-      INFO("option set: " << set.name << (is_decode(d) ? " (decode path)" : " (prefill path)"));
+      INFO("option set: " << set.name << (on_decode_driver(d) ? " (decode path)" : " (prefill path)"));
       CHECK_PROBLEM(p);
     }
 }
@@ -123,7 +131,7 @@ TEST_CASE("options in combination match the reference, prefill and decode", "[op
       ++seed;
       Problem p(d, seed, seed % 2 ? Layout::padded : Layout::sliced);
       set.apply(p);
-      INFO("option set: " << set.name << (is_decode(d) ? " (decode path)" : " (prefill path)"));
+      INFO("option set: " << set.name << (on_decode_driver(d) ? " (decode path)" : " (prefill path)"));
       CHECK_PROBLEM(p);
     }
 }
@@ -267,7 +275,8 @@ std::vector<MaskLayout> mask_layouts(const Dims& d) {
 }  // namespace
 
 TEST_CASE("masks broadcast over batch and heads, and strided or padded mask views", "[options][mask]") {
-  const Dims shapes[] = {{2, 8, 2, 23, 150, 17, 9}, {2, 8, 2, 4, 700, 17, 9}};  // prefill; decode with 2 chunks
+  // Prefill; decode with 2 chunks; a short prompt on the decode driver.
+  const Dims shapes[] = {{2, 8, 2, 23, 150, 17, 9}, {2, 8, 2, 4, 700, 17, 9}, {2, 3, 3, 21, 300, 17, 9}};
   std::uint32_t seed = 4000;
   for (const Dims& d : shapes)
     for (const MaskLayout& var : mask_layouts(d)) {
@@ -438,7 +447,7 @@ TEST_CASE("merge_into of two key halves equals attention over all keys", "[optio
 }
 
 TEST_CASE("merge_into with an empty side leaves the other side unchanged", "[options][merge]") {
-  for (const Dims& d : {Dims{2, 4, 2, 20, 90, 19, 11}, Dims{2, 4, 2, 3, 700, 16, 8}}) {
+  for (const Dims& d : {Dims{2, 4, 2, 30, 90, 19, 11}, Dims{2, 4, 2, 3, 700, 16, 8}}) {
     for (const int direction : {0, 1, 2}) {
       Problem p(d, 5100 + std::uint32_t(d.N));
       INFO(p.describe());
@@ -486,9 +495,10 @@ TEST_CASE("merge_into with an empty side leaves the other side unchanged", "[opt
 }
 
 TEST_CASE("decode results are bitwise identical for every num_threads", "[options][threads]") {
-  // M = 5000 with B * Hkv = 2 KV heads: 10 split-KV chunks of 512 keys.
-  for (const Dims& d :
-       {Dims{1, 8, 2, 1, 5000, 64, 64}, Dims{1, 8, 2, 4, 5000, 64, 64}, Dims{1, 8, 2, 4, 5000, 19, 13}}) {
+  // M = 5000 with B * Hkv = 2 KV heads: 10 split-KV chunks of 512 keys; and a short
+  // prompt (N = 33, one query head per KV head) in 7 chunks of 512.
+  for (const Dims& d : {Dims{1, 8, 2, 1, 5000, 64, 64}, Dims{1, 8, 2, 4, 5000, 64, 64}, Dims{1, 8, 2, 4, 5000, 19, 13},
+                        Dims{1, 2, 2, 33, 3400, 32, 32}}) {
     for (const char* set : {"none", "causal", "key_lengths", "mask", "causal + key_lengths + mask + alibi"}) {
       Problem p(d, 6000 + std::uint32_t(d.N + d.D), d.D == 64 ? Layout::bhsd : Layout::padded);
       const std::string s = set;
@@ -516,7 +526,7 @@ TEST_CASE("decode results are bitwise identical for every num_threads", "[option
 }
 
 TEST_CASE("options with null data or default values are off", "[options]") {
-  for (const Dims& d : {Dims{2, 4, 2, 21, 77, 9, 5}, Dims{2, 4, 2, 2, 600, 9, 5}}) {
+  for (const Dims& d : {Dims{2, 4, 2, 31, 77, 9, 5}, Dims{2, 4, 2, 2, 600, 9, 5}}) {
     Problem p(d, 6500);
     flashcpu::attention(p.q.cview(), p.k.cview(), p.v.cview(), p.out.view(), p.lse.view(), p.opt);
     const std::vector<float> plain = p.out.buffer(), plain_lse = p.lse.buffer();

@@ -56,44 +56,48 @@ T pick(std::mt19937& rng, const T (&options)[K]) {
 
 TEST_CASE("each score matches the reference over randomized shapes", "[scores]") {
   // D = 1 and D not a multiple of 16, 8 or 4 (the vector widths), plus 8 and 32; prefill
-  // (N >= 17) and decode (N <= 16, up to 1500 keys: several split-KV chunks); causal and a
-  // mask on about half the cases each; lse always compared.
+  // (N > 48), decode (N <= 16, up to 1500 keys: several split-KV chunks) and short prompts
+  // on the decode driver (N = 17 to 41, at most 48 stacked rows); causal and a mask on
+  // about half the cases each; lse always compared.
   std::mt19937 rng(8080);
   const std::int64_t dims[] = {1, 3, 8, 17, 32, 33};
   const std::int64_t value_dims[] = {1, 5, 16, 23};
   const std::pair<std::int64_t, std::int64_t> heads[] = {{1, 1}, {4, 2}, {8, 2}, {3, 1}};
-  const std::int64_t prefill_n[] = {17, 29, 64, 100}, prefill_m[] = {5, 64, 257, 400};
+  const std::int64_t prefill_n[] = {49, 61, 64, 100}, prefill_m[] = {5, 64, 257, 400};
   const std::int64_t decode_n[] = {1, 2, 7, 16}, decode_m[] = {1, 300, 700, 1500};
+  const std::int64_t short_n[] = {17, 24, 29, 41};
+  const char* const path_names[] = {" (prefill driver)", " (decode driver)", " (short prompt, decode driver)"};
   const float scales[] = {0.0f, 0.0f, 0.3f, 1.7f};  // 0: the score's default
   const Layout layouts[] = {Layout::padded, Layout::bshd, Layout::sliced, Layout::bhsd};
   std::uint32_t seed = 8000;
-  int causal = 0, masked = 0;  // what the random choices covered, of 36 cases
+  int causal = 0, masked = 0;  // what the random choices covered, of 54 cases
   for (const Score score : kScores)
     for (const std::int64_t D : dims)
-      for (const bool decode : {false, true}) {
+      for (const int path : {0, 1, 2}) {
+        const bool decode = path != 0;
         Dims d{};
         d.D = D;
         do {
           d.Dv = pick(rng, value_dims);
           std::tie(d.Hq, d.Hkv) = pick(rng, heads);
           d.B = 1 + std::int64_t(rng() % 2);
-          d.N = decode ? pick(rng, decode_n) : pick(rng, prefill_n);
+          d.N = path == 0 ? pick(rng, prefill_n) : path == 1 ? pick(rng, decode_n) : pick(rng, short_n);
           d.M = decode ? pick(rng, decode_m) : pick(rng, prefill_m);
-        } while (d.B * d.Hq * d.N * d.M * (d.D + d.Dv) > 3'000'000);
+        } while (d.B * d.Hq * d.N * d.M * (d.D + d.Dv) > 3'000'000 || on_decode_driver(d) != decode);
         ++seed;
         Problem p(d, seed, layouts[seed % 4]);
         set_score(p, score);
         if (rng() % 2) p.causal(), ++causal;
         if (rng() % 2) p.full_mask(0.05), ++masked;
         if (const float s = pick(rng, scales); s != 0.0f) p.scale(s);
-        INFO("score " << score_name(score) << (decode ? " (decode path)" : " (prefill path)"));
+        INFO("score " << score_name(score) << path_names[path]);
         CHECK_PROBLEM(p);
       }
-  INFO(causal << " causal and " << masked << " masked cases of 36");
-  CHECK(causal >= 6);
-  CHECK(causal <= 30);
-  CHECK(masked >= 6);
-  CHECK(masked <= 30);
+  INFO(causal << " causal and " << masked << " masked cases of 54");
+  CHECK(causal >= 9);
+  CHECK(causal <= 45);
+  CHECK(masked >= 9);
+  CHECK(masked <= 45);
 }
 
 TEST_CASE("gaussian: when every weight but the nearest underflows, out is the nearest key's value row",
@@ -195,7 +199,7 @@ TEST_CASE("additive score with D not a multiple of the vector width", "[scores][
   std::uint32_t seed = 8400;
   for (const std::int64_t D : {1, 3, 5, 7, 9, 15, 17, 31, 33, 65}) {
     const bool decode = D % 4 == 1;
-    const Dims d = decode ? Dims{1, 8, 2, 2, 900, D, 9} : Dims{1, 4, 2, 20, 150, D, 9};
+    const Dims d = decode ? Dims{1, 8, 2, 2, 900, D, 9} : Dims{1, 4, 2, 30, 150, D, 9};
     Problem p(d, ++seed, D % 3 ? Layout::padded : Layout::bshd, Layout::padded, -2.0f, 2.0f);
     p.additive();
     if (D % 2) p.causal();
@@ -207,7 +211,7 @@ TEST_CASE("additive score with D not a multiple of the vector width", "[scores][
 
 TEST_CASE("Score::additive without additive_weights is rejected before anything is written",
           "[scores][additive][errors]") {
-  for (const Dims& d : {Dims{2, 4, 2, 20, 30, 7, 3}, Dims{2, 4, 2, 1, 700, 7, 3}}) {
+  for (const Dims& d : {Dims{2, 4, 2, 30, 30, 7, 3}, Dims{2, 4, 2, 1, 700, 7, 3}}) {
     for (int overload = 0; overload < 4; ++overload) {
       Problem p(d, 8500, Layout::bhsd, Layout::bhsd);
       p.opt.score = Score::additive;  // additive_weights left null

@@ -52,7 +52,7 @@ TEST_CASE("sinks match the oracle on every path, alone and with other options", 
       ++seed;
       Problem p(d, seed, seed % 2 ? Layout::padded : Layout::bshd);
       set.apply(p);
-      INFO("option set: " << set.name << (d.N <= 16 ? " (decode path)" : " (prefill path)"));
+      INFO("option set: " << set.name << (on_decode_driver(d) ? " (decode driver)" : " (prefill driver)"));
       CHECK_PROBLEM(p);
     }
 }
@@ -66,7 +66,7 @@ TEST_CASE("sinks on randomized shapes with awkward sizes, GQA and views", "[sink
     const std::int64_t hkv = 1 + rng() % 3, group = 1 + rng() % 4;
     const Dims d{1 + std::int64_t(rng() % 2), hkv * group, hkv, pick(), pick() + std::int64_t(rng() % 700), pick(),
                  pick()};
-    (d.N <= 16 ? decode : prefill) += 1;
+    (on_decode_driver(d) ? decode : prefill) += 1;
     Problem p(d, std::uint32_t(rng()), t % 2 ? Layout::sliced : Layout::bshd, t % 3 ? Layout::padded : Layout::bhsd);
     const float centre = float(int(rng() % 41) - 20);  // sinks from -20 to +20
     p.sinks(centre - 1.0f, centre + 1.0f, t % 4 == 3);
