@@ -9,7 +9,7 @@
 //   <family>/reference/...      the fp64 oracle, only with --with-reference
 // pair/<family>_<dtype> times the fused fp32 workload against its 16-bit form in turn
 // (bm_pair; counter ratio = fp32 time / 16-bit time).
-// Families: prefill sweep, the named workloads (P64, P128, C128, S16K, short, DEC,
+// Families: prefill sweep, the named workloads (P64, P128, C128, S16K, short, DEC, DRAFT,
 // thread scaling), their backward (P64_bwd, C128_bwd, S16K_bwd: fused and materialized
 // OpenBLAS backward, FLOP = the backward's five products; P64_bf16_bwd: fused, all bf16),
 // their 16-bit forms (<family>_<dtype>: P64_bf16, P128_bf16,
@@ -373,6 +373,9 @@ void register_attention_benchmarks() {
   }
   add_workload("DEC", "", dec, 0, /*decode=*/true);
   add_workload("DEC_hot", "", dec, 0, /*decode=*/true, /*cold=*/false);
+  // A short prompt chunk or a 32-token draft against a long cache: one query head per KV
+  // head, so 32 stacked rows, which the decode driver takes (kDecodeMaxStackedRows).
+  add_workload("DRAFT", "", fb::mha(1, 16, 32, 8192, 128, true), 0, /*decode=*/true);
   // Speculative (or batched) decoding: 4 queries per head, so each KV head stacks 16 rows,
   // a whole AMX tile (bf16 on the amx level runs the tile kernel; fewer rows stay on the
   // vector kernels). Not in tools/bench_report's default filter.
@@ -555,7 +558,7 @@ void print_usage() {
       "                           the fp64 oracle on small problems\n"
       "  --no-probes              do not measure FMA peak and bandwidth at start-up (they are\n"
       "                           then measured when first needed)\n"
-      "Families (use --benchmark_filter): P64 P128 C128 S16K short short_bf16 DEC DEC_hot DEC4 DEC4_bf16\n"
+      "Families (use --benchmark_filter): P64 P128 C128 S16K short short_bf16 DEC DEC_hot DRAFT DEC4 DEC4_bf16\n"
       "  scaling_P64\n"
       "  P64_bf16 P128_bf16 C128_bf16 P64_fp16kv DEC_bf16kv DEC_fp16kv P64_bwd C128_bwd S16K_bwd\n"
       "  P64_bf16_bwd prefill\n"
