@@ -12,10 +12,18 @@ namespace flashcpu::detail {
 
 namespace {
 constexpr std::size_t kHugePage = std::size_t(2) << 20;
-}
+// More than any machine can map (2^58 floats, 1 EiB), and small enough that rounding it
+// up to whole huge pages cannot overflow. Callers pass INT64_MAX for a size that
+// overflowed; it must be refused here, not wrapped to a small buffer.
+constexpr std::int64_t kMaxFloats = std::int64_t(1) << 58;
 
-AlignedBuffer::AlignedBuffer(std::int64_t floats)
-    : bytes_(std::size_t(round_up(std::max<std::int64_t>(floats, 1), 16)) * sizeof(float)), mapped_(bytes_ >= kMapBytes) {
+std::size_t checked_bytes(std::int64_t floats) {
+  if (floats > kMaxFloats) throw std::bad_alloc();
+  return std::size_t(round_up(std::max<std::int64_t>(floats, 1), 16)) * sizeof(float);
+}
+}  // namespace
+
+AlignedBuffer::AlignedBuffer(std::int64_t floats) : bytes_(checked_bytes(floats)), mapped_(bytes_ >= kMapBytes) {
   if (!mapped_) {
     memory_ = static_cast<float*>(std::aligned_alloc(64, bytes_));
     if (memory_ == nullptr) throw std::bad_alloc();

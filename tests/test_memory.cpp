@@ -10,9 +10,13 @@
 
 #include <cstdint>
 #include <fstream>
+#include <limits>
+#include <new>
 #include <random>
 #include <string>
 #include <vector>
+
+#include "scratch.hpp"
 
 #if defined(__SANITIZE_ADDRESS__)
 #define FTEST_ASAN 1
@@ -68,4 +72,26 @@ TEST_CASE("resident memory stays bounded over 100 calls of mixed sizes", "[memor
   // even one thread's scratch stays resident.
   CHECK(after - settled < 4.0);
 #endif
+}
+
+TEST_CASE("scratch: mapped pieces start on a 2 MiB boundary and reach their end; overflowed sizes are refused",
+          "[memory]") {
+  using flashcpu::detail::AlignedBuffer;
+  constexpr std::uintptr_t kHugePage = std::uintptr_t(2) << 20;
+  // At the mapping threshold, and past a whole number of huge pages.
+  for (const std::int64_t floats : {std::int64_t(AlignedBuffer::kMapBytes / sizeof(float)), std::int64_t(3 << 20) + 5}) {
+    AlignedBuffer buffer(floats);
+    INFO(floats << " floats at " << static_cast<const void*>(buffer.get()));
+    CHECK(reinterpret_cast<std::uintptr_t>(buffer.get()) % kHugePage == 0);
+    buffer.get()[0] = 1.0f;
+    buffer.get()[floats - 1] = 2.0f;  // past the mapping: a crash
+    CHECK(buffer.get()[0] + buffer.get()[floats - 1] == 3.0f);
+  }
+  {
+    AlignedBuffer small(100);
+    CHECK(reinterpret_cast<std::uintptr_t>(small.get()) % 64 == 0);
+  }
+  // The backward passes INT64_MAX for a size that overflowed: refused, never wrapped.
+  CHECK_THROWS_AS(AlignedBuffer(std::numeric_limits<std::int64_t>::max()), std::bad_alloc);
+  CHECK_THROWS_AS(AlignedBuffer(std::int64_t(1) << 60), std::bad_alloc);
 }
