@@ -59,10 +59,10 @@ TEST_CASE("fused matches the reference on randomized awkward shapes", "[forward]
       if (c.lq == Layout::broadcast && c.B > 1) c.lq = Layout::bhsd;  // keep q varied across batches
       FTEST_CHECK_CASE(c);
       causal_cases += c.causal;
-      decode_cases += c.N <= 16;
+      decode_cases += c.N <= 16 || c.N * (c.Hq / c.Hkv) <= 48;  // the decode driver (use_decode_path)
       odd_dims += c.D % 4 != 0 && c.Dv % 4 != 0;
     }
-  INFO("of 64 cases: " << causal_cases << " causal, " << decode_cases << " on the decode path, " << odd_dims
+  INFO("of 64 cases: " << causal_cases << " causal, " << decode_cases << " on the decode driver, " << odd_dims
                        << " with D and Dv both off every vector width");
   CHECK(causal_cases >= 16);
   CHECK(causal_cases <= 48);
@@ -119,8 +119,10 @@ TEST_CASE("fused matches the reference with overridden tile shapes", "[forward][
   };
   // Head dims chosen per tile to keep the sweeps cheap. Small tiles: the full cross of
   // N and M edges, causal and not. {128, 512}: lines only (N edges at M = 513, M edges
-  // at N = 129), as its cross would cost more than the rest of the suite.
-  const Variant variants[] = {{{8, 32}, 3, 17, 2, 1}, {{16, 64}, 80, 9, 1, 1}, {{24, 96}, 17, 5, 2, 1},
+  // at N = 129), as its cross would cost more than the rest of the suite. Three query
+  // heads per KV head, so that row edges from 17 up stack more rows than
+  // kDecodeMaxStackedRows and stay on the prefill driver, whose blocks these are.
+  const Variant variants[] = {{{8, 32}, 3, 17, 2, 1}, {{16, 64}, 80, 9, 3, 1}, {{24, 96}, 17, 5, 3, 1},
                               {{128, 512}, 5, 3, 1, 1}};
   std::uint32_t seed = 300;
   for (const Variant& var : variants) {
@@ -154,7 +156,9 @@ TEST_CASE("fused matches the reference with overridden tile shapes", "[forward][
 TEST_CASE("fused matches the reference at micro-kernel and vector-width edges", "[forward][micro]") {
   // Register tile rows 6 / 4 / 4 (avx512 / avx2 / sse2), key panels 64 / 16 / 8 floats,
   // vectors 16 / 8 / 4 floats: lengths and head dims one below, at and one above each.
-  const std::int64_t rows[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 15, 16, 17, 33};
+  // N = 17 and 33 with two query heads stack at most 66 rows (both drivers); 49, past
+  // kDecodeMaxStackedRows whatever the grouping, is prefill.
+  const std::int64_t rows[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 15, 16, 17, 33, 49};
   const std::int64_t keys[] = {3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65};
   const std::int64_t dims[] = {1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33};
   std::size_t next = 0;
@@ -339,11 +343,12 @@ TEST_CASE("results are bitwise identical for every num_threads", "[forward][thre
 
 TEST_CASE("working memory above the mapping threshold (2 MiB aligned huge pages) is used correctly",
           "[forward][scratch]") {
-  // Prefill packs a whole K (and V) head per thread: at M = 4099 and D = Dv = 67 that is
-  // over 1 MiB, so the call's scratch is mapped, 2 MiB aligned and advised as huge pages
-  // (src/scratch.hpp). An error in that carving would shift or overlap the threads' parts.
+  // Prefill (N = 49: more stacked rows than kDecodeMaxStackedRows) packs a whole K (and V)
+  // head per thread: at M = 4099 and D = Dv = 67 that is over 1 MiB, so the call's scratch
+  // is mapped, 2 MiB aligned and advised as huge pages (src/scratch.hpp). An error in that
+  // carving would shift or overlap the threads' parts.
   Case c;
-  c.B = 1, c.Hq = 3, c.Hkv = 3, c.N = 19, c.M = 4099, c.D = 67, c.Dv = 67, c.seed = 1234;
+  c.B = 1, c.Hq = 3, c.Hkv = 3, c.N = 49, c.M = 4099, c.D = 67, c.Dv = 67, c.seed = 1234;
   for (const int threads : {1, 3}) {
     c.threads = threads;
     c.lv = threads == 1 ? Layout::bhsd : Layout::padded;  // V read in place or packed

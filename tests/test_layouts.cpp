@@ -120,7 +120,11 @@ TEST_CASE("views past 2^31 elements, with rows at offsets past 2^31", "[layouts]
   // 2^31 elements (8 GiB), and each view spans more than 2^31. Only the rows used are
   // touched, so the test holds a few MiB.
   const std::int64_t head_stride = (std::int64_t(1) << 31) + 160;
-  const Dims shapes[] = {{1, 2, 2, 40, 300, 32, 16}, {1, 2, 2, 1, 1500, 32, 16}, {1, 2, 2, 3, 800, 17, 9}};
+  // Prefill (N = 49: 49 stacked rows), a short prompt and two decoding shapes (the decode driver).
+  const Dims shapes[] = {{1, 2, 2, 49, 300, 32, 16},
+                         {1, 2, 2, 40, 300, 32, 16},
+                         {1, 2, 2, 1, 1500, 32, 16},
+                         {1, 2, 2, 3, 800, 17, 9}};
   for (const Dims& d : shapes) {
     const std::size_t floats = std::size_t(head_stride) * 2;
     SparseBuffer qb(floats), kb(floats), vb(floats), ob(floats);
@@ -239,7 +243,7 @@ TEST_CASE("a size-1 dim's stride may be any value up to INT64_MAX (found by fuzz
   // v.strides[0] = 2^62 - 1 on a batch of 1 is a valid view (the stride is never applied),
   // but the check whether V's rows start on 64-byte lines multiplied it by the element
   // size and overflowed (undefined behaviour). The result must equal the plain view's.
-  const Dims d{1, 4, 2, 20, 30, 16, 16};
+  const Dims d{1, 4, 2, 30, 30, 16, 16};  // 60 stacked rows: prefill, which reads V in place
   Problem odd(d, 43, Layout::bhsd, Layout::bhsd), plain(d, 43, Layout::bhsd, Layout::bhsd);
   auto v = odd.v.cview();
   v.strides[0] = std::numeric_limits<std::int64_t>::max() / 2;

@@ -51,8 +51,9 @@ TEST_CASE("resident memory stays bounded over 100 calls of mixed sizes", "[memor
   for (auto* t : {&q, &k, &v})
     for (float& x : *t) x = uniform(rng);
   auto call = [&](int c) {
-    // Prefill (N in 17..4012), decode (N in 1..16, two query heads on one KV head),
-    // and mid-sized prefill; M from 1000 to 16383.
+    // Prefill (N in 17..4012; call 0, N = 17 with two query heads on one KV head, is a
+    // short prompt on the decode driver), decode (N in 1..16), and mid-sized prefill; M
+    // from 1000 to 16383.
     const std::int64_t n = c % 3 == 0 ? 17 + c * 37 % 3996 : c % 3 == 1 ? 1 + c % 16 : 300;
     const std::int64_t m = 1000 + (c * 7919) % (max_m - 1000);
     flashcpu::AttentionOptions options;
@@ -84,8 +85,7 @@ TEST_CASE("scratch: mapped pieces start on a 2 MiB boundary and reach their end;
     INFO(floats << " floats at " << static_cast<const void*>(buffer.get()));
     CHECK(reinterpret_cast<std::uintptr_t>(buffer.get()) % kHugePage == 0);
     buffer.get()[0] = 1.0f;
-    buffer.get()[floats - 1] = 2.0f;  // past the mapping: a crash
-    CHECK(buffer.get()[0] + buffer.get()[floats - 1] == 3.0f);
+    buffer.get()[floats - 1] = 2.0f;  // both ends writable
   }
   {
     AlignedBuffer small(100);

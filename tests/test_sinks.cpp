@@ -24,10 +24,11 @@ namespace {
 using namespace oracle;
 
 // Prefill (N < M, N > M) and decode (split-KV with several chunks; N = 16 with D = 32
-// takes the lanes kernel; a single chunk finishes in the kernel).
+// takes the lanes kernel; a single chunk finishes in the kernel), and a short prompt on
+// the decode driver (N = 29, one query head per KV head: 29 stacked rows, 2 chunks).
 const Dims kShapes[] = {
-    {2, 8, 2, 24, 160, 19, 23}, {1, 8, 2, 90, 60, 33, 7}, {2, 8, 2, 1, 1800, 17, 9},
-    {1, 8, 2, 16, 1100, 32, 16}, {1, 4, 1, 3, 200, 64, 64},
+    {2, 8, 2, 24, 160, 19, 23}, {1, 8, 2, 90, 60, 33, 7},  {2, 8, 2, 1, 1800, 17, 9},
+    {1, 8, 2, 16, 1100, 32, 16}, {1, 4, 1, 3, 200, 64, 64}, {1, 3, 3, 29, 700, 32, 32},
 };
 
 }  // namespace
