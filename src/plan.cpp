@@ -38,8 +38,7 @@ double forward_flops(const AttentionShape& s) {
 bool decoding_shape(const AttentionShape& s) { return s.q_len <= 16; }
 
 bool use_decode_path(const AttentionShape& s, const KernelTable& kernels) {
-  const std::int64_t group = std::max<std::int64_t>(s.kv_heads > 0 ? s.q_heads / s.kv_heads : 1, 1);
-  return decoding_shape(s) || (!kernels.bf16_products && s.q_len <= kDecodeMaxStackedRows / group);
+  return decoding_shape(s) || (!kernels.bf16_products && s.q_len <= kDecodeMaxStackedRows / s.group());
 }
 
 // Such a variant takes the dot product, and bf16 q and k or any types if the call allows
@@ -49,8 +48,7 @@ bool use_decode_path(const AttentionShape& s, const KernelTable& kernels) {
 // the vector kernels read K in place there, and take every other score and transform.
 bool bf16_products_take(const KernelTable& kernels, const AttentionShape& s, DType q, DType k, Transform transform) {
   const bool bf16_inputs = q == DType::bf16 && k == DType::bf16;
-  const std::int64_t group = s.kv_heads > 0 ? s.q_heads / s.kv_heads : 1;
-  const bool shape_taken = !decoding_shape(s) || (kernels.tiles && s.q_len * group >= kernels.tile_rows);
+  const bool shape_taken = !decoding_shape(s) || (kernels.tiles && s.q_len * s.group() >= kernels.tile_rows);
   return (bf16_inputs || s.allow_bf16_compute) && s.score == Score::dot_product && transform == Transform::none &&
          shape_taken;
 }
@@ -71,7 +69,7 @@ Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const AnyVie
   Plan plan{};
   plan.kernels = &kernels;
   plan.shape = s;
-  plan.group = s.kv_heads > 0 ? s.q_heads / s.kv_heads : 1;
+  plan.group = s.group();
   const TileConfig tiles = tiles_for(kernels, s.head_dim);
   // Short sequences get blocks no larger than they need, so that small problems still
   // split into enough work items and no time goes to padding.

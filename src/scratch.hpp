@@ -15,9 +15,9 @@ namespace flashcpu::detail {
 /// 113 MiB above its inputs (0.3 MiB with the threshold pinned, as mapping does here).
 /// The price is faulting the pages in on every call. The mapping is 2 MiB aligned and
 /// advised as huge pages (MADV_HUGEPAGE, which transparent huge pages in "always" or
-/// "madvise" mode honour), so that takes one fault per 2 MiB: faulting 4 MiB in took 10 ms in 4 KiB
-/// pages and 0.15 ms in huge pages on a 2-core KVM guest (Zen 5), where a 4 KiB fault
-/// costs about 10 us; about 0.25 us on the Xeon measured before. Where huge pages are
+/// "madvise" mode honour), so that takes one fault per 2 MiB: faulting 4 MiB in took
+/// 10 ms in 4 KiB pages and 0.15 ms in huge pages on a 2-core KVM guest (Zen 5), where a
+/// 4 KiB fault costs about 10 us; about 0.25 us on the Xeon measured before. Where huge pages are
 /// off, the advice is ignored and 4 KiB pages serve. Smaller scratch stays with malloc,
 /// whose reuse of small blocks is free and bounded.
 class AlignedBuffer {

@@ -35,6 +35,8 @@ struct AttentionShape {
   const float* additive_weights;
   bool allow_bf16_compute;  // fp32 / fp16 inputs may be rounded to bf16 for the products
   bool empty() const { return batch == 0 || q_heads == 0 || q_len == 0; }
+  /// Query heads per KV head (validated to divide); 1 when there are no heads to group.
+  std::int64_t group() const { return kv_heads > 0 && q_heads >= kv_heads ? q_heads / kv_heads : 1; }
 };
 
 /// Checks q, k, v, out, lse (may be null) and the options of an attention call; throws
