@@ -9,11 +9,11 @@
 //   <family>/reference/...      the fp64 oracle, only with --with-reference
 // pair/<family>_<dtype> times the fused fp32 workload against its 16-bit form in turn
 // (bm_pair; counter ratio = fp32 time / 16-bit time).
-// Families: prefill sweep, the named workloads (P64, P128, C128, S16K, short, DEC, DRAFT,
-// thread scaling), their backward (P64_bwd, C128_bwd, S16K_bwd: fused and materialized
+// Families: prefill sweep, the named workloads (P64, P128, C128, S16K, short, DEC, DEC64,
+// DRAFT, thread scaling), their backward (P64_bwd, C128_bwd, S16K_bwd: fused and materialized
 // OpenBLAS backward, FLOP = the backward's five products; P64_bf16_bwd: fused, all bf16),
 // their 16-bit forms (<family>_<dtype>: P64_bf16, P128_bf16,
-// C128_bf16, P64_fp16kv, DEC_bf16kv, DEC_fp16kv), a decode sweep, head shapes of real models, the
+// C128_bf16, P64_fp16kv, DEC_bf16kv, DEC_fp16kv, DEC64_bf16kv), a decode sweep, head shapes of real models, the
 // two OpenBLAS threading modes, and the machine probes (BM_FmaPeak, BM_ReadBandwidth).
 // On a 16-bit workload the baselines widen the inputs to fp32 inside the timed call
 // (common.hpp, run()).
@@ -373,6 +373,10 @@ void register_attention_benchmarks() {
   }
   add_workload("DEC", "", dec, 0, /*decode=*/true);
   add_workload("DEC_hot", "", dec, 0, /*decode=*/true, /*cold=*/false);
+  // DEC at D = 64 over twice the keys (the same bytes): a value row is 4 AVX-512 vectors,
+  // narrower than the 8-vector P.V tiles of the 16-bit decoding kernels.
+  const Shape dec64 = fb::gqa(1, 32, 8, 1, 16384, 64);
+  add_workload("DEC64", "", dec64, 0, /*decode=*/true);
   // A short prompt chunk or a 32-token draft against a long cache: one query head per KV
   // head, so 32 stacked rows, which the decode driver takes (kDecodeMaxStackedRows).
   add_workload("DRAFT", "", fb::mha(1, 16, 32, 8192, 128, true), 0, /*decode=*/true);
@@ -397,6 +401,7 @@ void register_attention_benchmarks() {
                          {"C128", c128, fb::DType::bf16, false},
                          {"DEC", dec, fb::DType::bf16kv, true},
                          {"DEC", dec, fb::DType::fp16kv, true},
+                         {"DEC64", dec64, fb::DType::bf16kv, true},
                          {"DEC4", dec4, fb::DType::bf16, true}};
   for (Typed w : typed) {
     const Shape base = w.s;
@@ -558,9 +563,9 @@ void print_usage() {
       "                           the fp64 oracle on small problems\n"
       "  --no-probes              do not measure FMA peak and bandwidth at start-up (they are\n"
       "                           then measured when first needed)\n"
-      "Families (use --benchmark_filter): P64 P128 C128 S16K short short_bf16 DEC DEC_hot DRAFT DEC4 DEC4_bf16\n"
-      "  scaling_P64\n"
-      "  P64_bf16 P128_bf16 C128_bf16 P64_fp16kv DEC_bf16kv DEC_fp16kv P64_bwd C128_bwd S16K_bwd\n"
+      "Families (use --benchmark_filter): P64 P128 C128 S16K short short_bf16 DEC DEC_hot DEC64 DRAFT DEC4\n"
+      "  DEC4_bf16 scaling_P64\n"
+      "  P64_bf16 P128_bf16 C128_bf16 P64_fp16kv DEC_bf16kv DEC_fp16kv DEC64_bf16kv P64_bwd C128_bwd S16K_bwd\n"
       "  P64_bf16_bwd prefill\n"
       "  decode model blas_mode\n"
       "  pair/<16-bit family>: the fused fp32 workload and its 16-bit form, call by call in\n"

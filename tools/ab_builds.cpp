@@ -5,9 +5,12 @@
 // ratio of each round's pair is the figure. tools/ab_builds builds the two libraries and
 // runs this; see its header for use.
 //
-//   flashcpu-ab libA.so libB.so rounds "mode Hq Hkv N M D threads causal" ...
+//   flashcpu-ab libA.so libB.so rounds "mode Hq Hkv N M D threads causal [cold]" ...
 //   mode: f32 (fp32 forward), bwd (fp32 backward), bf16 (bf16 q, k, v, out), f16kv (fp32 q
-//   over fp16 K/V), bf16kv (fp32 q over bf16 K/V). Dv = D, B = 1.
+//   over fp16 K/V), bf16kv (fp32 q over bf16 K/V). Dv = D, B = 1. "cold": K and V in as
+//   many copies as make 1 GiB (at least 2), each call reading the next one, so that a
+//   decode step reads its cache from memory, as in a model with many layers, and not from
+//   the last-level cache the previous call filled.
 //
 // Prints per workload: min and median time of each build, min(A) / min(B), and the
 // median with quartiles of the per-round ratio A / B (> 1: B is faster).
@@ -86,6 +89,8 @@ struct Workload {
   long Hq = 0, Hkv = 0, N = 0, M = 0, D = 0;
   int threads = 0;
   bool causal = false;
+  long copies = 1, next = 0;  // copies of K and V (cold), and the one the next call reads
+  std::size_t nk = 0;         // elements of one copy of K (or V)
   std::vector<float> q, k, v, out, lse, dq, dk, dv;
   std::vector<bf16> q16, k16, v16, out16;
   std::vector<fp16> kh, vh;
@@ -94,7 +99,7 @@ struct Workload {
   template <class T>
   In<T> queries(const std::vector<T>& x) const { return bhsd<const T>(x.data(), 1, Hq, N, D); }
   template <class T>
-  In<T> keys(const std::vector<T>& x) const { return bhsd<const T>(x.data(), 1, Hkv, M, D); }
+  In<T> keys(const std::vector<T>& x) const { return bhsd<const T>(x.data() + next * nk, 1, Hkv, M, D); }
   template <class T>
   Out<T> queries_out(std::vector<T>& x) const { return bhsd<T>(x.data(), 1, Hq, N, D); }
   template <class T>
@@ -108,6 +113,7 @@ struct Workload {
 
   double run(const Build& b) {
     const AttentionOptions o = options();
+    next = (next + 1) % copies;
     const auto start = std::chrono::steady_clock::now();
     if (mode == "f32")
       b.f32(queries(q), keys(k), keys(v), queries_out(out), o);
@@ -126,12 +132,13 @@ struct Workload {
 
 Workload parse(const char* spec, const Build& convert) {
   Workload w;
-  char mode[16] = {};
+  char mode[16] = {}, cold[8] = {};
   int causal = 0;
-  if (std::sscanf(spec, "%15s %ld %ld %ld %ld %ld %d %d", mode, &w.Hq, &w.Hkv, &w.N, &w.M, &w.D, &w.threads, &causal) !=
-          8 ||
-      w.Hq < 1 || w.Hkv < 1 || w.Hq % w.Hkv != 0 || w.N < 1 || w.M < 1 || w.D < 1) {
-    std::fprintf(stderr, "flashcpu-ab: expected \"mode Hq Hkv N M D threads causal\", got \"%s\"\n", spec);
+  const int fields = std::sscanf(spec, "%15s %ld %ld %ld %ld %ld %d %d %7s", mode, &w.Hq, &w.Hkv, &w.N, &w.M, &w.D,
+                                 &w.threads, &causal, cold);
+  if (fields < 8 || (fields == 9 && std::strcmp(cold, "cold") != 0) || w.Hq < 1 || w.Hkv < 1 || w.Hq % w.Hkv != 0 ||
+      w.N < 1 || w.M < 1 || w.D < 1) {
+    std::fprintf(stderr, "flashcpu-ab: expected \"mode Hq Hkv N M D threads causal [cold]\", got \"%s\"\n", spec);
     std::exit(2);
   }
   w.mode = mode;
@@ -141,6 +148,11 @@ Workload parse(const char* spec, const Build& convert) {
   }
   w.causal = causal != 0;
   const std::size_t nq = std::size_t(w.Hq * w.N * w.D), nk = std::size_t(w.Hkv * w.M * w.D);
+  w.nk = nk;
+  if (fields == 9) {  // K and V as stored (2 or 4 bytes), the copies at least 1 GiB in all
+    const double bytes = 2.0 * double(nk) * (w.mode == "f32" || w.mode == "bwd" ? 4 : 2);
+    w.copies = std::max(2L, long(double(1L << 30) / bytes + 0.999));
+  }
   w.q.resize(nq);
   w.out.resize(nq);
   w.dq.resize(nq);
@@ -157,8 +169,21 @@ Workload parse(const char* spec, const Build& convert) {
   for (auto* x : {&w.q, &w.k, &w.v})
     for (float& y : *x) y = uniform();
   for (float x : w.q) w.q16.push_back(convert.round_bf16(x));
+  // Only the K and V the mode reads get copies.
+  const bool f32 = w.mode == "f32" || w.mode == "bwd";
   for (float x : w.k) w.k16.push_back(convert.round_bf16(x)), w.kh.push_back(convert.round_fp16(x));
   for (float x : w.v) w.v16.push_back(convert.round_bf16(x)), w.vh.push_back(convert.round_fp16(x));
+  auto replicate = [&](auto& x, bool needed) {
+    if (!needed) return;
+    x.resize(nk * w.copies);
+    for (long c = 1; c < w.copies; ++c) std::copy(x.begin(), x.begin() + long(nk), x.begin() + c * long(nk));
+  };
+  replicate(w.k, f32);
+  replicate(w.v, f32);
+  replicate(w.k16, w.mode == "bf16" || w.mode == "bf16kv");
+  replicate(w.v16, w.mode == "bf16" || w.mode == "bf16kv");
+  replicate(w.kh, w.mode == "f16kv");
+  replicate(w.vh, w.mode == "f16kv");
   w.out16.resize(nq);
   return w;
 }

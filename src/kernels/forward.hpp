@@ -351,22 +351,22 @@ struct ForwardKernel {
       for (int c = 0; c < NVC; ++c) o[r][c].store_aligned(acc + r * acc_stride + c * W);
   }
 
-  // The P.V tiles of ROWS rows across all Dvp value columns: NV vectors at a time, then
-  // pairs of vectors, then a single one. With NV odd, an odd remainder gives up one wide
-  // tile for pairs (Dvp = 16 vectors, NV = 3: 3 3 3 3 2 2, not 3 3 3 3 3 1): a single
-  // vector has only ROWS accumulator chains, too few to hide the FMA latency.
-  template <int ROWS, bool SAFE = false, bool AHEAD = false>
+  // The P.V tiles of ROWS rows across all Dvp value columns: NVW (by default NV) vectors
+  // at a time, then pairs of vectors, then a single one. With NVW odd, an odd remainder
+  // gives up one wide tile for pairs (Dvp = 16 vectors, NVW = 3: 3 3 3 3 2 2, not 3 3 3 3 3
+  // 1): a single vector has only ROWS accumulator chains, too few to hide the FMA latency.
+  template <int ROWS, bool SAFE = false, bool AHEAD = false, int NVW = NV>
   static void pv_rows(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const KV* v,
                       std::int64_t v_stride, std::int64_t num_keys, const float* alpha, float* acc, std::int64_t Dvp,
                       ValuesAhead ahead = {}) {
     const std::int64_t vectors = Dvp / W;
-    std::int64_t wide = vectors / NV;
-    if (NV > 2 && NV % 2 == 1 && (vectors - wide * NV) % 2 == 1 && wide > 0) --wide;
+    std::int64_t wide = vectors / NVW;
+    if (NVW > 2 && NVW % 2 == 1 && (vectors - wide * NVW) % 2 == 1 && wide > 0) --wide;
     std::int64_t c = 0;
-    for (; c < wide * NV * W; c += NV * W)
-      pv_tile<ROWS, NV, SAFE, AHEAD>(probs, probs_stride, key_stride, v + c, v_stride, num_keys, alpha, acc + c, Dvp,
+    for (; c < wide * NVW * W; c += NVW * W)
+      pv_tile<ROWS, NVW, SAFE, AHEAD>(probs, probs_stride, key_stride, v + c, v_stride, num_keys, alpha, acc + c, Dvp,
                                      ahead);
-    if constexpr (NV > 2)
+    if constexpr (NVW > 2)
       for (; c + 2 * W <= Dvp; c += 2 * W)
         pv_tile<ROWS, 2, SAFE, AHEAD>(probs, probs_stride, key_stride, v + c, v_stride, num_keys, alpha, acc + c, Dvp,
                                       ahead);
@@ -379,7 +379,7 @@ struct ForwardKernel {
   // the first run that has keys (or alone, in finish(), if none had), later runs by 1;
   // a run that some row excludes takes the safe tile. probs[r][j] for key j of the block
   // is at probs + r * probs_stride + j * key_stride; v points at the block's first value row.
-  template <int ROWS>
+  template <int ROWS, int NVW = NV>
   class PvRuns {
    public:
     PvRuns(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const KV* v,
@@ -396,18 +396,21 @@ struct ForwardKernel {
       const ValuesAhead ahead{ahead_.offset, ahead_.keys - from};
       if (ahead.keys > 0) {
         if (safe)
-          pv_rows<ROWS, true, true>(p, probs_stride_, key_stride_, v, v_stride_, to - from, scale_, acc_, Dvp_, ahead);
+          pv_rows<ROWS, true, true, NVW>(p, probs_stride_, key_stride_, v, v_stride_, to - from, scale_, acc_, Dvp_,
+                                         ahead);
         else
-          pv_rows<ROWS, false, true>(p, probs_stride_, key_stride_, v, v_stride_, to - from, scale_, acc_, Dvp_, ahead);
+          pv_rows<ROWS, false, true, NVW>(p, probs_stride_, key_stride_, v, v_stride_, to - from, scale_, acc_, Dvp_,
+                                          ahead);
       } else if (safe) {
-        pv_rows<ROWS, true>(p, probs_stride_, key_stride_, v, v_stride_, to - from, scale_, acc_, Dvp_);
+        pv_rows<ROWS, true, false, NVW>(p, probs_stride_, key_stride_, v, v_stride_, to - from, scale_, acc_, Dvp_);
       } else {
-        pv_rows<ROWS, false>(p, probs_stride_, key_stride_, v, v_stride_, to - from, scale_, acc_, Dvp_);
+        pv_rows<ROWS, false, false, NVW>(p, probs_stride_, key_stride_, v, v_stride_, to - from, scale_, acc_, Dvp_);
       }
       scale_ = one_;
     }
     void finish() {
-      if (scale_ != one_) pv_rows<ROWS, false>(probs_, probs_stride_, key_stride_, v_, v_stride_, 0, scale_, acc_, Dvp_);
+      if (scale_ != one_)
+        pv_rows<ROWS, false, false, NVW>(probs_, probs_stride_, key_stride_, v_, v_stride_, 0, scale_, acc_, Dvp_);
     }
 
    private:
@@ -428,12 +431,12 @@ struct ForwardKernel {
   // one; consecutive vectors of one class make one run. A key block masked for every row
   // (a padded KV cache) then costs nothing, and a causal pattern given as a mask takes
   // the safe tile only near its diagonal.
-  template <int ROWS>
+  template <int ROWS, int NVW = NV>
   static void pv_classified(const float* probs, std::int64_t probs_stride, const KV* v, std::int64_t v_stride,
                             std::int64_t first, std::int64_t last, const float* alpha, float* acc, std::int64_t Dvp,
                             ValuesAhead ahead = {}) {
     enum { skip, clean, mixed };
-    PvRuns<ROWS> runs(probs, probs_stride, 1, v, v_stride, alpha, acc, Dvp, ahead);
+    PvRuns<ROWS, NVW> runs(probs, probs_stride, 1, v, v_stride, alpha, acc, Dvp, ahead);
     auto flush = [&](int kind, std::int64_t from, std::int64_t to) {
       if (kind != skip) runs.add(from < first ? first : from, min_i64(to, last), kind == mixed);
     };
@@ -462,14 +465,14 @@ struct ForwardKernel {
   // P.V over keys [first, last) of a block as up to three runs: the keys that some row
   // excludes by its visible interval, [first, clean_begin) and [clean_end, last), take
   // the safe tile; the keys between, visible to every row, the plain one.
-  template <int ROWS>
+  template <int ROWS, int NVW = NV>
   static void pv_runs(const float* probs, std::int64_t probs_stride, std::int64_t key_stride, const KV* v,
                       std::int64_t v_stride, std::int64_t first, std::int64_t clean_begin, std::int64_t clean_end,
                       std::int64_t last, const float* alpha, float* acc, std::int64_t Dvp,
                       ValuesAhead ahead = {}) {
     clean_begin = clean_begin < first ? first : min_i64(clean_begin, last);
     clean_end = clean_end < clean_begin ? clean_begin : min_i64(clean_end, last);
-    PvRuns<ROWS> runs(probs, probs_stride, key_stride, v, v_stride, alpha, acc, Dvp, ahead);
+    PvRuns<ROWS, NVW> runs(probs, probs_stride, key_stride, v, v_stride, alpha, acc, Dvp, ahead);
     runs.add(first, clean_begin, true);
     runs.add(clean_begin, clean_end, false);
     runs.add(clean_end, last, true);
@@ -621,18 +624,48 @@ struct ForwardKernel {
   static void accumulate_values(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
                                 const float* alpha, bool masked_out, std::int64_t clean_begin,
                                 std::int64_t clean_end, ValuesAhead ahead) {
+    const std::int64_t Dvp = job.dims.value_dim_padded;
+    if constexpr (PR < MR) {
+      if (Dvp < NV * W) {
+        values_of_rows<MR, kWholeRowsVectors>(job, r0, j0, t, 0, alpha, masked_out, clean_begin, clean_end, ahead);
+        return;
+      }
+    }
+    // Rows past the job's are padding (a decoding tile of 4 rows for 1 to 3 stacked rows):
+    // a P.V tile of padding only is skipped.
+    for (int h = 0; h < MR && r0 + h < job.q.rows; h += PR, ahead = {})
+      values_of_rows<PR, NV>(job, r0, j0, t, h, alpha, masked_out, clean_begin, clean_end, ahead);
+  }
+
+  // A P.V tile of PR < MR rows spans NV vectors (decoding's small kernel on AVX-512: 2 rows
+  // x 8 vectors, one pass over a V row of 128 values). A value row narrower than NV vectors
+  // would leave such tiles only their pairs of vectors (2 rows x 2 vectors at D = 64: 4
+  // accumulator chains, too few for the FMA latency), so it takes all MR rows at once
+  // instead, on the widest power of two of vectors whose MR-row tile fits the registers
+  // (accumulators, the value vectors, one broadcast): 4 rows x 4 vectors on AVX-512.
+  static constexpr int kVectorRegisters = W >= 16 ? 32 : 16;
+  static constexpr int whole_rows_vectors() {
+    int n = NV;
+    while (n > 1 && MR * n + n + 1 > kVectorRegisters) n /= 2;
+    return n;
+  }
+  static constexpr int kWholeRowsVectors = whole_rows_vectors();
+
+  // accumulate_values for rows [h, h + ROWS) of the tile, on P.V tiles NVW vectors wide.
+  template <int ROWS, int NVW>
+  static void values_of_rows(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
+                             int h, const float* alpha, bool masked_out, std::int64_t clean_begin,
+                             std::int64_t clean_end, ValuesAhead ahead) {
     const std::int64_t Bk = job.dims.block_keys, Dvp = job.dims.value_dim_padded;
     const KV* v_block = v_rows(job) + (j0 - job.keys.begin) * job.keys.v_row_stride;
-    for (int h = 0; h < MR; h += PR, ahead = {}) {
-      const float* probs = job.state.scores + h * Bk;
-      float* acc = job.state.acc + (r0 + h) * Dvp;
-      if (masked_out)  // masks exclude anywhere: classify the keys
-        pv_classified<PR>(probs, Bk, v_block, job.keys.v_row_stride, t.first, t.num_keys, alpha + h, acc, Dvp,
-                          ahead);
-      else
-        pv_runs<PR>(probs, Bk, 1, v_block, job.keys.v_row_stride, t.first, clean_begin, clean_end, t.num_keys,
-                    alpha + h, acc, Dvp, ahead);
-    }
+    const float* probs = job.state.scores + h * Bk;
+    float* acc = job.state.acc + (r0 + h) * Dvp;
+    if (masked_out)  // masks exclude anywhere: classify the keys
+      pv_classified<ROWS, NVW>(probs, Bk, v_block, job.keys.v_row_stride, t.first, t.num_keys, alpha + h, acc, Dvp,
+                               ahead);
+    else
+      pv_runs<ROWS, NVW>(probs, Bk, 1, v_block, job.keys.v_row_stride, t.first, clean_begin, clean_end, t.num_keys,
+                         alpha + h, acc, Dvp, ahead);
   }
 
   // The fused kernel on one job: per key block and row tile, raw scores, the score
