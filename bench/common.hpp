@@ -334,7 +334,9 @@ double analytic_mib(Impl impl, const Shape& s, int threads,
 
 /// The active ISA level, the kernel variant flashcpu::attention runs for this shape and
 /// its tiles, e.g. "amx bf16_attn_fwd_16x32__amx br=256 bc=512" or
-/// "avx2 f32_attn_fwd_4x16__avx2 br=144 bc=256".
+/// "avx2 f32_attn_fwd_4x16__avx2 br=144 bc=256"; on the decode driver, the kernel it runs
+/// there instead of the block rows: "avx512 f32_attn_fwd_6x64__avx512 decode 4-row tiles,
+/// K in place, bc=256".
 std::string fused_label(const Shape& s);
 /// Whether that variant is the AMX tile kernel (its figures are then also quoted against
 /// the AMX probe).

@@ -710,14 +710,14 @@ double analytic_mib(Impl impl, const Shape& s, int threads, BlasThreading t) {
 
 namespace {
 
-// The variant flashcpu::attention picks for this shape (the library's own choice,
-// src/plan.cpp): on the amx level, say, bf16 prefill takes the tile kernel and fp32 the
-// avx512 one.
-const flashcpu::detail::KernelTable& fused_kernels(const Shape& s) {
-  namespace fd = flashcpu::detail;
-  const auto type = [](Elem e) {
-    return e == Elem::bf16 ? fd::DType::bf16 : e == Elem::fp16 ? fd::DType::f16 : fd::DType::f32;
-  };
+namespace fd = flashcpu::detail;
+
+fd::DType dtype_of_elem(Elem e) {
+  return e == Elem::bf16 ? fd::DType::bf16 : e == Elem::fp16 ? fd::DType::f16 : fd::DType::f32;
+}
+
+// The library's view of a benchmark's call: the dot product, no option but causal.
+fd::AttentionShape call_shape(const Shape& s) {
   fd::AttentionShape call{};
   call.batch = s.batch;
   call.q_heads = s.q_heads;
@@ -728,7 +728,25 @@ const flashcpu::detail::KernelTable& fused_kernels(const Shape& s) {
   call.value_dim = s.dv;
   call.score = Score::dot_product;
   call.causal = s.causal;
-  return fd::kernels_for_call(call, type(act_elem(s.dtype)), type(kv_elem(s.dtype)), fd::Transform::none);
+  return call;
+}
+
+// The variant flashcpu::attention picks for this shape (the library's own choice,
+// src/plan.cpp): on the amx level, say, bf16 prefill takes the tile kernel and fp32 the
+// avx512 one.
+const fd::KernelTable& fused_kernels(const Shape& s) {
+  return fd::kernels_for_call(call_shape(s), dtype_of_elem(act_elem(s.dtype)), dtype_of_elem(kv_elem(s.dtype)),
+                              fd::Transform::none);
+}
+
+// K or V of the benchmark's problems as the library sees them: contiguous [B, Hkv, M, dim]
+// (the layout alone; no data).
+fd::AnyView key_side_view(const Shape& s, std::int64_t dim) {
+  fd::AnyView v{};
+  v.type = dtype_of_elem(kv_elem(s.dtype));
+  v.shape = {s.batch, s.kv_heads, s.m, dim};
+  v.strides = {s.kv_heads * s.m * dim, s.m * dim, dim, 1};
+  return v;
 }
 
 }  // namespace
@@ -736,10 +754,17 @@ const flashcpu::detail::KernelTable& fused_kernels(const Shape& s) {
 bool fused_runs_on_tiles(const Shape& s) { return fused_kernels(s).tiles; }
 
 std::string fused_label(const Shape& s) {
-  const flashcpu::detail::KernelTable& kernels = fused_kernels(s);
-  const TileConfig t = flashcpu::detail::tiles_for(kernels, s.d);  // the tiles it plans with
-  return active_isa() + " " + kernels.name + " br=" + std::to_string(t.block_rows) +
-         " bc=" + std::to_string(t.block_keys);
+  const fd::KernelTable& kernels = fused_kernels(s);
+  const fd::AttentionShape call = call_shape(s);
+  std::string route;
+  if (fd::use_decode_path(call, kernels)) {  // the decode driver: its kernel and key block
+    const fd::Plan plan = fd::make_plan(kernels, call, key_side_view(s, s.dv), fd::Transform::none, 0.0f, false);
+    route = fd::describe_decode(plan, key_side_view(s, s.d));
+  } else {
+    const TileConfig t = fd::tiles_for(kernels, s.d);  // the tiles it plans with
+    route = "br=" + std::to_string(t.block_rows) + " bc=" + std::to_string(t.block_keys);
+  }
+  return active_isa() + " " + kernels.name + " " + route;
 }
 
 std::string impl_label(Impl impl, const Shape& s) {

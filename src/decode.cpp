@@ -189,6 +189,19 @@ void merge_chunks(const Plan& plan, const CallViews& views, const DecodeSplit& d
 
 }  // namespace
 
+std::string describe_decode(const Plan& plan, const AnyView& k) {
+  CallViews views{};
+  views.k = k;  // the split reads K's layout only
+  const DecodeSplit d = split_decode(plan, views);
+  std::string kernel;
+  if (d.lanes)
+    kernel = "lanes (" + std::to_string(d.mr) + " rows per vector)";
+  else
+    kernel = std::to_string(d.mr) + "-row tiles";
+  return "decode " + kernel + ", K " + (d.k_in_place ? "in place" : "packed per block") +
+         ", bc=" + std::to_string(plan.block_keys);
+}
+
 void run_decode(const Plan& plan, const CallViews& views) {
   const AttentionShape& s = plan.shape;
   const DecodeSplit d = split_decode(plan, views);

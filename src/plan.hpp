@@ -6,6 +6,7 @@
 
 #include <array>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -173,5 +174,10 @@ void run_parallel(int threads, Body&& body) {
 /// The drivers.
 void run_prefill(const Plan& plan, const CallViews& views);
 void run_decode(const Plan& plan, const CallViews& views);
+
+/// What the decode driver runs for a plan, K as `k` lays it out (its strides decide
+/// whether K is read in place): e.g. "decode 4-row tiles, K in place, bc=256". The
+/// benchmarks' labels name it, since the variant's name is that of its prefill tiles.
+std::string describe_decode(const Plan& plan, const AnyView& k);
 
 }  // namespace flashcpu::detail

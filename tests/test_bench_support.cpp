@@ -360,6 +360,26 @@ TEST_CASE("labels say what each implementation does with 16-bit data", "[bench][
         "naive fp32 -O3 -march=native");
 }
 
+TEST_CASE("the fused label names the driver and the kernel that run the call", "[bench]") {
+  const std::string prefill = fb::fused_label(fb::mha(1, 16, 2048, 2048, 64));
+  // DEC: 4 stacked rows per KV head, fp32 K read in place (4-row tiles; SSE2's 4-lane
+  // vectors take them as lanes at this many keys).
+  const std::string dec = fb::fused_label(fb::gqa(1, 32, 8, 1, 8192, 128));
+  // 16 stacked rows: vector lanes on every level.
+  const std::string dec4 = fb::fused_label(fb::gqa(1, 32, 8, 4, 8192, 128));
+  // A head dim that is no whole number of vectors on any level: K packed block by block.
+  const std::string odd = fb::fused_label(fb::gqa(1, 32, 8, 1, 8192, 99));
+  INFO(prefill << "\n" << dec << "\n" << dec4 << "\n" << odd);
+  CHECK(prefill.find(" br=") != std::string::npos);
+  CHECK(prefill.find("decode") == std::string::npos);
+  const bool sse2 = flashcpu::active_isa() == "sse2";
+  CHECK(dec.find(sse2 ? " decode lanes (4 rows per vector), K in place, bc=" : " decode 4-row tiles, K in place, bc=") !=
+        std::string::npos);
+  CHECK(dec4.find(" decode lanes (") != std::string::npos);
+  CHECK(odd.find(" decode ") != std::string::npos);
+  CHECK(odd.find(", K packed per block, bc=") != std::string::npos);
+}
+
 TEST_CASE("the AMX probe measures only where AMX runs, and never stands in for the FMA peak", "[bench][probe]") {
   // The FMA peak (peak_frac) stays a vector-unit figure on every CPU: no level's FMA probe
   // is the AMX one.
