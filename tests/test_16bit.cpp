@@ -138,6 +138,8 @@ const Dims kShapes[] = {
     {1, 4, 4, 1, 1031, 64, 64},  // one query head per KV head, K/V in place, a prime M
     // Decoding's wide P.V tiles (8 vectors on AVX-512) with a one-vector tail, a prime M.
     {1, 8, 2, 1, 1283, 128, 136}, {1, 8, 2, 2, 700, 128, 128},
+    // 1 or 2 stacked rows: half of a 4-row tile is padding, and the live half alone runs.
+    {1, 4, 2, 1, 777, 128, 128}, {2, 2, 2, 2, 613, 64, 64},
 };
 
 struct OptionSet {

@@ -200,6 +200,32 @@ TEST_CASE("decoding with a vector's worth of stacked rows or more (rows as vecto
     }
 }
 
+TEST_CASE("decoding with 1 to 3 stacked rows (tiles partly padding)", "[forward][decode]") {
+  // 1 or 2 stacked rows fill half of a 4-row decoding tile: with K read in place (D a
+  // multiple of 16 here, so on every ISA) that half alone is scored, weighed and
+  // accumulated, its P.V tiles as wide as the value row allows (D = 128: 8 vectors on
+  // AVX-512, D = 64: 4); 3 rows take the whole tile. D = 17 packs K, which scores every row.
+  // Key counts across blocks (256) and chunks (512+); causal (2 queries see different keys)
+  // and not; out-of-place V (Dv = 19, 136).
+  struct Shape {
+    std::int64_t Hq, Hkv, N, M, D, Dv;
+  };
+  const Shape shapes[] = {{4, 4, 1, 1031, 128, 128}, {4, 2, 1, 777, 128, 136},  {3, 3, 2, 513, 128, 128},
+                          {2, 2, 1, 300, 64, 64},    {6, 3, 1, 1300, 64, 19},   {2, 1, 1, 257, 256, 256},
+                          {3, 1, 1, 1100, 128, 128}, {3, 3, 1, 97, 64, 64},     {2, 1, 1, 600, 17, 9},
+                          {1, 1, 2, 1, 16, 16}};
+  std::uint32_t seed = 750;
+  for (const Shape& sh : shapes)
+    for (const bool causal : {false, true}) {
+      Case c;
+      c.B = 2, c.Hq = sh.Hq, c.Hkv = sh.Hkv, c.N = sh.N, c.M = sh.M, c.D = sh.D, c.Dv = sh.Dv;
+      c.causal = causal;
+      c.seed = ++seed;
+      c.lv = seed % 2 == 0 ? Layout::padded : Layout::bhsd;  // V in place or packed
+      FTEST_CHECK_CASE(c);
+    }
+}
+
 TEST_CASE("fused matches the reference for GQA, MQA and causal alignments through every layout",
           "[forward][gqa][causal][strides]") {
   struct Lengths {

@@ -165,38 +165,45 @@ struct ForwardKernel {
   };
 
   // The same scores from K rows read in place (decoding: K is streamed once, packing it
-  // would cost a second pass). W keys at a time: per key, one vector of partial dot
-  // products per row, then PairSums turns W such vectors into W finished scores. Two keys
-  // per pass over D, so that 2*MR accumulator chains hide the FMA latency.
+  // would cost a second pass), for the tile's first ROWS rows. W keys at a time: per key,
+  // one vector of partial dot products per row, then PairSums turns W such vectors into W
+  // finished scores. KP keys per pass over D, so that ROWS*KP accumulator chains hide the
+  // FMA latency (4 rows x 2 keys, or 2 rows x 4 keys when the rest of the tile is padding).
+  template <int ROWS = MR, int KP = 2>
   static void scores_tile_rows(const float* q, std::int64_t D, const KV* k, std::int64_t k_stride,
                                std::int64_t num_keys, std::int64_t cols, float* scores, std::int64_t scores_stride,
                                PrefetchStream& ahead) {
-    static_assert(W % 2 == 0, "keys are taken in pairs");
+    static_assert(KP % 2 == 0 && W % KP == 0, "keys are taken in pairs, whole passes to a vector");
     for (std::int64_t j0 = 0; j0 < cols; j0 += W) {
-      PairSums<Arch> sums[MR];
-      for (int t = 0; t < W; t += 2) {
-        batch acc0[MR], acc1[MR];
-        for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = batch(0.0f);
-        if (j0 + t < num_keys) {
-          ahead.step();
-          ahead.step();
-          const KV* key0 = k + (j0 + t) * k_stride;
-          // Without a second key, the first is read twice and its copy discarded below.
-          const KV* key1 = j0 + t + 1 < num_keys ? key0 + k_stride : key0;
+      PairSums<Arch> sums[ROWS];
+      for (int t = 0; t < W; t += KP) {
+        batch acc[ROWS][KP];
+        for (int r = 0; r < ROWS; ++r)
+          for (int u = 0; u < KP; ++u) acc[r][u] = batch(0.0f);
+        // Keys of the pass past num_keys: the last key is read again, its scores dropped below.
+        const std::int64_t present = min_i64(KP, num_keys - (j0 + t));
+        if (present > 0) {
+          const KV* key[KP];
+          for (int u = 0; u < KP; ++u) {
+            key[u] = k + (j0 + t + (u < present ? u : present - 1)) * k_stride;
+            ahead.step();
+          }
           for (std::int64_t d = 0; d < D; d += W) {
-            const batch k0 = load_kv(key0 + d), k1 = load_kv(key1 + d);
-            for (int r = 0; r < MR; ++r) {
+            batch kv[KP];
+            for (int u = 0; u < KP; ++u) kv[u] = load_kv(key[u] + d);
+            for (int r = 0; r < ROWS; ++r) {
               batch qv = batch::load_aligned(q + r * D + d);
-              keep_in_register(qv);  // one load for both keys
-              acc0[r] = xsimd::fma(qv, k0, acc0[r]);
-              acc1[r] = xsimd::fma(qv, k1, acc1[r]);
+              keep_in_register(qv);  // one load for the pass's keys
+              for (int u = 0; u < KP; ++u) acc[r][u] = xsimd::fma(qv, kv[u], acc[r][u]);
             }
           }
         }
-        const bool second = j0 + t + 1 < num_keys;
-        for (int r = 0; r < MR; ++r) sums[r].add(t / 2, acc0[r], second ? acc1[r] : batch(0.0f));
+        for (int r = 0; r < ROWS; ++r)
+          for (int u = 0; u < KP; u += 2)
+            sums[r].add((t + u) / 2, u < present ? acc[r][u] : batch(0.0f),
+                        u + 1 < present ? acc[r][u + 1] : batch(0.0f));
       }
-      for (int r = 0; r < MR; ++r) batch(sums[r].sums()).store_aligned(scores + r * scores_stride + j0);
+      for (int r = 0; r < ROWS; ++r) batch(sums[r].sums()).store_aligned(scores + r * scores_stride + j0);
     }
   }
 
@@ -545,10 +552,28 @@ struct ForwardKernel {
     } else if (panels) {
       scores_tile(q, D, D, panels, num_panels, scores, Bk, 1.0f, tile_max, DotStep{});
     } else {
-      scores_tile_rows(q, D, k_rows(job) + (j0 + t.c0 - job.keys.begin) * job.keys.k_row_stride,
-                       job.keys.k_row_stride, t.num_keys - t.c0, t.cols - t.c0, scores, Bk, ahead);
+      const KV* k = k_rows(job) + (j0 + t.c0 - job.keys.begin) * job.keys.k_row_stride;
+      if constexpr (MR % 2 == 0) {
+        if (padding_half(job, r0)) {  // the live rows only; the padding rows' scores 0
+          scores_tile_rows<MR / 2, 4>(q, D, k, job.keys.k_row_stride, t.num_keys - t.c0, t.cols - t.c0, scores, Bk,
+                                      ahead);
+          for (int r = MR / 2; r < MR; ++r)
+            for (std::int64_t j = 0; j < t.cols - t.c0; j += W) batch(0.0f).store_aligned(scores + r * Bk + j);
+          return false;
+        }
+      }
+      scores_tile_rows(q, D, k, job.keys.k_row_stride, t.num_keys - t.c0, t.cols - t.c0, scores, Bk, ahead);
     }
     return panels != nullptr;
+  }
+
+  // Whether the second half of the tile at r0 is padding while K is read in place
+  // (decoding with 1 or 2 stacked rows on a 4-row tile: MHA, or 2 query heads per KV
+  // head). Such a tile scores, weighs and accumulates its first half only; its
+  // padding rows keep scores 0 and alpha 1, and no P.V tile adds to them. The panel
+  // kernels (and the AMX and vdpbf16ps ones, which read panels only) score every row.
+  static bool padding_half(const QueryBlockJob& job, std::int64_t r0) {
+    return MR % 2 == 0 && job.keys.k_rows != nullptr && job.q.rows - r0 <= MR / 2;
   }
 
   // Per row of the tile, the exclusions by its visible interval, the running max
@@ -560,7 +585,9 @@ struct ForwardKernel {
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
     const std::int64_t G = job.q.heads_per_row, Bk = job.dims.block_keys, c0 = t.c0, cols = t.cols;
     const batch iota = lane_indices();
-    for (int r = 0; r < MR; ++r) {
+    const int rows = padding_half(job, r0) ? MR / 2 : MR;
+    for (int r = rows; r < MR; ++r) alpha[r] = 1.0f;
+    for (int r = 0; r < rows; ++r) {
       float* s = job.state.scores + r * Bk;
       // Exclusions by the row's interval and the key range: everything outside
       // [visible_begin, visible_end) becomes -inf.
@@ -625,6 +652,17 @@ struct ForwardKernel {
                                 const float* alpha, bool masked_out, std::int64_t clean_begin,
                                 std::int64_t clean_end, ValuesAhead ahead) {
     const std::int64_t Dvp = job.dims.value_dim_padded;
+    if constexpr (MR % 2 == 0) {
+      if (padding_half(job, r0)) {  // the live half's rows, on as many vectors as they fill
+        if (Dvp >= kHalfRowsVectors * W || kHalfRowsVectors < 2)
+          values_of_rows<MR / 2, kHalfRowsVectors>(job, r0, j0, t, 0, alpha, masked_out, clean_begin, clean_end,
+                                                   ahead);
+        else
+          values_of_rows<MR / 2, (kHalfRowsVectors + 1) / 2>(job, r0, j0, t, 0, alpha, masked_out, clean_begin,
+                                                             clean_end, ahead);
+        return;
+      }
+    }
     if constexpr (PR < MR) {
       if (Dvp < NV * W) {
         values_of_rows<MR, kWholeRowsVectors>(job, r0, j0, t, 0, alpha, masked_out, clean_begin, clean_end, ahead);
@@ -650,6 +688,14 @@ struct ForwardKernel {
     return n;
   }
   static constexpr int kWholeRowsVectors = whole_rows_vectors();
+  // The same for half the tile's rows (padding_half), up to 8 vectors: 2 rows x 8 vectors
+  // on AVX-512, 2 x 4 on AVX2 and SSE2; 2 x 4 on AVX-512 when the value row is narrower.
+  static constexpr int half_rows_vectors() {
+    int n = 8;
+    while (n > 1 && (MR / 2) * n + n + 1 > kVectorRegisters) n /= 2;
+    return n;
+  }
+  static constexpr int kHalfRowsVectors = half_rows_vectors();
 
   // accumulate_values for rows [h, h + ROWS) of the tile, on P.V tiles NVW vectors wide.
   template <int ROWS, int NVW>
