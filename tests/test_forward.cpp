@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <vector>
 
@@ -26,6 +27,24 @@ std::int64_t cost(const Case& c) { return c.B * c.Hq * c.N * c.M * (c.D + c.Dv);
 
 const Layout kInputLayouts[] = {Layout::bhsd, Layout::bshd, Layout::padded, Layout::sliced, Layout::broadcast};
 const Layout kOutLayouts[] = {Layout::bhsd, Layout::bshd, Layout::padded, Layout::sliced};
+
+// Decoding shapes, each at B = 2, causal and not, against the oracle; `vary(c)` sets
+// what alternates from case to case (a view's layout, by the seed).
+struct DecodeShape {
+  std::int64_t Hq, Hkv, N, M, D, Dv;
+};
+template <class Vary>
+void check_decode_shapes(std::initializer_list<DecodeShape> shapes, std::uint32_t seed, Vary vary) {
+  for (const DecodeShape& sh : shapes)
+    for (const bool causal : {false, true}) {
+      Case c;
+      c.B = 2, c.Hq = sh.Hq, c.Hkv = sh.Hkv, c.N = sh.N, c.M = sh.M, c.D = sh.D, c.Dv = sh.Dv;
+      c.causal = causal;
+      c.seed = ++seed;
+      vary(c);
+      FTEST_CHECK_CASE(c);
+    }
+}
 
 }  // namespace
 
@@ -182,22 +201,10 @@ TEST_CASE("decoding with a vector's worth of stacked rows or more (rows as vecto
   // so on every ISA; on SSE2 only from M = 512, fewer keys take the tiles there): rows at,
   // below and above one and two lane tiles, key counts across block (256) and chunk (512+)
   // boundaries, causal and not, and out-of-place V (Dv = 19).
-  struct Shape {
-    std::int64_t Hq, Hkv, N, M, D, Dv;
-  };
-  const Shape shapes[] = {{16, 16, 16, 16, 64, 64},   {16, 1, 1, 300, 32, 19},  {32, 2, 1, 1100, 16, 16},
-                          {8, 1, 2, 257, 64, 64},     {4, 1, 5, 33, 48, 7},      {16, 2, 3, 700, 32, 32},
-                          {2, 2, 16, 1, 16, 16},      {8, 2, 9, 520, 64, 19},    {12, 4, 16, 31, 16, 33}};
-  std::uint32_t seed = 700;
-  for (const Shape& sh : shapes)
-    for (const bool causal : {false, true}) {
-      Case c;
-      c.B = 2, c.Hq = sh.Hq, c.Hkv = sh.Hkv, c.N = sh.N, c.M = sh.M, c.D = sh.D, c.Dv = sh.Dv;
-      c.causal = causal;
-      c.seed = ++seed;
-      c.lq = seed % 2 == 0 ? Layout::padded : Layout::bshd;  // strided query rows
-      FTEST_CHECK_CASE(c);
-    }
+  check_decode_shapes({{16, 16, 16, 16, 64, 64}, {16, 1, 1, 300, 32, 19}, {32, 2, 1, 1100, 16, 16},
+                       {8, 1, 2, 257, 64, 64}, {4, 1, 5, 33, 48, 7}, {16, 2, 3, 700, 32, 32}, {2, 2, 16, 1, 16, 16},
+                       {8, 2, 9, 520, 64, 19}, {12, 4, 16, 31, 16, 33}},
+                      700, [](Case& c) { c.lq = c.seed % 2 == 0 ? Layout::padded : Layout::bshd; });  // strided q rows
 }
 
 TEST_CASE("decoding with 1 to 3 stacked rows (tiles partly padding)", "[forward][decode]") {
@@ -207,23 +214,10 @@ TEST_CASE("decoding with 1 to 3 stacked rows (tiles partly padding)", "[forward]
   // AVX-512, D = 64: 4); 3 rows take the whole tile. D = 17 packs K, which scores every row.
   // Key counts across blocks (256) and chunks (512+); causal (2 queries see different keys)
   // and not; out-of-place V (Dv = 19, 136).
-  struct Shape {
-    std::int64_t Hq, Hkv, N, M, D, Dv;
-  };
-  const Shape shapes[] = {{4, 4, 1, 1031, 128, 128}, {4, 2, 1, 777, 128, 136},  {3, 3, 2, 513, 128, 128},
-                          {2, 2, 1, 300, 64, 64},    {6, 3, 1, 1300, 64, 19},   {2, 1, 1, 257, 256, 256},
-                          {3, 1, 1, 1100, 128, 128}, {3, 3, 1, 97, 64, 64},     {2, 1, 1, 600, 17, 9},
-                          {1, 1, 2, 1, 16, 16}};
-  std::uint32_t seed = 750;
-  for (const Shape& sh : shapes)
-    for (const bool causal : {false, true}) {
-      Case c;
-      c.B = 2, c.Hq = sh.Hq, c.Hkv = sh.Hkv, c.N = sh.N, c.M = sh.M, c.D = sh.D, c.Dv = sh.Dv;
-      c.causal = causal;
-      c.seed = ++seed;
-      c.lv = seed % 2 == 0 ? Layout::padded : Layout::bhsd;  // V in place or packed
-      FTEST_CHECK_CASE(c);
-    }
+  check_decode_shapes({{4, 4, 1, 1031, 128, 128}, {4, 2, 1, 777, 128, 136}, {3, 3, 2, 513, 128, 128},
+                       {2, 2, 1, 300, 64, 64}, {6, 3, 1, 1300, 64, 19}, {2, 1, 1, 257, 256, 256},
+                       {3, 1, 1, 1100, 128, 128}, {3, 3, 1, 97, 64, 64}, {2, 1, 1, 600, 17, 9}, {1, 1, 2, 1, 16, 16}},
+                      750, [](Case& c) { c.lv = c.seed % 2 == 0 ? Layout::padded : Layout::bhsd; });  // V packed or not
 }
 
 TEST_CASE("fused matches the reference for GQA, MQA and causal alignments through every layout",
