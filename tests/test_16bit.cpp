@@ -138,8 +138,6 @@ const Dims kShapes[] = {
     {1, 4, 4, 1, 1031, 64, 64},  // one query head per KV head, K/V in place, a prime M
     // Decoding's wide P.V tiles (8 vectors on AVX-512) with a one-vector tail, a prime M.
     {1, 8, 2, 1, 1283, 128, 136}, {1, 8, 2, 2, 700, 128, 128},
-    // 1 or 2 stacked rows: half of a 4-row tile is padding, and the live half alone runs.
-    {1, 4, 2, 1, 777, 128, 128}, {2, 2, 2, 2, 613, 64, 64},
 };
 
 struct OptionSet {
@@ -186,6 +184,28 @@ TEST_CASE("16-bit: every combination, option and score matches the oracle, prefi
         check(p);
       }
     }
+  });
+}
+
+TEST_CASE("16-bit: the decoding tiles' row and width cases under every option set", "[16bit][decode]") {
+  // The decode driver's 16-bit tiles by stacked rows and value width, K and V in place
+  // (D a multiple of 16): 4 rows at D = 64, all on 4-vector P.V tiles (narrower than the
+  // 8-vector ones); 2 rows at D = 128 and 1 row at D = 64, the live half of a 4-row tile;
+  // 9 rows at D = 64, whose last 6-row tile (AVX2, AVX-512) has 3 live rows; 3 rows at
+  // D = 128, a 4-row tile with one padding row. Every option set on each, every combination.
+  const Dims shapes[] = {{1, 8, 2, 1, 777, 64, 64},   {1, 4, 2, 1, 613, 128, 128}, {2, 3, 3, 1, 520, 64, 64},
+                         {1, 9, 1, 1, 555, 64, 64},   {1, 6, 2, 1, 301, 128, 128}};
+  std::uint32_t seed = 17000;
+  for_each_combination([&](const std::function<void(Problem&)>& check, const char* combination) {
+    for (const auto& set : option_sets())
+      for (const Dims& d : shapes) {
+        REQUIRE(on_decode_driver(d));
+        ++seed;
+        Problem p(d, seed, seed % 2 == 0 ? Layout::bhsd : Layout::padded);
+        set.apply(p);
+        INFO(combination << ", option set: " << set.name);
+        check(p);
+      }
   });
 }
 

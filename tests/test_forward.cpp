@@ -212,11 +212,14 @@ TEST_CASE("decoding with 1 to 3 stacked rows (tiles partly padding)", "[forward]
   // multiple of 16 here, so on every ISA) that half alone is scored, weighed and
   // accumulated, its P.V tiles as wide as the value row allows (D = 128: 8 vectors on
   // AVX-512, D = 64: 4); 3 rows take the whole tile. D = 17 packs K, which scores every row.
+  // 9 rows: the last 6-row tile has 3 live rows on AVX-512, the last 4-row tile 1 on SSE2
+  // (below 512 keys; AVX2 takes 8 rows and more as vector lanes).
   // Key counts across blocks (256) and chunks (512+); causal (2 queries see different keys)
   // and not; out-of-place V (Dv = 19, 136).
   check_decode_shapes({{4, 4, 1, 1031, 128, 128}, {4, 2, 1, 777, 128, 136}, {3, 3, 2, 513, 128, 128},
                        {2, 2, 1, 300, 64, 64}, {6, 3, 1, 1300, 64, 19}, {2, 1, 1, 257, 256, 256},
-                       {3, 1, 1, 1100, 128, 128}, {3, 3, 1, 97, 64, 64}, {2, 1, 1, 600, 17, 9}, {1, 1, 2, 1, 16, 16}},
+                       {3, 1, 1, 1100, 128, 128}, {3, 3, 1, 97, 64, 64}, {2, 1, 1, 600, 17, 9}, {1, 1, 2, 1, 16, 16},
+                       {9, 1, 1, 700, 64, 64}, {9, 1, 1, 300, 128, 128}},
                       750, [](Case& c) { c.lv = c.seed % 2 == 0 ? Layout::padded : Layout::bhsd; });  // V packed or not
 }
 

@@ -134,9 +134,10 @@ Workload parse(const char* spec, const Build& convert) {
   Workload w;
   char mode[16] = {}, cold[8] = {};
   int causal = 0;
-  const int fields = std::sscanf(spec, "%15s %ld %ld %ld %ld %ld %d %d %7s", mode, &w.Hq, &w.Hkv, &w.N, &w.M, &w.D,
-                                 &w.threads, &causal, cold);
-  if (fields < 8 || (fields == 9 && std::strcmp(cold, "cold") != 0) || w.Hq < 1 || w.Hkv < 1 || w.Hq % w.Hkv != 0 ||
+  char extra[2] = {};
+  const int fields = std::sscanf(spec, "%15s %ld %ld %ld %ld %ld %d %d %7s %1s", mode, &w.Hq, &w.Hkv, &w.N, &w.M, &w.D,
+                                 &w.threads, &causal, cold, extra);
+  if (fields < 8 || fields > 9 || (fields == 9 && std::strcmp(cold, "cold") != 0) || w.Hq < 1 || w.Hkv < 1 || w.Hq % w.Hkv != 0 ||
       w.N < 1 || w.M < 1 || w.D < 1) {
     std::fprintf(stderr, "flashcpu-ab: expected \"mode Hq Hkv N M D threads causal [cold]\", got \"%s\"\n", spec);
     std::exit(2);
@@ -197,7 +198,7 @@ double quantile(std::vector<double> x, double f) {
 
 int main(int argc, char** argv) {
   if (argc < 5) {
-    std::fprintf(stderr, "usage: flashcpu-ab libA.so libB.so rounds \"mode Hq Hkv N M D threads causal\" ...\n");
+    std::fprintf(stderr, "usage: flashcpu-ab libA.so libB.so rounds \"mode Hq Hkv N M D threads causal [cold]\" ...\n");
     return 2;
   }
   const Build a = load(argv[1]), b = load(argv[2]);
@@ -225,14 +226,14 @@ int main(int argc, char** argv) {
         w.ms_a.push_back(w.run(a));
       }
     }
-  std::printf("%-6s %3s %3s %5s %5s %4s %2s %1s | %9s %9s | %9s %9s | %7s | %s\n", "mode", "Hq", "Hkv", "N", "M", "D",
-              "th", "c", "A min ms", "A median", "B min ms", "B median", "min A/B", "A/B per round: median (q1-q3)");
+  std::printf("%-6s %3s %3s %5s %5s %4s %2s %1s %4s | %9s %9s | %9s %9s | %7s | %s\n", "mode", "Hq", "Hkv", "N", "M",
+              "D", "th", "c", "kv", "A min ms", "A median", "B min ms", "B median", "min A/B", "A/B per round: median (q1-q3)");
   for (const Workload& w : work) {
     std::vector<double> ratio;
     for (std::size_t i = 0; i < w.ms_a.size(); ++i) ratio.push_back(w.ms_a[i] / w.ms_b[i]);
     const double min_a = quantile(w.ms_a, 0), min_b = quantile(w.ms_b, 0);
-    std::printf("%-6s %3ld %3ld %5ld %5ld %4ld %2d %1d | %9.3f %9.3f | %9.3f %9.3f | %7.3f | %.3f (%.3f-%.3f)\n",
-                w.mode.c_str(), w.Hq, w.Hkv, w.N, w.M, w.D, w.threads, int(w.causal), min_a, quantile(w.ms_a, 0.5),
+    std::printf("%-6s %3ld %3ld %5ld %5ld %4ld %2d %1d %4s | %9.3f %9.3f | %9.3f %9.3f | %7.3f | %.3f (%.3f-%.3f)\n",
+                w.mode.c_str(), w.Hq, w.Hkv, w.N, w.M, w.D, w.threads, int(w.causal), w.copies > 1 ? "cold" : "hot", min_a, quantile(w.ms_a, 0.5),
                 min_b, quantile(w.ms_b, 0.5), min_a / min_b, quantile(ratio, 0.5), quantile(ratio, 0.25),
                 quantile(ratio, 0.75));
   }

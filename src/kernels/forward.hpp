@@ -554,11 +554,9 @@ struct ForwardKernel {
     } else {
       const KV* k = k_rows(job) + (j0 + t.c0 - job.keys.begin) * job.keys.k_row_stride;
       if constexpr (MR % 2 == 0) {
-        if (padding_half(job, r0)) {  // the live rows only; the padding rows' scores 0
-          scores_tile_rows<MR / 2, 4>(q, D, k, job.keys.k_row_stride, t.num_keys - t.c0, t.cols - t.c0, scores, Bk,
-                                      ahead);
-          for (int r = MR / 2; r < MR; ++r)
-            for (std::int64_t j = 0; j < t.cols - t.c0; j += W) batch(0.0f).store_aligned(scores + r * Bk + j);
+        if (padding_half(job, r0)) {  // the live rows only
+          scores_tile_rows<MR / 2, kHalfKeysPerPass>(q, D, k, job.keys.k_row_stride, t.num_keys - t.c0,
+                                                     t.cols - t.c0, scores, Bk, ahead);
           return false;
         }
       }
@@ -569,12 +567,18 @@ struct ForwardKernel {
 
   // Whether the second half of the tile at r0 is padding while K is read in place
   // (decoding with 1 or 2 stacked rows on a 4-row tile: MHA, or 2 query heads per KV
-  // head). Such a tile scores, weighs and accumulates its first half only; its
-  // padding rows keep scores 0 and alpha 1, and no P.V tile adds to them. The panel
-  // kernels (and the AMX and vdpbf16ps ones, which read panels only) score every row.
+  // head; any last tile at most half full). Such a tile scores, weighs and accumulates
+  // its first half only: its padding rows get alpha 1, and their scores are neither
+  // computed nor read (the epilogue, the softmax and the P.V tiles see live rows only).
+  // The panel kernels (and the AMX and vdpbf16ps ones, which read panels only) score
+  // every row.
   static bool padding_half(const QueryBlockJob& job, std::int64_t r0) {
     return MR % 2 == 0 && job.keys.k_rows != nullptr && job.q.rows - r0 <= MR / 2;
   }
+  // Keys per pass of the half tile's scores: 4 (2 rows x 4 keys, the full tile's 8
+  // chains), or 2 where 4 would not fit the registers with the keys and a query vector
+  // (3 rows of a 6-row tile on 16 registers).
+  static constexpr int kHalfKeysPerPass = (MR / 2) * 4 + 4 + 1 <= (W >= 16 ? 32 : 16) ? 4 : 2;
 
   // Per row of the tile, the exclusions by its visible interval, the running max
   // and sum, and the scores turned into probabilities in place; alpha[r] rescales the
@@ -654,7 +658,7 @@ struct ForwardKernel {
     const std::int64_t Dvp = job.dims.value_dim_padded;
     if constexpr (MR % 2 == 0) {
       if (padding_half(job, r0)) {  // the live half's rows, on as many vectors as they fill
-        if (Dvp >= kHalfRowsVectors * W || kHalfRowsVectors < 2)
+        if (half_tile_wide(Dvp))
           values_of_rows<MR / 2, kHalfRowsVectors>(job, r0, j0, t, 0, alpha, masked_out, clean_begin, clean_end,
                                                    ahead);
         else
@@ -696,6 +700,8 @@ struct ForwardKernel {
     return n;
   }
   static constexpr int kHalfRowsVectors = half_rows_vectors();
+  // Whether a half tile's value row takes kHalfRowsVectors-wide P.V tiles (else half that).
+  static bool half_tile_wide(std::int64_t Dvp) { return Dvp >= kHalfRowsVectors * W || kHalfRowsVectors < 2; }
 
   // accumulate_values for rows [h, h + ROWS) of the tile, on P.V tiles NVW vectors wide.
   template <int ROWS, int NVW>
