@@ -869,9 +869,8 @@ struct ForwardKernel {
   // NV, or kWholeRowsVectors when a 16-bit value row narrower than NV vectors takes all
   // rows at once (D = 96: 4 + 2 vectors, two column passes, so requests: bf16 K/V 32/8
   // heads M = 16384, tools/ab_builds cold, 1.049 and 1.064 against none; fp16 at D = 80
-  // 1.029). The half
-  // tiles keep NV: fp32 1 or 2 rows at D = 128 on 2 x 8 tiles ran 0.97-0.985x without
-  // requests (same method).
+  // 1.029). The half tiles keep NV: fp32 1 or 2 rows at D = 128 on 2 x 8 tiles ran
+  // 0.97-0.985x without requests (same method).
   static int value_tile_vectors(const QueryBlockJob& job) {
     return PR < MR && job.dims.value_dim_padded < NV * W ? kWholeRowsVectors : NV;
   }
