@@ -101,6 +101,9 @@ struct ForwardKernel {
   using batch = xsimd::batch<float, Arch>;
   static constexpr int W = int(batch::size);
   static constexpr int NR = NRV * W;
+  // Vector registers of the ISA: 32 with AVX-512's 16-float vectors, else 16. The tile
+  // shapes chosen inside the kernel (half tiles, whole-row P.V tiles) must fit them.
+  static constexpr int kVectorRegisters = W >= 16 ? 32 : 16;
 
   static batch load_kv(const KV* p) { return widen<Arch>(p); }
   static const KV* k_rows(const QueryBlockJob& job) { return static_cast<const KV*>(job.keys.k_rows); }
@@ -578,7 +581,7 @@ struct ForwardKernel {
   // Keys per pass of the half tile's scores: 4 (2 rows x 4 keys, the full tile's 8
   // chains), or 2 where 4 would not fit the registers with the keys and a query vector
   // (3 rows of a 6-row tile on 16 registers).
-  static constexpr int kHalfKeysPerPass = (MR / 2) * 4 + 4 + 1 <= (W >= 16 ? 32 : 16) ? 4 : 2;
+  static constexpr int kHalfKeysPerPass = (MR / 2) * 4 + 4 + 1 <= kVectorRegisters ? 4 : 2;
 
   // Per row of the tile, the exclusions by its visible interval, the running max
   // and sum, and the scores turned into probabilities in place; alpha[r] rescales the
@@ -685,7 +688,6 @@ struct ForwardKernel {
   // accumulator chains, too few for the FMA latency), so it takes all MR rows at once
   // instead, on the widest power of two of vectors whose MR-row tile fits the registers
   // (accumulators, the value vectors, one broadcast): 4 rows x 4 vectors on AVX-512.
-  static constexpr int kVectorRegisters = W >= 16 ? 32 : 16;
   static constexpr int whole_rows_vectors() {
     int n = NV;
     while (n > 1 && MR * n + n + 1 > kVectorRegisters) n /= 2;
