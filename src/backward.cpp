@@ -1,16 +1,21 @@
 // attention_backward: the fused backward's driver, over the kernels of
-// kernels/backward.hpp. Every item owns its outputs outright: no partial sums are
-// reduced across threads, and each output element is summed by one thread in an order
-// fixed by the tiles alone, so results are bitwise identical for every thread count.
-// Two schedules, with bitwise the same results (kernels/backward.hpp):
-//  - one pass, items (batch, KV head): dK, dV and dQ of the head, P and dS once per
-//    block pair; when there are enough heads to go round the threads;
-//  - two passes, parallel over blocks, for few heads on many threads:
+// kernels/backward.hpp. No partial sums are reduced across threads: each output element
+// is summed in an order fixed by the blocks alone, so results are bitwise identical for
+// every thread count and schedule (detail::BackwardSchedule):
+//  - the one pass over whole heads, items (batch, KV head): dK, dV and dQ of the head,
+//    P and dS once per block pair; when there are enough heads to go round the threads;
+//  - the one pass over key blocks in turn, items (batch, KV head, key block), for few
+//    heads on many threads: dK and dV of the block, and its share of the group's dQ,
+//    which the key blocks of a head add in key order, each query block's rows waiting for
+//    the key block before (detail::DqTurns). The group's query side is packed before, by
+//    query block, shared by the threads, and its dq written after;
+//  - two passes, when a group's query rows would take too much memory:
 //      1. (batch, KV head, key block): dK and dV of the block, summed over the group's
 //         query heads and the query blocks that see it;
 //      2. (batch, query head, query block): dQ of the block, summed over its key blocks;
 //    P and dS are recomputed in each pass, two more products.
-// Working memory per thread: the tiles, plus every query row of the group (one pass).
+// Working memory: per thread the tiles and a block's query side, or (whole heads) every
+// query row of its group; the key blocks in turn share every query row of each group.
 // Rows whose lse is too coarse to recompute P from (masked by -1e9, say) get their own
 // statistics first (backward_row_stats).
 #include <flashcpu/flashcpu.hpp>
@@ -18,10 +23,12 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <memory>
 #include <new>
+#include <thread>
 
 #include "dispatch.hpp"
 #include "plan.hpp"
@@ -44,7 +51,14 @@ constexpr std::int64_t kBlockKeys = 64;
 // a group): beyond it, two passes.
 constexpr std::int64_t kOnePassBytes = std::int64_t(64) << 20;
 
-// The parts of BackwardScratch, in floats, for one thread.
+// A key block's passed turns (detail::DqTurns), a cache line each: neighbours are
+// written by different threads.
+struct alignas(64) Turns {
+  std::atomic<std::int64_t> passed{0};
+};
+
+// The parts of BackwardScratch, in floats, for one thread (or, with no keys and blocks,
+// the query side of a group).
 struct BackwardSizes {
   std::int64_t query_rows;  // rows of the query side: a block, or every row of the group
   std::int64_t keys;        // keys of the key side: a block
@@ -119,6 +133,18 @@ void write_zeros(const TensorView<T>& t) {
 }  // namespace
 
 namespace detail {
+void await_turn(const DqTurns& turns, std::int64_t t) {
+  if (!turns.previous) return;
+  for (int spins = 0; turns.previous->load(std::memory_order_acquire) <= t; ++spins)
+    if (spins < 64)
+      __builtin_ia32_pause();
+    else
+      std::this_thread::yield();  // the previous key block's thread may share this core
+}
+void pass_turns(const DqTurns& turns, std::int64_t past) {
+  if (turns.own) turns.own->store(past, std::memory_order_release);
+}
+
 bool coarse_lse(float lse) {
   const float lse2 = lse * 1.4426950408889634f;  // +-inf beyond the range: coarse too
   return (lse2 >= 1024.0f || lse2 <= -1024.0f) && lse != -std::numeric_limits<float>::infinity();
@@ -132,7 +158,8 @@ namespace {
 template <class T>
 void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v, TensorView<const T> out,
                   TensorView<const float> lse, TensorView<const T> dout, TensorView<T> dq, TensorView<T> dk,
-                  TensorView<T> dv, const AttentionOptions& options) {
+                  TensorView<T> dv, const AttentionOptions& options,
+                  detail::BackwardSchedule schedule = detail::BackwardSchedule::automatic) {
   const detail::AttentionShape s = detail::validate_backward(q, k, v, out, lse, dout, dq, dk, dv, options);
   const detail::KernelTable& kernels = detail::active_kernels(detail::DType::f32);
   const std::int64_t B = s.batch, Hq = s.q_heads, Hkv = s.kv_heads, N = s.q_len, M = s.kv_len;
@@ -149,10 +176,11 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   const std::int64_t Bk = round_up(std::min(kBlockKeys, M), kernels.panel_keys);
   const std::int64_t Dp = round_up(D, W), Dvp = round_up(Dv, W);
 
-  // The schedule. One pass per KV head does five products per block pair; two passes do
-  // seven but split a head's work into blocks. One pass when whole heads keep the
-  // threads as busy: rounds of heads x 5 <= heads per thread x 7 (and its per-thread
-  // scratch, every query row of a group, stays below kOnePassBytes).
+  // The schedule. The one pass does five products per block pair; two passes do seven
+  // but need no memory for a whole group's query rows. The one pass runs over whole heads
+  // when they keep the threads busy (at least 90% of the rounds' slots filled), else over
+  // the heads' key blocks, threads taking turns at dQ (detail::DqTurns). Two passes when
+  // the group's rows exceed the memory below.
   const std::int64_t key_blocks = (M + Bk - 1) / Bk, q_blocks = (N + Br - 1) / Br;
   const std::int64_t heads = B * Hkv, key_items = heads * key_blocks, query_items = B * Hq * q_blocks;
   // Its five products: two and a half times a forward's two.
@@ -160,18 +188,34 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   std::int64_t group_rows = 0;  // every query row of a group, padded per block
   if (__builtin_mul_overflow(group, q_blocks * Br, &group_rows)) group_rows = std::numeric_limits<std::int64_t>::max() / 4;
   const BackwardSizes one_pass{group_rows, Bk, group_rows, D, Dv, Dp, Dvp, Br, Bk, mr};
-  const std::int64_t one_pass_floats = one_pass.total();
-  const bool whole_heads = (heads + wanted - 1) / wanted * 5 <= heads * 7 / wanted &&
-                           one_pass_floats <= kOnePassBytes / std::int64_t(sizeof(float));
-  // Two passes (and the coarse rows' statistics): the query side and the key side of a block.
+  // Two passes (and the coarse rows' statistics, and the key blocks in turn): the query
+  // side and the key side of a block.
   const BackwardSizes two_pass{Br, Bk, Br, D, Dv, Dp, Dvp, Br, Bk, mr};
+  // Key blocks in turn: each head's query side, shared by the threads, besides two_pass.
+  const BackwardSizes group_side{group_rows, 0, group_rows, D, Dv, Dp, Dvp, 0, 0, 0};
+  constexpr std::int64_t kBudget = kOnePassBytes / std::int64_t(sizeof(float));
+  std::int64_t shared_floats = 0;
+  const bool one_pass_fits = one_pass.total() <= kBudget;
+  const bool shared_fits = !__builtin_mul_overflow(group_side.total(), heads, &shared_floats) &&
+                           shared_floats / wanted <= kBudget;
+  const std::int64_t rounds = (heads + wanted - 1) / wanted;
+  if (schedule == detail::BackwardSchedule::automatic)
+    schedule = one_pass_fits && heads * 10 >= rounds * wanted * 9 ? detail::BackwardSchedule::whole_heads
+               : shared_fits                                      ? detail::BackwardSchedule::key_blocks_in_turn
+               : one_pass_fits && rounds * 5 <= heads * 7 / wanted ? detail::BackwardSchedule::whole_heads
+                                                                   : detail::BackwardSchedule::two_passes;
+  const bool whole_heads = schedule == detail::BackwardSchedule::whole_heads;
+  const bool in_turn = schedule == detail::BackwardSchedule::key_blocks_in_turn;
   const BackwardSizes& sizes = whole_heads ? one_pass : two_pass;
-  const std::int64_t items = std::max({heads, key_items, query_items});
-  const int threads = int(std::min<std::int64_t>(wanted, whole_heads ? heads : items));
+  const std::int64_t items = whole_heads ? heads : in_turn ? key_items : std::max(key_items, query_items);
+  const int threads = int(std::min<std::int64_t>(wanted, items));
   std::int64_t scratch_floats = 0;
   if (__builtin_mul_overflow(sizes.total(), std::int64_t(threads), &scratch_floats))
     scratch_floats = std::numeric_limits<std::int64_t>::max();
-  detail::AlignedBuffer scratch(scratch_floats);  // before any thread starts: failure reaches the caller
+  // Before any thread starts: failure reaches the caller.
+  detail::AlignedBuffer scratch(scratch_floats);
+  detail::AlignedBuffer shared(in_turn ? shared_floats : 0);
+  std::unique_ptr<Turns[]> turns(in_turn ? new Turns[std::size_t(key_items)] : nullptr);
 
   // Coarse rows (see BackwardJob::coarse_shift): their statistics for the whole call, B x
   // Hq x N each, only when there is one.
@@ -227,6 +271,14 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
     job.first = item % q_blocks * Br;
     job.count = std::min(Br, N - job.first);
   };
+  // entry(job) for every query block of the group, in order (the one pass).
+  auto for_query_blocks = [&](BackwardJob& job, void (*entry)(const BackwardJob&)) {
+    for (job.head = 0; job.head < group; ++job.head)
+      for (job.first = 0; job.first < N; job.first += Br) {
+        job.count = std::min(Br, N - job.first);
+        entry(job);
+      }
+  };
   if (any_coarse) {
     // Statistics of the coarse rows; two-pass-sized scratch suffices (a block per item).
     detail::run_parallel(threads, [&] {
@@ -247,9 +299,61 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
 #pragma omp for schedule(dynamic) nowait
       for (std::int64_t item = 0; item < heads; ++item) {
         bind(job, item / Hkv, item % Hkv);
-        kernels.backward_head(job);
+        for_query_blocks(job, kernels.backward_pack_queries);
+        for (std::int64_t j0 = 0; j0 < M; j0 += Bk) {
+          job.first = j0;
+          job.count = std::min(Bk, M - j0);
+          kernels.backward_key_block(job);
+        }
+        for_query_blocks(job, kernels.backward_write_queries);
       }
     });
+    return;
+  }
+
+  if (in_turn) {
+    // The query side of head `head` (batch x KV head) in its share of `shared`, the rest of
+    // the scratch the thread's.
+    auto group_scratch = [&](BackwardScratch m, std::int64_t head) {
+      const BackwardScratch g = group_side.carve(shared.get(), int(head));
+      m.q_rows = g.q_rows, m.dout_rows = g.dout_rows, m.dq_acc = g.dq_acc;
+      m.row_shift = g.row_shift, m.row_scale = g.row_scale, m.delta = g.delta;
+      return m;
+    };
+    // Items (batch, query head, query block), each packing or writing its block.
+    auto per_query_block = [&](void (*entry)(const BackwardJob&)) {
+      detail::run_parallel(threads, [&] {
+        BackwardJob job = base;
+        const BackwardScratch own = two_pass.carve(scratch.get(), omp_get_thread_num());
+#pragma omp for schedule(static) nowait
+        for (std::int64_t item = 0; item < query_items; ++item) {
+          bind_query_block(job, item);
+          const std::int64_t head = item / q_blocks / Hq * Hkv + item / q_blocks % Hq / group;
+          job.scratch = group_scratch(own, head);
+          entry(job);
+        }
+      });
+    };
+    per_query_block(kernels.backward_pack_queries);
+    // Items (batch, KV head, key block), handed out in that order. A key block waits only
+    // for the one before it, which was handed out before it and is running or done; the
+    // lowest unfinished item waits for no one. So every item finishes, on any number of
+    // threads.
+    std::atomic<std::int64_t> next_item{0};
+    detail::run_parallel(threads, [&] {
+      BackwardJob job = base;
+      const BackwardScratch own = two_pass.carve(scratch.get(), omp_get_thread_num());
+      for (std::int64_t item; (item = next_item.fetch_add(1, std::memory_order_relaxed)) < key_items;) {
+        const std::int64_t head = item / key_blocks, kb = item % key_blocks;
+        bind(job, head / Hkv, head % Hkv);
+        job.scratch = group_scratch(own, head);
+        job.first = kb * Bk;
+        job.count = std::min(Bk, M - job.first);
+        job.turns = {kb > 0 ? &turns[std::size_t(item - 1)].passed : nullptr, &turns[std::size_t(item)].passed};
+        kernels.backward_key_block(job);
+      }
+    });
+    per_query_block(kernels.backward_write_queries);
     return;
   }
 
@@ -290,6 +394,14 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
                         const AttentionOptions& options) {
   backward_any(q, k, v, out, lse, dout, dq, dk, dv, options);
 }
+namespace detail {
+void attention_backward_scheduled(BackwardSchedule schedule, TensorView<const float> q, TensorView<const float> k,
+                                  TensorView<const float> v, TensorView<const float> out,
+                                  TensorView<const float> lse, TensorView<const float> dout, TensorView<float> dq,
+                                  TensorView<float> dk, TensorView<float> dv, const AttentionOptions& options) {
+  backward_any(q, k, v, out, lse, dout, dq, dk, dv, options, schedule);
+}
+}  // namespace detail
 void attention_backward(TensorView<const bf16> q, TensorView<const bf16> k, TensorView<const bf16> v,
                         TensorView<const bf16> out, TensorView<const float> lse, TensorView<const bf16> dout,
                         TensorView<bf16> dq, TensorView<bf16> dk, TensorView<bf16> dv, const AttentionOptions& options) {

@@ -180,4 +180,17 @@ void run_decode(const Plan& plan, const CallViews& views);
 /// benchmarks' labels name it, since the variant's name is that of its prefill tiles.
 std::string describe_decode(const Plan& plan, const AnyView& k);
 
+/// The fused backward's schedules (src/backward.cpp). All give bitwise the same gradients.
+enum class BackwardSchedule {
+  automatic,           // the one below that suits the call
+  whole_heads,         // the one pass, a thread per (batch, KV head)
+  key_blocks_in_turn,  // the one pass, threads per key block, taking turns at dQ
+  two_passes,          // dK and dV per key block, then dQ per query block
+};
+/// attention_backward (fp32) on a given schedule, so that tests reach each one.
+void attention_backward_scheduled(BackwardSchedule schedule, TensorView<const float> q, TensorView<const float> k,
+                                  TensorView<const float> v, TensorView<const float> out,
+                                  TensorView<const float> lse, TensorView<const float> dout, TensorView<float> dq,
+                                  TensorView<float> dk, TensorView<float> dv, const AttentionOptions& options);
+
 }  // namespace flashcpu::detail

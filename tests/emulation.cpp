@@ -57,6 +57,8 @@ KernelTable emulated_table(Isa isa, const char* name, int rows, int keys, bool t
           nullptr,
           nullptr,
           nullptr,
+          nullptr,
+          nullptr,
           nullptr};
 }
 

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "attention_oracle.hpp"
+#include "plan.hpp"
 #include "util.hpp"
 
 namespace {
@@ -64,9 +65,21 @@ void forward(Problem& p, Grads& g) {
   g.dout.fill_uniform(p.rng, -1.0f, 1.0f);
 }
 
-void run_fused(Problem& p, Grads& g) {
-  flashcpu::attention_backward(p.q.cview(), p.k.cview(), p.v.cview(), p.out.cview(), p.lse.cview(), g.dout.cview(),
-                               g.dq.view(), g.dk.view(), g.dv.view(), p.opt);
+using flashcpu::detail::BackwardSchedule;
+// Every schedule the driver has (src/backward.cpp), the automatic choice first.
+constexpr BackwardSchedule kSchedules[] = {BackwardSchedule::automatic, BackwardSchedule::whole_heads,
+                                           BackwardSchedule::key_blocks_in_turn, BackwardSchedule::two_passes};
+const char* schedule_name(BackwardSchedule s) {
+  return s == BackwardSchedule::automatic            ? "automatic"
+         : s == BackwardSchedule::whole_heads        ? "whole heads"
+         : s == BackwardSchedule::key_blocks_in_turn ? "key blocks in turn"
+                                                     : "two passes";
+}
+
+void run_fused(Problem& p, Grads& g, BackwardSchedule schedule = BackwardSchedule::automatic) {
+  flashcpu::detail::attention_backward_scheduled(schedule, p.q.cview(), p.k.cview(), p.v.cview(), p.out.cview(),
+                                                 p.lse.cview(), g.dout.cview(), g.dq.view(), g.dk.view(),
+                                                 g.dv.view(), p.opt);
 }
 
 // The oracle's gradients, contiguous.
@@ -229,11 +242,12 @@ void compare_with_oracle(Problem& p, Grads& g, const Expected& fwd, BackwardOutc
   compare_grad(("dv" + suffix).c_str(), g.dv, want.dv, tol.dv, o);
 }
 
-BackwardOutcome check_backward(Problem& p, Layout outs = Layout::padded) {
+BackwardOutcome check_backward(Problem& p, Layout outs = Layout::padded,
+                               BackwardSchedule schedule = BackwardSchedule::automatic) {
   Grads g(p, outs);
   forward(p, g);
   const Expected fwd = expect(p.q.cview(), p.k.cview(), p.v.cview(), p.opt);
-  run_fused(p, g);
+  run_fused(p, g, schedule);
   BackwardOutcome o;
   compare_with_oracle(p, g, fwd, o);
   return o;
@@ -429,8 +443,12 @@ TEST_CASE("the fused backward matches the oracle for every option set and score"
       ++seed;
       Problem p(d, seed, seed % 2 ? Layout::padded : Layout::bshd, seed % 3 ? Layout::padded : Layout::bhsd);
       set.apply(p);
-      INFO("option set: " << set.name);
-      CHECK_BACKWARD(p, seed % 2 ? Layout::bshd : Layout::sliced);
+      // Each option set on each forced schedule in turn, on 3 threads: more threads than
+      // this machine's cores, so that key blocks in turn wait for one another.
+      const BackwardSchedule schedule = kSchedules[1 + seed % 3];
+      p.opt.num_threads = 3;
+      INFO("option set: " << set.name << ", " << schedule_name(schedule));
+      CHECK_BACKWARD(p, seed % 2 ? Layout::bshd : Layout::sliced, schedule);
     }
 }
 
@@ -450,11 +468,14 @@ TEST_CASE("the fused backward on randomized awkward shapes, views and GQA", "[ba
       if (t % 5 == 2) p.full_bool(0.3);
       if (t % 7 == 3) p.softcap(1.5f);
       if (t % 4 == 0) p.alibi();
-      p.opt.num_threads = t % 2 ? 1 : 3;  // one pass; mostly two passes (src/backward.cpp)
+      p.opt.num_threads = t % 2 ? 1 : 3;
     };
+    // One thread: whole heads; three: every schedule in turn.
+    const BackwardSchedule schedule = t % 2 ? BackwardSchedule::automatic : kSchedules[t / 2 % 4];
     Problem p(d, seed, in, kv);
     options(p);
-    CHECK_BACKWARD(p, grads);
+    INFO(schedule_name(schedule));
+    CHECK_BACKWARD(p, grads, schedule);
     if (t % 3 != 0) continue;
     // Every third shape also through the 16-bit backward, alternately bf16 and fp16.
     Problem p16(d, seed, in, kv);
@@ -641,39 +662,43 @@ TEST_CASE("non-finite q, dout or keys: what a row cannot see stays out, a visibl
     }
 }
 
-TEST_CASE("the fused backward is bitwise identical for 1, 2, 3 and 5 threads", "[backward][threads]") {
-  // Both schedules are reached: one pass over whole KV heads with 1 thread (and with 2 and
-  // 5 threads on 4 heads), two passes over blocks with 2, 3 and 5 threads on 1 head and
-  // with 3 threads on 4 heads (src/backward.cpp); they must agree bitwise too.
+TEST_CASE("the fused backward is bitwise identical for 1, 2, 3 and 5 threads and every schedule",
+          "[backward][threads]") {
+  // The automatic choice (src/backward.cpp) takes whole heads with 1 thread and with 2 on
+  // 4 heads, key blocks in turn with 2, 3 and 5 threads on 1 head and with 3 and 5 on 4;
+  // each schedule is also forced on each thread count. All must agree bitwise with one
+  // thread.
   for (int t = 0; t < 6; ++t) {
     const bool gauss = t % 2 == 1;
     const Dims d = t < 2 ? Dims{2, 6, 2, 150, 170, 24, 20} : Dims{1, 3, 1, 150, 170, 24, 20};
     std::vector<float> first_dq, first_dk, first_dv;
-    for (int threads : {1, 2, 3, 5}) {
-      Problem p(d, 7400);
-      if (t < 4) {
-        p.causal();
-        p.full_mask(0.05);
-      } else {  // every option, sinks, and a row masked by -1e9 (its statistics recomputed)
-        every_option(p);
-        p.sinks(-1.0f, 1.0f);
-        for (std::int64_t h = 0; h < d.Hq; ++h)
-          for (std::int64_t j = 0; j < d.M; ++j) p.mask_buf[std::size_t((h * d.N + 7) * d.M + j)] = -1e9f;
+    for (int threads : {1, 2, 3, 5})
+      for (const BackwardSchedule schedule : kSchedules) {
+        Problem p(d, 7400);
+        if (t < 4) {
+          p.causal();
+          p.full_mask(0.05);
+        } else {  // every option, sinks, and a row masked by -1e9 (its statistics recomputed)
+          every_option(p);
+          p.sinks(-1.0f, 1.0f);
+          for (std::int64_t h = 0; h < d.Hq; ++h)
+            for (std::int64_t j = 0; j < d.M; ++j) p.mask_buf[std::size_t((h * d.N + 7) * d.M + j)] = -1e9f;
+        }
+        if (gauss) p.gaussian();
+        p.opt.num_threads = threads;
+        Grads g(p, Layout::padded);
+        forward(p, g);
+        run_fused(p, g, schedule);
+        if (first_dq.empty()) {
+          first_dq = g.dq.values(), first_dk = g.dk.values(), first_dv = g.dv.values();
+          continue;
+        }
+        INFO("threads " << threads << ", " << schedule_name(schedule) << (gauss ? ", gaussian" : ", dot")
+                        << ", heads " << d.B * d.Hkv);
+        CHECK(std::memcmp(first_dq.data(), g.dq.values().data(), first_dq.size() * sizeof(float)) == 0);
+        CHECK(std::memcmp(first_dk.data(), g.dk.values().data(), first_dk.size() * sizeof(float)) == 0);
+        CHECK(std::memcmp(first_dv.data(), g.dv.values().data(), first_dv.size() * sizeof(float)) == 0);
       }
-      if (gauss) p.gaussian();
-      p.opt.num_threads = threads;
-      Grads g(p, Layout::padded);
-      forward(p, g);
-      run_fused(p, g);
-      if (threads == 1) {
-        first_dq = g.dq.values(), first_dk = g.dk.values(), first_dv = g.dv.values();
-        continue;
-      }
-      INFO("threads " << threads << (gauss ? " gaussian" : " dot") << " heads " << d.B * d.Hkv);
-      CHECK(std::memcmp(first_dq.data(), g.dq.values().data(), first_dq.size() * sizeof(float)) == 0);
-      CHECK(std::memcmp(first_dk.data(), g.dk.values().data(), first_dk.size() * sizeof(float)) == 0);
-      CHECK(std::memcmp(first_dv.data(), g.dv.values().data(), first_dv.size() * sizeof(float)) == 0);
-    }
   }
 }
 

@@ -12,7 +12,7 @@
 //   dV += P^T dO,  dK += dS^T Q     P.V tiles with the roles of rows and keys exchanged
 // or (backward_queries, one query block)
 //   dQ += dS K                      the P.V tile, keys with dS = 0 kept out (garbage rows)
-// or both (backward_head, a whole KV head in one pass).
+// or both (the one pass: backward_key_block, every query row of the group at hand).
 // The Gaussian's dQ and dK are summed from exact differences instead (exact_keys). The
 // scale (and the Gaussian's factor 2) is applied when the rows are written. 16-bit q, k,
 // v, out and dout are widened as they are packed, and 16-bit gradients rounded once as
@@ -514,58 +514,78 @@ struct BackwardKernel {
     }
   }
 
-  // dK, dV and dQ of the whole KV head in one pass: per key block (in order), per query
-  // head of the group and query block (in order), P and dS once, then both the key
-  // block's and the query block's shares. Each accumulator sees the same additions in
-  // the same order as in the two passes (a pair one schedule visits and the other skips
-  // adds exact zeros), so the results are bitwise those of backward_keys and
-  // backward_queries. The query side of every row of the group is packed once; dQ of
-  // all of them accumulates in the scratch.
-  static void backward_head(const BackwardJob& job) {
-    const BackwardScratch& m = job.scratch;
-    const std::int64_t N = job.q_len, M = job.kv_len, Br = job.block_rows, Bk = job.block_keys;
-    const std::int64_t Dp = job.head_dim_padded, Dvp = job.value_dim_padded;
-    const std::int64_t q_blocks = (N + Br - 1) / Br, Np = q_blocks * Br;  // rows of one head, padded per block
-    // The scratch of query block i0 of head g: its rows of the whole-group buffers.
-    auto block_view = [&](std::int64_t g, std::int64_t i0) {
-      BackwardJob view = job;
-      const std::int64_t row = g * Np + i0;
-      view.scratch.q_rows = m.q_rows + row * Dp;
-      view.scratch.dout_rows = m.dout_rows + row * Dvp;
-      view.scratch.row_shift = m.row_shift + row;
-      view.scratch.row_scale = m.row_scale + row;
-      view.scratch.delta = m.delta + row;
-      view.scratch.dq_acc = m.dq_acc + row * Dp;
-      return view;
-    };
-    for (std::int64_t g = 0; g < job.group; ++g)
-      for (std::int64_t i0 = 0; i0 < N; i0 += Br) {
-        const std::int64_t rows = min_i64(Br, N - i0), rows_padded = round_up(rows, MR);
-        pack_query_side(block_view(g, i0), g, i0, rows, rows_padded);
-      }
-    fill(m.dq_acc, job.group * Np * Dp, 0.0f);
-    fill(m.ones, 16, 1.0f);
+  // The one pass: dK, dV and dQ of a KV head with P and dS once per block pair. Three
+  // entries, which the driver runs in order for each head: every query block's
+  // backward_pack_queries, every key block's backward_key_block (in key order on one
+  // thread, or on several taking turns at dQ), every query block's backward_write_queries.
+  // Each accumulator sees the same additions in the same order as in the two passes (a pair
+  // one schedule visits and the other skips adds exact zeros), so the results are bitwise
+  // those of backward_keys and backward_queries. job.scratch's query side (q_rows,
+  // dout_rows, row_shift, row_scale, delta, dq_acc) holds every query row of the group
+  // here: head g's block i0 from row g * (q_blocks * block_rows) + i0.
 
-    for (std::int64_t j0 = 0; j0 < M; j0 += Bk) {
-      const std::int64_t n = min_i64(Bk, M - j0);
-      pack_key_side(job, j0, n, m.k_panels, m.v_panels, job.gaussian ? nullptr : m.k_rows);
-      fill(m.dk_acc, Bk * Dp, 0.0f);
-      fill(m.dv_acc, Bk * Dvp, 0.0f);
-      std::int64_t i_begin, i_end;
-      query_range(job, j0, n, &i_begin, &i_end);
-      for (std::int64_t g = 0; g < job.group; ++g)
-        for (std::int64_t i0 = i_begin / Br * Br; i0 < i_end; i0 += Br) {
-          const std::int64_t rows = min_i64(Br, N - i0), rows_padded = round_up(rows, MR);
-          const BackwardJob view = block_view(g, i0);
-          QueryBlockJob ep = epilogue_job(job, g, i0, rows);
-          block_grads(view, ep, i0, rows, rows_padded, j0, n, m.k_panels, m.v_panels);
-          accumulate_keys(view, rows_padded, n, m.k_panels);
-          accumulate_queries(view, rows, rows_padded, n, m.k_panels, m.k_rows);
-        }
-      write_keys(job, j0, n);
-    }
+  // The job with the query side of block i0 of head g: its rows of the group's buffers.
+  static BackwardJob block_view(const BackwardJob& job, std::int64_t g, std::int64_t i0) {
+    const std::int64_t Br = job.block_rows, Np = (job.q_len + Br - 1) / Br * Br;  // rows of a head
+    const std::int64_t row = g * Np + i0;
+    BackwardJob view = job;
+    view.scratch.q_rows += row * job.head_dim_padded;
+    view.scratch.dout_rows += row * job.value_dim_padded;
+    view.scratch.row_shift += row;
+    view.scratch.row_scale += row;
+    view.scratch.delta += row;
+    view.scratch.dq_acc += row * job.head_dim_padded;
+    return view;
+  }
+
+  // Queries [first, first + count) of query head `head`: their query side packed into the
+  // group's buffers, their dQ accumulators zeroed.
+  static void backward_pack_queries(const BackwardJob& job) {
+    const std::int64_t g = job.head, i0 = job.first, rows = job.count, rows_padded = round_up(rows, MR);
+    assert(rows > 0 && rows <= job.block_rows && i0 % job.block_rows == 0);
+    const BackwardJob view = block_view(job, g, i0);
+    pack_query_side(view, g, i0, rows, rows_padded);
+    fill(view.scratch.dq_acc, rows_padded * job.head_dim_padded, 0.0f);
+  }
+
+  // Keys [first, first + count): dK and dV of the block, written, and its share of dQ of
+  // every query row of the group, added to the group's accumulators. The query blocks are
+  // visited head by head, block by block; turn t = g * q_blocks + i0 / block_rows. With
+  // job.turns, the share of turn t is added only once the previous key block has passed
+  // it (await_turn), and passed on after (pass_turns).
+  static void backward_key_block(const BackwardJob& job) {
+    const BackwardScratch& m = job.scratch;
+    const std::int64_t N = job.q_len, Br = job.block_rows, Bk = job.block_keys;
+    const std::int64_t j0 = job.first, n = job.count, q_blocks = (N + Br - 1) / Br;
+    assert(n > 0 && n <= Bk && j0 % Bk == 0 && Br % MR == 0 && Bk % NR == 0 && Bk % KR == 0);
+    pack_key_side(job, j0, n, m.k_panels, m.v_panels, job.gaussian ? nullptr : m.k_rows);
+    fill(m.dk_acc, Bk * job.head_dim_padded, 0.0f);
+    fill(m.dv_acc, Bk * job.value_dim_padded, 0.0f);
+    fill(m.ones, 16, 1.0f);
+    std::int64_t i_begin, i_end;
+    query_range(job, j0, n, &i_begin, &i_end);
     for (std::int64_t g = 0; g < job.group; ++g)
-      for (std::int64_t i0 = 0; i0 < N; i0 += Br) write_queries(block_view(g, i0), g, i0, min_i64(Br, N - i0));
+      for (std::int64_t i0 = i_begin / Br * Br; i0 < i_end; i0 += Br) {
+        const std::int64_t rows = min_i64(Br, N - i0), rows_padded = round_up(rows, MR);
+        const std::int64_t turn = g * q_blocks + i0 / Br;
+        const BackwardJob view = block_view(job, g, i0);
+        QueryBlockJob ep = epilogue_job(job, g, i0, rows);
+        block_grads(view, ep, i0, rows, rows_padded, j0, n, m.k_panels, m.v_panels);
+        accumulate_keys(view, rows_padded, n, m.k_panels);
+        await_turn(job.turns, turn);
+        accumulate_queries(view, rows, rows_padded, n, m.k_panels, m.k_rows);
+        pass_turns(job.turns, turn + 1);
+      }
+    write_keys(job, j0, n);
+    const std::int64_t turns = job.group * q_blocks;
+    await_turn(job.turns, turns - 1);
+    pass_turns(job.turns, turns);
+  }
+
+  // Queries [first, first + count) of query head `head`: their dq rows, from the group's
+  // accumulators.
+  static void backward_write_queries(const BackwardJob& job) {
+    write_queries(block_view(job, job.head, job.first), job.head, job.first, job.count);
   }
 };
 

@@ -1,9 +1,11 @@
 // The interface between the baseline-compiled driver and the kernel variants (one
 // translation unit each, listed in kernels/variants.inc). Plain structs and function
-// pointers only: no SIMD types, no std containers, so nothing here can be instantiated
+// pointers only: no SIMD types, no std containers, and no inline code (DqTurns' atomics
+// are used only through functions of the driver), so nothing here can be instantiated
 // with one ISA's flags and reused by another.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 namespace flashcpu::detail {
@@ -181,7 +183,7 @@ struct HeadRowsOut {
 /// Per-thread working memory of the backward, 64-byte aligned parts (sizes in
 /// src/backward.cpp). Query side: q rows and dout rows (head_dim_padded and
 /// value_dim_padded wide), lse in log2 units and D_i = dout_i . out_i, of one query block
-/// or (backward_head) of every query row of the group. Key side: K and V of one key block
+/// or (the one pass) of every query row of the group. Key side: K and V of one key block
 /// as fp32 panels (the forward's layout) and K rows head_dim_padded wide. Then the
 /// block's P and dS [block_rows x
 /// block_keys], a tile of soft-capping derivatives [tile_rows x block_keys], and the
@@ -195,6 +197,22 @@ struct BackwardScratch {
   float *probs, *dscores, *derivs;
   float *dk_acc, *dv_acc, *dq_acc, *ones;
 };
+
+/// The order of dQ additions when the key blocks of one KV head run on several threads at
+/// once (src/backward.cpp). backward_key_block visits the group's query blocks in order;
+/// its t-th (head g, block b: t = g * q_blocks + b) is its "turn" t. Key block j adds its
+/// share to turn t's dQ rows only after key block j - 1 has passed t, so every dQ row sums
+/// its key blocks in key order, as one thread would, whatever the threads. Each key block
+/// passes every turn, its own or not, in order.
+struct DqTurns {
+  const std::atomic<std::int64_t>* previous;  // turns key block j - 1 has passed; null: none to wait for
+  std::atomic<std::int64_t>* own;             // turns this key block has passed; null: no one waits
+};
+/// Returns once turns.previous (if any) has passed turn t; and: this key block has passed
+/// turns [0, past). Defined in the baseline-compiled src/backward.cpp, so that no variant
+/// instantiates the atomics' inline code with its own ISA's flags.
+void await_turn(const DqTurns& turns, std::int64_t t);
+void pass_turns(const DqTurns& turns, std::int64_t past);
 
 struct BackwardJob {
   std::int64_t q_len, kv_len, head_dim, value_dim, head_dim_padded, value_dim_padded;
@@ -216,11 +234,13 @@ struct BackwardJob {
   // stride q_len, row stride 1. Null when the call has no coarse row.
   float* coarse_shift;
   float* coarse_scale;
-  // The item: keys [first, first + count) of the KV head (backward_keys writes their dk
-  // and dv rows), or queries [first, first + count) of query head `head` of the group
-  // (backward_queries writes their dq rows; backward_row_stats the statistics of their
-  // coarse rows); backward_head takes the whole KV head.
+  // The item: keys [first, first + count) of the KV head (backward_keys and
+  // backward_key_block write their dk and dv rows), or queries [first, first + count) of
+  // query head `head` of the group (backward_queries and backward_write_queries write
+  // their dq rows; backward_pack_queries packs them; backward_row_stats computes the
+  // statistics of their coarse rows).
   std::int64_t first, count, head;
+  DqTurns turns;  // backward_key_block's; {null, null} on one thread
 };
 
 /// Whether a row's lse is too coarse to recompute P = exp(s - lse) from: 1024 or more in
@@ -275,11 +295,14 @@ struct KernelTable {
 
   // The fused backward on the same micro-kernels (fp32 variants; null for 16-bit ones):
   // dK and dV of a key block, dQ of a query block (two passes, each recomputing P and
-  // dS), or all three of a whole KV head in one pass. Bitwise the same results.
+  // dS), or all three in one pass over a KV head's key blocks, with the group's query side
+  // packed before and its dq written after. Bitwise the same results.
   const char* backward_name;  // f32_attn_bwd_<mr>x<nr>__<isa>
   void (*backward_keys)(const BackwardJob& job);
   void (*backward_queries)(const BackwardJob& job);
-  void (*backward_head)(const BackwardJob& job);
+  void (*backward_pack_queries)(const BackwardJob& job);
+  void (*backward_key_block)(const BackwardJob& job);
+  void (*backward_write_queries)(const BackwardJob& job);
   void (*backward_row_stats)(const BackwardJob& job);
 };
 

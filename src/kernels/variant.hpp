@@ -99,16 +99,18 @@ constexpr ForwardEntry kSmallEntry = &SmallKernel::forward_query_block, kLanesEn
 // the template keeps it from instantiating the backward at all.
 constexpr bool kHasBackward = std::is_same<KV, float>::value;
 using BackwardEntry = void (*)(const BackwardJob&);
-enum class BackwardPart { keys, queries, head, row_stats };
+enum class BackwardPart { keys, queries, pack_queries, key_block, write_queries, row_stats };
 template <class T>
 constexpr BackwardEntry backward_entry(BackwardPart part) {
   using Backward =
       BackwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR>;
   if constexpr (std::is_same<T, float>::value)
-    return part == BackwardPart::keys      ? &Backward::backward_keys
-           : part == BackwardPart::queries ? &Backward::backward_queries
-           : part == BackwardPart::head    ? &Backward::backward_head
-                                           : &Backward::backward_row_stats;
+    return part == BackwardPart::keys            ? &Backward::backward_keys
+           : part == BackwardPart::queries       ? &Backward::backward_queries
+           : part == BackwardPart::pack_queries  ? &Backward::backward_pack_queries
+           : part == BackwardPart::key_block     ? &Backward::backward_key_block
+           : part == BackwardPart::write_queries ? &Backward::backward_write_queries
+                                                 : &Backward::backward_row_stats;
   else
     return nullptr;
 }
@@ -144,7 +146,9 @@ const KernelTable& FLASHCPU_PASTE(FLASHCPU_PASTE(FLASHCPU_PASTE(kernel_table_, F
       kHasBackward ? "f32_attn_bwd_" FLASHCPU_STRING(FLASHCPU_VARIANT_MR) "x" FLASHCPU_STRING(FLASHCPU_VARIANT_NR) "__" FLASHCPU_STRING(FLASHCPU_VARIANT_ISA) : nullptr,
       backward_entry<KV>(BackwardPart::keys),
       backward_entry<KV>(BackwardPart::queries),
-      backward_entry<KV>(BackwardPart::head),
+      backward_entry<KV>(BackwardPart::pack_queries),
+      backward_entry<KV>(BackwardPart::key_block),
+      backward_entry<KV>(BackwardPart::write_queries),
       backward_entry<KV>(BackwardPart::row_stats)};
   return table;
 }
