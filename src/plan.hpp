@@ -187,8 +187,11 @@ enum class BackwardSchedule {
   key_blocks_in_turn,  // the one pass, threads per key block, taking turns at dQ
   two_passes,          // dK and dV per key block, then dQ per query block
 };
-/// attention_backward (fp32) on a given schedule, so that tests reach each one.
-void attention_backward_scheduled(BackwardSchedule schedule, TensorView<const float> q, TensorView<const float> k,
+/// attention_backward (fp32) on a given schedule and, for the one pass, chunks of a given
+/// number of key blocks (0: the driver's choice), so that tests reach each one on small
+/// shapes.
+void attention_backward_scheduled(BackwardSchedule schedule, std::int64_t chunk_blocks, TensorView<const float> q,
+                                  TensorView<const float> k,
                                   TensorView<const float> v, TensorView<const float> out,
                                   TensorView<const float> lse, TensorView<const float> dout, TensorView<float> dq,
                                   TensorView<float> dk, TensorView<float> dv, const AttentionOptions& options);

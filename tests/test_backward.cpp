@@ -76,8 +76,11 @@ const char* schedule_name(BackwardSchedule s) {
                                                      : "two passes";
 }
 
-void run_fused(Problem& p, Grads& g, BackwardSchedule schedule = BackwardSchedule::automatic) {
-  flashcpu::detail::attention_backward_scheduled(schedule, p.q.cview(), p.k.cview(), p.v.cview(), p.out.cview(),
+// chunk_blocks: key blocks per chunk of the one pass; 0 the driver's choice, which on the
+// tests' shapes puts a head's keys in one chunk.
+void run_fused(Problem& p, Grads& g, BackwardSchedule schedule = BackwardSchedule::automatic,
+               std::int64_t chunk_blocks = 0) {
+  flashcpu::detail::attention_backward_scheduled(schedule, chunk_blocks, p.q.cview(), p.k.cview(), p.v.cview(), p.out.cview(),
                                                  p.lse.cview(), g.dout.cview(), g.dq.view(), g.dk.view(),
                                                  g.dv.view(), p.opt);
 }
@@ -243,11 +246,11 @@ void compare_with_oracle(Problem& p, Grads& g, const Expected& fwd, BackwardOutc
 }
 
 BackwardOutcome check_backward(Problem& p, Layout outs = Layout::padded,
-                               BackwardSchedule schedule = BackwardSchedule::automatic) {
+                               BackwardSchedule schedule = BackwardSchedule::automatic, std::int64_t chunk_blocks = 0) {
   Grads g(p, outs);
   forward(p, g);
   const Expected fwd = expect(p.q.cview(), p.k.cview(), p.v.cview(), p.opt);
-  run_fused(p, g, schedule);
+  run_fused(p, g, schedule, chunk_blocks);
   BackwardOutcome o;
   compare_with_oracle(p, g, fwd, o);
   return o;
@@ -444,11 +447,13 @@ TEST_CASE("the fused backward matches the oracle for every option set and score"
       Problem p(d, seed, seed % 2 ? Layout::padded : Layout::bshd, seed % 3 ? Layout::padded : Layout::bhsd);
       set.apply(p);
       // Each option set on each forced schedule in turn, on 3 threads: more threads than
-      // this machine's cores, so that key blocks in turn wait for one another.
+      // this machine's cores, so that key chunks in turn wait for one another. Chunks of
+      // one key block, or of two, so that a head has several (and a shorter last one).
       const BackwardSchedule schedule = kSchedules[1 + seed % 3];
+      const std::int64_t chunk_blocks = 1 + seed / 3 % 2;
       p.opt.num_threads = 3;
-      INFO("option set: " << set.name << ", " << schedule_name(schedule));
-      CHECK_BACKWARD(p, seed % 2 ? Layout::bshd : Layout::sliced, schedule);
+      INFO("option set: " << set.name << ", " << schedule_name(schedule) << ", chunks of " << chunk_blocks);
+      CHECK_BACKWARD(p, seed % 2 ? Layout::bshd : Layout::sliced, schedule, chunk_blocks);
     }
 }
 
@@ -474,8 +479,8 @@ TEST_CASE("the fused backward on randomized awkward shapes, views and GQA", "[ba
     const BackwardSchedule schedule = t % 2 ? BackwardSchedule::automatic : kSchedules[t / 2 % 4];
     Problem p(d, seed, in, kv);
     options(p);
-    INFO(schedule_name(schedule));
-    CHECK_BACKWARD(p, grads, schedule);
+    INFO(schedule_name(schedule) << (t % 4 == 2 ? ", chunks of 1 key block" : ""));
+    CHECK_BACKWARD(p, grads, schedule, t % 4 == 2 ? 1 : 0);
     if (t % 3 != 0) continue;
     // Every third shape also through the 16-bit backward, alternately bf16 and fp16.
     Problem p16(d, seed, in, kv);
@@ -665,15 +670,19 @@ TEST_CASE("non-finite q, dout or keys: what a row cannot see stays out, a visibl
 TEST_CASE("the fused backward is bitwise identical for 1, 2, 3 and 5 threads and every schedule",
           "[backward][threads]") {
   // The automatic choice (src/backward.cpp) takes whole heads with 1 thread and with 2 on
-  // 4 heads, key blocks in turn with 2, 3 and 5 threads on 1 head and with 3 and 5 on 4;
-  // each schedule is also forced on each thread count. All must agree bitwise with one
-  // thread.
+  // 4 heads, key chunks in turn with 2, 3 and 5 threads on 1 head and with 3 and 5 on 4;
+  // each schedule is also forced on each thread count, and the one pass's on chunks of
+  // 1 and 2 key blocks (M = 170: 3 blocks, so 3 and 2 chunks a head, the last shorter)
+  // besides the driver's (one chunk here). All must agree bitwise with one thread.
   for (int t = 0; t < 6; ++t) {
     const bool gauss = t % 2 == 1;
     const Dims d = t < 2 ? Dims{2, 6, 2, 150, 170, 24, 20} : Dims{1, 3, 1, 150, 170, 24, 20};
     std::vector<float> first_dq, first_dk, first_dv;
     for (int threads : {1, 2, 3, 5})
-      for (const BackwardSchedule schedule : kSchedules) {
+      for (int run = 0; run < 8; ++run) {
+        // The four schedules, then the one pass's two on chunks of 1 and 2 key blocks.
+        const BackwardSchedule schedule = run < 4 ? kSchedules[run] : kSchedules[1 + run % 2];
+        const std::int64_t chunk_blocks = run < 4 ? 0 : run < 6 ? 1 : 2;
         Problem p(d, 7400);
         if (t < 4) {
           p.causal();
@@ -688,12 +697,13 @@ TEST_CASE("the fused backward is bitwise identical for 1, 2, 3 and 5 threads and
         p.opt.num_threads = threads;
         Grads g(p, Layout::padded);
         forward(p, g);
-        run_fused(p, g, schedule);
+        run_fused(p, g, schedule, chunk_blocks);
         if (first_dq.empty()) {
           first_dq = g.dq.values(), first_dk = g.dk.values(), first_dv = g.dv.values();
           continue;
         }
-        INFO("threads " << threads << ", " << schedule_name(schedule) << (gauss ? ", gaussian" : ", dot")
+        INFO("threads " << threads << ", " << schedule_name(schedule) << ", chunks of " << chunk_blocks
+                        << (gauss ? ", gaussian" : ", dot")
                         << ", heads " << d.B * d.Hkv);
         CHECK(std::memcmp(first_dq.data(), g.dq.values().data(), first_dq.size() * sizeof(float)) == 0);
         CHECK(std::memcmp(first_dk.data(), g.dk.values().data(), first_dk.size() * sizeof(float)) == 0);

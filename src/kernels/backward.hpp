@@ -12,7 +12,7 @@
 //   dV += P^T dO,  dK += dS^T Q     P.V tiles with the roles of rows and keys exchanged
 // or (backward_queries, one query block)
 //   dQ += dS K                      the P.V tile, keys with dS = 0 kept out (garbage rows)
-// or both (the one pass: backward_key_block, every query row of the group at hand).
+// or both (the one pass: backward_key_chunk, every query row of the group at hand).
 // The Gaussian's dQ and dK are summed from exact differences instead (exact_keys). The
 // scale (and the Gaussian's factor 2) is applied when the rows are written. 16-bit q, k,
 // v, out and dout are widened as they are packed, and 16-bit gradients rounded once as
@@ -516,7 +516,7 @@ struct BackwardKernel {
 
   // The one pass: dK, dV and dQ of a KV head with P and dS once per block pair. Three
   // entries, which the driver runs in order for each head: every query block's
-  // backward_pack_queries, every key block's backward_key_block (in key order on one
+  // backward_pack_queries, every key block's backward_key_chunk (in key order on one
   // thread, or on several taking turns at dQ), every query block's backward_write_queries.
   // Each accumulator sees the same additions in the same order as in the two passes (a pair
   // one schedule visits and the other skips adds exact zeros), so the results are bitwise
@@ -548,35 +548,71 @@ struct BackwardKernel {
     fill(view.scratch.dq_acc, rows_padded * job.head_dim_padded, 0.0f);
   }
 
-  // Keys [first, first + count): dK and dV of the block, written, and its share of dQ of
-  // every query row of the group, added to the group's accumulators. The query blocks are
-  // visited head by head, block by block; turn t = g * q_blocks + i0 / block_rows. With
-  // job.turns, the share of turn t is added only once the previous key block has passed
-  // it (await_turn), and passed on after (pass_turns).
-  static void backward_key_block(const BackwardJob& job) {
+  // Keys [first, first + count), up to a chunk of several key blocks: dK and dV of each
+  // block, written, and their shares of dQ of every query row of the group, added to the
+  // group's accumulators. The query blocks are visited head by head, block by block, and
+  // each against the chunk's key blocks in order: the query side is read once per chunk,
+  // not once per key block, and each dQ row still sums its key blocks in key order. The
+  // chunk's K and V (panels, and K rows) and its dK and dV accumulators lie block after
+  // block in the scratch (key_panels_at and friends). Query block i0 of head g is turn t =
+  // g * q_blocks + i0 / block_rows: with job.turns, the chunk adds to its dQ only once
+  // the previous chunk has passed it (await_turn), and passes it on after (pass_turns).
+  static void backward_key_chunk(const BackwardJob& job) {
     const BackwardScratch& m = job.scratch;
-    const std::int64_t N = job.q_len, Br = job.block_rows, Bk = job.block_keys;
-    const std::int64_t j0 = job.first, n = job.count, q_blocks = (N + Br - 1) / Br;
-    assert(n > 0 && n <= Bk && j0 % Bk == 0 && Br % MR == 0 && Bk % NR == 0 && Bk % KR == 0);
-    pack_key_side(job, j0, n, m.k_panels, m.v_panels, job.gaussian ? nullptr : m.k_rows);
-    fill(m.dk_acc, Bk * job.head_dim_padded, 0.0f);
-    fill(m.dv_acc, Bk * job.value_dim_padded, 0.0f);
+    const std::int64_t N = job.q_len, Br = job.block_rows, Bk = job.block_keys, q_blocks = (N + Br - 1) / Br;
+    const std::int64_t D = job.head_dim, Dv = job.value_dim, Dp = job.head_dim_padded, Dvp = job.value_dim_padded;
+    const std::int64_t first = job.first, blocks = (job.count + Bk - 1) / Bk;
+    assert(job.count > 0 && first % Bk == 0 && Br % MR == 0 && Bk % NR == 0 && Bk % KR == 0);
+    // Key block c of the chunk: keys [first + c Bk, + n_of(c)), its scratch.
+    auto n_of = [&](std::int64_t c) { return min_i64(Bk, job.count - c * Bk); };
+    auto block_scratch = [&](const BackwardJob& view, std::int64_t c) {
+      BackwardJob b = view;
+      b.scratch.k_panels += c * Bk * D;
+      b.scratch.v_panels += c * Bk * Dv;
+      b.scratch.k_rows += c * Bk * Dp;
+      b.scratch.dk_acc += c * Bk * Dp;  // also the Gaussian's [head_dim][block_keys]
+      b.scratch.dv_acc += c * Bk * Dvp;
+      return b;
+    };
+    for (std::int64_t c = 0; c < blocks; ++c) {
+      const BackwardScratch& b = block_scratch(job, c).scratch;
+      pack_key_side(job, first + c * Bk, n_of(c), b.k_panels, b.v_panels, job.gaussian ? nullptr : b.k_rows);
+    }
+    fill(m.dk_acc, blocks * Bk * Dp, 0.0f);
+    fill(m.dv_acc, blocks * Bk * Dvp, 0.0f);
     fill(m.ones, 16, 1.0f);
-    std::int64_t i_begin, i_end;
-    query_range(job, j0, n, &i_begin, &i_end);
+    // The query blocks each key block visits alone (backward_keys): from b_begin / Br * Br
+    // up to b_end; the chunk visits their union.
+    std::int64_t i_begin = N, i_end = 0;
+    for (std::int64_t c = 0; c < blocks; ++c) {
+      std::int64_t b_begin, b_end;
+      query_range(job, first + c * Bk, n_of(c), &b_begin, &b_end);
+      if (b_begin / Br * Br >= b_end) continue;
+      i_begin = b_begin < i_begin ? b_begin : i_begin;
+      i_end = b_end > i_end ? b_end : i_end;
+    }
     for (std::int64_t g = 0; g < job.group; ++g)
       for (std::int64_t i0 = i_begin / Br * Br; i0 < i_end; i0 += Br) {
         const std::int64_t rows = min_i64(Br, N - i0), rows_padded = round_up(rows, MR);
         const std::int64_t turn = g * q_blocks + i0 / Br;
         const BackwardJob view = block_view(job, g, i0);
         QueryBlockJob ep = epilogue_job(job, g, i0, rows);
-        block_grads(view, ep, i0, rows, rows_padded, j0, n, m.k_panels, m.v_panels);
-        accumulate_keys(view, rows_padded, n, m.k_panels);
-        await_turn(job.turns, turn);
-        accumulate_queries(view, rows, rows_padded, n, m.k_panels, m.k_rows);
+        bool waited = false;
+        for (std::int64_t c = 0; c < blocks; ++c) {
+          const std::int64_t j0 = first + c * Bk, n = n_of(c);
+          std::int64_t b_begin, b_end;
+          query_range(job, j0, n, &b_begin, &b_end);
+          if (i0 < b_begin / Br * Br || i0 >= b_end) continue;
+          const BackwardJob b = block_scratch(view, c);
+          block_grads(b, ep, i0, rows, rows_padded, j0, n, b.scratch.k_panels, b.scratch.v_panels);
+          accumulate_keys(b, rows_padded, n, b.scratch.k_panels);
+          if (!waited) await_turn(job.turns, turn);
+          waited = true;
+          accumulate_queries(b, rows, rows_padded, n, b.scratch.k_panels, b.scratch.k_rows);
+        }
         pass_turns(job.turns, turn + 1);
       }
-    write_keys(job, j0, n);
+    for (std::int64_t c = 0; c < blocks; ++c) write_keys(block_scratch(job, c), first + c * Bk, n_of(c));
     const std::int64_t turns = job.group * q_blocks;
     await_turn(job.turns, turns - 1);
     pass_turns(job.turns, turns);

@@ -199,7 +199,7 @@ struct BackwardScratch {
 };
 
 /// The order of dQ additions when the key blocks of one KV head run on several threads at
-/// once (src/backward.cpp). backward_key_block visits the group's query blocks in order;
+/// once (src/backward.cpp). backward_key_chunk visits the group's query blocks in order;
 /// its t-th (head g, block b: t = g * q_blocks + b) is its "turn" t. Key block j adds its
 /// share to turn t's dQ rows only after key block j - 1 has passed t, so every dQ row sums
 /// its key blocks in key order, as one thread would, whatever the threads. Each key block
@@ -235,12 +235,12 @@ struct BackwardJob {
   float* coarse_shift;
   float* coarse_scale;
   // The item: keys [first, first + count) of the KV head (backward_keys and
-  // backward_key_block write their dk and dv rows), or queries [first, first + count) of
+  // backward_key_chunk write their dk and dv rows), or queries [first, first + count) of
   // query head `head` of the group (backward_queries and backward_write_queries write
   // their dq rows; backward_pack_queries packs them; backward_row_stats computes the
   // statistics of their coarse rows).
   std::int64_t first, count, head;
-  DqTurns turns;  // backward_key_block's; {null, null} on one thread
+  DqTurns turns;  // backward_key_chunk's; {null, null} on one thread
 };
 
 /// Whether a row's lse is too coarse to recompute P = exp(s - lse) from: 1024 or more in
@@ -301,7 +301,7 @@ struct KernelTable {
   void (*backward_keys)(const BackwardJob& job);
   void (*backward_queries)(const BackwardJob& job);
   void (*backward_pack_queries)(const BackwardJob& job);
-  void (*backward_key_block)(const BackwardJob& job);
+  void (*backward_key_chunk)(const BackwardJob& job);
   void (*backward_write_queries)(const BackwardJob& job);
   void (*backward_row_stats)(const BackwardJob& job);
 };

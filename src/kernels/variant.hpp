@@ -99,7 +99,7 @@ constexpr ForwardEntry kSmallEntry = &SmallKernel::forward_query_block, kLanesEn
 // the template keeps it from instantiating the backward at all.
 constexpr bool kHasBackward = std::is_same<KV, float>::value;
 using BackwardEntry = void (*)(const BackwardJob&);
-enum class BackwardPart { keys, queries, pack_queries, key_block, write_queries, row_stats };
+enum class BackwardPart { keys, queries, pack_queries, key_chunk, write_queries, row_stats };
 template <class T>
 constexpr BackwardEntry backward_entry(BackwardPart part) {
   using Backward =
@@ -108,7 +108,7 @@ constexpr BackwardEntry backward_entry(BackwardPart part) {
     return part == BackwardPart::keys            ? &Backward::backward_keys
            : part == BackwardPart::queries       ? &Backward::backward_queries
            : part == BackwardPart::pack_queries  ? &Backward::backward_pack_queries
-           : part == BackwardPart::key_block     ? &Backward::backward_key_block
+           : part == BackwardPart::key_chunk     ? &Backward::backward_key_chunk
            : part == BackwardPart::write_queries ? &Backward::backward_write_queries
                                                  : &Backward::backward_row_stats;
   else
@@ -147,7 +147,7 @@ const KernelTable& FLASHCPU_PASTE(FLASHCPU_PASTE(FLASHCPU_PASTE(kernel_table_, F
       backward_entry<KV>(BackwardPart::keys),
       backward_entry<KV>(BackwardPart::queries),
       backward_entry<KV>(BackwardPart::pack_queries),
-      backward_entry<KV>(BackwardPart::key_block),
+      backward_entry<KV>(BackwardPart::key_chunk),
       backward_entry<KV>(BackwardPart::write_queries),
       backward_entry<KV>(BackwardPart::row_stats)};
   return table;
