@@ -4,18 +4,18 @@
 // every thread count and schedule (detail::BackwardSchedule):
 //  - the one pass over whole heads, items (batch, KV head): dK, dV and dQ of the head,
 //    P and dS once per block pair; when there are enough heads to go round the threads;
-//  - the one pass over key blocks in turn, items (batch, KV head, key block), for few
-//    heads on many threads: dK and dV of the block, and its share of the group's dQ,
-//    which the key blocks of a head add in key order, each query block's rows waiting for
-//    the key block before (detail::DqTurns). The group's query side is packed before, by
-//    query block, shared by the threads, and its dq written after;
+//  - the one pass over key chunks in turn, items (batch, KV head, key chunk), for few
+//    heads on many threads: dK and dV of the chunk's key blocks, and their share of the
+//    group's dQ, which the chunks of a head add in key order, each query block's rows
+//    waiting for the chunk before (detail::DqTurns). The group's query side is packed
+//    before, by query block, shared by the threads, and its dq written after;
 //  - two passes, when a group's query rows would take too much memory:
 //      1. (batch, KV head, key block): dK and dV of the block, summed over the group's
 //         query heads and the query blocks that see it;
 //      2. (batch, query head, query block): dQ of the block, summed over its key blocks;
 //    P and dS are recomputed in each pass, two more products.
 // Working memory: per thread the tiles and a block's query side, or (whole heads) every
-// query row of its group; the key blocks in turn share every query row of each group.
+// query row of its group; the key chunks in turn share every query row of each group.
 // Rows whose lse is too coarse to recompute P from (masked by -1e9, say) get their own
 // statistics first (backward_row_stats).
 #include <flashcpu/flashcpu.hpp>
@@ -23,6 +23,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <limits>
@@ -47,8 +48,8 @@ using detail::round_up;
 // 32 x 128 all ran at 117-139 GFLOP/s, within the noise of two alternating runs of each.
 constexpr std::int64_t kBlockRows = 64;
 constexpr std::int64_t kBlockKeys = 64;
-// The largest per-thread scratch of the one-pass schedule (it holds every query row of
-// a group): beyond it, two passes.
+// The largest scratch per thread of the one pass, which holds every query row of a group
+// (whole heads: per thread; key chunks in turn: per head, averaged over the threads).
 constexpr std::int64_t kOnePassBytes = std::int64_t(64) << 20;
 // The key side of a chunk of the one pass (K panels and rows, V panels, the dK and dV
 // accumulators), which visits each query block against all of the chunk's key blocks:
@@ -58,7 +59,7 @@ constexpr std::int64_t kOnePassBytes = std::int64_t(64) << 20;
 // blocks within 2%, 8 blocks 5-8% slower. About 320 KiB: 4 blocks at D = 64, 2 at 128.
 constexpr std::int64_t kChunkBytes = std::int64_t(320) << 10;
 
-// A key block's passed turns (detail::DqTurns), a cache line each: neighbours are
+// A key chunk's passed turns (detail::DqTurns), a cache line each: neighbours are
 // written by different threads.
 struct alignas(64) Turns {
   std::atomic<std::int64_t> passed{0};
@@ -102,9 +103,10 @@ struct BackwardSizes {
     });
     return overflow ? std::numeric_limits<std::int64_t>::max() : t;
   }
-  BackwardScratch carve(float* memory, int thread) const {
+  // The part-th copy in `memory`: a thread's, or (group sides) a head's.
+  BackwardScratch carve(float* memory, std::int64_t part) const {
     BackwardScratch m{};
-    float* next = memory + total() * thread;
+    float* next = memory + total() * part;
     layout([&](float* BackwardScratch::*field, std::int64_t floats) {
       m.*field = next;
       next += round_up(floats, 16);
@@ -142,11 +144,11 @@ void write_zeros(const TensorView<T>& t) {
 namespace detail {
 void await_turn(const DqTurns& turns, std::int64_t t) {
   if (!turns.previous) return;
-  for (int spins = 0; turns.previous->load(std::memory_order_acquire) <= t; ++spins)
+  for (int spins = 0; turns.previous->load(std::memory_order_acquire) <= t;)
     if (spins < 64)
-      __builtin_ia32_pause();
+      __builtin_ia32_pause(), ++spins;
     else
-      std::this_thread::yield();  // the previous key block's thread may share this core
+      std::this_thread::yield();  // the previous chunk's thread may share this core
 }
 void pass_turns(const DqTurns& turns, std::int64_t past) {
   if (turns.own) turns.own->store(past, std::memory_order_release);
@@ -187,21 +189,33 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   // The schedule. The one pass does five products per block pair; two passes do seven
   // but need no memory for a whole group's query rows. The one pass runs over whole heads
   // when they keep the threads busy (at least 90% of the rounds' slots filled), else over
-  // the heads' key blocks, threads taking turns at dQ (detail::DqTurns). Two passes when
-  // the group's rows exceed the memory below.
-  const std::int64_t chunk_key_bytes = std::int64_t(sizeof(float)) * (D + Dv + 2 * Dp + Dvp);
-  if (chunk_blocks <= 0) chunk_blocks = std::max<std::int64_t>(1, kChunkBytes / (chunk_key_bytes * Bk));
-  const std::int64_t Ck = Bk * chunk_blocks;  // keys per chunk
-  const std::int64_t key_blocks = (M + Bk - 1) / Bk, key_chunks = (M + Ck - 1) / Ck, q_blocks = (N + Br - 1) / Br;
-  const std::int64_t heads = B * Hkv, key_items = heads * key_blocks, query_items = B * Hq * q_blocks;
-  const std::int64_t chunk_items = heads * key_chunks;
+  // the heads' key chunks, threads taking turns at dQ (detail::DqTurns), when there are
+  // chunks for every thread and the groups' query sides fit kOnePassBytes per thread.
+  // Else whole heads if the old rule of thumb (rounds x 5 <= heads per thread x 7) and
+  // the memory allow, else two passes.
+  const std::int64_t key_blocks = (M + Bk - 1) / Bk, q_blocks = (N + Br - 1) / Br;
+  const std::int64_t heads = B * Hkv;
   // Its five products: two and a half times a forward's two.
   const std::int64_t wanted = detail::thread_count(s.num_threads, 2.5 * detail::forward_flops(s));
+  if (chunk_blocks <= 0) {
+    // About kChunkBytes of key side, but no fewer than 4 chunks per thread while a chunk
+    // can shrink (short M on few heads).
+    const double key_bytes = double(sizeof(float)) * double(D + Dv + 2 * Dp + Dvp) * double(Bk);
+    const double by_bytes = std::floor(double(kChunkBytes) / key_bytes);
+    const double by_threads = std::floor(double(heads) * double(key_blocks) / (4.0 * double(wanted)));
+    chunk_blocks = std::int64_t(std::max(1.0, std::min({by_bytes, by_threads, double(key_blocks)})));
+  }
+  const std::int64_t Ck = Bk * std::min(chunk_blocks, key_blocks);  // keys per chunk
+  const std::int64_t key_chunks = (M + Ck - 1) / Ck;
+  std::int64_t key_items = 0, chunk_items = 0, query_items = 0;
+  if (__builtin_mul_overflow(heads, key_blocks, &key_items) || __builtin_mul_overflow(heads, key_chunks, &chunk_items) ||
+      __builtin_mul_overflow(B * Hq, q_blocks, &query_items))
+    throw std::bad_alloc();  // more blocks than any memory holds the tensors of
   std::int64_t group_rows = 0;  // every query row of a group, padded per block
   if (__builtin_mul_overflow(group, q_blocks * Br, &group_rows)) group_rows = std::numeric_limits<std::int64_t>::max() / 4;
   const BackwardSizes one_pass{group_rows, Ck, group_rows, D, Dv, Dp, Dvp, Br, Bk, mr};
-  // Two passes (and the coarse rows' statistics, and the key blocks in turn): the query
-  // side and the key side of a block.
+  // Two passes (and the coarse rows' statistics): the query side and the key side of a
+  // block.
   const BackwardSizes two_pass{Br, Bk, Br, D, Dv, Dp, Dvp, Br, Bk, mr};
   // Key chunks in turn: each head's query side, shared by the threads, and per thread a
   // block's query side (the coarse rows' statistics) and a chunk's key side.
@@ -209,15 +223,16 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   const BackwardSizes in_turn_thread{Br, Ck, Br, D, Dv, Dp, Dvp, Br, Bk, mr};
   constexpr std::int64_t kBudget = kOnePassBytes / std::int64_t(sizeof(float));
   std::int64_t shared_floats = 0;
+  if (__builtin_mul_overflow(group_side.total(), heads, &shared_floats))
+    shared_floats = std::numeric_limits<std::int64_t>::max();
   const bool one_pass_fits = one_pass.total() <= kBudget;
-  const bool shared_fits = !__builtin_mul_overflow(group_side.total(), heads, &shared_floats) &&
-                           shared_floats / wanted <= kBudget;
-  const std::int64_t rounds = (heads + wanted - 1) / wanted;
+  const bool in_turn_fits = chunk_items >= wanted && shared_floats / wanted <= kBudget;
+  const double slots = double((heads + wanted - 1) / wanted) * double(wanted);  // rounds x threads
   if (schedule == detail::BackwardSchedule::automatic)
-    schedule = one_pass_fits && heads * 10 >= rounds * wanted * 9 ? detail::BackwardSchedule::whole_heads
-               : shared_fits                                      ? detail::BackwardSchedule::key_blocks_in_turn
-               : one_pass_fits && rounds * 5 <= heads * 7 / wanted ? detail::BackwardSchedule::whole_heads
-                                                                   : detail::BackwardSchedule::two_passes;
+    schedule = one_pass_fits && double(heads) >= 0.9 * slots          ? detail::BackwardSchedule::whole_heads
+               : in_turn_fits                                          ? detail::BackwardSchedule::key_blocks_in_turn
+               : one_pass_fits && slots * 5.0 <= double(heads) * 7.0 ? detail::BackwardSchedule::whole_heads
+                                                                       : detail::BackwardSchedule::two_passes;
   const bool whole_heads = schedule == detail::BackwardSchedule::whole_heads;
   const bool in_turn = schedule == detail::BackwardSchedule::key_blocks_in_turn;
   const BackwardSizes& sizes = whole_heads ? one_pass : in_turn ? in_turn_thread : two_pass;
@@ -329,7 +344,7 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
     // The query side of head `head` (batch x KV head) in its share of `shared`, the rest of
     // the scratch the thread's.
     auto group_scratch = [&](BackwardScratch m, std::int64_t head) {
-      const BackwardScratch g = group_side.carve(shared.get(), int(head));
+      const BackwardScratch g = group_side.carve(shared.get(), head);
       m.q_rows = g.q_rows, m.dout_rows = g.dout_rows, m.dq_acc = g.dq_acc;
       m.row_shift = g.row_shift, m.row_scale = g.row_scale, m.delta = g.delta;
       return m;

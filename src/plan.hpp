@@ -184,7 +184,7 @@ std::string describe_decode(const Plan& plan, const AnyView& k);
 enum class BackwardSchedule {
   automatic,           // the one below that suits the call
   whole_heads,         // the one pass, a thread per (batch, KV head)
-  key_blocks_in_turn,  // the one pass, threads per key block, taking turns at dQ
+  key_blocks_in_turn,  // the one pass, threads per chunk of key blocks, taking turns at dQ
   two_passes,          // dK and dV per key block, then dQ per query block
 };
 /// attention_backward (fp32) on a given schedule and, for the one pass, chunks of a given

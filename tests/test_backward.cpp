@@ -446,9 +446,9 @@ TEST_CASE("the fused backward matches the oracle for every option set and score"
       ++seed;
       Problem p(d, seed, seed % 2 ? Layout::padded : Layout::bshd, seed % 3 ? Layout::padded : Layout::bhsd);
       set.apply(p);
-      // Each option set on each forced schedule in turn, on 3 threads: more threads than
-      // this machine's cores, so that key chunks in turn wait for one another. Chunks of
-      // one key block, or of two, so that a head has several (and a shorter last one).
+      // Each option set on each forced schedule in turn, on 3 threads (more than a 2-core
+      // machine has, so that key chunks in turn wait for one another). Chunks of one key
+      // block, or of two, so that a head has several (and a shorter last one).
       const BackwardSchedule schedule = kSchedules[1 + seed % 3];
       const std::int64_t chunk_blocks = 1 + seed / 3 % 2;
       p.opt.num_threads = 3;
@@ -475,12 +475,14 @@ TEST_CASE("the fused backward on randomized awkward shapes, views and GQA", "[ba
       if (t % 4 == 0) p.alibi();
       p.opt.num_threads = t % 2 ? 1 : 3;
     };
-    // One thread: whole heads; three: every schedule in turn.
+    // One thread: whole heads; three: every schedule in turn, the one pass's first on
+    // chunks of 1 key block (several a head), next on the driver's.
     const BackwardSchedule schedule = t % 2 ? BackwardSchedule::automatic : kSchedules[t / 2 % 4];
+    const std::int64_t chunk_blocks = t % 2 == 0 && t % 16 < 8 ? 1 : 0;
     Problem p(d, seed, in, kv);
     options(p);
-    INFO(schedule_name(schedule) << (t % 4 == 2 ? ", chunks of 1 key block" : ""));
-    CHECK_BACKWARD(p, grads, schedule, t % 4 == 2 ? 1 : 0);
+    INFO(schedule_name(schedule) << (chunk_blocks ? ", chunks of 1 key block" : ""));
+    CHECK_BACKWARD(p, grads, schedule, chunk_blocks);
     if (t % 3 != 0) continue;
     // Every third shape also through the 16-bit backward, alternately bf16 and fp16.
     Problem p16(d, seed, in, kv);
@@ -674,9 +676,13 @@ TEST_CASE("the fused backward is bitwise identical for 1, 2, 3 and 5 threads and
   // each schedule is also forced on each thread count, and the one pass's on chunks of
   // 1 and 2 key blocks (M = 170: 3 blocks, so 3 and 2 chunks a head, the last shorter)
   // besides the driver's (one chunk here). All must agree bitwise with one thread.
-  for (int t = 0; t < 6; ++t) {
+  // The last shape: N > M, causal under a narrow window, and key lengths that leave
+  // batch 1's last key block (and so a chunk of 1 block) empty.
+  for (int t = 0; t < 8; ++t) {
     const bool gauss = t % 2 == 1;
-    const Dims d = t < 2 ? Dims{2, 6, 2, 150, 170, 24, 20} : Dims{1, 3, 1, 150, 170, 24, 20};
+    const Dims d = t < 2   ? Dims{2, 6, 2, 150, 170, 24, 20}
+                   : t < 6 ? Dims{1, 3, 1, 150, 170, 24, 20}
+                           : Dims{2, 3, 1, 170, 150, 24, 20};
     std::vector<float> first_dq, first_dk, first_dv;
     for (int threads : {1, 2, 3, 5})
       for (int run = 0; run < 8; ++run) {
@@ -687,6 +693,10 @@ TEST_CASE("the fused backward is bitwise identical for 1, 2, 3 and 5 threads and
         if (t < 4) {
           p.causal();
           p.full_mask(0.05);
+        } else if (t >= 6) {
+          p.causal();
+          p.window(9, 4);
+          short_keys(p);
         } else {  // every option, sinks, and a row masked by -1e9 (its statistics recomputed)
           every_option(p);
           p.sinks(-1.0f, 1.0f);

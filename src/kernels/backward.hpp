@@ -554,7 +554,7 @@ struct BackwardKernel {
   // each against the chunk's key blocks in order: the query side is read once per chunk,
   // not once per key block, and each dQ row still sums its key blocks in key order. The
   // chunk's K and V (panels, and K rows) and its dK and dV accumulators lie block after
-  // block in the scratch (key_panels_at and friends). Query block i0 of head g is turn t =
+  // block in the scratch (block_scratch). Query block i0 of head g is turn t =
   // g * q_blocks + i0 / block_rows: with job.turns, the chunk adds to its dQ only once
   // the previous chunk has passed it (await_turn), and passes it on after (pass_turns).
   static void backward_key_chunk(const BackwardJob& job) {
@@ -610,6 +610,9 @@ struct BackwardKernel {
           waited = true;
           accumulate_queries(b, rows, rows_padded, n, b.scratch.k_panels, b.scratch.k_rows);
         }
+        // A turn is passed only once the previous chunk has passed it, added to or not:
+        // then no chunk runs ahead of the one before it, whichever turns each touches.
+        if (!waited) await_turn(job.turns, turn);
         pass_turns(job.turns, turn + 1);
       }
     for (std::int64_t c = 0; c < blocks; ++c) write_keys(block_scratch(job, c), first + c * Bk, n_of(c));

@@ -180,15 +180,15 @@ struct HeadRowsOut {
   std::int64_t head_stride, row_stride, col_stride;
 };
 
-/// Per-thread working memory of the backward, 64-byte aligned parts (sizes in
-/// src/backward.cpp). Query side: q rows and dout rows (head_dim_padded and
-/// value_dim_padded wide), lse in log2 units and D_i = dout_i . out_i, of one query block
-/// or (the one pass) of every query row of the group. Key side: K and V of one key block
-/// as fp32 panels (the forward's layout) and K rows head_dim_padded wide. Then the
-/// block's P and dS [block_rows x
-/// block_keys], a tile of soft-capping derivatives [tile_rows x block_keys], and the
-/// accumulators of dK and dV (a key block) and dQ (a query block, or every query row of
-/// the group). Packed K and V are always of one key block.
+/// Working memory of the backward, 64-byte aligned parts (sizes in src/backward.cpp).
+/// Query side: q rows and dout rows (head_dim_padded and value_dim_padded wide), lse in
+/// log2 units and D_i = dout_i . out_i, of one query block or (the one pass) of every query
+/// row of the group, the thread's or shared by the threads of a head. Key side: K and V
+/// of one key block (two passes) or of a chunk of key blocks, block after block (the one
+/// pass), as fp32 panels (the forward's layout) and K rows head_dim_padded wide. Then a
+/// block pair's P and dS [block_rows x block_keys], a tile of soft-capping derivatives
+/// [tile_rows x block_keys], and the accumulators of dK and dV (of the key side's keys)
+/// and dQ (of the query side's rows).
 struct BackwardScratch {
   // Per query row, P = 2^(s - row_shift) * row_scale (s in log2 units): the row's lse and
   // 1, or (coarse rows, see BackwardJob::coarse_shift) its max score and 1 / sum.
@@ -198,17 +198,18 @@ struct BackwardScratch {
   float *dk_acc, *dv_acc, *dq_acc, *ones;
 };
 
-/// The order of dQ additions when the key blocks of one KV head run on several threads at
+/// The order of dQ additions when the key chunks of one KV head run on several threads at
 /// once (src/backward.cpp). backward_key_chunk visits the group's query blocks in order;
-/// its t-th (head g, block b: t = g * q_blocks + b) is its "turn" t. Key block j adds its
-/// share to turn t's dQ rows only after key block j - 1 has passed t, so every dQ row sums
-/// its key blocks in key order, as one thread would, whatever the threads. Each key block
-/// passes every turn, its own or not, in order.
+/// its t-th (head g, block b: t = g * q_blocks + b) is its "turn" t. Chunk c adds its
+/// share to turn t's dQ rows only after chunk c - 1 has passed t, so every dQ row sums
+/// its key blocks in key order, as one thread would, whatever the threads. A chunk passes
+/// turns in order, each only after chunk c - 1 has (the turns before its first visited
+/// one at that one), so no chunk's count runs ahead of its predecessor's.
 struct DqTurns {
-  const std::atomic<std::int64_t>* previous;  // turns key block j - 1 has passed; null: none to wait for
-  std::atomic<std::int64_t>* own;             // turns this key block has passed; null: no one waits
+  const std::atomic<std::int64_t>* previous;  // turns chunk c - 1 has passed; null: none to wait for
+  std::atomic<std::int64_t>* own;             // turns this chunk has passed; null: no one waits
 };
-/// Returns once turns.previous (if any) has passed turn t; and: this key block has passed
+/// Returns once turns.previous (if any) has passed turn t; and: this chunk has passed
 /// turns [0, past). Defined in the baseline-compiled src/backward.cpp, so that no variant
 /// instantiates the atomics' inline code with its own ISA's flags.
 void await_turn(const DqTurns& turns, std::int64_t t);
@@ -240,7 +241,7 @@ struct BackwardJob {
   // their dq rows; backward_pack_queries packs them; backward_row_stats computes the
   // statistics of their coarse rows).
   std::int64_t first, count, head;
-  DqTurns turns;  // backward_key_chunk's; {null, null} on one thread
+  DqTurns turns;  // backward_key_chunk's with key chunks in turn; {null, null} for whole heads
 };
 
 /// Whether a row's lse is too coarse to recompute P = exp(s - lse) from: 1024 or more in
