@@ -73,23 +73,28 @@ struct BackwardSizes {
   std::int64_t dq_rows;     // rows of dQ accumulated
   std::int64_t head_dim, value_dim, head_dim_padded, value_dim_padded, block_rows, block_keys, tile_rows;
 
+  // a * b, or INT64_MAX when that overflows (which total() then reports).
+  static std::int64_t times(std::int64_t a, std::int64_t b) {
+    std::int64_t r = 0;
+    return __builtin_mul_overflow(a, b, &r) ? std::numeric_limits<std::int64_t>::max() : r;
+  }
   // Calls part(&BackwardScratch::field, floats) for every part, in memory order.
   template <class Part>
   void layout(Part part) const {
-    part(&BackwardScratch::q_rows, query_rows * head_dim_padded);
-    part(&BackwardScratch::dout_rows, query_rows * value_dim_padded);
+    part(&BackwardScratch::q_rows, times(query_rows, head_dim_padded));
+    part(&BackwardScratch::dout_rows, times(query_rows, value_dim_padded));
     part(&BackwardScratch::row_shift, query_rows);
     part(&BackwardScratch::row_scale, query_rows);
     part(&BackwardScratch::delta, query_rows);
-    part(&BackwardScratch::k_panels, keys * head_dim);
-    part(&BackwardScratch::v_panels, keys * value_dim);
-    part(&BackwardScratch::k_rows, keys * head_dim_padded);
-    part(&BackwardScratch::probs, block_rows * block_keys);
-    part(&BackwardScratch::dscores, block_rows * block_keys);
-    part(&BackwardScratch::derivs, tile_rows * block_keys);
-    part(&BackwardScratch::dk_acc, keys * head_dim_padded);
-    part(&BackwardScratch::dv_acc, keys * value_dim_padded);
-    part(&BackwardScratch::dq_acc, dq_rows * head_dim_padded);
+    part(&BackwardScratch::k_panels, times(keys, head_dim));
+    part(&BackwardScratch::v_panels, times(keys, value_dim));
+    part(&BackwardScratch::k_rows, times(keys, head_dim_padded));
+    part(&BackwardScratch::probs, times(block_rows, block_keys));
+    part(&BackwardScratch::dscores, times(block_rows, block_keys));
+    part(&BackwardScratch::derivs, times(tile_rows, block_keys));
+    part(&BackwardScratch::dk_acc, times(keys, head_dim_padded));
+    part(&BackwardScratch::dv_acc, times(keys, value_dim_padded));
+    part(&BackwardScratch::dq_acc, times(dq_rows, head_dim_padded));
     part(&BackwardScratch::ones, 16);
   }
   // Floats per thread, 64-byte aligned parts; INT64_MAX when that overflows (a stride-0
