@@ -297,13 +297,16 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
     job.dv = head_rows(dv, b, hkv);
   };
 
-  // Items (batch, query head, query block), for the coarse rows' statistics and pass 2.
+  // Items (batch, query head, query block), for the coarse rows' statistics, pass 2 and
+  // the key chunks' packing and writing; returns the item's KV head of the call, b * Hkv
+  // + hkv.
   auto bind_query_block = [&](BackwardJob& job, std::int64_t item) {
     const std::int64_t bh = item / q_blocks, b = bh / Hq, h = bh % Hq;
     bind(job, b, h / group);
     job.head = h % group;
     job.first = item % q_blocks * Br;
     job.count = std::min(Br, N - job.first);
+    return b * Hkv + h / group;
   };
   // entry(job) for every query block of the group, in order (the one pass).
   auto for_query_blocks = [&](BackwardJob& job, void (*entry)(const BackwardJob&)) {
@@ -361,9 +364,7 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
         const BackwardScratch own = sizes.carve(scratch.get(), omp_get_thread_num());
 #pragma omp for schedule(static) nowait
         for (std::int64_t item = 0; item < query_items; ++item) {
-          bind_query_block(job, item);
-          const std::int64_t head = item / q_blocks / Hq * Hkv + item / q_blocks % Hq / group;
-          job.scratch = group_scratch(own, head);
+          job.scratch = group_scratch(own, bind_query_block(job, item));
           entry(job);
         }
       });
