@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cassert>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -48,6 +49,7 @@ using detail::round_up;
 // 32 x 128 all ran at 117-139 GFLOP/s, within the noise of two alternating runs of each.
 constexpr std::int64_t kBlockRows = 64;
 constexpr std::int64_t kBlockKeys = 64;
+static_assert(kBlockKeys <= detail::kMaxBackwardBlockKeys, "rounded up to a key panel (at most 64 keys)");
 // The largest scratch per thread of the one pass, which holds every query row of a group
 // (whole heads: per thread; key chunks in turn: per head, averaged over the threads).
 constexpr std::int64_t kOnePassBytes = std::int64_t(64) << 20;
@@ -189,6 +191,7 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   const std::int64_t group = Hq / Hkv, W = kernels.vector_floats, mr = kernels.tile_rows;
   const std::int64_t Br = round_up(std::min(kBlockRows, N), mr);
   const std::int64_t Bk = round_up(std::min(kBlockKeys, M), kernels.panel_keys);
+  assert(Bk <= detail::kMaxBackwardBlockKeys);
   const std::int64_t Dp = round_up(D, W), Dvp = round_up(Dv, W);
 
   // The schedule. The one pass does five products per block pair; two passes do seven

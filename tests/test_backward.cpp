@@ -632,6 +632,16 @@ TEST_CASE("non-finite q, dout or keys: what a row cannot see stays out, a visibl
          for (std::int64_t x = 0; x < p.d.D; ++x) p.q.at(0, 1, 0, x) = kInf;
        }},
       {"causal, dout inf on row 0 (it sees key 0 only)", [](Problem& p) { p.causal(); }},
+      // dV and dK take tiles of up to 6 keys across the vectors of keys that pick the
+      // safe tile (AVX2, AVX-512): keys 12-17 must take it for key 16 alone. N = 12
+      // leaves no padding row in the 6-row tiles (a padding row's zeros would make every
+      // vector of keys safe).
+      {"dout inf on row 0, which a bool mask hides key 16 from (N = 12, M = 24)",
+       [](Problem& p) {
+         const Shape shape{p.d.B, p.d.Hq, p.d.N, p.d.M};
+         p.opt.bool_mask = make_view<std::uint8_t>(p.bool_buf, shape, contiguous(shape), 0, 0,
+                                                   [](auto, auto, auto i, auto j) { return std::uint8_t(i != 0 || j != 16); });
+       }},
       {"causal, NaN in key 2: rows before it stay finite", [](Problem& p) {
          p.causal();
          p.k.at(0, 0, 2, 1) = kNaN;
@@ -639,7 +649,8 @@ TEST_CASE("non-finite q, dout or keys: what a row cannot see stays out, a visibl
   for (bool gauss : {false, true})
     for (const Poison& poison : poisons) {
       const bool tall = std::string(poison.what).find("N > M") != std::string::npos;
-      const Dims d = tall ? Dims{1, 2, 1, 12, 6, 8, 8} : Dims{1, 2, 1, 8, 8, 8, 8};
+      const bool wide = std::string(poison.what).find("M = 24") != std::string::npos;
+      const Dims d = tall ? Dims{1, 2, 1, 12, 6, 8, 8} : wide ? Dims{1, 2, 1, 12, 24, 8, 8} : Dims{1, 2, 1, 8, 8, 8, 8};
       Problem p(d, 7900, Layout::bhsd, Layout::bhsd);
       if (gauss) p.gaussian();
       poison.apply(p);

@@ -215,9 +215,12 @@ struct DqTurns {
 void await_turn(const DqTurns& turns, std::int64_t t);
 void pass_turns(const DqTurns& turns, std::int64_t past);
 
+// The most keys a backward block may have (the kernel judges its keys' tiles on the stack).
+constexpr std::int64_t kMaxBackwardBlockKeys = 256;
+
 struct BackwardJob {
   std::int64_t q_len, kv_len, head_dim, value_dim, head_dim_padded, value_dim_padded;
-  std::int64_t block_rows, block_keys;  // multiples of tile_rows and panel_keys
+  std::int64_t block_rows, block_keys;  // multiples of tile_rows and panel_keys; block_keys <= kMaxBackwardBlockKeys
   std::int64_t group;                   // query heads per KV head
   bool gaussian;                        // -scale |q - k|^2, else scale q.k
   float scale;
