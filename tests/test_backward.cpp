@@ -632,8 +632,8 @@ TEST_CASE("non-finite q, dout or keys: what a row cannot see stays out, a visibl
          for (std::int64_t x = 0; x < p.d.D; ++x) p.q.at(0, 1, 0, x) = kInf;
        }},
       {"causal, dout inf on row 0 (it sees key 0 only)", [](Problem& p) { p.causal(); }},
-      // dV and dK take tiles of up to 6 keys across the vectors of keys that pick the
-      // safe tile (AVX2, AVX-512): keys 12-17 must take it for key 16 alone. N = 12
+      // dV and dK take tiles of 6 keys across the vectors of keys that pick the safe
+      // tile (AVX-512): keys 12-17 must take it for key 16 alone. N = 12
       // leaves no padding row in the 6-row tiles (a padding row's zeros would make every
       // vector of keys safe).
       {"dout inf on row 0, which a bool mask hides key 16 from (N = 12, M = 24)",

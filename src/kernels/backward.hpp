@@ -34,6 +34,13 @@ struct BackwardKernel {
   using batch = typename Fwd::batch;
   static constexpr int W = Fwd::W;
   static constexpr int NR = Fwd::NR;
+  // Keys per tile of the exchanged products (dV, dK). With 32 registers, the forward's P.V
+  // tile rows (AVX-512: 6 keys x 4 vectors, 24 accumulators); against 4 keys, Zen 5, 2
+  // threads, tools/ab_builds, median per-round ratio in three runs: P64's backward 1.004
+  // to 1.036 as fast, C128's 1.014 to 1.089, S16K's 1.022 (one run). With 16 registers, 4
+  // keys: AVX2's 6 x 2 tiles ran P64's and C128's backward 0.85x and 0.83x as fast (the
+  // cause not studied).
+  static constexpr int KR = Fwd::kVectorRegisters >= 32 ? PR : 4;
 
   static std::int64_t lo(const BackwardJob& job, std::int64_t i) { return visible_lo(job.visible, i); }
   static std::int64_t hi(const BackwardJob& job, std::int64_t i) { return visible_hi(job.visible, i); }
@@ -285,7 +292,7 @@ struct BackwardKernel {
     // Keys that some row of the block does not weigh take the safe tile: a zero P (or dS)
     // must keep that row's dout (or q) out, which may hold NaN or inf. Judged per vector
     // of W keys; a tile is safe when any vector it touches is.
-    static_assert(PR % 2 == 0, "the key tiles below step by PR, then 4 and 2");
+    static_assert(KR % 2 == 0, "the key tiles below step by KR, then 4 and 2");
     assert(Bk <= kMaxBackwardBlockKeys);
     bool strip_safe[kMaxBackwardBlockKeys / W];
     for (std::int64_t j = 0; j < n; j += W) {
@@ -294,12 +301,10 @@ struct BackwardKernel {
         any_zero = any_zero || batch::load_aligned(m.probs + r * Bk + j) == zero;
       strip_safe[j / W] = xsimd::any(any_zero);
     }
-    // Tiles of KEYS keys from jj: the forward's P.V tiles, keys for rows (PR of them),
-    // then 4 and 2 for the rest of the keys rounded up to 4 (the columns past n hold
-    // zeros up to a whole panel). Each accumulator sums its rows in order whatever the
-    // tile, so results do not depend on it. PR = 6 keys (24 accumulators on AVX-512)
-    // against the 4 of before, Zen 5, 2 threads, tools/ab_builds, per-round ratio: P64's
-    // backward 1.036, C128's 1.040, S16K's 1.022 faster.
+    // Tiles of KEYS keys from jj: KR keys (the forward's P.V tiles, keys for rows), then 4
+    // and 2 for the rest of the keys rounded up to 4 (the columns past n hold zeros up to
+    // a whole panel). Each accumulator sums its rows in order whatever the tile, so
+    // results do not depend on it.
     auto tile = [&](auto keys, std::int64_t jj) {
       constexpr int KEYS = decltype(keys)::value;
       bool safe = false;
@@ -320,10 +325,10 @@ struct BackwardKernel {
     };
     const std::int64_t keys = round_up(n, 4);
     std::int64_t jj = 0;
-    for (; jj + PR <= keys; jj += PR) tile(std::integral_constant<int, PR>{}, jj);
-    if constexpr (PR > 4)
+    for (; jj + KR <= keys; jj += KR) tile(std::integral_constant<int, KR>{}, jj);
+    if constexpr (KR > 4)
       if (jj + 4 <= keys) tile(std::integral_constant<int, 4>{}, jj), jj += 4;
-    if constexpr (PR > 2)
+    if constexpr (KR > 2)
       if (jj < keys) tile(std::integral_constant<int, 2>{}, jj);
     if (job.gaussian) exact_keys(job, rows_padded, n, k_panels);
   }
