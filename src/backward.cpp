@@ -75,11 +75,7 @@ struct BackwardSizes {
   std::int64_t dq_rows;     // rows of dQ accumulated
   std::int64_t head_dim, value_dim, head_dim_padded, value_dim_padded, block_rows, block_keys, tile_rows;
 
-  // a * b, or INT64_MAX when that overflows (which total() then reports).
-  static std::int64_t times(std::int64_t a, std::int64_t b) {
-    std::int64_t r = 0;
-    return __builtin_mul_overflow(a, b, &r) ? std::numeric_limits<std::int64_t>::max() : r;
-  }
+  static std::int64_t times(std::int64_t a, std::int64_t b) { return detail::saturated_product(a, b); }
   // Calls part(&BackwardScratch::field, floats) for every part, in memory order.
   template <class Part>
   void layout(Part part) const {
@@ -99,16 +95,14 @@ struct BackwardSizes {
     part(&BackwardScratch::dq_acc, times(dq_rows, head_dim_padded));
     part(&BackwardScratch::ones, 16);
   }
-  // Floats per thread, 64-byte aligned parts; INT64_MAX when that overflows (a stride-0
-  // view can be huge and valid), which the allocation then refuses.
+  // Floats per thread, 64-byte aligned parts; detail::kSaturated when that overflows (a
+  // stride-0 view can be huge and valid), which the allocation then refuses.
   std::int64_t total() const {
     std::int64_t t = 0;
-    bool overflow = false;
     layout([&](float* BackwardScratch::*, std::int64_t floats) {
-      overflow = overflow || floats > std::numeric_limits<std::int64_t>::max() / 2 ||
-                 __builtin_add_overflow(t, round_up(floats, 16), &t);
+      t = detail::saturated_sum(t, floats > detail::kSaturated - 16 ? detail::kSaturated : round_up(floats, 16));
     });
-    return overflow ? std::numeric_limits<std::int64_t>::max() : t;
+    return t;
   }
   // The part-th copy in `memory`: a thread's, or (group sides) a head's.
   BackwardScratch carve(float* memory, std::int64_t part) const {

@@ -79,13 +79,15 @@ DecodeSplit split_decode(const Plan& plan, const CallViews& views) {
   // prefetch stream once per chunk rather than once per block).
   d.step = !d.k_in_place || !plan.v_in_place ? Bk : d.chunk_keys;
   // acc, row_max, row_sum of one item; a multiple of 16 keeps each acc 64-byte aligned.
-  d.partial_floats = round_up(d.rows_padded * plan.value_dim_padded + 2 * d.rows_padded, 16);
+  const std::int64_t partial = saturated_sum(saturated_product(d.rows_padded, plan.value_dim_padded), 2 * d.rows_padded);
+  d.partial_floats = partial > kSaturated - 16 ? kSaturated : round_up(partial, 16);
   return d;
 }
 
 ThreadScratch decode_scratch(const Plan& plan, const DecodeSplit& d) {
   const std::int64_t D = plan.shape.head_dim, Bk = plan.block_keys;
   const KernelTable& kernels = *plan.kernels;
+  require_scratch_product(std::max(Bk, d.rows_padded), std::max(D, plan.value_dim_padded));
   ThreadScratch parts{};
   parts.key_panels = d.k_in_place ? 0 : kernels.key_panel_floats(Bk, D);
   parts.key_bias = plan.centered ? Bk : 0;
@@ -94,7 +96,7 @@ ThreadScratch decode_scratch(const Plan& plan, const DecodeSplit& d) {
   parts.row_bias = plan.centered ? d.rows_padded : 0;
   parts.center = D;
   // Lanes: the transposed Q of every group of rows follows the scores.
-  parts.scores = std::int64_t(d.mr) * Bk + (d.lanes ? d.rows_padded * D : 0);
+  parts.scores = std::int64_t(d.mr) * Bk + (d.lanes ? d.rows_padded * D : 0);  // fits: checked above
   return parts;
 }
 
@@ -208,9 +210,9 @@ void run_decode(const Plan& plan, const CallViews& views) {
   const int threads = int(std::min<std::int64_t>(thread_count(s.num_threads, forward_flops(s)), d.items));
   // Partial state of every item. At most kTargetItems chunks per call (fewer when B * Hkv
   // is large), so this does not grow with M.
-  AlignedBuffer partials(d.items * d.partial_floats);
+  AlignedBuffer partials(saturated_product(d.items, d.partial_floats));
   const ThreadScratch parts = decode_scratch(plan, d);
-  AlignedBuffer scratch(parts.total() * threads);
+  AlignedBuffer scratch(saturated_product(parts.total(), threads));
 
   run_parallel(threads, [&] {
     const ThreadScratch::Parts mine = parts.carve(scratch.get(), omp_get_thread_num());

@@ -14,6 +14,7 @@ namespace {
 ThreadScratch prefill_scratch(const Plan& plan) {
   const AttentionShape& s = plan.shape;
   const std::int64_t M = s.kv_len, D = s.head_dim, nr = plan.kernels->panel_keys;
+  require_scratch_product(M, std::max(D, plan.value_dim_padded));  // a KV head's panels and value rows
   ThreadScratch parts{};
   parts.key_panels = plan.kernels->key_panel_floats(M, D);
   parts.key_bias = plan.centered ? round_up(std::max<std::int64_t>(M, 1), nr) : 0;
@@ -22,7 +23,7 @@ ThreadScratch prefill_scratch(const Plan& plan) {
   parts.row_bias = plan.centered ? plan.block_rows : 0;
   parts.center = D;
   parts.scores = std::int64_t(plan.kernels->tile_rows) * plan.block_keys;
-  parts.acc = plan.block_rows * plan.value_dim_padded;
+  parts.acc = saturated_product(plan.block_rows, plan.value_dim_padded);
   parts.row_stats = plan.block_rows;
   return parts;
 }
@@ -67,7 +68,7 @@ void run_prefill(const Plan& plan, const CallViews& views) {
   const std::int64_t items = s.batch * s.q_heads * q_blocks;
   const int threads = int(std::min<std::int64_t>(thread_count(s.num_threads, forward_flops(s)), items));
   const ThreadScratch parts = prefill_scratch(plan);
-  AlignedBuffer scratch(parts.total() * threads);
+  AlignedBuffer scratch(saturated_product(parts.total(), threads));
 
   run_parallel(threads, [&] {
     const ThreadScratch::Parts mine = parts.carve(scratch.get(), omp_get_thread_num());

@@ -46,10 +46,17 @@ AlignedBuffer::~AlignedBuffer() {
     std::free(memory_);
 }
 
+void require_scratch_product(std::int64_t count, std::int64_t dim) {
+  constexpr std::int64_t kPadding = 256;  // more than any tile, panel or vector pads a size by
+  if (saturated_product(count + kPadding, dim + kPadding) > kMaxFloats) throw std::bad_alloc();
+}
+
 std::int64_t ThreadScratch::total() const {
-  return round_up(key_panels, 16) + round_up(key_bias, 16) + round_up(value_rows, 16) + round_up(q_packed, 16) +
-         round_up(row_bias, 16) + round_up(center, 16) + round_up(scores, 16) + round_up(acc, 16) +
-         2 * round_up(row_stats, 16);
+  std::int64_t t = 0;
+  for (std::int64_t part : {key_panels, key_bias, value_rows, q_packed, row_bias, center, scores, acc, row_stats,
+                            row_stats})
+    t = saturated_sum(t, part > kMaxFloats ? kSaturated : round_up(part, 16));
+  return t;
 }
 
 ThreadScratch::Parts ThreadScratch::carve(float* memory, int thread) const {

@@ -8,6 +8,27 @@
 
 namespace flashcpu::detail {
 
+/// Sizes of working memory, in floats. A valid view of stride 0 can be far larger than
+/// memory, and so can the scratch of a call on it: such sizes saturate at INT64_MAX,
+/// which AlignedBuffer refuses (std::bad_alloc) before anything is written, instead of
+/// wrapping around to a small buffer.
+constexpr std::int64_t kSaturated = INT64_MAX;
+/// a * b, or kSaturated when that overflows or either is saturated.
+inline std::int64_t saturated_product(std::int64_t a, std::int64_t b) {
+  std::int64_t r = 0;
+  return a == kSaturated || b == kSaturated || __builtin_mul_overflow(a, b, &r) ? kSaturated : r;
+}
+/// a + b, likewise.
+inline std::int64_t saturated_sum(std::int64_t a, std::int64_t b) {
+  std::int64_t r = 0;
+  return a == kSaturated || b == kSaturated || __builtin_add_overflow(a, b, &r) ? kSaturated : r;
+}
+/// Throws std::bad_alloc when `count` (keys or rows) by `dim` floats, both padded to
+/// whole tiles, overflows: the kernels' size functions (key_panel_floats and the like)
+/// multiply such pairs unchecked. Sizes are at most 2^48 (validate.cpp), so the padding
+/// itself cannot overflow.
+void require_scratch_product(std::int64_t count, std::int64_t dim);
+
 /// Scratch of kMapBytes or more is mapped for the call and unmapped after it. Through
 /// malloc, glibc's adaptive mmap threshold (raised to the size of each large block freed,
 /// up to 32 MiB) serves the next call's scratch from the heap instead, and the heap keeps
@@ -47,6 +68,7 @@ struct ThreadScratch {
     float *key_panels, *key_bias, *value_rows, *q_packed, *row_bias, *center, *scores, *acc, *row_max, *row_sum;
   };
 
+  /// Floats per thread, parts rounded up to 16; kSaturated when that overflows.
   std::int64_t total() const;
   /// The parts of thread `thread` in `memory` (total() floats per thread, 64-byte aligned).
   Parts carve(float* memory, int thread) const;

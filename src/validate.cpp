@@ -25,6 +25,12 @@ std::string dims(const std::array<std::int64_t, 4>& a) {
 
 const char* const kDimNames[4] = {"batch", "heads", "seq", "dim"};
 
+// The largest size of any dimension: 2^48, far past any real tensor (a stride-0 view can
+// be larger than memory), and small enough that sizes padded to whole tiles and blocks
+// cannot overflow 64-bit arithmetic. Products of sizes (working memory of a huge
+// stride-0 view) are checked where they are formed (scratch.hpp).
+constexpr std::int64_t kMaxSize = std::int64_t(1) << 48;
+
 // The byte range [first, last) a view touches; empty views touch nothing.
 struct ByteRange {
   std::uintptr_t first = 0, last = 0;
@@ -39,6 +45,9 @@ ByteRange check_view(const TensorView<T>& view, const char* name) {
   for (int d = 0; d < 4; ++d) {
     if (view.shape[d] < 0)
       fail(name, ".shape[", d, "] (", kDimNames[d], "): expected a size >= 0, got ", view.shape[d]);
+    if (view.shape[d] > kMaxSize)
+      fail(name, ".shape[", d, "] (", kDimNames[d], "): expected a size <= 2^48 (", kMaxSize, "), got ",
+           view.shape[d]);
     if (view.strides[d] < 0)
       fail(name, ".strides[", d, "]: expected a stride >= 0, got ", view.strides[d]);
     empty = empty || view.shape[d] == 0;

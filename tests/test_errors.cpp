@@ -234,6 +234,21 @@ TEST_CASE("sizes and extents that overflow 64-bit indexing are rejected", "[erro
        [](Problem& p) { p.q.shape[2] = p.out.shape[2] = kMax / 2; },
        {"q", "out"},
        ""},
+      // Sizes past 2^48, though stride 0 keeps the extents small.
+      {"D = 2^48 + 1 on q and k, stride 0",
+       [](Problem& p) {
+         p.q.shape[3] = p.k.shape[3] = (std::int64_t{1} << 48) + 1;
+         p.q.strides[3] = p.k.strides[3] = 0;
+       },
+       {"q", "k"},
+       "281474976710657"},
+      {"M = 2^48 + 1 on k and v, stride 0",
+       [](Problem& p) {
+         p.k.shape[2] = p.v.shape[2] = (std::int64_t{1} << 48) + 1;
+         p.k.strides[2] = p.v.strides[2] = 0;
+       },
+       {"k", "v"},
+       "281474976710657"},
   });
 }
 

@@ -75,6 +75,40 @@ TEST_CASE("resident memory stays bounded over 100 calls of mixed sizes", "[memor
 #endif
 }
 
+TEST_CASE("huge stride-0 views whose working memory cannot exist raise std::bad_alloc, and write nothing",
+          "[memory][overflow]") {
+  // Valid calls: q, k and v of stride 0 may be far larger than memory. Their scratch
+  // (packed K panels, packed Q rows) cannot be allocated; before its sizes saturated,
+  // K's panels for M = 2^31 - 1 keys of D = 2^32 (M D just under 2^63, rounded up to
+  // whole panels: over it) wrapped to a small buffer and the call crashed.
+  struct Huge {
+    const char* what;
+    std::int64_t Hq, N, M, D;
+  };
+  const Huge cases[] = {
+      {"decoding, D = 2^47", 1, 1, 4, std::int64_t(1) << 47},
+      {"prefill, D = 2^47", 1, 100, 4, std::int64_t(1) << 47},
+      {"prefill, K panels over 2^63 floats (M = 2^31 - 1, D = 2^32)", 1, 100, (std::int64_t(1) << 31) - 1,
+       std::int64_t(1) << 32},
+      {"decoding 2^20 stacked rows of D = 2^30", std::int64_t(1) << 20, 1, 4, std::int64_t(1) << 30},
+      {"D = 2^48, the largest size", 1, 1, 4, std::int64_t(1) << 48},
+  };
+  for (const Huge& c : cases) {
+    INFO(c.what);
+    const float q = 0.5f, k = 0.25f, v = 1.0f;
+    std::vector<float> out(std::size_t(c.Hq * c.N), -7.0f), lse(std::size_t(c.Hq * c.N), -7.0f);
+    const flashcpu::TensorView<const float> qv{&q, {1, c.Hq, c.N, c.D}, {0, 0, 0, 0}};
+    const flashcpu::TensorView<const float> kv{&k, {1, 1, c.M, c.D}, {0, 0, 0, 0}};
+    const flashcpu::TensorView<const float> vv{&v, {1, 1, c.M, 1}, {0, 0, 0, 0}};
+    const flashcpu::TensorView<float> ov{out.data(), {1, c.Hq, c.N, 1}, {c.Hq * c.N, c.N, 1, 1}};
+    const flashcpu::TensorView<float> lv{lse.data(), {1, c.Hq, c.N, 1}, {c.Hq * c.N, c.N, 1, 1}};
+    CHECK_THROWS_AS(flashcpu::attention(qv, kv, vv, ov, lv), std::bad_alloc);
+    bool untouched = true;
+    for (std::size_t i = 0; i < out.size(); ++i) untouched = untouched && out[i] == -7.0f && lse[i] == -7.0f;
+    CHECK(untouched);
+  }
+}
+
 TEST_CASE("scratch: mapped pieces start on a 2 MiB boundary and reach their end; overflowed sizes are refused",
           "[memory]") {
   using flashcpu::detail::AlignedBuffer;

@@ -117,7 +117,10 @@ struct AttentionOptions {
 // each shard that has them counts them once more.
 
 /// Every invalid argument raises this, naming the argument, the expected and the
-/// actual value, before anything is written.
+/// actual value, before anything is written. Sizes are at most 2^48 per dimension, and
+/// a view's extent must fit 64-bit byte addressing. A valid call whose working memory
+/// cannot be allocated (a huge view of stride 0, say) raises std::bad_alloc, also before
+/// anything is written.
 class Error : public std::invalid_argument {
  public:
   using std::invalid_argument::invalid_argument;
