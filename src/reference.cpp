@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <new>
 #include <vector>
 
 #include "validate.hpp"
@@ -79,19 +80,41 @@ double score(const detail::AttentionShape& s, const TensorView<const Q>& q, cons
 
 int thread_count(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
 
+// Threads for `items` items: no more than there are items.
+int threads_for(int requested, std::int64_t items) {
+  return int(std::max<std::int64_t>(1, std::min<std::int64_t>(thread_count(requested), items)));
+}
+
+// a * b elements of double, or std::bad_alloc when that overflows or no vector can hold it.
+std::size_t doubles(std::int64_t a, std::int64_t b) {
+  std::int64_t n = 0;
+  if (__builtin_mul_overflow(a, b, &n) || n > std::int64_t(std::vector<double>().max_size())) throw std::bad_alloc();
+  return std::size_t(n);
+}
+
+// The oracle's buffers are allocated per thread before its parallel regions: a failure
+// (std::bad_alloc) then reaches the caller before anything is written, rather than ending
+// the process inside OpenMP, and a huge stride-0 view (N x M past 2^63) cannot wrap a
+// size around to a small buffer.
+std::vector<std::vector<double>> thread_buffers(int threads, std::size_t count) {
+  return std::vector<std::vector<double>>(std::size_t(threads), std::vector<double>(count));
+}
+
 // Shared by attention and attention_weights: per head, the full score matrix, then per
 // row its softmax. `consume(b, h, i, row, sum, row_max)` gets the unnormalized weights.
 template <class Q, class KV, class Consume>
 void for_each_row(const detail::AttentionShape& s, const TensorView<const Q>& q, const TensorView<const KV>& k,
                   Consume consume) {
   const std::int64_t N = s.q_len, M = s.kv_len, heads = s.batch * s.q_heads;
-#pragma omp parallel num_threads(thread_count(s.num_threads)) if (heads > 1)
+  const int threads = threads_for(s.num_threads, heads);
+  std::vector<std::vector<double>> buffers = thread_buffers(threads, doubles(N, M));
+#pragma omp parallel num_threads(threads)
   {
-    std::vector<double> scores;  // the materialized N x M matrix of one head
+    std::vector<double>& scores = buffers[std::size_t(omp_get_thread_num())];  // the N x M matrix of one head
 #pragma omp for schedule(dynamic)
     for (std::int64_t bh = 0; bh < heads; ++bh) {
       const std::int64_t b = bh / s.q_heads, h = bh % s.q_heads;
-      scores.assign(std::size_t(N * M), kNegInf);
+      std::fill(scores.begin(), scores.end(), kNegInf);
       for (std::int64_t i = 0; i < N; ++i)
         for (std::int64_t j = 0; j < M; ++j) scores[std::size_t(i * M + j)] = score(s, q, k, b, h, i, j);
       for (std::int64_t i = 0; i < N; ++i) {
@@ -172,11 +195,18 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
   };
   // Every element is written: queries of heads with no KV head (none exist when Hq > 0)
   // aside, each (b, KV head) item below owns its group's dq rows and its own dk, dv rows.
-#pragma omp parallel for schedule(dynamic) num_threads(thread_count(s.num_threads)) if (B * Hkv > 1)
+  const int threads = threads_for(s.num_threads, B * Hkv);
+  std::vector<std::vector<double>> dk_accs = thread_buffers(threads, doubles(M, D));
+  std::vector<std::vector<double>> dv_accs = thread_buffers(threads, doubles(M, Dv));
+  std::vector<std::vector<double>> ps = thread_buffers(threads, doubles(M, 1)), dps = ps;
+  std::vector<std::vector<double>> dq_rows = thread_buffers(threads, doubles(D, 1));
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
   for (std::int64_t bk = 0; bk < B * Hkv; ++bk) {
     const std::int64_t b = bk / Hkv, hk = bk % Hkv;
-    std::vector<double> dk_acc(std::size_t(M * D), 0.0), dv_acc(std::size_t(M * Dv), 0.0);
-    std::vector<double> p(static_cast<std::size_t>(M)), dp(static_cast<std::size_t>(M)), dq_row(static_cast<std::size_t>(D));
+    const std::size_t t = std::size_t(omp_get_thread_num());
+    std::vector<double>&dk_acc = dk_accs[t], &dv_acc = dv_accs[t], &p = ps[t], &dp = dps[t], &dq_row = dq_rows[t];
+    std::fill(dk_acc.begin(), dk_acc.end(), 0.0);
+    std::fill(dv_acc.begin(), dv_acc.end(), 0.0);
     // Without query rows there is nothing to visit, however many heads a group has.
     for (std::int64_t g = 0; g < (N > 0 ? group : 0); ++g) {
       const std::int64_t h = hk * group + g;
@@ -256,6 +286,8 @@ void nadaraya_watson(TensorView<const float> x_query, TensorView<const float> x_
   detail::validate_kernel_regression(x_query, x_train, y_train, y_pred, options);
   const std::int64_t B = x_query.shape[0], H = x_query.shape[1], N = x_query.shape[2], M = x_train.shape[2];
   const std::int64_t D = x_query.shape[3], Dv = y_train.shape[3];
+  // Nothing to write: the rows are not walked, however many a stride-0 x_query has.
+  if (B == 0 || H == 0 || N == 0 || Dv == 0) return;
   const double h = options.bandwidth;
   // log K(u) for each kernel; weights are exp(log K - max log K) so that a Gaussian
   // whose every value underflows still picks its nearest points.
@@ -268,11 +300,13 @@ void nadaraya_watson(TensorView<const float> x_query, TensorView<const float> x_
     }
     return kNegInf;
   };
-#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(thread_count(options.num_threads))
+  const int threads = threads_for(options.num_threads, B * H * N);
+  std::vector<std::vector<double>> logks = thread_buffers(threads, doubles(M, 1));
+#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(threads)
   for (std::int64_t bh = 0; bh < B * H; ++bh)
     for (std::int64_t i = 0; i < N; ++i) {
       const std::int64_t b = bh / H, hh = bh % H;
-      std::vector<double> logk(static_cast<std::size_t>(M));
+      std::vector<double>& logk = logks[std::size_t(omp_get_thread_num())];
       double best = kNegInf;
       for (std::int64_t j = 0; j < M; ++j) {
         double dist2 = 0;

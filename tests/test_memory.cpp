@@ -8,6 +8,7 @@
 
 #include <flashcpu/flashcpu.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <fstream>
 #include <limits>
@@ -107,6 +108,20 @@ TEST_CASE("huge stride-0 views whose working memory cannot exist raise std::bad_
     for (std::size_t i = 0; i < out.size(); ++i) untouched = untouched && out[i] == -7.0f && lse[i] == -7.0f;
     CHECK(untouched);
   }
+#ifndef FTEST_ASAN  // AddressSanitizer ends the process on so large a malloc instead of failing it
+  // The oracle's N x M matrix (and the regression's M weights) for 2^40 keys of stride 0:
+  // its buffers are allocated before its parallel regions, where a std::bad_alloc used
+  // to end the process.
+  const std::int64_t M = (std::int64_t(1) << 40) - 1;
+  const float x = 0.5f;
+  std::vector<float> out(100, -7.0f);
+  const flashcpu::TensorView<const float> q{&x, {1, 1, 100, 1}, {0, 0, 0, 0}};
+  const flashcpu::TensorView<const float> k{&x, {1, 1, M, 1}, {0, 0, 0, 0}};
+  const flashcpu::TensorView<float> o{out.data(), {1, 1, 100, 1}, {100, 100, 1, 1}};
+  CHECK_THROWS_AS(flashcpu::reference::attention(q, k, k, o), std::bad_alloc);
+  CHECK_THROWS_AS(flashcpu::reference::nadaraya_watson(q, k, k, o), std::bad_alloc);
+  CHECK(std::count(out.begin(), out.end(), -7.0f) == 100);
+#endif
 }
 
 TEST_CASE("scratch: mapped pieces start on a 2 MiB boundary and reach their end; overflowed sizes are refused",
