@@ -18,8 +18,6 @@ using detail::CallViews;
 // M = 0 (no keys at all): every row sees no key, and its lse is its head's sink (-inf
 // without one).
 void write_empty_rows(const AttentionShape& s, const CallViews& views, float empty_value) {
-  // Nothing to write (Dv = 0, no lse): the rows are not walked, however many there are.
-  if (s.value_dim == 0 && !views.has_lse) return;
   for (std::int64_t b = 0; b < s.batch; ++b)
     for (std::int64_t h = 0; h < s.q_heads; ++h)
       for (std::int64_t i = 0; i < s.q_len; ++i) {
@@ -33,6 +31,8 @@ void run(const AttentionShape& s, const CallViews& views, detail::Transform tran
          float empty_value = 0.0f, bool regression = false) {
   const detail::KernelTable& kernels = detail::kernels_for_call(s, views.q.type, views.k.type, transform);
   if (s.empty()) return;
+  // Nothing to write (Dv = 0, no lse): the rows are not walked, however many there are.
+  if (s.value_dim == 0 && !views.has_lse) return;
   if (s.kv_len == 0) return write_empty_rows(s, views, empty_value);
   const detail::Plan plan = detail::make_plan(kernels, s, views.v, transform, empty_value, regression);  // may throw
   if (detail::use_decode_path(s, kernels))

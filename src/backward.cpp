@@ -24,12 +24,13 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cassert>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <memory>
 #include <new>
+#include <stdexcept>
+#include <string>
 #include <thread>
 
 #include "dispatch.hpp"
@@ -185,7 +186,8 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   const std::int64_t group = Hq / Hkv, W = kernels.vector_floats, mr = kernels.tile_rows;
   const std::int64_t Br = round_up(std::min(kBlockRows, N), mr);
   const std::int64_t Bk = round_up(std::min(kBlockKeys, M), kernels.panel_keys);
-  assert(Bk <= detail::kMaxBackwardBlockKeys);
+  if (Bk > detail::kMaxBackwardBlockKeys)  // a key panel wider than any variant's (64 keys)
+    throw std::logic_error("flashcpu: backward key blocks of " + std::to_string(Bk) + " keys exceed the kernels' limit");
   const std::int64_t Dp = round_up(D, W), Dvp = round_up(Dv, W);
 
   // The schedule. The one pass does five products per block pair; two passes do seven
@@ -213,8 +215,7 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   if (__builtin_mul_overflow(heads, key_blocks, &key_items) || __builtin_mul_overflow(heads, key_chunks, &chunk_items) ||
       __builtin_mul_overflow(B * Hq, q_blocks, &query_items))
     throw std::bad_alloc();  // more blocks than any memory holds the tensors of
-  std::int64_t group_rows = 0;  // every query row of a group, padded per block
-  if (__builtin_mul_overflow(group, q_blocks * Br, &group_rows)) group_rows = std::numeric_limits<std::int64_t>::max() / 4;
+  const std::int64_t group_rows = detail::saturated_product(group, q_blocks * Br);  // every query row of a group, padded per block
   const BackwardSizes one_pass{group_rows, Ck, group_rows, D, Dv, Dp, Dvp, Br, Bk, mr};
   // Two passes (and the coarse rows' statistics): the query side and the key side of a
   // block.
@@ -224,9 +225,7 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   const BackwardSizes group_side{group_rows, 0, group_rows, D, Dv, Dp, Dvp, 0, 0, 0};
   const BackwardSizes in_turn_thread{Br, Ck, Br, D, Dv, Dp, Dvp, Br, Bk, mr};
   constexpr std::int64_t kBudget = kOnePassBytes / std::int64_t(sizeof(float));
-  std::int64_t shared_floats = 0;
-  if (__builtin_mul_overflow(group_side.total(), heads, &shared_floats))
-    shared_floats = std::numeric_limits<std::int64_t>::max();
+  const std::int64_t shared_floats = detail::saturated_product(group_side.total(), heads);
   const bool one_pass_fits = one_pass.total() <= kBudget;
   const bool in_turn_fits = chunk_items >= wanted && shared_floats / wanted <= kBudget;
   const double slots = double((heads + wanted - 1) / wanted) * double(wanted);  // rounds x threads
@@ -240,9 +239,7 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   const BackwardSizes& sizes = whole_heads ? one_pass : in_turn ? in_turn_thread : two_pass;
   const std::int64_t items = whole_heads ? heads : in_turn ? chunk_items : std::max(key_items, query_items);
   const int threads = int(std::min<std::int64_t>(wanted, items));
-  std::int64_t scratch_floats = 0;
-  if (__builtin_mul_overflow(sizes.total(), std::int64_t(threads), &scratch_floats))
-    scratch_floats = std::numeric_limits<std::int64_t>::max();
+  const std::int64_t scratch_floats = detail::saturated_product(sizes.total(), threads);
   // Before any thread starts: failure reaches the caller.
   detail::AlignedBuffer scratch(scratch_floats);
   detail::AlignedBuffer shared(in_turn ? shared_floats : 0);

@@ -80,8 +80,10 @@ double score(const detail::AttentionShape& s, const TensorView<const Q>& q, cons
 
 int thread_count(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
 
-// Threads for `items` items: no more than there are items.
+// The team a parallel region of the oracle gets for `items` items: no more threads than
+// items, and one inside a region that cannot nest.
 int threads_for(int requested, std::int64_t items) {
+  if (omp_get_active_level() >= omp_get_max_active_levels()) return 1;
   return int(std::max<std::int64_t>(1, std::min<std::int64_t>(thread_count(requested), items)));
 }
 
@@ -97,7 +99,10 @@ std::size_t doubles(std::int64_t a, std::int64_t b) {
 // the process inside OpenMP, and a huge stride-0 view (N x M past 2^63) cannot wrap a
 // size around to a small buffer.
 std::vector<std::vector<double>> thread_buffers(int threads, std::size_t count) {
-  return std::vector<std::vector<double>>(std::size_t(threads), std::vector<double>(count));
+  std::vector<std::vector<double>> buffers;
+  buffers.reserve(std::size_t(threads));
+  for (int t = 0; t < threads; ++t) buffers.emplace_back(count);
+  return buffers;
 }
 
 // Shared by attention and attention_weights: per head, the full score matrix, then per
@@ -198,7 +203,8 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
   const int threads = threads_for(s.num_threads, B * Hkv);
   std::vector<std::vector<double>> dk_accs = thread_buffers(threads, doubles(M, D));
   std::vector<std::vector<double>> dv_accs = thread_buffers(threads, doubles(M, Dv));
-  std::vector<std::vector<double>> ps = thread_buffers(threads, doubles(M, 1)), dps = ps;
+  std::vector<std::vector<double>> ps = thread_buffers(threads, doubles(M, 1));
+  std::vector<std::vector<double>> dps = thread_buffers(threads, doubles(M, 1));
   std::vector<std::vector<double>> dq_rows = thread_buffers(threads, doubles(D, 1));
 #pragma omp parallel for schedule(dynamic) num_threads(threads)
   for (std::int64_t bk = 0; bk < B * Hkv; ++bk) {

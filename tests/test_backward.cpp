@@ -633,10 +633,10 @@ TEST_CASE("non-finite q, dout or keys: what a row cannot see stays out, a visibl
        }},
       {"causal, dout inf on row 0 (it sees key 0 only)", [](Problem& p) { p.causal(); }},
       // dV and dK take tiles of 6 keys across the vectors of keys that pick the safe
-      // tile (AVX-512): keys 12-17 must take it for key 16 alone. N = 12
-      // leaves no padding row in the 6-row tiles (a padding row's zeros would make every
-      // vector of keys safe).
-      {"dout inf on row 0, which a bool mask hides key 16 from (N = 12, M = 24)",
+      // tile (AVX-512): keys 12-17 must take it for key 16 alone, the only zero weight
+      // of keys 16-31. N = 12 leaves no padding row in the 6-row tiles, and M = 32 no
+      // padding key (a padding row's or key's zeros would make the vector safe anyway).
+      {"dout inf on row 0, which a bool mask hides key 16 from (N = 12, M = 32)",
        [](Problem& p) {
          const Shape shape{p.d.B, p.d.Hq, p.d.N, p.d.M};
          p.opt.bool_mask = make_view<std::uint8_t>(p.bool_buf, shape, contiguous(shape), 0, 0,
@@ -649,8 +649,8 @@ TEST_CASE("non-finite q, dout or keys: what a row cannot see stays out, a visibl
   for (bool gauss : {false, true})
     for (const Poison& poison : poisons) {
       const bool tall = std::string(poison.what).find("N > M") != std::string::npos;
-      const bool wide = std::string(poison.what).find("M = 24") != std::string::npos;
-      const Dims d = tall ? Dims{1, 2, 1, 12, 6, 8, 8} : wide ? Dims{1, 2, 1, 12, 24, 8, 8} : Dims{1, 2, 1, 8, 8, 8, 8};
+      const bool wide = std::string(poison.what).find("M = 32") != std::string::npos;
+      const Dims d = tall ? Dims{1, 2, 1, 12, 6, 8, 8} : wide ? Dims{1, 2, 1, 12, 32, 8, 8} : Dims{1, 2, 1, 8, 8, 8, 8};
       Problem p(d, 7900, Layout::bhsd, Layout::bhsd);
       if (gauss) p.gaussian();
       poison.apply(p);

@@ -92,6 +92,8 @@ TEST_CASE("huge stride-0 views whose working memory cannot exist raise std::bad_
       {"prefill, K panels over 2^63 floats (M = 2^31 - 1, D = 2^32)", 1, 100, (std::int64_t(1) << 31) - 1,
        std::int64_t(1) << 32},
       {"decoding 2^20 stacked rows of D = 2^30", std::int64_t(1) << 20, 1, 4, std::int64_t(1) << 30},
+      {"decoding, packed Q rows over 2^63 floats (2^15 - 1 stacked rows of D = 2^48)", (std::int64_t(1) << 15) - 1, 1,
+       4, std::int64_t(1) << 48},
       {"D = 2^48, the largest size", 1, 1, 4, std::int64_t(1) << 48},
   };
   for (const Huge& c : cases) {
@@ -109,10 +111,11 @@ TEST_CASE("huge stride-0 views whose working memory cannot exist raise std::bad_
     CHECK(untouched);
   }
 #ifndef FTEST_ASAN  // AddressSanitizer ends the process on so large a malloc instead of failing it
-  // The oracle's N x M matrix (and the regression's M weights) for 2^40 keys of stride 0:
-  // its buffers are allocated before its parallel regions, where a std::bad_alloc used
-  // to end the process.
-  const std::int64_t M = (std::int64_t(1) << 40) - 1;
+  // The oracle's N x M matrix (and the regression's M weights) for 2^48 keys of stride 0,
+  // past any address space (so no overcommit setting lets the allocation succeed): its
+  // buffers are allocated before its parallel regions, where a std::bad_alloc used to
+  // end the process.
+  const std::int64_t M = std::int64_t(1) << 48;
   const float x = 0.5f;
   std::vector<float> out(100, -7.0f);
   const flashcpu::TensorView<const float> q{&x, {1, 1, 100, 1}, {0, 0, 0, 0}};

@@ -327,7 +327,7 @@ struct BackwardKernel {
     std::int64_t jj = 0;
     for (; jj + KR <= keys; jj += KR) tile(std::integral_constant<int, KR>{}, jj);
     if constexpr (KR > 4)
-      if (jj + 4 <= keys) tile(std::integral_constant<int, 4>{}, jj), jj += 4;
+      for (; jj + 4 <= keys; jj += 4) tile(std::integral_constant<int, 4>{}, jj);
     if constexpr (KR > 2)
       if (jj < keys) tile(std::integral_constant<int, 2>{}, jj);
     if (job.gaussian) exact_keys(job, rows_padded, n, k_panels);
