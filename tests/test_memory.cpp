@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <fstream>
 #include <limits>
 #include <new>
@@ -125,6 +126,75 @@ TEST_CASE("huge stride-0 views whose working memory cannot exist raise std::bad_
   CHECK_THROWS_AS(flashcpu::reference::nadaraya_watson(q, k, k, o), std::bad_alloc);
   CHECK(std::count(out.begin(), out.end(), -7.0f) == 100);
 #endif
+}
+
+namespace {
+
+// One attention call on stride-0 q, k and v of head dimension D (each a single zero), with
+// small real out and lse; what it raised, and whether out and lse are untouched.
+template <class Q, class KV>
+std::string huge_call(std::int64_t Hq, std::int64_t Hkv, std::int64_t N, std::int64_t M, std::int64_t D,
+                      const flashcpu::AttentionOptions& options, bool* untouched) {
+  const Q q{};
+  const KV k{}, v{};
+  std::vector<Q> out(std::size_t(Hq * N));
+  std::vector<float> lse(std::size_t(Hq * N), -7.0f);
+  const std::vector<Q> before = out;
+  const flashcpu::TensorView<const Q> qv{&q, {1, Hq, N, D}, {0, 0, 0, 0}};
+  const flashcpu::TensorView<const KV> kv{&k, {1, Hkv, M, D}, {0, 0, 0, 0}};
+  const flashcpu::TensorView<const KV> vv{&v, {1, Hkv, M, 1}, {0, 0, 0, 0}};
+  const flashcpu::TensorView<Q> ov{out.data(), {1, Hq, N, 1}, {Hq * N, N, 1, 1}};
+  const flashcpu::TensorView<float> lv{lse.data(), {1, Hq, N, 1}, {Hq * N, N, 1, 1}};
+  std::string raised = "nothing";
+  try {
+    flashcpu::attention(qv, kv, vv, ov, lv, options);
+  } catch (const std::bad_alloc&) {
+    raised = "bad_alloc";
+  } catch (const flashcpu::Error& e) {
+    raised = std::string("Error: ") + e.what();
+  }
+  *untouched = std::memcmp(before.data(), out.data(), out.size() * sizeof(Q)) == 0 &&
+               std::count(lse.begin(), lse.end(), -7.0f) == std::int64_t(lse.size());
+  return raised;
+}
+
+}  // namespace
+
+TEST_CASE("randomized huge stride-0 views reach every path and raise std::bad_alloc before writing",
+          "[memory][overflow]") {
+  // Head dimensions from 2^46 to 2^48: any path packs at least 4 rows or keys of D values
+  // (2^50 bytes and more, past any address space, so no overcommit setting lets the
+  // allocation succeed and the call run), and 2^15 - 1 stacked rows of D = 2^48 need
+  // more than 2^63 floats (saturated sizes). Every element type, decoding (lanes, small
+  // and full tiles) and prefill, GQA, causal, the Gaussian score, allow_bf16_compute.
+  std::mt19937 rng(77);
+  auto pick = [&](std::initializer_list<std::int64_t> xs) {
+    return *(xs.begin() + std::uniform_int_distribution<std::size_t>(0, xs.size() - 1)(rng));
+  };
+  for (int trial = 0; trial < 200; ++trial) {
+    const std::int64_t group = pick({1, 4, 8, 16, 32767});  // 2^15 - 1 stacked rows: packed Q rows reach 2^63
+    const std::int64_t Hkv = group > 16 ? 1 : pick({1, 2, 3}), N = group > 16 ? 1 : pick({1, 2, 5, 16, 17, 100});
+    const std::int64_t M = pick({1, 7, 64, 300}), D = (std::int64_t(1) << pick({46, 47, 48})) - pick({0, 1, 5});
+    flashcpu::AttentionOptions options;
+    options.causal = rng() % 2 == 0;
+    options.allow_bf16_compute = rng() % 2 == 0;
+    if (rng() % 4 == 0) options.score = flashcpu::Score::gaussian;
+    const int types = int(rng() % 5);
+    INFO("trial " << trial << ": Hq " << Hkv * group << ", Hkv " << Hkv << ", N " << N << ", M " << M << ", D " << D
+                  << ", types " << types << ", causal " << options.causal << ", allow_bf16_compute "
+                  << options.allow_bf16_compute << ", gaussian " << (options.score == flashcpu::Score::gaussian));
+    bool untouched = false;
+    std::string raised;
+    switch (types) {
+      case 0: raised = huge_call<float, float>(Hkv * group, Hkv, N, M, D, options, &untouched); break;
+      case 1: raised = huge_call<flashcpu::bf16, flashcpu::bf16>(Hkv * group, Hkv, N, M, D, options, &untouched); break;
+      case 2: raised = huge_call<flashcpu::fp16, flashcpu::fp16>(Hkv * group, Hkv, N, M, D, options, &untouched); break;
+      case 3: raised = huge_call<float, flashcpu::bf16>(Hkv * group, Hkv, N, M, D, options, &untouched); break;
+      default: raised = huge_call<float, flashcpu::fp16>(Hkv * group, Hkv, N, M, D, options, &untouched); break;
+    }
+    CHECK(raised == "bad_alloc");
+    CHECK(untouched);
+  }
 }
 
 TEST_CASE("scratch: mapped pieces start on a 2 MiB boundary and reach their end; overflowed sizes are refused",
