@@ -24,7 +24,8 @@ inline std::int64_t saturated_sum(std::int64_t a, std::int64_t b) {
   return a == kSaturated || b == kSaturated || __builtin_add_overflow(a, b, &r) ? kSaturated : r;
 }
 /// Throws std::bad_alloc when `count` (keys or rows) by `dim` floats, both padded to
-/// whole tiles, overflows: the kernels' size functions (key_panel_floats and the like)
+/// whole tiles, is more than any machine maps (AlignedBuffer's limit, 2^58 floats), let
+/// alone when it overflows: the kernels' size functions (key_panel_floats and the like)
 /// multiply such pairs unchecked. Sizes are at most 2^48 (validate.cpp), so the padding
 /// itself cannot overflow.
 void require_scratch_product(std::int64_t count, std::int64_t dim);
