@@ -44,6 +44,9 @@ namespace {
 using detail::BackwardJob;
 using detail::BackwardScratch;
 using detail::round_up;
+using detail::saturated_lines;
+using detail::saturated_product;
+using detail::saturated_sum;
 
 // Query rows and keys per block; rounded up to the variant's tile rows and key panel.
 // P64 backward, AVX2, 2 threads, rows x keys: 64 x 64, 32 x 64, 64 x 128, 128 x 128 and
@@ -76,24 +79,23 @@ struct BackwardSizes {
   std::int64_t dq_rows;     // rows of dQ accumulated
   std::int64_t head_dim, value_dim, head_dim_padded, value_dim_padded, block_rows, block_keys, tile_rows;
 
-  static std::int64_t times(std::int64_t a, std::int64_t b) { return detail::saturated_product(a, b); }
   // Calls part(&BackwardScratch::field, floats) for every part, in memory order.
   template <class Part>
   void layout(Part part) const {
-    part(&BackwardScratch::q_rows, times(query_rows, head_dim_padded));
-    part(&BackwardScratch::dout_rows, times(query_rows, value_dim_padded));
+    part(&BackwardScratch::q_rows, saturated_product(query_rows, head_dim_padded));
+    part(&BackwardScratch::dout_rows, saturated_product(query_rows, value_dim_padded));
     part(&BackwardScratch::row_shift, query_rows);
     part(&BackwardScratch::row_scale, query_rows);
     part(&BackwardScratch::delta, query_rows);
-    part(&BackwardScratch::k_panels, times(keys, head_dim));
-    part(&BackwardScratch::v_panels, times(keys, value_dim));
-    part(&BackwardScratch::k_rows, times(keys, head_dim_padded));
-    part(&BackwardScratch::probs, times(block_rows, block_keys));
-    part(&BackwardScratch::dscores, times(block_rows, block_keys));
-    part(&BackwardScratch::derivs, times(tile_rows, block_keys));
-    part(&BackwardScratch::dk_acc, times(keys, head_dim_padded));
-    part(&BackwardScratch::dv_acc, times(keys, value_dim_padded));
-    part(&BackwardScratch::dq_acc, times(dq_rows, head_dim_padded));
+    part(&BackwardScratch::k_panels, saturated_product(keys, head_dim));
+    part(&BackwardScratch::v_panels, saturated_product(keys, value_dim));
+    part(&BackwardScratch::k_rows, saturated_product(keys, head_dim_padded));
+    part(&BackwardScratch::probs, saturated_product(block_rows, block_keys));
+    part(&BackwardScratch::dscores, saturated_product(block_rows, block_keys));
+    part(&BackwardScratch::derivs, saturated_product(tile_rows, block_keys));
+    part(&BackwardScratch::dk_acc, saturated_product(keys, head_dim_padded));
+    part(&BackwardScratch::dv_acc, saturated_product(keys, value_dim_padded));
+    part(&BackwardScratch::dq_acc, saturated_product(dq_rows, head_dim_padded));
     part(&BackwardScratch::ones, 16);
   }
   // Floats per thread, 64-byte aligned parts; detail::kSaturated when that overflows (a
@@ -101,7 +103,7 @@ struct BackwardSizes {
   std::int64_t total() const {
     std::int64_t t = 0;
     layout([&](float* BackwardScratch::*, std::int64_t floats) {
-      t = detail::saturated_sum(t, floats > detail::kSaturated - 16 ? detail::kSaturated : round_up(floats, 16));
+      t = saturated_sum(t, saturated_lines(floats));
     });
     return t;
   }
@@ -187,7 +189,8 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   const std::int64_t Br = round_up(std::min(kBlockRows, N), mr);
   const std::int64_t Bk = round_up(std::min(kBlockKeys, M), kernels.panel_keys);
   if (Bk > detail::kMaxBackwardBlockKeys)  // a key panel wider than any variant's (64 keys)
-    throw std::logic_error("flashcpu: backward key blocks of " + std::to_string(Bk) + " keys exceed the kernels' limit");
+    throw std::logic_error("flashcpu: backward key blocks of " + std::to_string(Bk) +
+                           " keys exceed the kernels' limit");
   const std::int64_t Dp = round_up(D, W), Dvp = round_up(Dv, W);
 
   // The schedule. The one pass does five products per block pair; two passes do seven
@@ -215,7 +218,7 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   if (__builtin_mul_overflow(heads, key_blocks, &key_items) || __builtin_mul_overflow(heads, key_chunks, &chunk_items) ||
       __builtin_mul_overflow(B * Hq, q_blocks, &query_items))
     throw std::bad_alloc();  // more blocks than any memory holds the tensors of
-  const std::int64_t group_rows = detail::saturated_product(group, q_blocks * Br);  // every query row of a group, padded per block
+  const std::int64_t group_rows = saturated_product(group, q_blocks * Br);  // a group's query rows, padded per block
   const BackwardSizes one_pass{group_rows, Ck, group_rows, D, Dv, Dp, Dvp, Br, Bk, mr};
   // Two passes (and the coarse rows' statistics): the query side and the key side of a
   // block.
@@ -225,7 +228,7 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   const BackwardSizes group_side{group_rows, 0, group_rows, D, Dv, Dp, Dvp, 0, 0, 0};
   const BackwardSizes in_turn_thread{Br, Ck, Br, D, Dv, Dp, Dvp, Br, Bk, mr};
   constexpr std::int64_t kBudget = kOnePassBytes / std::int64_t(sizeof(float));
-  const std::int64_t shared_floats = detail::saturated_product(group_side.total(), heads);
+  const std::int64_t shared_floats = saturated_product(group_side.total(), heads);
   const bool one_pass_fits = one_pass.total() <= kBudget;
   const bool in_turn_fits = chunk_items >= wanted && shared_floats / wanted <= kBudget;
   const double slots = double((heads + wanted - 1) / wanted) * double(wanted);  // rounds x threads
@@ -239,7 +242,7 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   const BackwardSizes& sizes = whole_heads ? one_pass : in_turn ? in_turn_thread : two_pass;
   const std::int64_t items = whole_heads ? heads : in_turn ? chunk_items : std::max(key_items, query_items);
   const int threads = int(std::min<std::int64_t>(wanted, items));
-  const std::int64_t scratch_floats = detail::saturated_product(sizes.total(), threads);
+  const std::int64_t scratch_floats = saturated_product(sizes.total(), threads);
   // Before any thread starts: failure reaches the caller.
   detail::AlignedBuffer scratch(scratch_floats);
   detail::AlignedBuffer shared(in_turn ? shared_floats : 0);

@@ -79,8 +79,8 @@ DecodeSplit split_decode(const Plan& plan, const CallViews& views) {
   // prefetch stream once per chunk rather than once per block).
   d.step = !d.k_in_place || !plan.v_in_place ? Bk : d.chunk_keys;
   // acc, row_max, row_sum of one item; a multiple of 16 keeps each acc 64-byte aligned.
-  const std::int64_t partial = saturated_sum(saturated_product(d.rows_padded, plan.value_dim_padded), 2 * d.rows_padded);
-  d.partial_floats = partial > kSaturated - 16 ? kSaturated : round_up(partial, 16);
+  d.partial_floats =
+      saturated_lines(saturated_sum(saturated_product(d.rows_padded, plan.value_dim_padded), 2 * d.rows_padded));
   return d;
 }
 

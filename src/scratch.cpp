@@ -55,7 +55,7 @@ std::int64_t ThreadScratch::total() const {
   std::int64_t t = 0;
   for (std::int64_t part : {key_panels, key_bias, value_rows, q_packed, row_bias, center, scores, acc, row_stats,
                             row_stats})
-    t = saturated_sum(t, part > kMaxFloats ? kSaturated : round_up(part, 16));
+    t = saturated_sum(t, saturated_lines(part));
   return t;
 }
 

@@ -23,6 +23,11 @@ inline std::int64_t saturated_sum(std::int64_t a, std::int64_t b) {
   std::int64_t r = 0;
   return a == kSaturated || b == kSaturated || __builtin_add_overflow(a, b, &r) ? kSaturated : r;
 }
+/// floats rounded up to a multiple of 16 (64 bytes: each part of a scratch starts on a
+/// cache line), likewise.
+inline std::int64_t saturated_lines(std::int64_t floats) {
+  return floats > kSaturated - 15 ? kSaturated : (floats + 15) / 16 * 16;
+}
 /// Throws std::bad_alloc when `count` (keys or rows) by `dim` floats, both padded to
 /// whole tiles, is more than any machine maps (AlignedBuffer's limit, 2^58 floats), let
 /// alone when it overflows: the kernels' size functions (key_panel_floats and the like)
