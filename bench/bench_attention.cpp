@@ -328,7 +328,7 @@ void bm_backward(benchmark::State& st, const std::string& name, fb::BackwardImpl
   st.counters["peak_frac"] = flop / per_iter * 1e-9 / probe_flops;
   if (it->second.extra_mib >= 0) st.counters["peak_extra_MiB"] = it->second.extra_mib;
   st.SetLabel(impl == fb::BackwardImpl::fused ? std::string("flashcpu backward (") + flashcpu::active_isa() + ", " +
-                                                    fb::dtype_name(s.dtype) + ")"
+                                                    fb::dtype_name(s.dtype) + ", " + fb::fused_backward_label(s) + ")"
                                               : std::string("materialized backward (OpenBLAS sgemm)"));
 }
 

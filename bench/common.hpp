@@ -341,6 +341,13 @@ std::string fused_label(const Shape& s);
 /// Whether that variant is the AMX tile kernel (its figures are then also quoted against
 /// the AMX probe).
 bool fused_runs_on_tiles(const Shape& s);
+/// The backward variant attention_backward runs for this shape's data, e.g.
+/// "f32_attn_bwd_6x64__avx512" (16-bit data widened) or "bf16_attn_bwd_6x64__avx512bf16"
+/// (bf16 data, S and dP by vdpbf16ps).
+std::string fused_backward_label(const Shape& s);
+/// Whether that backward takes S and dP by bf16 pairs (then its gradients are not the
+/// fp32 backward's bitwise).
+bool backward_pair_products(const Shape& s);
 /// What ran, for a benchmark's label: the fused ISA and tiles, "naive fp32 -O3
 /// -march=native", "openblas <core> heads-parallel causal-skip", "reference (fp64)",
 /// and on a 16-bit problem its types: "avx2 br=144 bc=256, bf16 K/V", "openblas Haswell
@@ -478,8 +485,10 @@ double check_backward_against_fused(BackwardImpl impl, BackwardProblem& p, int t
                                     MaterializedWorkspace* workspace);
 
 /// For a 16-bit problem: its 16-bit gradients (from the last run_backward) must be bitwise
-/// the fp32 backward's on the same values, rounded, as the header promises; throws Error
-/// naming the first gradient that is not. Overwrites the fp32 gradient buffers.
+/// the fp32 backward's on the same values, rounded, as the header promises, or, where S
+/// and dP run by bf16 pairs (backward_pair_products), within 2^-7 of the largest
+/// gradient of the same kind; throws Error naming the first gradient that is not.
+/// Overwrites the fp32 gradient buffers.
 void check_backward16_against_fp32(BackwardProblem& p, int threads);
 
 // ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@
 #include <sstream>
 #include <string>
 
+#include "dispatch.hpp"
 #include "kernels/variant_list.hpp"
 #include "plan.hpp"
 #include "tuning.hpp"
@@ -752,6 +753,15 @@ fd::AnyView key_side_view(const Shape& s, std::int64_t dim) {
 }  // namespace
 
 bool fused_runs_on_tiles(const Shape& s) { return fused_kernels(s).tiles; }
+
+// The variant attention_backward picks (src/backward.cpp): bf16 data on a level with
+// vdpbf16ps takes its pair products, everything else an fp32 variant.
+const fd::KernelTable& backward_kernels(const Shape& s) {
+  return act_elem(s.dtype) == Elem::bf16 ? fd::backward_kernels_bf16(Score::dot_product)
+                                         : fd::active_kernels(fd::DType::f32);
+}
+std::string fused_backward_label(const Shape& s) { return backward_kernels(s).backward_name; }
+bool backward_pair_products(const Shape& s) { return backward_kernels(s).bf16_products; }
 
 std::string fused_label(const Shape& s) {
   const fd::KernelTable& kernels = fused_kernels(s);

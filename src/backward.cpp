@@ -18,6 +18,8 @@
 // query row of its group; the key chunks in turn share every query row of each group.
 // Rows whose lse is too coarse to recompute P from (masked by -1e9, say) get their own
 // statistics first (backward_row_stats).
+// The kernels: an fp32 variant's, 16-bit data widened, or for bf16 data and the dot
+// product the vdpbf16ps variant's where the level has it (backward_kernels).
 #include <flashcpu/flashcpu.hpp>
 
 #include <omp.h>
@@ -78,6 +80,7 @@ struct BackwardSizes {
   std::int64_t keys;        // keys of the key side: a block, or a chunk of blocks (the one pass)
   std::int64_t dq_rows;     // rows of dQ accumulated
   std::int64_t head_dim, value_dim, head_dim_padded, value_dim_padded, block_rows, block_keys, tile_rows;
+  std::int64_t head_pairs, value_pairs;  // words of q and dout as bf16 pairs; 0 without pair products
 
   // Calls part(&BackwardScratch::field, floats) for every part, in memory order.
   template <class Part>
@@ -97,6 +100,8 @@ struct BackwardSizes {
     part(&BackwardScratch::dv_acc, saturated_product(keys, value_dim_padded));
     part(&BackwardScratch::dq_acc, saturated_product(dq_rows, head_dim_padded));
     part(&BackwardScratch::ones, 16);
+    part(&BackwardScratch::q_pairs, saturated_product(query_rows, head_pairs));
+    part(&BackwardScratch::dout_pairs, saturated_product(query_rows, value_pairs));
   }
   // Floats per thread, 64-byte aligned parts; detail::kSaturated when that overflows (a
   // stride-0 view can be huge and valid), which the allocation then refuses.
@@ -166,16 +171,34 @@ bool coarse_lse(float lse) {
 
 namespace {
 
-// The driver for every element type T of q, k, v, out, dout and the gradients: the
-// kernels are the fp32 ones, reading and writing T through HeadRows (kernels/backward.hpp).
+// The kernels of a backward call on T: for bf16 data and the dot product, the active
+// level's vdpbf16ps variant (on the amx level, the one below its tile variant) when it
+// has a backward; else the active level's fp32 variant, 16-bit data widened.
+template <class T>
+const detail::KernelTable& backward_kernels(Score score) {
+  if constexpr (std::is_same<T, bf16>::value) {
+    if (score == Score::dot_product) {
+      const detail::KernelTable* pairs = &detail::active_kernels(detail::DType::bf16);
+      if (pairs->tiles) pairs = &detail::kernels_below(pairs->isa, detail::DType::bf16);
+      if (pairs->bf16_products && pairs->backward_keys) return *pairs;
+    }
+  }
+  return detail::active_kernels(detail::DType::f32);
+}
+
+// The driver for every element type T of q, k, v, out, dout and the gradients, reading
+// and writing T through HeadRows (kernels/backward.hpp). `forced`: the kernels to run
+// instead of backward_kernels' choice (tests).
 template <class T>
 void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const T> v, TensorView<const T> out,
                   TensorView<const float> lse, TensorView<const T> dout, TensorView<T> dq, TensorView<T> dk,
                   TensorView<T> dv, const AttentionOptions& options,
                   detail::BackwardSchedule schedule = detail::BackwardSchedule::automatic,
-                  std::int64_t chunk_blocks = 0) {
+                  std::int64_t chunk_blocks = 0, const detail::KernelTable* forced = nullptr) {
   const detail::AttentionShape s = detail::validate_backward(q, k, v, out, lse, dout, dq, dk, dv, options);
-  const detail::KernelTable& kernels = detail::active_kernels(detail::DType::f32);
+  const detail::KernelTable& kernels = forced ? *forced : backward_kernels<T>(s.score);
+  if (!kernels.backward_keys || (kernels.bf16_products && s.score != Score::dot_product))
+    throw std::logic_error(std::string("flashcpu: the backward cannot run on ") + kernels.name);
   const std::int64_t B = s.batch, Hq = s.q_heads, Hkv = s.kv_heads, N = s.q_len, M = s.kv_len;
   const std::int64_t D = s.head_dim, Dv = s.value_dim;
   if (B == 0 || Hkv == 0) return;
@@ -192,6 +215,8 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
     throw std::logic_error("flashcpu: backward key blocks of " + std::to_string(Bk) +
                            " keys exceed the kernels' limit");
   const std::int64_t Dp = round_up(D, W), Dvp = round_up(Dv, W);
+  // Pair products: q and dout also as bf16 pairs (kernels/backward.hpp).
+  const std::int64_t Dh = kernels.bf16_products ? (D + 1) / 2 : 0, Dvh = kernels.bf16_products ? (Dv + 1) / 2 : 0;
 
   // The schedule. The one pass does five products per block pair; two passes do seven
   // but need no memory for a whole group's query rows. The one pass runs over whole heads
@@ -219,14 +244,14 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
       __builtin_mul_overflow(B * Hq, q_blocks, &query_items))
     throw std::bad_alloc();  // more blocks than any memory holds the tensors of
   const std::int64_t group_rows = saturated_product(group, q_blocks * Br);  // a group's query rows, padded per block
-  const BackwardSizes one_pass{group_rows, Ck, group_rows, D, Dv, Dp, Dvp, Br, Bk, mr};
+  const BackwardSizes one_pass{group_rows, Ck, group_rows, D, Dv, Dp, Dvp, Br, Bk, mr, Dh, Dvh};
   // Two passes (and the coarse rows' statistics): the query side and the key side of a
   // block.
-  const BackwardSizes two_pass{Br, Bk, Br, D, Dv, Dp, Dvp, Br, Bk, mr};
+  const BackwardSizes two_pass{Br, Bk, Br, D, Dv, Dp, Dvp, Br, Bk, mr, Dh, Dvh};
   // Key chunks in turn: each head's query side, shared by the threads, and per thread a
   // block's query side (the coarse rows' statistics) and a chunk's key side.
-  const BackwardSizes group_side{group_rows, 0, group_rows, D, Dv, Dp, Dvp, 0, 0, 0};
-  const BackwardSizes in_turn_thread{Br, Ck, Br, D, Dv, Dp, Dvp, Br, Bk, mr};
+  const BackwardSizes group_side{group_rows, 0, group_rows, D, Dv, Dp, Dvp, 0, 0, 0, Dh, Dvh};
+  const BackwardSizes in_turn_thread{Br, Ck, Br, D, Dv, Dp, Dvp, Br, Bk, mr, Dh, Dvh};
   constexpr std::int64_t kBudget = kOnePassBytes / std::int64_t(sizeof(float));
   const std::int64_t shared_floats = saturated_product(group_side.total(), heads);
   const bool one_pass_fits = one_pass.total() <= kBudget;
@@ -352,6 +377,7 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
       const BackwardScratch g = group_side.carve(shared.get(), head);
       m.q_rows = g.q_rows, m.dout_rows = g.dout_rows, m.dq_acc = g.dq_acc;
       m.row_shift = g.row_shift, m.row_scale = g.row_scale, m.delta = g.delta;
+      m.q_pairs = g.q_pairs, m.dout_pairs = g.dout_pairs;
       return m;
     };
     // Items (batch, query head, query block), each packing or writing its block.
@@ -440,6 +466,16 @@ void attention_backward(TensorView<const bf16> q, TensorView<const bf16> k, Tens
                         TensorView<bf16> dq, TensorView<bf16> dk, TensorView<bf16> dv, const AttentionOptions& options) {
   backward_any(q, k, v, out, lse, dout, dq, dk, dv, options);
 }
+namespace detail {
+const KernelTable& backward_kernels_bf16(Score score) { return backward_kernels<bf16>(score); }
+void attention_backward_with(const KernelTable& kernels, BackwardSchedule schedule, std::int64_t chunk_blocks,
+                             TensorView<const bf16> q, TensorView<const bf16> k, TensorView<const bf16> v,
+                             TensorView<const bf16> out, TensorView<const float> lse, TensorView<const bf16> dout,
+                             TensorView<bf16> dq, TensorView<bf16> dk, TensorView<bf16> dv,
+                             const AttentionOptions& options) {
+  backward_any(q, k, v, out, lse, dout, dq, dk, dv, options, schedule, chunk_blocks, &kernels);
+}
+}  // namespace detail
 void attention_backward(TensorView<const fp16> q, TensorView<const fp16> k, TensorView<const fp16> v,
                         TensorView<const fp16> out, TensorView<const float> lse, TensorView<const fp16> dout,
                         TensorView<fp16> dq, TensorView<fp16> dk, TensorView<fp16> dv, const AttentionOptions& options) {

@@ -4,7 +4,8 @@
 //  - the AMX tile kernel (src/kernels/forward_tiles.hpp) on EmulatedTiles
 //    (src/kernels/tiles.hpp);
 //  - the vdpbf16ps kernel (src/kernels/forward_pairs.hpp) with EmulatedPairDot, in both
-//    its forms of P.V (V widened, and pair values).
+//    its forms of P.V (V widened, and pair values), and its backward
+//    (src/kernels/backward.hpp, S and dP by pairs), for test_backward.cpp.
 // Only the instructions themselves (and the vector width of the stages between them)
 // differ from the variants the library dispatches to; on a CPU that has them, the
 // forced-ISA runs (flashcpu_tests_amx, flashcpu_tests_avx512bf16) test those too.
@@ -21,6 +22,7 @@ namespace flashcpu::detail::bf16_products_emulated {
 #include "kernels/forward_tiles.hpp"
 #include "kernels/forward_pairs.hpp"
 }  // namespace flashcpu::detail::bf16_products_emulated
+#include "kernels/backward.hpp"
 
 #include "emulation.hpp"
 
@@ -67,8 +69,19 @@ const KernelTable& pair_kernels(const char* name) {
   using namespace bf16_products_emulated;
   constexpr int kRows = 4, kKeys = 16, kW = 4;
   using Kernel = PairForwardKernel<xsimd::sse2, kRows, kKeys / kW, 2, kRows, EmulatedPairDot, PairValues>;
-  static const KernelTable table = emulated_table<Kernel, PairPackers<kKeys, PairValues>>(
-      Isa::avx512bf16, name, kRows, kKeys, false, PairValues, kW);
+  using Backward = BackwardKernel<xsimd::sse2, kRows, kKeys / kW, 2, kRows, EmulatedPairDot>;
+  static const KernelTable table = [&] {
+    KernelTable t = emulated_table<Kernel, PairPackers<kKeys, PairValues>>(Isa::avx512bf16, name, kRows, kKeys,
+                                                                            false, PairValues, kW);
+    t.backward_name = "bf16_attn_bwd_4x16__avx512bf16 (emulated vdpbf16ps, sse2 vectors)";
+    t.backward_keys = &Backward::backward_keys;
+    t.backward_queries = &Backward::backward_queries;
+    t.backward_pack_queries = &Backward::backward_pack_queries;
+    t.backward_key_chunk = &Backward::backward_key_chunk;
+    t.backward_write_queries = &Backward::backward_write_queries;
+    t.backward_row_stats = &Backward::backward_row_stats;
+    return t;
+  }();
   return table;
 }
 

@@ -8,7 +8,8 @@ namespace flashcpu::detail {
 /// The AMX variant's kernel on emulated tiles, with SSE2 vectors.
 const KernelTable& emulated_tile_kernels();
 
-/// The avx512bf16 variant's kernel with vdpbf16ps emulated on SSE2 vectors (4 rows x 16 keys).
+/// The avx512bf16 variant's kernel with vdpbf16ps emulated on SSE2 vectors (4 rows x 16 keys),
+/// and its backward (S and dP by pairs).
 const KernelTable& emulated_pair_kernels();
 
 /// The same with P.V by vdpbf16ps too: bf16 weights, V packed by pairs of keys.

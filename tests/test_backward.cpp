@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "attention_oracle.hpp"
+#include "emulation.hpp"
 #include "plan.hpp"
 #include "util.hpp"
 
@@ -266,13 +267,39 @@ BackwardOutcome check_backward(Problem& p, Layout outs = Layout::padded,
     CHECK(outcome_.ratio <= kBackwardMargin);                   \
   } while (false)
 
+// Whether attention_backward on T runs S and dP by bf16 pairs (the vdpbf16ps variant:
+// bf16 data, the dot product, a level that has it).
+template <class T>
+bool pair_products(const Problem& p) {
+  return std::is_same<T, flashcpu::bf16>::value &&
+         flashcpu::detail::backward_kernels_bf16(p.opt.score).bf16_products;
+}
+
+// The 16-bit gradients, widened into g (with the dout they came from), against the
+// oracle under the fp32 bounds plus one rounding to 16 bits: tol + u16 (|want| + tol),
+// and compare_grad's u |want|. fwd's out_tol must include out's rounding.
+void compare_with_oracle16(Problem& p, Grads& g, const Expected& fwd, double u16, BackwardOutcome& o,
+                           const std::string& suffix) {
+  const Exact want = run_oracle(p, g), tol = bounds(p, g, fwd);
+  auto rounded = [u16](const std::vector<float>& w, std::vector<float> t) {
+    for (std::size_t x = 0; x < t.size(); ++x) t[x] += float(u16 * (std::fabs(double(w[x])) + double(t[x])));
+    return t;
+  };
+  compare_grad(("dq" + suffix).c_str(), g.dq, want.dq, rounded(want.dq, tol.dq), o);
+  compare_grad(("dk" + suffix).c_str(), g.dk, want.dk, rounded(want.dk, tol.dk), o);
+  compare_grad(("dv" + suffix).c_str(), g.dv, want.dv, rounded(want.dv, tol.dv), o);
+}
+
 // The 16-bit backward (T = bf16 or fp16) on a problem whose q, k, v, out and dout are
-// first rounded to T (in the fp32 tensors too). It widens them exactly and runs the fp32
-// code in the same order, so each gradient must be bitwise the fp32 backward's on those
-// fp32 tensors, rounded to T; the fp32 gradients are compared with the oracle as in
-// check_backward (their bound's D_i term widened by out's rounding), so the 16-bit ones
-// are within that bound plus one rounding (u16 = 2^-8 or 2^-11 relative) of the oracle.
-// *mismatches counts the 16-bit elements that differ from the fp32 ones rounded.
+// first rounded to T (in the fp32 tensors too). Where it widens them exactly and runs
+// the fp32 code in the same order, each gradient must be bitwise the fp32 backward's on
+// those fp32 tensors, rounded to T; the fp32 gradients are compared with the oracle as
+// in check_backward (their bound's D_i term widened by out's rounding), so the 16-bit
+// ones are within that bound plus one rounding (u16 = 2^-8 or 2^-11 relative) of the
+// oracle. Where it takes S and dP by bf16 pairs (pair_products: the same bound, the sums
+// in another order), the 16-bit gradients are compared with the oracle under that bound
+// plus one rounding directly. *mismatches counts the 16-bit elements that differ from
+// the fp32 ones rounded.
 template <class T>
 BackwardOutcome check_backward16(Problem& p, Layout outs, std::int64_t* mismatches) {
   using ftest::Copy;
@@ -317,7 +344,66 @@ BackwardOutcome check_backward16(Problem& p, Layout outs, std::int64_t* mismatch
   rounded_from("dk", dk, dk_before, g.dk);
   rounded_from("dv", dv, dv_before, g.dv);
   compare_with_oracle(p, g, fwd, o, " (fp32)");
+  if (pair_products<T>(p)) {
+    Grads widened = g;  // its dout, and the 16-bit gradients widened
+    for (auto [from, to] : {std::pair{&dq, &widened.dq}, {&dk, &widened.dk}, {&dv, &widened.dv}}) {
+      const Shape sh = to->shape();
+      for (std::int64_t b = 0; b < sh[0]; ++b)
+        for (std::int64_t h = 0; h < sh[1]; ++h)
+          for (std::int64_t i = 0; i < sh[2]; ++i)
+            for (std::int64_t c = 0; c < sh[3]; ++c) to->at(b, h, i, c) = flashcpu::to_float(from->at(b, h, i, c));
+    }
+    compare_with_oracle16(p, widened, fwd, ftest::unit_roundoff<T>(), o,
+                          std::string(" (") + ftest::type_name<T>() + ", S and dP by pairs)");
+  }
   return o;
+}
+
+// A bf16 training step as a user runs it: q, k and v rounded to bf16 (in p's fp32
+// tensors too), out and lse from the forward on them, out and dout rounded to bf16.
+void round_to_bf16(Problem& p, Grads& g) {
+  ftest::round_view<flashcpu::bf16>(p.q);
+  ftest::round_view<flashcpu::bf16>(p.k);
+  ftest::round_view<flashcpu::bf16>(p.v);
+  forward(p, g);
+  ftest::round_view<flashcpu::bf16>(p.out);
+  ftest::round_view<flashcpu::bf16>(g.dout);
+}
+
+// attention_backward on bf16 copies of p's tensors (round_to_bf16 first) on `kernels`
+// (null: the library's choice), the gradients widened into g's views. Fails the test if
+// it writes outside a view.
+void run_fused_bf16(Problem& p, Grads& g, BackwardSchedule schedule = BackwardSchedule::automatic,
+                    std::int64_t chunk_blocks = 0, const flashcpu::detail::KernelTable* kernels = nullptr) {
+  using flashcpu::bf16;
+  using ftest::Copy;
+  const Copy<bf16> q(p.q), k(p.k), v(p.v), out(p.out), dout(g.dout);
+  Copy<bf16> dq(g.dq), dk(g.dk), dv(g.dv);
+  const Copy<bf16> dq_before(dq), dk_before(dk), dv_before(dv);
+  flashcpu::detail::attention_backward_with(kernels ? *kernels : flashcpu::detail::backward_kernels_bf16(p.opt.score),
+                                            schedule, chunk_blocks, q.cview(), k.cview(), v.cview(), out.cview(),
+                                            p.lse.cview(), dout.cview(), dq.view(), dk.view(), dv.view(), p.opt);
+  auto widen = [](const Copy<bf16>& from, const Copy<bf16>& before, Tensor& to) {
+    CHECK(ftest::same_bits(before, from, false));
+    const Shape sh = to.shape();
+    for (std::int64_t b = 0; b < sh[0]; ++b)
+      for (std::int64_t h = 0; h < sh[1]; ++h)
+        for (std::int64_t i = 0; i < sh[2]; ++i)
+          for (std::int64_t c = 0; c < sh[3]; ++c) to.at(b, h, i, c) = flashcpu::to_float(from.at(b, h, i, c));
+  };
+  widen(dq, dq_before, g.dq);
+  widen(dk, dk_before, g.dk);
+  widen(dv, dv_before, g.dv);
+}
+
+// The kernels with S and dP by bf16 pairs: the avx512bf16 variant's backward on
+// emulated vdpbf16ps (SSE2 vectors, 4-row tiles), on every machine, and the dispatched
+// one where the level runs it.
+std::vector<const flashcpu::detail::KernelTable*> pair_backward_kernels() {
+  std::vector<const flashcpu::detail::KernelTable*> list{&flashcpu::detail::emulated_pair_kernels()};
+  const flashcpu::detail::KernelTable& dispatched = flashcpu::detail::backward_kernels_bf16(Score::dot_product);
+  if (dispatched.bf16_products) list.push_back(&dispatched);
+  return list;
 }
 
 template <class T>
@@ -326,7 +412,7 @@ void check_backward16_case(Problem& p, Layout outs) {
   const BackwardOutcome outcome = check_backward16<T>(p, outs, &mismatches);
   INFO(ftest::type_name<T>() << ", " << p.describe());
   INFO(outcome.report);
-  CHECK(mismatches == 0);
+  if (!pair_products<T>(p)) CHECK(mismatches == 0);
   // Within the bound; not within kBackwardMargin of it: out's rounding, a real error
   // of up to u16 |O| (observed up to 0.73 of the bound with bf16), dominates the D_i term.
   // The margin holds for the same code on fp32 data (the tests above).
@@ -433,16 +519,17 @@ TEST_CASE("the backward oracle matches central finite differences of reference::
   }
 }
 
+// The option sets' shapes: prefill-like and decode-like; N > M and N < M (causal aligned
+// bottom-right); sizes off every tile and vector multiple; GQA.
+const Dims kOptionShapes[] = {
+    {2, 4, 2, 37, 53, 19, 23}, {1, 6, 2, 90, 31, 33, 7}, {1, 2, 1, 1, 150, 17, 9},
+    {1, 4, 1, 130, 200, 64, 64}, {1, 3, 3, 7, 1, 5, 3},
+};
+
 TEST_CASE("the fused backward matches the oracle for every option set and score", "[backward]") {
-  // Prefill-like and decode-like shapes; N > M and N < M (causal aligned bottom-right);
-  // sizes off every tile and vector multiple; GQA.
-  const Dims shapes[] = {
-      {2, 4, 2, 37, 53, 19, 23}, {1, 6, 2, 90, 31, 33, 7}, {1, 2, 1, 1, 150, 17, 9},
-      {1, 4, 1, 130, 200, 64, 64}, {1, 3, 3, 7, 1, 5, 3},
-  };
   std::uint32_t seed = 7100;
   for (const Set& set : kSets)
-    for (const Dims& d : shapes) {
+    for (const Dims& d : kOptionShapes) {
       ++seed;
       Problem p(d, seed, seed % 2 ? Layout::padded : Layout::bshd, seed % 3 ? Layout::padded : Layout::bhsd);
       set.apply(p);
@@ -457,16 +544,33 @@ TEST_CASE("the fused backward matches the oracle for every option set and score"
     }
 }
 
-TEST_CASE("the fused backward on randomized awkward shapes, views and GQA", "[backward][16bit]") {
-  std::mt19937 rng(7200);
+// A randomized awkward shape: sizes of 1, primes and around the vector and tile widths for
+// N, M, D and Dv, 1 or 2 batches, up to 3 KV heads of up to 3 query heads each, and the
+// layouts of q (and out), of K and V (never contiguous BHSD), and of the gradients.
+struct RandomShape {
+  Dims d;
+  std::uint32_t seed;
+  Layout in, kv, grads;
+};
+RandomShape random_shape(std::mt19937& rng) {
   const std::int64_t sizes[] = {1, 2, 3, 5, 7, 13, 17, 31, 37, 61, 64, 65, 67, 131};
   auto pick = [&] { return sizes[rng() % (sizeof(sizes) / sizeof(sizes[0]))]; };
   const Layout layouts[] = {Layout::bhsd, Layout::bshd, Layout::padded, Layout::sliced};
+  const std::int64_t hkv = 1 + rng() % 3, group = 1 + rng() % 3;
+  RandomShape r;
+  r.d = Dims{1 + std::int64_t(rng() % 2), hkv * group, hkv, pick(), pick(), pick(), pick()};
+  r.seed = std::uint32_t(rng());
+  r.in = layouts[rng() % 4], r.kv = layouts[rng() % 3 + 1], r.grads = layouts[rng() % 4];
+  return r;
+}
+
+TEST_CASE("the fused backward on randomized awkward shapes, views and GQA", "[backward][16bit]") {
+  std::mt19937 rng(7200);
   for (int t = 0; t < 30; ++t) {
-    const std::int64_t hkv = 1 + rng() % 3, group = 1 + rng() % 3;
-    const Dims d{1 + std::int64_t(rng() % 2), hkv * group, hkv, pick(), pick(), pick(), pick()};
-    const std::uint32_t seed = std::uint32_t(rng());
-    const Layout in = layouts[rng() % 4], kv = layouts[rng() % 3 + 1], grads = layouts[rng() % 4];
+    const RandomShape shape = random_shape(rng);
+    const Dims& d = shape.d;
+    const std::uint32_t seed = shape.seed;
+    const Layout in = shape.in, kv = shape.kv, grads = shape.grads;
     auto options = [t](Problem& p) {
       if (t % 2) p.gaussian();
       if (t % 3 == 1) p.causal();
@@ -537,39 +641,49 @@ TEST_CASE("the Gaussian backward stays accurate with a narrow kernel over spread
   }
 }
 
+// Stale KV-cache slots: keys past key_lengths ({60, 23}) hold NaN and inf in K and V, and
+// row 3 of every head sees nothing (a bool mask zero across it).
+void stale_slots(Problem& p) {
+  const Dims& d = p.d;
+  p.key_lengths({60, 23});
+  for (std::int64_t b = 0; b < d.B; ++b)
+    for (std::int64_t h = 0; h < d.Hkv; ++h)
+      for (std::int64_t j = p.lengths[std::size_t(b)]; j < d.M; ++j) {
+        for (std::int64_t x = 0; x < d.D; ++x) p.k.at(b, h, j, x) = j % 2 ? kNaN : kInf;
+        for (std::int64_t x = 0; x < d.Dv; ++x) p.v.at(b, h, j, x) = j % 2 ? -kInf : kNaN;
+      }
+  const Shape shape{d.B, d.Hq, d.N, d.M};
+  p.opt.bool_mask = make_view<std::uint8_t>(p.bool_buf, shape, contiguous(shape), 0, 0,
+                                            [](auto, auto, auto i, auto) { return std::uint8_t(i == 3 ? 0 : 1); });
+  p.note("bool mask: row 3 empty");
+}
+// dk and dv of the stale keys, and dq of row 3, exactly 0.
+void check_stale_slots_zero(const Problem& p, const Grads& g) {
+  const Dims& d = p.d;
+  for (std::int64_t b = 0; b < d.B; ++b) {
+    for (std::int64_t h = 0; h < d.Hkv; ++h)
+      for (std::int64_t j = p.lengths[std::size_t(b)]; j < d.M; ++j) {
+        for (std::int64_t x = 0; x < d.D; ++x) CHECK(g.dk.at(b, h, j, x) == 0.0f);
+        for (std::int64_t x = 0; x < d.Dv; ++x) CHECK(g.dv.at(b, h, j, x) == 0.0f);
+      }
+    for (std::int64_t h = 0; h < d.Hq; ++h)
+      for (std::int64_t x = 0; x < d.D; ++x) CHECK(g.dq.at(b, h, 3, x) == 0.0f);
+  }
+}
+
 TEST_CASE("the fused backward keeps garbage in excluded K and V slots out", "[backward]") {
   // Keys past key_lengths and keys behind a -inf mask column hold NaN and inf (stale
   // KV-cache slots); rows masked entirely see nothing. dk and dv of those keys must be
   // exactly 0, and nothing else may turn NaN.
   for (bool gauss : {false, true}) {
-    const Dims d{2, 4, 2, 40, 75, 16, 8};
-    Problem p(d, gauss ? 7301 : 7300);
+    Problem p(Dims{2, 4, 2, 40, 75, 16, 8}, gauss ? 7301 : 7300);
     if (gauss) p.gaussian();
-    p.key_lengths({60, 23});
-    for (std::int64_t b = 0; b < d.B; ++b)
-      for (std::int64_t h = 0; h < d.Hkv; ++h)
-        for (std::int64_t j = p.lengths[std::size_t(b)]; j < d.M; ++j) {
-          for (std::int64_t x = 0; x < d.D; ++x) p.k.at(b, h, j, x) = j % 2 ? kNaN : kInf;
-          for (std::int64_t x = 0; x < d.Dv; ++x) p.v.at(b, h, j, x) = j % 2 ? -kInf : kNaN;
-        }
-    // Row 3 of every head sees nothing: a bool mask zero across it.
-    const Shape shape{d.B, d.Hq, d.N, d.M};
-    p.opt.bool_mask = make_view<std::uint8_t>(p.bool_buf, shape, contiguous(shape), 0, 0,
-                                              [](auto, auto, auto i, auto) { return std::uint8_t(i == 3 ? 0 : 1); });
-    p.note("bool mask: row 3 empty");
+    stale_slots(p);
     CHECK_BACKWARD(p);
     Grads g(p, Layout::padded);
     forward(p, g);
     run_fused(p, g);
-    for (std::int64_t b = 0; b < d.B; ++b) {
-      for (std::int64_t h = 0; h < d.Hkv; ++h)
-        for (std::int64_t j = p.lengths[std::size_t(b)]; j < d.M; ++j) {
-          for (std::int64_t x = 0; x < d.D; ++x) CHECK(g.dk.at(b, h, j, x) == 0.0f);
-          for (std::int64_t x = 0; x < d.Dv; ++x) CHECK(g.dv.at(b, h, j, x) == 0.0f);
-        }
-      for (std::int64_t h = 0; h < d.Hq; ++h)
-        for (std::int64_t x = 0; x < d.D; ++x) CHECK(g.dq.at(b, h, 3, x) == 0.0f);
-    }
+    check_stale_slots_zero(p, g);
   }
 }
 
@@ -611,72 +725,85 @@ TEST_CASE("the backward of rows masked entirely by -1e9 or -FLT_MAX weighs their
     }
 }
 
+// Non-finite values where a row cannot see them, or where it can, for the poison tests:
+// the oracle's rule is the forward's, a key or row with zero weight adds nothing whatever
+// it holds and a NaN in a visible pair makes what it touches NaN.
+struct Poison {
+  const char* what;
+  Dims dims;
+  void (*apply)(Problem&);
+  bool dout_inf_row0;  // dout row 0 of head 0 set to inf after the forward
+};
+const Poison kPoisons[] = {
+    {"q NaN on a row the bool mask hides entirely", Dims{1, 2, 1, 8, 8, 8, 8},
+     [](Problem& p) {
+       const Shape shape{p.d.B, p.d.Hq, p.d.N, p.d.M};
+       p.opt.bool_mask = make_view<std::uint8_t>(p.bool_buf, shape, contiguous(shape), 0, 0,
+                                                 [](auto, auto, auto i, auto) { return std::uint8_t(i != 3); });
+       for (std::int64_t x = 0; x < p.d.D; ++x) p.q.at(0, 0, 3, x) = kNaN;
+     },
+     false},
+    {"q inf on causal rows that see no key (N > M)", Dims{1, 2, 1, 12, 6, 8, 8},
+     [](Problem& p) {
+       p.causal();
+       for (std::int64_t x = 0; x < p.d.D; ++x) p.q.at(0, 1, 0, x) = kInf;
+     },
+     false},
+    {"causal, dout inf on row 0 (it sees key 0 only)", Dims{1, 2, 1, 8, 8, 8, 8}, [](Problem& p) { p.causal(); },
+     true},
+    // dV and dK take tiles of 6 keys across the vectors of keys that pick the safe
+    // tile (AVX-512): keys 12-17 must take it for key 16 alone, the only zero weight
+    // of keys 16-31. N = 12 leaves no padding row in the 6-row tiles, and M = 32 no
+    // padding key (a padding row's or key's zeros would make the vector safe anyway).
+    {"dout inf on row 0, which a bool mask hides key 16 from (N = 12, M = 32)", Dims{1, 2, 1, 12, 32, 8, 8},
+     [](Problem& p) {
+       const Shape shape{p.d.B, p.d.Hq, p.d.N, p.d.M};
+       p.opt.bool_mask = make_view<std::uint8_t>(p.bool_buf, shape, contiguous(shape), 0, 0,
+                                                 [](auto, auto, auto i, auto j) { return std::uint8_t(i != 0 || j != 16); });
+     },
+     true},
+    {"causal, NaN in key 2: rows before it stay finite", Dims{1, 2, 1, 8, 8, 8, 8},
+     [](Problem& p) {
+       p.causal();
+       p.k.at(0, 0, 2, 1) = kNaN;
+     },
+     false}};
+
+// The gradients in g against the oracle's e on a poisoned problem: the same NaN and inf
+// elements, the finite ones within `relative` (1 + |oracle|), and some finite.
+void check_poisoned(Grads& g, const Exact& e, double relative) {
+  std::size_t finite = 0;
+  for (auto [got, want] : {std::pair{&g.dq, &e.dq}, {&g.dk, &e.dk}, {&g.dv, &e.dv}}) {
+    const std::vector<float> x = got->values();
+    for (std::size_t t = 0; t < x.size(); ++t) {
+      const float w = (*want)[t];
+      INFO("element " << t << ": fused " << x[t] << ", oracle " << w);
+      CHECK(std::isnan(x[t]) == std::isnan(w));
+      CHECK(std::isinf(x[t]) == std::isinf(w));
+      if (std::isfinite(w)) {
+        ++finite;
+        CHECK(std::fabs(double(x[t]) - double(w)) <= relative * (1 + std::fabs(double(w))));
+      }
+    }
+  }
+  CHECK(finite > 0);  // the poison did not simply spread everywhere
+}
+
 TEST_CASE("non-finite q, dout or keys: what a row cannot see stays out, a visible NaN propagates", "[backward]") {
-  // Against the oracle, whose rule is the forward's: a key or row with zero weight adds
-  // nothing whatever it holds; a NaN in a visible pair makes what it touches NaN.
-  struct Poison {
-    const char* what;
-    void (*apply)(Problem&);
-  };
-  const Poison poisons[] = {
-      {"q NaN on a row the bool mask hides entirely",
-       [](Problem& p) {
-         const Shape shape{p.d.B, p.d.Hq, p.d.N, p.d.M};
-         p.opt.bool_mask = make_view<std::uint8_t>(p.bool_buf, shape, contiguous(shape), 0, 0,
-                                                   [](auto, auto, auto i, auto) { return std::uint8_t(i != 3); });
-         for (std::int64_t x = 0; x < p.d.D; ++x) p.q.at(0, 0, 3, x) = kNaN;
-       }},
-      {"q inf on causal rows that see no key (N > M)",
-       [](Problem& p) {
-         p.causal();
-         for (std::int64_t x = 0; x < p.d.D; ++x) p.q.at(0, 1, 0, x) = kInf;
-       }},
-      {"causal, dout inf on row 0 (it sees key 0 only)", [](Problem& p) { p.causal(); }},
-      // dV and dK take tiles of 6 keys across the vectors of keys that pick the safe
-      // tile (AVX-512): keys 12-17 must take it for key 16 alone, the only zero weight
-      // of keys 16-31. N = 12 leaves no padding row in the 6-row tiles, and M = 32 no
-      // padding key (a padding row's or key's zeros would make the vector safe anyway).
-      {"dout inf on row 0, which a bool mask hides key 16 from (N = 12, M = 32)",
-       [](Problem& p) {
-         const Shape shape{p.d.B, p.d.Hq, p.d.N, p.d.M};
-         p.opt.bool_mask = make_view<std::uint8_t>(p.bool_buf, shape, contiguous(shape), 0, 0,
-                                                   [](auto, auto, auto i, auto j) { return std::uint8_t(i != 0 || j != 16); });
-       }},
-      {"causal, NaN in key 2: rows before it stay finite", [](Problem& p) {
-         p.causal();
-         p.k.at(0, 0, 2, 1) = kNaN;
-       }}};
   for (bool gauss : {false, true})
-    for (const Poison& poison : poisons) {
-      const bool tall = std::string(poison.what).find("N > M") != std::string::npos;
-      const bool wide = std::string(poison.what).find("M = 32") != std::string::npos;
-      const Dims d = tall ? Dims{1, 2, 1, 12, 6, 8, 8} : wide ? Dims{1, 2, 1, 12, 32, 8, 8} : Dims{1, 2, 1, 8, 8, 8, 8};
-      Problem p(d, 7900, Layout::bhsd, Layout::bhsd);
+    for (const Poison& poison : kPoisons) {
+      Problem p(poison.dims, 7900, Layout::bhsd, Layout::bhsd);
       if (gauss) p.gaussian();
       poison.apply(p);
       p.note(poison.what);
       Grads g(p, Layout::bhsd);
       forward(p, g);
-      if (std::string(poison.what).find("dout inf") != std::string::npos)
-        for (std::int64_t x = 0; x < d.Dv; ++x) g.dout.at(0, 0, 0, x) = kInf;
+      if (poison.dout_inf_row0)
+        for (std::int64_t x = 0; x < p.d.Dv; ++x) g.dout.at(0, 0, 0, x) = kInf;
       run_fused(p, g);
       const Exact e = run_oracle(p, g);
       INFO(p.describe());
-      std::size_t finite = 0;
-      for (auto [got, want] : {std::pair{&g.dq, &e.dq}, {&g.dk, &e.dk}, {&g.dv, &e.dv}}) {
-        const std::vector<float> x = got->values();
-        for (std::size_t t = 0; t < x.size(); ++t) {
-          const float w = (*want)[t];
-          INFO("element " << t << ": fused " << x[t] << ", oracle " << w);
-          CHECK(std::isnan(x[t]) == std::isnan(w));
-          CHECK(std::isinf(x[t]) == std::isinf(w));
-          if (std::isfinite(w)) {
-            ++finite;
-            CHECK(std::fabs(double(x[t]) - double(w)) <= 1e-4 * (1 + std::fabs(double(w))));
-          }
-        }
-      }
-      CHECK(finite > 0);  // the poison did not simply spread everywhere
+      check_poisoned(g, e, 1e-4);
     }
 }
 
@@ -688,9 +815,14 @@ TEST_CASE("the fused backward is bitwise identical for 1, 2, 3 and 5 threads and
   // 1 and 2 key blocks (M = 170: 3 blocks, so 3 and 2 chunks a head, the last shorter)
   // besides the driver's (one chunk here). All must agree bitwise with one thread.
   // The last shape: N > M, causal under a narrow window, and key lengths that leave
-  // batch 1's last key block (and so a chunk of 1 block) empty.
+  // batch 1's last key block (and so a chunk of 1 block) empty. Then the same with the
+  // dot product on bf16 data through the kernels with S and dP by pairs.
+  std::vector<const flashcpu::detail::KernelTable*> modes{nullptr};  // null: fp32
+  for (const flashcpu::detail::KernelTable* pairs : pair_backward_kernels()) modes.push_back(pairs);
+  for (const flashcpu::detail::KernelTable* mode : modes)
   for (int t = 0; t < 8; ++t) {
     const bool gauss = t % 2 == 1;
+    if (mode && gauss) continue;
     const Dims d = t < 2   ? Dims{2, 6, 2, 150, 170, 24, 20}
                    : t < 6 ? Dims{1, 3, 1, 150, 170, 24, 20}
                            : Dims{2, 3, 1, 170, 150, 24, 20};
@@ -717,15 +849,20 @@ TEST_CASE("the fused backward is bitwise identical for 1, 2, 3 and 5 threads and
         if (gauss) p.gaussian();
         p.opt.num_threads = threads;
         Grads g(p, Layout::padded);
-        forward(p, g);
-        run_fused(p, g, schedule, chunk_blocks);
+        if (mode) {
+          round_to_bf16(p, g);
+          run_fused_bf16(p, g, schedule, chunk_blocks, mode);
+        } else {
+          forward(p, g);
+          run_fused(p, g, schedule, chunk_blocks);
+        }
         if (first_dq.empty()) {
           first_dq = g.dq.values(), first_dk = g.dk.values(), first_dv = g.dv.values();
           continue;
         }
-        INFO("threads " << threads << ", " << schedule_name(schedule) << ", chunks of " << chunk_blocks
-                        << (gauss ? ", gaussian" : ", dot")
-                        << ", heads " << d.B * d.Hkv);
+        INFO((mode ? mode->backward_name : "fp32") << ", threads " << threads << ", " << schedule_name(schedule)
+                                                   << ", chunks of " << chunk_blocks << (gauss ? ", gaussian" : ", dot")
+                                                   << ", heads " << d.B * d.Hkv);
         CHECK(std::memcmp(first_dq.data(), g.dq.values().data(), first_dq.size() * sizeof(float)) == 0);
         CHECK(std::memcmp(first_dk.data(), g.dk.values().data(), first_dk.size() * sizeof(float)) == 0);
         CHECK(std::memcmp(first_dv.data(), g.dv.values().data(), first_dv.size() * sizeof(float)) == 0);
@@ -753,6 +890,117 @@ TEST_CASE("the 16-bit backward is the fp32 backward on the widened inputs, round
         ph.opt.num_threads = threads;
         check_backward16_case<flashcpu::fp16>(ph, out);
       }
+}
+
+// run_fused_bf16 on a problem rounded to bf16 (round_to_bf16 done), against the oracle
+// under compare_with_oracle16's bounds.
+BackwardOutcome check_pairs(Problem& p, Grads& g, const flashcpu::detail::KernelTable& kernels,
+                            BackwardSchedule schedule = BackwardSchedule::automatic, std::int64_t chunk_blocks = 0) {
+  const double u16 = ftest::unit_roundoff<flashcpu::bf16>();
+  Expected fwd = expect(p.q.cview(), p.k.cview(), p.v.cview(), p.opt);
+  for (std::size_t x = 0; x < fwd.out_tol.size(); ++x)
+    fwd.out_tol[x] += u16 * (std::fabs(double(fwd.out[x])) + fwd.out_tol[x]);
+  run_fused_bf16(p, g, schedule, chunk_blocks, &kernels);
+  BackwardOutcome o;
+  compare_with_oracle16(p, g, fwd, u16, o, "");
+  return o;
+}
+
+TEST_CASE("the bf16 backward with S and dP by pairs: every option set, schedule and awkward shape against the oracle",
+          "[backward][16bit][bf16products]") {
+  // The option sets of the dot product (the Gaussian's backward stays fp32) on the shapes
+  // of the fp32 test, each forced schedule in turn on 3 threads; then randomized shapes
+  // with tails off the vectors, the 16-key panels of the emulated kernels and the 64 of
+  // AVX-512, odd head and value dims (the last pair half empty), GQA, strided views.
+  for (const flashcpu::detail::KernelTable* kernels : pair_backward_kernels()) {
+    INFO(kernels->backward_name);
+    std::uint32_t seed = 9100;
+    for (const Set& set : kSets)
+      for (const Dims& d : kOptionShapes) {
+        ++seed;
+        Problem p(d, seed, seed % 2 ? Layout::padded : Layout::bshd, seed % 3 ? Layout::padded : Layout::bhsd);
+        set.apply(p);
+        if (p.opt.score != Score::dot_product) continue;
+        const BackwardSchedule schedule = kSchedules[1 + seed % 3];
+        const std::int64_t chunk_blocks = 1 + seed / 3 % 2;
+        p.opt.num_threads = 3;
+        Grads g(p, seed % 2 ? Layout::bshd : Layout::sliced);
+        round_to_bf16(p, g);
+        const BackwardOutcome o = check_pairs(p, g, *kernels, schedule, chunk_blocks);
+        INFO("option set: " << set.name << ", " << schedule_name(schedule) << ", chunks of " << chunk_blocks);
+        INFO(p.describe());
+        INFO(o.report);
+        CHECK(o.ok);
+      }
+    std::mt19937 rng(9200);
+    for (int t = 0; t < 24; ++t) {
+      const RandomShape shape = random_shape(rng);
+      Problem p(shape.d, shape.seed, shape.in, shape.kv);
+      if (t % 3 == 1) p.causal();
+      if (t % 5 == 2) p.full_bool(0.3);
+      if (t % 7 == 3) p.softcap(1.5f);
+      if (t % 4 == 0) p.alibi();
+      p.opt.num_threads = t % 2 ? 1 : 3;
+      const BackwardSchedule schedule = t % 2 ? BackwardSchedule::automatic : kSchedules[t / 2 % 4];
+      Grads g(p, shape.grads);
+      round_to_bf16(p, g);
+      const BackwardOutcome o = check_pairs(p, g, *kernels, schedule, t % 4 == 0 ? 1 : 0);
+      INFO(schedule_name(schedule) << ", " << p.describe());
+      INFO(o.report);
+      CHECK(o.ok);
+    }
+  }
+}
+
+TEST_CASE("the bf16 backward with S and dP by pairs keeps garbage and non-finite rows where the fp32 one does",
+          "[backward][16bit][bf16products]") {
+  for (const flashcpu::detail::KernelTable* kernels : pair_backward_kernels()) {
+    INFO(kernels->backward_name);
+    {  // NaN and inf in K and V past the key lengths (stale cache slots), a row that sees nothing
+      Problem p(Dims{2, 4, 2, 40, 75, 16, 9}, 9300);
+      stale_slots(p);
+      p.opt.num_threads = 2;
+      Grads g(p, Layout::padded);
+      round_to_bf16(p, g);
+      const BackwardOutcome o = check_pairs(p, g, *kernels);
+      INFO(o.report);
+      CHECK(o.ok);
+      check_stale_slots_zero(p, g);
+    }
+    // The fp32 test's poisons, and a row masked entirely by -1e9 (its statistics
+    // recomputed from the pair scores): the oracle's NaN and inf pattern, and its finite
+    // values to bf16 accuracy (out, dout and the gradients rounded: 2^-6 relative, with
+    // room).
+    for (const Poison& poison : kPoisons) {
+      Problem p(poison.dims, 9400, Layout::bhsd, Layout::bhsd);
+      poison.apply(p);
+      p.note(poison.what);
+      Grads g(p, Layout::bhsd);
+      round_to_bf16(p, g);
+      if (poison.dout_inf_row0)
+        for (std::int64_t x = 0; x < p.d.Dv; ++x) g.dout.at(0, 0, 0, x) = kInf;
+      run_fused_bf16(p, g, BackwardSchedule::automatic, 0, kernels);
+      const Exact e = run_oracle(p, g);
+      INFO(p.describe());
+      check_poisoned(g, e, 0x1p-6);
+    }
+    {
+      const Dims d{1, 2, 1, 9, 20, 9, 7};
+      Problem p(d, 9410, Layout::bhsd, Layout::bhsd);
+      for (std::int64_t h = 0; h < d.Hq; ++h)
+        for (std::int64_t x = 0; x < d.D; ++x) p.q.at(0, h, 2, x) = 0.0f;
+      const Shape mask_shape{1, 1, d.N, d.M};
+      p.opt.mask = make_view<float>(p.mask_buf, mask_shape, contiguous(mask_shape), 0, kNaN,
+                                    [](auto, auto, auto i, auto) { return i == 2 ? -1e9f : 0.0f; });
+      p.note("row 2 masked by -1e9");
+      Grads g(p, Layout::bhsd);
+      round_to_bf16(p, g);
+      run_fused_bf16(p, g, BackwardSchedule::automatic, 0, kernels);
+      const Exact e = run_oracle(p, g);
+      INFO(p.describe());
+      check_poisoned(g, e, 0x1p-6);
+    }
+  }
 }
 
 TEST_CASE("the 16-bit backward checks its arguments and writes zeros when nothing is visible", "[backward][16bit][errors]") {

@@ -6,8 +6,8 @@
 // runs this; see its header for use.
 //
 //   flashcpu-ab libA.so libB.so rounds "mode Hq Hkv N M D threads causal [cold]" ...
-//   mode: f32 (fp32 forward), bwd (fp32 backward), bf16 (bf16 q, k, v, out), f16kv (fp32 q
-//   over fp16 K/V), bf16kv (fp32 q over bf16 K/V). Dv = D, B = 1. "cold": K and V in as
+//   mode: f32 (fp32 forward), bwd (fp32 backward), bf16 (bf16 q, k, v, out), bwd16 (bf16
+//   backward), f16kv (fp32 q over fp16 K/V), bf16kv (fp32 q over bf16 K/V). Dv = D, B = 1. "cold": K and V in as
 //   many copies as make 1 GiB (at least 2), each call reading the next one, so that a
 //   decode step reads its cache from memory, as in a model with many layers, and not from
 //   the last-level cache the previous call filled.
@@ -42,6 +42,7 @@ struct Build {
   void (*f32)(In<float>, In<float>, In<float>, Out<float>, Opt);
   void (*f32_lse)(In<float>, In<float>, In<float>, Out<float>, Out<float>, Opt);
   void (*bwd)(In<float>, In<float>, In<float>, In<float>, In<float>, In<float>, Out<float>, Out<float>, Out<float>, Opt);
+  void (*bwd16)(In<bf16>, In<bf16>, In<bf16>, In<bf16>, In<float>, In<bf16>, Out<bf16>, Out<bf16>, Out<bf16>, Opt);
   void (*bf16_all)(In<bf16>, In<bf16>, In<bf16>, Out<bf16>, Opt);
   void (*f16kv)(In<float>, In<fp16>, In<fp16>, Out<float>, Opt);
   void (*bf16kv)(In<float>, In<bf16>, In<bf16>, Out<float>, Opt);
@@ -74,6 +75,10 @@ Build load(const char* path) {
        "_ZN8flashcpu18attention_backwardENS_10TensorViewIKfEES2_S2_S2_S2_S2_NS0_IfEES3_S3_RKNS_"
        "16AttentionOptionsE",
        b.bwd);
+  bind(lib,
+       "_ZN8flashcpu18attention_backwardENS_10TensorViewIKNS_4bf16EEES3_S3_S3_NS0_IKfEES3_NS0_IS1_EES6_S6_RKNS_"
+       "16AttentionOptionsE",
+       b.bwd16);
   bind(lib, "_ZN8flashcpu9attentionENS_10TensorViewIKNS_4bf16EEES3_S3_NS0_IS1_EERKNS_16AttentionOptionsE", b.bf16_all);
   bind(lib, "_ZN8flashcpu9attentionENS_10TensorViewIKfEENS0_IKNS_4fp16EEES5_NS0_IfEERKNS_16AttentionOptionsE",
        b.f16kv);
@@ -92,7 +97,7 @@ struct Workload {
   long copies = 1, next = 0;  // copies of K and V (cold), and the one the next call reads
   std::size_t nk = 0;         // elements of one copy of K (or V)
   std::vector<float> q, k, v, out, lse, dq, dk, dv;
-  std::vector<bf16> q16, k16, v16, out16;
+  std::vector<bf16> q16, k16, v16, out16, dq16, dk16, dv16;
   std::vector<fp16> kh, vh;
   std::vector<double> ms_a, ms_b;
 
@@ -120,6 +125,9 @@ struct Workload {
     else if (mode == "bwd")
       b.bwd(queries(q), keys(k), keys(v), queries(out), bhsd<const float>(lse.data(), 1, Hq, N, 1), queries(out),
             queries_out(dq), keys_out(dk), keys_out(dv), o);
+    else if (mode == "bwd16")
+      b.bwd16(queries(q16), keys(k16), keys(v16), queries(out16), bhsd<const float>(lse.data(), 1, Hq, N, 1),
+              queries(out16), queries_out(dq16), keys_out(dk16), keys_out(dv16), o);
     else if (mode == "bf16")
       b.bf16_all(queries(q16), keys(k16), keys(v16), queries_out(out16), o);
     else if (mode == "f16kv")
@@ -143,8 +151,9 @@ Workload parse(const char* spec, const Build& convert) {
     std::exit(2);
   }
   w.mode = mode;
-  if (w.mode != "f32" && w.mode != "bwd" && w.mode != "bf16" && w.mode != "f16kv" && w.mode != "bf16kv") {
-    std::fprintf(stderr, "flashcpu-ab: mode is f32, bwd, bf16, f16kv or bf16kv, got \"%s\"\n", mode);
+  if (w.mode != "f32" && w.mode != "bwd" && w.mode != "bf16" && w.mode != "bwd16" && w.mode != "f16kv" &&
+      w.mode != "bf16kv") {
+    std::fprintf(stderr, "flashcpu-ab: mode is f32, bwd, bf16, bwd16, f16kv or bf16kv, got \"%s\"\n", mode);
     std::exit(2);
   }
   w.causal = causal != 0;
@@ -181,11 +190,14 @@ Workload parse(const char* spec, const Build& convert) {
   };
   replicate(w.k, f32);
   replicate(w.v, f32);
-  replicate(w.k16, w.mode == "bf16" || w.mode == "bf16kv");
-  replicate(w.v16, w.mode == "bf16" || w.mode == "bf16kv");
+  replicate(w.k16, w.mode == "bf16" || w.mode == "bwd16" || w.mode == "bf16kv");
+  replicate(w.v16, w.mode == "bf16" || w.mode == "bwd16" || w.mode == "bf16kv");
   replicate(w.kh, w.mode == "f16kv");
   replicate(w.vh, w.mode == "f16kv");
   w.out16.resize(nq);
+  w.dq16.resize(nq);
+  w.dk16.resize(nk);
+  w.dv16.resize(nk);
   return w;
 }
 
@@ -210,9 +222,11 @@ int main(int argc, char** argv) {
   std::vector<Workload> work;
   for (int i = 4; i < argc; ++i) work.push_back(parse(argv[i], a));
   for (Workload& w : work) {
-    if (w.mode == "bwd")  // out and lse for the backward, from build A
+    if (w.mode == "bwd" || w.mode == "bwd16") {  // out and lse for the backward, from build A
       a.f32_lse(w.queries(w.q), w.keys(w.k), w.keys(w.v), w.queries_out(w.out),
                 bhsd<float>(w.lse.data(), 1, w.Hq, w.N, 1), w.options());
+      for (std::size_t x = 0; x < w.out.size(); ++x) w.out16[x] = a.round_bf16(w.out[x]);  // bwd16: dout = out
+    }
     w.run(a);  // warm-up: first touch, OpenMP's pool
     w.run(b);
   }

@@ -18,6 +18,15 @@
 // v, out and dout are widened as they are packed, and 16-bit gradients rounded once as
 // they are written; everything between is this fp32 code. Working memory: the scratch the
 // driver passes.
+//
+// With PairDot (the vdpbf16ps variant, for bf16 data and the dot product), S and dP are
+// the forward's pair products instead: q and dout as bf16 pairs of dimensions (the
+// scratch's q_pairs and dout_pairs), K and V as pair panels (pack_bf16_key_pairs) in the
+// room of the fp32 panels, two products per lane and instruction. Products of bf16
+// values are exact in fp32 and each pair adds them with two roundings, as two FMAs
+// would: S and dP keep the fp32 path's error bound, only the order of their sums differs
+// (and vdpbf16ps treats subnormal inputs and results as zero). P, dS and the other three
+// products stay fp32.
 #pragma once
 
 #ifndef FLASHCPU_ISA_NAMESPACE
@@ -28,9 +37,10 @@
 
 namespace flashcpu::detail::FLASHCPU_ISA_NAMESPACE {
 
-template <class Arch, int MR, int NRV, int NV, int PR>
+template <class Arch, int MR, int NRV, int NV, int PR, class PairDot = void>
 struct BackwardKernel {
   using Fwd = ForwardKernel<Arch, MR, NRV, NV, PR, float>;
+  static constexpr bool kPairs = !std::is_void<PairDot>::value;
   using batch = typename Fwd::batch;
   static constexpr int W = Fwd::W;
   static constexpr int NR = Fwd::NR;
@@ -46,6 +56,13 @@ struct BackwardKernel {
   static std::int64_t hi(const BackwardJob& job, std::int64_t i) { return visible_hi(job.visible, i); }
   static std::int64_t key_end(const BackwardJob& job) { return min_i64(job.kv_len, job.visible.key_limit); }
   static std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
+  // S and dP by pairs (kPairs): one step of vdpbf16ps per pair of dimensions.
+  struct PairStep {
+    batch operator()(std::int64_t, batch q, batch k, batch acc) const {
+      if constexpr (kPairs) return PairDot::step(acc, q, k);
+      return acc;
+    }
+  };
   static float lse_at(const BackwardJob& job, std::int64_t g, std::int64_t i) {
     return static_cast<const float*>(job.lse.data)[g * job.lse.head_stride + i * job.lse.row_stride];
   }
@@ -62,6 +79,10 @@ struct BackwardKernel {
       case DType::f32: break;
     }
     return f(static_cast<const float*>(rows.data) + offset);
+  }
+  // The rows from element `offset` as the packers' source.
+  static SourceRows source_at(const HeadRows& rows, std::int64_t offset) {
+    return typed(rows, offset, [&](const auto* src) { return SourceRows{src, rows.type, rows.row_stride, rows.col_stride}; });
   }
   // dst[c] = element offset + c * col_stride of the rows, c < count.
   static void widen_row(const HeadRows& rows, std::int64_t offset, std::int64_t count, float* dst) {
@@ -90,9 +111,9 @@ struct BackwardKernel {
 
   // Query rows [i0, i0 + rows) of head g into the scratch: q and dout as rows of
   // head_dim_padded and value_dim_padded floats, each row's shift and scale of P (see
-  // BackwardScratch), D_i = dout_i . out_i. A row with no visible key (lse -inf) and the
-  // rows up to rows_padded get zeros, shift -inf and scale 0: nothing flows through them,
-  // whatever their q and dout hold.
+  // BackwardScratch), D_i = dout_i . out_i; with pair products also q and dout as bf16
+  // pairs. A row with no visible key (lse -inf) and the rows up to rows_padded get zeros,
+  // shift -inf and scale 0: nothing flows through them, whatever their q and dout hold.
   static void pack_query_side(const BackwardJob& job, std::int64_t g, std::int64_t i0, std::int64_t rows,
                               std::int64_t rows_padded) {
     const BackwardScratch& m = job.scratch;
@@ -103,6 +124,19 @@ struct BackwardKernel {
       float* dr = m.dout_rows + r * Dvp;
       const std::int64_t i = i0 + r;
       const float lse = r < rows ? lse_at(job, g, i) : neg_inf, lse2 = log2_units(lse);
+      if constexpr (kPairs) {
+        const std::int64_t Dh = head_pairs(D), Dvh = head_pairs(Dv);
+        auto* qp = reinterpret_cast<std::uint16_t*>(m.q_pairs + r * Dh);
+        auto* dp = reinterpret_cast<std::uint16_t*>(m.dout_pairs + r * Dvh);
+        if (lse2 == neg_inf) {
+          fill(m.q_pairs + r * Dh, Dh, 0.0f);
+          fill(m.dout_pairs + r * Dvh, Dvh, 0.0f);
+        } else {
+          pack_bf16_row(source_at(job.q, 0), g * job.q.head_stride + i * job.q.row_stride, D, 2 * Dh, qp);
+          if (Dv > 0)
+            pack_bf16_row(source_at(job.dout, 0), g * job.dout.head_stride + i * job.dout.row_stride, Dv, 2 * Dvh, dp);
+        }
+      }
       if (lse2 == neg_inf) {
         for (std::int64_t d = 0; d < Dp; ++d) qr[d] = 0.0f;
         for (std::int64_t c = 0; c < Dvp; ++c) dr[c] = 0.0f;
@@ -126,14 +160,22 @@ struct BackwardKernel {
     }
   }
 
-  // K and V (unless v_panels is null) of keys [j0, j0 + n) as fp32 panels, and, when
-  // k_rows is not null, K as rows of head_dim_padded floats.
+  // K and V (unless v_panels is null) of keys [j0, j0 + n) as fp32 panels (pair panels
+  // with pair products), and, when k_rows is not null, K as rows of head_dim_padded floats.
   static void pack_key_side(const BackwardJob& job, std::int64_t j0, std::int64_t n, float* k_panels,
                             float* v_panels, float* k_rows) {
-    const std::int64_t D = job.head_dim, Dp = job.head_dim_padded;
-    panels_from(job.k, j0, n, D, k_panels);
-    if (v_panels && job.value_dim > 0)  // else v may be null
-      panels_from(job.v, j0, n, job.value_dim, v_panels);
+    const std::int64_t D = job.head_dim, Dp = job.head_dim_padded, Dv = job.value_dim;
+    if constexpr (kPairs) {
+      pack_bf16_key_pairs(source_at(job.k, j0 * job.k.row_stride), n, D, head_pairs(D), NR,
+                          reinterpret_cast<std::uint32_t*>(k_panels));
+      if (v_panels && Dv > 0)
+        pack_bf16_key_pairs(source_at(job.v, j0 * job.v.row_stride), n, Dv, head_pairs(Dv), NR,
+                            reinterpret_cast<std::uint32_t*>(v_panels));
+    } else {
+      panels_from(job.k, j0, n, D, k_panels);
+      if (v_panels && Dv > 0)  // else v may be null
+        panels_from(job.v, j0, n, Dv, v_panels);
+    }
     if (!k_rows) return;
     for (std::int64_t j = 0; j < n; ++j) {
       float* row = k_rows + j * Dp;
@@ -188,7 +230,11 @@ struct BackwardKernel {
     const bool epilogue = softcap || job.alibi_slopes || job.masks.mask || job.masks.bool_mask;
     const float factor = epilogue ? job.scale : job.scale * 1.4426950408889634f;
     float tile_max[MR];
-    if (job.gaussian)
+    if constexpr (kPairs) {
+      assert(!job.gaussian);
+      const std::int64_t Dh = head_pairs(D);
+      Fwd::scores_tile(m.q_pairs + r0 * Dh, Dh, Dh, k_panels, num_panels, probs, Bk, factor, tile_max, PairStep{});
+    } else if (job.gaussian)
       Fwd::scores_tile(m.q_rows + r0 * Dp, Dp, D, k_panels, num_panels, probs, Bk, -factor, tile_max,
                        typename Fwd::DistanceStep{});
     else
@@ -264,8 +310,12 @@ struct BackwardKernel {
         }
       }
       float tile_max[MR];
-      Fwd::scores_tile(m.dout_rows + r0 * Dvp, Dvp, Dv, v_panels, num_panels, dscores, Bk, 1.0f, tile_max,
-                       typename Fwd::DotStep{});
+      if constexpr (kPairs)
+        Fwd::scores_tile(m.dout_pairs + r0 * head_pairs(Dv), head_pairs(Dv), head_pairs(Dv), v_panels, num_panels,
+                         dscores, Bk, 1.0f, tile_max, PairStep{});
+      else
+        Fwd::scores_tile(m.dout_rows + r0 * Dvp, Dvp, Dv, v_panels, num_panels, dscores, Bk, 1.0f, tile_max,
+                         typename Fwd::DotStep{});
       for (int r = 0; r < MR; ++r) {
         const batch delta(m.delta[r0 + r]);
         for (std::int64_t j = 0; j < cols; j += W) {
@@ -558,6 +608,10 @@ struct BackwardKernel {
     view.scratch.row_scale += row;
     view.scratch.delta += row;
     view.scratch.dq_acc += row * job.head_dim_padded;
+    if constexpr (kPairs) {
+      view.scratch.q_pairs += row * head_pairs(job.head_dim);
+      view.scratch.dout_pairs += row * head_pairs(job.value_dim);
+    }
     return view;
   }
 

@@ -188,7 +188,10 @@ struct HeadRowsOut {
 /// pass), as fp32 panels (the forward's layout) and K rows head_dim_padded wide. Then a
 /// block pair's P and dS [block_rows x block_keys], a tile of soft-capping derivatives
 /// [tile_rows x block_keys], and the accumulators of dK and dV (of the key side's keys)
-/// and dQ (of the query side's rows).
+/// and dQ (of the query side's rows). A variant with bf16 products (KernelTable::
+/// bf16_products) scores S and dP from q and dout as bf16 pairs, (head_dim + 1) / 2 and
+/// (value_dim + 1) / 2 words a row (q_pairs, dout_pairs; empty for the others), and packs
+/// K and V in its pair panels in the room of the fp32 ones.
 struct BackwardScratch {
   // Per query row, P = 2^(s - row_shift) * row_scale (s in log2 units): the row's lse and
   // 1, or (coarse rows, see BackwardJob::coarse_shift) its max score and 1 / sum.
@@ -196,6 +199,7 @@ struct BackwardScratch {
   float *k_panels, *v_panels, *k_rows;
   float *probs, *dscores, *derivs;
   float *dk_acc, *dv_acc, *dq_acc, *ones;
+  float *q_pairs, *dout_pairs;
 };
 
 /// The order of dQ additions when the key chunks of one KV head run on several threads at
@@ -297,11 +301,12 @@ struct KernelTable {
   std::int64_t (*query_floats)(std::int64_t rows, std::int64_t head_dim);
   std::int64_t (*value_floats)(std::int64_t keys, std::int64_t value_dim_padded);
 
-  // The fused backward on the same micro-kernels (fp32 variants; null for 16-bit ones):
-  // dK and dV of a key block, dQ of a query block (two passes, each recomputing P and
-  // dS), or all three in one pass over a KV head's key blocks, with the group's query side
-  // packed before and its dq written after. Bitwise the same results.
-  const char* backward_name;  // f32_attn_bwd_<mr>x<nr>__<isa>
+  // The fused backward on the same micro-kernels (fp32 variants, and the vdpbf16ps
+  // variant for bf16 data and the dot product; null for the others): dK and dV of a key
+  // block, dQ of a query block (two passes, each recomputing P and dS), or all three in
+  // one pass over a KV head's key blocks, with the group's query side packed before and
+  // its dq written after. Bitwise the same results.
+  const char* backward_name;  // <f32 or bf16>_attn_bwd_<mr>x<nr>__<isa>
   void (*backward_keys)(const BackwardJob& job);
   void (*backward_queries)(const BackwardJob& job);
   void (*backward_pack_queries)(const BackwardJob& job);

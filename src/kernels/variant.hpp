@@ -95,24 +95,50 @@ constexpr ForwardEntry lanes_entry() {
 }
 constexpr ForwardEntry kSmallEntry = &SmallKernel::forward_query_block, kLanesEntry = lanes_entry();
 #endif
-// The backward exists for fp32 variants only; a 16-bit variant's table holds nulls, and
-// the template keeps it from instantiating the backward at all.
-constexpr bool kHasBackward = std::is_same<KV, float>::value;
+// The backward exists for fp32 variants, which every data type's call can take (16-bit
+// data widened), and for the vdpbf16ps variant, which scores S and dP by pairs for bf16
+// data and the dot product (kernels/backward.hpp). The other 16-bit variants' tables hold
+// nulls, and the template keeps them from instantiating the backward at all.
+constexpr bool kPairBackward = kBf16Products && !kTiles;
+constexpr bool kHasBackward = std::is_same<KV, float>::value || kPairBackward;
 using BackwardEntry = void (*)(const BackwardJob&);
 enum class BackwardPart { keys, queries, pack_queries, key_chunk, write_queries, row_stats };
+// The vdpbf16ps variant's entries, flattened like its forward (see forward_query_block in
+// kernels/forward_pairs.hpp): no out-of-line copy of a function the avx512 objects also
+// define.
+template <class Backward>
+struct FlatBackward {
+  __attribute__((flatten)) static void keys(const BackwardJob& job) { Backward::backward_keys(job); }
+  __attribute__((flatten)) static void queries(const BackwardJob& job) { Backward::backward_queries(job); }
+  __attribute__((flatten)) static void pack_queries(const BackwardJob& job) { Backward::backward_pack_queries(job); }
+  __attribute__((flatten)) static void key_chunk(const BackwardJob& job) { Backward::backward_key_chunk(job); }
+  __attribute__((flatten)) static void write_queries(const BackwardJob& job) { Backward::backward_write_queries(job); }
+  __attribute__((flatten)) static void row_stats(const BackwardJob& job) { Backward::backward_row_stats(job); }
+};
 template <class T>
 constexpr BackwardEntry backward_entry(BackwardPart part) {
-  using Backward =
-      BackwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR>;
-  if constexpr (std::is_same<T, float>::value)
+  if constexpr (std::is_same<T, float>::value) {
+    using Backward =
+        BackwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR>;
     return part == BackwardPart::keys            ? &Backward::backward_keys
            : part == BackwardPart::queries       ? &Backward::backward_queries
            : part == BackwardPart::pack_queries  ? &Backward::backward_pack_queries
            : part == BackwardPart::key_chunk     ? &Backward::backward_key_chunk
            : part == BackwardPart::write_queries ? &Backward::backward_write_queries
                                                  : &Backward::backward_row_stats;
-  else
-    return nullptr;
+  } else if constexpr (kPairBackward) {
+#if defined(__AVX512BF16__) && !defined(__AMX_TILE__)
+    using Backward = FlatBackward<BackwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV,
+                                                 FLASHCPU_VARIANT_PR, HardwarePairDot>>;
+    return part == BackwardPart::keys            ? &Backward::keys
+           : part == BackwardPart::queries       ? &Backward::queries
+           : part == BackwardPart::pack_queries  ? &Backward::pack_queries
+           : part == BackwardPart::key_chunk     ? &Backward::key_chunk
+           : part == BackwardPart::write_queries ? &Backward::write_queries
+                                                 : &Backward::row_stats;
+#endif
+  }
+  return nullptr;
 }
 }  // namespace
 
@@ -143,7 +169,10 @@ const KernelTable& FLASHCPU_PASTE(FLASHCPU_PASTE(FLASHCPU_PASTE(kernel_table_, F
       &Pack::key_panel_floats,
       &Pack::query_floats,
       &Pack::value_floats,
-      kHasBackward ? "f32_attn_bwd_" FLASHCPU_STRING(FLASHCPU_VARIANT_MR) "x" FLASHCPU_STRING(FLASHCPU_VARIANT_NR) "__" FLASHCPU_STRING(FLASHCPU_VARIANT_ISA) : nullptr,
+      !kHasBackward ? nullptr
+      : kPairBackward
+          ? FLASHCPU_STRING(FLASHCPU_VARIANT_KV) "_attn_bwd_" FLASHCPU_STRING(FLASHCPU_VARIANT_MR) "x" FLASHCPU_STRING(FLASHCPU_VARIANT_NR) "__" FLASHCPU_STRING(FLASHCPU_VARIANT_ISA)
+          : "f32_attn_bwd_" FLASHCPU_STRING(FLASHCPU_VARIANT_MR) "x" FLASHCPU_STRING(FLASHCPU_VARIANT_NR) "__" FLASHCPU_STRING(FLASHCPU_VARIANT_ISA),
       backward_entry<KV>(BackwardPart::keys),
       backward_entry<KV>(BackwardPart::queries),
       backward_entry<KV>(BackwardPart::pack_queries),
