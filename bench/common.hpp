@@ -343,9 +343,9 @@ std::string fused_label(const Shape& s);
 bool fused_runs_on_tiles(const Shape& s);
 /// The backward variant attention_backward runs for this shape's data, e.g.
 /// "f32_attn_bwd_6x64__avx512" (16-bit data widened) or "bf16_attn_bwd_6x64__avx512bf16"
-/// (bf16 data, S and dP by vdpbf16ps).
+/// (bf16 data, the products by vdpbf16ps).
 std::string fused_backward_label(const Shape& s);
-/// Whether that backward takes S and dP by bf16 pairs (then its gradients are not the
+/// Whether that backward takes its products by bf16 pairs (then its gradients are not the
 /// fp32 backward's bitwise).
 bool backward_pair_products(const Shape& s);
 /// What ran, for a benchmark's label: the fused ISA and tiles, "naive fp32 -O3
@@ -485,8 +485,8 @@ double check_backward_against_fused(BackwardImpl impl, BackwardProblem& p, int t
                                     MaterializedWorkspace* workspace);
 
 /// For a 16-bit problem: its 16-bit gradients (from the last run_backward) must be bitwise
-/// the fp32 backward's on the same values, rounded, as the header promises, or, where S
-/// and dP run by bf16 pairs (backward_pair_products), within 2^-7 of the largest
+/// the fp32 backward's on the same values, rounded, as the header promises, or, where the
+/// products take bf16 pairs (backward_pair_products), within 2^-7 of the largest
 /// gradient of the same kind; throws Error naming the first gradient that is not.
 /// Overwrites the fp32 gradient buffers.
 void check_backward16_against_fp32(BackwardProblem& p, int threads);

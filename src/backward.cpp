@@ -80,7 +80,7 @@ struct BackwardSizes {
   std::int64_t keys;        // keys of the key side: a block, or a chunk of blocks (the one pass)
   std::int64_t dq_rows;     // rows of dQ accumulated
   std::int64_t head_dim, value_dim, head_dim_padded, value_dim_padded, block_rows, block_keys, tile_rows;
-  std::int64_t head_pairs, value_pairs;  // words of q and dout as bf16 pairs; 0 without pair products
+  bool pairs;  // the variant's pair products (kernels/backward.hpp): their parts, else none
 
   // Calls part(&BackwardScratch::field, floats) for every part, in memory order.
   template <class Part>
@@ -100,8 +100,13 @@ struct BackwardSizes {
     part(&BackwardScratch::dv_acc, saturated_product(keys, value_dim_padded));
     part(&BackwardScratch::dq_acc, saturated_product(dq_rows, head_dim_padded));
     part(&BackwardScratch::ones, 16);
-    part(&BackwardScratch::q_pairs, saturated_product(query_rows, head_pairs));
-    part(&BackwardScratch::dout_pairs, saturated_product(query_rows, value_pairs));
+    const std::int64_t pair_rows = pairs ? (query_rows + 1) / 2 : 0;
+    part(&BackwardScratch::q_pairs, pairs ? saturated_product(query_rows, (head_dim + 1) / 2) : 0);
+    part(&BackwardScratch::dout_pairs, pairs ? saturated_product(query_rows, (value_dim + 1) / 2) : 0);
+    part(&BackwardScratch::q_row_pairs, saturated_product(pair_rows, head_dim_padded));
+    part(&BackwardScratch::dout_row_pairs, saturated_product(pair_rows, value_dim_padded));
+    part(&BackwardScratch::row_flags, pairs ? query_rows : 0);
+    part(&BackwardScratch::weight_pairs, pairs ? saturated_product(block_rows, block_keys) : 0);
   }
   // Floats per thread, 64-byte aligned parts; detail::kSaturated when that overflows (a
   // stride-0 view can be huge and valid), which the allocation then refuses.
@@ -215,8 +220,7 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
     throw std::logic_error("flashcpu: backward key blocks of " + std::to_string(Bk) +
                            " keys exceed the kernels' limit");
   const std::int64_t Dp = round_up(D, W), Dvp = round_up(Dv, W);
-  // Pair products: q and dout also as bf16 pairs (kernels/backward.hpp).
-  const std::int64_t Dh = kernels.bf16_products ? (D + 1) / 2 : 0, Dvh = kernels.bf16_products ? (Dv + 1) / 2 : 0;
+  const bool pairs = kernels.bf16_products;  // the scratch of pair products (kernels/backward.hpp)
 
   // The schedule. The one pass does five products per block pair; two passes do seven
   // but need no memory for a whole group's query rows. The one pass runs over whole heads
@@ -244,14 +248,14 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
       __builtin_mul_overflow(B * Hq, q_blocks, &query_items))
     throw std::bad_alloc();  // more blocks than any memory holds the tensors of
   const std::int64_t group_rows = saturated_product(group, q_blocks * Br);  // a group's query rows, padded per block
-  const BackwardSizes one_pass{group_rows, Ck, group_rows, D, Dv, Dp, Dvp, Br, Bk, mr, Dh, Dvh};
+  const BackwardSizes one_pass{group_rows, Ck, group_rows, D, Dv, Dp, Dvp, Br, Bk, mr, pairs};
   // Two passes (and the coarse rows' statistics): the query side and the key side of a
   // block.
-  const BackwardSizes two_pass{Br, Bk, Br, D, Dv, Dp, Dvp, Br, Bk, mr, Dh, Dvh};
+  const BackwardSizes two_pass{Br, Bk, Br, D, Dv, Dp, Dvp, Br, Bk, mr, pairs};
   // Key chunks in turn: each head's query side, shared by the threads, and per thread a
   // block's query side (the coarse rows' statistics) and a chunk's key side.
-  const BackwardSizes group_side{group_rows, 0, group_rows, D, Dv, Dp, Dvp, 0, 0, 0, Dh, Dvh};
-  const BackwardSizes in_turn_thread{Br, Ck, Br, D, Dv, Dp, Dvp, Br, Bk, mr, Dh, Dvh};
+  const BackwardSizes group_side{group_rows, 0, group_rows, D, Dv, Dp, Dvp, 0, 0, 0, pairs};
+  const BackwardSizes in_turn_thread{Br, Ck, Br, D, Dv, Dp, Dvp, Br, Bk, mr, pairs};
   constexpr std::int64_t kBudget = kOnePassBytes / std::int64_t(sizeof(float));
   const std::int64_t shared_floats = saturated_product(group_side.total(), heads);
   const bool one_pass_fits = one_pass.total() <= kBudget;
@@ -377,7 +381,8 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
       const BackwardScratch g = group_side.carve(shared.get(), head);
       m.q_rows = g.q_rows, m.dout_rows = g.dout_rows, m.dq_acc = g.dq_acc;
       m.row_shift = g.row_shift, m.row_scale = g.row_scale, m.delta = g.delta;
-      m.q_pairs = g.q_pairs, m.dout_pairs = g.dout_pairs;
+      m.q_pairs = g.q_pairs, m.dout_pairs = g.dout_pairs, m.row_flags = g.row_flags;
+      m.q_row_pairs = g.q_row_pairs, m.dout_row_pairs = g.dout_row_pairs;
       return m;
     };
     // Items (batch, query head, query block), each packing or writing its block.

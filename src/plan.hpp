@@ -196,8 +196,8 @@ void attention_backward_scheduled(BackwardSchedule schedule, std::int64_t chunk_
                                   TensorView<const float> lse, TensorView<const float> dout, TensorView<float> dq,
                                   TensorView<float> dk, TensorView<float> dv, const AttentionOptions& options);
 /// The kernels attention_backward runs for bf16 data and `score`: the vdpbf16ps variant
-/// (S and dP by pairs) where the level has it and the score is the dot product, else the
-/// fp32 variant.
+/// (its products by bf16 pairs) where the level has it and the score is the dot product,
+/// else the fp32 variant.
 const KernelTable& backward_kernels_bf16(Score score);
 /// attention_backward (bf16) on given kernels (a table with a backward: an fp32 variant,
 /// or one with pair products for the dot product), schedule and chunks, for tests.

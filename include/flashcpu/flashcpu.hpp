@@ -197,14 +197,17 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
 /// order (with grouped-query heads, dk and dv are summed in fp32); each gradient element
 /// is then rounded once, to nearest even. So a 16-bit gradient is the fp32 backward's on
 /// the widened inputs, rounded: within half an ulp of it (2^-9 relative for bf16, 2^-12
-/// for fp16). One exception: bf16 with the dot product on a CPU with AVX512-BF16 (the
-/// avx512bf16 and amx levels) computes the two score products, S = q k^T and dP = dout
-/// v^T, by vdpbf16ps: products of the bf16 inputs, exact in fp32, added by pairs of
-/// dimensions with the fp32 error bound but in another order (and subnormal inputs read
-/// as zero). Those gradients are then within the fp32 backward's error bound of the exact
-/// ones, plus the final rounding, but not bitwise the fp32 backward's. Same checks,
-/// options, scores and determinism as the fp32 call; allow_bf16_compute does not apply
-/// (the backward never rounds its operands).
+/// for fp16). One exception: bf16 with the dot product, when dispatch runs the avx512bf16
+/// or amx level, takes its five products by vdpbf16ps, as the forward does on those
+/// levels. S = q k^T and dP = dout v^T multiply the bf16 inputs exactly and add the
+/// products in pairs with the roundings of FMAs; P and dS are rounded to bf16 (2^-9 of
+/// each term at most) before dV = P^T dout, dK = dS^T q and dQ = dS k; vdpbf16ps reads
+/// and writes subnormals as zero. Such a gradient is within the fp32 backward's error
+/// bound plus 2^-8 of the sum of its terms' magnitudes, plus its final rounding, but not
+/// bitwise the fp32 backward's. Zero weights still keep inf and NaN in rows and keys that
+/// a row cannot see out of the result. Same checks, options, scores and determinism as
+/// the fp32 call; allow_bf16_compute does not apply (fp32 and fp16 data are never
+/// rounded).
 void attention_backward(TensorView<const bf16> q, TensorView<const bf16> k, TensorView<const bf16> v,
                         TensorView<const bf16> out, TensorView<const float> lse, TensorView<const bf16> dout,
                         TensorView<bf16> dq, TensorView<bf16> dk, TensorView<bf16> dv,

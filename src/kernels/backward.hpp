@@ -1,7 +1,8 @@
 // The fused attention backward (FlashAttention-2), templated on the architecture and built
 // from the fp32 forward's micro-kernels (kernels/forward.hpp): the S tile over K panels, the
-// score epilogue, and the P.V tiles. Included by each fp32 variant's translation unit
-// (kernels/variant.hpp), inside its ISA namespace like the forward.
+// score epilogue, and the P.V tiles. Included by each fp32 variant's translation unit and
+// the vdpbf16ps variant's (kernels/variant.hpp), inside its ISA namespace like the
+// forward, and by tests/emulation.cpp.
 //
 // For a block of query rows against a block of keys, with P recomputed from the saved lse:
 //   S  = f(Q, K) (scale, soft-capping, ALiBi, masks: the forward's epilogue)
@@ -19,14 +20,24 @@
 // they are written; everything between is this fp32 code. Working memory: the scratch the
 // driver passes.
 //
-// With PairDot (the vdpbf16ps variant, for bf16 data and the dot product), S and dP are
-// the forward's pair products instead: q and dout as bf16 pairs of dimensions (the
-// scratch's q_pairs and dout_pairs), K and V as pair panels (pack_bf16_key_pairs) in the
-// room of the fp32 panels, two products per lane and instruction. Products of bf16
-// values are exact in fp32 and each pair adds them with two roundings, as two FMAs
-// would: S and dP keep the fp32 path's error bound, only the order of their sums differs
-// (and vdpbf16ps treats subnormal inputs and results as zero). P, dS and the other three
-// products stay fp32.
+// With PairDot (the vdpbf16ps variant, for bf16 data and the dot product), all five
+// products take pairs, two products per lane and instruction, as the forward with pair
+// values does:
+//   S, dP   the forward's S tile: q and dout as bf16 pairs of dimensions (the scratch's
+//           q_pairs and dout_pairs), K and V as pair panels in the room of the fp32 ones.
+//           Products of bf16 values are exact in fp32 and each pair adds them with two
+//           roundings, as two FMAs would: the fp32 error bound, the sums in another order
+//           (and vdpbf16ps reads subnormal inputs as zero);
+//   dV, dK  over pairs of query rows: P and dS rounded to bf16 by pairs of rows
+//           (weight_pairs), dout and q by pairs of rows (dout_row_pairs, q_row_pairs);
+//   dQ      over pairs of keys: dS rounded to bf16 in place by pairs of keys (as the
+//           forward rounds P), K by pairs of keys in the room of k_rows.
+// Rounding P and dS costs each of their terms 2^-9 of its size (the forward rounds P
+// so too). A pair product of a zero weight and an inf or NaN operand is NaN where the
+// fp32 tiles skip the zero: a query block whose q (or dout) holds one takes the fp32 tiles
+// for dK (or dV), and a chunk of keys whose K holds one is added apart for dQ, skipping
+// zero weights (add_nonfinite_chunk), as the forward does for V. The choice depends only
+// on the block's data, so results stay bitwise alike across schedules and threads.
 #pragma once
 
 #ifndef FLASHCPU_ISA_NAMESPACE
@@ -80,6 +91,64 @@ struct BackwardKernel {
     }
     return f(static_cast<const float*>(rows.data) + offset);
   }
+  // Pairs of rows 2t and 2t + 1 of `src` (fp32 rows `stride` apart), t < pair_rows, rounded
+  // to bf16 over columns [0, cols): word j of pair row t (at dst + t * dst_stride) holds
+  // row 2t's element j in its low half and row 2t + 1's in its high half.
+  static void row_pairs(const float* src, std::int64_t stride, std::int64_t pair_rows, std::int64_t cols,
+                        std::uint32_t* dst, std::int64_t dst_stride) {
+    for (std::int64_t t = 0; t < pair_rows; ++t) {
+      const float* a = src + 2 * t * stride;
+      const float* b = a + stride;
+      std::uint32_t* out = dst + t * dst_stride;
+      std::int64_t j = 0;
+#if defined(__AVX512BF16__)
+      if constexpr (W == 16)
+        for (; j + 16 <= cols; j += 16) {
+          const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a + j)));
+          const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(b + j)));
+          _mm512_storeu_si512(out + j, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+#endif
+      for (; j < cols; ++j) out[j] = round_to_bf16(a[j]) | std::uint32_t(round_to_bf16(b[j])) << 16;
+    }
+  }
+
+  // acc[r][c] += the pair products of weight word w[r * row_stride + t * pair_stride] and
+  // value words values[t * value_stride + c], over t < count, for ROWS rows and NVC
+  // vectors of columns.
+  template <int ROWS, int NVC>
+  static void pair_tile(const std::uint32_t* w, std::int64_t row_stride, std::int64_t pair_stride,
+                        const std::uint32_t* values, std::int64_t value_stride, std::int64_t count, float* acc,
+                        std::int64_t acc_stride) {
+    batch o[ROWS][NVC];
+    for (int r = 0; r < ROWS; ++r)
+      for (int c = 0; c < NVC; ++c) o[r][c] = batch::load_aligned(acc + r * acc_stride + c * W);
+    for (std::int64_t t = 0; t < count; ++t) {
+      batch v[NVC];
+      for (int c = 0; c < NVC; ++c)
+        v[c] = batch::load_aligned(reinterpret_cast<const float*>(values + t * value_stride + c * W));
+      for (int r = 0; r < ROWS; ++r) {
+        float word;
+        __builtin_memcpy(&word, w + r * row_stride + t * pair_stride, 4);
+        const batch p(word);
+        for (int c = 0; c < NVC; ++c) o[r][c] = PairDot::step(o[r][c], p, v[c]);
+      }
+    }
+    for (int r = 0; r < ROWS; ++r)
+      for (int c = 0; c < NVC; ++c) o[r][c].store_aligned(acc + r * acc_stride + c * W);
+  }
+  // The same over value columns [0, columns) (whole vectors): NV vectors at a time, then one.
+  template <int ROWS>
+  static void pair_rows_product(const std::uint32_t* w, std::int64_t row_stride, std::int64_t pair_stride,
+                                const std::uint32_t* values, std::int64_t value_stride, std::int64_t count,
+                                std::int64_t columns, float* acc, std::int64_t acc_stride) {
+    std::int64_t c = 0;
+    for (; c + NV * W <= columns; c += NV * W)
+      pair_tile<ROWS, NV>(w, row_stride, pair_stride, values + c, value_stride, count, acc + c, acc_stride);
+    for (; c < columns; c += W)
+      pair_tile<ROWS, 1>(w, row_stride, pair_stride, values + c, value_stride, count, acc + c, acc_stride);
+  }
+
   // The rows from element `offset` as the packers' source.
   static SourceRows source_at(const HeadRows& rows, std::int64_t offset) {
     return typed(rows, offset, [&](const auto* src) { return SourceRows{src, rows.type, rows.row_stride, rows.col_stride}; });
@@ -158,6 +227,17 @@ struct BackwardKernel {
       m.row_shift[r] = from_stats ? job.coarse_shift[g * job.q_len + i] : lse2;
       m.row_scale[r] = from_stats ? job.coarse_scale[g * job.q_len + i] : 1.0f;
     }
+    if constexpr (kPairs) {  // q and dout by pairs of rows, and the rows' flags
+      assert(rows_padded % 2 == 0);
+      row_pairs(m.q_rows, Dp, rows_padded / 2, Dp, reinterpret_cast<std::uint32_t*>(m.q_row_pairs), Dp);
+      row_pairs(m.dout_rows, Dvp, rows_padded / 2, Dvp, reinterpret_cast<std::uint32_t*>(m.dout_row_pairs), Dvp);
+      for (std::int64_t r = 0; r < rows_padded; ++r) {
+        bool q_bad = false, dout_bad = false;
+        for (std::int64_t d = 0; d < D; ++d) q_bad = q_bad || !std::isfinite(m.q_rows[r * Dp + d]);
+        for (std::int64_t c = 0; c < Dv; ++c) dout_bad = dout_bad || !std::isfinite(m.dout_rows[r * Dvp + c]);
+        m.row_flags[r] = float((q_bad ? 1 : 0) + (dout_bad ? 2 : 0));
+      }
+    }
   }
 
   // K and V (unless v_panels is null) of keys [j0, j0 + n) as fp32 panels (pair panels
@@ -171,6 +251,10 @@ struct BackwardKernel {
       if (v_panels && Dv > 0)
         pack_bf16_key_pairs(source_at(job.v, j0 * job.v.row_stride), n, Dv, head_pairs(Dv), NR,
                             reinterpret_cast<std::uint32_t*>(v_panels));
+      if (k_rows)  // K by pairs of keys for dQ, with the flags of its chunks of NR keys
+        pack_bf16_value_pairs(source_at(job.k, j0 * job.k.row_stride), n, D, Dp, NR,
+                              reinterpret_cast<std::uint32_t*>(k_rows));
+      return;
     } else {
       panels_from(job.k, j0, n, D, k_panels);
       if (v_panels && Dv > 0)  // else v may be null
@@ -339,6 +423,41 @@ struct BackwardKernel {
     const BackwardScratch& m = job.scratch;
     const std::int64_t Dp = job.head_dim_padded, Dvp = job.value_dim_padded, Bk = job.block_keys;
     const batch zero(0.0f);
+    // With pair products, dV and dK by pairs of rows, each unless a row's dout (dV) or q
+    // (dK) holds an inf or NaN; the fp32 tiles below take what is left.
+    bool fp32_dv = true, fp32_dk = !job.gaussian;
+    if constexpr (kPairs) {
+      bool q_bad = false, dout_bad = false;
+      for (std::int64_t r = 0; r < rows_padded; ++r) {
+        const int flags = int(m.row_flags[r]);
+        q_bad = q_bad || (flags & 1);
+        dout_bad = dout_bad || (flags & 2);
+      }
+      const std::int64_t pairs = rows_padded / 2, cols = round_up(n, NR), half = job.block_rows / 2 * Bk;
+      auto* const p_pairs = reinterpret_cast<std::uint32_t*>(m.weight_pairs);
+      auto* const ds_pairs = p_pairs + half;
+      if (!dout_bad) row_pairs(m.probs, Bk, pairs, cols, p_pairs, Bk);
+      if (!q_bad) row_pairs(m.dscores, Bk, pairs, cols, ds_pairs, Bk);
+      auto pair_tile_keys = [&](auto keys, std::int64_t jj) {
+        constexpr int KEYS = decltype(keys)::value;
+        if (!dout_bad)
+          pair_rows_product<KEYS>(p_pairs + jj, 1, Bk, reinterpret_cast<const std::uint32_t*>(m.dout_row_pairs), Dvp,
+                                  pairs, Dvp, m.dv_acc + jj * Dvp, Dvp);
+        if (!q_bad)
+          pair_rows_product<KEYS>(ds_pairs + jj, 1, Bk, reinterpret_cast<const std::uint32_t*>(m.q_row_pairs), Dp,
+                                  pairs, Dp, m.dk_acc + jj * Dp, Dp);
+      };
+      const std::int64_t keys = round_up(n, 4);
+      std::int64_t jj = 0;
+      for (; jj + KR <= keys; jj += KR) pair_tile_keys(std::integral_constant<int, KR>{}, jj);
+      if constexpr (KR > 4)
+        for (; jj + 4 <= keys; jj += 4) pair_tile_keys(std::integral_constant<int, 4>{}, jj);
+      if constexpr (KR > 2)
+        if (jj < keys) pair_tile_keys(std::integral_constant<int, 2>{}, jj);
+      fp32_dv = dout_bad;
+      fp32_dk = q_bad;
+      if (!fp32_dv && !fp32_dk) return;
+    }
     // Keys that some row of the block does not weigh take the safe tile: a zero P (or dS)
     // must keep that row's dout (or q) out, which may hold NaN or inf. Judged per vector
     // of W keys; a tile is safe when any vector it touches is.
@@ -360,15 +479,17 @@ struct BackwardKernel {
       bool safe = false;
       for (std::int64_t s = jj / W; s <= (jj + KEYS - 1) / W; ++s) safe = safe || strip_safe[s];
       if (safe) {
-        Fwd::template pv_rows<KEYS, true>(m.probs + jj, 1, Bk, m.dout_rows, Dvp, rows_padded, m.ones,
-                                          m.dv_acc + jj * Dvp, Dvp);
-        if (!job.gaussian)
+        if (fp32_dv)
+          Fwd::template pv_rows<KEYS, true>(m.probs + jj, 1, Bk, m.dout_rows, Dvp, rows_padded, m.ones,
+                                            m.dv_acc + jj * Dvp, Dvp);
+        if (fp32_dk)
           Fwd::template pv_rows<KEYS, true>(m.dscores + jj, 1, Bk, m.q_rows, Dp, rows_padded, m.ones,
                                             m.dk_acc + jj * Dp, Dp);
       } else {
-        Fwd::template pv_rows<KEYS>(m.probs + jj, 1, Bk, m.dout_rows, Dvp, rows_padded, m.ones, m.dv_acc + jj * Dvp,
-                                    Dvp);
-        if (!job.gaussian)
+        if (fp32_dv)
+          Fwd::template pv_rows<KEYS>(m.probs + jj, 1, Bk, m.dout_rows, Dvp, rows_padded, m.ones,
+                                      m.dv_acc + jj * Dvp, Dvp);
+        if (fp32_dk)
           Fwd::template pv_rows<KEYS>(m.dscores + jj, 1, Bk, m.q_rows, Dp, rows_padded, m.ones, m.dk_acc + jj * Dp,
                                       Dp);
       }
@@ -413,6 +534,26 @@ struct BackwardKernel {
                                  const float* k_panels, const float* k_rows) {
     const BackwardScratch& m = job.scratch;
     const std::int64_t D = job.head_dim, Dp = job.head_dim_padded, Bk = job.block_keys;
+    if constexpr (kPairs) {
+      // dS rounded to bf16 in place by pairs of keys, times K by pairs of keys, chunk by
+      // chunk of NR keys; a chunk whose K holds an inf or NaN apart, skipping zero weights.
+      const std::int64_t cols = round_up(n, NR);
+      for (std::int64_t r = 0; r < rows_padded; ++r) round_weights_to_bf16<W>(m.dscores + r * Bk, 0, cols);
+      const auto* weights = reinterpret_cast<const std::uint32_t*>(m.dscores);  // row r's pair t at r Bk + t
+      const auto* pairs = reinterpret_cast<const std::uint32_t*>(k_rows);
+      const std::uint8_t* nonfinite = value_pairs_flags(pairs, n, Dp, NR);
+      for (std::int64_t chunk = 0; chunk < cols; chunk += NR) {
+        const std::uint32_t* chunk_pairs = pairs + chunk / 2 * Dp;
+        for (std::int64_t h = 0; h < rows_padded; h += PR)
+          if (nonfinite[chunk / NR])
+            add_nonfinite_chunk(reinterpret_cast<const std::uint16_t*>(weights + h * Bk) + chunk, 2 * Bk, PR,
+                                chunk_pairs, NR, Dp, m.dq_acc + h * Dp, Dp);
+          else
+            pair_rows_product<PR>(weights + h * Bk + chunk / 2, Bk, 1, chunk_pairs, Dp,
+                                  (min_i64(chunk + NR, n) - chunk + 1) / 2, Dp, m.dq_acc + h * Dp, Dp);
+      }
+      return;
+    }
     if (!job.gaussian) {
       for (std::int64_t h = 0; h < rows_padded; h += PR)
         Fwd::template pv_classified<PR>(m.dscores + h * Bk, Bk, k_rows, Dp, 0, n, m.ones, m.dq_acc + h * Dp, Dp);
@@ -611,6 +752,9 @@ struct BackwardKernel {
     if constexpr (kPairs) {
       view.scratch.q_pairs += row * head_pairs(job.head_dim);
       view.scratch.dout_pairs += row * head_pairs(job.value_dim);
+      view.scratch.q_row_pairs += row / 2 * job.head_dim_padded;
+      view.scratch.dout_row_pairs += row / 2 * job.value_dim_padded;
+      view.scratch.row_flags += row;
     }
     return view;
   }

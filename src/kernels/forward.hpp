@@ -131,7 +131,9 @@ struct ForwardKernel {
         batch keys[NRV];
         for (int v = 0; v < NRV; ++v) keys[v] = batch::load_aligned(panel + d * NR + v * W);
         for (int r = 0; r < MR; ++r) {
-          const batch qv(q[r * q_stride + d]);
+          float q_rd;  // by memcpy: the pair kernels' q words were written as bf16 halves
+          __builtin_memcpy(&q_rd, q + r * q_stride + d, 4);
+          const batch qv(q_rd);
           for (int v = 0; v < NRV; ++v) acc[r][v] = step(d, qv, keys[v], acc[r][v]);
         }
       }

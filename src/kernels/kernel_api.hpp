@@ -189,9 +189,15 @@ struct HeadRowsOut {
 /// block pair's P and dS [block_rows x block_keys], a tile of soft-capping derivatives
 /// [tile_rows x block_keys], and the accumulators of dK and dV (of the key side's keys)
 /// and dQ (of the query side's rows). A variant with bf16 products (KernelTable::
-/// bf16_products) scores S and dP from q and dout as bf16 pairs, (head_dim + 1) / 2 and
-/// (value_dim + 1) / 2 words a row (q_pairs, dout_pairs; empty for the others), and packs
-/// K and V in its pair panels in the room of the fp32 ones.
+/// bf16_products; the parts below are empty for the others) also keeps, on the query
+/// side, q and dout as bf16 pairs of dimensions, (head_dim + 1) / 2 and (value_dim + 1) /
+/// 2 words a row (q_pairs, dout_pairs: S and dP), as pairs of rows, head_dim_padded and
+/// value_dim_padded words a pair (q_row_pairs, dout_row_pairs: dK and dV), and a flag per
+/// row (row_flags: 1 when its q, 2 when its dout holds an inf or NaN); on the key side,
+/// its K and V pair panels in the room of the fp32 ones and K by pairs of keys in the
+/// room of k_rows (dQ; pack_bf16_value_pairs' layout, with its flags of non-finite
+/// chunks); and a block pair's P and dS by pairs of rows, block_rows / 2 x block_keys
+/// words each (weight_pairs).
 struct BackwardScratch {
   // Per query row, P = 2^(s - row_shift) * row_scale (s in log2 units): the row's lse and
   // 1, or (coarse rows, see BackwardJob::coarse_shift) its max score and 1 / sum.
@@ -199,7 +205,8 @@ struct BackwardScratch {
   float *k_panels, *v_panels, *k_rows;
   float *probs, *dscores, *derivs;
   float *dk_acc, *dv_acc, *dq_acc, *ones;
-  float *q_pairs, *dout_pairs;
+  float *q_pairs, *dout_pairs, *q_row_pairs, *dout_row_pairs, *row_flags;
+  float *weight_pairs;
 };
 
 /// The order of dQ additions when the key chunks of one KV head run on several threads at

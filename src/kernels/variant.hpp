@@ -1,5 +1,6 @@
 // One kernel variant (a line of kernels/variants.inc): kernels/forward.hpp, the packers
-// and (fp32 variants) kernels/backward.hpp instantiated for its ISA, kv type and tiles,
+// and (fp32 variants and the vdpbf16ps one) kernels/backward.hpp instantiated for its
+// ISA, kv type and tiles,
 // behind its KernelTable. Included once, by the variant's generated translation unit,
 // which defines FLASHCPU_VARIANT_*.
 #include "kernels/forward.hpp"
@@ -96,8 +97,8 @@ constexpr ForwardEntry lanes_entry() {
 constexpr ForwardEntry kSmallEntry = &SmallKernel::forward_query_block, kLanesEntry = lanes_entry();
 #endif
 // The backward exists for fp32 variants, which every data type's call can take (16-bit
-// data widened), and for the vdpbf16ps variant, which scores S and dP by pairs for bf16
-// data and the dot product (kernels/backward.hpp). The other 16-bit variants' tables hold
+// data widened), and for the vdpbf16ps variant, whose five products take bf16 pairs for
+// bf16 data and the dot product (kernels/backward.hpp). The other 16-bit variants' tables hold
 // nulls, and the template keeps them from instantiating the backward at all.
 constexpr bool kPairBackward = kBf16Products && !kTiles;
 constexpr bool kHasBackward = std::is_same<KV, float>::value || kPairBackward;
