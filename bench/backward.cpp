@@ -250,7 +250,7 @@ void check_backward16_against_fp32(BackwardProblem& p, int threads) {
       largest = std::max(largest, std::fabs(double(fp32[t][x])));
       diff = std::max(diff, std::fabs(double(fp32[t][x]) - double(widened[x])));
     }
-    if (!(diff <= 0x1p-7 * largest))
+    if (!(diff <= 0x1p-4 * largest))
       throw Error(std::string("16-bit backward cross-check: ") + names[t] + " differs from the fp32 backward's by " +
                   std::to_string(diff / largest) + " of its largest element, on " + describe(p.fwd.shape));
   }

@@ -486,8 +486,9 @@ double check_backward_against_fused(BackwardImpl impl, BackwardProblem& p, int t
 
 /// For a 16-bit problem: its 16-bit gradients (from the last run_backward) must be bitwise
 /// the fp32 backward's on the same values, rounded, as the header promises, or, where the
-/// products take bf16 pairs (backward_pair_products), within 2^-7 of the largest
-/// gradient of the same kind; throws Error naming the first gradient that is not.
+/// products take bf16 pairs (backward_pair_products), within 2^-4 of the largest
+/// gradient of the same kind (a check against gross errors: dQ's terms cancel, so its
+/// error bound is relative to their magnitudes, not to dQ); throws Error naming the first gradient that is not.
 /// Overwrites the fp32 gradient buffers.
 void check_backward16_against_fp32(BackwardProblem& p, int threads);
 

@@ -100,7 +100,7 @@ struct BackwardSizes {
     part(&BackwardScratch::dv_acc, saturated_product(keys, value_dim_padded));
     part(&BackwardScratch::dq_acc, saturated_product(dq_rows, head_dim_padded));
     part(&BackwardScratch::ones, 16);
-    const std::int64_t pair_rows = pairs ? (query_rows + 1) / 2 : 0;
+    const std::int64_t pair_rows = pairs ? query_rows / 2 + query_rows % 2 : 0;  // saturated sizes stay so
     part(&BackwardScratch::q_pairs, pairs ? saturated_product(query_rows, (head_dim + 1) / 2) : 0);
     part(&BackwardScratch::dout_pairs, pairs ? saturated_product(query_rows, (value_dim + 1) / 2) : 0);
     part(&BackwardScratch::q_row_pairs, saturated_product(pair_rows, head_dim_padded));

@@ -236,7 +236,9 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
           double delta = 0;
           for (std::int64_t j = 0; j < M; ++j) {
             double& w = p[std::size_t(j)];
-            w /= sum;
+            // An excluded key keeps weight 0 when a NaN score makes the sum NaN: it gets no
+            // gradient from the row, as the rule above says (0 / NaN would be NaN).
+            if (w != 0) w /= sum;
             double x = 0;
             if (w != 0)
               for (std::int64_t c = 0; c < Dv; ++c) x += at(dout, b, h, i, c) * at(v, b, hk, j, c);

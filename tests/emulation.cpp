@@ -5,7 +5,7 @@
 //    (src/kernels/tiles.hpp);
 //  - the vdpbf16ps kernel (src/kernels/forward_pairs.hpp) with EmulatedPairDot, in both
 //    its forms of P.V (V widened, and pair values), and its backward
-//    (src/kernels/backward.hpp, S and dP by pairs), for test_backward.cpp.
+//    (src/kernels/backward.hpp, all five products by pairs), for test_backward.cpp.
 // Only the instructions themselves (and the vector width of the stages between them)
 // differ from the variants the library dispatches to; on a CPU that has them, the
 // forced-ISA runs (flashcpu_tests_amx, flashcpu_tests_avx512bf16) test those too.

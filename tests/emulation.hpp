@@ -9,7 +9,7 @@ namespace flashcpu::detail {
 const KernelTable& emulated_tile_kernels();
 
 /// The avx512bf16 variant's kernel with vdpbf16ps emulated on SSE2 vectors (4 rows x 16 keys),
-/// and its backward (S and dP by pairs).
+/// and its backward (its five products by pairs).
 const KernelTable& emulated_pair_kernels();
 
 /// The same with P.V by vdpbf16ps too: bf16 weights, V packed by pairs of keys.

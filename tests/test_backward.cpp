@@ -761,6 +761,13 @@ const Poison kPoisons[] = {
      false},
     {"causal, dout inf on row 0 (it sees key 0 only)", Dims{1, 2, 1, 8, 8, 8, 8}, [](Problem& p) { p.causal(); },
      true},
+    // dK of the keys row 0 cannot see must keep its q out (the pair products' fp32 tiles).
+    {"causal, q inf on row 0 (it sees key 0 only)", Dims{1, 2, 1, 8, 8, 8, 8},
+     [](Problem& p) {
+       p.causal();
+       for (std::int64_t x = 0; x < p.d.D; ++x) p.q.at(0, 0, 0, x) = kInf;
+     },
+     false},
     // dV and dK take tiles of 6 keys across the vectors of keys that pick the safe
     // tile (AVX-512): keys 12-17 must take it for key 16 alone, the only zero weight
     // of keys 16-31. N = 12 leaves no padding row in the 6-row tiles, and M = 32 no
@@ -787,7 +794,7 @@ void check_poisoned(Grads& g, const Exact& e, double relative) {
     const std::vector<float> x = got->values();
     for (std::size_t t = 0; t < x.size(); ++t) {
       const float w = (*want)[t];
-      INFO("element " << t << ": fused " << x[t] << ", oracle " << w);
+      INFO((got == &g.dq ? "dq" : got == &g.dk ? "dk" : "dv") << " element " << t << ": fused " << x[t] << ", oracle " << w);
       CHECK(std::isnan(x[t]) == std::isnan(w));
       CHECK(std::isinf(x[t]) == std::isinf(w));
       if (std::isfinite(w)) {
@@ -920,12 +927,13 @@ BackwardOutcome check_pairs(Problem& p, Grads& g, const flashcpu::detail::Kernel
 TEST_CASE("the bf16 backward with pair products: every option set, schedule and awkward shape against the oracle",
           "[backward][16bit][bf16products]") {
   // The option sets of the dot product (the Gaussian's backward stays fp32) on the shapes
-  // of the fp32 test, and on no value dims and on head dims past the packers' 256-column
-  // steps, each forced schedule in turn on 3 threads; then randomized shapes with tails
+  // of the fp32 test, and on 0 and 1 value dims and on head dims past the packers'
+  // 256-column steps, each forced schedule in turn on 3 threads; then randomized shapes with tails
   // off the vectors, the 16-key panels of the emulated kernels and the 64 of AVX-512, odd
   // head and value dims (the last pair half empty), GQA, strided views.
   std::vector<Dims> shapes(std::begin(kOptionShapes), std::end(kOptionShapes));
-  shapes.push_back({1, 2, 1, 9, 20, 7, 0});
+  shapes.push_back({1, 2, 1, 9, 20, 7, 0});  // dS = 0 throughout: the packing of empty value rows
+  shapes.push_back({1, 2, 1, 9, 20, 7, 1});
   shapes.push_back({1, 2, 1, 13, 70, 301, 259});
   for (const flashcpu::detail::KernelTable* kernels : pair_backward_kernels()) {
     INFO(kernels->backward_name);

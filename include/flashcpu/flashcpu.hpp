@@ -196,11 +196,11 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
 /// The inputs are widened exactly and everything above runs in fp32 on them, in the same
 /// order (with grouped-query heads, dk and dv are summed in fp32); each gradient element
 /// is then rounded once, to nearest even. So a 16-bit gradient is the fp32 backward's on
-/// the widened inputs, rounded: within half an ulp of it (2^-9 relative for bf16, 2^-12
+/// the widened inputs, rounded: within half an ulp of it (2^-8 relative for bf16, 2^-11
 /// for fp16). One exception: bf16 with the dot product, when dispatch runs the avx512bf16
 /// or amx level, takes its five products by vdpbf16ps, as the forward does on those
 /// levels. S = q k^T and dP = dout v^T multiply the bf16 inputs exactly and add the
-/// products in pairs with the roundings of FMAs; P and dS are rounded to bf16 (2^-9 of
+/// products in pairs with the roundings of FMAs; P and dS are rounded to bf16 (2^-8 of
 /// each term at most) before dV = P^T dout, dK = dS^T q and dQ = dS k; vdpbf16ps reads
 /// and writes subnormals as zero. Such a gradient is within the fp32 backward's error
 /// bound plus 2^-8 of the sum of its terms' magnitudes, plus its final rounding, but not

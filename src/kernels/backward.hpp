@@ -32,8 +32,10 @@
 //           (weight_pairs), dout and q by pairs of rows (dout_row_pairs, q_row_pairs);
 //   dQ      over pairs of keys: dS rounded to bf16 in place by pairs of keys (as the
 //           forward rounds P), K by pairs of keys in the room of k_rows.
-// Rounding P and dS costs each of their terms 2^-9 of its size (the forward rounds P
-// so too). A pair product of a zero weight and an inf or NaN operand is NaN where the
+// Rounding P and dS costs each of their terms up to 2^-8 of its size (the forward rounds
+// P so too). A block pair whose P (or dS) is zero throughout adds nothing by pairs
+// either: vdpbf16ps would flush a subnormal accumulator, which the fp32 tiles' zeros
+// leave, and the schedules differ in which such block pairs they visit. A pair product of a zero weight and an inf or NaN operand is NaN where the
 // fp32 tiles skip the zero: a query block whose q (or dout) holds one takes the fp32 tiles
 // for dK (or dV), and a chunk of keys whose K holds one is added apart for dQ, skipping
 // zero weights (add_nonfinite_chunk), as the forward does for V. The choice depends only
@@ -62,6 +64,7 @@ struct BackwardKernel {
   // keys: AVX2's 6 x 2 tiles ran P64's and C128's backward 0.85x and 0.83x as fast (the
   // cause not studied).
   static constexpr int KR = Fwd::kVectorRegisters >= 32 ? PR : 4;
+  static_assert(!kPairs || MR % 2 == 0, "pair products take the tiles' rows in pairs");
 
   static std::int64_t lo(const BackwardJob& job, std::int64_t i) { return visible_lo(job.visible, i); }
   static std::int64_t hi(const BackwardJob& job, std::int64_t i) { return visible_hi(job.visible, i); }
@@ -111,6 +114,16 @@ struct BackwardKernel {
 #endif
       for (; j < cols; ++j) out[j] = round_to_bf16(a[j]) | std::uint32_t(round_to_bf16(b[j])) << 16;
     }
+  }
+
+  // Whether rows [0, rows) of x (`stride` apart) are +-0 over columns [0, cols) (whole
+  // vectors); a NaN is not zero.
+  static bool all_zero(const float* x, std::int64_t stride, std::int64_t rows, std::int64_t cols) {
+    const batch zero(0.0f);
+    for (std::int64_t r = 0; r < rows; ++r)
+      for (std::int64_t j = 0; j < cols; j += W)
+        if (!xsimd::all(batch::load_aligned(x + r * stride + j) == zero)) return false;
+    return true;
   }
 
   // acc[r][c] += the pair products of weight word w[r * row_stride + t * pair_stride] and
@@ -228,7 +241,6 @@ struct BackwardKernel {
       m.row_scale[r] = from_stats ? job.coarse_scale[g * job.q_len + i] : 1.0f;
     }
     if constexpr (kPairs) {  // q and dout by pairs of rows, and the rows' flags
-      assert(rows_padded % 2 == 0);
       row_pairs(m.q_rows, Dp, rows_padded / 2, Dp, reinterpret_cast<std::uint32_t*>(m.q_row_pairs), Dp);
       row_pairs(m.dout_rows, Dvp, rows_padded / 2, Dvp, reinterpret_cast<std::uint32_t*>(m.dout_row_pairs), Dvp);
       for (std::int64_t r = 0; r < rows_padded; ++r) {
@@ -241,7 +253,8 @@ struct BackwardKernel {
   }
 
   // K and V (unless v_panels is null) of keys [j0, j0 + n) as fp32 panels (pair panels
-  // with pair products), and, when k_rows is not null, K as rows of head_dim_padded floats.
+  // with pair products), and, when k_rows is not null, K as rows of head_dim_padded floats
+  // (with pair products: by pairs of keys, pack_bf16_value_pairs' layout and flags).
   static void pack_key_side(const BackwardJob& job, std::int64_t j0, std::int64_t n, float* k_panels,
                             float* v_panels, float* k_rows) {
     const std::int64_t D = job.head_dim, Dp = job.head_dim_padded, Dv = job.value_dim;
@@ -436,14 +449,16 @@ struct BackwardKernel {
       const std::int64_t pairs = rows_padded / 2, cols = round_up(n, NR), half = job.block_rows / 2 * Bk;
       auto* const p_pairs = reinterpret_cast<std::uint32_t*>(m.weight_pairs);
       auto* const ds_pairs = p_pairs + half;
-      if (!dout_bad) row_pairs(m.probs, Bk, pairs, cols, p_pairs, Bk);
-      if (!q_bad) row_pairs(m.dscores, Bk, pairs, cols, ds_pairs, Bk);
+      const bool dv_pairs = !dout_bad && !all_zero(m.probs, Bk, rows_padded, cols);
+      const bool dk_pairs = !q_bad && !all_zero(m.dscores, Bk, rows_padded, cols);
+      if (dv_pairs) row_pairs(m.probs, Bk, pairs, cols, p_pairs, Bk);
+      if (dk_pairs) row_pairs(m.dscores, Bk, pairs, cols, ds_pairs, Bk);
       auto pair_tile_keys = [&](auto keys, std::int64_t jj) {
         constexpr int KEYS = decltype(keys)::value;
-        if (!dout_bad)
+        if (dv_pairs)
           pair_rows_product<KEYS>(p_pairs + jj, 1, Bk, reinterpret_cast<const std::uint32_t*>(m.dout_row_pairs), Dvp,
                                   pairs, Dvp, m.dv_acc + jj * Dvp, Dvp);
-        if (!q_bad)
+        if (dk_pairs)
           pair_rows_product<KEYS>(ds_pairs + jj, 1, Bk, reinterpret_cast<const std::uint32_t*>(m.q_row_pairs), Dp,
                                   pairs, Dp, m.dk_acc + jj * Dp, Dp);
       };
@@ -538,6 +553,7 @@ struct BackwardKernel {
       // dS rounded to bf16 in place by pairs of keys, times K by pairs of keys, chunk by
       // chunk of NR keys; a chunk whose K holds an inf or NaN apart, skipping zero weights.
       const std::int64_t cols = round_up(n, NR);
+      if (all_zero(m.dscores, Bk, rows_padded, cols)) return;
       for (std::int64_t r = 0; r < rows_padded; ++r) round_weights_to_bf16<W>(m.dscores + r * Bk, 0, cols);
       const auto* weights = reinterpret_cast<const std::uint32_t*>(m.dscores);  // row r's pair t at r Bk + t
       const auto* pairs = reinterpret_cast<const std::uint32_t*>(k_rows);
