@@ -206,19 +206,6 @@ struct BackwardKernel {
       float* dr = m.dout_rows + r * Dvp;
       const std::int64_t i = i0 + r;
       const float lse = r < rows ? lse_at(job, g, i) : neg_inf, lse2 = log2_units(lse);
-      if constexpr (kPairs) {
-        const std::int64_t Dh = head_pairs(D), Dvh = head_pairs(Dv);
-        auto* qp = reinterpret_cast<std::uint16_t*>(m.q_pairs + r * Dh);
-        auto* dp = reinterpret_cast<std::uint16_t*>(m.dout_pairs + r * Dvh);
-        if (lse2 == neg_inf) {
-          fill(m.q_pairs + r * Dh, Dh, 0.0f);
-          fill(m.dout_pairs + r * Dvh, Dvh, 0.0f);
-        } else {
-          pack_bf16_row(source_at(job.q, 0), g * job.q.head_stride + i * job.q.row_stride, D, 2 * Dh, qp);
-          if (Dv > 0)
-            pack_bf16_row(source_at(job.dout, 0), g * job.dout.head_stride + i * job.dout.row_stride, Dv, 2 * Dvh, dp);
-        }
-      }
       if (lse2 == neg_inf) {
         for (std::int64_t d = 0; d < Dp; ++d) qr[d] = 0.0f;
         for (std::int64_t c = 0; c < Dvp; ++c) dr[c] = 0.0f;
@@ -240,7 +227,17 @@ struct BackwardKernel {
       m.row_shift[r] = from_stats ? job.coarse_shift[g * job.q_len + i] : lse2;
       m.row_scale[r] = from_stats ? job.coarse_scale[g * job.q_len + i] : 1.0f;
     }
-    if constexpr (kPairs) {  // q and dout by pairs of rows, and the rows' flags
+    if constexpr (kPairs) {  // q and dout by pairs of dimensions and of rows, and the rows' flags
+      // The fp32 rows hold bf16 values widened exactly (zeros past D and Dv, and on empty
+      // rows), so rounding them back gives the bf16 bits; a row of Dp floats covers the
+      // 2 head_pairs(D) elements of its pairs (Dp >= D + 1 when D is odd).
+      const std::int64_t Dh = head_pairs(D), Dvh = head_pairs(Dv);
+      for (std::int64_t r = 0; r < rows_padded; ++r) {
+        auto* qp = reinterpret_cast<std::uint16_t*>(m.q_pairs + r * Dh);
+        auto* dp = reinterpret_cast<std::uint16_t*>(m.dout_pairs + r * Dvh);
+        for (std::int64_t d = 0; d < 2 * Dh; ++d) qp[d] = round_to_bf16(m.q_rows[r * Dp + d]);
+        for (std::int64_t c = 0; c < 2 * Dvh; ++c) dp[c] = round_to_bf16(m.dout_rows[r * Dvp + c]);
+      }
       row_pairs(m.q_rows, Dp, rows_padded / 2, Dp, reinterpret_cast<std::uint32_t*>(m.q_row_pairs), Dp);
       row_pairs(m.dout_rows, Dvp, rows_padded / 2, Dvp, reinterpret_cast<std::uint32_t*>(m.dout_row_pairs), Dvp);
       for (std::int64_t r = 0; r < rows_padded; ++r) {
@@ -268,11 +265,10 @@ struct BackwardKernel {
         pack_bf16_value_pairs(source_at(job.k, j0 * job.k.row_stride), n, D, Dp, NR,
                               reinterpret_cast<std::uint32_t*>(k_rows));
       return;
-    } else {
-      panels_from(job.k, j0, n, D, k_panels);
-      if (v_panels && Dv > 0)  // else v may be null
-        panels_from(job.v, j0, n, Dv, v_panels);
     }
+    panels_from(job.k, j0, n, D, k_panels);
+    if (v_panels && Dv > 0)  // else v may be null
+      panels_from(job.v, j0, n, Dv, v_panels);
     if (!k_rows) return;
     for (std::int64_t j = 0; j < n; ++j) {
       float* row = k_rows + j * Dp;
@@ -425,6 +421,21 @@ struct BackwardKernel {
     }
   }
 
+  // tile(std::integral_constant<int, KEYS>{}, jj) over the keys [0, n) rounded up to 4:
+  // tiles of KR keys (the forward's P.V tile rows, keys for rows), then 4 and 2 for the
+  // rest (the columns past n hold zeros up to a whole panel).
+  template <class Tile>
+  static void for_key_tiles(std::int64_t n, Tile&& tile) {
+    static_assert(KR % 2 == 0, "the key tiles step by KR, then 4 and 2");
+    const std::int64_t keys = round_up(n, 4);
+    std::int64_t jj = 0;
+    for (; jj + KR <= keys; jj += KR) tile(std::integral_constant<int, KR>{}, jj);
+    if constexpr (KR > 4)
+      for (; jj + 4 <= keys; jj += 4) tile(std::integral_constant<int, 4>{}, jj);
+    if constexpr (KR > 2)
+      if (jj < keys) tile(std::integral_constant<int, 2>{}, jj);
+  }
+
   // The query block's share of a key block's dV and dK (P and dS in the scratch, rows
   // [0, rows_padded); k_panels: the block's K panels). dV += P^T dO and, for the dot
   // product, dK += dS^T Q: P.V tiles whose rows are keys (probs[key][row] at probs + key
@@ -462,13 +473,7 @@ struct BackwardKernel {
           pair_rows_product<KEYS>(ds_pairs + jj, 1, Bk, reinterpret_cast<const std::uint32_t*>(m.q_row_pairs), Dp,
                                   pairs, Dp, m.dk_acc + jj * Dp, Dp);
       };
-      const std::int64_t keys = round_up(n, 4);
-      std::int64_t jj = 0;
-      for (; jj + KR <= keys; jj += KR) pair_tile_keys(std::integral_constant<int, KR>{}, jj);
-      if constexpr (KR > 4)
-        for (; jj + 4 <= keys; jj += 4) pair_tile_keys(std::integral_constant<int, 4>{}, jj);
-      if constexpr (KR > 2)
-        if (jj < keys) pair_tile_keys(std::integral_constant<int, 2>{}, jj);
+      for_key_tiles(n, pair_tile_keys);
       fp32_dv = dout_bad;
       fp32_dk = q_bad;
       if (!fp32_dv && !fp32_dk) return;
@@ -476,7 +481,6 @@ struct BackwardKernel {
     // Keys that some row of the block does not weigh take the safe tile: a zero P (or dS)
     // must keep that row's dout (or q) out, which may hold NaN or inf. Judged per vector
     // of W keys; a tile is safe when any vector it touches is.
-    static_assert(KR % 2 == 0, "the key tiles below step by KR, then 4 and 2");
     assert(Bk <= kMaxBackwardBlockKeys);
     bool strip_safe[kMaxBackwardBlockKeys / W];
     for (std::int64_t j = 0; j < n; j += W) {
@@ -485,10 +489,8 @@ struct BackwardKernel {
         any_zero = any_zero || batch::load_aligned(m.probs + r * Bk + j) == zero;
       strip_safe[j / W] = xsimd::any(any_zero);
     }
-    // Tiles of KEYS keys from jj: KR keys (the forward's P.V tiles, keys for rows), then 4
-    // and 2 for the rest of the keys rounded up to 4 (the columns past n hold zeros up to
-    // a whole panel). Each accumulator sums its rows in order whatever the tile, so
-    // results do not depend on it.
+    // A tile of KEYS keys from jj (for_key_tiles). Each accumulator sums its rows in order
+    // whatever the tile, so results do not depend on it.
     auto tile = [&](auto keys, std::int64_t jj) {
       constexpr int KEYS = decltype(keys)::value;
       bool safe = false;
@@ -509,13 +511,7 @@ struct BackwardKernel {
                                       Dp);
       }
     };
-    const std::int64_t keys = round_up(n, 4);
-    std::int64_t jj = 0;
-    for (; jj + KR <= keys; jj += KR) tile(std::integral_constant<int, KR>{}, jj);
-    if constexpr (KR > 4)
-      for (; jj + 4 <= keys; jj += 4) tile(std::integral_constant<int, 4>{}, jj);
-    if constexpr (KR > 2)
-      if (jj < keys) tile(std::integral_constant<int, 2>{}, jj);
+    for_key_tiles(n, tile);
     if (job.gaussian) exact_keys(job, rows_padded, n, k_panels);
   }
 

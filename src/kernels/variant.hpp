@@ -109,34 +109,35 @@ enum class BackwardPart { keys, queries, pack_queries, key_chunk, write_queries,
 // define.
 template <class Backward>
 struct FlatBackward {
-  __attribute__((flatten)) static void keys(const BackwardJob& job) { Backward::backward_keys(job); }
-  __attribute__((flatten)) static void queries(const BackwardJob& job) { Backward::backward_queries(job); }
-  __attribute__((flatten)) static void pack_queries(const BackwardJob& job) { Backward::backward_pack_queries(job); }
-  __attribute__((flatten)) static void key_chunk(const BackwardJob& job) { Backward::backward_key_chunk(job); }
-  __attribute__((flatten)) static void write_queries(const BackwardJob& job) { Backward::backward_write_queries(job); }
-  __attribute__((flatten)) static void row_stats(const BackwardJob& job) { Backward::backward_row_stats(job); }
+  __attribute__((flatten)) static void backward_keys(const BackwardJob& job) { Backward::backward_keys(job); }
+  __attribute__((flatten)) static void backward_queries(const BackwardJob& job) { Backward::backward_queries(job); }
+  __attribute__((flatten)) static void backward_pack_queries(const BackwardJob& job) {
+    Backward::backward_pack_queries(job);
+  }
+  __attribute__((flatten)) static void backward_key_chunk(const BackwardJob& job) { Backward::backward_key_chunk(job); }
+  __attribute__((flatten)) static void backward_write_queries(const BackwardJob& job) {
+    Backward::backward_write_queries(job);
+  }
+  __attribute__((flatten)) static void backward_row_stats(const BackwardJob& job) { Backward::backward_row_stats(job); }
 };
+template <class Backward>
+constexpr BackwardEntry entry_of(BackwardPart part) {
+  return part == BackwardPart::keys            ? &Backward::backward_keys
+         : part == BackwardPart::queries       ? &Backward::backward_queries
+         : part == BackwardPart::pack_queries  ? &Backward::backward_pack_queries
+         : part == BackwardPart::key_chunk     ? &Backward::backward_key_chunk
+         : part == BackwardPart::write_queries ? &Backward::backward_write_queries
+                                               : &Backward::backward_row_stats;
+}
 template <class T>
 constexpr BackwardEntry backward_entry(BackwardPart part) {
   if constexpr (std::is_same<T, float>::value) {
-    using Backward =
-        BackwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR>;
-    return part == BackwardPart::keys            ? &Backward::backward_keys
-           : part == BackwardPart::queries       ? &Backward::backward_queries
-           : part == BackwardPart::pack_queries  ? &Backward::backward_pack_queries
-           : part == BackwardPart::key_chunk     ? &Backward::backward_key_chunk
-           : part == BackwardPart::write_queries ? &Backward::backward_write_queries
-                                                 : &Backward::backward_row_stats;
+    return entry_of<
+        BackwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR>>(part);
   } else if constexpr (kPairBackward) {
 #if defined(__AVX512BF16__) && !defined(__AMX_TILE__)
-    using Backward = FlatBackward<BackwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV,
-                                                 FLASHCPU_VARIANT_PR, HardwarePairDot>>;
-    return part == BackwardPart::keys            ? &Backward::keys
-           : part == BackwardPart::queries       ? &Backward::queries
-           : part == BackwardPart::pack_queries  ? &Backward::pack_queries
-           : part == BackwardPart::key_chunk     ? &Backward::key_chunk
-           : part == BackwardPart::write_queries ? &Backward::write_queries
-                                                 : &Backward::row_stats;
+    return entry_of<FlatBackward<BackwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV,
+                                                FLASHCPU_VARIANT_PR, HardwarePairDot>>>(part);
 #endif
   }
   return nullptr;
@@ -170,10 +171,7 @@ const KernelTable& FLASHCPU_PASTE(FLASHCPU_PASTE(FLASHCPU_PASTE(kernel_table_, F
       &Pack::key_panel_floats,
       &Pack::query_floats,
       &Pack::value_floats,
-      !kHasBackward ? nullptr
-      : kPairBackward
-          ? FLASHCPU_STRING(FLASHCPU_VARIANT_KV) "_attn_bwd_" FLASHCPU_STRING(FLASHCPU_VARIANT_MR) "x" FLASHCPU_STRING(FLASHCPU_VARIANT_NR) "__" FLASHCPU_STRING(FLASHCPU_VARIANT_ISA)
-          : "f32_attn_bwd_" FLASHCPU_STRING(FLASHCPU_VARIANT_MR) "x" FLASHCPU_STRING(FLASHCPU_VARIANT_NR) "__" FLASHCPU_STRING(FLASHCPU_VARIANT_ISA),
+      kHasBackward ? FLASHCPU_STRING(FLASHCPU_VARIANT_KV) "_attn_bwd_" FLASHCPU_STRING(FLASHCPU_VARIANT_MR) "x" FLASHCPU_STRING(FLASHCPU_VARIANT_NR) "__" FLASHCPU_STRING(FLASHCPU_VARIANT_ISA) : nullptr,
       backward_entry<KV>(BackwardPart::keys),
       backward_entry<KV>(BackwardPart::queries),
       backward_entry<KV>(BackwardPart::pack_queries),
