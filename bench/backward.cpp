@@ -33,6 +33,7 @@ BackwardProblem::BackwardProblem(const Shape& s, std::uint64_t seed) : fwd(s, se
   fill_zero(dv.get(), fwd.v_size());
   AttentionOptions options;
   options.causal = s.causal;
+  options.allow_bf16_compute = s.bf16_compute;  // as a model trained so runs its forward
   attention(fwd.qv(), fwd.kv(), fwd.vv(), fwd.outv(), bhsd<float>(lse.get(), s.batch, s.q_heads, s.n, 1), options);
   const Elem e = act_elem(s.dtype);
   if (kv_elem(s.dtype) != e) throw Error("the backward takes fp32 or all-16-bit data, not " + describe(s));
@@ -174,6 +175,7 @@ void run_backward(BackwardImpl impl, BackwardProblem& p, int threads, Materializ
   AttentionOptions options;
   options.causal = p.fwd.shape.causal;
   options.num_threads = threads;
+  options.allow_bf16_compute = p.fwd.shape.bf16_compute;
   const Shape& s = p.fwd.shape;
   // The 16-bit overload, on the 16-bit copies.
   auto with16 = [&](auto tag) {
@@ -222,36 +224,44 @@ double check_backward_against_fused(BackwardImpl impl, BackwardProblem& p, int t
   return relative;
 }
 
-void check_backward16_against_fp32(BackwardProblem& p, int threads) {
+void check_backward_against_fp32(BackwardProblem& p, int threads) {
   const Elem e = act_elem(p.fwd.shape.dtype);
+  const std::size_t sizes[3] = {p.fwd.q_size(), p.fwd.k_size(), p.fwd.v_size()};
+  float* fp32[3] = {p.dq.get(), p.dk.get(), p.dv.get()};
+  const char* names[3] = {"dq", "dk", "dv"};
+  // The last run's gradients, widened: of the 16-bit buffers, or (fp32 data under
+  // allow_bf16_compute) of the fp32 ones, before the exact backward overwrites them.
+  std::vector<float> got[3];
+  for (int t = 0; t < 3; ++t) {
+    got[t].resize(sizes[t]);
+    if (e == Elem::f32)
+      std::memcpy(got[t].data(), fp32[t], sizes[t] * sizeof(float));
+    else
+      widen(t == 0 ? p.dq16.get() : t == 1 ? p.dk16.get() : p.dv16.get(), e, got[t].data(), sizes[t]);
+  }
   AttentionOptions options;
   options.causal = p.fwd.shape.causal;
   options.num_threads = threads;
   attention_backward(p.fwd.qv(), p.fwd.kv(), p.fwd.vv(), p.fwd.outv(), p.lsev(), p.doutv(), p.dqv(), p.dkv(),
                      p.dvv(), options);
-  const std::size_t sizes[3] = {p.fwd.q_size(), p.fwd.k_size(), p.fwd.v_size()};
-  const float* fp32[3] = {p.dq.get(), p.dk.get(), p.dv.get()};
-  const void* bits[3] = {p.dq16.get(), p.dk16.get(), p.dv16.get()};
-  const char* names[3] = {"dq", "dk", "dv"};
   const bool pairs = backward_pair_products(p.fwd.shape);
   for (int t = 0; t < 3; ++t) {
-    RawBuffer rounded = allocate_elems(e, sizes[t]);
-    narrow(fp32[t], e, rounded.get(), sizes[t]);
     if (!pairs) {
-      if (std::memcmp(rounded.get(), bits[t], sizes[t] * elem_bytes(e)) != 0)
-        throw Error(std::string("16-bit backward cross-check: ") + names[t] +
-                    " is not the fp32 backward's rounded, on " + describe(p.fwd.shape));
+      RawBuffer rounded = allocate_elems(e, sizes[t]), ran = allocate_elems(e, sizes[t]);
+      narrow(fp32[t], e, rounded.get(), sizes[t]);
+      narrow(got[t].data(), e, ran.get(), sizes[t]);
+      if (std::memcmp(rounded.get(), ran.get(), sizes[t] * elem_bytes(e)) != 0)
+        throw Error(std::string("backward cross-check: ") + names[t] + " is not the fp32 backward's rounded, on " +
+                    describe(p.fwd.shape));
       continue;
     }
-    std::vector<float> widened(sizes[t]);
-    widen(bits[t], e, widened.data(), sizes[t]);
     double largest = 0, diff = 0;
     for (std::size_t x = 0; x < sizes[t]; ++x) {
       largest = std::max(largest, std::fabs(double(fp32[t][x])));
-      diff = std::max(diff, std::fabs(double(fp32[t][x]) - double(widened[x])));
+      diff = std::max(diff, std::fabs(double(fp32[t][x]) - double(got[t][x])));
     }
     if (!(diff <= 0x1p-4 * largest))
-      throw Error(std::string("16-bit backward cross-check: ") + names[t] + " differs from the fp32 backward's by " +
+      throw Error(std::string("backward cross-check: ") + names[t] + " differs from the fp32 backward's by " +
                   std::to_string(diff / largest) + " of its largest element, on " + describe(p.fwd.shape));
   }
 }

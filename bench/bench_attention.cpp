@@ -11,7 +11,8 @@
 // (bm_pair; counter ratio = fp32 time / 16-bit time).
 // Families: prefill sweep, the named workloads (P64, P128, C128, S16K, short, DEC, DEC64,
 // DRAFT, thread scaling), their backward (P64_bwd, C128_bwd, S16K_bwd: fused and materialized
-// OpenBLAS backward, FLOP = the backward's five products; P64_bf16_bwd: fused, all bf16),
+// OpenBLAS backward, FLOP = the backward's five products; P64_bf16_bwd: fused, all bf16;
+// P64_bf16compute_bwd: fused, fp32 under allow_bf16_compute),
 // their 16-bit forms (<family>_<dtype>: P64_bf16, P128_bf16,
 // C128_bf16, P64_fp16kv, DEC_bf16kv, DEC_fp16kv, DEC64_bf16kv), a decode sweep, head shapes of real models, the
 // two OpenBLAS threading modes, and the machine probes (BM_FmaPeak, BM_ReadBandwidth).
@@ -310,7 +311,7 @@ void bm_backward(benchmark::State& st, const std::string& name, fb::BackwardImpl
   if (it == first_runs().end()) {
     const double extra = fb::measure_peak_extra_mib([&] { fb::run_backward(impl, p, threads, ws); });
     if (impl != fb::BackwardImpl::fused) fb::check_backward_against_fused(impl, p, threads, ws);
-    if (fb::act_elem(s.dtype) != fb::Elem::f32) fb::check_backward16_against_fp32(p, threads);
+    if (fb::act_elem(s.dtype) != fb::Elem::f32 || s.bf16_compute) fb::check_backward_against_fp32(p, threads);
     it = first_runs().emplace(key, FirstRun{extra}).first;
   } else {
     fb::run_backward(impl, p, threads, ws);  // warm-up
@@ -328,7 +329,8 @@ void bm_backward(benchmark::State& st, const std::string& name, fb::BackwardImpl
   st.counters["peak_frac"] = flop / per_iter * 1e-9 / probe_flops;
   if (it->second.extra_mib >= 0) st.counters["peak_extra_MiB"] = it->second.extra_mib;
   st.SetLabel(impl == fb::BackwardImpl::fused ? std::string("flashcpu backward (") + flashcpu::active_isa() + ", " +
-                                                    fb::dtype_name(s.dtype) + ", " + fb::fused_backward_label(s) + ")"
+                                                    fb::dtype_name(s.dtype) + (s.bf16_compute ? " allow_bf16_compute" : "") +
+                                                    ", " + fb::fused_backward_label(s) + ")"
                                               : std::string("materialized backward (OpenBLAS sgemm)"));
 }
 
@@ -420,6 +422,11 @@ void register_attention_benchmarks() {
   fb::Shape p64_bf16 = p64;
   p64_bf16.dtype = fb::DType::bf16;
   add_backward_workload("P64_bf16", p64_bf16, false);
+  // P64's backward on fp32 data under allow_bf16_compute (rounded to bf16 for the products
+  // where the level has vdpbf16ps), the forward that made out and lse likewise.
+  fb::Shape p64_bf16_compute = p64;
+  p64_bf16_compute.bf16_compute = true;
+  add_backward_workload("P64_bf16compute", p64_bf16_compute, false);
 
   for (int t : thread_counts()) {
     add_workload("scaling_P64", "/threads:" + std::to_string(t), p64, t);

@@ -64,6 +64,7 @@ struct Shape {
   std::int64_t dv = 64;
   bool causal = false;
   DType dtype = DType::fp32;
+  bool bf16_compute = false;  // AttentionOptions::allow_bf16_compute (the backward's rows only)
 };
 
 /// A multi-head (Hq == Hkv) problem with Dv = D.
@@ -484,13 +485,14 @@ void run_backward(BackwardImpl impl, BackwardProblem& p, int threads, Materializ
 double check_backward_against_fused(BackwardImpl impl, BackwardProblem& p, int threads,
                                     MaterializedWorkspace* workspace);
 
-/// For a 16-bit problem: its 16-bit gradients (from the last run_backward) must be bitwise
-/// the fp32 backward's on the same values, rounded, as the header promises, or, where the
-/// products take bf16 pairs (backward_pair_products), within 2^-4 of the largest
-/// gradient of the same kind (a check against gross errors: dQ's terms cancel, so its
-/// error bound is relative to their magnitudes, not to dQ); throws Error naming the first gradient that is not.
-/// Overwrites the fp32 gradient buffers.
-void check_backward16_against_fp32(BackwardProblem& p, int threads);
+/// For a 16-bit problem, or fp32 under allow_bf16_compute (Shape::bf16_compute): its
+/// gradients from the last run_backward must be bitwise the exact fp32 backward's on the
+/// same values, rounded to their type, as the header promises, or, where the products
+/// take bf16 pairs (backward_pair_products), within 2^-4 of the largest gradient of the
+/// same kind (a check against gross errors: dQ's terms cancel, so its error bound is
+/// relative to their magnitudes, not to dQ); throws Error naming the first gradient that
+/// is not. Overwrites the fp32 gradient buffers.
+void check_backward_against_fp32(BackwardProblem& p, int threads);
 
 // ---------------------------------------------------------------------------------
 // Memory

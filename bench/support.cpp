@@ -122,6 +122,7 @@ std::string describe(const Shape& s) {
   if (s.dv != s.d) os << " Dv=" << s.dv;
   if (s.causal) os << " causal";
   if (s.dtype != DType::fp32) os << " " << dtype_text(s.dtype);
+  if (s.bf16_compute) os << " allow_bf16_compute";
   return os.str();
 }
 
@@ -754,11 +755,11 @@ fd::AnyView key_side_view(const Shape& s, std::int64_t dim) {
 
 bool fused_runs_on_tiles(const Shape& s) { return fused_kernels(s).tiles; }
 
-// The variant attention_backward picks (src/backward.cpp): bf16 data on a level with
-// vdpbf16ps takes its pair products, everything else an fp32 variant.
+// The variant attention_backward picks (src/backward.cpp): bf16 data, or any data under
+// allow_bf16_compute, on a level with vdpbf16ps takes its pair products, everything else
+// an fp32 variant.
 const fd::KernelTable& backward_kernels(const Shape& s) {
-  return act_elem(s.dtype) == Elem::bf16 ? fd::backward_kernels_bf16(Score::dot_product)
-                                         : fd::active_kernels(fd::DType::f32);
+  return fd::backward_kernels(dtype_of_elem(act_elem(s.dtype)), Score::dot_product, s.bf16_compute);
 }
 std::string fused_backward_label(const Shape& s) { return backward_kernels(s).backward_name; }
 bool backward_pair_products(const Shape& s) { return backward_kernels(s).bf16_products; }

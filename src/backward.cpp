@@ -172,24 +172,21 @@ bool coarse_lse(float lse) {
   const float lse2 = lse * 1.4426950408889634f;  // +-inf beyond the range: coarse too
   return (lse2 >= 1024.0f || lse2 <= -1024.0f) && lse != -std::numeric_limits<float>::infinity();
 }
+// For the dot product on bf16 data (or on fp32 and fp16 data under allow_bf16_compute,
+// which the variant rounds to bf16 as it packs them), the active level's vdpbf16ps
+// variant (on the amx level, the one below its tile variant) when it has a backward;
+// else the active level's fp32 variant, 16-bit data widened.
+const KernelTable& backward_kernels(DType data, Score score, bool allow_bf16_compute) {
+  if ((data == DType::bf16 || allow_bf16_compute) && score == Score::dot_product) {
+    const KernelTable* pairs = &active_kernels(DType::bf16);
+    if (pairs->tiles) pairs = &kernels_below(pairs->isa, DType::bf16);
+    if (pairs->bf16_products && pairs->backward_keys) return *pairs;
+  }
+  return active_kernels(DType::f32);
+}
 }  // namespace detail
 
 namespace {
-
-// The kernels of a backward call on T: for bf16 data and the dot product, the active
-// level's vdpbf16ps variant (on the amx level, the one below its tile variant) when it
-// has a backward; else the active level's fp32 variant, 16-bit data widened.
-template <class T>
-const detail::KernelTable& backward_kernels(Score score) {
-  if constexpr (std::is_same<T, bf16>::value) {
-    if (score == Score::dot_product) {
-      const detail::KernelTable* pairs = &detail::active_kernels(detail::DType::bf16);
-      if (pairs->tiles) pairs = &detail::kernels_below(pairs->isa, detail::DType::bf16);
-      if (pairs->bf16_products && pairs->backward_keys) return *pairs;
-    }
-  }
-  return detail::active_kernels(detail::DType::f32);
-}
 
 // The driver for every element type T of q, k, v, out, dout and the gradients, reading
 // and writing T through HeadRows (kernels/backward.hpp). `forced`: the kernels to run
@@ -201,7 +198,8 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
                   detail::BackwardSchedule schedule = detail::BackwardSchedule::automatic,
                   std::int64_t chunk_blocks = 0, const detail::KernelTable* forced = nullptr) {
   const detail::AttentionShape s = detail::validate_backward(q, k, v, out, lse, dout, dq, dk, dv, options);
-  const detail::KernelTable& kernels = forced ? *forced : backward_kernels<T>(s.score);
+  const detail::KernelTable& kernels =
+      forced ? *forced : detail::backward_kernels(detail::dtype_of<T>(), s.score, s.allow_bf16_compute);
   if (!kernels.backward_keys || (kernels.bf16_products && s.score != Score::dot_product))
     throw std::logic_error(std::string("flashcpu: the backward cannot run on ") + kernels.name);
   const std::int64_t B = s.batch, Hq = s.q_heads, Hkv = s.kv_heads, N = s.q_len, M = s.kv_len;
@@ -472,14 +470,24 @@ void attention_backward(TensorView<const bf16> q, TensorView<const bf16> k, Tens
   backward_any(q, k, v, out, lse, dout, dq, dk, dv, options);
 }
 namespace detail {
-const KernelTable& backward_kernels_bf16(Score score) { return backward_kernels<bf16>(score); }
+template <class T>
 void attention_backward_with(const KernelTable& kernels, BackwardSchedule schedule, std::int64_t chunk_blocks,
-                             TensorView<const bf16> q, TensorView<const bf16> k, TensorView<const bf16> v,
-                             TensorView<const bf16> out, TensorView<const float> lse, TensorView<const bf16> dout,
-                             TensorView<bf16> dq, TensorView<bf16> dk, TensorView<bf16> dv,
-                             const AttentionOptions& options) {
+                             TensorView<const T> q, TensorView<const T> k, TensorView<const T> v,
+                             TensorView<const T> out, TensorView<const float> lse, TensorView<const T> dout,
+                             TensorView<T> dq, TensorView<T> dk, TensorView<T> dv, const AttentionOptions& options) {
   backward_any(q, k, v, out, lse, dout, dq, dk, dv, options, schedule, chunk_blocks, &kernels);
 }
+template <class T>
+using In = TensorView<const T>;
+template void attention_backward_with(const KernelTable&, BackwardSchedule, std::int64_t, In<float>, In<float>,
+                                      In<float>, In<float>, In<float>, In<float>, TensorView<float>,
+                                      TensorView<float>, TensorView<float>, const AttentionOptions&);
+template void attention_backward_with(const KernelTable&, BackwardSchedule, std::int64_t, In<bf16>, In<bf16>,
+                                      In<bf16>, In<bf16>, In<float>, In<bf16>, TensorView<bf16>, TensorView<bf16>,
+                                      TensorView<bf16>, const AttentionOptions&);
+template void attention_backward_with(const KernelTable&, BackwardSchedule, std::int64_t, In<fp16>, In<fp16>,
+                                      In<fp16>, In<fp16>, In<float>, In<fp16>, TensorView<fp16>, TensorView<fp16>,
+                                      TensorView<fp16>, const AttentionOptions&);
 }  // namespace detail
 void attention_backward(TensorView<const fp16> q, TensorView<const fp16> k, TensorView<const fp16> v,
                         TensorView<const fp16> out, TensorView<const float> lse, TensorView<const fp16> dout,

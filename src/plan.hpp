@@ -195,16 +195,18 @@ void attention_backward_scheduled(BackwardSchedule schedule, std::int64_t chunk_
                                   TensorView<const float> v, TensorView<const float> out,
                                   TensorView<const float> lse, TensorView<const float> dout, TensorView<float> dq,
                                   TensorView<float> dk, TensorView<float> dv, const AttentionOptions& options);
-/// The kernels attention_backward runs for bf16 data and `score`: the vdpbf16ps variant
-/// (its products by bf16 pairs) where the level has it and the score is the dot product,
-/// else the fp32 variant.
-const KernelTable& backward_kernels_bf16(Score score);
-/// attention_backward (bf16) on given kernels (a table with a backward: an fp32 variant,
-/// or one with pair products for the dot product), schedule and chunks, for tests.
+/// The kernels attention_backward runs on data of type `data` (q's: f32, bf16 or f16):
+/// for the dot product on bf16 data, or on any data under allow_bf16_compute, the
+/// vdpbf16ps variant (its products by bf16 pairs) where the level has it; else the fp32
+/// variant.
+const KernelTable& backward_kernels(DType data, Score score, bool allow_bf16_compute);
+/// attention_backward (T: float, bf16 or fp16) on given kernels (a table with a backward:
+/// an fp32 variant, or one with pair products for the dot product), schedule and chunks,
+/// for tests.
+template <class T>
 void attention_backward_with(const KernelTable& kernels, BackwardSchedule schedule, std::int64_t chunk_blocks,
-                             TensorView<const bf16> q, TensorView<const bf16> k, TensorView<const bf16> v,
-                             TensorView<const bf16> out, TensorView<const float> lse, TensorView<const bf16> dout,
-                             TensorView<bf16> dq, TensorView<bf16> dk, TensorView<bf16> dv,
-                             const AttentionOptions& options);
+                             TensorView<const T> q, TensorView<const T> k, TensorView<const T> v,
+                             TensorView<const T> out, TensorView<const float> lse, TensorView<const T> dout,
+                             TensorView<T> dq, TensorView<T> dk, TensorView<T> dv, const AttentionOptions& options);
 
 }  // namespace flashcpu::detail

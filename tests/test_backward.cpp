@@ -29,6 +29,11 @@
 // u16 Σ_t |x_t y_t| (u16 = 2^-8) to each gradient's bound; and the gradient is rounded to
 // bf16 once: u16 (|oracle| + bound) more. The subnormals vdpbf16ps reads and writes as
 // zero are not modelled: the tests' values are far from them.
+// fp32 data under allow_bf16_compute runs those kernels on q, k, v and dout rounded to
+// bf16: its gradients, rounded to bf16, must be bitwise the bf16 call's on the rounded
+// inputs, and they are held to the oracle on the rounded inputs under the bound above
+// without the final rounding (their own fp32 rounding: u |oracle|). fp16 data under it:
+// bitwise the fp32 call's on the widened fp16 values, rounded to fp16.
 #include <catch2/catch.hpp>
 
 #include <omp.h>
@@ -280,18 +285,19 @@ BackwardOutcome check_backward(Problem& p, Layout outs = Layout::padded,
 template <class T>
 bool pair_products(const Problem& p) {
   return std::is_same<T, flashcpu::bf16>::value &&
-         flashcpu::detail::backward_kernels_bf16(p.opt.score).bf16_products;
+         flashcpu::detail::backward_kernels(flashcpu::detail::DType::bf16, p.opt.score, false).bf16_products;
 }
 
-// The 16-bit gradients of the kernels with pair products, widened into g (with the dout
-// they came from), against the oracle under the fp32 bounds with P and dS rounded to bf16
-// (weights_u = u16), plus one rounding to 16 bits: tol + u16 (|want| + tol), and
-// compare_grad's u |want|. fwd's out_tol must include out's rounding.
-void compare_with_oracle16(Problem& p, Grads& g, const Expected& fwd, double u16, BackwardOutcome& o,
+// The gradients of the kernels with pair products (16-bit ones widened) in g, with the
+// dout they came from, against the oracle under the fp32 bounds with P and dS rounded to
+// bf16 (weights_u = bf16's 2^-8), plus one rounding to the gradients' type (final_u:
+// 2^-8 or 2^-11; 0 for fp32): tol + final_u (|want| + tol), and compare_grad's u |want|.
+// fwd's out_tol must include out's rounding.
+void compare_with_oracle16(Problem& p, Grads& g, const Expected& fwd, double final_u, BackwardOutcome& o,
                            const std::string& suffix) {
-  const Exact want = run_oracle(p, g), tol = bounds(p, g, fwd, u16);
-  auto rounded = [u16](const std::vector<float>& w, std::vector<float> t) {
-    for (std::size_t x = 0; x < t.size(); ++x) t[x] += float(u16 * (std::fabs(double(w[x])) + double(t[x])));
+  const Exact want = run_oracle(p, g), tol = bounds(p, g, fwd, ftest::unit_roundoff<flashcpu::bf16>());
+  auto rounded = [final_u](const std::vector<float>& w, std::vector<float> t) {
+    for (std::size_t x = 0; x < t.size(); ++x) t[x] += float(final_u * (std::fabs(double(w[x])) + double(t[x])));
     return t;
   };
   compare_grad(("dq" + suffix).c_str(), g.dq, want.dq, rounded(want.dq, tol.dq), o);
@@ -379,30 +385,41 @@ void round_to_bf16(Problem& p, Grads& g) {
   ftest::round_view<flashcpu::bf16>(g.dout);
 }
 
-// attention_backward on bf16 copies of p's tensors (round_to_bf16 first) on `kernels`
-// (null: the library's choice), the gradients widened into g's views. Fails the test if
-// it writes outside a view.
-void run_fused_bf16(Problem& p, Grads& g, BackwardSchedule schedule = BackwardSchedule::automatic,
-                    std::int64_t chunk_blocks = 0, const flashcpu::detail::KernelTable* kernels = nullptr) {
-  using flashcpu::bf16;
+// attention_backward on T copies of p's q, k, v, out and of `dout` (T = float: copies of
+// the values as they are), on `kernels`, with `options`; the gradients widened into
+// grads' views. Fails the test if it writes outside a view.
+template <class T>
+void run_fused_as(Problem& p, const Tensor& dout, Grads& grads, const flashcpu::detail::KernelTable& kernels,
+                  const flashcpu::AttentionOptions& options, BackwardSchedule schedule = BackwardSchedule::automatic,
+                  std::int64_t chunk_blocks = 0) {
   using ftest::Copy;
-  const Copy<bf16> q(p.q), k(p.k), v(p.v), out(p.out), dout(g.dout);
-  Copy<bf16> dq(g.dq), dk(g.dk), dv(g.dv);
-  const Copy<bf16> dq_before(dq), dk_before(dk), dv_before(dv);
-  flashcpu::detail::attention_backward_with(kernels ? *kernels : flashcpu::detail::backward_kernels_bf16(p.opt.score),
-                                            schedule, chunk_blocks, q.cview(), k.cview(), v.cview(), out.cview(),
-                                            p.lse.cview(), dout.cview(), dq.view(), dk.view(), dv.view(), p.opt);
-  auto widen = [](const Copy<bf16>& from, const Copy<bf16>& before, Tensor& to) {
+  const Copy<T> q(p.q), k(p.k), v(p.v), out(p.out), dt(dout);
+  Copy<T> dq(grads.dq), dk(grads.dk), dv(grads.dv);
+  const Copy<T> dq_before(dq), dk_before(dk), dv_before(dv);
+  flashcpu::detail::attention_backward_with(kernels, schedule, chunk_blocks, q.cview(), k.cview(), v.cview(),
+                                            out.cview(), p.lse.cview(), dt.cview(), dq.view(), dk.view(), dv.view(),
+                                            options);
+  auto widen = [](const Copy<T>& from, const Copy<T>& before, Tensor& to) {
     CHECK(ftest::same_bits(before, from, false));
     const Shape sh = to.shape();
     for (std::int64_t b = 0; b < sh[0]; ++b)
       for (std::int64_t h = 0; h < sh[1]; ++h)
         for (std::int64_t i = 0; i < sh[2]; ++i)
-          for (std::int64_t c = 0; c < sh[3]; ++c) to.at(b, h, i, c) = flashcpu::to_float(from.at(b, h, i, c));
+          for (std::int64_t c = 0; c < sh[3]; ++c) to.at(b, h, i, c) = ftest::widen(from.at(b, h, i, c));
   };
-  widen(dq, dq_before, g.dq);
-  widen(dk, dk_before, g.dk);
-  widen(dv, dv_before, g.dv);
+  widen(dq, dq_before, grads.dq);
+  widen(dk, dk_before, grads.dk);
+  widen(dv, dv_before, grads.dv);
+}
+
+// attention_backward on bf16 copies of p's tensors (round_to_bf16 first) on `kernels`
+// (null: the library's choice), the gradients widened into g's views.
+void run_fused_bf16(Problem& p, Grads& g, BackwardSchedule schedule = BackwardSchedule::automatic,
+                    std::int64_t chunk_blocks = 0, const flashcpu::detail::KernelTable* kernels = nullptr) {
+  run_fused_as<flashcpu::bf16>(
+      p, g.dout, g,
+      kernels ? *kernels : flashcpu::detail::backward_kernels(flashcpu::detail::DType::bf16, p.opt.score, false),
+      p.opt, schedule, chunk_blocks);
 }
 
 // The kernels with their products by bf16 pairs: the avx512bf16 variant's backward on
@@ -410,7 +427,7 @@ void run_fused_bf16(Problem& p, Grads& g, BackwardSchedule schedule = BackwardSc
 // one where the level runs it.
 std::vector<const flashcpu::detail::KernelTable*> pair_backward_kernels() {
   std::vector<const flashcpu::detail::KernelTable*> list{&flashcpu::detail::emulated_pair_kernels()};
-  const flashcpu::detail::KernelTable& dispatched = flashcpu::detail::backward_kernels_bf16(Score::dot_product);
+  const flashcpu::detail::KernelTable& dispatched = flashcpu::detail::backward_kernels(flashcpu::detail::DType::bf16, Score::dot_product, false);
   if (dispatched.bf16_products) list.push_back(&dispatched);
   return list;
 }
@@ -924,6 +941,30 @@ BackwardOutcome check_pairs(Problem& p, Grads& g, const flashcpu::detail::Kernel
   return o;
 }
 
+// check(p, gradient layout, schedule, chunk blocks) -> BackwardOutcome for each option
+// set of the dot product on each shape, on 3 threads: p's layouts, the gradients', the
+// forced schedule (each of the three in turn) and chunks of 1 or 2 key blocks from the
+// case's seed (seed0 + its index).
+template <class Check>
+void each_dot_set(const std::vector<Dims>& shapes, std::uint32_t seed0, Check check) {
+  std::uint32_t seed = seed0;
+  for (const Set& set : kSets)
+    for (const Dims& d : shapes) {
+      ++seed;
+      Problem p(d, seed, seed % 2 ? Layout::padded : Layout::bshd, seed % 3 ? Layout::padded : Layout::bhsd);
+      set.apply(p);
+      if (p.opt.score != Score::dot_product) continue;
+      const BackwardSchedule schedule = kSchedules[1 + seed % 3];
+      const std::int64_t chunk_blocks = 1 + seed / 3 % 2;
+      p.opt.num_threads = 3;
+      const BackwardOutcome o = check(p, seed % 2 ? Layout::bshd : Layout::sliced, schedule, chunk_blocks);
+      INFO("option set: " << set.name << ", " << schedule_name(schedule) << ", chunks of " << chunk_blocks);
+      INFO(p.describe());
+      INFO(o.report);
+      CHECK(o.ok);
+    }
+}
+
 TEST_CASE("the bf16 backward with pair products: every option set, schedule and awkward shape against the oracle",
           "[backward][16bit][bf16products]") {
   // The option sets of the dot product (the Gaussian's backward stays fp32) on the shapes
@@ -937,24 +978,11 @@ TEST_CASE("the bf16 backward with pair products: every option set, schedule and 
   shapes.push_back({1, 2, 1, 13, 70, 301, 259});
   for (const flashcpu::detail::KernelTable* kernels : pair_backward_kernels()) {
     INFO(kernels->backward_name);
-    std::uint32_t seed = 9100;
-    for (const Set& set : kSets)
-      for (const Dims& d : shapes) {
-        ++seed;
-        Problem p(d, seed, seed % 2 ? Layout::padded : Layout::bshd, seed % 3 ? Layout::padded : Layout::bhsd);
-        set.apply(p);
-        if (p.opt.score != Score::dot_product) continue;
-        const BackwardSchedule schedule = kSchedules[1 + seed % 3];
-        const std::int64_t chunk_blocks = 1 + seed / 3 % 2;
-        p.opt.num_threads = 3;
-        Grads g(p, seed % 2 ? Layout::bshd : Layout::sliced);
-        round_to_bf16(p, g);
-        const BackwardOutcome o = check_pairs(p, g, *kernels, schedule, chunk_blocks);
-        INFO("option set: " << set.name << ", " << schedule_name(schedule) << ", chunks of " << chunk_blocks);
-        INFO(p.describe());
-        INFO(o.report);
-        CHECK(o.ok);
-      }
+    each_dot_set(shapes, 9100, [&](Problem& p, Layout grads, BackwardSchedule schedule, std::int64_t chunk_blocks) {
+      Grads g(p, grads);
+      round_to_bf16(p, g);
+      return check_pairs(p, g, *kernels, schedule, chunk_blocks);
+    });
     std::mt19937 rng(9200);
     for (int t = 0; t < 24; ++t) {
       const RandomShape shape = random_shape(rng);
@@ -1023,6 +1051,191 @@ TEST_CASE("the bf16 backward with pair products keeps garbage and non-finite row
       INFO(p.describe());
       check_poisoned(g, e, 0x1p-6);
     }
+  }
+}
+
+// ---- fp32 and fp16 data under allow_bf16_compute: the kernels with pair products round
+// q, k, v and dout to bf16 as they pack them, so a call computes what the bf16 call on
+// the rounded inputs computes (with an fp32 out, which the tests below round to bf16
+// first so that both calls read the same out).
+
+// run_fused_as under allow_bf16_compute.
+template <class T>
+void run_fused_allowed(Problem& p, const Tensor& dout, Grads& grads, const flashcpu::detail::KernelTable& kernels,
+                       BackwardSchedule schedule = BackwardSchedule::automatic, std::int64_t chunk_blocks = 0) {
+  flashcpu::AttentionOptions allowed = p.opt;
+  allowed.allow_bf16_compute = true;
+  run_fused_as<T>(p, dout, grads, kernels, allowed, schedule, chunk_blocks);
+}
+
+// Elements of the fp32 gradients `wide` that, rounded to T, differ from `want` (T values
+// widened); a NaN matches any NaN. Reported into o.
+template <class T>
+void check_rounded_bits(const char* name, const Tensor& wide, const Tensor& want, BackwardOutcome& o) {
+  const Shape sh = want.shape();
+  std::int64_t bad = 0;
+  for (std::int64_t b = 0; b < sh[0]; ++b)
+    for (std::int64_t h = 0; h < sh[1]; ++h)
+      for (std::int64_t i = 0; i < sh[2]; ++i)
+        for (std::int64_t c = 0; c < sh[3]; ++c) {
+          const T x = ftest::narrow<T>(wide.at(b, h, i, c)), y = ftest::narrow<T>(want.at(b, h, i, c));
+          const bool both_nan = std::isnan(ftest::widen(x)) && std::isnan(ftest::widen(y));
+          bad += !both_nan && std::memcmp(&x, &y, sizeof(T)) != 0;
+        }
+  if (bad > 0) {
+    o.ok = false;
+    o.report += std::string(name) + ": " + std::to_string(bad) + " elements differ\n";
+  }
+}
+
+// fp32 data under allow_bf16_compute on `kernels`, p unrounded (its out rounded to bf16
+// here): each gradient rounded to bf16 must be bitwise the bf16 call's on the rounded
+// inputs, and (with `oracle`) the fp32 gradients within compare_with_oracle16's bounds of
+// the oracle on the rounded inputs, with no final rounding. On return p's q, k, v and out
+// hold the rounded values. dout_inf_row0: dout row 0 of head 0 set to inf (kPoisons).
+BackwardOutcome check_allowed(Problem& p, Layout grads, const flashcpu::detail::KernelTable& kernels,
+                              BackwardSchedule schedule, std::int64_t chunk_blocks, bool oracle,
+                              bool dout_inf_row0 = false) {
+  using flashcpu::bf16;
+  Grads g(p, grads), g32(p, grads);
+  forward(p, g);
+  if (dout_inf_row0)
+    for (std::int64_t x = 0; x < p.d.Dv; ++x) g.dout.at(0, 0, 0, x) = kInf;
+  ftest::round_view<bf16>(p.out);
+  run_fused_allowed<float>(p, g.dout, g32, kernels, schedule, chunk_blocks);
+  ftest::round_view<bf16>(p.q);
+  ftest::round_view<bf16>(p.k);
+  ftest::round_view<bf16>(p.v);
+  ftest::round_view<bf16>(g.dout);
+  g32.dout = g.dout;  // the oracle's
+  run_fused_bf16(p, g, schedule, chunk_blocks, &kernels);
+  BackwardOutcome o;
+  check_rounded_bits<bf16>("dq", g32.dq, g.dq, o);
+  check_rounded_bits<bf16>("dk", g32.dk, g.dk, o);
+  check_rounded_bits<bf16>("dv", g32.dv, g.dv, o);
+  if (oracle) {
+    const double u16 = ftest::unit_roundoff<bf16>();
+    Expected fwd = expect(p.q.cview(), p.k.cview(), p.v.cview(), p.opt);
+    for (std::size_t x = 0; x < fwd.out_tol.size(); ++x)
+      fwd.out_tol[x] += u16 * (std::fabs(double(fwd.out[x])) + fwd.out_tol[x]);
+    compare_with_oracle16(p, g32, fwd, 0.0, o, " (fp32, allow_bf16_compute)");
+  }
+  return o;
+}
+
+TEST_CASE("fp32 data under allow_bf16_compute: the bf16 backward on the rounded inputs, against it and the oracle",
+          "[backward][bf16products]") {
+  // The dot-product option sets on the option shapes and 12 randomized awkward ones,
+  // each on a forced schedule, then the poisons and two finite fp32 values beyond bf16's
+  // range (rounded to inf: the flags must see them), bitwise against the bf16 call.
+  for (const flashcpu::detail::KernelTable* kernels : pair_backward_kernels()) {
+    INFO(kernels->backward_name);
+    each_dot_set(std::vector<Dims>(std::begin(kOptionShapes), std::end(kOptionShapes)), 9500,
+                 [&](Problem& p, Layout grads, BackwardSchedule schedule, std::int64_t chunk_blocks) {
+                   return check_allowed(p, grads, *kernels, schedule, chunk_blocks, true);
+                 });
+    std::mt19937 rng(9600);
+    for (int t = 0; t < 12; ++t) {
+      const RandomShape shape = random_shape(rng);
+      Problem p(shape.d, shape.seed, shape.in, shape.kv);
+      if (t % 3 == 1) p.causal();
+      if (t % 5 == 2) p.full_bool(0.3);
+      if (t % 4 == 0) p.alibi();
+      p.opt.num_threads = t % 2 ? 1 : 3;
+      const BackwardOutcome o = check_allowed(p, shape.grads, *kernels, kSchedules[t % 4], 0, true);
+      INFO(p.describe());
+      INFO(o.report);
+      CHECK(o.ok);
+    }
+    for (const Poison& poison : kPoisons) {
+      Problem p(poison.dims, 9700, Layout::bhsd, Layout::bhsd);
+      poison.apply(p);
+      const BackwardOutcome o =
+          check_allowed(p, Layout::bhsd, *kernels, BackwardSchedule::automatic, 0, false, poison.dout_inf_row0);
+      INFO(poison.what);
+      INFO(o.report);
+      CHECK(o.ok);
+    }
+    for (const bool in_k : {false, true}) {
+      Problem p(Dims{1, 2, 1, 8, 20, 8, 8}, 9710, Layout::bhsd, Layout::bhsd);
+      p.causal();
+      (in_k ? p.k.at(0, 0, 3, 2) : p.q.at(0, 1, 4, 2)) = 3.4e38f;  // bf16's largest finite: 3.39e38
+      const BackwardOutcome o = check_allowed(p, Layout::bhsd, *kernels, BackwardSchedule::automatic, 0, false);
+      INFO((in_k ? "k" : "q") << " 3.4e38");
+      INFO(o.report);
+      CHECK(o.ok);
+    }
+  }
+}
+
+TEST_CASE("fp16 data under allow_bf16_compute: the fp32 call on the widened fp16 values, rounded to fp16",
+          "[backward][16bit][bf16products]") {
+  // fp16 inputs widen exactly, so the fp16 call rounds them to bf16 as the fp32 call does
+  // (checked above against the oracle), and rounds its gradients to fp16 once.
+  using flashcpu::fp16;
+  for (const flashcpu::detail::KernelTable* kernels : pair_backward_kernels()) {
+    INFO(kernels->backward_name);
+    std::uint32_t seed = 9800;
+    for (const Set& set : kSets) {
+      ++seed;
+      Problem p(Dims{2, 4, 2, 37, 53, 19, 23}, seed, Layout::padded, Layout::padded);
+      set.apply(p);
+      if (p.opt.score != Score::dot_product) continue;
+      p.opt.num_threads = 2;
+      Grads g(p, Layout::sliced), g16(p, Layout::sliced);
+      for (Tensor* t : {&p.q, &p.k, &p.v}) ftest::round_view<fp16>(*t);
+      forward(p, g);
+      ftest::round_view<fp16>(p.out);
+      ftest::round_view<fp16>(g.dout);
+      run_fused_allowed<float>(p, g.dout, g, *kernels);
+      run_fused_allowed<fp16>(p, g.dout, g16, *kernels);
+      BackwardOutcome o;
+      check_rounded_bits<fp16>("dq", g.dq, g16.dq, o);
+      check_rounded_bits<fp16>("dk", g.dk, g16.dk, o);
+      check_rounded_bits<fp16>("dv", g.dv, g16.dv, o);
+      INFO("option set: " << set.name);
+      INFO(o.report);
+      CHECK(o.ok);
+    }
+  }
+}
+
+TEST_CASE("allow_bf16_compute: the backward kernels it chooses, through the public entry points", "[backward][bf16products]") {
+  // Where the level has pair products, fp32 and fp16 data under the option take them for
+  // the dot product (bitwise the forced kernels' results), and nothing else changes:
+  // without the option, with the Gaussian, and on every level without them (the CTest
+  // runs per level), the option leaves every bit of the fp32 call as it is.
+  namespace fd = flashcpu::detail;
+  const fd::KernelTable& pairs = fd::backward_kernels(fd::DType::bf16, Score::dot_product, false);
+  const fd::KernelTable& fp32 = fd::backward_kernels(fd::DType::f32, Score::dot_product, false);
+  CHECK(&fd::backward_kernels(fd::DType::f32, Score::dot_product, true) == &pairs);
+  CHECK(&fd::backward_kernels(fd::DType::f16, Score::dot_product, true) == &pairs);
+  CHECK(&fd::backward_kernels(fd::DType::f16, Score::dot_product, false) == &fp32);
+  CHECK(&fd::backward_kernels(fd::DType::f32, Score::gaussian, true) == &fp32);
+  CHECK(&fd::backward_kernels(fd::DType::bf16, Score::gaussian, false) == &fp32);
+  CHECK_FALSE(fp32.bf16_products);
+  for (const bool gauss : {false, true}) {
+    Problem p(Dims{1, 4, 2, 45, 70, 24, 20}, gauss ? 9901 : 9900, Layout::padded, Layout::padded);
+    p.causal();
+    if (gauss) p.gaussian();
+    Grads g(p, Layout::bhsd), exact(p, Layout::bhsd), forced(p, Layout::bhsd);
+    forward(p, g);
+    exact.dout = forced.dout = g.dout;
+    flashcpu::AttentionOptions allowed = p.opt;
+    allowed.allow_bf16_compute = true;
+    flashcpu::attention_backward(p.q.cview(), p.k.cview(), p.v.cview(), p.out.cview(), p.lse.cview(), g.dout.cview(),
+                                 g.dq.view(), g.dk.view(), g.dv.view(), allowed);
+    run_fused(p, exact);
+    const bool takes_pairs = !gauss && pairs.bf16_products;
+    if (takes_pairs)
+      run_fused_allowed<float>(p, g.dout, forced, pairs);
+    else
+      forced = exact;
+    INFO((gauss ? "gaussian" : "dot product") << ", pairs " << takes_pairs << ", level " << flashcpu::active_isa());
+    for (auto [got, want] : {std::pair{&g.dq, &forced.dq}, {&g.dk, &forced.dk}, {&g.dv, &forced.dv}})
+      CHECK(std::memcmp(got->values().data(), want->values().data(), got->values().size() * sizeof(float)) == 0);
+    if (takes_pairs)  // the option took effect: the rounded inputs moved the gradients
+      CHECK(std::memcmp(g.dq.values().data(), exact.dq.values().data(), g.dq.values().size() * sizeof(float)) != 0);
   }
 }
 

@@ -6,8 +6,8 @@
 // runs this; see its header for use.
 //
 //   flashcpu-ab libA.so libB.so rounds "mode Hq Hkv N M D threads causal [cold]" ...
-//   mode: f32 (fp32 forward), bwd (fp32 backward), bf16 (bf16 q, k, v, out), bwd16 (bf16
-//   backward), f16kv (fp32 q over fp16 K/V), bf16kv (fp32 q over bf16 K/V). Dv = D, B = 1. "cold": K and V in as
+//   mode: f32 (fp32 forward), bwd (fp32 backward), bwdc (fp32 backward under
+//   allow_bf16_compute), bf16 (bf16 q, k, v, out), bwd16 (bf16 backward), f16kv (fp32 q over fp16 K/V), bf16kv (fp32 q over bf16 K/V). Dv = D, B = 1. "cold": K and V in as
 //   many copies as make 1 GiB (at least 2), each call reading the next one, so that a
 //   decode step reads its cache from memory, as in a model with many layers, and not from
 //   the last-level cache the previous call filled.
@@ -113,6 +113,7 @@ struct Workload {
     AttentionOptions o;
     o.causal = causal;
     o.num_threads = threads;
+    o.allow_bf16_compute = mode == "bwdc";
     return o;
   }
 
@@ -122,7 +123,7 @@ struct Workload {
     const auto start = std::chrono::steady_clock::now();
     if (mode == "f32")
       b.f32(queries(q), keys(k), keys(v), queries_out(out), o);
-    else if (mode == "bwd")
+    else if (mode == "bwd" || mode == "bwdc")
       b.bwd(queries(q), keys(k), keys(v), queries(out), bhsd<const float>(lse.data(), 1, Hq, N, 1), queries(out),
             queries_out(dq), keys_out(dk), keys_out(dv), o);
     else if (mode == "bwd16")
@@ -151,16 +152,16 @@ Workload parse(const char* spec, const Build& convert) {
     std::exit(2);
   }
   w.mode = mode;
-  if (w.mode != "f32" && w.mode != "bwd" && w.mode != "bf16" && w.mode != "bwd16" && w.mode != "f16kv" &&
+  if (w.mode != "f32" && w.mode != "bwd" && w.mode != "bwdc" && w.mode != "bf16" && w.mode != "bwd16" && w.mode != "f16kv" &&
       w.mode != "bf16kv") {
-    std::fprintf(stderr, "flashcpu-ab: mode is f32, bwd, bf16, bwd16, f16kv or bf16kv, got \"%s\"\n", mode);
+    std::fprintf(stderr, "flashcpu-ab: mode is f32, bwd, bwdc, bf16, bwd16, f16kv or bf16kv, got \"%s\"\n", mode);
     std::exit(2);
   }
   w.causal = causal != 0;
   const std::size_t nq = std::size_t(w.Hq * w.N * w.D), nk = std::size_t(w.Hkv * w.M * w.D);
   w.nk = nk;
   if (fields == 9) {  // K and V as stored (2 or 4 bytes), the copies at least 1 GiB in all
-    const double bytes = 2.0 * double(nk) * (w.mode == "f32" || w.mode == "bwd" ? 4 : 2);
+    const double bytes = 2.0 * double(nk) * (w.mode == "f32" || w.mode == "bwd" || w.mode == "bwdc" ? 4 : 2);
     w.copies = std::max(2L, long(double(1L << 30) / bytes + 0.999));
   }
   w.q.resize(nq);
@@ -180,7 +181,7 @@ Workload parse(const char* spec, const Build& convert) {
     for (float& y : *x) y = uniform();
   for (float x : w.q) w.q16.push_back(convert.round_bf16(x));
   // Only the K and V the mode reads get copies.
-  const bool f32 = w.mode == "f32" || w.mode == "bwd";
+  const bool f32 = w.mode == "f32" || w.mode == "bwd" || w.mode == "bwdc";
   for (float x : w.k) w.k16.push_back(convert.round_bf16(x)), w.kh.push_back(convert.round_fp16(x));
   for (float x : w.v) w.v16.push_back(convert.round_bf16(x)), w.vh.push_back(convert.round_fp16(x));
   auto replicate = [&](auto& x, bool needed) {
@@ -222,7 +223,7 @@ int main(int argc, char** argv) {
   std::vector<Workload> work;
   for (int i = 4; i < argc; ++i) work.push_back(parse(argv[i], a));
   for (Workload& w : work) {
-    if (w.mode == "bwd" || w.mode == "bwd16") {  // out and lse for the backward, from build A
+    if (w.mode == "bwd" || w.mode == "bwdc" || w.mode == "bwd16") {  // out and lse for the backward, from build A
       a.f32_lse(w.queries(w.q), w.keys(w.k), w.keys(w.v), w.queries_out(w.out),
                 bhsd<float>(w.lse.data(), 1, w.Hq, w.N, 1), w.options());
       for (std::size_t x = 0; x < w.out.size(); ++x) w.out16[x] = a.round_bf16(w.out[x]);  // bwd16: dout = out

@@ -88,8 +88,10 @@ struct AttentionOptions {
 
   // Lets fp32 and fp16 q, k and v be rounded to bf16 (to nearest even) for the two
   // products, on a level with bf16 products (see active_isa: "amx", "avx512bf16"), for the
-  // calls those take (dot product, prefill). oneDNN's "fpmath mode bf16" and PyTorch's
-  // float32_matmul_precision("medium") allow the same. Each rounding has a relative error
+  // calls those take (dot product, prefill); and, for attention_backward with the dot
+  // product on those levels, q, k, v and dout for its five products (see there).
+  // oneDNN's "fpmath mode bf16" and PyTorch's float32_matmul_precision("medium") allow
+  // the same. Each rounding has a relative error
   // of at most 2^-8, so a score moves by up to about 2^-7 scale sum_d |q_d k_d| and an
   // output by up to 2^-8 max|v| more (twice that, as both levels also round the
   // weights). A value beyond bf16's largest finite (about 3.39e38) becomes inf. out
@@ -185,6 +187,12 @@ void attention(TensorView<const float> q, TensorView<const fp16> k, TensorView<c
 /// dq, dk and dv are overwritten (not accumulated into); they must not share memory with
 /// each other or with any input (checked, like every other argument, before anything is
 /// written). fp32, computed in fp32; results are bitwise identical for every num_threads.
+/// Under allow_bf16_compute, with the dot product, on the avx512bf16 and amx levels: q,
+/// k, v and dout are rounded to bf16 (to nearest even; beyond bf16's largest finite, to
+/// inf) and the call computes what the bf16 overload below computes on the rounded values
+/// (out read as it is, lse and the gradients fp32): within its bound, without the final
+/// rounding, of the exact gradients at the rounded inputs. Elsewhere the option changes
+/// nothing here.
 void attention_backward(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
                         TensorView<const float> out, TensorView<const float> lse,
                         TensorView<const float> dout,
@@ -206,8 +214,9 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
 /// bound plus 2^-8 of the sum of its terms' magnitudes, plus its final rounding, but not
 /// bitwise the fp32 backward's. Zero weights still keep inf and NaN in rows and keys that
 /// a row cannot see out of the result. Same checks, options, scores and determinism as
-/// the fp32 call; allow_bf16_compute does not apply (fp32 and fp16 data are never
-/// rounded).
+/// the fp32 call. fp16 data under allow_bf16_compute, with the dot product, on those
+/// levels: rounded to bf16 and computed as the fp32 call under the option computes on the
+/// widened fp16 values, each gradient then rounded once to fp16.
 void attention_backward(TensorView<const bf16> q, TensorView<const bf16> k, TensorView<const bf16> v,
                         TensorView<const bf16> out, TensorView<const float> lse, TensorView<const bf16> dout,
                         TensorView<bf16> dq, TensorView<bf16> dk, TensorView<bf16> dv,

@@ -20,9 +20,11 @@
 // they are written; everything between is this fp32 code. Working memory: the scratch the
 // driver passes.
 //
-// With PairDot (the vdpbf16ps variant, for bf16 data and the dot product), all five
-// products take pairs, two products per lane and instruction, as the forward with pair
-// values does:
+// With PairDot (the vdpbf16ps variant, for bf16 data and the dot product, and for fp32
+// and fp16 data under allow_bf16_compute: their q, k, v and dout rounded to bf16 as they
+// are packed, so that the call computes what a bf16 call on the rounded inputs does), all
+// five products take pairs, two products per lane and instruction, as the forward with
+// pair values does:
 //   S, dP   the forward's S tile: q and dout as bf16 pairs of dimensions (the scratch's
 //           q_pairs and dout_pairs), K and V as pair panels in the room of the fp32 ones.
 //           Products of bf16 values are exact in fp32 and each pair adds them with two
@@ -175,6 +177,15 @@ struct BackwardKernel {
         for (std::int64_t c = 0; c < count; ++c) dst[c] = widen_scalar(src[c * rows.col_stride]);
     });
   }
+  // x[c] rounded to bf16 (to nearest even) and widened back, c < count: fp32 and fp16 q
+  // and dout under allow_bf16_compute, so that everything after (the pairs, D_i, the
+  // fp32 tiles of a non-finite block) sees the values a bf16 call would.
+  static void to_bf16_values(float* x, std::int64_t count) {
+    for (std::int64_t c = 0; c < count; ++c) {
+      const std::uint32_t bits = std::uint32_t(round_to_bf16(x[c])) << 16;
+      __builtin_memcpy(x + c, &bits, 4);
+    }
+  }
   // sum_c x[c] * (element offset + c * col_stride), in order.
   static float dot_row(const float* x, const HeadRows& rows, std::int64_t offset, std::int64_t count) {
     return typed(rows, offset, [&](const auto* src) {
@@ -215,10 +226,12 @@ struct BackwardKernel {
         continue;
       }
       widen_row(job.q, g * job.q.head_stride + i * job.q.row_stride, D, qr);
+      if (kPairs && job.q.type != DType::bf16) to_bf16_values(qr, D);
       for (std::int64_t d = D; d < Dp; ++d) qr[d] = 0.0f;
       float delta = 0.0f;
       if (Dv > 0) {  // else out and dout may be null
         widen_row(job.dout, g * job.dout.head_stride + i * job.dout.row_stride, Dv, dr);
+        if (kPairs && job.dout.type != DType::bf16) to_bf16_values(dr, Dv);
         delta = dot_row(dr, job.out, g * job.out.head_stride + i * job.out.row_stride, Dv);
       }
       for (std::int64_t c = Dv; c < Dvp; ++c) dr[c] = 0.0f;
@@ -228,8 +241,8 @@ struct BackwardKernel {
       m.row_scale[r] = from_stats ? job.coarse_scale[g * job.q_len + i] : 1.0f;
     }
     if constexpr (kPairs) {  // q and dout by pairs of dimensions and of rows, and the rows' flags
-      // The fp32 rows hold bf16 values widened exactly (zeros past D and Dv, and on empty
-      // rows), so rounding them back gives the bf16 bits; a row of Dp floats covers the
+      // The fp32 rows hold bf16 values (widened exactly, or rounded above; zeros past D
+      // and Dv, and on empty rows), so rounding them back gives the bf16 bits; a row of Dp floats covers the
       // 2 head_pairs(D) elements of its pairs (Dp >= D + 1 when D is odd).
       const std::int64_t Dh = head_pairs(D), Dvh = head_pairs(Dv);
       for (std::int64_t r = 0; r < rows_padded; ++r) {
