@@ -18,8 +18,9 @@
 // query row of its group; the key chunks in turn share every query row of each group.
 // Rows whose lse is too coarse to recompute P from (masked by -1e9, say) get their own
 // statistics first (backward_row_stats).
-// The kernels: an fp32 variant's, 16-bit data widened, or for bf16 data and the dot
-// product the vdpbf16ps variant's where the level has it (backward_kernels).
+// The kernels: an fp32 variant's, 16-bit data widened, or for the dot product on bf16 data
+// (or on fp32 and fp16 data under allow_bf16_compute, rounded to bf16 as packed) the
+// vdpbf16ps variant's where the level has it (detail::backward_kernels).
 #include <flashcpu/flashcpu.hpp>
 
 #include <omp.h>

@@ -1088,28 +1088,41 @@ void check_rounded_bits(const char* name, const Tensor& wide, const Tensor& want
   }
 }
 
-// fp32 data under allow_bf16_compute on `kernels`, p unrounded (its out rounded to bf16
-// here): each gradient rounded to bf16 must be bitwise the bf16 call's on the rounded
-// inputs, and (with `oracle`) the fp32 gradients within compare_with_oracle16's bounds of
-// the oracle on the rounded inputs, with no final rounding. On return p's q, k, v and out
-// hold the rounded values. dout_inf_row0: dout row 0 of head 0 set to inf (kPoisons).
+// fp32 data under allow_bf16_compute on `kernels`, p unrounded. out and lse come from the
+// forward on the inputs rounded to bf16 (as a forward under the option makes them; the
+// oracle's bound assumes them), out rounded to bf16 so that the bf16 call reads the same
+// out; after_forward (may be null) then changes dout. The call on the unrounded inputs
+// must be bitwise, in fp32, the call on the inputs rounded beforehand (the rounding is
+// all the unrounded values reach), and its gradients rounded to bf16 bitwise the bf16
+// call's; with `oracle`, they must be within compare_with_oracle16's bounds of the oracle
+// on the rounded inputs, with no final rounding. On return p holds the rounded values.
 BackwardOutcome check_allowed(Problem& p, Layout grads, const flashcpu::detail::KernelTable& kernels,
                               BackwardSchedule schedule, std::int64_t chunk_blocks, bool oracle,
-                              bool dout_inf_row0 = false) {
+                              void (*after_forward)(Problem&, Tensor& dout) = nullptr) {
   using flashcpu::bf16;
-  Grads g(p, grads), g32(p, grads);
+  Grads g(p, grads), g32(p, grads), g_rounded(p, grads);
+  const Tensor q = p.q, k = p.k, v = p.v;
+  for (Tensor* t : {&p.q, &p.k, &p.v}) ftest::round_view<bf16>(*t);
   forward(p, g);
-  if (dout_inf_row0)
-    for (std::int64_t x = 0; x < p.d.Dv; ++x) g.dout.at(0, 0, 0, x) = kInf;
+  if (after_forward) after_forward(p, g.dout);
   ftest::round_view<bf16>(p.out);
-  run_fused_allowed<float>(p, g.dout, g32, kernels, schedule, chunk_blocks);
-  ftest::round_view<bf16>(p.q);
-  ftest::round_view<bf16>(p.k);
-  ftest::round_view<bf16>(p.v);
+  const Tensor dout = g.dout;
   ftest::round_view<bf16>(g.dout);
-  g32.dout = g.dout;  // the oracle's
+  run_fused_allowed<float>(p, g.dout, g_rounded, kernels, schedule, chunk_blocks);
+  const Tensor q16 = p.q, k16 = p.k, v16 = p.v;
+  p.q = q, p.k = k, p.v = v;
+  run_fused_allowed<float>(p, dout, g32, kernels, schedule, chunk_blocks);
+  p.q = q16, p.k = k16, p.v = v16;
   run_fused_bf16(p, g, schedule, chunk_blocks, &kernels);
   BackwardOutcome o;
+  for (auto [got, want, name] : {std::tuple{&g32.dq, &g_rounded.dq, "dq"}, {&g32.dk, &g_rounded.dk, "dk"},
+                                 {&g32.dv, &g_rounded.dv, "dv"}}) {
+    const std::vector<float> x = got->values(), y = want->values();
+    if (std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) != 0) {
+      o.ok = false;
+      o.report += std::string(name) + ": not bitwise the call on the inputs rounded beforehand\n";
+    }
+  }
   check_rounded_bits<bf16>("dq", g32.dq, g.dq, o);
   check_rounded_bits<bf16>("dk", g32.dk, g.dk, o);
   check_rounded_bits<bf16>("dv", g32.dv, g.dv, o);
@@ -1118,6 +1131,7 @@ BackwardOutcome check_allowed(Problem& p, Layout grads, const flashcpu::detail::
     Expected fwd = expect(p.q.cview(), p.k.cview(), p.v.cview(), p.opt);
     for (std::size_t x = 0; x < fwd.out_tol.size(); ++x)
       fwd.out_tol[x] += u16 * (std::fabs(double(fwd.out[x])) + fwd.out_tol[x]);
+    g32.dout = g.dout;  // the rounded dout, the oracle's
     compare_with_oracle16(p, g32, fwd, 0.0, o, " (fp32, allow_bf16_compute)");
   }
   return o;
@@ -1150,22 +1164,71 @@ TEST_CASE("fp32 data under allow_bf16_compute: the bf16 backward on the rounded 
     for (const Poison& poison : kPoisons) {
       Problem p(poison.dims, 9700, Layout::bhsd, Layout::bhsd);
       poison.apply(p);
-      const BackwardOutcome o =
-          check_allowed(p, Layout::bhsd, *kernels, BackwardSchedule::automatic, 0, false, poison.dout_inf_row0);
+      const auto inf_row0 = [](Problem& q, Tensor& dout) {
+        for (std::int64_t x = 0; x < q.d.Dv; ++x) dout.at(0, 0, 0, x) = kInf;
+      };
+      const BackwardOutcome o = check_allowed(p, Layout::bhsd, *kernels, BackwardSchedule::automatic, 0, false,
+                                              poison.dout_inf_row0 ? +inf_row0 : nullptr);
       INFO(poison.what);
       INFO(o.report);
       CHECK(o.ok);
     }
-    for (const bool in_k : {false, true}) {
+    // 3.4e38: finite in fp32, beyond bf16's largest finite (3.39e38), so inf once rounded.
+    const char* where[] = {"q", "k", "v", "dout"};
+    for (int c = 0; c < 4; ++c) {
       Problem p(Dims{1, 2, 1, 8, 20, 8, 8}, 9710, Layout::bhsd, Layout::bhsd);
       p.causal();
-      (in_k ? p.k.at(0, 0, 3, 2) : p.q.at(0, 1, 4, 2)) = 3.4e38f;  // bf16's largest finite: 3.39e38
-      const BackwardOutcome o = check_allowed(p, Layout::bhsd, *kernels, BackwardSchedule::automatic, 0, false);
-      INFO((in_k ? "k" : "q") << " 3.4e38");
+      if (c < 3) (c == 0 ? p.q.at(0, 1, 4, 2) : c == 1 ? p.k.at(0, 0, 3, 2) : p.v.at(0, 0, 5, 1)) = 3.4e38f;
+      const auto big_dout = [](Problem&, Tensor& dout) { dout.at(0, 1, 6, 3) = 3.4e38f; };
+      const BackwardOutcome o = check_allowed(p, Layout::bhsd, *kernels, BackwardSchedule::automatic, 0, false,
+                                              c == 3 ? +big_dout : nullptr);
+      INFO(where[c] << " 3.4e38");
       INFO(o.report);
       CHECK(o.ok);
     }
   }
+}
+
+TEST_CASE("fp32 data under allow_bf16_compute is bitwise identical for 1, 2, 3 and 5 threads and every schedule",
+          "[backward][threads][bf16products]") {
+  // The pair kernels on unrounded fp32 data, every option (a row masked by -1e9 among
+  // them) on one KV head of three query heads, and causal under a narrow window with key
+  // lengths on two (the shapes of the fp32 test above): each schedule on each thread
+  // count, and the one pass's on chunks of 1 key block, all against one thread.
+  for (const flashcpu::detail::KernelTable* kernels : pair_backward_kernels())
+    for (int shape = 0; shape < 2; ++shape) {
+      const Dims d = shape == 0 ? Dims{1, 3, 1, 150, 170, 24, 20} : Dims{2, 3, 1, 170, 150, 24, 20};
+      std::vector<float> first[3];
+      for (int threads : {1, 2, 3, 5})
+        for (int run = 0; run < 6; ++run) {
+          const BackwardSchedule schedule = run < 4 ? kSchedules[run] : kSchedules[1 + run % 2];
+          const std::int64_t chunk_blocks = run < 4 ? 0 : 1;
+          Problem p(d, 9750, Layout::padded, Layout::padded);
+          if (shape == 0) {
+            every_option(p);
+            p.sinks(-1.0f, 1.0f);
+            for (std::int64_t h = 0; h < d.Hq; ++h)
+              for (std::int64_t j = 0; j < d.M; ++j) p.mask_buf[std::size_t((h * d.N + 7) * d.M + j)] = -1e9f;
+          } else {
+            p.causal();
+            p.window(9, 4);
+            short_keys(p);
+          }
+          p.opt.num_threads = threads;
+          Grads g(p, Layout::padded);
+          forward(p, g);
+          run_fused_allowed<float>(p, g.dout, g, *kernels, schedule, chunk_blocks);
+          const std::vector<float> got[3] = {g.dq.values(), g.dk.values(), g.dv.values()};
+          if (first[0].empty()) {
+            for (int x = 0; x < 3; ++x) first[x] = got[x];
+            continue;
+          }
+          INFO(kernels->backward_name << ", threads " << threads << ", " << schedule_name(schedule) << ", chunks of "
+                                      << chunk_blocks << ", shape " << shape);
+          for (int x = 0; x < 3; ++x)
+            CHECK(std::memcmp(first[x].data(), got[x].data(), first[x].size() * sizeof(float)) == 0);
+        }
+    }
 }
 
 TEST_CASE("fp16 data under allow_bf16_compute: the fp32 call on the widened fp16 values, rounded to fp16",
@@ -1236,6 +1299,26 @@ TEST_CASE("allow_bf16_compute: the backward kernels it chooses, through the publ
       CHECK(std::memcmp(got->values().data(), want->values().data(), got->values().size() * sizeof(float)) == 0);
     if (takes_pairs)  // the option took effect: the rounded inputs moved the gradients
       CHECK(std::memcmp(g.dq.values().data(), exact.dq.values().data(), g.dq.values().size() * sizeof(float)) != 0);
+    // fp16 through its public entry under the option: the kernels chosen above.
+    using flashcpu::fp16;
+    const ftest::Copy<fp16> q16(p.q), k16(p.k), v16(p.v), out16(p.out), dout16(g.dout);
+    ftest::Copy<fp16> dq16(g.dq), dk16(g.dk), dv16(g.dv);
+    flashcpu::attention_backward(q16.cview(), k16.cview(), v16.cview(), out16.cview(), p.lse.cview(), dout16.cview(),
+                                 dq16.view(), dk16.view(), dv16.view(), allowed);
+    Grads g16(p, Layout::bhsd);
+    run_fused_as<fp16>(p, g.dout, g16, takes_pairs ? pairs : fp32, allowed);
+    for (auto [got, want] : {std::pair{&dq16, &g16.dq}, {&dk16, &g16.dk}, {&dv16, &g16.dv}}) {
+      const Shape sh = want->shape();
+      std::int64_t bad = 0;
+      for (std::int64_t b = 0; b < sh[0]; ++b)
+        for (std::int64_t h = 0; h < sh[1]; ++h)
+          for (std::int64_t i = 0; i < sh[2]; ++i)
+            for (std::int64_t c = 0; c < sh[3]; ++c) {
+              const fp16 x = got->at(b, h, i, c), y = ftest::narrow<fp16>(want->at(b, h, i, c));
+              bad += std::memcmp(&x, &y, sizeof(fp16)) != 0;
+            }
+      CHECK(bad == 0);
+    }
   }
 }
 

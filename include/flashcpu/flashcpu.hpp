@@ -190,9 +190,11 @@ void attention(TensorView<const float> q, TensorView<const fp16> k, TensorView<c
 /// Under allow_bf16_compute, with the dot product, on the avx512bf16 and amx levels: q,
 /// k, v and dout are rounded to bf16 (to nearest even; beyond bf16's largest finite, to
 /// inf) and the call computes what the bf16 overload below computes on the rounded values
-/// (out read as it is, lse and the gradients fp32): within its bound, without the final
-/// rounding, of the exact gradients at the rounded inputs. Elsewhere the option changes
-/// nothing here.
+/// (out read as it is, lse and the gradients fp32). When out and lse are the forward's on
+/// those rounded values (a forward call under the option on these levels rounds prefill
+/// so; it computes decoding and other calls exactly), that is within the bf16 overload's
+/// bound, without its final rounding, of the exact gradients at the rounded inputs; else P
+/// moves by the difference of the lse too. Elsewhere the option changes nothing here.
 void attention_backward(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
                         TensorView<const float> out, TensorView<const float> lse,
                         TensorView<const float> dout,
@@ -205,8 +207,8 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
 /// order (with grouped-query heads, dk and dv are summed in fp32); each gradient element
 /// is then rounded once, to nearest even. So a 16-bit gradient is the fp32 backward's on
 /// the widened inputs, rounded: within half an ulp of it (2^-8 relative for bf16, 2^-11
-/// for fp16). One exception: bf16 with the dot product, when dispatch runs the avx512bf16
-/// or amx level, takes its five products by vdpbf16ps, as the forward does on those
+/// for fp16). Two exceptions. First, bf16 with the dot product, when dispatch runs the
+/// avx512bf16 or amx level, takes its five products by vdpbf16ps, as the forward does on those
 /// levels. S = q k^T and dP = dout v^T multiply the bf16 inputs exactly and add the
 /// products in pairs with the roundings of FMAs; P and dS are rounded to bf16 (2^-8 of
 /// each term at most) before dV = P^T dout, dK = dS^T q and dQ = dS k; vdpbf16ps reads
@@ -214,9 +216,9 @@ void attention_backward(TensorView<const float> q, TensorView<const float> k, Te
 /// bound plus 2^-8 of the sum of its terms' magnitudes, plus its final rounding, but not
 /// bitwise the fp32 backward's. Zero weights still keep inf and NaN in rows and keys that
 /// a row cannot see out of the result. Same checks, options, scores and determinism as
-/// the fp32 call. fp16 data under allow_bf16_compute, with the dot product, on those
-/// levels: rounded to bf16 and computed as the fp32 call under the option computes on the
-/// widened fp16 values, each gradient then rounded once to fp16.
+/// the fp32 call. Second, fp16 data under allow_bf16_compute, with the dot product, on
+/// those levels: rounded to bf16 and computed as the fp32 call under the option computes
+/// on the widened fp16 values, each gradient then rounded once to fp16.
 void attention_backward(TensorView<const bf16> q, TensorView<const bf16> k, TensorView<const bf16> v,
                         TensorView<const bf16> out, TensorView<const float> lse, TensorView<const bf16> dout,
                         TensorView<bf16> dq, TensorView<bf16> dk, TensorView<bf16> dv,
