@@ -1231,6 +1231,42 @@ TEST_CASE("fp32 data under allow_bf16_compute is bitwise identical for 1, 2, 3 a
     }
 }
 
+TEST_CASE("the pair kernels' dV and dK carry the rounding of P and dS: their fallback does not run on finite data",
+          "[backward][bf16products]") {
+  // A query block whose q or dout holds an inf or NaN takes the fp32 tiles for dK or dV,
+  // which do not round P and dS; the bounds above would pass that too, only slower. On
+  // finite inputs already in bf16, fp32 data under the option, against the exact fp32
+  // backward on the same values: P and dS rounded to bf16 move most dV and dK elements by
+  // far more than 2^-16 of their size (2^-9 relative per term), where the fp32 tiles
+  // would agree with the exact backward to a few fp32 ulps (the S and dP sums' order).
+  // One query block (N <= 64 rows), so each element shows that block's path.
+  for (const flashcpu::detail::KernelTable* kernels : pair_backward_kernels())
+    for (const bool causal : {false, true}) {
+      Problem p(Dims{1, 4, 2, 48, 130, 40, 24}, causal ? 9761 : 9760, Layout::padded, Layout::padded);
+      if (causal) p.causal();
+      p.opt.num_threads = 2;
+      for (Tensor* t : {&p.q, &p.k, &p.v}) ftest::round_view<flashcpu::bf16>(*t);
+      Grads exact(p, Layout::bhsd), pairs(p, Layout::bhsd);
+      forward(p, exact);
+      ftest::round_view<flashcpu::bf16>(exact.dout);
+      run_fused(p, exact);
+      run_fused_allowed<float>(p, exact.dout, pairs, *kernels);
+      for (auto [got, want, name] : {std::tuple{&pairs.dv, &exact.dv, "dv"}, {&pairs.dk, &exact.dk, "dk"}}) {
+        const std::vector<float> x = got->values(), y = want->values();
+        std::size_t moved = 0, counted = 0;
+        for (std::size_t e = 0; e < x.size(); ++e) {
+          if (y[e] == 0.0f) continue;  // keys no row sees
+          ++counted;
+          moved += std::fabs(double(x[e]) - double(y[e])) > 0x1p-16 * std::fabs(double(y[e]));
+        }
+        INFO(kernels->backward_name << ", causal " << causal << ", " << name << ": " << moved << " of " << counted
+                                    << " elements moved by more than 2^-16");
+        CHECK(counted > 0);
+        CHECK(moved * 2 > counted);
+      }
+    }
+}
+
 TEST_CASE("fp16 data under allow_bf16_compute: the fp32 call on the widened fp16 values, rounded to fp16",
           "[backward][16bit][bf16products]") {
   // fp16 inputs widen exactly, so the fp16 call rounds them to bf16 as the fp32 call does
