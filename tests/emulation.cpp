@@ -103,4 +103,14 @@ const KernelTable& emulated_pair_value_kernels() {
   return pair_kernels<true>("bf16_attn_fwd_4x16__avx512bf16 with pair values (emulated vdpbf16ps, sse2 vectors)");
 }
 
+void emulated_vdpbf16ps(float* acc, const std::uint32_t* a, const std::uint32_t* b, std::size_t lanes) {
+  using batch = xsimd::batch<float, xsimd::sse2>;
+  using ibatch = xsimd::batch<std::int32_t, xsimd::sse2>;
+  for (std::size_t i = 0; i < lanes; i += batch::size) {
+    const batch x = xsimd::bitwise_cast<batch>(ibatch::load_unaligned(reinterpret_cast<const std::int32_t*>(a + i)));
+    const batch y = xsimd::bitwise_cast<batch>(ibatch::load_unaligned(reinterpret_cast<const std::int32_t*>(b + i)));
+    bf16_products_emulated::EmulatedPairDot::step(batch::load_unaligned(acc + i), x, y).store_unaligned(acc + i);
+  }
+}
+
 }  // namespace flashcpu::detail

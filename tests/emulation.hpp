@@ -1,6 +1,9 @@
 // The bf16-product variants' kernel tables on emulated instructions (emulation.cpp).
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
+
 #include "kernels/kernel_api.hpp"
 
 namespace flashcpu::detail {
@@ -14,5 +17,9 @@ const KernelTable& emulated_pair_kernels();
 
 /// The same with P.V by vdpbf16ps too: bf16 weights, V packed by pairs of keys.
 const KernelTable& emulated_pair_value_kernels();
+
+/// acc[i] = VDPBF16PS(acc[i], a[i], b[i]) for i < lanes (a multiple of 4), each 32-bit
+/// word of a and b a pair of bf16 values: the kernels' emulated instruction.
+void emulated_vdpbf16ps(float* acc, const std::uint32_t* a, const std::uint32_t* b, std::size_t lanes);
 
 }  // namespace flashcpu::detail

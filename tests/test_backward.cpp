@@ -28,7 +28,7 @@
 // hold; P and dS are rounded to bf16 before the other three products, which adds
 // u16 Σ_t |x_t y_t| (u16 = 2^-8) to each gradient's bound; and the gradient is rounded to
 // bf16 once: u16 (|oracle| + bound) more. The subnormals vdpbf16ps reads and writes as
-// zero are not modelled: the tests' values are far from them.
+// zero (as its emulation does) are not in this bound: the tests' values are far from them.
 // fp32 data under allow_bf16_compute runs those kernels on q, k, v and dout rounded to
 // bf16: its gradients, rounded to bf16, must be bitwise the bf16 call's on the rounded
 // inputs, and they are held to the oracle on the rounded inputs under the bound above

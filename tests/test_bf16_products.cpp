@@ -24,6 +24,8 @@
 // (observed worst 0.49), so the check is 0.75; with V widened the bound is that rounding
 // alone, which may use all of it (no margin check). lse errors were at most 1% of their
 // bound, checked at 10%.
+// The emulated vdpbf16ps itself is checked bitwise against the instruction where the CPU
+// has it (rounding, the order of the two products, subnormals, infinities, NaN).
 // Mutations that these tests caught: the score factor off by 0.1%, V read one column
 // pair off, zero weights multiplied into a poisoned chunk, V read in place on the tiles
 // when decoding, a pair's odd element dropped by the K packer, a column stride ignored,
@@ -31,6 +33,7 @@
 #include <catch2/catch.hpp>
 
 #include <flashcpu/flashcpu.hpp>
+#include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
@@ -592,6 +595,87 @@ TEST_CASE("bf16 products: with AMX capped off, the avx512bf16 kernels give the s
   for (const TileCase& c : cases)
     check_same_within_tolerance(fd::kernels_for(fd::Isa::amx, fd::DType::bf16),
                                 fd::kernels_for(fd::Isa::avx512bf16, fd::DType::bf16), c);
+}
+
+namespace {
+
+// VDPBF16PS itself on `lanes` (a multiple of 16) lanes, where the CPU has AVX512-BF16.
+__attribute__((target("avx512f,avx512bf16"))) void hardware_vdpbf16ps(float* acc, const std::uint32_t* a,
+                                                                       const std::uint32_t* b, std::size_t lanes) {
+  for (std::size_t i = 0; i < lanes; i += 16)
+    _mm512_storeu_ps(acc + i, _mm512_dpbf16_ps(_mm512_loadu_ps(acc + i), (__m512bh)_mm512_loadu_si512(a + i),
+                                               (__m512bh)_mm512_loadu_si512(b + i)));
+}
+
+// Random bits of a float (bits = 32) or bf16 (bits = 16) value, in the classes the
+// instruction treats apart: normals near 1 (their products and sums near 1), normals near
+// the bottom of the range (products and sums around the subnormals), subnormals, zeros,
+// infinities and NaN, each of either sign.
+std::uint32_t random_value_bits(std::mt19937& rng, int bits) {
+  const int mantissa_bits = bits == 32 ? 23 : 7;
+  const std::uint32_t sign = std::uint32_t(rng() & 1u) << (bits - 1), mantissa = rng() & ((1u << mantissa_bits) - 1);
+  const unsigned pick = rng() % 100;
+  std::uint32_t exponent;
+  if (pick < 45)
+    exponent = 100 + rng() % 55;  // 2^-27 .. 2^27
+  else if (pick < 70)
+    exponent = 1 + rng() % 40;  // just above the subnormals
+  else if (pick < 85)
+    return sign | (mantissa | 1u);  // subnormal
+  else if (pick < 92)
+    return sign;  // zero
+  else if (pick < 96)
+    return sign | (255u << mantissa_bits);  // infinity
+  else
+    return sign | (255u << mantissa_bits) | (mantissa | 1u);  // NaN
+  return sign | exponent << mantissa_bits | mantissa;
+}
+
+}  // namespace
+
+TEST_CASE("emulated vdpbf16ps is bitwise the instruction: rounding, order, subnormals, infinities, NaN", "[bf16products]") {
+  // The emulated kernels stand for the avx512bf16 variant on CPUs without AVX512-BF16;
+  // here, where the CPU has it, their instruction is checked against it lane by lane:
+  // the odd pair's product added first, each sum rounded to fp32, subnormal inputs and
+  // sums read and written as zeros of their sign. NaN matches any NaN (payloads differ
+  // between implementations).
+  if (!flashcpu::isa_supported("avx512bf16")) {
+    WARN("not run: this CPU has no AVX512-BF16 to compare with");
+    return;
+  }
+  std::mt19937 rng(4242);
+  constexpr std::size_t kLanes = std::size_t(1) << 18;
+  std::vector<float> acc(kLanes), emulated(kLanes), hardware(kLanes);
+  std::vector<std::uint32_t> a(kLanes), b(kLanes);
+  for (std::size_t i = 0; i < kLanes; ++i) {
+    const std::uint32_t bits = random_value_bits(rng, 32);
+    std::memcpy(&acc[i], &bits, 4);
+    a[i] = random_value_bits(rng, 16) | random_value_bits(rng, 16) << 16;
+    b[i] = random_value_bits(rng, 16) | random_value_bits(rng, 16) << 16;
+  }
+  emulated = acc;
+  hardware = acc;
+  flashcpu::detail::emulated_vdpbf16ps(emulated.data(), a.data(), b.data(), kLanes);
+  hardware_vdpbf16ps(hardware.data(), a.data(), b.data(), kLanes);
+  std::size_t differ = 0, subnormal_inputs = 0, flushed = 0;
+  for (std::size_t i = 0; i < kLanes; ++i) {
+    for (std::uint32_t half : {a[i] & 0xffffu, a[i] >> 16, b[i] & 0xffffu, b[i] >> 16})
+      subnormal_inputs += (half & 0x7f80u) == 0 && (half & 0x7fu) != 0;
+    flushed += hardware[i] == 0.0f && acc[i] != 0.0f;
+    const bool both_nan = std::isnan(emulated[i]) && std::isnan(hardware[i]);
+    if (both_nan || std::memcmp(&emulated[i], &hardware[i], 4) == 0) continue;
+    if (++differ <= 5) {
+      std::uint32_t e, h, c;
+      std::memcpy(&e, &emulated[i], 4), std::memcpy(&h, &hardware[i], 4), std::memcpy(&c, &acc[i], 4);
+      INFO("lane " << i << std::hex << ": acc " << c << ", a " << a[i] << ", b " << b[i] << ": emulated " << e
+                   << ", instruction " << h);
+      CHECK(false);
+    }
+  }
+  INFO(subnormal_inputs << " subnormal bf16 inputs, " << flushed << " nonzero accumulators that came out zero");
+  CHECK(differ == 0);
+  CHECK(subnormal_inputs > kLanes / 10);  // the cases the emulation had wrong before
+  CHECK(flushed > kLanes / 100);
 }
 
 TEST_CASE("bf16 products: which calls the variants take", "[bf16products]") {

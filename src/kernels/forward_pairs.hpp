@@ -32,17 +32,47 @@ struct HardwarePairDot {
 };
 #endif
 
-// The same on any vector width, element by element as the SDM defines VDPBF16PS (the
-// odd product first; each sum rounded to fp32), for tests on CPUs without AVX512-BF16.
+// The same on any vector width, lane by lane as the SDM defines VDPBF16PS (the odd
+// product first; each sum rounded once to fp32, as by an FMA; subnormal inputs, the
+// accumulator's included, read as zero and subnormal sums flushed to zero, each keeping
+// its sign), for tests on CPUs without AVX512-BF16. Each sum is taken in double, where a
+// product of two bf16 values is exact and the sum's one rounding to fp32 is the FMA's
+// (the vectors without FMA would round a product below fp32's normals first). Bitwise
+// the instruction on Zen 5, subnormals, infinities and NaN included
+// (test_bf16_products.cpp).
 struct EmulatedPairDot {
   template <class batch>
   static batch step(batch acc, batch q, batch k) {
-    using ibatch = xsimd::batch<std::int32_t, typename batch::arch_type>;
-    const ibatch high(std::int32_t(0xffff0000u));
-    const ibatch qi = xsimd::bitwise_cast<ibatch>(q), ki = xsimd::bitwise_cast<ibatch>(k);
-    const batch q_hi = xsimd::bitwise_cast<batch>(qi & high), k_hi = xsimd::bitwise_cast<batch>(ki & high);
-    const batch q_lo = xsimd::bitwise_cast<batch>(qi << 16), k_lo = xsimd::bitwise_cast<batch>(ki << 16);
-    return xsimd::fma(q_lo, k_lo, xsimd::fma(q_hi, k_hi, acc));
+    constexpr std::size_t n = batch::size;
+    alignas(64) float a[n], x[n], y[n];
+    acc.store_aligned(a);
+    q.store_aligned(x);
+    k.store_aligned(y);
+    for (std::size_t i = 0; i < n; ++i) {
+      std::uint32_t qb, kb;
+      __builtin_memcpy(&qb, &x[i], 4);
+      __builtin_memcpy(&kb, &y[i], 4);
+      const float odd = flushed(double(flushed(a[i])) + double(half(qb >> 16)) * double(half(kb >> 16)));
+      a[i] = flushed(double(odd) + double(half(qb & 0xffffu)) * double(half(kb & 0xffffu)));
+    }
+    return batch::load_aligned(a);
+  }
+  // A bf16 value (its bits), a subnormal read as the zero of its sign.
+  static float half(std::uint32_t bits) {
+    const std::uint32_t word = (bits & 0x7f80u) == 0 ? (bits & 0x8000u) << 16 : bits << 16;
+    float x;
+    __builtin_memcpy(&x, &word, 4);
+    return x;
+  }
+  // x rounded to fp32, a subnormal result flushed to the zero of its sign.
+  static float flushed(double x) {
+    const float f = float(x);
+    std::uint32_t bits;
+    __builtin_memcpy(&bits, &f, 4);
+    if ((bits & 0x7f800000u) == 0) bits &= 0x80000000u;
+    float r;
+    __builtin_memcpy(&r, &bits, 4);
+    return r;
   }
 };
 
