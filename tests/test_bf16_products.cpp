@@ -609,17 +609,19 @@ __attribute__((target("avx512f,avx512bf16"))) void hardware_vdpbf16ps(float* acc
 
 // Random bits of a float (bits = 32) or bf16 (bits = 16) value, in the classes the
 // instruction treats apart: normals near 1 (their products and sums near 1), normals near
-// the bottom of the range (products and sums around the subnormals), subnormals, zeros,
-// infinities and NaN, each of either sign.
+// the bottom of the range (products and sums around the subnormals) and the top (sums
+// that overflow), subnormals, zeros, infinities and NaN, each of either sign.
 std::uint32_t random_value_bits(std::mt19937& rng, int bits) {
   const int mantissa_bits = bits == 32 ? 23 : 7;
   const std::uint32_t sign = std::uint32_t(rng() & 1u) << (bits - 1), mantissa = rng() & ((1u << mantissa_bits) - 1);
   const unsigned pick = rng() % 100;
   std::uint32_t exponent;
-  if (pick < 45)
+  if (pick < 40)
     exponent = 100 + rng() % 55;  // 2^-27 .. 2^27
-  else if (pick < 70)
+  else if (pick < 65)
     exponent = 1 + rng() % 40;  // just above the subnormals
+  else if (pick < 70)
+    exponent = 200 + rng() % 55;  // 2^73 .. 2^127: products and sums that overflow
   else if (pick < 85)
     return sign | (mantissa | 1u);  // subnormal
   else if (pick < 92)
@@ -637,31 +639,56 @@ TEST_CASE("emulated vdpbf16ps is bitwise the instruction: rounding, order, subno
   // The emulated kernels stand for the avx512bf16 variant on CPUs without AVX512-BF16;
   // here, where the CPU has it, their instruction is checked against it lane by lane:
   // the odd pair's product added first, each sum rounded to fp32, subnormal inputs and
-  // sums read and written as zeros of their sign. NaN matches any NaN (payloads differ
-  // between implementations).
+  // sums read and written as zeros of their sign (a sum is flushed when, rounded to 24
+  // bits with no bound on the exponent, it is below 2^-126). NaN matches any NaN
+  // (payloads differ between implementations). What the emulation does was read off Zen
+  // 5 (a standalone probe of the cases below); another CPU that differs fails here.
   if (!flashcpu::isa_supported("avx512bf16")) {
     WARN("not run: this CPU has no AVX512-BF16 to compare with");
     return;
   }
+  // Fixed lanes first (acc, a, b; the odd bf16 of a pair in the high half): flushes
+  // around 2^-126, of the first sum too, and the order of the two products.
+  const std::uint32_t fixed[][3] = {
+      {0x00800000, 0x1A000000, 0x9A000000},  // 2^-126 - 2^-150: tiny at 24 bits: 0
+      {0x00800000, 0x1A000000, 0x99800000},  // 2^-126 - 2^-151: a tie, rounded to 2^-126
+      {0x00800000, 0x1A000000, 0x99000000},  // 2^-126 - 2^-152: 2^-126
+      {0x00800001, 0x1A000000, 0x9A000000},  // (2^-126 + 2^-149) - 2^-150: a tie, to 2^-126
+      {0x00C00000, 0x80800000, 0x3F800000},  // 1.5 2^-126 - 2^-126: a subnormal sum, -> 0
+      {0x00C00000, 0x80800080, 0x3F803F80},  // the same, then + 2^-126: 2^-126 (the first sum flushed)
+      {0x00400000, 0x00800000, 0x3F800000},  // a subnormal accumulator read as 0: 2^-126
+      {0x3F800000, 0x4B80CB80, 0x3F803F80},  // 1 + 2^24 - 2^24: 0 when the odd product comes first
+      {0x7F000000, 0x7F000000, 0x40000000},  // 2^127 + 2^128: inf
+  };
+  constexpr std::size_t kFixed = sizeof(fixed) / sizeof(fixed[0]);
   std::mt19937 rng(4242);
   constexpr std::size_t kLanes = std::size_t(1) << 18;
   std::vector<float> acc(kLanes), emulated(kLanes), hardware(kLanes);
   std::vector<std::uint32_t> a(kLanes), b(kLanes);
   for (std::size_t i = 0; i < kLanes; ++i) {
-    const std::uint32_t bits = random_value_bits(rng, 32);
+    const std::uint32_t bits = i < kFixed ? fixed[i][0] : random_value_bits(rng, 32);
     std::memcpy(&acc[i], &bits, 4);
-    a[i] = random_value_bits(rng, 16) | random_value_bits(rng, 16) << 16;
-    b[i] = random_value_bits(rng, 16) | random_value_bits(rng, 16) << 16;
+    if (i < kFixed) {
+      a[i] = fixed[i][1], b[i] = fixed[i][2];
+      continue;
+    }
+    for (std::uint32_t* x : {&a[i], &b[i]}) {
+      const std::uint32_t even = random_value_bits(rng, 16), odd = random_value_bits(rng, 16);
+      *x = even | odd << 16;
+    }
   }
   emulated = acc;
   hardware = acc;
   flashcpu::detail::emulated_vdpbf16ps(emulated.data(), a.data(), b.data(), kLanes);
   hardware_vdpbf16ps(hardware.data(), a.data(), b.data(), kLanes);
-  std::size_t differ = 0, subnormal_inputs = 0, flushed = 0;
+  std::size_t differ = 0, subnormal_inputs = 0, overflowed = 0;
   for (std::size_t i = 0; i < kLanes; ++i) {
-    for (std::uint32_t half : {a[i] & 0xffffu, a[i] >> 16, b[i] & 0xffffu, b[i] >> 16})
+    bool finite = std::isfinite(acc[i]);
+    for (std::uint32_t half : {a[i] & 0xffffu, a[i] >> 16, b[i] & 0xffffu, b[i] >> 16}) {
       subnormal_inputs += (half & 0x7f80u) == 0 && (half & 0x7fu) != 0;
-    flushed += hardware[i] == 0.0f && acc[i] != 0.0f;
+      finite = finite && (half & 0x7f80u) != 0x7f80u;
+    }
+    overflowed += finite && std::isinf(hardware[i]);  // finite inputs, a sum beyond fp32
     const bool both_nan = std::isnan(emulated[i]) && std::isnan(hardware[i]);
     if (both_nan || std::memcmp(&emulated[i], &hardware[i], 4) == 0) continue;
     if (++differ <= 5) {
@@ -672,10 +699,10 @@ TEST_CASE("emulated vdpbf16ps is bitwise the instruction: rounding, order, subno
       CHECK(false);
     }
   }
-  INFO(subnormal_inputs << " subnormal bf16 inputs, " << flushed << " nonzero accumulators that came out zero");
+  INFO(subnormal_inputs << " subnormal bf16 inputs, " << overflowed << " lanes of finite inputs that came out inf");
   CHECK(differ == 0);
   CHECK(subnormal_inputs > kLanes / 10);  // the cases the emulation had wrong before
-  CHECK(flushed > kLanes / 100);
+  CHECK(overflowed > kLanes / 1000);
 }
 
 TEST_CASE("bf16 products: which calls the variants take", "[bf16products]") {
