@@ -305,6 +305,23 @@ void compare_with_oracle16(Problem& p, Grads& g, const Expected& fwd, double fin
   compare_grad(("dv" + suffix).c_str(), g.dv, want.dv, rounded(want.dv, tol.dv), o);
 }
 
+// Elements of `got` (inside its view) whose bits differ from want's rounded to T; with
+// nan_matches, a NaN matches any NaN.
+template <class T>
+std::int64_t rounded_mismatches(const ftest::Copy<T>& got, const Tensor& want, bool nan_matches = false) {
+  const Shape sh = want.shape();
+  std::int64_t bad = 0;
+  for (std::int64_t b = 0; b < sh[0]; ++b)
+    for (std::int64_t h = 0; h < sh[1]; ++h)
+      for (std::int64_t i = 0; i < sh[2]; ++i)
+        for (std::int64_t c = 0; c < sh[3]; ++c) {
+          const T x = got.at(b, h, i, c), y = ftest::narrow<T>(want.at(b, h, i, c));
+          const bool both_nan = std::isnan(ftest::widen(x)) && std::isnan(ftest::widen(y));
+          bad += !(nan_matches && both_nan) && std::memcmp(&x, &y, sizeof(T)) != 0;
+        }
+  return bad;
+}
+
 // The 16-bit backward (T = bf16 or fp16) on a problem whose q, k, v, out and dout are
 // first rounded to T (in the fp32 tensors too). Where it widens them exactly and runs
 // the fp32 code in the same order, each gradient must be bitwise the fp32 backward's on
@@ -339,15 +356,7 @@ BackwardOutcome check_backward16(Problem& p, Layout outs, std::int64_t* mismatch
   BackwardOutcome o;
   *mismatches = 0;
   auto rounded_from = [&](const char* name, const Copy<T>& got, const Copy<T>& before, const Tensor& want) {
-    const Shape sh = want.shape();
-    std::int64_t bad = 0;
-    for (std::int64_t b = 0; b < sh[0]; ++b)
-      for (std::int64_t h = 0; h < sh[1]; ++h)
-        for (std::int64_t i = 0; i < sh[2]; ++i)
-          for (std::int64_t c = 0; c < sh[3]; ++c) {
-            const T x = got.at(b, h, i, c), y = ftest::narrow<T>(want.at(b, h, i, c));
-            bad += std::memcmp(&x, &y, sizeof(T)) != 0;
-          }
+    const std::int64_t bad = rounded_mismatches(got, want);
     *mismatches += bad;
     if (bad > 0) o.report += std::string(name) + ": " + std::to_string(bad) + " elements differ from the fp32 result rounded\n";
     if (!ftest::same_bits(before, got, false)) {
@@ -1072,16 +1081,7 @@ void run_fused_allowed(Problem& p, const Tensor& dout, Grads& grads, const flash
 // widened); a NaN matches any NaN. Reported into o.
 template <class T>
 void check_rounded_bits(const char* name, const Tensor& wide, const Tensor& want, BackwardOutcome& o) {
-  const Shape sh = want.shape();
-  std::int64_t bad = 0;
-  for (std::int64_t b = 0; b < sh[0]; ++b)
-    for (std::int64_t h = 0; h < sh[1]; ++h)
-      for (std::int64_t i = 0; i < sh[2]; ++i)
-        for (std::int64_t c = 0; c < sh[3]; ++c) {
-          const T x = ftest::narrow<T>(wide.at(b, h, i, c)), y = ftest::narrow<T>(want.at(b, h, i, c));
-          const bool both_nan = std::isnan(ftest::widen(x)) && std::isnan(ftest::widen(y));
-          bad += !both_nan && std::memcmp(&x, &y, sizeof(T)) != 0;
-        }
+  const std::int64_t bad = rounded_mismatches(ftest::Copy<T>(wide), want, true);
   if (bad > 0) {
     o.ok = false;
     o.report += std::string(name) + ": " + std::to_string(bad) + " elements differ\n";
@@ -1346,15 +1346,7 @@ TEST_CASE("allow_bf16_compute: the backward kernels it chooses, through the publ
     Grads g16(p, Layout::bhsd);
     run_fused_as<fp16>(p, g.dout, g16, takes_pairs ? pairs : fp32, allowed);
     for (auto [got, want] : {std::pair{&dq16, &g16.dq}, {&dk16, &g16.dk}, {&dv16, &g16.dv}}) {
-      const Shape sh = want->shape();
-      std::int64_t bad = 0;
-      for (std::int64_t b = 0; b < sh[0]; ++b)
-        for (std::int64_t h = 0; h < sh[1]; ++h)
-          for (std::int64_t i = 0; i < sh[2]; ++i)
-            for (std::int64_t c = 0; c < sh[3]; ++c) {
-              const fp16 x = got->at(b, h, i, c), y = ftest::narrow<fp16>(want->at(b, h, i, c));
-              bad += std::memcmp(&x, &y, sizeof(fp16)) != 0;
-            }
+      const std::int64_t bad = rounded_mismatches(*got, *want);
       CHECK(bad == 0);
     }
   }
