@@ -5,7 +5,10 @@
 // ratio of each round's pair is the figure. tools/ab_builds builds the two libraries and
 // runs this; see its header for use.
 //
-//   flashcpu-ab libA.so libB.so rounds "mode Hq Hkv N M D threads causal [cold]" ...
+//   flashcpu-ab libA.so[@isa] libB.so[@isa] rounds "mode Hq Hkv N M D threads causal [cold]" ...
+//   "@isa" caps that build's dispatch as FLASHCPU_ISA would (each copy of the library
+//   chooses its level once, at its first call), so one build can be compared with itself
+//   at two levels: lib.so@avx2 lib.so@avx512.
 //   mode: f32 (fp32 forward), bwd (fp32 backward), bwdc (fp32 backward under
 //   allow_bf16_compute), bf16 (bf16 q, k, v, out), bwd16 (bf16 backward), f16kv (fp32 q over fp16 K/V), bf16kv (fp32 q over bf16 K/V). Dv = D, B = 1. "cold": K and V in as
 //   many copies as make 1 GiB (at least 2), each call reading the next one, so that a
@@ -17,6 +20,8 @@
 #include <flashcpu/flashcpu.hpp>
 
 #include <dlfcn.h>
+
+#include <exception>
 
 #include <algorithm>
 #include <chrono>
@@ -48,6 +53,7 @@ struct Build {
   void (*bf16kv)(In<float>, In<bf16>, In<bf16>, Out<float>, Opt);
   bf16 (*round_bf16)(float);
   fp16 (*round_fp16)(float);
+  std::string isa;  // the level this build dispatches to (active_isa)
 };
 
 template <class F>
@@ -61,9 +67,12 @@ void bind(void* lib, const char* name, F& f) {
   std::memcpy(&f, &p, sizeof(p));
 }
 
-Build load(const char* path) {
+// `spec` is "lib.so" or "lib.so@isa".
+Build load(const std::string& spec) {
+  const std::size_t at = spec.rfind('@');
+  const std::string path = spec.substr(0, at), cap = at == std::string::npos ? "" : spec.substr(at + 1);
   // Local and deep-bound: each build resolves its own symbols, never the other's.
-  void* lib = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+  void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
   if (!lib) {
     std::fprintf(stderr, "flashcpu-ab: %s\n", dlerror());
     std::exit(1);
@@ -86,6 +95,23 @@ Build load(const char* path) {
        b.bf16kv);
   bind(lib, "_ZN8flashcpu7to_bf16Ef", b.round_bf16);
   bind(lib, "_ZN8flashcpu7to_fp16Ef", b.round_fp16);
+  // The level is chosen at the first call that asks for it, from FLASHCPU_ISA as it is
+  // then: set it for this copy alone, and ask now.
+  std::string (*active_isa)() = nullptr;
+  bind(lib, "_ZN8flashcpu10active_isaB5cxx11Ev", active_isa);
+  const char* outer = std::getenv("FLASHCPU_ISA");
+  const std::string saved = outer ? outer : "";
+  if (!cap.empty()) setenv("FLASHCPU_ISA", cap.c_str(), 1);
+  try {
+    b.isa = active_isa();
+  } catch (const std::exception& e) {  // a level this CPU or this build does not have
+    std::fprintf(stderr, "flashcpu-ab: %s\n", e.what());
+    std::exit(2);
+  }
+  if (outer)
+    setenv("FLASHCPU_ISA", saved.c_str(), 1);
+  else
+    unsetenv("FLASHCPU_ISA");
   return b;
 }
 
@@ -215,6 +241,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   const Build a = load(argv[1]), b = load(argv[2]);
+  std::printf("A runs %s, B runs %s\n", a.isa.c_str(), b.isa.c_str());
   const int rounds = std::atoi(argv[3]);
   if (rounds < 1) {
     std::fprintf(stderr, "flashcpu-ab: rounds must be at least 1\n");
