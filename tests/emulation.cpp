@@ -113,4 +113,20 @@ void emulated_vdpbf16ps(float* acc, const std::uint32_t* a, const std::uint32_t*
   }
 }
 
+void emulated_tdpbf16ps(float* c, const std::uint16_t* a, const std::uint16_t* b) {
+  using Tiles = bf16_products_emulated::EmulatedTiles;
+  bf16_products_emulated::TileConfigBlock config;
+  for (int t = 0; t < 3; ++t) {
+    config.rows[t] = 16;
+    config.bytes_per_row[t] = 64;
+  }
+  Tiles::configure(config);
+  Tiles::load<0>(c, 64);
+  Tiles::load<1>(a, 64);
+  Tiles::load<2>(b, 64);
+  Tiles::dot_bf16<0, 1, 2>();
+  Tiles::store<0>(c, 64);
+  Tiles::release();
+}
+
 }  // namespace flashcpu::detail

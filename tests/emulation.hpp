@@ -22,4 +22,8 @@ const KernelTable& emulated_pair_value_kernels();
 /// word of a and b a pair of bf16 values: the kernels' emulated instruction.
 void emulated_vdpbf16ps(float* acc, const std::uint32_t* a, const std::uint32_t* b, std::size_t lanes);
 
+/// c = TDPBF16PS(c, a, b) on whole tiles, as the tile kernel's EmulatedTiles computes it:
+/// c 16 x 16 fp32, a 16 rows of 32 bf16, b 16 rows of 16 pairs of bf16, each row 64 bytes.
+void emulated_tdpbf16ps(float* c, const std::uint16_t* a, const std::uint16_t* b);
+
 }  // namespace flashcpu::detail

@@ -35,6 +35,7 @@
 #include <flashcpu/flashcpu.hpp>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -703,6 +704,147 @@ TEST_CASE("emulated vdpbf16ps is bitwise the instruction: rounding, order, subno
   CHECK(differ == 0);
   CHECK(subnormal_inputs > kLanes / 10);  // the cases the emulation had wrong before
   CHECK(overflowed > kLanes / 1000);
+}
+
+namespace {
+
+// One TDPBF16PS on the CPU's tiles, where isa_supported("amx") (the OS has granted this
+// process the tile state): c (16 x 16 fp32) += a (16 x 32 bf16) . b (16 rows of 16 pairs
+// of bf16), every row 64 bytes. The instructions are written out, as the library's
+// HardwareTiles writes LDTILECFG: this file is compiled for the baseline.
+void hardware_tdpbf16ps(float* c, const std::uint16_t* a, const std::uint16_t* b) {
+  alignas(64) unsigned char config[64] = {};
+  config[0] = 1;  // palette 1; bytes per row at 16 (16-bit each), rows at 48
+  for (int t = 0; t < 3; ++t) {
+    config[16 + 2 * t] = 64;
+    config[48 + t] = 16;
+  }
+  const long stride = 64;
+  __asm__ volatile("ldtilecfg %0" ::"m"(config));
+  __asm__ volatile("tileloadd (%0,%1,1), %%tmm0" ::"r"(c), "r"(stride) : "memory");
+  __asm__ volatile("tileloadd (%0,%1,1), %%tmm1" ::"r"(a), "r"(stride) : "memory");
+  __asm__ volatile("tileloadd (%0,%1,1), %%tmm2" ::"r"(b), "r"(stride) : "memory");
+  __asm__ volatile("tdpbf16ps %%tmm2, %%tmm1, %%tmm0" ::: "memory");  // tmm0 += tmm1 . tmm2
+  __asm__ volatile("tilestored %%tmm0, (%0,%1,1)" ::"r"(c), "r"(stride) : "memory");
+  __asm__ volatile("tilerelease" ::: "memory");
+}
+
+// Products whose result tells the SDM's order and flushes of TDPBF16PS apart from the
+// alternatives; one per diagonal element (m = n = its index) of a tile. a and b: the bf16
+// bits of pair 0's even and odd elements, then pair 1's; every other pair zero.
+struct TileProductCase {
+  std::uint32_t c;           // fp32 bits
+  std::uint16_t a[4], b[4];  // even0, odd0, even1, odd1
+  std::uint32_t expected;    // fp32 bits; 0x7fc00000: any NaN
+  const char* what;
+};
+constexpr std::uint16_t kOne = 0x3F80, kMinusOne = 0xBF80, kTwoTo24 = 0x4B80, kMinusTwoTo24 = 0xCB80;
+const TileProductCase kTileProductCases[] = {
+    {0x3F800000, {kTwoTo24, 0, kMinusTwoTo24, 0}, {kOne, 0, kOne, 0}, 0x3F800000,
+     "1 + (2^24 - 2^24): the products summed apart from C (0 if summed into C)"},
+    {0x00000000, {kTwoTo24, kOne, kMinusTwoTo24, 0}, {kOne, kOne, kOne, 0}, 0x3F800000,
+     "even chain 2^24 - 2^24, odd chain 1: two chains (0 in one)"},
+    {0x4B800000, {kOne, 0, 0, kOne}, {kOne, 0, 0, kOne}, 0x4B800001,
+     "2^24 + (1 + 1): the chains added before C (2^24 one at a time)"},
+    {0x00400000, {0x2000, 0, 0, 0}, {0x2000, 0, 0, 0}, 0x00800000,
+     "C = 2^-127, a subnormal, + 2^-63 2^-63: C read as zero"},
+    {0x00000000, {0x0040, 0, 0, 0}, {0x7180, 0, 0, 0}, 0x00000000, "a subnormal bf16 (2^-127) times 2^100: read as zero"},
+    {0x00000000, {0x1F80, 0, 0x1F80, 0}, {0x2000, 0, 0x2000, 0}, 0x00000000,
+     "2^-64 2^-63 twice: each step's subnormal sum flushed"},
+    {0x00000000, {0x00C0, 0x8080, 0, 0}, {kOne, kOne, 0, 0}, 0x00000000,
+     "chains 1.5 2^-126 and -2^-126: their subnormal sum flushed"},
+    {0x80000000, {kMinusOne, 0, kOne, 0}, {kOne, 0, kOne, 0}, 0x00000000, "-0 + (-1 + 1): +0"},
+    {0x7F000000, {0x7F00, 0x7F00, 0, 0}, {kOne, kOne, 0, 0}, 0x7F800000, "2^127 + (2^127 + 2^127): inf"},
+    {0x3F800000, {0x7F80, 0, 0, 0}, {0, 0, 0, 0}, 0x7fc00000, "inf times 0: NaN"},
+};
+constexpr int kTileProductCaseCount = int(sizeof(kTileProductCases) / sizeof(kTileProductCases[0]));
+
+// The tiles of kTileProductCases: case i at row i of a and c, column i of b.
+void fill_tile_product_cases(float* c, std::uint16_t* a, std::uint16_t* b) {
+  std::fill(c, c + 256, 0.0f);
+  std::fill(a, a + 512, std::uint16_t(0));
+  std::fill(b, b + 512, std::uint16_t(0));
+  for (int i = 0; i < kTileProductCaseCount; ++i) {
+    const TileProductCase& t = kTileProductCases[i];
+    std::memcpy(&c[i * 16 + i], &t.c, 4);
+    for (int k = 0; k < 2; ++k)
+      for (int e = 0; e < 2; ++e) {
+        a[i * 32 + 2 * k + e] = t.a[2 * k + e];  // row i, pair k
+        b[k * 32 + 2 * i + e] = t.b[2 * k + e];  // pair row k, column i
+      }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("emulated TDPBF16PS follows the SDM: two chains, their sum, then C; subnormals read and written as zero",
+          "[bf16products]") {
+  // The tile kernel's emulated instruction, on the cases that tell the SDM's order
+  // (tiles.hpp) from summing into C, and its flushes from IEEE subnormals. The instruction
+  // itself is compared with it below, on a CPU with AMX.
+  alignas(64) float c[256];
+  alignas(64) std::uint16_t a[512], b[512];
+  fill_tile_product_cases(c, a, b);
+  flashcpu::detail::emulated_tdpbf16ps(c, a, b);
+  for (int i = 0; i < kTileProductCaseCount; ++i) {
+    const TileProductCase& t = kTileProductCases[i];
+    std::uint32_t got;
+    std::memcpy(&got, &c[i * 16 + i], 4);
+    INFO(t.what << std::hex << ": got " << got << ", expected " << t.expected);
+    if (t.expected == 0x7fc00000u)
+      CHECK(std::isnan(c[i * 16 + i]));
+    else
+      CHECK(got == t.expected);
+  }
+}
+
+TEST_CASE("emulated TDPBF16PS is bitwise the instruction: order, rounding, subnormals, infinities, NaN",
+          "[bf16products]") {
+  // The tile kernel's tests on CPUs without AMX run on EmulatedTiles. Here, where the CPU
+  // has AMX, the instruction is checked against it element by element: the chosen cases
+  // above, then random tiles of values in every class (random_value_bits). NaN matches
+  // any NaN.
+  if (!flashcpu::isa_supported("amx")) {
+    WARN("not run: this CPU (or OS) offers no AMX tiles to compare with");
+    return;
+  }
+  std::mt19937 rng(2424);
+  constexpr int kTiles = 1024;
+  std::size_t differ = 0, compared = 0;
+  alignas(64) float c[256], emulated[256], hardware[256];
+  alignas(64) std::uint16_t a[512], b[512];
+  for (int tile = 0; tile < kTiles; ++tile) {
+    if (tile == 0) {
+      fill_tile_product_cases(c, a, b);
+    } else {
+      for (float& x : c) {
+        const std::uint32_t bits = random_value_bits(rng, 32);
+        std::memcpy(&x, &bits, 4);
+      }
+      for (std::uint16_t& x : a) x = std::uint16_t(random_value_bits(rng, 16));
+      for (std::uint16_t& x : b) x = std::uint16_t(random_value_bits(rng, 16));
+    }
+    std::copy(c, c + 256, emulated);
+    std::copy(c, c + 256, hardware);
+    flashcpu::detail::emulated_tdpbf16ps(emulated, a, b);
+    hardware_tdpbf16ps(hardware, a, b);
+    for (int i = 0; i < 256; ++i, ++compared) {
+      if ((std::isnan(emulated[i]) && std::isnan(hardware[i])) || std::memcmp(&emulated[i], &hardware[i], 4) == 0)
+        continue;
+      if (++differ <= 5) {
+        std::uint32_t e, h, c0;
+        std::memcpy(&e, &emulated[i], 4), std::memcpy(&h, &hardware[i], 4), std::memcpy(&c0, &c[i], 4);
+        INFO("tile " << tile << ", element (" << i / 16 << ", " << i % 16 << ")" << std::hex << ": c " << c0
+                     << ": emulated " << e << ", instruction " << h
+                     << (tile == 0 && i / 16 == i % 16 && i / 16 < kTileProductCaseCount
+                             ? std::string(" (") + kTileProductCases[i / 16].what + ")"
+                             : std::string()));
+        CHECK(false);
+      }
+    }
+  }
+  INFO(compared << " elements compared");
+  CHECK(differ == 0);
 }
 
 TEST_CASE("bf16 products: which calls the variants take", "[bf16products]") {

@@ -36,6 +36,41 @@ inline float widen_scalar(f16 x) {
 #endif
 }
 
+// The scalar arithmetic of x86's bf16 dot-product instructions (VDPBF16PS, TDPBF16PS), for
+// their emulations on CPUs without them (EmulatedPairDot, EmulatedTiles): every input,
+// the accumulator's included, read with subnormals as zeros of their sign; each sum
+// rounded once to fp32 (as by an FMA), to nearest even, and flushed to the zero of its
+// sign when tiny. A sum is taken in double, where a product of two bf16 values is exact,
+// and where the sum is inexact only when one side is far below half an fp32 ulp of the
+// other, so its rounding to fp32 is the FMA's one (vectors without FMA would round a
+// product below fp32's normals first).
+struct Bf16DotArithmetic {
+  // A bf16 value (its bits), a subnormal read as the zero of its sign.
+  static double input(std::uint32_t bits) {
+    const std::uint32_t word = (bits & 0x7f80u) == 0 ? (bits & 0x8000u) << 16 : (bits & 0xffffu) << 16;
+    float x;
+    __builtin_memcpy(&x, &word, 4);
+    return x;
+  }
+  // An fp32 accumulator, a subnormal read as the zero of its sign.
+  static double accumulator(float x) { return flushed(x); }
+  // x rounded to fp32, or the zero of its sign where x86 flushes it: when x rounded to
+  // 24 bits with no bound on the exponent (x 2^64 rounded to fp32: exact scaling, a normal
+  // result) lies below 2^-126 in size. So 2^-126 - 2^-150 flushes, though fp32's own
+  // rounding would take it up to 2^-126.
+  static float flushed(double x) {
+    const float scaled = float(x * 0x1p64);
+    if (scaled < 0x1p-62f && scaled > -0x1p-62f) return __builtin_signbit(scaled) ? -0.0f : 0.0f;
+    return float(x);
+  }
+  // acc + a b (a and b the bits of bf16 values), one rounding.
+  static float fma(float acc, std::uint32_t a, std::uint32_t b) {
+    return flushed(accumulator(acc) + input(a) * input(b));
+  }
+  // x + y, one rounding.
+  static float add(float x, float y) { return flushed(accumulator(x) + accumulator(y)); }
+};
+
 // W consecutive elements widened to one batch.
 template <class Arch>
 inline xsimd::batch<float, Arch> widen(const float* p) {

@@ -33,14 +33,10 @@ struct HardwarePairDot {
 #endif
 
 // The same on any vector width, lane by lane as the SDM defines VDPBF16PS (the odd
-// product first; each sum rounded once to fp32, as by an FMA; subnormal inputs, the
-// accumulator's included, read as zero and subnormal sums flushed to zero, each keeping
-// its sign), for tests on CPUs without AVX512-BF16. Each sum is taken in double, where a
-// product of two bf16 values is exact, and where the sum is inexact only when one side is
-// far below half an fp32 ulp of the other, so its rounding to fp32 is the FMA's one (the
-// vectors without FMA would round a product below fp32's normals first). Bitwise the
-// instruction on Zen 5 on random and chosen lanes: subnormals, overflow, infinities,
-// NaN-ness (test_bf16_products.cpp).
+// product first, then the even one, each an FMA in Bf16DotArithmetic: subnormal inputs
+// read as zero, subnormal sums flushed), for tests on CPUs without AVX512-BF16. Bitwise
+// the instruction on Zen 4 and Zen 5 on random and chosen lanes: subnormals, overflow,
+// infinities, NaN-ness (test_bf16_products.cpp).
 struct EmulatedPairDot {
   template <class batch>
   static batch step(batch acc, batch q, batch k) {
@@ -53,26 +49,10 @@ struct EmulatedPairDot {
       std::uint32_t qb, kb;
       __builtin_memcpy(&qb, &x[i], 4);
       __builtin_memcpy(&kb, &y[i], 4);
-      const float odd = flushed(double(flushed(a[i])) + double(half(qb >> 16)) * double(half(kb >> 16)));  // a[i]: DAZ
-      a[i] = flushed(double(odd) + double(half(qb & 0xffffu)) * double(half(kb & 0xffffu)));
+      const float odd = Bf16DotArithmetic::fma(a[i], qb >> 16, kb >> 16);
+      a[i] = Bf16DotArithmetic::fma(odd, qb & 0xffffu, kb & 0xffffu);
     }
     return batch::load_aligned(a);
-  }
-  // A bf16 value (its bits), a subnormal read as the zero of its sign.
-  static float half(std::uint32_t bits) {
-    const std::uint32_t word = (bits & 0x7f80u) == 0 ? (bits & 0x8000u) << 16 : bits << 16;
-    float x;
-    __builtin_memcpy(&x, &word, 4);
-    return x;
-  }
-  // x rounded to fp32, or the zero of its sign where x86 flushes it: when x rounded to
-  // 24 bits with no bound on the exponent (x 2^64 rounded to fp32: exact scaling, a normal
-  // result) lies below 2^-126 in size. So 2^-126 - 2^-150 flushes, though fp32's own
-  // rounding would take it up to 2^-126.
-  static float flushed(double x) {
-    const float scaled = float(x * 0x1p64);
-    if (scaled < 0x1p-62f && scaled > -0x1p-62f) return __builtin_signbit(scaled) ? -0.0f : 0.0f;
-    return float(x);
   }
 };
 

@@ -14,8 +14,14 @@
 //    register its rows and bytes per row.
 //  - tdpbf16ps(C, A, B): C is M x N fp32, A is M x K bf16 (row-major, K even), B is K/2
 //    rows of N pairs of bf16 ("VNNI" layout: element (k, n) of the K x N operand sits at
-//    row k/2, position 2n + k%2). C[m][n] += sum over k of A[m][k] * B(k, n), the
-//    products exact and the sums in fp32.
+//    row k/2, position 2n + k%2). C[m][n] += sum over k of A[m][k] * B(k, n), in the
+//    order of the SDM's current pseudo-code (Intel's intrinsics guide, and older SDM
+//    text, sum straight into C instead): the even k's products summed by FMAs into one
+//    fp32 chain from zero, the odd k's into another, the two chains added, and that sum
+//    added to C. Every input, C's included, is read with subnormals as zero, every sum
+//    rounded to nearest even and flushed to zero when subnormal; MXCSR plays no part.
+//    Not yet compared with the instruction (test_bf16_products.cpp does, on a CPU with
+//    AMX).
 // Every user configures, uses and releases the tiles within one call of one thread:
 // OpenMP reuses threads, and a configuration is the thread's own.
 
@@ -134,13 +140,15 @@ struct EmulatedTiles {
     const int m_rows = s.config.rows[C], n_cols = s.config.bytes_per_row[C] / 4;
     const int k_pairs = s.config.bytes_per_row[A] / 4;
     assert(s.config.rows[A] == m_rows && s.config.rows[B] == k_pairs && s.config.bytes_per_row[B] == n_cols * 4);
+    using Arith = Bf16DotArithmetic;
     for (int m = 0; m < m_rows; ++m)
       for (int n = 0; n < n_cols; ++n) {
-        float c = element<float>(C, m, 4 * n);
+        float even = 0.0f, odd = 0.0f;
         for (int k = 0; k < k_pairs; ++k) {
-          c = std::fma(bf16_at(A, m, 4 * k), bf16_at(B, k, 4 * n), c);
-          c = std::fma(bf16_at(A, m, 4 * k + 2), bf16_at(B, k, 4 * n + 2), c);
+          even = Arith::fma(even, element<std::uint16_t>(A, m, 4 * k), element<std::uint16_t>(B, k, 4 * n));
+          odd = Arith::fma(odd, element<std::uint16_t>(A, m, 4 * k + 2), element<std::uint16_t>(B, k, 4 * n + 2));
         }
+        const float c = Arith::add(element<float>(C, m, 4 * n), Arith::add(even, odd));
         __builtin_memcpy(&state().data[C][m][4 * n], &c, 4);
       }
   }
@@ -152,5 +160,4 @@ struct EmulatedTiles {
     __builtin_memcpy(&x, &state().data[tile][row][byte], sizeof(T));
     return x;
   }
-  static float bf16_at(int tile, int row, int byte) { return widen_scalar(bf16{element<std::uint16_t>(tile, row, byte)}); }
 };
