@@ -527,7 +527,7 @@ double measure_peak_extra_mib(F&& fn) {
 // The machine, and which OpenBLAS core ran (bench/machine.cpp)
 // ---------------------------------------------------------------------------------
 
-/// /proc/cpuinfo's "model name", e.g. "AMD EPYC 9R14 96-Core Processor".
+/// /proc/cpuinfo's "model name" with its family and model, e.g. "AMD EPYC (family 25, model 17)".
 std::string cpu_model();
 /// /proc/cpuinfo's flags. Linux lists a feature only when the OS also saves its state.
 std::set<std::string> cpu_flags();

@@ -57,8 +57,13 @@ std::string g_openblas_core_note = "as OpenBLAS detected it";
 }  // namespace
 
 std::string cpu_model() {
-  const std::string m = cpuinfo_field("model name");
-  return m.empty() ? "unknown CPU" : m;
+  std::string m = cpuinfo_field("model name");
+  if (m.empty()) m = "unknown CPU";
+  // The family and model numbers tell apart CPUs that a VM names alike ("AMD EPYC" is
+  // both a Zen 4, family 25, and a Zen 5, family 26).
+  const std::string family = cpuinfo_field("cpu family"), model = cpuinfo_field("model");
+  if (!family.empty() && !model.empty()) m += " (family " + family + ", model " + model + ")";
+  return m;
 }
 
 std::set<std::string> cpu_flags() {
