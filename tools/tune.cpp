@@ -205,18 +205,6 @@ bool parse(int argc, char** argv, Options* o) {
   return true;
 }
 
-std::string cpu_model() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("model name", 0) == 0) {
-      const auto colon = line.find(':');
-      if (colon != std::string::npos) return line.substr(colon + 2);
-    }
-  }
-  return "unknown CPU";
-}
-
 std::string today() {
   char buf[64];
   const std::time_t t = std::time(nullptr);
@@ -453,7 +441,7 @@ int tune(const Options& o) {
   };
   out << "# flashcpu tuning file, written by flashcpu-tune\n"
       << "# date: " << today() << "\n"
-      << "# cpu: " << cpu_model() << ", " << threads << " threads\n"
+      << "# cpu: " << fb::cpu_model() << ", " << threads << " threads\n"
       << "# isa: " << isa << " (" << target.kernels->name << " on " << fb::dtype_name(target.dtype) << " data)\n"
       << "# workload: " << workload_str(o.workloads) << "; D = Dv = head_dim; score = geometric"
       << " mean of GFLOP/s, median of " << o.reps << "\n"
