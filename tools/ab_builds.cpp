@@ -21,13 +21,12 @@
 
 #include <dlfcn.h>
 
-#include <exception>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -67,10 +66,13 @@ void bind(void* lib, const char* name, F& f) {
   std::memcpy(&f, &p, sizeof(p));
 }
 
-// `spec` is "lib.so" or "lib.so@isa".
+// `spec` is "lib.so" or "lib.so@isa": a trailing "@" and a lower-case name, so that a
+// path with an "@" of its own stays whole.
 Build load(const std::string& spec) {
   const std::size_t at = spec.rfind('@');
-  const std::string path = spec.substr(0, at), cap = at == std::string::npos ? "" : spec.substr(at + 1);
+  const bool capped = at != std::string::npos && at + 1 < spec.size() &&
+                      spec.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789", at + 1) == std::string::npos;
+  const std::string path = capped ? spec.substr(0, at) : spec, cap = capped ? spec.substr(at + 1) : "";
   // Local and deep-bound: each build resolves its own symbols, never the other's.
   void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
   if (!lib) {
@@ -104,8 +106,13 @@ Build load(const std::string& spec) {
   if (!cap.empty()) setenv("FLASHCPU_ISA", cap.c_str(), 1);
   try {
     b.isa = active_isa();
-  } catch (const std::exception& e) {  // a level this CPU or this build does not have
+  } catch (const std::exception& e) {  // a name that is no level
     std::fprintf(stderr, "flashcpu-ab: %s\n", e.what());
+    std::exit(2);
+  }
+  if (!cap.empty() && b.isa != cap) {  // dispatch falls back from a level the CPU lacks
+    std::fprintf(stderr, "flashcpu-ab: %s@%s runs %s: this CPU (or OS) lacks %s\n", path.c_str(), cap.c_str(),
+                 b.isa.c_str(), cap.c_str());
     std::exit(2);
   }
   if (outer)
