@@ -753,11 +753,16 @@ const TileProductCase kTileProductCases[] = {
      "2^-64 2^-63 twice: each step's subnormal sum flushed"},
     {0x00000000, {0x00C0, 0x8080, 0, 0}, {kOne, kOne, 0, 0}, 0x00000000,
      "chains 1.5 2^-126 and -2^-126: their subnormal sum flushed"},
+    {0x00000000, {0x2000, 0, 0x9A00, 0}, {0x2000, 0, 0x1A00, 0}, 0x00000000,
+     "chain 2^-126 - 2^-150: tiny at 24 bits, flushed (fp32's own rounding gives 2^-126)"},
+    {0x00000000, {0x2000, 0, 0x9A00, 0}, {0x2000, 0, 0x1980, 0}, 0x00800000,
+     "chain 2^-126 - 2^-151: 2^-126 at 24 bits, kept (flushed if tininess came before rounding)"},
     {0x80000000, {kMinusOne, 0, kOne, 0}, {kOne, 0, kOne, 0}, 0x00000000, "-0 + (-1 + 1): +0"},
     {0x7F000000, {0x7F00, 0x7F00, 0, 0}, {kOne, kOne, 0, 0}, 0x7F800000, "2^127 + (2^127 + 2^127): inf"},
     {0x3F800000, {0x7F80, 0, 0, 0}, {0, 0, 0, 0}, 0x7fc00000, "inf times 0: NaN"},
 };
 constexpr int kTileProductCaseCount = int(sizeof(kTileProductCases) / sizeof(kTileProductCases[0]));
+static_assert(kTileProductCaseCount <= 16, "one case per row of a tile");
 
 // The tiles of kTileProductCases: case i at row i of a and c, column i of b.
 void fill_tile_product_cases(float* c, std::uint16_t* a, std::uint16_t* b) {
@@ -802,40 +807,60 @@ TEST_CASE("emulated TDPBF16PS is bitwise the instruction: order, rounding, subno
           "[bf16products]") {
   // The tile kernel's tests on CPUs without AMX run on EmulatedTiles. Here, where the CPU
   // has AMX, the instruction is checked against it element by element: the chosen cases
-  // above, then random tiles of values in every class (random_value_bits). NaN matches
-  // any NaN.
+  // above, then random tiles of three kinds. An element sums 32 products, so values drawn
+  // with the specials of random_value_bits would make nearly every element inf or NaN:
+  // one tile in 8 draws them (kind 0); half draw finite values of every size (kind 1);
+  // the rest draw a and b from 2^-71 to 2^-63 and c zero or near 2^-126 (kind 2), so that
+  // the chains' sums cross fp32's smallest normal, where the flushes act. NaN matches any
+  // NaN.
   if (!flashcpu::isa_supported("amx")) {
     WARN("not run: this CPU (or OS) offers no AMX tiles to compare with");
     return;
   }
   std::mt19937 rng(2424);
+  const auto draw = [&rng](int bits, int kind) -> std::uint32_t {
+    if (kind == 2) {
+      const std::uint32_t sign = std::uint32_t(rng() & 1u) << (bits - 1);
+      if (bits == 16) return sign | (56u + rng() % 9) << 7 | (rng() & 0x7fu);  // 2^-71 .. 2^-63
+      return rng() % 2 ? sign : sign | (1u + rng() % 8) << 23 | (rng() & 0x7fffffu);  // 0, or 2^-126 .. 2^-118
+    }
+    const std::uint32_t all_ones = bits == 32 ? 0x7f800000u : 0x7f80u;
+    for (;;) {
+      const std::uint32_t x = random_value_bits(rng, bits);
+      if (kind == 0 || (x & all_ones) != all_ones) return x;
+    }
+  };
   constexpr int kTiles = 1024;
-  std::size_t differ = 0, compared = 0;
+  std::size_t differ = 0, compared = 0, finite = 0, zeros = 0, smallest = 0;
   alignas(64) float c[256], emulated[256], hardware[256];
   alignas(64) std::uint16_t a[512], b[512];
   for (int tile = 0; tile < kTiles; ++tile) {
+    const int kind = tile % 8 == 0 ? 0 : tile % 8 <= 4 ? 1 : 2;
     if (tile == 0) {
       fill_tile_product_cases(c, a, b);
     } else {
       for (float& x : c) {
-        const std::uint32_t bits = random_value_bits(rng, 32);
+        const std::uint32_t bits = draw(32, kind);
         std::memcpy(&x, &bits, 4);
       }
-      for (std::uint16_t& x : a) x = std::uint16_t(random_value_bits(rng, 16));
-      for (std::uint16_t& x : b) x = std::uint16_t(random_value_bits(rng, 16));
+      for (std::uint16_t& x : a) x = std::uint16_t(draw(16, kind));
+      for (std::uint16_t& x : b) x = std::uint16_t(draw(16, kind));
     }
     std::copy(c, c + 256, emulated);
     std::copy(c, c + 256, hardware);
     flashcpu::detail::emulated_tdpbf16ps(emulated, a, b);
     hardware_tdpbf16ps(hardware, a, b);
     for (int i = 0; i < 256; ++i, ++compared) {
+      finite += kind != 0 && std::isfinite(hardware[i]);
+      zeros += kind == 2 && hardware[i] == 0.0f;
+      smallest += kind == 2 && hardware[i] != 0.0f && std::fabs(hardware[i]) < 0x1p-124f;
       if ((std::isnan(emulated[i]) && std::isnan(hardware[i])) || std::memcmp(&emulated[i], &hardware[i], 4) == 0)
         continue;
       if (++differ <= 5) {
         std::uint32_t e, h, c0;
         std::memcpy(&e, &emulated[i], 4), std::memcpy(&h, &hardware[i], 4), std::memcpy(&c0, &c[i], 4);
-        INFO("tile " << tile << ", element (" << i / 16 << ", " << i % 16 << ")" << std::hex << ": c " << c0
-                     << ": emulated " << e << ", instruction " << h
+        INFO("tile " << tile << " (kind " << kind << "), element (" << i / 16 << ", " << i % 16 << ")" << std::hex
+                     << ": c " << c0 << ": emulated " << e << ", instruction " << h
                      << (tile == 0 && i / 16 == i % 16 && i / 16 < kTileProductCaseCount
                              ? std::string(" (") + kTileProductCases[i / 16].what + ")"
                              : std::string()));
@@ -843,8 +868,12 @@ TEST_CASE("emulated TDPBF16PS is bitwise the instruction: order, rounding, subno
       }
     }
   }
-  INFO(compared << " elements compared");
+  INFO(compared << " elements compared, " << finite << " of finite inputs with a finite result; from inputs "
+                << "around the flush boundary, " << zeros << " zeros and " << smallest << " nonzero below 2^-124");
   CHECK(differ == 0);
+  CHECK(finite > compared / 2);
+  CHECK(zeros > compared / 50);
+  CHECK(smallest > compared / 50);
 }
 
 TEST_CASE("bf16 products: which calls the variants take", "[bf16products]") {

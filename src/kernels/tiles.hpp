@@ -7,7 +7,7 @@
 //    TILERELEASE). Only in a translation unit compiled with -mamx-tile -mamx-bf16.
 //  - EmulatedTiles: the same instructions, element by element, in plain C++. It lets the
 //    tile path's packing, tiling, tails and options be tested against the oracle on any
-//    CPU (tests/amx_emulation.cpp); it is never dispatched to.
+//    CPU (tests/emulation.cpp); it is never dispatched to.
 //
 // What the instructions do (Intel SDM, "Intel AMX instruction set reference"):
 //  - A tile register holds up to 16 rows of up to 64 bytes; the configuration gives each
@@ -20,8 +20,8 @@
 //    fp32 chain from zero, the odd k's into another, the two chains added, and that sum
 //    added to C. Every input, C's included, is read with subnormals as zero, every sum
 //    rounded to nearest even and flushed to zero when subnormal; MXCSR plays no part.
-//    Not yet compared with the instruction (test_bf16_products.cpp does, on a CPU with
-//    AMX).
+//    No CPU with AMX has yet run the comparison with the instruction
+//    (test_bf16_products.cpp, "emulated TDPBF16PS is bitwise the instruction").
 // Every user configures, uses and releases the tiles within one call of one thread:
 // OpenMP reuses threads, and a configuration is the thread's own.
 
