@@ -172,9 +172,9 @@ struct ForwardKernel {
   // The same scores from K rows read in place (decoding: K is streamed once, packing it
   // would cost a second pass), for the tile's first ROWS rows. W keys at a time: per key,
   // one vector of partial dot products per row, then PairSums turns W such vectors into W
-  // finished scores. KP keys per pass over D, so that ROWS*KP accumulator chains hide the
-  // FMA latency (4 rows x 2 keys, or 2 rows x 4 keys when the rest of the tile is padding).
-  template <int ROWS = MR, int KP = 2>
+  // finished scores. KP keys per pass over D: ROWS*KP accumulator chains hide the FMA
+  // latency, and each query vector loaded serves KP keys (see kFullKeysPerPass).
+  template <int ROWS, int KP>
   static void scores_tile_rows(const float* q, std::int64_t D, const KV* k, std::int64_t k_stride,
                                std::int64_t num_keys, std::int64_t cols, float* scores, std::int64_t scores_stride,
                                PrefetchStream& ahead) {
@@ -565,7 +565,8 @@ struct ForwardKernel {
           return false;
         }
       }
-      scores_tile_rows(q, D, k, job.keys.k_row_stride, t.num_keys - t.c0, t.cols - t.c0, scores, Bk, ahead);
+      scores_tile_rows<MR, kFullKeysPerPass>(q, D, k, job.keys.k_row_stride, t.num_keys - t.c0, t.cols - t.c0,
+                                             scores, Bk, ahead);
     }
     return panels != nullptr;
   }
@@ -584,6 +585,17 @@ struct ForwardKernel {
   // chains), or 2 where 4 would not fit the registers with the keys and a query vector
   // (3 rows of a 6-row tile on 16 registers).
   static constexpr int kHalfKeysPerPass = (MR / 2) * 4 + 4 + 1 <= kVectorRegisters ? 4 : 2;
+  // The same for a whole tile: 4 keys where MR x 4 accumulators, the keys and a query
+  // vector fit the registers (AVX-512's 4- and 6-row tiles: 21 and 29 of 32), else 2. Per
+  // pass the loop loads MR query vectors and KP keys for MR x KP FMAs, and runs the pass's
+  // fixed work (zeroing, the first stages of the horizontal sums, prefetch requests) once:
+  // with 2 keys the loads and that work held the S loop to about half the FMA rate. Zen 4,
+  // avx512bf16, tools/ab_builds per-round medians against 2 keys (20 rounds): fp32 q over
+  // bf16 K/V, 4 GQA rows, D = 128, 1.06 cold, 1.14 hot at 1 thread; D = 64 cold 1.20;
+  // fp16 K/V cold 1.10; 6 rows 1.17; fp32 K/V cold 0.99 (bound by memory). The scores are
+  // bitwise those of 2 keys per pass: each (row, key) chain and the order of the sums are
+  // unchanged.
+  static constexpr int kFullKeysPerPass = MR * 4 + 4 + 1 <= kVectorRegisters ? 4 : 2;
 
   // Per row of the tile, the exclusions by its visible interval, the running max
   // and sum, and the scores turned into probabilities in place; alpha[r] rescales the
