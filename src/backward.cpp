@@ -39,6 +39,7 @@
 #include "dispatch.hpp"
 #include "plan.hpp"
 #include "scratch.hpp"
+#include "tuning.hpp"
 #include "validate.hpp"
 
 namespace flashcpu {
@@ -231,7 +232,8 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   const std::int64_t key_blocks = (M + Bk - 1) / Bk, q_blocks = (N + Br - 1) / Br;
   const std::int64_t heads = B * Hkv;
   // Its five products: two and a half times a forward's two.
-  const std::int64_t wanted = detail::thread_count(s.num_threads, 2.5 * detail::forward_flops(s));
+  const std::int64_t wanted = detail::thread_count(s.num_threads, 2.5 * detail::forward_flops(s),
+                                                      detail::min_flops_per_thread_for(kernels.isa));
   if (chunk_blocks <= 0) {
     // About kChunkBytes of key side, but no fewer than 4 chunks per thread while a chunk
     // can shrink (short M on few heads).

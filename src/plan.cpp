@@ -25,9 +25,9 @@ float load_element(const void* p, DType type) {
 
 }  // namespace
 
-int thread_count(int requested, double flops) {
+int thread_count(int requested, double flops, double min_flops_per_thread) {
   if (requested > 0) return requested;
-  return int(std::clamp(std::floor(flops / kMinFlopsPerThread), 1.0, double(omp_get_max_threads())));
+  return int(std::clamp(std::floor(flops / min_flops_per_thread), 1.0, double(omp_get_max_threads())));
 }
 
 double forward_flops(const AttentionShape& s) {
@@ -70,7 +70,9 @@ Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const AnyVie
   plan.kernels = &kernels;
   plan.shape = s;
   plan.group = s.group();
-  const TileConfig tiles = tiles_for(kernels, s.head_dim);
+  const Tuning tuning = tuning_for(kernels, s.head_dim);
+  const TileConfig tiles = tuning.tiles;
+  plan.min_flops_per_thread = tuning.min_flops_per_thread;
   // Short sequences get blocks no larger than they need, so that small problems still
   // split into enough work items and no time goes to padding.
   plan.block_rows = round_up(std::min<std::int64_t>(tiles.block_rows, std::max<std::int64_t>(s.q_len, 1)), kernels.tile_rows);

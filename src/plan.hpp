@@ -64,6 +64,7 @@ struct Plan {
   AttentionShape shape;
   std::int64_t group;  // query heads per KV head
   std::int64_t block_rows, block_keys;
+  double min_flops_per_thread;    // from the same read of the tuning table as the tiles
   std::int64_t value_dim_padded;  // Dv rounded up to whole vectors
   bool v_in_place;                // V rows already whole vectors of contiguous elements (decode reads them so)
   // Prefill reads V in place only when, besides, every row starts on a 64-byte line: its
@@ -146,13 +147,9 @@ QueryBlockJob base_job(const Plan& plan, const CallViews& views);
 void bind_heads(const Plan& plan, QueryBlockJob& job, std::int64_t b, std::int64_t first_head);
 
 /// Threads for a call of `flops` floating-point operations: num_threads when the caller
-/// set it; else OpenMP's default, but no more than one thread per kMinFlopsPerThread.
-int thread_count(int requested, double flops);
-/// Below this much work a thread's share takes less time than starting and joining it.
-/// 2 threads, Zen 5 guest, median of 4000 calls against 1 thread: 16 heads, N = M = 16,
-/// D = 64 (1.0 MFLOP) 13.4 against 12.4 us; 8 heads (0.5 MFLOP) 9.7 against 6.5 us; 2 heads
-/// with N = M = 64 (2.1 MFLOP) 13.0 against 15.2 us. libgomp's region costs 2.8 us there.
-constexpr double kMinFlopsPerThread = 1 << 20;
+/// set it; else OpenMP's default, but no more than one thread per min_flops_per_thread
+/// (the tuning table's entry for the kernels' ISA: Plan, tuning.hpp).
+int thread_count(int requested, double flops, double min_flops_per_thread);
 /// The FLOPs of a forward call's two products, 4 B Hq N M D (Dv = D), for thread_count.
 double forward_flops(const AttentionShape& s);
 

@@ -27,9 +27,15 @@ TileConfig default_tiles(Isa isa, std::int64_t head_dim) {
   return {144, 256};
 }
 
+// What a tuning file holds.
+struct Entries {
+  std::map<std::pair<Isa, std::int64_t>, TileConfig> tiles;  // (isa, head_dim) -> tiles
+  std::map<Isa, double> min_flops_per_thread;
+};
+
 struct Table {
   std::shared_mutex mutex;
-  std::map<std::pair<Isa, std::int64_t>, TileConfig> entries;  // (isa, head_dim) -> tiles
+  Entries entries;
 };
 
 Table& table() {
@@ -48,10 +54,13 @@ void check_tiles(const TileConfig& tiles, const std::string& where) {
                 std::to_string(tiles.block_keys));
 }
 
-std::map<std::pair<Isa, std::int64_t>, TileConfig> parse_file(const std::string& path) {
+// The least work per thread a file may set: one FLOP, up to about a second of one core's.
+constexpr double kMaxMinFlopsPerThread = 1e12;
+
+Entries parse_file(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw Error("flashcpu: tuning file '" + path + "': expected a readable file, got one that cannot be opened");
-  std::map<std::pair<Isa, std::int64_t>, TileConfig> entries;
+  Entries entries;
   std::string line;
   for (int number = 1; std::getline(in, line); ++number) {
     const auto hash = line.find('#');
@@ -66,10 +75,21 @@ std::map<std::pair<Isa, std::int64_t>, TileConfig> parse_file(const std::string&
     Isa isa;
     if (!parse_isa(isa_text.c_str(), &isa))
       throw Error("flashcpu: " + where + " expected an ISA (" + isa_names() + "), got '" + isa_text + "'");
-    if (!(fields >> head_dim >> tiles.block_rows >> tiles.block_keys) || (fields >> extra) || head_dim < 1)
+    std::string second;
+    if (fields >> second && second == "min_flops_per_thread") {
+      double flops = 0;
+      if (!(fields >> flops) || (fields >> extra) || !(flops >= 1 && flops <= kMaxMinFlopsPerThread))
+        throw Error("flashcpu: " + where + " expected '<isa> min_flops_per_thread <flops>' with flops in [1, 1e12], got '" +
+                    line + "'");
+      entries.min_flops_per_thread[isa] = flops;
+      continue;
+    }
+    std::istringstream dims(second);
+    if (!(dims >> head_dim) || !dims.eof() || !(fields >> tiles.block_rows >> tiles.block_keys) ||
+        (fields >> extra) || head_dim < 1)
       throw Error("flashcpu: " + where + " expected '<isa> <head_dim> <block_rows> <block_keys>', got '" + line + "'");
     check_tiles(tiles, where);
-    entries[{isa, head_dim}] = tiles;
+    entries.tiles[{isa, head_dim}] = tiles;
   }
   return entries;
 }
@@ -83,15 +103,39 @@ void load_environment_file_once() {
 
 }  // namespace
 
+namespace {
+
+// Lookups in a table the caller holds the lock of.
+TileConfig tiles_in(const Entries& entries, Isa isa, std::int64_t head_dim) {
+  // The tuned entry for this head dim, else the one for the next larger tuned head
+  // dim (its blocks fit in cache for this one too), else the built-in default.
+  auto it = entries.tiles.lower_bound({isa, head_dim});
+  if (it != entries.tiles.end() && it->first.first == isa) return it->second;
+  return default_tiles(isa, head_dim);
+}
+double min_flops_in(const Entries& entries, Isa isa) {
+  auto it = entries.min_flops_per_thread.find(isa);
+  return it != entries.min_flops_per_thread.end() ? it->second : kMinFlopsPerThread;
+}
+
+}  // namespace
+
 TileConfig tiles_for(const KernelTable& kernels, std::int64_t head_dim) {
+  return tuning_for(kernels, head_dim).tiles;
+}
+
+double min_flops_per_thread_for(Isa isa) {
   load_environment_file_once();
   Table& t = table();
   std::shared_lock lock(t.mutex);
-  // The tuned entry for this head dim, else the one for the next larger tuned head
-  // dim (its blocks fit in cache for this one too), else the built-in default.
-  auto it = t.entries.lower_bound({kernels.isa, head_dim});
-  if (it != t.entries.end() && it->first.first == kernels.isa) return it->second;
-  return default_tiles(kernels.isa, head_dim);
+  return min_flops_in(t.entries, isa);
+}
+
+Tuning tuning_for(const KernelTable& kernels, std::int64_t head_dim) {
+  load_environment_file_once();
+  Table& t = table();
+  std::shared_lock lock(t.mutex);
+  return {tiles_in(t.entries, kernels.isa, head_dim), min_flops_in(t.entries, kernels.isa)};
 }
 
 }  // namespace flashcpu::detail
@@ -120,9 +164,17 @@ void set_tile_config(const std::string& isa, std::int64_t head_dim, std::optiona
   detail::Table& t = detail::table();
   std::unique_lock lock(t.mutex);
   if (tiles)
-    t.entries[{parsed, head_dim}] = *tiles;
+    t.entries.tiles[{parsed, head_dim}] = *tiles;
   else
-    t.entries.erase({parsed, head_dim});
+    t.entries.tiles.erase({parsed, head_dim});
+}
+
+double min_flops_per_thread(const std::string& isa) {
+  detail::Isa parsed;
+  if (!detail::parse_isa(isa.c_str(), &parsed))
+    throw Error(std::string("flashcpu: min_flops_per_thread isa: expected one of ") + detail::isa_names() + ", got '" +
+                isa + "'");
+  return detail::min_flops_per_thread_for(parsed);
 }
 
 }  // namespace flashcpu

@@ -1,14 +1,19 @@
 // ISA dispatch (and FLASHCPU_ISA forcing), tile configuration and tuning files.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <string>
 
+#include <omp.h>
 #include <unistd.h>
 
+#include "dispatch.hpp"
 #include "kernels/variant_list.hpp"
+#include "plan.hpp"
+#include "tuning.hpp"
 #include "util.hpp"
 
 namespace {
@@ -142,4 +147,67 @@ TEST_CASE("load_tuning rejects missing and malformed files", "[tiles][errors]") 
   const flashcpu::TileConfig after = flashcpu::tile_config(64);
   CHECK(after.block_rows == before.block_rows);
   CHECK(after.block_keys == before.block_keys);
+}
+
+TEST_CASE("min_flops_per_thread: tuning-file entries, their errors, and the threads they give",
+          "[tiles][threads][errors]") {
+  namespace fd = flashcpu::detail;
+  // Named per process in the working directory, as above.
+  const std::string stem = "flashcpu_test_min_flops_" + std::to_string(::getpid());
+  auto write = [&](const std::string& name, const std::string& text) {
+    const std::string path = stem + "_" + name + ".txt";
+    std::ofstream(path) << text;
+    return path;
+  };
+  const std::string empty = write("empty", "# nothing\n");
+  flashcpu::load_tuning(empty);
+  for (const char* isa : {"sse2", "avx2", "avx512", "avx512bf16", "amx"})
+    CHECK(flashcpu::min_flops_per_thread(isa) == double(1 << 20));  // the built-in default
+  CHECK_THROWS_AS(flashcpu::min_flops_per_thread("avx1024"), flashcpu::Error);
+
+  // One level's entry, beside a tile entry; the others keep the default.
+  const std::string good = write("good", "avx2 min_flops_per_thread 131072\navx2 64 144 256\n"
+                                         "sse2 min_flops_per_thread 4e6 # comment\n");
+  flashcpu::load_tuning(good);
+  CHECK(flashcpu::min_flops_per_thread("avx2") == 131072.0);
+  CHECK(flashcpu::min_flops_per_thread("sse2") == 4e6);
+  CHECK(flashcpu::min_flops_per_thread("avx512") == double(1 << 20));
+  // thread_count: floor(FLOPs / entry) threads, at least 1, at most OpenMP's default;
+  // num_threads, when set, wins.
+  const int most = omp_get_max_threads();
+  CHECK(fd::thread_count(0, 131071.0, fd::min_flops_per_thread_for(fd::Isa::avx2)) == 1);
+  CHECK(fd::thread_count(0, 2 * 131072.0, fd::min_flops_per_thread_for(fd::Isa::avx2)) == std::min(2, most));
+  CHECK(fd::thread_count(0, 1e12, fd::min_flops_per_thread_for(fd::Isa::avx2)) == most);
+  CHECK(fd::thread_count(0, 2 * 131072.0, fd::min_flops_per_thread_for(fd::Isa::avx512)) == 1);  // the default's 2^20
+  CHECK(fd::thread_count(0, 2.0 * (1 << 20), fd::min_flops_per_thread_for(fd::Isa::avx512)) == std::min(2, most));
+  CHECK(fd::thread_count(3, 1.0, 1e6) == 3);
+  // What a call plans with: the entry of its kernels' level, read with its tiles.
+  const std::string f32_isa = ftest::f32_tile_isa(flashcpu::active_isa());
+  const std::string planned = write("planned", f32_isa + " min_flops_per_thread 5000\n" + f32_isa + " 64 48 128\n");
+  flashcpu::load_tuning(planned);
+  const fd::Tuning tuning = fd::tuning_for(fd::active_kernels(), 64);
+  CHECK(tuning.min_flops_per_thread == 5000.0);
+  CHECK(tuning.tiles.block_rows == 48);
+  CHECK(tuning.tiles.block_keys == 128);
+  CHECK(flashcpu::min_flops_per_thread(f32_isa) == 5000.0);
+  std::remove(planned.c_str());
+  flashcpu::load_tuning(good);
+
+  // Malformed entries: the whole file is rejected and the table kept.
+  for (const char* bad : {"avx2 min_flops_per_thread 0\n", "avx2 min_flops_per_thread -5\n",
+                          "avx2 min_flops_per_thread 2e12\n", "avx2 min_flops_per_thread many\n",
+                          "avx2 min_flops_per_thread\n", "avx2 min_flops_per_thread 1000 2000\n",
+                          "avx2 min_flops_per_thread nan\n", "avx2 min_flops_per_thread inf\n",
+                          "avx1024 min_flops_per_thread 1000\n", "avx2 64x 144 256\n"}) {
+    INFO("line: " << bad);
+    const std::string path = write("bad", bad);
+    CHECK_THROWS_AS(flashcpu::load_tuning(path), flashcpu::Error);
+    CHECK(flashcpu::min_flops_per_thread("avx2") == 131072.0);
+    std::remove(path.c_str());
+  }
+  // A file without the entry brings back the default.
+  flashcpu::load_tuning(empty);
+  CHECK(flashcpu::min_flops_per_thread("avx2") == double(1 << 20));
+  std::remove(empty.c_str());
+  std::remove(good.c_str());
 }

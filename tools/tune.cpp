@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -15,6 +16,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "dispatch.hpp"
@@ -87,8 +89,16 @@ Options:
 File format (what flashcpu::load_tuning parses): plain text; a line starting with '#' is
 a comment, blank lines are ignored; one entry per line, fields separated by spaces:
     <isa> <head_dim> <block_rows> <block_keys>
+    <isa> min_flops_per_thread <flops>
 e.g. "avx512 64 144 256". The tool writes a header comment with the date, CPU, workload
 and the default vs tuned GFLOP/s of each D.
+
+Threads: with 2 or more threads, the tool also times short calls (16 heads, D = 64,
+N = M from 8 to 64 for fp32, 0.26 to 16.8 MFLOP; from 24 to 96 for a level's bf16 kernels)
+at one thread against all of them, 21 rounds of a pair of batches per size, and writes
+the least FLOPs per thread from which the threads won by --min-gain, and lost at no
+larger size (flashcpu::min_flops_per_thread; a call with num_threads = 0 takes
+floor(FLOPs / that) threads).
 
 Using the file: the library loads it on first use when the environment variable
 FLASHCPU_TUNING_FILE names it (export FLASHCPU_TUNING_FILE=$PWD/flashcpu-tuning.txt), or
@@ -336,6 +346,87 @@ TuningTarget tuning_target() {
   return {&fd::active_kernels(fd::DType::f32), fb::DType::fp32};
 }
 
+// The least work per thread (flashcpu::min_flops_per_thread): the smallest call from which
+// `threads` threads beat one, on 16 heads of N = M = n, D = 64, in the tiles' data type:
+// n from 8 to 64 (0.26 to 16.8 MFLOP) for fp32; for bf16 (a level with bf16 products)
+// from 24 to 96 (2.4 to 38 MFLOP), since bf16 calls of 16 queries or fewer decode on the
+// level below, whose own entry covers them. 21 rounds over the sizes, each a pair of
+// batches of calls (about 5 ms each) at one thread and at `threads`, in alternating
+// order; a size's ratio is the median over its pairs of one thread's time over the
+// threads' time. The threads take a call of F FLOPs when F >= threads x the entry
+// (thread_count, src/plan.hpp), so the entry is F / threads for the smallest F whose
+// ratio is at least 1 + min_gain with no larger size's below 1, or the built-in default
+// if that is lower and the smallest size qualified (nothing was measured below it). If no
+// size qualifies, the largest one (threads only above `threads` times the largest size);
+// with one thread, nothing is measured.
+struct ThreadsResult {
+  bool measured = false;
+  double min_flops = 0;
+  std::vector<std::pair<double, double>> ratios;  // (FLOPs, median ratio) per size
+};
+
+ThreadsResult measure_min_flops(fb::DType dtype, int threads, double min_gain) {
+  ThreadsResult res;
+  if (threads < 2) return res;
+  constexpr int kRounds = 21;
+  constexpr double kBatchSeconds = 5e-3;
+  const std::vector<std::int64_t> lengths = dtype == fb::DType::bf16 ? std::vector<std::int64_t>{24, 32, 48, 64, 96}
+                                                                     : std::vector<std::int64_t>{8, 12, 16, 24, 32, 48, 64};
+  std::vector<fb::Problem> problems;
+  std::vector<int> calls;
+  for (std::int64_t n : lengths) {
+    fb::Shape shape = fb::mha(1, 16, n, n, 64, false);
+    shape.dtype = dtype;
+    problems.emplace_back(shape);
+    fb::Problem& p = problems.back();
+    fb::run(fb::Impl::fused, p, 1);  // warm-up
+    fb::run(fb::Impl::fused, p, threads);
+    const double t0 = fb::now_seconds();
+    for (int i = 0; i < 20; ++i) fb::run(fb::Impl::fused, p, 1);
+    calls.push_back(std::max(5, int(kBatchSeconds / std::max((fb::now_seconds() - t0) / 20, 1e-7))));
+  }
+  // Each batch starts after a pause, so that OpenMP's idle workers, which spin for a
+  // while after a region, have gone to sleep and do not share a core (or a hyperthread's
+  // sibling) with a one-thread batch.
+  auto batch = [&](std::size_t s, int t) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    const double start = fb::now_seconds();
+    for (int i = 0; i < calls[s]; ++i) fb::run(fb::Impl::fused, problems[s], t);
+    return fb::now_seconds() - start;
+  };
+  // Rounds over every size in turn, so that a slow spell of a shared machine falls on
+  // all sizes rather than on one.
+  std::vector<std::vector<double>> ratios(lengths.size());
+  for (int r = 0; r < kRounds; ++r) {
+    for (std::size_t s = 0; s < lengths.size(); ++s) {
+      double one, many;
+      if ((r + int(s)) % 2 == 0) {
+        one = batch(s, 1);
+        many = batch(s, threads);
+      } else {
+        many = batch(s, threads);
+        one = batch(s, 1);
+      }
+      ratios[s].push_back(one / many);
+    }
+  }
+  for (std::size_t s = 0; s < lengths.size(); ++s)
+    res.ratios.emplace_back(fb::attention_flops(problems[s].shape), fb::median(ratios[s]));
+  res.measured = true;
+  // The smallest size where the threads won by min_gain, with no larger size where they
+  // lost; else the largest size.
+  res.min_flops = res.ratios.back().first;
+  std::size_t from = res.ratios.size();
+  for (std::size_t i = res.ratios.size(); i-- > 0;) {
+    if (res.ratios[i].second < 1.0) break;
+    if (res.ratios[i].second >= 1.0 + min_gain / 100.0) from = i;
+  }
+  if (from < res.ratios.size()) res.min_flops = res.ratios[from].first / threads;
+  // Won at the smallest size: the threshold lies somewhere below, so a lower default stands.
+  if (from == 0) res.min_flops = std::min(res.min_flops, flashcpu::detail::kMinFlopsPerThread);
+  return res;
+}
+
 int tune(const Options& o) {
   const std::string isa = flashcpu::active_isa();
   const TuningTarget target = tuning_target();
@@ -429,6 +520,17 @@ int tune(const Options& o) {
     results.push_back(res);
   }
 
+  progress("threads: timing 1 against " + std::to_string(threads) + " threads on short calls", false);
+  const ThreadsResult split = measure_min_flops(target.dtype, threads, o.min_gain);
+  if (split.measured) {
+    char buf[200];
+    std::snprintf(buf, sizeof buf, "min_flops_per_thread: %.0f (default %.0f)", split.min_flops,
+                  flashcpu::detail::kMinFlopsPerThread);
+    progress(buf, true);
+  } else {
+    progress("min_flops_per_thread: not measured with one thread", true);
+  }
+
   std::ofstream out(o.out);
   if (!out) {
     std::fprintf(stderr, "flashcpu-tune: cannot write %s\n", o.out.c_str());
@@ -446,7 +548,7 @@ int tune(const Options& o) {
       << "# workload: " << workload_str(o.workloads) << "; D = Dv = head_dim; score = geometric"
       << " mean of GFLOP/s, median of " << o.reps << "\n"
       << "# candidates: block_rows {" << list(o.rows) << "} x block_keys {" << list(o.keys) << "}\n"
-      << "# format: <isa> <head_dim> <block_rows> <block_keys>\n";
+      << "# format: <isa> <head_dim> <block_rows> <block_keys>; <isa> min_flops_per_thread <flops>\n";
   for (const DimResult& r : results) {
     char buf[200];
     std::snprintf(
@@ -455,8 +557,28 @@ int tune(const Options& o) {
         r.best_gflops, 100.0 * (r.best_gflops / r.def_gflops - 1.0));
     out << buf;
   }
+  if (split.measured) {
+    // The OpenMP wait policy decides what a region's start costs: with "passive" the
+    // workers sleep between calls and each call wakes them (on a 2-core KVM guest the
+    // threads then lost at every size measured, up to 17 MFLOP for fp32).
+    const char* wait_policy = std::getenv("OMP_WAIT_POLICY");
+    out << "# threads: OMP_WAIT_POLICY=" << (wait_policy ? wait_policy : "(unset)")
+        << "; 16 heads, N = M = n, D = 64, median over 21 pairs of 1-thread time / " << threads
+        << "-thread time:";
+    for (const auto& [flops, ratio] : split.ratios) {
+      char buf[64];
+      std::snprintf(buf, sizeof buf, " %.2f MFLOP %.2f", flops * 1e-6, ratio);
+      out << buf;
+    }
+    out << "\n";
+  }
   for (const DimResult& r : results) {
     out << isa << ' ' << r.dim << ' ' << r.best.block_rows << ' ' << r.best.block_keys << '\n';
+  }
+  if (split.measured) {
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "%.0f", split.min_flops);
+    out << isa << " min_flops_per_thread " << buf << '\n';
   }
   out.close();
 
@@ -468,6 +590,11 @@ int tune(const Options& o) {
                    static_cast<long long>(r.dim));
       return 1;
     }
+  }
+  if (split.measured &&
+      std::fabs(flashcpu::min_flops_per_thread(isa) - std::round(split.min_flops)) > 0.5) {
+    std::fprintf(stderr, "flashcpu-tune: %s does not round-trip min_flops_per_thread\n", o.out.c_str());
+    return 1;
   }
   std::fprintf(stderr, "wrote %s (%s); use it with FLASHCPU_TUNING_FILE=%s\n", o.out.c_str(),
                duration(fb::now_seconds() - start).c_str(), o.out.c_str());

@@ -66,7 +66,7 @@ enum class Score {
 struct AttentionOptions {
   std::optional<float> scale;  // default by score: 1/sqrt(D), 1/2, 1
   bool causal = false;         // query i sees key j only when j <= i + (M - N)
-  int num_threads = 0;         // 0: OpenMP's default (fewer for calls under ~1 MFLOP per thread)
+  int num_threads = 0;         // 0: OpenMP's default (fewer for small calls: min_flops_per_thread)
 
   // Masks broadcast to [B, Hq, N, M]: a size-1 dim or a 0 stride broadcasts.
   TensorView<const float> mask{};              // additive; -inf excludes
@@ -346,8 +346,18 @@ TileConfig tile_config(std::int64_t head_dim);
 
 /// Loads a tuning file written by the flashcpu-tune tool (replacing any earlier
 /// one). Raises Error if the file cannot be read or parsed. The environment
-/// variable FLASHCPU_TUNING_FILE names a file loaded on first use.
+/// variable FLASHCPU_TUNING_FILE names a file loaded on first use. Its lines are
+/// "<isa> <head_dim> <block_rows> <block_keys>" (tiles) and
+/// "<isa> min_flops_per_thread <flops>" (see min_flops_per_thread).
 void load_tuning(const std::string& path);
+
+/// The least work, in FLOPs (4 B Hq N M D for a forward; 2.5 times that for a backward),
+/// that a call on the kernels of `isa` gives each thread when its num_threads is 0: such
+/// a call takes floor(FLOPs / this) threads, at least 1 and at most OpenMP's default.
+/// From the tuning file's entry for `isa` (flashcpu-tune measures it), else 2^20, measured
+/// on a Zen 5. (On "amx" and "avx512bf16", fp32 calls run the "avx512" kernels and take
+/// that level's entry.) Raises Error for an unknown ISA name.
+double min_flops_per_thread(const std::string& isa);
 
 /// Sets (or, with nullopt, removes) the tile sizes for one ISA and head dimension
 /// in the process's tuning table. Used by the tuner; raises Error on invalid sizes.
@@ -357,8 +367,9 @@ void set_tile_config(const std::string& isa, std::int64_t head_dim, std::optiona
 // including from inside an OpenMP parallel region (the inner team is then as nested
 // parallelism allows). The tuning table is guarded by a reader-writer lock: load_tuning
 // replaces it whole and set_tile_config one entry, each under the write lock, and an
-// attention call reads it once, under the read lock, when it plans. So a call sees the
-// table from before a concurrent change or from after it, never a mix. Tile sizes change
+// attention call reads it once (tiles and the least work per thread), under the read
+// lock, when it plans. So a call sees the table from before a concurrent change or from
+// after it, never a mix. Tile sizes change
 // results in their last bits (the order of the online softmax's blocks); num_threads
 // never does.
 

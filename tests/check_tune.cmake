@@ -1,0 +1,41 @@
+# Runs flashcpu-tune on one small candidate and checks the file it writes: a tile line
+# for the head dimension, and with two threads a min_flops_per_thread line (which the
+# tool reads back through flashcpu::load_tuning before it exits 0); with one thread no
+# such line.
+#   cmake -DTUNE=<flashcpu-tune> -DWORK_DIR=<dir> -P check_tune.cmake
+file(MAKE_DIRECTORY ${WORK_DIR})
+foreach(threads 2 1)
+  set(out_file ${WORK_DIR}/tuning_${threads}.txt)
+  file(REMOVE ${out_file})
+  execute_process(
+    COMMAND ${TUNE} --quick --dims 16 --rows 24 --keys 64 --reps 1 --threads ${threads} --out ${out_file}
+    RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "flashcpu-tune --threads ${threads} failed (${rc}):\n${out}\n${err}")
+  endif()
+  file(STRINGS ${out_file} lines REGEX "^[a-z0-9]+ ")
+  set(tiles "")
+  set(threads_line "")
+  foreach(line IN LISTS lines)
+    if(line MATCHES "^[a-z0-9]+ 16 [0-9]+ [0-9]+$")
+      set(tiles "${line}")
+    elseif(line MATCHES "^[a-z0-9]+ min_flops_per_thread ([0-9]+)$")
+      set(threads_line "${line}")
+      set(flops ${CMAKE_MATCH_1})
+    endif()
+  endforeach()
+  if(tiles STREQUAL "")
+    message(FATAL_ERROR "--threads ${threads}: no tile line for D = 16 in:\n${lines}")
+  endif()
+  if(threads EQUAL 2)
+    if(threads_line STREQUAL "" OR flops LESS 1)
+      message(FATAL_ERROR "--threads 2: expected '<isa> min_flops_per_thread <flops>' in:\n${lines}")
+    endif()
+    file(STRINGS ${out_file} ratios REGEX "^# threads: .* MFLOP [0-9.]+")
+    if(ratios STREQUAL "")
+      message(FATAL_ERROR "--threads 2: expected the measured ratios in a '# threads:' comment")
+    endif()
+  elseif(NOT threads_line STREQUAL "")
+    message(FATAL_ERROR "--threads 1: nothing to measure, yet the file has '${threads_line}'")
+  endif()
+endforeach()
