@@ -87,17 +87,27 @@ Entries parse_file(const std::string& path) {
     std::istringstream dims(second);
     if (!(dims >> head_dim) || !dims.eof() || !(fields >> tiles.block_rows >> tiles.block_keys) ||
         (fields >> extra) || head_dim < 1)
-      throw Error("flashcpu: " + where + " expected '<isa> <head_dim> <block_rows> <block_keys>', got '" + line + "'");
+      throw Error("flashcpu: " + where +
+                  " expected '<isa> <head_dim> <block_rows> <block_keys>' or '<isa> min_flops_per_thread <flops>', got '" +
+                  line + "'");
     check_tiles(tiles, where);
     entries.tiles[{isa, head_dim}] = tiles;
   }
   return entries;
 }
 
+// Parses the file fully, then replaces the table with it.
+void install_file(const std::string& path) {
+  Entries entries = parse_file(path);
+  Table& t = table();
+  std::unique_lock lock(t.mutex);
+  t.entries = std::move(entries);
+}
+
 void load_environment_file_once() {
   static std::once_flag once;
   std::call_once(once, [] {
-    if (const char* path = std::getenv("FLASHCPU_TUNING_FILE"); path && *path) load_tuning(path);
+    if (const char* path = std::getenv("FLASHCPU_TUNING_FILE"); path && *path) install_file(path);
   });
 }
 
@@ -148,10 +158,9 @@ TileConfig tile_config(std::int64_t head_dim) {
 }
 
 void load_tuning(const std::string& path) {
-  auto entries = detail::parse_file(path);  // parse fully before replacing anything
-  detail::Table& t = detail::table();
-  std::unique_lock lock(t.mutex);
-  t.entries = std::move(entries);
+  // The environment's file first, so that it never replaces this one at a later first use.
+  detail::load_environment_file_once();
+  detail::install_file(path);
 }
 
 void set_tile_config(const std::string& isa, std::int64_t head_dim, std::optional<TileConfig> tiles) {

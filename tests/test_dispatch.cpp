@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <string>
+#include <vector>
 
 #include <omp.h>
 #include <unistd.h>
@@ -185,10 +186,18 @@ TEST_CASE("min_flops_per_thread: tuning-file entries, their errors, and the thre
   const std::string f32_isa = ftest::f32_tile_isa(flashcpu::active_isa());
   const std::string planned = write("planned", f32_isa + " min_flops_per_thread 5000\n" + f32_isa + " 64 48 128\n");
   flashcpu::load_tuning(planned);
-  const fd::Tuning tuning = fd::tuning_for(fd::active_kernels(), 64);
-  CHECK(tuning.min_flops_per_thread == 5000.0);
-  CHECK(tuning.tiles.block_rows == 48);
-  CHECK(tuning.tiles.block_keys == 128);
+  {
+    std::vector<float> q(2 * 100 * 64, 0.5f), k(2 * 300 * 64, 0.25f), out(q.size());
+    const auto qv = flashcpu::bhsd<const float>(q.data(), 1, 2, 100, 64);
+    const auto kv = flashcpu::bhsd<const float>(k.data(), 1, 2, 300, 64);
+    const auto ov = flashcpu::bhsd(out.data(), 1, 2, 100, 64);
+    const fd::AttentionShape s = fd::validate_attention(qv, kv, kv, ov, nullptr, flashcpu::AttentionOptions{});
+    const fd::KernelTable& kernels = fd::kernels_for_call(s, fd::DType::f32, fd::DType::f32, fd::Transform::none);
+    const fd::Plan plan = fd::make_plan(kernels, s, fd::AnyView::of(kv), fd::Transform::none, 0.0f, false);
+    CHECK(plan.min_flops_per_thread == 5000.0);
+    CHECK(plan.block_rows == 48);
+    CHECK(plan.block_keys == 128);
+  }
   CHECK(flashcpu::min_flops_per_thread(f32_isa) == 5000.0);
   std::remove(planned.c_str());
   flashcpu::load_tuning(good);

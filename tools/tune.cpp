@@ -3,6 +3,7 @@
 // Run with --help for the options and the file format.
 #include "common.hpp"
 
+#include <omp.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -387,7 +388,8 @@ ThreadsResult measure_min_flops(fb::DType dtype, int threads, double min_gain) {
   }
   // Each batch starts after a pause, so that OpenMP's idle workers, which spin for a
   // while after a region, have gone to sleep and do not share a core (or a hyperthread's
-  // sibling) with a one-thread batch.
+  // sibling) with a one-thread batch. (Under OMP_WAIT_POLICY=active they never sleep;
+  // the file records the policy.)
   auto batch = [&](std::size_t s, int t) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
     const double start = fb::now_seconds();
@@ -522,11 +524,18 @@ int tune(const Options& o) {
 
   progress("threads: timing 1 against " + std::to_string(threads) + " threads on short calls", false);
   const ThreadsResult split = measure_min_flops(target.dtype, threads, o.min_gain);
+  // The entry as written: a whole number in the range the file accepts.
+  const double min_flops = std::clamp(std::round(split.min_flops), 1.0, 1e12);
   if (split.measured) {
     char buf[200];
-    std::snprintf(buf, sizeof buf, "min_flops_per_thread: %.0f (default %.0f)", split.min_flops,
+    std::snprintf(buf, sizeof buf, "min_flops_per_thread: %.0f (default %.0f)", min_flops,
                   flashcpu::detail::kMinFlopsPerThread);
     progress(buf, true);
+    if (threads > omp_get_num_procs())
+      std::fprintf(stderr,
+                   "flashcpu-tune: warning: %d threads on %d processors: the threads' times include "
+                   "oversubscription\n",
+                   threads, omp_get_num_procs());
   } else {
     progress("min_flops_per_thread: not measured with one thread", true);
   }
@@ -577,7 +586,7 @@ int tune(const Options& o) {
   }
   if (split.measured) {
     char buf[96];
-    std::snprintf(buf, sizeof buf, "%.0f", split.min_flops);
+    std::snprintf(buf, sizeof buf, "%.0f", min_flops);
     out << isa << " min_flops_per_thread " << buf << '\n';
   }
   out.close();
@@ -591,8 +600,7 @@ int tune(const Options& o) {
       return 1;
     }
   }
-  if (split.measured &&
-      std::fabs(flashcpu::min_flops_per_thread(isa) - std::round(split.min_flops)) > 0.5) {
+  if (split.measured && flashcpu::min_flops_per_thread(isa) != min_flops) {
     std::fprintf(stderr, "flashcpu-tune: %s does not round-trip min_flops_per_thread\n", o.out.c_str());
     return 1;
   }

@@ -351,12 +351,14 @@ TileConfig tile_config(std::int64_t head_dim);
 /// "<isa> min_flops_per_thread <flops>" (see min_flops_per_thread).
 void load_tuning(const std::string& path);
 
-/// The least work, in FLOPs (4 B Hq N M D for a forward; 2.5 times that for a backward),
-/// that a call on the kernels of `isa` gives each thread when its num_threads is 0: such
-/// a call takes floor(FLOPs / this) threads, at least 1 and at most OpenMP's default.
-/// From the tuning file's entry for `isa` (flashcpu-tune measures it), else 2^20, measured
-/// on a Zen 5. (On "amx" and "avx512bf16", fp32 calls run the "avx512" kernels and take
-/// that level's entry.) Raises Error for an unknown ISA name.
+/// The least work, in FLOPs (2 B Hq N M (D + Dv) for a forward, causal or not; 2.5 times
+/// that for a backward), that a call on the kernels of `isa` gives each thread when its
+/// num_threads is 0: such a call takes floor(FLOPs / this) threads, at least 1 and at most
+/// OpenMP's default. From the tuning file's entry for `isa` (flashcpu-tune measures it),
+/// else 2^20, measured on a Zen 5. (On "amx" and "avx512bf16", the calls their bf16
+/// kernels do not take run the "avx512" kernels and take that level's entry: fp32 and fp16
+/// calls, and bf16 decoding with fewer stacked rows than a tile, or with other scores.)
+/// Raises Error for an unknown ISA name.
 double min_flops_per_thread(const std::string& isa);
 
 /// Sets (or, with nullopt, removes) the tile sizes for one ISA and head dimension
