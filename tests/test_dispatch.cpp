@@ -150,6 +150,40 @@ TEST_CASE("load_tuning rejects missing and malformed files", "[tiles][errors]") 
   CHECK(after.block_keys == before.block_keys);
 }
 
+// The environment's tuning file against the first use of the table. Hidden: each runs
+// alone, in a process of its own, from the tuning_env_* CTests (tests/CMakeLists.txt),
+// whose FLASHCPU_TUNING_FILE holds, for every level, "min_flops_per_thread 12345" and
+// tiles {24, 160} at head dim 40.
+TEST_CASE("FLASHCPU_TUNING_FILE is read at the first lookup", "[.][tuning_env_lookup]") {
+  REQUIRE(std::getenv("FLASHCPU_TUNING_FILE") != nullptr);
+  CHECK(flashcpu::min_flops_per_thread("sse2") == 12345.0);
+  CHECK(flashcpu::min_flops_per_thread("avx512") == 12345.0);
+  const flashcpu::TileConfig t = flashcpu::tile_config(40);
+  CHECK(t.block_rows == 24);
+  CHECK(t.block_keys == 160);
+}
+
+TEST_CASE("FLASHCPU_TUNING_FILE never replaces a load_tuning made before the first lookup",
+          "[.][tuning_env_load_first]") {
+  REQUIRE(std::getenv("FLASHCPU_TUNING_FILE") != nullptr);
+  const std::string path = "flashcpu_test_env_first_" + std::to_string(::getpid()) + ".txt";
+  std::ofstream(path) << "sse2 min_flops_per_thread 67890\n";
+  flashcpu::load_tuning(path);  // the process's first use of the table
+  std::remove(path.c_str());
+  auto check_loaded = [] {
+    CHECK(flashcpu::min_flops_per_thread("sse2") == 67890.0);
+    CHECK(flashcpu::min_flops_per_thread("avx512") == double(1 << 20));  // the default: not the environment's
+    const flashcpu::TileConfig t = flashcpu::tile_config(40);
+    CHECK_FALSE((t.block_rows == 24 && t.block_keys == 160));
+  };
+  check_loaded();
+  // A call plans with the table: it must not bring the environment's file back either.
+  std::vector<float> q(2 * 5 * 40, 0.5f), k(2 * 70 * 40, 0.25f), out(q.size());
+  flashcpu::attention(flashcpu::bhsd<const float>(q.data(), 1, 2, 5, 40), flashcpu::bhsd<const float>(k.data(), 1, 2, 70, 40),
+                      flashcpu::bhsd<const float>(k.data(), 1, 2, 70, 40), flashcpu::bhsd(out.data(), 1, 2, 5, 40));
+  check_loaded();
+}
+
 TEST_CASE("min_flops_per_thread: tuning-file entries, their errors, and the threads they give",
           "[tiles][threads][errors]") {
   namespace fd = flashcpu::detail;
