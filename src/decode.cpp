@@ -207,7 +207,8 @@ std::string describe_decode(const Plan& plan, const AnyView& k) {
 void run_decode(const Plan& plan, const CallViews& views) {
   const AttentionShape& s = plan.shape;
   const DecodeSplit d = split_decode(plan, views);
-  const int threads = int(std::min<std::int64_t>(thread_count(s.num_threads, forward_flops(s), plan.min_flops_per_thread), d.items));
+  const int threads =
+      int(std::min<std::int64_t>(thread_count(s.num_threads, forward_flops(s), plan.min_flops_per_thread), d.items));
   // Partial state of every item. At most kTargetItems chunks per call (fewer when B * Hkv
   // is large), so this does not grow with M.
   AlignedBuffer partials(saturated_product(d.items, d.partial_floats));

@@ -66,7 +66,8 @@ void run_prefill(const Plan& plan, const CallViews& views) {
   // packing on one thread; for causal and windowed attention a head's query blocks are
   // interleaved heavy and light (0, n-1, 1, n-2, ...) so every chunk gets an even share.
   const std::int64_t items = s.batch * s.q_heads * q_blocks;
-  const int threads = int(std::min<std::int64_t>(thread_count(s.num_threads, forward_flops(s), plan.min_flops_per_thread), items));
+  const int threads =
+      int(std::min<std::int64_t>(thread_count(s.num_threads, forward_flops(s), plan.min_flops_per_thread), items));
   const ThreadScratch parts = prefill_scratch(plan);
   AlignedBuffer scratch(saturated_product(parts.total(), threads));
 

@@ -111,10 +111,6 @@ void load_environment_file_once() {
   });
 }
 
-}  // namespace
-
-namespace {
-
 // Lookups in a table the caller holds the lock of.
 TileConfig tiles_in(const Entries& entries, Isa isa, std::int64_t head_dim) {
   // The tuned entry for this head dim, else the one for the next larger tuned head
