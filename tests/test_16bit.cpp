@@ -192,10 +192,10 @@ TEST_CASE("16-bit: the decoding tiles' row and width cases under every option se
   // (D a multiple of 16): 4 rows at D = 64, all on 4-vector P.V tiles (narrower than the
   // 8-vector ones); 2 rows at D = 128 and 1 row at D = 64, the live half of a 4-row tile;
   // 9 rows at D = 64, whose last 6-row tile (AVX2, AVX-512) has 3 live rows; 3 rows at
-  // D = 128, a 4-row tile with one padding row. Widths that are not powers of two: D = 80
-  // with Dv = 48 (on AVX-512 a 2-vector P.V tile and a 1-vector one), D = 32 with Dv = 16
-  // (one value vector), D = 528 with Dv = 80 (33 and 5 vectors). Every option set on
-  // each, every combination.
+  // D = 128, a 4-row tile with one padding row. Other widths: D = 80 with Dv = 48 (on
+  // AVX-512 a 2-vector P.V tile and a 1-vector one), D = 32 with Dv = 16 (one value
+  // vector), D = 528 with Dv = 80 (33 and 5 vectors). Every option set on each, every
+  // combination.
   const Dims shapes[] = {{1, 8, 2, 1, 777, 64, 64},   {1, 4, 2, 1, 613, 128, 128}, {2, 3, 3, 1, 520, 64, 64},
                          {1, 9, 1, 1, 555, 64, 64},   {1, 6, 2, 1, 301, 128, 128}, {1, 4, 1, 1, 333, 80, 48},
                          {1, 2, 2, 1, 129, 32, 16},   {1, 3, 1, 1, 97, 528, 80}};

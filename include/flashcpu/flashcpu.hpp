@@ -347,7 +347,8 @@ TileConfig tile_config(std::int64_t head_dim);
 /// Loads a tuning file written by the flashcpu-tune tool (replacing any earlier
 /// one). Raises Error if the file cannot be read or parsed. The environment
 /// variable FLASHCPU_TUNING_FILE names a file loaded on first use, this call's included
-/// (before its own file, which it therefore never replaces). Its lines are
+/// (before its own file, which it therefore never replaces); while that file cannot be
+/// read or parsed, this call raises its Error and loads nothing. Its lines are
 /// "<isa> <head_dim> <block_rows> <block_keys>" (tiles) and
 /// "<isa> min_flops_per_thread <flops>" (see min_flops_per_thread).
 void load_tuning(const std::string& path);
