@@ -13,7 +13,7 @@
 //   allow_bf16_compute), bf16 (bf16 q, k, v, out), bwd16 (bf16 backward), f16kv (fp32 q over fp16 K/V), bf16kv (fp32 q over bf16 K/V). Dv = D, B = 1. "cold": K and V in as
 //   many copies as make 1 GiB (at least 2), each call reading the next one, so that a
 //   decode step reads its cache from memory, as in a model with many layers, and not from
-//   the last-level cache the previous call filled.
+//   the last-level cache the previous call filled. The warm-up reads every copy once.
 //
 // Prints per workload: min and median time of each build, min(A) / min(B), and the
 // median with quartiles of the per-round ratio A / B (> 1: B is faster).
@@ -262,8 +262,16 @@ int main(int argc, char** argv) {
                 bhsd<float>(w.lse.data(), 1, w.Hq, w.N, 1), w.options());
       for (std::size_t x = 0; x < w.out.size(); ++x) w.out16[x] = a.round_bf16(w.out[x]);  // bwd16: dout = out
     }
-    w.run(a);  // warm-up: first touch, OpenMP's pool
-    w.run(b);
+    // Warm-up: OpenMP's pool, each build's scratch, and every copy of K and V read once.
+    // On the KVM guests here the first read of memory written since the process started
+    // can run at a fraction of the memory's rate (a 64 MiB chunk, 2 threads: 9.7-13.9 ms
+    // on a first pass against 1.2-1.6 ms on later ones, Zen 5), so a cold run whose calls
+    // met each copy for the first time measured that, not the kernel: DEC read 22 ms a
+    // call in some processes and 3 ms in others.
+    for (long c = 0; c < w.copies; ++c) {
+      w.run(a);
+      w.run(b);
+    }
   }
   for (int r = 0; r < rounds; ++r)
     for (Workload& w : work) {
