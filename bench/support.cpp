@@ -1095,6 +1095,23 @@ std::uint64_t* touched_words(std::int64_t n, int threads) {
 
 }  // namespace
 
+void read_through(const Problem& p, int threads) {
+  threads = resolve_threads(threads);
+  const Elem act = act_elem(p.shape.dtype), kve = kv_elem(p.shape.dtype);
+  auto read = [threads](const void* data, std::size_t bytes) {
+    if (data != nullptr)
+      read_passes_gbps(static_cast<const std::uint64_t*>(data), std::int64_t(bytes / sizeof(std::uint64_t)), threads, 1);
+  };
+  read(p.q.get(), p.q_size() * sizeof(float));
+  read(p.k.get(), p.k_size() * sizeof(float));
+  read(p.v.get(), p.v_size() * sizeof(float));
+  read(p.out.get(), p.out_size() * sizeof(float));
+  read(p.q16.get(), p.q_size() * elem_bytes(act));
+  read(p.k16.get(), p.k_size() * elem_bytes(kve));
+  read(p.v16.get(), p.v_size() * elem_bytes(kve));
+  read(p.out16.get(), p.out_size() * elem_bytes(act));
+}
+
 double measure_read_gbps(int threads, std::size_t bytes, int passes) {
   threads = resolve_threads(threads);
   const auto n = static_cast<std::int64_t>(bytes / sizeof(std::uint64_t));
