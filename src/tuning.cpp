@@ -54,9 +54,6 @@ void check_tiles(const TileConfig& tiles, const std::string& where) {
                 std::to_string(tiles.block_keys));
 }
 
-// The least work per thread a file may set: one FLOP, up to about a second of one core's.
-constexpr double kMaxMinFlopsPerThread = 1e12;
-
 Entries parse_file(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw Error("flashcpu: tuning file '" + path + "': expected a readable file, got one that cannot be opened");

@@ -33,4 +33,8 @@ Tuning tuning_for(const KernelTable& kernels, std::int64_t head_dim);
 /// N = M = 16: 15.7 us on 2 threads against 22-27 on 1), so flashcpu-tune measures it.
 constexpr double kMinFlopsPerThread = 1 << 20;
 
+/// The largest min_flops_per_thread a tuning file may set (about a second of one core's
+/// work); the least is one FLOP. flashcpu-tune writes its measurement clamped to this.
+constexpr double kMaxMinFlopsPerThread = 1e12;
+
 }  // namespace flashcpu::detail

@@ -525,7 +525,7 @@ int tune(const Options& o) {
   progress("threads: timing 1 against " + std::to_string(threads) + " threads on short calls", false);
   const ThreadsResult split = measure_min_flops(target.dtype, threads, o.min_gain);
   // The entry as written: a whole number in the range the file accepts.
-  const double min_flops = std::clamp(std::round(split.min_flops), 1.0, 1e12);
+  const double min_flops = std::clamp(std::round(split.min_flops), 1.0, flashcpu::detail::kMaxMinFlopsPerThread);
   if (split.measured) {
     char buf[200];
     std::snprintf(buf, sizeof buf, "min_flops_per_thread: %.0f (default %.0f)", min_flops,
