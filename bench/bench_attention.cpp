@@ -110,7 +110,7 @@ CachedProblem& problems_for(const Shape& s, bool cold) {
   if (total + bytes > kBudget) cache.clear();  // free first: large sets need not coexist
   CachedProblem& entry = cache[key];
   for (std::size_t i = 0; i < copies; ++i) entry.copies.emplace_back(s);
-  if (copies > 1)
+  if (cold)  // also a single copy, of a shape whose K and V alone pass 1 GiB
     for (const fb::Problem& p : entry.copies) fb::read_through(p, 0);
   entry.bytes = bytes;
   return entry;

@@ -605,7 +605,7 @@ double read_probe_now(int threads);
 
 /// Reads every tensor of p once, untimed. On the KVM guests here the first read of
 /// freshly written memory can run at a fraction of the memory's rate (64 MiB at 2
-/// threads: 9.7-13.9 ms on a first pass against 1.2-1.6 ms on later ones, Zen 5), so a
+/// threads: 11.8-13.9 ms on a first pass against 1.2-1.6 ms on later ones, Zen 5), so a
 /// cold problem's copies are read once before any call is timed on them.
 void read_through(const Problem& p, int threads);
 
