@@ -733,14 +733,6 @@ fd::AttentionShape call_shape(const Shape& s) {
   return call;
 }
 
-// The variant flashcpu::attention picks for this shape (the library's own choice,
-// src/plan.cpp): on the amx level, say, bf16 prefill takes the tile kernel and fp32 the
-// avx512 one.
-const fd::KernelTable& fused_kernels(const Shape& s) {
-  return fd::kernels_for_call(call_shape(s), dtype_of_elem(act_elem(s.dtype)), dtype_of_elem(kv_elem(s.dtype)),
-                              fd::Transform::none);
-}
-
 // K or V of the benchmark's problems as the library sees them: contiguous [B, Hkv, M, dim]
 // (the layout alone; no data).
 fd::AnyView key_side_view(const Shape& s, std::int64_t dim) {
@@ -749,6 +741,14 @@ fd::AnyView key_side_view(const Shape& s, std::int64_t dim) {
   v.shape = {s.batch, s.kv_heads, s.m, dim};
   v.strides = {s.kv_heads * s.m * dim, s.m * dim, dim, 1};
   return v;
+}
+
+// The variant flashcpu::attention picks for this shape (the library's own choice,
+// src/plan.cpp): on the amx level, say, bf16 prefill takes the tile kernel and fp32 the
+// avx512 one.
+const fd::KernelTable& fused_kernels(const Shape& s) {
+  return fd::kernels_for_call(call_shape(s), dtype_of_elem(act_elem(s.dtype)), dtype_of_elem(kv_elem(s.dtype)),
+                              key_side_view(s, s.dv), fd::Transform::none);
 }
 
 }  // namespace

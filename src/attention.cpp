@@ -29,7 +29,7 @@ void write_empty_rows(const AttentionShape& s, const CallViews& views, float emp
 
 void run(const AttentionShape& s, const CallViews& views, detail::Transform transform = detail::Transform::none,
          float empty_value = 0.0f, bool regression = false) {
-  const detail::KernelTable& kernels = detail::kernels_for_call(s, views.q.type, views.k.type, transform);
+  const detail::KernelTable& kernels = detail::kernels_for_call(s, views.q.type, views.k.type, views.v, transform);
   if (s.empty()) return;
   // Nothing to write (Dv = 0, no lse): the rows are not walked, however many there are.
   if (s.value_dim == 0 && !views.has_lse) return;

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 
 #include "merge.hpp"
@@ -51,9 +52,15 @@ DecodeSplit split_decode(const Plan& plan, const CallViews& views) {
   d.rows = plan.group * s.q_len;
   // K rows are read in place when they are contiguous whole vectors of a plain dot
   // product: no reuse to pay for a packing pass. (AMX tiles read K panels only: each key
-  // block is packed for a tile of 16 or more stacked rows, see bf16_products_take.)
-  d.k_in_place = !kernels.tiles && plan.kind == ScoreKind::dot && !plan.centered && views.k.strides[3] == 1 &&
-                 s.head_dim % kernels.vector_floats == 0;
+  // block is packed for a tile of 16 or more stacked rows, see bf16_products_take.) The
+  // vdpbf16ps kernel reads a bf16 row as 32-bit words of pairs of elements: D a multiple
+  // of two vectors, and each row on a 4-byte boundary.
+  const std::int64_t k_vector_elements = kernels.bf16_products ? 2 * kernels.vector_floats : kernels.vector_floats;
+  const bool k_on_words = !kernels.bf16_products || (views.k.strides[2] % 2 == 0 && views.k.strides[1] % 2 == 0 &&
+                                                      views.k.strides[0] % 2 == 0 &&
+                                                      reinterpret_cast<std::uintptr_t>(views.k.data) % 4 == 0);
+  d.k_in_place = !kernels.tiles && plan.kind == ScoreKind::dot && !plan.centered && views.k.type == kernels.kv &&
+                 views.k.strides[3] == 1 && s.head_dim % k_vector_elements == 0 && k_on_words;
   // Kernel: with a vector's worth of rows or more (on SSE2 also kLanesMinKeysSse2 keys or
   // more) and nothing but exclusions on the scores, the rows become vector lanes where the
   // variant has a lanes kernel (fp32 K); else the smaller tile when it pads less (e.g. 4
@@ -61,7 +68,8 @@ DecodeSplit split_decode(const Plan& plan, const CallViews& views) {
   // by memory, and padded rows only add compute.
   d.lanes = kernels.forward_lanes_block && d.k_in_place && !plan.natural_units && d.rows >= kernels.vector_floats &&
             (kernels.vector_floats >= 8 || s.kv_len >= kLanesMinKeysSse2);
-  d.small = round_up(d.rows, kernels.small_tile_rows) < round_up(d.rows, kernels.tile_rows);
+  // (The vdpbf16ps variant decodes on its small kernel only: its full one pairs V.)
+  d.small = (kernels.bf16_products && !kernels.tiles) || round_up(d.rows, kernels.small_tile_rows) < round_up(d.rows, kernels.tile_rows);
   d.mr = d.lanes ? kernels.vector_floats : d.small ? kernels.small_tile_rows : kernels.tile_rows;
   d.forward = d.lanes   ? kernels.forward_lanes_block
               : d.small ? kernels.forward_small_block

@@ -41,25 +41,37 @@ bool use_decode_path(const AttentionShape& s, const KernelTable& kernels) {
   return decoding_shape(s) || (!kernels.bf16_products && s.q_len <= kDecodeMaxStackedRows / s.group());
 }
 
-// Such a variant takes the dot product, and bf16 q and k or any types if the call allows
-// rounding them to bf16; for prefill, and on the tiles also for decoding with a whole
-// tile of stacked rows (query heads per KV head x queries >= 16: batched or speculative
-// decoding, or a wide GQA group). Fewer stacked rows are bound by memory, not arithmetic:
-// the vector kernels read K in place there, and take every other score and transform.
-bool bf16_products_take(const KernelTable& kernels, const AttentionShape& s, DType q, DType k, Transform transform) {
-  const bool bf16_inputs = q == DType::bf16 && k == DType::bf16;
-  const bool shape_taken = !decoding_shape(s) || (kernels.tiles && s.q_len * s.group() >= kernels.tile_rows);
-  return (bf16_inputs || s.allow_bf16_compute) && s.score == Score::dot_product && transform == Transform::none &&
-         shape_taken;
+bool values_in_place(const KernelTable& kernels, const AttentionShape& s, const AnyView& v) {
+  return v.strides[3] == 1 && s.value_dim == round_up(s.value_dim, kernels.value_columns) && v.type == kernels.kv;
 }
 
-const KernelTable& kernels_for_call(const AttentionShape& s, DType q, DType k, Transform transform) {
+// Such a variant takes the dot product, and bf16 q and k or any types if the call allows
+// rounding them to bf16; for prefill, and for decoding:
+//  - on the tiles, with a whole tile of stacked rows (query heads per KV head x queries
+//    >= 16: batched or speculative decoding, or a wide GQA group). Fewer stacked rows are
+//    bound by memory more than by arithmetic: the vector kernels read K in place there.
+//  - on vdpbf16ps, any number of rows on its small kernel, when V can be read as stored
+//    (the small kernel widens V rows; the variant's packer would pair them). S takes half
+//    the instructions of widened K: fp32 q rounded over a bf16 cache, under
+//    allow_bf16_compute, takes it too.
+// Neither takes other scores or transforms.
+bool bf16_products_take(const KernelTable& kernels, const AttentionShape& s, DType q, DType k, const AnyView& v,
+                        Transform transform) {
+  const bool bf16_inputs = q == DType::bf16 && k == DType::bf16;
+  const bool decoding_taken =
+      kernels.tiles ? s.q_len * s.group() >= kernels.tile_rows
+                    : kernels.forward_small_block && (!kernels.pair_values || values_in_place(kernels, s, v));
+  return (bf16_inputs || s.allow_bf16_compute) && s.score == Score::dot_product && transform == Transform::none &&
+         (!decoding_shape(s) || decoding_taken);
+}
+
+const KernelTable& kernels_for_call(const AttentionShape& s, DType q, DType k, const AnyView& v, Transform transform) {
   const KernelTable* chosen = &active_kernels(k);
   if (s.allow_bf16_compute && k != DType::bf16) {
     const KernelTable& rounded = active_kernels(DType::bf16);
-    if (rounded.bf16_products && bf16_products_take(rounded, s, q, k, transform)) chosen = &rounded;
+    if (rounded.bf16_products && bf16_products_take(rounded, s, q, k, v, transform)) chosen = &rounded;
   }
-  while (chosen->bf16_products && !bf16_products_take(*chosen, s, q, k, transform))
+  while (chosen->bf16_products && !bf16_products_take(*chosen, s, q, k, v, transform))
     chosen = &kernels_below(chosen->isa, k);
   return *chosen;
 }
@@ -80,9 +92,10 @@ Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const AnyVie
                              round_up(std::max<std::int64_t>(s.kv_len, 1), kernels.panel_keys));
   plan.value_dim_padded = round_up(s.value_dim, kernels.value_columns);
   // (Never when the table's type is not V's: allow_bf16_compute, whose packers convert;
-  // nor with pair values, which read V in their own layout.)
-  plan.v_in_place =
-      v.strides[3] == 1 && s.value_dim == plan.value_dim_padded && v.type == kernels.kv && !kernels.pair_values;
+  // nor with pair values, which read V in their own layout, except on the vdpbf16ps
+  // variant's small kernel: decoding.)
+  plan.v_in_place = values_in_place(kernels, s, v) &&
+                    (!kernels.pair_values || (!kernels.tiles && use_decode_path(s, kernels)));
   const std::int64_t bytes = element_bytes(v.type);
   // (elements mod 64) first: a stride of a size-1 dim may be any value up to INT64_MAX.
   const auto on_lines = [bytes](std::int64_t elements) { return elements % 64 * bytes % 64 == 0; };

@@ -105,15 +105,20 @@ constexpr std::int64_t kDecodeMaxStackedRows = 48;
 /// any call with kDecodeMaxStackedRows stacked rows or fewer.
 bool use_decode_path(const AttentionShape& s, const KernelTable& kernels);
 
-/// Whether a variant with bf16 products (kernels.bf16_products: AMX tiles, vdpbf16ps)
-/// takes the call; else the level below runs it.
-bool bf16_products_take(const KernelTable& kernels, const AttentionShape& s, DType q, DType k, Transform transform);
+/// Whether V (its type and layout) can be read where it is by the vector P.V tiles of
+/// `kernels`: the table's type, contiguous rows, value_dim a multiple of value_columns.
+bool values_in_place(const KernelTable& kernels, const AttentionShape& s, const AnyView& v);
 
-/// The variant that runs a call with q and k of these types at the active level: the
-/// level's table for k's type, the bf16 one under allow_bf16_compute when it takes the
-/// call, and the levels below for what a bf16-product variant does not take. The
-/// benchmarks and the tuner name and tune it.
-const KernelTable& kernels_for_call(const AttentionShape& s, DType q, DType k, Transform transform);
+/// Whether a variant with bf16 products (kernels.bf16_products: AMX tiles, vdpbf16ps)
+/// takes the call, with q and k of these types and this V; else the level below runs it.
+bool bf16_products_take(const KernelTable& kernels, const AttentionShape& s, DType q, DType k, const AnyView& v,
+                        Transform transform);
+
+/// The variant that runs a call with q and k of these types and this V at the active
+/// level: the level's table for k's type, the bf16 one under allow_bf16_compute when it
+/// takes the call, and the levels below for what a bf16-product variant does not take.
+/// The benchmarks and the tuner name and tune it.
+const KernelTable& kernels_for_call(const AttentionShape& s, DType q, DType k, const AnyView& v, Transform transform);
 
 Plan make_plan(const KernelTable& kernels, const AttentionShape& s, const AnyView& v, Transform transform,
                float empty_value, bool regression);

@@ -31,7 +31,7 @@ namespace flashcpu::detail {
 namespace {
 
 // A bf16-product variant's table (forward only, no small or lanes kernel) for a kernel and
-// its packers on emulated instructions.
+// its packers on emulated instructions; pair_kernels adds the vdpbf16ps small kernel.
 template <class Kernel, class Pack>
 KernelTable emulated_table(Isa isa, const char* name, int rows, int keys, bool tiles, bool pair_values,
                            int value_columns) {
@@ -70,9 +70,12 @@ const KernelTable& pair_kernels(const char* name) {
   constexpr int kRows = 4, kKeys = 16, kW = 4;
   using Kernel = PairForwardKernel<xsimd::sse2, kRows, kKeys / kW, 2, kRows, EmulatedPairDot, PairValues>;
   using Backward = BackwardKernel<xsimd::sse2, kRows, kKeys / kW, 2, kRows, EmulatedPairDot>;
+  // Decoding's small kernel, as in kernels/variant.hpp: V widened, P.V tiles of half the rows.
+  using Small = PairForwardKernel<xsimd::sse2, kRows, kKeys / kW, 2, kRows / 2, EmulatedPairDot, false>;
   static const KernelTable table = [&] {
     KernelTable t = emulated_table<Kernel, PairPackers<kKeys, PairValues>>(Isa::avx512bf16, name, kRows, kKeys,
                                                                             false, PairValues, kW);
+    t.forward_small_block = &Small::forward_query_block;
     t.backward_name = "bf16_attn_bwd_4x16__avx512bf16 (emulated vdpbf16ps, sse2 vectors)";
     t.backward_keys = &Backward::backward_keys;
     t.backward_queries = &Backward::backward_queries;

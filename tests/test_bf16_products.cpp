@@ -489,6 +489,32 @@ TEST_CASE("bf16 products (emulated AMX, vdpbf16ps): fp32 and fp16 inputs under a
   }
 }
 
+// A decoding case of `N` queries, G query heads per KV head and M keys, with the
+// options, shapes and thread counts varied by `trial`; the caller picks D, Dv, the
+// layouts and the input type.
+namespace {
+TileCase decode_case(std::int64_t N, std::int64_t G, std::int64_t M, int trial, std::mt19937& rng) {
+  TileCase c;
+  c.N = N;
+  c.Hkv = 1 + trial % 2;
+  c.Hq = c.Hkv * G;
+  c.B = 1 + trial % 3 / 2;
+  c.M = M;
+  c.causal = trial % 3 == 0;
+  c.key_lengths = trial % 4 == 1;
+  c.poison = c.key_lengths && trial % 8 == 1;
+  c.mask = trial % 5 == 2;
+  c.bool_mask = trial % 6 == 3;
+  c.alibi = trial % 7 == 4;
+  c.sinks = trial % 4 == 3;
+  c.softcap = trial % 9 == 6 ? 3.0f : 0.0f;
+  if (trial % 10 == 7) c.window_left = std::uniform_int_distribution<std::int64_t>(0, M)(rng);
+  c.qk_range = trial % 3 == 1 ? 2.5f : 1.0f;
+  c.threads = 1 + trial % 3;
+  return c;
+}
+}  // namespace
+
 TEST_CASE("bf16 products (emulated AMX): decoding with 16 or more stacked rows per KV head", "[bf16products]") {
   // The decode driver stacks the query heads of a KV head as rows (row r: query r / G of
   // head r % G), splits the keys into chunks of at least 512 and merges the chunks'
@@ -502,27 +528,11 @@ TEST_CASE("bf16 products (emulated AMX): decoding with 16 or more stacked rows p
   int trial = 0;
   for (const Rows& rows : shapes)
     for (std::int64_t M : {1, 33, 700, 1500}) {
-      TileCase c;
-      c.N = rows.N;
-      c.Hkv = 1 + trial % 2;
-      c.Hq = c.Hkv * rows.G;
-      c.B = 1 + trial % 3 / 2;
-      c.M = M;
+      TileCase c = decode_case(rows.N, rows.G, M, trial, rng);
       c.D = std::vector<std::int64_t>{64, 5, 33, 128}[std::size_t(trial % 4)];
       c.Dv = std::vector<std::int64_t>{64, 7, 17, 32, 1}[std::size_t(trial % 5)];
-      c.causal = trial % 3 == 0;
-      c.key_lengths = trial % 4 == 1;
-      c.poison = c.key_lengths && trial % 8 == 1;
-      c.mask = trial % 5 == 2;
-      c.bool_mask = trial % 6 == 3;
-      c.alibi = trial % 7 == 4;
-      c.sinks = trial % 4 == 3;
-      c.softcap = trial % 9 == 6 ? 3.0f : 0.0f;
-      if (trial % 10 == 7) c.window_left = std::uniform_int_distribution<std::int64_t>(0, M)(rng);
       c.strided = trial % 2 == 1;
       c.spread = trial % 5 == 3;
-      c.qk_range = trial % 3 == 1 ? 2.5f : 1.0f;
-      c.threads = 1 + trial % 3;
       c.input = trial % 11 == 5 ? Input::f32 : trial % 11 == 8 ? Input::f16 : Input::bf16;
       c.seed = std::uint32_t(900 + trial);
       ++trial;
@@ -533,6 +543,93 @@ TEST_CASE("bf16 products (emulated AMX): decoding with 16 or more stacked rows p
       if (c.input == Input::bf16) CHECK(r.worst_out <= 0.75);
       if (c.input == Input::bf16) CHECK(r.worst_lse <= 0.1);
     }
+}
+
+TEST_CASE("bf16 products (emulated vdpbf16ps): decoding on the small kernel, K rows read in place as pairs",
+          "[bf16products]") {
+  // The vdpbf16ps variant decodes any number of stacked rows on its small kernel: S from
+  // bf16 K rows read in place as 32-bit pairs when D is a multiple of two vectors (8 on
+  // the emulated SSE2 vectors: D = 8, 40, 64, 128) and the rows sit on 4-byte boundaries
+  // (not with the strided buffers' odd row strides), else from pair panels packed per
+  // block (D = 5, 33, a column stride of 2); P.V from V widened. Chunks of 512 keys and
+  // more, merged: M = 1500 gives three. The table with pair values (the form the library
+  // dispatches to) takes only the calls whose V it can read in place (bf16_products_take).
+  namespace fd = flashcpu::detail;
+  struct Rows {
+    std::int64_t N, G;
+  };
+  const Rows shapes[] = {{1, 1}, {1, 2}, {1, 4}, {1, 5}, {2, 4}, {4, 4}, {3, 1}, {1, 16}};
+  std::mt19937 rng(29);
+  int trial = 0, ran_in_place = 0;
+  for (const fd::KernelTable* kernels : {&fd::emulated_pair_kernels(), &fd::emulated_pair_value_kernels()})
+    for (const Rows& rows : shapes)
+      for (std::int64_t M : {1, 33, 700, 1500}) {
+        TileCase c = decode_case(rows.N, rows.G, M, trial, rng);
+        c.D = std::vector<std::int64_t>{64, 5, 40, 128, 8, 33}[std::size_t(trial % 6)];
+        c.Dv = std::vector<std::int64_t>{64, 7, 16, 32, 1}[std::size_t(trial % 5)];
+        c.poison_masked = trial % 13 == 6;
+        c.strided = trial % 4 == 2;
+        c.spread = trial % 7 == 5;
+        c.input = trial % 11 == 5 ? Input::f32 : Input::bf16;
+        c.seed = std::uint32_t(1300 + trial);
+        ++trial;
+        // What bf16_products_take asks of V for the table with pair values.
+        const bool v_as_stored = !c.spread && c.Dv % 4 == 0 && c.input == Input::bf16;
+        if (kernels->pair_values && !v_as_stored) continue;
+        ran_in_place += !c.strided && !c.spread && c.D % 8 == 0;
+        const Outcome r = run_tile_case(*kernels, c);
+        INFO(kernels->name << ": " << c.describe());
+        INFO(r.report);
+        CHECK(r.ok);
+        if (c.input == Input::bf16) CHECK(r.worst_lse <= 0.1);
+      }
+  CHECK(ran_in_place >= 15);
+}
+
+TEST_CASE("allow_bf16_compute: fp32 q over a bf16 cache, decoded on the level's choice", "[bf16products]") {
+  // Through the public entry point: where the library picks the vdpbf16ps variant (a CPU
+  // with AVX512-BF16, or AMX), q is rounded to bf16 and the products are exact, so the
+  // result is the oracle's on the rounded q within fp32 arithmetic; elsewhere q stays
+  // fp32. The rounding moves scores by ~2^-8 of their size here, far beyond the bound, so
+  // each side fails if the other's q were used.
+  namespace fd = flashcpu::detail;
+  std::mt19937 rng(37);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (const std::int64_t D : {128, 64, 40}) {
+    const std::int64_t B = 2, Hq = 8, Hkv = 2, N = 1, M = 1100, Dv = D;
+    std::vector<float> q(std::size_t(B * Hq * N * D)), kf(std::size_t(B * Hkv * M * D)), vf(std::size_t(B * Hkv * M * Dv));
+    std::vector<bf16> k(kf.size()), v(vf.size());
+    for (float& x : q) x = u(rng);
+    for (std::size_t i = 0; i < kf.size(); ++i) kf[i] = flashcpu::to_float(k[i] = flashcpu::to_bf16(u(rng)));
+    for (std::size_t i = 0; i < vf.size(); ++i) vf[i] = flashcpu::to_float(v[i] = flashcpu::to_bf16(u(rng)));
+    flashcpu::AttentionOptions o;
+    o.allow_bf16_compute = true;
+    o.num_threads = 2;
+    const auto qv = flashcpu::bhsd<const float>(q.data(), B, Hq, N, D);
+    const auto kv = flashcpu::bhsd<const bf16>(k.data(), B, Hkv, M, D);
+    const auto vv = flashcpu::bhsd<const bf16>(v.data(), B, Hkv, M, Dv);
+    std::vector<float> out(std::size_t(B * Hq * N * Dv)), lse(std::size_t(B * Hq * N));
+    flashcpu::attention(qv, kv, vv, flashcpu::bhsd(out.data(), B, Hq, N, Dv), flashcpu::bhsd(lse.data(), B, Hq, N, 1), o);
+
+    const fd::AttentionShape s = fd::validate_attention(qv, kv, vv, flashcpu::bhsd(out.data(), B, Hq, N, Dv), nullptr, o);
+    const bool rounded =
+        fd::kernels_for_call(s, fd::DType::f32, fd::DType::bf16, fd::AnyView::of(vv), fd::Transform::none).bf16_products;
+    std::vector<float> q_seen = q;
+    if (rounded)
+      for (float& x : q_seen) x = flashcpu::to_float(flashcpu::to_bf16(x));
+    std::vector<float> ref(out.size()), ref_lse(lse.size());
+    flashcpu::reference::attention(flashcpu::bhsd<const float>(q_seen.data(), B, Hq, N, D),
+                                   flashcpu::bhsd<const float>(kf.data(), B, Hkv, M, D),
+                                   flashcpu::bhsd<const float>(vf.data(), B, Hkv, M, Dv),
+                                   flashcpu::bhsd(ref.data(), B, Hq, N, Dv), flashcpu::bhsd(ref_lse.data(), B, Hq, N, 1), o);
+    INFO("D = " << D << ", q rounded: " << rounded);
+    // fp32 arithmetic on exact products, |v| <= 1: 2e-5 (as run_tile_case, no 16-bit rounding).
+    double worst = 0;
+    for (std::size_t i = 0; i < out.size(); ++i) worst = std::max(worst, std::fabs(double(out[i]) - ref[i]) / 2e-5);
+    for (std::size_t i = 0; i < lse.size(); ++i)
+      worst = std::max(worst, std::fabs(double(lse[i]) - ref_lse[i]) / (2e-5 * (1.0 + std::fabs(ref_lse[i]))));
+    CHECK(worst <= 1.0);
+  }
 }
 
 // Two kernels' outputs on one case, each checked against the oracle by run_tile_case,
@@ -896,20 +993,48 @@ TEST_CASE("bf16 products: which calls the variants take", "[bf16products]") {
     s.score = flashcpu::Score::dot_product;
     return s;
   };
-  const auto takes = [](const fd::KernelTable& kernels, const fd::AttentionShape& s,
-                        fd::DType q = fd::DType::bf16, fd::Transform t = fd::Transform::none) {
-    return fd::bf16_products_take(kernels, s, q, fd::DType::bf16, t);
+  // V of the shape, contiguous, of type `type`, or with a column stride of 2.
+  const auto values = [](const fd::AttentionShape& s, fd::DType type = fd::DType::bf16, std::int64_t column = 1) {
+    fd::AnyView v{};
+    v.type = type;
+    v.shape = {s.batch, s.kv_heads, s.kv_len, s.value_dim};
+    v.strides = {s.kv_heads * s.kv_len * s.value_dim * column, s.kv_len * s.value_dim * column,
+                 s.value_dim * column, column};
+    return v;
   };
-  // Prefill: both.
+  const auto takes = [&](const fd::KernelTable& kernels, const fd::AttentionShape& s,
+                         fd::DType q = fd::DType::bf16, fd::Transform t = fd::Transform::none) {
+    return fd::bf16_products_take(kernels, s, q, fd::DType::bf16, values(s), t);
+  };
+  const fd::KernelTable& pair_values = fd::emulated_pair_value_kernels();
+  // Prefill: all three.
   CHECK(takes(tiles, shape(17, 1, 1)));
   CHECK(takes(pairs, shape(17, 1, 1)));
+  CHECK(takes(pair_values, shape(17, 1, 1)));
   // Decoding: the tiles from 16 stacked rows (query heads per KV head x queries) up.
   CHECK(takes(tiles, shape(4, 32, 8)));
   CHECK(takes(tiles, shape(1, 16, 1)));
   CHECK(takes(tiles, shape(16, 4, 4)));
   CHECK_FALSE(takes(tiles, shape(3, 32, 8)));
   CHECK_FALSE(takes(tiles, shape(1, 32, 8)));
-  CHECK_FALSE(takes(pairs, shape(4, 32, 8)));
+  // The vdpbf16ps variant: any rows, on its small kernel, which reads V as stored. With
+  // pair values (the variant the library dispatches to), only a V it can read in place.
+  CHECK(takes(pairs, shape(4, 32, 8)));
+  CHECK(takes(pairs, shape(1, 1, 1)));
+  CHECK(takes(pair_values, shape(4, 32, 8)));
+  CHECK(fd::bf16_products_take(pairs, shape(1, 32, 8), fd::DType::bf16, fd::DType::bf16,
+                               values(shape(1, 32, 8), fd::DType::bf16, 2), fd::Transform::none));
+  CHECK_FALSE(fd::bf16_products_take(pair_values, shape(1, 32, 8), fd::DType::bf16, fd::DType::bf16,
+                                     values(shape(1, 32, 8), fd::DType::bf16, 2), fd::Transform::none));
+  fd::AttentionShape narrow = shape(1, 32, 8);
+  narrow.value_dim = 6;  // not a whole number of the emulated variant's 4-float vectors
+  CHECK_FALSE(takes(pair_values, narrow));
+  fd::AttentionShape rounded_cache = shape(1, 32, 8);
+  rounded_cache.allow_bf16_compute = true;
+  CHECK(takes(pair_values, rounded_cache, fd::DType::f32));  // fp32 q over a bf16 cache, rounded
+  CHECK_FALSE(fd::bf16_products_take(pair_values, rounded_cache, fd::DType::f32, fd::DType::f32,
+                                     values(rounded_cache, fd::DType::f32), fd::Transform::none));
+  CHECK_FALSE(takes(pair_values, shape(1, 32, 8), fd::DType::f32));  // without the option
   // Other scores, kernel regression's transforms, fp32 q without the option: not taken.
   fd::AttentionShape gaussian = shape(64, 1, 1);
   gaussian.score = flashcpu::Score::gaussian;
@@ -926,8 +1051,12 @@ TEST_CASE("bf16 products: which calls the variants take", "[bf16products]") {
   for (fd::DType k : {fd::DType::f32, fd::DType::bf16, fd::DType::f16}) {
     const fd::KernelTable& level = fd::active_kernels(k);
     const fd::DType q = k == fd::DType::bf16 ? fd::DType::bf16 : k;
-    const fd::KernelTable& prefill = fd::kernels_for_call(shape(64, 4, 2), q, k, fd::Transform::none);
-    const fd::KernelTable& decode = fd::kernels_for_call(shape(1, 32, 8), q, k, fd::Transform::none);
+    const fd::KernelTable& prefill = fd::kernels_for_call(shape(64, 4, 2), q, k, values(shape(64, 4, 2), k),
+                                                          fd::Transform::none);
+    const fd::KernelTable& decode = fd::kernels_for_call(shape(1, 32, 8), q, k, values(shape(1, 32, 8), k),
+                                                         fd::Transform::none);
+    const fd::KernelTable& strided = fd::kernels_for_call(shape(1, 32, 8), q, k, values(shape(1, 32, 8), k, 2),
+                                                          fd::Transform::none);
     INFO("k type " << int(k) << ", level " << level.name);
     CHECK(prefill.kv == k);
     CHECK(decode.kv == k);
@@ -935,9 +1064,15 @@ TEST_CASE("bf16 products: which calls the variants take", "[bf16products]") {
     if (!level.bf16_products) {
       CHECK(&prefill == &level);
       CHECK(&decode == &level);
+      CHECK(&strided == &level);
     } else {
-      CHECK(&prefill == &level);         // bf16 prefill: the bf16-product variant
-      CHECK_FALSE(decode.bf16_products);  // 4 stacked rows: the vector kernels below
+      CHECK(&prefill == &level);  // bf16 prefill: the bf16-product variant
+      // 4 stacked rows: the vdpbf16ps variant's small kernel (at amx, the level below
+      // the tiles); with V it cannot read in place, the vector kernels of avx512.
+      CHECK(decode.bf16_products);
+      CHECK_FALSE(decode.tiles);
+      CHECK(decode.isa == fd::Isa::avx512bf16);
+      CHECK_FALSE(strided.bf16_products);
     }
   }
 }

@@ -227,7 +227,8 @@ TEST_CASE("min_flops_per_thread: tuning-file entries, their errors, and the thre
     const auto kv = flashcpu::bhsd<const float>(k.data(), 1, 2, 300, 64);
     const auto ov = flashcpu::bhsd(out.data(), 1, 2, 100, 64);
     const fd::AttentionShape s = fd::validate_attention(qv, kv, kv, ov, nullptr, flashcpu::AttentionOptions{});
-    const fd::KernelTable& kernels = fd::kernels_for_call(s, fd::DType::f32, fd::DType::f32, fd::Transform::none);
+    const fd::KernelTable& kernels = fd::kernels_for_call(s, fd::DType::f32, fd::DType::f32, fd::AnyView::of(kv),
+                                                          fd::Transform::none);
     const fd::Plan plan = fd::make_plan(kernels, s, fd::AnyView::of(kv), fd::Transform::none, 0.0f, false);
     CHECK(plan.min_flops_per_thread == 5000.0);
     CHECK(plan.block_rows == 48);

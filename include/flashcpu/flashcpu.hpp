@@ -88,7 +88,9 @@ struct AttentionOptions {
 
   // Lets fp32 and fp16 q, k and v be rounded to bf16 (to nearest even) for the two
   // products, on a level with bf16 products (see active_isa: "amx", "avx512bf16"), for the
-  // calls those take (dot product, prefill); and, for attention_backward with the dot
+  // calls those take (dot product: prefill; and decoding from a bf16 KV cache whose V
+  // rows are contiguous, where fp32 q is rounded and the weights are not); and, for
+  // attention_backward with the dot
   // product on those levels, q, k, v and dout for its five products (see there).
   // oneDNN's "fpmath mode bf16" and PyTorch's float32_matmul_precision("medium") allow
   // the same. Each rounding has a relative error

@@ -174,10 +174,14 @@ struct ForwardKernel {
   // one vector of partial dot products per row, then PairSums turns W such vectors into W
   // finished scores. KP keys per pass over D: ROWS*KP accumulator chains hide the FMA
   // latency, and each query vector loaded serves KP keys (see kFullKeysPerPass).
-  template <int ROWS, int KP>
-  static void scores_tile_rows(const float* q, std::int64_t D, const KV* k, std::int64_t k_stride,
+  // Step as for scores_tile; Elem the type K rows are read as, widened as they load. The
+  // vdpbf16ps kernel (kernels/forward_pairs.hpp) passes its pair step, bf16 K rows as the
+  // 32-bit words of their pairs of dimensions (Elem float: loaded as they are), D in
+  // words, and `factor` for the scores (its Q is unscaled).
+  template <int ROWS, int KP, class Step = DotStep, class Elem = KV>
+  static void scores_tile_rows(const float* q, std::int64_t D, const Elem* k, std::int64_t k_stride,
                                std::int64_t num_keys, std::int64_t cols, float* scores, std::int64_t scores_stride,
-                               PrefetchStream& ahead) {
+                               PrefetchStream& ahead, float factor = 1.0f) {
     static_assert(KP % 2 == 0 && W % KP == 0, "keys are taken in pairs, whole passes to a vector");
     for (std::int64_t j0 = 0; j0 < cols; j0 += W) {
       PairSums<Arch> sums[ROWS];
@@ -188,18 +192,18 @@ struct ForwardKernel {
         // Keys of the pass past num_keys: the last key is read again, its scores dropped below.
         const std::int64_t present = min_i64(KP, num_keys - (j0 + t));
         if (present > 0) {
-          const KV* key[KP];
+          const Elem* key[KP];
           for (int u = 0; u < KP; ++u) {
             key[u] = k + (j0 + t + (u < present ? u : present - 1)) * k_stride;
             ahead.step();
           }
           for (std::int64_t d = 0; d < D; d += W) {
             batch kv[KP];
-            for (int u = 0; u < KP; ++u) kv[u] = load_kv(key[u] + d);
+            for (int u = 0; u < KP; ++u) kv[u] = widen<Arch>(key[u] + d);
             for (int r = 0; r < ROWS; ++r) {
               batch qv = batch::load_aligned(q + r * D + d);
               keep_in_register(qv);  // one load for the pass's keys
-              for (int u = 0; u < KP; ++u) acc[r][u] = xsimd::fma(qv, kv[u], acc[r][u]);
+              for (int u = 0; u < KP; ++u) acc[r][u] = Step{}(d, qv, kv[u], acc[r][u]);
             }
           }
         }
@@ -208,7 +212,9 @@ struct ForwardKernel {
             sums[r].add((t + u) / 2, u < present ? acc[r][u] : batch(0.0f),
                         u + 1 < present ? acc[r][u + 1] : batch(0.0f));
       }
-      for (int r = 0; r < ROWS; ++r) batch(sums[r].sums()).store_aligned(scores + r * scores_stride + j0);
+      // (A factor of 1 leaves the bits as they are.)
+      for (int r = 0; r < ROWS; ++r)
+        (batch(sums[r].sums()) * batch(factor)).store_aligned(scores + r * scores_stride + j0);
     }
   }
 

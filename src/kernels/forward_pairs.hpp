@@ -70,10 +70,31 @@ struct PairForwardKernel : ForwardKernel<Arch, MR, NRV, NV, PR, bf16> {
 
   // S for the tile's columns [c0, cols): ForwardKernel's panel micro-kernel, one step per
   // pair of dimensions (the broadcast and the loads move the pairs' bits untouched).
+  // Decoding (the small kernel, PairValues false) may read bf16 K rows in place instead:
+  // a row's consecutive elements are already the pairs vdpbf16ps takes, so ForwardKernel's
+  // row micro-kernel runs on them as 32-bit words, half as many steps as widened K, and
+  // no widening (the decode driver reads K in place when D is a multiple of 2W and the
+  // rows start on 4-byte boundaries, src/decode.cpp).
   static bool raw_scores(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
-                         float* tile_max, PrefetchStream&) {
+                         float* tile_max, PrefetchStream& ahead) {
     const std::int64_t Dh = head_pairs(job.dims.head_dim);
     const float* q = job.q.q_packed + r0 * Dh;
+    if (job.keys.k_rows) {
+      const std::int64_t stride = job.keys.k_row_stride / 2;  // in words (the driver keeps it even)
+      const auto* k = reinterpret_cast<const float*>(Base::k_rows(job) + (j0 + t.c0 - job.keys.begin) * job.keys.k_row_stride);
+      float* const scores = job.state.scores + t.c0;
+      const float factor = job.score.raw_factor;
+      if constexpr (MR % 2 == 0) {
+        if (Base::padding_half(job, r0)) {  // the live rows only
+          Base::template scores_tile_rows<MR / 2, Base::kHalfKeysPerPass, PairStep>(
+              q, Dh, k, stride, t.num_keys - t.c0, t.cols - t.c0, scores, job.dims.block_keys, ahead, factor);
+          return false;
+        }
+      }
+      Base::template scores_tile_rows<MR, Base::kFullKeysPerPass, PairStep>(
+          q, Dh, k, stride, t.num_keys - t.c0, t.cols - t.c0, scores, job.dims.block_keys, ahead, factor);
+      return false;
+    }
     const float* panels = job.keys.k_panels + (j0 + t.c0 - job.keys.begin) * Dh;
     Base::scores_tile(q, Dh, Dh, panels, (t.cols - t.c0) / NR, job.state.scores + t.c0, job.dims.block_keys,
                       job.score.raw_factor, tile_max, PairStep{});
@@ -158,7 +179,7 @@ struct PairForwardKernel : ForwardKernel<Arch, MR, NRV, NV, PR, bf16> {
   // holds no out-of-line copy of an xsimd function that the linker could share with the
   // avx512 objects (tests/check_isa_symbols.cmake).
   __attribute__((flatten)) static void forward_query_block(const QueryBlockJob& job) {
-    assert(job.keys.k_panels != nullptr && job.score.kind == ScoreKind::dot);
+    assert((job.keys.k_panels != nullptr || !PairValues) && job.score.kind == ScoreKind::dot);
     assert(!job.score.key_bias && !job.score.row_bias);
     Base::template run_blocks<PairForwardKernel>(job);
   }

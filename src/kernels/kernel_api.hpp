@@ -273,17 +273,20 @@ struct KernelTable {
   int tile_rows;      // mr: query rows of the micro-kernels
   int panel_keys;     // nr: keys per packed K panel
   // Q.K^T from bf16 Q and K as given (AMX tiles, kernels/forward_tiles.hpp; vdpbf16ps,
-  // kernels/forward_pairs.hpp): the variant takes only bf16 q, k and v with the dot
-  // product, for prefill. The driver hands anything else to the level below
-  // (dispatch.hpp, kernels_below).
+  // kernels/forward_pairs.hpp): the variant takes only bf16 q, k and v (or any, rounded,
+  // under allow_bf16_compute) with the dot product, for prefill, and for the decoding
+  // that bf16_products_take (src/plan.hpp) gives it. The driver hands anything else to
+  // the level below (dispatch.hpp, kernels_below).
   bool bf16_products;
   bool tiles;        // AMX tiles: K panels only, also for decoding 16 or more stacked rows
-  bool pair_values;  // P.V from bf16 weights and V packed by pairs of keys (kernels/pair_values.hpp):
-                     // V is never read in place
+  bool pair_values;  // forward_query_block's P.V from bf16 weights and V packed by pairs of keys
+                     // (kernels/pair_values.hpp), never read in place; without tiles, the
+                     // small kernel reads V as stored (decoding)
   int value_columns;  // value_dim is padded to a multiple of this (JobDims::value_dim_padded)
   void (*forward_query_block)(const QueryBlockJob& job);
   // The same kernel with fewer rows per tile (same panels), for decoding blocks whose
   // rows (query heads of a group x queries) would leave most of a tile_rows tile empty.
+  // The vdpbf16ps variant decodes on it alone, with V rows as stored. Null for the tiles.
   int small_tile_rows;
   void (*forward_small_block)(const QueryBlockJob& job);
   // Decoding with at least vector_floats rows, dot product, fp32 K in place, no mask,

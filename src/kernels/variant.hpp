@@ -40,11 +40,23 @@ static_assert(FLASHCPU_VARIANT_NR % kW == 0, "nr is a whole number of vectors");
 constexpr int kPanelVectors = FLASHCPU_VARIANT_NR / kW;
 // A level whose flags enable the tile instructions (AMX) gets the tile kernel and its
 // packers; one whose flags enable AVX512-BF16 without them gets the vdpbf16ps kernel.
-// Either variant is bf16 only (variants.inc) and has no small or lanes kernel (the
-// driver hands the decoding they do not take to the level below), so it instantiates no
-// vector kernel of its own: an out-of-line copy of an xsimd function in this object
-// would share its name with the avx512 objects' copy (tests/check_isa_symbols.cmake).
+// Either variant is bf16 only (variants.inc) and has no lanes kernel; the tiles have no
+// small kernel either (the driver hands the decoding they do not take to the level
+// below). Neither instantiates a vector kernel of its own outside a flattened entry: an
+// out-of-line copy of an xsimd function in this object would share its name with the
+// avx512 objects' copy (tests/check_isa_symbols.cmake).
 using ForwardEntry = void (*)(const QueryBlockJob&);
+// The small kernel's P.V tiles: small_nv vectors over as many of its rows as the
+// registers hold (accumulators, the value vectors and one broadcast): all small_mr rows
+// of a 4 x 4 AVX-512 tile, 2 rows of a 4 x 8 one.
+constexpr int kVectorRegisters = kW >= 16 ? 32 : 16;
+constexpr int small_pv_rows() {
+  int rows = FLASHCPU_VARIANT_SMALL_MR;
+  while (rows % 2 == 0 && rows * FLASHCPU_VARIANT_SMALL_NV + FLASHCPU_VARIANT_SMALL_NV + 1 > kVectorRegisters) rows /= 2;
+  return rows;
+}
+static_assert(small_pv_rows() * FLASHCPU_VARIANT_SMALL_NV + FLASHCPU_VARIANT_SMALL_NV + 1 <= kVectorRegisters,
+              "the small kernel's P.V tile fits the registers");
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 constexpr bool kBf16Products = true, kTiles = true, kPairValues = true;
 static_assert(std::is_same<KV, bf16>::value && FLASHCPU_VARIANT_MR == kTileRows &&
@@ -63,21 +75,15 @@ static_assert(std::is_same<KV, bf16>::value, "the vdpbf16ps variant is bf16");
 using Kernel = PairForwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR,
                                  HardwarePairDot, kPairValues>;
 using Pack = PairPackers<FLASHCPU_VARIANT_NR, kPairValues>;
-constexpr ForwardEntry kSmallEntry = nullptr, kLanesEntry = nullptr;
+// Decoding (bf16_products_take in src/plan.cpp: V read as stored): S by vdpbf16ps from K
+// rows read in place (or from the same pair panels), P.V from V rows widened as they
+// load, on the avx512 bf16 variant's small tiles.
+using SmallKernel = PairForwardKernel<Arch, FLASHCPU_VARIANT_SMALL_MR, kPanelVectors, FLASHCPU_VARIANT_SMALL_NV,
+                                      small_pv_rows(), HardwarePairDot, false>;
+constexpr ForwardEntry kSmallEntry = &SmallKernel::forward_query_block, kLanesEntry = nullptr;
 #else
 constexpr bool kBf16Products = false, kTiles = false, kPairValues = false;
 using Kernel = ForwardKernel<Arch, FLASHCPU_VARIANT_MR, kPanelVectors, FLASHCPU_VARIANT_NV, FLASHCPU_VARIANT_PR, KV>;
-// The small kernel's P.V tiles: small_nv vectors over as many of its rows as the
-// registers hold (accumulators, the value vectors and one broadcast): all small_mr rows
-// of a 4 x 4 AVX-512 tile, 2 rows of a 4 x 8 one.
-constexpr int kVectorRegisters = kW >= 16 ? 32 : 16;
-constexpr int small_pv_rows() {
-  int rows = FLASHCPU_VARIANT_SMALL_MR;
-  while (rows % 2 == 0 && rows * FLASHCPU_VARIANT_SMALL_NV + FLASHCPU_VARIANT_SMALL_NV + 1 > kVectorRegisters) rows /= 2;
-  return rows;
-}
-static_assert(small_pv_rows() * FLASHCPU_VARIANT_SMALL_NV + FLASHCPU_VARIANT_SMALL_NV + 1 <= kVectorRegisters,
-              "the small kernel's P.V tile fits the registers");
 using SmallKernel =
     ForwardKernel<Arch, FLASHCPU_VARIANT_SMALL_MR, kPanelVectors, FLASHCPU_VARIANT_SMALL_NV, small_pv_rows(), KV>;
 using Pack = Packers<KV, FLASHCPU_VARIANT_NR>;
