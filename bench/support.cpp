@@ -730,6 +730,7 @@ fd::AttentionShape call_shape(const Shape& s) {
   call.value_dim = s.dv;
   call.score = Score::dot_product;
   call.causal = s.causal;
+  call.allow_bf16_compute = s.bf16_compute;
   return call;
 }
 

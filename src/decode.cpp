@@ -9,6 +9,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -56,8 +57,9 @@ DecodeSplit split_decode(const Plan& plan, const CallViews& views) {
   // vdpbf16ps kernel reads a bf16 row as 32-bit words of pairs of elements: D a multiple
   // of two vectors, and each row on a 4-byte boundary.
   const std::int64_t k_vector_elements = kernels.bf16_products ? 2 * kernels.vector_floats : kernels.vector_floats;
-  const bool k_on_words = !kernels.bf16_products || (views.k.strides[2] % 2 == 0 && views.k.strides[1] % 2 == 0 &&
-                                                      views.k.strides[0] % 2 == 0 &&
+  // (The stride of a dimension of size 1 is never stepped, so it may be odd.)
+  const auto even_steps = [&views](int dim) { return views.k.shape[dim] == 1 || views.k.strides[dim] % 2 == 0; };
+  const bool k_on_words = !kernels.bf16_products || (even_steps(0) && even_steps(1) && even_steps(2) &&
                                                       reinterpret_cast<std::uintptr_t>(views.k.data) % 4 == 0);
   d.k_in_place = !kernels.tiles && plan.kind == ScoreKind::dot && !plan.centered && views.k.type == kernels.kv &&
                  views.k.strides[3] == 1 && s.head_dim % k_vector_elements == 0 && k_on_words;
@@ -74,6 +76,10 @@ DecodeSplit split_decode(const Plan& plan, const CallViews& views) {
   d.forward = d.lanes   ? kernels.forward_lanes_block
               : d.small ? kernels.forward_small_block
                         : kernels.forward_query_block;
+  // The vdpbf16ps variant's small kernel widens V as stored: bf16_products_take routed
+  // only calls whose V it can read in place here.
+  assert(kernels.tiles || !kernels.pair_values || plan.v_in_place);
+  assert(d.forward);
   d.rows_padded = round_up(d.rows, d.mr);
   const std::int64_t M = std::max<std::int64_t>(s.kv_len, 1), Bk = plan.block_keys;
   const std::int64_t kv_heads = s.batch * s.kv_heads;

@@ -36,6 +36,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -70,6 +71,7 @@ struct TileCase {
   bool spread = false;   // elements of a row 2 apart (a column stride of 2)
   bool poison = false;   // NaN and inf in K and V past each batch's key length
   bool poison_masked = false;  // NaN and inf in K and V of keys the bool mask hides from every row
+  bool shifted = false;  // K's and V's first element one element past the buffer's start (2 bytes: off 4-byte words)
   float qk_range = 1.0f;
   int threads = 2;
   std::uint32_t seed = 1;
@@ -80,7 +82,7 @@ struct TileCase {
       << " causal=" << causal << " window=" << window_left << "," << window_right << " key_lengths=" << key_lengths
       << " mask=" << mask << " bool_mask=" << bool_mask << " alibi=" << alibi << " sinks=" << sinks
       << " softcap=" << softcap << " strided=" << strided << " spread=" << spread << " poison=" << poison
-      << " poison_masked=" << poison_masked << " threads=" << threads
+      << " poison_masked=" << poison_masked << " shifted=" << shifted << " threads=" << threads
       << " seed=" << seed << " input=" << (input == Input::bf16 ? "bf16" : input == Input::f32 ? "fp32" : "fp16");
     return s.str();
   }
@@ -88,28 +90,30 @@ struct TileCase {
 
 // A [B, H, S, E] tensor of `type` in a buffer laid out [B, H, S, E] or, strided,
 // [B, S, H, E + 3], with its values widened to fp32 (exact) in the same layout; spread,
-// the elements of a row 2 apart.
+// the elements of a row 2 apart; starting `base` elements into its storage.
 struct Buffer {
   std::int64_t B, H, S, E;
   Input type;
+  std::int64_t base;
   std::array<std::int64_t, 4> strides;
   std::vector<float> values;  // the elements (bf16 and fp16 ones widened); fp32 input reads it
   std::vector<bf16> bits;
   std::vector<fp16> halves;
 
-  Buffer(std::int64_t b, std::int64_t h, std::int64_t s, std::int64_t e, bool strided, Input t, bool spread = false)
-      : B(b), H(h), S(s), E(e), type(t) {
+  Buffer(std::int64_t b, std::int64_t h, std::int64_t s, std::int64_t e, bool strided, Input t, bool spread = false,
+         std::int64_t first = 0)
+      : B(b), H(h), S(s), E(e), type(t), base(first) {
     const std::int64_t col = spread ? 2 : 1, row = strided ? col * e + 3 : col * e;
     strides = strided ? std::array<std::int64_t, 4>{s * h * row, row, h * row, col}
                       : std::array<std::int64_t, 4>{h * s * row, s * row, row, col};
-    const std::size_t n = std::size_t(std::max<std::int64_t>(b * h * s * row, 1));
+    const std::size_t n = std::size_t(base + std::max<std::int64_t>(b * h * s * row, 1));
     const float nan = std::numeric_limits<float>::quiet_NaN();  // padding: NaN, never read
     values.assign(n, nan);
     bits.assign(n, flashcpu::to_bf16(nan));
     halves.assign(n, flashcpu::to_fp16(nan));
   }
   std::int64_t at(std::int64_t b, std::int64_t h, std::int64_t s, std::int64_t e) const {
-    return b * strides[0] + h * strides[1] + s * strides[2] + e * strides[3];
+    return base + b * strides[0] + h * strides[1] + s * strides[2] + e * strides[3];
   }
   void set(std::int64_t i, float x) {
     const std::size_t at = std::size_t(i);
@@ -130,15 +134,15 @@ struct Buffer {
         for (std::int64_t s = 0; s < S; ++s)
           for (std::int64_t e = 0; e < E; ++e) set(at(b, h, s, e), u(rng));
   }
-  flashcpu::TensorView<const float> fview() const { return {values.data(), {B, H, S, E}, strides}; }
+  flashcpu::TensorView<const float> fview() const { return {values.data() + base, {B, H, S, E}, strides}; }
   template <class T>
   flashcpu::TensorView<const T> view() const {
     if constexpr (std::is_same<T, bf16>::value)
-      return {bits.data(), {B, H, S, E}, strides};
+      return {bits.data() + base, {B, H, S, E}, strides};
     else if constexpr (std::is_same<T, fp16>::value)
-      return {halves.data(), {B, H, S, E}, strides};
+      return {halves.data() + base, {B, H, S, E}, strides};
     else
-      return {values.data(), {B, H, S, E}, strides};
+      return {values.data() + base, {B, H, S, E}, strides};
   }
 };
 
@@ -147,9 +151,10 @@ inline float widened(bf16 x) { return flashcpu::to_float(x); }
 inline float widened(fp16 x) { return flashcpu::to_float(x); }
 
 // The kernel of `kernels`, through the driver the library would call (prefill, or
-// decoding: use_decode_path), on q, k, v of type T: out (T, widened) and lse.
+// decoding: use_decode_path), on q, k, v of type T: out (T, widened) and lse. Returns
+// the route taken: "prefill", or the decode driver's description (describe_decode).
 template <class T>
-void run_kernel(const flashcpu::detail::KernelTable& kernels, const Buffer& q, const Buffer& k, const Buffer& v,
+std::string run_kernel(const flashcpu::detail::KernelTable& kernels, const Buffer& q, const Buffer& k, const Buffer& v,
                 const flashcpu::AttentionOptions& o, std::vector<float>* out, std::vector<float>* lse) {
   const std::int64_t B = q.B, Hq = q.H, N = q.S, Dv = v.E;
   std::vector<T> out_t(out->size());
@@ -161,24 +166,29 @@ void run_kernel(const flashcpu::detail::KernelTable& kernels, const Buffer& q, c
   const fd::CallViews views{fd::AnyView::of(qv), fd::AnyView::of(kv), fd::AnyView::of(vv), fd::AnyView::of(out_view),
                             lse_view, true};
   const fd::Plan plan = fd::make_plan(kernels, s, views.v, fd::Transform::none, 0.0f, false);
-  if (fd::use_decode_path(s, kernels))
+  const bool decoding = fd::use_decode_path(s, kernels);
+  if (decoding)
     fd::run_decode(plan, views);
   else
     fd::run_prefill(plan, views);
   for (std::size_t i = 0; i < out_t.size(); ++i) (*out)[i] = widened(out_t[i]);
+  return decoding ? fd::describe_decode(plan, views.k) : "prefill";
 }
 
 struct Outcome {
   bool ok = true;
   double worst_out = 0, worst_lse = 0;  // error / bound
   std::string report;
+  std::string route;                    // run_kernel's
   std::vector<std::uint32_t> out_bits;  // the kernel's output (widened), for bitwise comparisons
 };
 
 Outcome run_tile_case(const flashcpu::detail::KernelTable& kernels, const TileCase& c) {
   std::mt19937 rng(c.seed);
-  Buffer q(c.B, c.Hq, c.N, c.D, c.strided, c.input, c.spread), k(c.B, c.Hkv, c.M, c.D, c.strided, c.input, c.spread),
-      v(c.B, c.Hkv, c.M, c.Dv, c.strided, c.input, c.spread);
+  const std::int64_t first = c.shifted ? 1 : 0;
+  Buffer q(c.B, c.Hq, c.N, c.D, c.strided, c.input, c.spread),
+      k(c.B, c.Hkv, c.M, c.D, c.strided, c.input, c.spread, first),
+      v(c.B, c.Hkv, c.M, c.Dv, c.strided, c.input, c.spread, first);
   q.fill(rng, c.qk_range);
   k.fill(rng, c.qk_range);
   v.fill(rng, 1.0f);
@@ -248,12 +258,9 @@ Outcome run_tile_case(const flashcpu::detail::KernelTable& kernels, const TileCa
 
   // The kernel, through the prefill or decode driver, on emulated instructions.
   std::vector<float> out(ref.size(), 12345.0f), lse(ref_lse.size(), 12345.0f);
-  if (c.input == Input::bf16)
-    run_kernel<bf16>(kernels, q, k, v, o, &out, &lse);
-  else if (c.input == Input::f16)
-    run_kernel<fp16>(kernels, q, k, v, o, &out, &lse);
-  else
-    run_kernel<float>(kernels, q, k, v, o, &out, &lse);
+  const std::string route = c.input == Input::bf16  ? run_kernel<bf16>(kernels, q, k, v, o, &out, &lse)
+                            : c.input == Input::f16 ? run_kernel<fp16>(kernels, q, k, v, o, &out, &lse)
+                                                    : run_kernel<float>(kernels, q, k, v, o, &out, &lse);
 
   // The largest |v| a row may weigh: every value of its KV head (poisoned slots aside).
   // Inputs rounded to bf16 (fp32, fp16) move each score s_ij by at most
@@ -262,6 +269,7 @@ Outcome run_tile_case(const flashcpu::detail::KernelTable& kernels, const TileCa
   // normalization, and each value by u |v|: out gains (e^(2 shift_i) - 1) max|v| + u max|v|,
   // lse gains shift_i. A 16-bit out adds its rounding, u_out |ref| (bf16: 2^-8, fp16 2^-11).
   Outcome r;
+  r.route = route;
   const double u = std::ldexp(1.0, -8);
   const bool rounded = c.input != Input::bf16;
   const double u_out = c.input == Input::f32 ? 0.0 : c.input == Input::f16 ? std::ldexp(1.0, -11) : u;
@@ -550,17 +558,19 @@ TEST_CASE("bf16 products (emulated vdpbf16ps): decoding on the small kernel, K r
   // The vdpbf16ps variant decodes any number of stacked rows on its small kernel: S from
   // bf16 K rows read in place as 32-bit pairs when D is a multiple of two vectors (8 on
   // the emulated SSE2 vectors: D = 8, 40, 64, 128) and the rows sit on 4-byte boundaries
-  // (not with the strided buffers' odd row strides), else from pair panels packed per
-  // block (D = 5, 33, a column stride of 2); P.V from V widened. Chunks of 512 keys and
-  // more, merged: M = 1500 gives three. The table with pair values (the form the library
-  // dispatches to) takes only the calls whose V it can read in place (bf16_products_take).
+  // (not with the strided buffers' odd row strides, nor with K starting 2 bytes off a
+  // word), else from pair panels packed per block (those, and D = 5, 33, a column stride
+  // of 2); P.V from V widened. Chunks of 512 keys and more, merged: M = 1500 gives three.
+  // The table with pair values (the form the library dispatches to) takes only the calls
+  // whose V it can read in place (bf16_products_take). Which way K went is read from the
+  // decode driver's own description of the call.
   namespace fd = flashcpu::detail;
   struct Rows {
     std::int64_t N, G;
   };
   const Rows shapes[] = {{1, 1}, {1, 2}, {1, 4}, {1, 5}, {2, 4}, {4, 4}, {3, 1}, {1, 16}};
   std::mt19937 rng(29);
-  int trial = 0, ran_in_place = 0;
+  int trial = 0, k_in_place = 0, k_packed_words = 0;
   for (const fd::KernelTable* kernels : {&fd::emulated_pair_kernels(), &fd::emulated_pair_value_kernels()})
     for (const Rows& rows : shapes)
       for (std::int64_t M : {1, 33, 700, 1500}) {
@@ -570,20 +580,60 @@ TEST_CASE("bf16 products (emulated vdpbf16ps): decoding on the small kernel, K r
         c.poison_masked = trial % 13 == 6;
         c.strided = trial % 4 == 2;
         c.spread = trial % 7 == 5;
+        c.shifted = trial % 8 == 0;
         c.input = trial % 11 == 5 ? Input::f32 : Input::bf16;
         c.seed = std::uint32_t(1300 + trial);
         ++trial;
         // What bf16_products_take asks of V for the table with pair values.
         const bool v_as_stored = !c.spread && c.Dv % 4 == 0 && c.input == Input::bf16;
         if (kernels->pair_values && !v_as_stored) continue;
-        ran_in_place += !c.strided && !c.spread && c.D % 8 == 0;
         const Outcome r = run_tile_case(*kernels, c);
         INFO(kernels->name << ": " << c.describe());
         INFO(r.report);
+        INFO(r.route);
         CHECK(r.ok);
         if (c.input == Input::bf16) CHECK(r.worst_lse <= 0.1);
+        // K in place exactly where its rows are whole pairs of vectors on 4-byte words.
+        const bool words = !c.strided && !c.shifted && !c.spread && c.D % 8 == 0 && c.input == Input::bf16;
+        const bool in_place = r.route.find("K in place") != std::string::npos;
+        CHECK(r.route.rfind("decode ", 0) == 0);
+        CHECK(in_place == words);
+        k_in_place += in_place;
+        k_packed_words += !in_place && c.shifted && !c.strided && !c.spread && c.D % 8 == 0;
       }
-  CHECK(ran_in_place >= 15);
+  CHECK(k_in_place >= 10);     // 11 with these seeds
+  CHECK(k_packed_words >= 5);  // 6
+}
+
+TEST_CASE("bf16 products (emulated vdpbf16ps): K read in place whatever the strides of its size-1 dimensions",
+          "[bf16products]") {
+  // The word check (bf16 pairs on 4-byte boundaries) looks at the strides the kernel
+  // steps by: one batch, one KV head or one key never steps, so an odd stride there is
+  // no reason to pack. K: [B, Hkv, M, 64] in one buffer, with stride 777 on a chosen dim.
+  namespace fd = flashcpu::detail;
+  const fd::KernelTable& kernels = fd::emulated_pair_value_kernels();
+  std::vector<bf16> kbuf(40000, flashcpu::to_bf16(0.5f)), vbuf(40000, flashcpu::to_bf16(0.5f)), qbuf(4096);
+  std::vector<bf16> obuf(4096);
+  struct Layout {
+    std::int64_t B, Hkv, M;
+    int odd_dim;
+    bool in_place;
+  };
+  const Layout layouts[] = {{1, 2, 100, 0, true},  {2, 2, 100, 0, false}, {2, 1, 100, 1, true},
+                            {2, 2, 100, 1, false}, {2, 2, 1, 2, true},    {2, 2, 3, 2, false}};
+  for (const Layout& l : layouts) {
+    std::array<std::int64_t, 4> strides{2 * l.M * 64 * 2, l.M * 64, 64, 1};
+    strides[std::size_t(l.odd_dim)] = 777;
+    const flashcpu::TensorView<const bf16> k{kbuf.data(), {l.B, l.Hkv, l.M, 64}, strides};
+    const flashcpu::TensorView<const bf16> v{vbuf.data(), {l.B, l.Hkv, l.M, 64}, strides};
+    const flashcpu::TensorView<const bf16> q = flashcpu::bhsd(static_cast<const bf16*>(qbuf.data()), l.B, l.Hkv, 1, 64);
+    const flashcpu::TensorView<bf16> out = flashcpu::bhsd(obuf.data(), l.B, l.Hkv, 1, 64);
+    const fd::AttentionShape s = fd::validate_attention(q, k, v, out, nullptr, flashcpu::AttentionOptions{});
+    const fd::Plan plan = fd::make_plan(kernels, s, fd::AnyView::of(v), fd::Transform::none, 0.0f, false);
+    const std::string route = fd::describe_decode(plan, fd::AnyView::of(k));
+    INFO("B=" << l.B << " Hkv=" << l.Hkv << " M=" << l.M << " stride 777 on dim " << l.odd_dim << ": " << route);
+    CHECK((route.find("K in place") != std::string::npos) == l.in_place);
+  }
 }
 
 TEST_CASE("allow_bf16_compute: fp32 q over a bf16 cache, decoded on the level's choice", "[bf16products]") {

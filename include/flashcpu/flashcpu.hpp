@@ -88,16 +88,20 @@ struct AttentionOptions {
 
   // Lets fp32 and fp16 q, k and v be rounded to bf16 (to nearest even) for the two
   // products, on a level with bf16 products (see active_isa: "amx", "avx512bf16"), for the
-  // calls those take (dot product: prefill; and decoding from a bf16 KV cache whose V
-  // rows are contiguous, where fp32 q is rounded and the weights are not); and, for
-  // attention_backward with the dot
-  // product on those levels, q, k, v and dout for its five products (see there).
+  // calls those take, all with the dot product:
+  //  - prefill (more than 16 queries), where the weights are rounded to bf16 too;
+  //  - on "amx", decoding with 16 or more stacked rows (query heads per KV head x
+  //    queries), the weights rounded too;
+  //  - on "avx512bf16", decoding with fp32 q from a bf16 KV cache whose V rows are
+  //    contiguous and Dv a multiple of 16: q is rounded; the weights and V are not.
+  // Other calls are computed exactly. For attention_backward with the dot product on
+  // those levels, the option rounds q, k, v and dout for its five products (see there).
   // oneDNN's "fpmath mode bf16" and PyTorch's float32_matmul_precision("medium") allow
-  // the same. Each rounding has a relative error
-  // of at most 2^-8, so a score moves by up to about 2^-7 scale sum_d |q_d k_d| and an
-  // output by up to 2^-8 max|v| more (twice that, as both levels also round the
-  // weights). A value beyond bf16's largest finite (about 3.39e38) becomes inf. out
-  // keeps q's type and lse stays fp32. false (the default): exact fp32 and fp16 inputs.
+  // the same. Each rounding has a relative error of at most 2^-8, so a score moves by up
+  // to about 2^-7 scale sum_d |q_d k_d|, and an output by up to 2^-8 max|v| more, twice
+  // that where the weights are rounded as well. A value beyond bf16's largest finite
+  // (about 3.39e38) becomes inf. out keeps q's type and lse stays fp32. false (the
+  // default): exact fp32 and fp16 inputs.
   bool allow_bf16_compute = false;
 };
 // Order for one score: s = f(q, k) with its scale; soft-capping; ALiBi; plus the
@@ -151,15 +155,19 @@ void attention(TensorView<const float> q, TensorView<const float> k, TensorView<
 /// cache. Only these four combinations exist (each also with lse): any other mix of
 /// element types is a compile error, as no overload matches it. Same contract as the
 /// fp32 call, every option, score and shape included. The arithmetic:
-///  - 16-bit inputs are widened exactly to fp32; fp32 q is never rounded to 16 bits, and
-///    fp16 is never narrowed to bf16;
+///  - 16-bit inputs are widened exactly to fp32, except bf16 q and k on the levels with
+///    bf16 products ("amx", "avx512bf16"): there they meet in bf16 products, each exact,
+///    added in pairs with fp32 roundings, subnormal inputs read as zero. fp32 q is never
+///    rounded to 16 bits and fp16 never narrowed to bf16 (unless allow_bf16_compute);
 ///  - scores, the running max and sum and the output accumulator are fp32;
-///  - the probabilities are fp32, except on the kernels that multiply P.V in bf16 (all-bf16
-///    calls on "amx" and "avx512bf16", below), which round them to bf16 before P.V, as
-///    FlashAttention does;
+///  - the probabilities are fp32, except where P.V runs in bf16: all-bf16 prefill (more
+///    than 16 queries) on "amx" and "avx512bf16", and all-bf16 decoding with 16 or more
+///    stacked rows on "amx". Those round them to bf16 before P.V, as FlashAttention does,
+///    which moves an output by up to 2^-8 max|v| more;
 ///  - the output is rounded once, to nearest even, at the end (lse stays fp32).
 /// So a 16-bit output is within about one of its ulps (2^-8 relative for bf16, 2^-11 for
-/// fp16) of the fp64 result on the same 16-bit inputs.
+/// fp16) of the fp64 result on the same 16-bit inputs, plus the term above where the
+/// weights are rounded.
 void attention(TensorView<const bf16> q, TensorView<const bf16> k, TensorView<const bf16> v, TensorView<bf16> out,
                const AttentionOptions& options = {});
 void attention(TensorView<const fp16> q, TensorView<const fp16> k, TensorView<const fp16> v, TensorView<fp16> out,
@@ -194,9 +202,10 @@ void attention(TensorView<const float> q, TensorView<const fp16> k, TensorView<c
 /// inf) and the call computes what the bf16 overload below computes on the rounded values
 /// (out read as it is, lse and the gradients fp32). When out and lse are the forward's on
 /// those rounded values (a forward call under the option on these levels rounds prefill
-/// so; it computes decoding and other calls exactly), that is within the bf16 overload's
-/// bound, without its final rounding, of the exact gradients at the rounded inputs; else P
-/// moves by the difference of the lse too. Elsewhere the option changes nothing here.
+/// so, and on "amx" decoding with 16 or more stacked rows; it computes other fp32 calls
+/// exactly), that is within the bf16 overload's bound, without its final rounding, of the
+/// exact gradients at the rounded inputs; else P moves by the difference of the lse too.
+/// Elsewhere the option changes nothing here.
 void attention_backward(TensorView<const float> q, TensorView<const float> k, TensorView<const float> v,
                         TensorView<const float> out, TensorView<const float> lse,
                         TensorView<const float> dout,
