@@ -10,7 +10,8 @@
 //   chooses its level once, at its first call), so one build can be compared with itself
 //   at two levels: lib.so@avx2 lib.so@avx512.
 //   mode: f32 (fp32 forward), bwd (fp32 backward), bwdc (fp32 backward under
-//   allow_bf16_compute), bf16 (bf16 q, k, v, out), bwd16 (bf16 backward), f16kv (fp32 q over fp16 K/V), bf16kv (fp32 q over bf16 K/V). Dv = D, B = 1. "cold": K and V in as
+//   allow_bf16_compute), bf16 (bf16 q, k, v, out), bwd16 (bf16 backward), f16kv (fp32 q over fp16 K/V), bf16kv (fp32 q over bf16 K/V), bf16kvc (bf16kv under
+//   allow_bf16_compute). Dv = D, B = 1. "cold": K and V in as
 //   many copies as make 1 GiB (at least 2), each call reading the next one, so that a
 //   decode step reads its cache from memory, as in a model with many layers, and not from
 //   the last-level cache the previous call filled. The warm-up reads every copy once.
@@ -146,7 +147,7 @@ struct Workload {
     AttentionOptions o;
     o.causal = causal;
     o.num_threads = threads;
-    o.allow_bf16_compute = mode == "bwdc";
+    o.allow_bf16_compute = mode == "bwdc" || mode == "bf16kvc";
     return o;
   }
 
@@ -186,8 +187,8 @@ Workload parse(const char* spec, const Build& convert) {
   }
   w.mode = mode;
   if (w.mode != "f32" && w.mode != "bwd" && w.mode != "bwdc" && w.mode != "bf16" && w.mode != "bwd16" && w.mode != "f16kv" &&
-      w.mode != "bf16kv") {
-    std::fprintf(stderr, "flashcpu-ab: mode is f32, bwd, bwdc, bf16, bwd16, f16kv or bf16kv, got \"%s\"\n", mode);
+      w.mode != "bf16kv" && w.mode != "bf16kvc") {
+    std::fprintf(stderr, "flashcpu-ab: mode is f32, bwd, bwdc, bf16, bwd16, f16kv, bf16kv or bf16kvc, got \"%s\"\n", mode);
     std::exit(2);
   }
   w.causal = causal != 0;
@@ -224,8 +225,9 @@ Workload parse(const char* spec, const Build& convert) {
   };
   replicate(w.k, f32);
   replicate(w.v, f32);
-  replicate(w.k16, w.mode == "bf16" || w.mode == "bwd16" || w.mode == "bf16kv");
-  replicate(w.v16, w.mode == "bf16" || w.mode == "bwd16" || w.mode == "bf16kv");
+  const bool bf16_cache = w.mode == "bf16" || w.mode == "bwd16" || w.mode == "bf16kv" || w.mode == "bf16kvc";
+  replicate(w.k16, bf16_cache);
+  replicate(w.v16, bf16_cache);
   replicate(w.kh, w.mode == "f16kv");
   replicate(w.vh, w.mode == "f16kv");
   w.out16.resize(nq);
