@@ -1,5 +1,6 @@
 #include "tuning.hpp"
 
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <map>
@@ -76,8 +77,12 @@ Entries parse_file(const std::string& path) {
     if (fields >> second && second == "min_flops_per_thread") {
       double flops = 0;
       if (!(fields >> flops) || (fields >> extra) || !(flops >= 1 && flops <= kMaxMinFlopsPerThread))
-        throw Error("flashcpu: " + where + " expected '<isa> min_flops_per_thread <flops>' with flops in [1, 1e12], got '" +
-                    line + "'");
+      {
+        char range[32];
+        std::snprintf(range, sizeof range, "[1, %g]", kMaxMinFlopsPerThread);
+        throw Error("flashcpu: " + where + " expected '<isa> min_flops_per_thread <flops>' with flops in " + range +
+                    ", got '" + line + "'");
+      }
       entries.min_flops_per_thread[isa] = flops;
       continue;
     }

@@ -250,6 +250,19 @@ TEST_CASE("min_flops_per_thread: tuning-file entries, their errors, and the thre
     CHECK(flashcpu::min_flops_per_thread("avx2") == 131072.0);
     std::remove(path.c_str());
   }
+  {  // The out-of-range message names the range the library enforces.
+    const std::string path = write("bad", "avx2 min_flops_per_thread 2e12\n");
+    std::string what;
+    try {
+      flashcpu::load_tuning(path);
+    } catch (const flashcpu::Error& e) {
+      what = e.what();
+    }
+    INFO(what);
+    CHECK(what.find("line 1:") != std::string::npos);
+    CHECK(what.find("flops in [1, 1e+12], got 'avx2 min_flops_per_thread 2e12'") != std::string::npos);
+    std::remove(path.c_str());
+  }
   // A file without the entry brings back the default.
   flashcpu::load_tuning(empty);
   CHECK(flashcpu::min_flops_per_thread("avx2") == double(1 << 20));

@@ -265,12 +265,11 @@ int main(int argc, char** argv) {
       for (std::size_t x = 0; x < w.out.size(); ++x) w.out16[x] = a.round_bf16(w.out[x]);  // bwd16: dout = out
     }
     // Warm-up: OpenMP's pool, each build's scratch, and every copy of K and V read once,
-    // by the two builds in turn (each call reads the next copy). On the KVM guests here
-    // the first read of memory written since the process started can run at a fraction
-    // of the memory's rate (a 64 MiB chunk, 2 threads: 11.8-13.9 ms on a first pass
-    // against 1.2-1.6 ms on later ones, Zen 5), so a cold run whose calls met each copy
-    // for the first time measured that, not the kernel: DEC read 22 ms a call in some
-    // processes and 3 ms in others.
+    // by the two builds in turn (each call reads the next copy). The first read of
+    // freshly written memory is slow on the KVM guests here (the figures are at
+    // read_through, bench/common.hpp), so a cold run whose calls met each copy for the
+    // first time measured that, not the kernel: DEC read 22 ms a call in some processes
+    // and 3 ms in others.
     for (long c = 0; c < std::max(w.copies, 2L); ++c) w.run(c % 2 == 0 ? a : b);
   }
   for (int r = 0; r < rounds; ++r)
