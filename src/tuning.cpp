@@ -76,8 +76,7 @@ Entries parse_file(const std::string& path) {
     std::string second;
     if (fields >> second && second == "min_flops_per_thread") {
       double flops = 0;
-      if (!(fields >> flops) || (fields >> extra) || !(flops >= 1 && flops <= kMaxMinFlopsPerThread))
-      {
+      if (!(fields >> flops) || (fields >> extra) || !(flops >= 1 && flops <= kMaxMinFlopsPerThread)) {
         char range[32];
         std::snprintf(range, sizeof range, "[1, %g]", kMaxMinFlopsPerThread);
         throw Error("flashcpu: " + where + " expected '<isa> min_flops_per_thread <flops>' with flops in " + range +

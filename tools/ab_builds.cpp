@@ -124,7 +124,9 @@ Build load(const std::string& spec) {
 }
 
 struct Workload {
-  std::string mode;
+  std::string mode;   // as given, for the output
+  std::string calls;  // the call it times: mode without the "c" of bwdc and bf16kvc
+  bool bf16_compute = false;  // bwdc, bf16kvc: the call under allow_bf16_compute
   long Hq = 0, Hkv = 0, N = 0, M = 0, D = 0;
   int threads = 0;
   bool causal = false;
@@ -147,7 +149,7 @@ struct Workload {
     AttentionOptions o;
     o.causal = causal;
     o.num_threads = threads;
-    o.allow_bf16_compute = mode == "bwdc" || mode == "bf16kvc";
+    o.allow_bf16_compute = bf16_compute;
     return o;
   }
 
@@ -155,17 +157,17 @@ struct Workload {
     const AttentionOptions o = options();
     next = (next + 1) % copies;
     const auto start = std::chrono::steady_clock::now();
-    if (mode == "f32")
+    if (calls == "f32")
       b.f32(queries(q), keys(k), keys(v), queries_out(out), o);
-    else if (mode == "bwd" || mode == "bwdc")
+    else if (calls == "bwd")
       b.bwd(queries(q), keys(k), keys(v), queries(out), bhsd<const float>(lse.data(), 1, Hq, N, 1), queries(out),
             queries_out(dq), keys_out(dk), keys_out(dv), o);
-    else if (mode == "bwd16")
+    else if (calls == "bwd16")
       b.bwd16(queries(q16), keys(k16), keys(v16), queries(out16), bhsd<const float>(lse.data(), 1, Hq, N, 1),
               queries(out16), queries_out(dq16), keys_out(dk16), keys_out(dv16), o);
-    else if (mode == "bf16")
+    else if (calls == "bf16")
       b.bf16_all(queries(q16), keys(k16), keys(v16), queries_out(out16), o);
-    else if (mode == "f16kv")
+    else if (calls == "f16kv")
       b.f16kv(queries(q), keys(kh), keys(vh), queries_out(out), o);
     else
       b.bf16kv(queries(q), keys(k16), keys(v16), queries_out(out), o);
@@ -186,8 +188,10 @@ Workload parse(const char* spec, const Build& convert) {
     std::exit(2);
   }
   w.mode = mode;
-  if (w.mode != "f32" && w.mode != "bwd" && w.mode != "bwdc" && w.mode != "bf16" && w.mode != "bwd16" && w.mode != "f16kv" &&
-      w.mode != "bf16kv" && w.mode != "bf16kvc") {
+  w.bf16_compute = w.mode == "bwdc" || w.mode == "bf16kvc";
+  w.calls = w.bf16_compute ? w.mode.substr(0, w.mode.size() - 1) : w.mode;
+  if (w.calls != "f32" && w.calls != "bwd" && w.calls != "bf16" && w.calls != "bwd16" && w.calls != "f16kv" &&
+      w.calls != "bf16kv") {
     std::fprintf(stderr, "flashcpu-ab: mode is f32, bwd, bwdc, bf16, bwd16, f16kv, bf16kv or bf16kvc, got \"%s\"\n", mode);
     std::exit(2);
   }
@@ -195,7 +199,7 @@ Workload parse(const char* spec, const Build& convert) {
   const std::size_t nq = std::size_t(w.Hq * w.N * w.D), nk = std::size_t(w.Hkv * w.M * w.D);
   w.nk = nk;
   if (fields == 9) {  // K and V as stored (2 or 4 bytes), the copies at least 1 GiB in all
-    const double bytes = 2.0 * double(nk) * (w.mode == "f32" || w.mode == "bwd" || w.mode == "bwdc" ? 4 : 2);
+    const double bytes = 2.0 * double(nk) * (w.calls == "f32" || w.calls == "bwd" ? 4 : 2);
     w.copies = std::max(2L, long(double(1L << 30) / bytes + 0.999));
   }
   w.q.resize(nq);
@@ -215,7 +219,7 @@ Workload parse(const char* spec, const Build& convert) {
     for (float& y : *x) y = uniform();
   for (float x : w.q) w.q16.push_back(convert.round_bf16(x));
   // Only the K and V the mode reads get copies.
-  const bool f32 = w.mode == "f32" || w.mode == "bwd" || w.mode == "bwdc";
+  const bool f32 = w.calls == "f32" || w.calls == "bwd";
   for (float x : w.k) w.k16.push_back(convert.round_bf16(x)), w.kh.push_back(convert.round_fp16(x));
   for (float x : w.v) w.v16.push_back(convert.round_bf16(x)), w.vh.push_back(convert.round_fp16(x));
   auto replicate = [&](auto& x, bool needed) {
@@ -225,11 +229,11 @@ Workload parse(const char* spec, const Build& convert) {
   };
   replicate(w.k, f32);
   replicate(w.v, f32);
-  const bool bf16_cache = w.mode == "bf16" || w.mode == "bwd16" || w.mode == "bf16kv" || w.mode == "bf16kvc";
+  const bool bf16_cache = w.calls == "bf16" || w.calls == "bwd16" || w.calls == "bf16kv";
   replicate(w.k16, bf16_cache);
   replicate(w.v16, bf16_cache);
-  replicate(w.kh, w.mode == "f16kv");
-  replicate(w.vh, w.mode == "f16kv");
+  replicate(w.kh, w.calls == "f16kv");
+  replicate(w.vh, w.calls == "f16kv");
   w.out16.resize(nq);
   w.dq16.resize(nq);
   w.dk16.resize(nk);
@@ -259,7 +263,7 @@ int main(int argc, char** argv) {
   std::vector<Workload> work;
   for (int i = 4; i < argc; ++i) work.push_back(parse(argv[i], a));
   for (Workload& w : work) {
-    if (w.mode == "bwd" || w.mode == "bwdc" || w.mode == "bwd16") {  // out and lse for the backward, from build A
+    if (w.calls == "bwd" || w.calls == "bwd16") {  // out and lse for the backward, from build A
       a.f32_lse(w.queries(w.q), w.keys(w.k), w.keys(w.v), w.queries_out(w.out),
                 bhsd<float>(w.lse.data(), 1, w.Hq, w.N, 1), w.options());
       for (std::size_t x = 0; x < w.out.size(); ++x) w.out16[x] = a.round_bf16(w.out[x]);  // bwd16: dout = out
