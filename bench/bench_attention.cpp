@@ -8,13 +8,15 @@
 //   <family>/openblas_full/...  causal only: the same over the full masked square
 //   <family>/reference/...      the fp64 oracle, only with --with-reference
 // pair/<family>_<dtype> times the fused fp32 workload against its 16-bit form in turn
-// (bm_pair; counter ratio = fp32 time / 16-bit time).
+// (bm_pair; counter ratio = fp32 time / 16-bit time); pair/P64_bf16compute the same against
+// the fp32 call under allow_bf16_compute.
 // Families: prefill sweep, the named workloads (P64, P128, C128, S16K, short, DEC, DEC64,
 // DRAFT, thread scaling), their backward (P64_bwd, C128_bwd, S16K_bwd: fused and materialized
 // OpenBLAS backward, FLOP = the backward's five products; P64_bf16_bwd: fused, all bf16;
 // P64_bf16compute_bwd: fused, fp32 under allow_bf16_compute),
 // their 16-bit forms (<family>_<dtype>: P64_bf16, P128_bf16,
-// C128_bf16, P64_fp16kv, DEC_bf16kv, DEC_fp16kv, DEC64_bf16kv), a decode sweep, head shapes of real models, the
+// C128_bf16, P64_fp16kv, DEC_bf16kv, DEC_fp16kv, DEC64_bf16kv), P64 on fp32 data under
+// allow_bf16_compute (P64_bf16compute: fused only), a decode sweep, head shapes of real models, the
 // two OpenBLAS threading modes, and the machine probes (BM_FmaPeak, BM_ReadBandwidth).
 // On a 16-bit workload the baselines widen the inputs to fp32 inside the timed call
 // (common.hpp, run()).
@@ -414,6 +416,18 @@ void register_attention_benchmarks() {
     add_workload(name, "", w.s, 0, w.decode);
     add_pair(name, base, w.s, w.decode);
   }
+  // P64 on fp32 data under allow_bf16_compute: what an fp32 model gains by letting the
+  // products run in bf16 where the level has them (computed exactly elsewhere). The
+  // baselines would repeat P64's exact fp32 ones, so only the fused call runs; its
+  // oracle check uses the rounded inputs (compare_to_reference).
+  fb::Shape p64_bf16_compute = p64;
+  p64_bf16_compute.bf16_compute = true;
+  {
+    const Runner fused = [](fb::Problem& p, int t, fb::MaterializedWorkspace* ws) { fb::run(Impl::fused, p, t, ws); };
+    add_one("P64_bf16compute/fused", Impl::fused, fused, p64_bf16_compute, 0, false, false,
+            fb::impl_label(Impl::fused, p64_bf16_compute));
+  }
+  add_pair("P64_bf16compute", p64, p64_bf16_compute, false);
 
   // The backward of three named workloads. S16K's materialized backward would need two
   // 1 GiB matrices per thread: only the fused one runs there (its memory is the point).
@@ -426,8 +440,6 @@ void register_attention_benchmarks() {
   add_backward_workload("P64_bf16", p64_bf16, false);
   // P64's backward on fp32 data under allow_bf16_compute (rounded to bf16 for the products
   // where the level has vdpbf16ps), the forward that made out and lse likewise.
-  fb::Shape p64_bf16_compute = p64;
-  p64_bf16_compute.bf16_compute = true;
   add_backward_workload("P64_bf16compute", p64_bf16_compute, false);
 
   for (int t : thread_counts()) {
@@ -575,10 +587,11 @@ void print_usage() {
       "Families (use --benchmark_filter): P64 P128 C128 S16K short short_bf16 DEC DEC_hot DEC64 DRAFT DEC4\n"
       "  DEC4_bf16 scaling_P64\n"
       "  P64_bf16 P128_bf16 C128_bf16 P64_fp16kv DEC_bf16kv DEC_fp16kv DEC64_bf16kv P64_bwd C128_bwd S16K_bwd\n"
-      "  P64_bf16_bwd prefill\n"
+      "  P64_bf16_bwd P64_bf16compute P64_bf16compute_bwd prefill\n"
       "  decode model blas_mode\n"
-      "  pair/<16-bit family>: the fused fp32 workload and its 16-bit form, call by call in\n"
-      "  turn; counter ratio = fp32 time / 16-bit time, per repetition\n"
+      "  pair/<16-bit family>, pair/P64_bf16compute: the fused fp32 workload and its 16-bit\n"
+      "  form (or the fp32 call under allow_bf16_compute), call by call in turn; counter\n"
+      "  ratio = fp32 time / the other's time, per repetition\n"
       "  BM_FmaPeak BM_AmxPeak BM_ReadBandwidth. Example:\n"
       "  flashcpu_bench --benchmark_filter='^(P64|DEC)/'\n"
       "      --benchmark_repetitions=5 --benchmark_report_aggregates_only=true\n"

@@ -64,7 +64,7 @@ struct Shape {
   std::int64_t dv = 64;
   bool causal = false;
   DType dtype = DType::fp32;
-  bool bf16_compute = false;  // AttentionOptions::allow_bf16_compute (the backward's rows only)
+  bool bf16_compute = false;  // AttentionOptions::allow_bf16_compute, on the fused calls
 };
 
 /// A multi-head (Hq == Hkv) problem with Dv = D.
@@ -342,6 +342,10 @@ std::string fused_label(const Shape& s);
 /// Whether that variant is the AMX tile kernel (its figures are then also quoted against
 /// the AMX probe).
 bool fused_runs_on_tiles(const Shape& s);
+/// Whether the fused call rounds q, k and v to bf16 for its products: the shape asks for
+/// allow_bf16_compute and the variant the library picks for it takes bf16 products (on a
+/// level without them, or for calls the option does not reach, it computes exactly).
+bool fused_rounds_to_bf16(const Shape& s);
 /// The backward variant attention_backward runs for this shape's data, e.g.
 /// "f32_attn_bwd_6x64__avx512" (16-bit data widened) or "bf16_attn_bwd_6x64__avx512bf16"
 /// (bf16 data, the products by vdpbf16ps).
@@ -391,8 +395,10 @@ Buffer output_floats(const Problem& p);
 /// The absolute tolerance the rounding of the softmax weights adds: all-bf16 prefill on
 /// the bf16-product levels ("amx", "avx512bf16") rounds each weight to bf16 before P.V,
 /// which moves an output by up to 2^-8 max|v| (|sum_j (p~_j - p_j) v_j| / l, the header's
-/// bound). Allowed on every all-bf16 problem, whichever kernel the level and shape pick;
-/// 0 for the other types, whose weights stay fp32.
+/// bound), and so does prefill under allow_bf16_compute there. Allowed on every all-bf16
+/// problem, whichever kernel the level and shape pick, and wherever fused_rounds_to_bf16
+/// (decoding from a bf16 cache under the option rounds q only: loose there, not wrong);
+/// 0 for the other problems, whose weights stay fp32.
 double weight_rounding_atol(const Problem& p);
 
 /// p's output (output_floats) against `expected`, within the cross-check tolerance of
@@ -418,9 +424,14 @@ void check_output(const char* name, const Problem& p, const char* expected_name,
 /// 160 (keeping M - N up to 96), so the fp64 oracle checks it in milliseconds.
 Shape reduced(const Shape& s);
 
-/// Runs `impl` on reduced(s) and aborts loudly when it differs from the fp64 oracle
-/// beyond the tolerance above: one size per family, checked against the oracle rather
-/// than against another fp32 implementation.
+/// `impl` on reduced(s) against the fp64 oracle (compare_output). Where the fused call
+/// rounds its inputs to bf16 (fused_rounds_to_bf16), its oracle runs on the same rounded
+/// q, k and v: the header promises what the bf16 call computes on them, and the rounding
+/// itself moves scores by up to 2^-7 of scale sum_d |q_d k_d|, far beyond the tolerance.
+Diff compare_to_reference(Impl impl, const Shape& s, int threads);
+
+/// Aborts loudly when compare_to_reference fails: one size per family, checked against
+/// the oracle rather than against another fp32 implementation.
 void check_against_reference(Impl impl, const Shape& s, int threads);
 
 /// Checks fused, naive, both OpenBLAS variants and the oracle against each other on

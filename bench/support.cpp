@@ -667,6 +667,7 @@ void run(Impl impl, Problem& p, int threads, MaterializedWorkspace* workspace,
   AttentionOptions opts;
   opts.causal = p.shape.causal;
   opts.num_threads = threads;
+  opts.allow_bf16_compute = p.shape.bf16_compute;  // the oracle ignores it: exact fp64
   if (impl == Impl::fused || impl == Impl::reference) {
     p.visit([&](auto q, auto k, auto v, auto out) {
       if (impl == Impl::fused) {
@@ -755,6 +756,7 @@ const fd::KernelTable& fused_kernels(const Shape& s) {
 }  // namespace
 
 bool fused_runs_on_tiles(const Shape& s) { return fused_kernels(s).tiles; }
+bool fused_rounds_to_bf16(const Shape& s) { return s.bf16_compute && fused_kernels(s).bf16_products; }
 
 // The variant attention_backward picks (src/backward.cpp): bf16 data, or any data under
 // allow_bf16_compute, on a level with vdpbf16ps takes its pair products, everything else
@@ -783,6 +785,7 @@ std::string impl_label(Impl impl, const Shape& s) {
   const Elem act = act_elem(s.dtype), kv = kv_elem(s.dtype);
   // The fused kernel and the oracle take the 16-bit types; the baselines widen them.
   const std::string types = s.dtype == DType::fp32 ? "" : ", " + dtype_text(s.dtype);
+  const std::string option = s.bf16_compute ? ", allow_bf16_compute" : "";
   std::string widening;
   if (kv != Elem::f32) {
     widening = std::string(act == Elem::f32 ? ", K/V" : ", q/K/V") + " widened from " +
@@ -791,7 +794,7 @@ std::string impl_label(Impl impl, const Shape& s) {
   }
   switch (impl) {
     case Impl::fused:
-      return fused_label(s) + types;
+      return fused_label(s) + types + option;
     case Impl::naive:
       return "naive fp32 -O3 -march=native" + widening;
     case Impl::openblas:
@@ -861,7 +864,8 @@ Buffer output_floats(const Problem& p) {
 }
 
 double weight_rounding_atol(const Problem& p) {
-  if (act_elem(p.shape.dtype) != Elem::bf16 || kv_elem(p.shape.dtype) != Elem::bf16) return 0.0;
+  const bool all_bf16 = act_elem(p.shape.dtype) == Elem::bf16 && kv_elem(p.shape.dtype) == Elem::bf16;
+  if (!all_bf16 && !fused_rounds_to_bf16(p.shape)) return 0.0;
   double vmax = 0;
   for (std::size_t i = 0; i < p.v_size(); ++i) vmax = std::max(vmax, std::fabs(double(p.v[i])));
   return 0x1p-8 * vmax;
@@ -928,14 +932,37 @@ Shape reduced(const Shape& s) {
   return r;
 }
 
+Diff compare_to_reference(Impl impl, const Shape& s, int threads) {
+  const Shape r = reduced(s);
+  Problem tested(r);
+  run(impl, tested, threads);
+  // The oracle's problem: the same one, or under a rounding fused call an fp32 one holding
+  // tested's values (the fp32 buffers hold the 16-bit values too) rounded to bf16.
+  const bool rounded = impl == Impl::fused && fused_rounds_to_bf16(r);
+  Shape oracle_shape = r;
+  if (rounded) oracle_shape.dtype = DType::fp32;
+  Problem oracle(oracle_shape);
+  if (rounded) {
+    auto round_into = [](const Buffer& from, Buffer& to, std::size_t n) {
+      for (std::size_t i = 0; i < n; ++i) to[i] = to_float(to_bf16(from[i]));
+    };
+    round_into(tested.q, oracle.q, tested.q_size());
+    round_into(tested.k, oracle.k, tested.k_size());
+    round_into(tested.v, oracle.v, tested.v_size());
+  }
+  run(Impl::reference, oracle, threads);
+  return compare_output(tested, output_floats(oracle).get());
+}
+
 void check_against_reference(Impl impl, const Shape& s, int threads) {
   if (impl == Impl::reference) return;
   if ((impl == Impl::openblas || impl == Impl::openblas_full) && !have_openblas()) return;
+  const Diff d = compare_to_reference(impl, s, threads);
+  if (d.max_excess <= 1.0) return;
   const Shape r = reduced(s);
-  Problem oracle(r), tested(r);
-  run(Impl::reference, oracle, threads);
-  run(impl, tested, threads);
-  check_output(impl_name(impl), tested, "reference (fp64)", output_floats(oracle).get());
+  const bool rounded = impl == Impl::fused && fused_rounds_to_bf16(r);
+  fail_mismatch(impl_name(impl), rounded ? "reference (fp64, q/k/v rounded to bf16)" : "reference (fp64)",
+                Problem(r), d);  // the tested problem's shape and values, for the message
 }
 
 void self_check(bool verbose) {

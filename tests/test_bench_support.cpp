@@ -343,6 +343,48 @@ TEST_CASE("a baseline on 16-bit data is the fp32 baseline on the same values", "
   }
 }
 
+TEST_CASE("under allow_bf16_compute the fused call is checked against the oracle on its rounded inputs",
+          "[bench][check]") {
+  // P64_bf16compute's family: prefill, fp32 data, and a GQA decode step from fp32 K/V
+  // (which the option does not reach on any level: computed exactly).
+  for (fb::Shape s : {fb::mha(1, 16, 2048, 2048, 64), fb::gqa(1, 8, 2, 1, 300, 128)}) {
+    const fb::Shape exact_shape = s;
+    s.bf16_compute = true;
+    const bool rounds = fb::fused_rounds_to_bf16(s);
+    INFO(flashcpu::active_isa() << ": " << fb::impl_label(fb::Impl::fused, s) << (rounds ? " (rounds)" : ""));
+    const std::string label = fb::impl_label(fb::Impl::fused, s);
+    CHECK(label.size() > 20);
+    CHECK(label.compare(label.size() - 20, 20, ", allow_bf16_compute") == 0);
+    // Prefill rounds exactly where the level has bf16 products.
+    const std::string isa = flashcpu::active_isa();
+    if (s.n > 1) CHECK(rounds == (isa == "avx512bf16" || isa == "amx"));
+    if (s.n == 1) CHECK_FALSE(rounds);
+    // The check the benchmark makes on its first call passes. (Its oracle takes the
+    // rounded inputs, as the header's promise does; on these inputs in [-1, 1] the
+    // weights' allowance, 2^-8 max|v| = 3.9e-3, would also cover an exact oracle: on
+    // avx512bf16 the output was 3.4e-4 from the rounded one and 4.3e-4 from the exact one.)
+    const fb::Diff d = fb::compare_to_reference(fb::Impl::fused, s, 2);
+    CHECK(d.max_excess <= 1.0);
+    // The option reaches the call: rounded, the output leaves the exact fp32 call's
+    // tolerance; exact, it is the fp32 call's bit for bit.
+    const fb::Shape r = fb::reduced(s), r_exact = fb::reduced(exact_shape);
+    fb::Problem with_option(r), without(r_exact);
+    fb::run(fb::Impl::fused, with_option, 2);
+    fb::run(fb::Impl::fused, without, 2);
+    const bool same = std::memcmp(with_option.out.get(), without.out.get(), without.out_size() * sizeof(float)) == 0;
+    if (rounds) {
+      CHECK(fb::compare_to_scale(with_option.out.get(), without.out.get(), without.out_size()).max_excess > 1.0);
+      // Its tolerance adds the rounded weights' 2^-8 max|v|, no more.
+      double vmax = 0;
+      for (std::size_t i = 0; i < with_option.v_size(); ++i) vmax = std::max(vmax, double(std::fabs(with_option.v[i])));
+      CHECK(fb::weight_rounding_atol(with_option) == 0x1p-8 * vmax);
+    } else {
+      CHECK(same);
+      CHECK(fb::weight_rounding_atol(with_option) == 0.0);
+    }
+  }
+}
+
 TEST_CASE("labels say what each implementation does with 16-bit data", "[bench][dtype]") {
   const fb::Shape dec = typed(fb::gqa(1, 32, 8, 1, 8192, 128), fb::DType::bf16kv);
   const fb::Shape p64 = typed(fb::mha(1, 16, 2048, 2048, 64), fb::DType::fp16);
