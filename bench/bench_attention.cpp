@@ -218,6 +218,12 @@ void add_one(const std::string& name, Impl impl, const Runner& runner, const Sha
 // Decode workloads (decode = true) report bandwidth and run cold unless told.
 void add_workload(const std::string& prefix, const std::string& suffix, const Shape& s,
                   int threads = 0, bool decode = false, bool cold = true) {
+  // The baselines compute exactly, and a shape under allow_bf16_compute widens the
+  // cross-check's tolerance for rounded weights (weight_rounding_atol): fused only.
+  if (s.bf16_compute) {
+    std::fprintf(stderr, "flashcpu_bench: %s registers baselines for a shape under allow_bf16_compute\n", prefix.c_str());
+    std::abort();
+  }
   for (Impl impl :
        {Impl::fused, Impl::naive, Impl::openblas, Impl::openblas_full, Impl::reference}) {
     if (impl == Impl::naive && s.n * s.m > g.naive_max * g.naive_max) continue;
@@ -419,7 +425,7 @@ void register_attention_benchmarks() {
   // P64 on fp32 data under allow_bf16_compute: what an fp32 model gains by letting the
   // products run in bf16 where the level has them (computed exactly elsewhere). The
   // baselines would repeat P64's exact fp32 ones, so only the fused call runs; its
-  // oracle check uses the rounded inputs (compare_to_reference).
+  // oracle check uses the rounded inputs (reference_output).
   fb::Shape p64_bf16_compute = p64;
   p64_bf16_compute.bf16_compute = true;
   {

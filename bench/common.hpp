@@ -397,8 +397,9 @@ Buffer output_floats(const Problem& p);
 /// which moves an output by up to 2^-8 max|v| (|sum_j (p~_j - p_j) v_j| / l, the header's
 /// bound), and so does prefill under allow_bf16_compute there. Allowed on every all-bf16
 /// problem, whichever kernel the level and shape pick, and wherever fused_rounds_to_bf16
-/// (decoding from a bf16 cache under the option rounds q only: loose there, not wrong);
-/// 0 for the other problems, whose weights stay fp32.
+/// (decoding from a bf16 cache under the option rounds q only: loose there, not wrong;
+/// only the fused call runs such shapes, see add_workload); 0 for the other problems,
+/// whose weights stay fp32.
 double weight_rounding_atol(const Problem& p);
 
 /// p's output (output_floats) against `expected`, within the cross-check tolerance of
@@ -424,14 +425,22 @@ void check_output(const char* name, const Problem& p, const char* expected_name,
 /// 160 (keeping M - N up to 96), so the fp64 oracle checks it in milliseconds.
 Shape reduced(const Shape& s);
 
-/// `impl` on reduced(s) against the fp64 oracle (compare_output). Where the fused call
-/// rounds its inputs to bf16 (fused_rounds_to_bf16), its oracle runs on the same rounded
-/// q, k and v: the header promises what the bf16 call computes on them, and the rounding
-/// itself moves scores by up to 2^-7 of scale sum_d |q_d k_d|, far beyond the tolerance.
-Diff compare_to_reference(Impl impl, const Shape& s, int threads);
+/// An fp32 problem holding p's q, k and v (from its fp32 buffers, which hold 16-bit values
+/// too) rounded to bf16 to nearest even, q and k that round to subnormals read as zero, as
+/// the bf16 products read them: what a fused call that rounds (fused_rounds_to_bf16)
+/// computes on, by the header's promise.
+Problem bf16_rounded_copy(const Problem& p);
 
-/// Aborts loudly when compare_to_reference fails: one size per family, checked against
-/// the oracle rather than against another fp32 implementation.
+/// The fp64 oracle's output on `tested`'s inputs, which `impl` has run: on
+/// bf16_rounded_copy(tested) where the fused call rounds them, else on the same inputs in
+/// the same types. (The rounding moves scores by up to 2^-7 of scale sum_d |q_d k_d|, which
+/// can pass the tolerance; on the suite's inputs in [-1, 1] it stays inside the bf16
+/// weights' allowance.)
+Buffer reference_output(Impl impl, const Problem& tested, int threads);
+
+/// Runs `impl` on reduced(s) and aborts loudly when it differs from reference_output
+/// beyond the tolerance above: one size per family, checked against the oracle rather
+/// than against another fp32 implementation.
 void check_against_reference(Impl impl, const Shape& s, int threads);
 
 /// Checks fused, naive, both OpenBLAS variants and the oracle against each other on

@@ -345,44 +345,75 @@ TEST_CASE("a baseline on 16-bit data is the fp32 baseline on the same values", "
 
 TEST_CASE("under allow_bf16_compute the fused call is checked against the oracle on its rounded inputs",
           "[bench][check]") {
-  // P64_bf16compute's family: prefill, fp32 data, and a GQA decode step from fp32 K/V
-  // (which the option does not reach on any level: computed exactly).
-  for (fb::Shape s : {fb::mha(1, 16, 2048, 2048, 64), fb::gqa(1, 8, 2, 1, 300, 128)}) {
-    const fb::Shape exact_shape = s;
-    s.bf16_compute = true;
-    const bool rounds = fb::fused_rounds_to_bf16(s);
-    INFO(flashcpu::active_isa() << ": " << fb::impl_label(fb::Impl::fused, s) << (rounds ? " (rounds)" : ""));
-    const std::string label = fb::impl_label(fb::Impl::fused, s);
+  const std::string isa = flashcpu::active_isa();
+  const bool bf16_level = isa == "avx512bf16" || isa == "amx";
+  struct Case {
+    fb::Shape s;
+    bool rounds;  // what the header says: fp32 and fp16 prefill and fp32 q over a bf16
+                  // cache round on the bf16-product levels; decoding from fp32 K never
+  };
+  const Case cases[] = {{fb::mha(1, 2, 160, 160, 64), bf16_level},
+                        {typed(fb::mha(1, 2, 67, 67, 64), fb::DType::fp16), bf16_level},
+                        {fb::gqa(1, 8, 2, 1, 300, 128), false},
+                        {typed(fb::gqa(1, 8, 2, 1, 300, 128), fb::DType::bf16kv), bf16_level}};
+  for (Case c : cases) {
+    const fb::Shape exact_shape = c.s;
+    c.s.bf16_compute = true;
+    const std::string label = fb::impl_label(fb::Impl::fused, c.s);
+    INFO(isa << ": " << fb::describe(c.s) << ": " << label);
+    CHECK(fb::fused_rounds_to_bf16(c.s) == c.rounds);
     CHECK(label.size() > 20);
     CHECK(label.compare(label.size() - 20, 20, ", allow_bf16_compute") == 0);
-    // Prefill rounds exactly where the level has bf16 products.
-    const std::string isa = flashcpu::active_isa();
-    if (s.n > 1) CHECK(rounds == (isa == "avx512bf16" || isa == "amx"));
-    if (s.n == 1) CHECK_FALSE(rounds);
-    // The check the benchmark makes on its first call passes. (Its oracle takes the
-    // rounded inputs, as the header's promise does; on these inputs in [-1, 1] the
-    // weights' allowance, 2^-8 max|v| = 3.9e-3, would also cover an exact oracle: on
-    // avx512bf16 the output was 3.4e-4 from the rounded one and 4.3e-4 from the exact one.)
-    const fb::Diff d = fb::compare_to_reference(fb::Impl::fused, s, 2);
-    CHECK(d.max_excess <= 1.0);
-    // The option reaches the call: rounded, the output leaves the exact fp32 call's
-    // tolerance; exact, it is the fp32 call's bit for bit.
-    const fb::Shape r = fb::reduced(s), r_exact = fb::reduced(exact_shape);
-    fb::Problem with_option(r), without(r_exact);
-    fb::run(fb::Impl::fused, with_option, 2);
-    fb::run(fb::Impl::fused, without, 2);
-    const bool same = std::memcmp(with_option.out.get(), without.out.get(), without.out_size() * sizeof(float)) == 0;
-    if (rounds) {
-      CHECK(fb::compare_to_scale(with_option.out.get(), without.out.get(), without.out_size()).max_excess > 1.0);
-      // Its tolerance adds the rounded weights' 2^-8 max|v|, no more.
-      double vmax = 0;
-      for (std::size_t i = 0; i < with_option.v_size(); ++i) vmax = std::max(vmax, double(std::fabs(with_option.v[i])));
-      CHECK(fb::weight_rounding_atol(with_option) == 0x1p-8 * vmax);
-    } else {
-      CHECK(same);
-      CHECK(fb::weight_rounding_atol(with_option) == 0.0);
+    // The check the benchmark makes on its first call passes.
+    fb::Problem tested(c.s);
+    fb::run(fb::Impl::fused, tested, 2);
+    const fb::Buffer expected = fb::reference_output(fb::Impl::fused, tested, 2);
+    CHECK(fb::compare_output(tested, expected.get()).max_excess <= 1.0);
+    if (!c.rounds) {  // then the call is the exact one, bit for bit, and keeps its tolerance
+      fb::Problem exact(exact_shape);
+      fb::run(fb::Impl::fused, exact, 2);
+      const fb::Buffer a = fb::output_floats(tested), b = fb::output_floats(exact);
+      CHECK(std::memcmp(a.get(), b.get(), tested.out_size() * sizeof(float)) == 0);
+      CHECK(fb::weight_rounding_atol(tested) == fb::weight_rounding_atol(exact));
     }
   }
+}
+
+TEST_CASE("the oracle of a call under allow_bf16_compute takes its rounded inputs", "[bench][check]") {
+  fb::Shape s = fb::mha(1, 2, 160, 160, 64);
+  s.bf16_compute = true;
+  fb::Problem tested(s);
+  // The copy holds bf16 values, those of tested rounded; q and k flushed below 2^-126.
+  tested.q[0] = 1.0f + 0x1p-8f + 0x1p-12f;  // rounds up to 1 + 2^-7
+  tested.k[0] = 0x1p-127f;                  // a subnormal once rounded: read as zero
+  tested.v[0] = 0x1p-127f;                  // V keeps it
+  const fb::Problem copy = fb::bf16_rounded_copy(tested);
+  CHECK(copy.q[0] == 1.0f + 0x1p-7f);
+  CHECK(copy.k[0] == 0.0f);
+  CHECK(copy.v[0] == 0x1p-127f);
+  CHECK(copy.shape.dtype == fb::DType::fp32);
+  CHECK_FALSE(copy.shape.bf16_compute);
+  std::size_t not_bf16 = 0;
+  for (std::size_t i = 0; i < copy.q_size(); ++i)
+    not_bf16 += flashcpu::to_float(flashcpu::to_bf16(copy.q[i])) != copy.q[i];
+  CHECK(not_bf16 == 0);
+  if (!fb::fused_rounds_to_bf16(s)) {
+    WARN("not run at " << flashcpu::active_isa() << ": the option computes exactly on this level");
+    return;
+  }
+  // With q and k 8 times larger the scores' rounding leaves the weights' allowance: the
+  // oracle on the exact inputs fails the call, the one on the rounded inputs passes it.
+  for (std::size_t i = 0; i < tested.q_size(); ++i) tested.q[i] *= 8.0f;
+  for (std::size_t i = 0; i < tested.k_size(); ++i) tested.k[i] *= 8.0f;
+  fb::run(fb::Impl::fused, tested, 2);
+  const fb::Buffer rounded = fb::reference_output(fb::Impl::fused, tested, 2);
+  const fb::Buffer exact = fb::reference_output(fb::Impl::naive, tested, 2);  // the same inputs
+  const fb::Diff on_rounded = fb::compare_output(tested, rounded.get());
+  const fb::Diff on_exact = fb::compare_output(tested, exact.get());
+  INFO("error / tolerance: " << on_rounded.max_excess << " against the rounded inputs, " << on_exact.max_excess
+                             << " against the exact ones");
+  CHECK(on_rounded.max_excess <= 1.0);
+  CHECK(on_exact.max_excess > 1.0);
 }
 
 TEST_CASE("labels say what each implementation does with 16-bit data", "[bench][dtype]") {
