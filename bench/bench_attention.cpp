@@ -218,14 +218,12 @@ void add_one(const std::string& name, Impl impl, const Runner& runner, const Sha
 // Decode workloads (decode = true) report bandwidth and run cold unless told.
 void add_workload(const std::string& prefix, const std::string& suffix, const Shape& s,
                   int threads = 0, bool decode = false, bool cold = true) {
-  // The baselines compute exactly, and a shape under allow_bf16_compute widens the
-  // cross-check's tolerance for rounded weights (weight_rounding_atol): fused only.
-  if (s.bf16_compute) {
-    std::fprintf(stderr, "flashcpu_bench: %s registers baselines for a shape under allow_bf16_compute\n", prefix.c_str());
-    std::abort();
-  }
   for (Impl impl :
        {Impl::fused, Impl::naive, Impl::openblas, Impl::openblas_full, Impl::reference}) {
+    // Under allow_bf16_compute only the fused call: the others compute exactly (the same
+    // as without the option), and the shape widens the cross-check's tolerance for
+    // rounded weights (weight_rounding_atol), which they do not have.
+    if (impl != Impl::fused && s.bf16_compute) continue;
     if (impl == Impl::naive && s.n * s.m > g.naive_max * g.naive_max) continue;
     if ((impl == Impl::openblas || impl == Impl::openblas_full) && !fb::have_openblas()) continue;
     if (impl == Impl::openblas_full && !s.causal) continue;
@@ -423,16 +421,12 @@ void register_attention_benchmarks() {
     add_pair(name, base, w.s, w.decode);
   }
   // P64 on fp32 data under allow_bf16_compute: what an fp32 model gains by letting the
-  // products run in bf16 where the level has them (computed exactly elsewhere). The
-  // baselines would repeat P64's exact fp32 ones, so only the fused call runs; its
-  // oracle check uses the rounded inputs (reference_output).
+  // products run in bf16 where the level has them (computed exactly elsewhere). Only the
+  // fused call runs (add_workload); its oracle check uses the rounded inputs
+  // (reference_output).
   fb::Shape p64_bf16_compute = p64;
   p64_bf16_compute.bf16_compute = true;
-  {
-    const Runner fused = [](fb::Problem& p, int t, fb::MaterializedWorkspace* ws) { fb::run(Impl::fused, p, t, ws); };
-    add_one("P64_bf16compute/fused", Impl::fused, fused, p64_bf16_compute, 0, false, false,
-            fb::impl_label(Impl::fused, p64_bf16_compute));
-  }
+  add_workload("P64_bf16compute", "", p64_bf16_compute);
   add_pair("P64_bf16compute", p64, p64_bf16_compute, false);
 
   // The backward of three named workloads. S16K's materialized backward would need two

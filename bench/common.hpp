@@ -398,7 +398,7 @@ Buffer output_floats(const Problem& p);
 /// bound), and so does prefill under allow_bf16_compute there. Allowed on every all-bf16
 /// problem, whichever kernel the level and shape pick, and wherever fused_rounds_to_bf16
 /// (decoding from a bf16 cache under the option rounds q only: loose there, not wrong;
-/// only the fused call runs such shapes, see add_workload); 0 for the other problems,
+/// the suite runs only the fused call on such shapes); 0 for the other problems,
 /// whose weights stay fp32.
 double weight_rounding_atol(const Problem& p);
 
