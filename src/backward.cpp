@@ -23,8 +23,6 @@
 // vdpbf16ps variant's where the level has it (detail::backward_kernels).
 #include <flashcpu/flashcpu.hpp>
 
-#include <omp.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -345,11 +343,11 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   };
   if (any_coarse) {
     // Statistics of the coarse rows; two-pass-sized scratch suffices (a block per item).
-    detail::run_parallel(threads, [&] {
+    detail::ItemQueue queue(query_items);
+    detail::run_parallel(threads, [&](const detail::Team& team) {
       BackwardJob job = base;
-      job.scratch = two_pass.carve(scratch.get(), omp_get_thread_num());
-#pragma omp for schedule(dynamic) nowait
-      for (std::int64_t item = 0; item < query_items; ++item) {
+      job.scratch = two_pass.carve(scratch.get(), team.index);
+      for (std::int64_t item; queue.take(&item);) {
         bind_query_block(job, item);
         kernels.backward_row_stats(job);
       }
@@ -357,11 +355,11 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   }
 
   if (whole_heads) {
-    detail::run_parallel(threads, [&] {
+    detail::ItemQueue queue(heads);
+    detail::run_parallel(threads, [&](const detail::Team& team) {
       BackwardJob job = base;
-      job.scratch = sizes.carve(scratch.get(), omp_get_thread_num());
-#pragma omp for schedule(dynamic) nowait
-      for (std::int64_t item = 0; item < heads; ++item) {
+      job.scratch = sizes.carve(scratch.get(), team.index);
+      for (std::int64_t item; queue.take(&item);) {
         bind(job, item / Hkv, item % Hkv);
         for_query_blocks(job, kernels.backward_pack_queries);
         for (std::int64_t j0 = 0; j0 < M; j0 += Ck) {
@@ -388,11 +386,10 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
     };
     // Items (batch, query head, query block), each packing or writing its block.
     auto per_query_block = [&](void (*entry)(const BackwardJob&)) {
-      detail::run_parallel(threads, [&] {
+      detail::run_parallel(threads, [&](const detail::Team& team) {
         BackwardJob job = base;
-        const BackwardScratch own = sizes.carve(scratch.get(), omp_get_thread_num());
-#pragma omp for schedule(static) nowait
-        for (std::int64_t item = 0; item < query_items; ++item) {
+        const BackwardScratch own = sizes.carve(scratch.get(), team.index);
+        for (std::int64_t item = team.first(query_items), past = team.past(query_items); item < past; ++item) {
           job.scratch = group_scratch(own, bind_query_block(job, item));
           entry(job);
         }
@@ -403,11 +400,11 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
     // the one before it, which was handed out before it and is running or done; the
     // lowest unfinished item waits for no one. So every item finishes, on any number of
     // threads.
-    std::atomic<std::int64_t> next_item{0};
-    detail::run_parallel(threads, [&] {
+    detail::ItemQueue queue(chunk_items);
+    detail::run_parallel(threads, [&](const detail::Team& team) {
       BackwardJob job = base;
-      const BackwardScratch own = sizes.carve(scratch.get(), omp_get_thread_num());
-      for (std::int64_t item; (item = next_item.fetch_add(1, std::memory_order_relaxed)) < chunk_items;) {
+      const BackwardScratch own = sizes.carve(scratch.get(), team.index);
+      for (std::int64_t item; queue.take(&item);) {
         const std::int64_t head = item / key_chunks, kc = item % key_chunks;
         bind(job, head / Hkv, head % Hkv);
         job.scratch = group_scratch(own, head);
@@ -422,11 +419,11 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   }
 
   // Pass 1: dK and dV, one key block per item.
-  detail::run_parallel(threads, [&] {
+  detail::ItemQueue key_queue(key_items);
+  detail::run_parallel(threads, [&](const detail::Team& team) {
     BackwardJob job = base;
-    job.scratch = sizes.carve(scratch.get(), omp_get_thread_num());
-#pragma omp for schedule(dynamic) nowait
-    for (std::int64_t item = 0; item < key_items; ++item) {
+    job.scratch = sizes.carve(scratch.get(), team.index);
+    for (std::int64_t item; key_queue.take(&item);) {
       const std::int64_t bk = item / key_blocks, kb = item % key_blocks;
       bind(job, bk / Hkv, bk % Hkv);
       job.first = kb * Bk;
@@ -438,11 +435,10 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   // Pass 2: dQ, one query block per item. Causal and windowed blocks are interleaved
   // heavy and light (0, n-1, 1, n-2, ...) so that static chunks get even shares.
   const bool triangular = s.causal || s.window_left >= 0 || s.window_right >= 0;
-  detail::run_parallel(threads, [&] {
+  detail::run_parallel(threads, [&](const detail::Team& team) {
     BackwardJob job = base;
-    job.scratch = sizes.carve(scratch.get(), omp_get_thread_num());
-#pragma omp for schedule(static) nowait
-    for (std::int64_t item = 0; item < query_items; ++item) {
+    job.scratch = sizes.carve(scratch.get(), team.index);
+    for (std::int64_t item = team.first(query_items), past = team.past(query_items); item < past; ++item) {
       const std::int64_t slot = item % q_blocks, qb = !triangular ? slot : (slot % 2 == 0 ? slot / 2 : q_blocks - 1 - slot / 2);
       bind_query_block(job, item - slot + qb);
       kernels.backward_queries(job);

@@ -6,7 +6,6 @@
 // shape only, so results are identical for any thread count. K is read in place (dot
 // product) or packed one key block at a time: no copy of a whole head, no buffer that
 // grows with M.
-#include <omp.h>
 
 #include <algorithm>
 #include <cassert>
@@ -229,8 +228,8 @@ void run_decode(const Plan& plan, const CallViews& views) {
   const ThreadScratch parts = decode_scratch(plan, d);
   AlignedBuffer scratch(saturated_product(parts.total(), threads));
 
-  run_parallel(threads, [&] {
-    const ThreadScratch::Parts mine = parts.carve(scratch.get(), omp_get_thread_num());
+  run_parallel(threads, [&](const Team& team) {
+    const ThreadScratch::Parts mine = parts.carve(scratch.get(), team.index);
     QueryBlockJob job = base_job(plan, views);
     job.q = {mine.q_packed, d.rows, 0, plan.group};
     job.keys.k_panels = d.k_in_place ? nullptr : mine.key_panels;
@@ -238,8 +237,7 @@ void run_decode(const Plan& plan, const CallViews& views) {
     job.score.row_bias = plan.centered ? mine.row_bias : nullptr;
     job.state.scores = mine.scores;
 
-#pragma omp for schedule(static) nowait  // single chunk: nothing to wait for (see below)
-    for (std::int64_t item = 0; item < d.items; ++item) {
+    for (std::int64_t item = team.first(d.items), past = team.past(d.items); item < past; ++item) {
       const std::int64_t head = item / d.chunks, chunk = item % d.chunks;
       float* partial = partials.get() + item * d.partial_floats;
       job.state.acc = partial;
@@ -248,11 +246,15 @@ void run_decode(const Plan& plan, const CallViews& views) {
       run_chunk(plan, views, d, head / s.kv_heads, head % s.kv_heads, chunk, mine, job);
     }
 
-    // Single-chunk calls skip the merge and its barriers (every thread takes the same branch).
+    // Single-chunk calls skip the merge and its barrier (every thread takes the same
+    // branch); a team of one (a direct call) needs no barrier.
     if (d.chunks > 1) {
+      if (team.size > 1) {
 #pragma omp barrier
-#pragma omp for schedule(static)
-      for (std::int64_t head = 0; head < s.batch * s.kv_heads; ++head) merge_chunks(plan, views, d, partials.get(), head);
+      }
+      const std::int64_t heads = s.batch * s.kv_heads;
+      for (std::int64_t head = team.first(heads), past = team.past(heads); head < past; ++head)
+        merge_chunks(plan, views, d, partials.get(), head);
     }
   });
 }

@@ -4,7 +4,11 @@
 
 #include <flashcpu/flashcpu.hpp>
 
+#include <omp.h>
+
+#include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -158,19 +162,49 @@ int thread_count(int requested, double flops, double min_flops_per_thread);
 /// The FLOPs of a forward call's two products, 4 B Hq N M D (Dv = D), for thread_count.
 double forward_flops(const AttentionShape& s);
 
-/// Runs body() on `threads` threads, as the body of an OpenMP parallel region, or called
-/// directly when one thread does the work: its worksharing and barriers then bind to a
-/// team of one. libgomp's region wakes the team through a futex even when the team is the
-/// caller alone: 1.2 us per region on a 2-core KVM guest (Zen 5, empty regions, median of
-/// 20000), against 20-30 ns for the call, a sixth of a 16-head N = 16 call on one thread.
+/// The threads of one call's parallel work: thread `index` of `size`. The drivers split
+/// their items with it (`first`, `past`, or a shared ItemQueue), never with OpenMP's
+/// worksharing constructs or omp_get_thread_num(): a one-thread call runs its body on the
+/// calling thread (run_parallel), and when that thread belongs to the caller's own
+/// parallel region those would bind to the caller's team, splitting one call's items
+/// among threads that are each making a call of their own.
+struct Team {
+  int index, size;
+  /// Items [first(n), past(n)) of n: the thread's static contiguous share.
+  std::int64_t first(std::int64_t n) const { return n / size * index + std::min<std::int64_t>(index, n % size); }
+  std::int64_t past(std::int64_t n) const { return first(n) + n / size + (index < n % size ? 1 : 0); }
+};
+
+/// Items 0 .. n - 1 handed out one at a time to whichever thread of a call's team asks
+/// next (a dynamic schedule of chunk 1). Shared by the team: declared before run_parallel.
+class ItemQueue {
+ public:
+  explicit ItemQueue(std::int64_t n) : n_(n) {}
+  /// The next item, or false when none is left.
+  bool take(std::int64_t* item) {
+    *item = next_.fetch_add(1, std::memory_order_relaxed);
+    return *item < n_;
+  }
+
+ private:
+  std::int64_t n_;
+  std::atomic<std::int64_t> next_{0};
+};
+
+/// Runs body(team) on `threads` threads, as the body of an OpenMP parallel region, or
+/// called directly (team {0, 1}) when one thread does the work. libgomp's region wakes
+/// the team through a futex even when the team is the caller alone: 1.2 us per region on
+/// a 2-core KVM guest (Zen 5, empty regions, median of 20000), against 20-30 ns for the
+/// call, a sixth of a 16-head N = 16 call on one thread. Inside a caller's parallel region
+/// that cannot nest, OpenMP gives the region a team of one, and `team` says so.
 template <class Body>
 void run_parallel(int threads, Body&& body) {
   if (threads <= 1) {
-    body();
+    body(Team{0, 1});
     return;
   }
 #pragma omp parallel num_threads(threads)
-  body();
+  body(Team{omp_get_thread_num(), omp_get_num_threads()});
 }
 
 /// The drivers.

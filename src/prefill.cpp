@@ -1,8 +1,6 @@
 // Prefill: work items are (batch, query head, query block); each thread packs the K
 // panels (and V rows when needed) of a KV head once and reuses them for every query
 // block and every query head of the group it processes.
-#include <omp.h>
-
 #include <algorithm>
 
 #include "plan.hpp"
@@ -71,8 +69,8 @@ void run_prefill(const Plan& plan, const CallViews& views) {
   const ThreadScratch parts = prefill_scratch(plan);
   AlignedBuffer scratch(saturated_product(parts.total(), threads));
 
-  run_parallel(threads, [&] {
-    const ThreadScratch::Parts mine = parts.carve(scratch.get(), omp_get_thread_num());
+  run_parallel(threads, [&](const Team& team) {
+    const ThreadScratch::Parts mine = parts.carve(scratch.get(), team.index);
     QueryBlockJob job = base_job(plan, views);
     job.q.q_packed = mine.q_packed;
     job.keys.k_panels = mine.key_panels;
@@ -84,8 +82,7 @@ void run_prefill(const Plan& plan, const CallViews& views) {
     std::int64_t packed_head = -1;
     bool exact = false;
 
-#pragma omp for schedule(static) nowait  // the region's end is the one barrier needed
-    for (std::int64_t item = 0; item < items; ++item) {
+    for (std::int64_t item = team.first(items), past = team.past(items); item < past; ++item) {
       const std::int64_t slot = item % q_blocks;
       const std::int64_t bh = item / q_blocks;  // b * Hq + h, with h = hkv * group + g
       const std::int64_t b = bh / s.q_heads, h = bh % s.q_heads, hkv = h / plan.group;

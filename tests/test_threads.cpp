@@ -1,5 +1,6 @@
 // Many threads at once: calls from 8 std::threads with different shapes, options and
-// num_threads (1 and 2), calls from inside an outer OpenMP parallel region, and a thread
+// num_threads (1 and 2), calls from inside an outer OpenMP parallel region (also calls
+// that run on one thread, forward and backward), and a thread
 // that replaces the tuning table (load_tuning, set_tile_config) meanwhile. Every result
 // must be bitwise the single-threaded one for the tiles in force: results do not depend
 // on num_threads, and a call reads the tuning table once, so it sees the old table or the
@@ -177,5 +178,72 @@ TEST_CASE("concurrent calls from threads and OpenMP regions, with the tuning tab
   for (std::size_t i = 0; i < jobs.size(); ++i) {
     INFO("job " << i << " called from an OpenMP region");
     CHECK(nested_mismatches[i] == 0);
+  }
+}
+
+// A call that runs on one thread (num_threads = 1, or a small call under the default)
+// does its work on the calling thread. When that thread is one of the caller's own
+// OpenMP team, the call's work must still be its own: split by OpenMP's worksharing or
+// by omp_get_thread_num(), it had been shared out among the team's threads, each making
+// a different call (half of each call's outputs unwritten, and scratch carved for one
+// thread indexed by the caller's thread number: a heap overflow under ASan).
+TEST_CASE("one-thread calls from inside the caller's OpenMP region do all of their own work", "[threads]") {
+  const std::vector<Job> jobs = make_jobs();
+  std::vector<std::vector<float>> expected;
+  for (const Job& j : jobs) expected.push_back(j.run(1));
+
+  // The backward on three of the shapes (prefill, GQA decode, windowed), outside any
+  // region first.
+  struct Grads {
+    std::vector<float> dq, dk, dv;
+  };
+  const std::size_t backward_jobs[] = {1, 2, 5};
+  std::vector<std::vector<float>> outs, lses;
+  for (std::size_t i : backward_jobs) {
+    const Job& j = jobs[i];
+    outs.emplace_back(std::size_t(j.B * j.Hq * j.N * j.D));
+    lses.emplace_back(std::size_t(j.B * j.Hq * j.N));
+    flashcpu::attention(j.view(j.q, j.Hq, j.N), j.view(j.k, j.Hkv, j.M), j.view(j.v, j.Hkv, j.M),
+                        flashcpu::bhsd(outs.back().data(), j.B, j.Hq, j.N, j.D),
+                        flashcpu::bhsd(lses.back().data(), j.B, j.Hq, j.N, 1), j.options(1));
+  }
+  auto backward = [&](std::size_t n, int threads) {
+    const Job& j = jobs[backward_jobs[n]];
+    Grads g{std::vector<float>(j.q.size()), std::vector<float>(j.k.size()), std::vector<float>(j.v.size())};
+    // dout = out: any fixed values do.
+    flashcpu::attention_backward(j.view(j.q, j.Hq, j.N), j.view(j.k, j.Hkv, j.M), j.view(j.v, j.Hkv, j.M),
+                                 j.view(outs[n], j.Hq, j.N), flashcpu::bhsd<const float>(lses[n].data(), j.B, j.Hq, j.N, 1),
+                                 j.view(outs[n], j.Hq, j.N), flashcpu::bhsd(g.dq.data(), j.B, j.Hq, j.N, j.D),
+                                 flashcpu::bhsd(g.dk.data(), j.B, j.Hkv, j.M, j.D),
+                                 flashcpu::bhsd(g.dv.data(), j.B, j.Hkv, j.M, j.D), j.options(threads));
+    return g;
+  };
+  std::vector<Grads> expected_grads;
+  for (std::size_t n = 0; n < 3; ++n) expected_grads.push_back(backward(n, 1));
+
+  constexpr int kTeam = 3;
+  std::vector<int> mismatches(kTeam, 0), calls(kTeam, 0);
+#pragma omp parallel num_threads(kTeam)
+  {
+    const int t = omp_get_thread_num();
+    // Each thread its own order, so the team's threads make different calls at once.
+    for (int round = 0; round < 4; ++round)
+      for (std::size_t n = 0; n < jobs.size(); ++n) {
+        const std::size_t i = (n * std::size_t(t + 1) + std::size_t(round)) % jobs.size();
+        for (int threads : {1, 0}) {
+          ++calls[std::size_t(t)];
+          if (!same_bits(jobs[i].run(threads), expected[i])) ++mismatches[std::size_t(t)];
+        }
+        if (i < 3) {
+          const Grads g = backward((i + std::size_t(t)) % 3, 1), &e = expected_grads[(i + std::size_t(t)) % 3];
+          ++calls[std::size_t(t)];
+          if (!same_bits(g.dq, e.dq) || !same_bits(g.dk, e.dk) || !same_bits(g.dv, e.dv)) ++mismatches[std::size_t(t)];
+        }
+      }
+  }
+  for (int t = 0; t < kTeam; ++t) {
+    INFO("thread " << t << " of the caller's team");
+    CHECK(calls[std::size_t(t)] > 0);
+    CHECK(mismatches[std::size_t(t)] == 0);
   }
 }

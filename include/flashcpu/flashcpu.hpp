@@ -380,7 +380,8 @@ void set_tile_config(const std::string& isa, std::int64_t head_dim, std::optiona
 
 // Threads: every function here may be called from any number of threads at once,
 // including from inside an OpenMP parallel region (the inner team is then as nested
-// parallelism allows). The tuning table is guarded by a reader-writer lock: load_tuning
+// parallelism allows), with any num_threads: a call that runs on one thread does all of
+// its work on the calling thread, whatever team that thread belongs to. The tuning table is guarded by a reader-writer lock: load_tuning
 // replaces it whole and set_tile_config one entry, each under the write lock, and an
 // attention call reads it once (tiles and the least work per thread), under the read
 // lock, when it plans. So a call sees the table from before a concurrent change or from
