@@ -150,7 +150,7 @@ void bind_key_block(const Plan& plan, const CallViews& views, const DecodeSplit&
 // One work item: chunk `chunk` of KV head (b, hkv), leaving its partial state in the
 // job's acc/row_max/row_sum (or, with a single chunk, finishing the rows).
 void run_chunk(const Plan& plan, const CallViews& views, const DecodeSplit& d, std::int64_t b, std::int64_t hkv,
-               std::int64_t chunk, const ThreadScratch::Parts& mine, QueryBlockJob& job) {
+               std::int64_t chunk, std::int64_t next_item, const ThreadScratch::Parts& mine, QueryBlockJob& job) {
   const std::int64_t G = plan.group, M = plan.shape.kv_len;
   load_center(plan, views.k, b, hkv, mine.center);
   pack_queries(plan, views.q, b, hkv * G, G, 0, d.rows, d.mr, mine.center, false, mine.q_packed, mine.row_bias);
@@ -162,10 +162,28 @@ void run_chunk(const Plan& plan, const CallViews& views, const DecodeSplit& d, s
 
   // Keys past the batch's key length are never read.
   const std::int64_t chunk_end = std::min({M, (chunk + 1) * d.chunk_keys, job.visible.key_limit});
+  // The rows the thread reads next (item next_item, or none), for the prefetch stream of
+  // the chunk's last kernel call: only when K and V are read in place (packed rows come
+  // from the packing pass instead). Rows below M exist whatever the key lengths.
+  const void* next_k = nullptr;
+  const void* next_v = nullptr;
+  std::int64_t next_keys = 0;
+  if (next_item >= 0 && d.k_in_place && plan.v_in_place) {
+    const std::int64_t head = next_item / d.chunks, first_key = next_item % d.chunks * d.chunk_keys;
+    next_keys = std::min(d.chunk_keys, M - first_key);
+    if (next_keys > 0) {
+      next_k = views.k.row(head / plan.shape.kv_heads, head % plan.shape.kv_heads, first_key);
+      next_v = views.v.row(head / plan.shape.kv_heads, head % plan.shape.kv_heads, first_key);
+    }
+  }
   job.state.resume = false;
   for (std::int64_t j0 = chunk * d.chunk_keys; j0 < chunk_end || !job.state.resume; j0 += d.step) {
     const std::int64_t keys = std::max<std::int64_t>(0, std::min(d.step, chunk_end - j0));
     job.state.finalize = d.chunks == 1 && j0 + d.step >= chunk_end;
+    const bool last_call = j0 + d.step >= chunk_end;
+    job.keys.next_k_rows = last_call ? next_k : nullptr;
+    job.keys.next_v_rows = last_call ? next_v : nullptr;
+    job.keys.next_keys = last_call ? next_keys : 0;
     if (keys == 0) {  // an empty chunk (key length): only reset the partial state
       job.keys.begin = job.keys.end = j0;
     } else {
@@ -243,7 +261,8 @@ void run_decode(const Plan& plan, const CallViews& views) {
       job.state.acc = partial;
       job.state.row_max = partial + d.rows_padded * plan.value_dim_padded;
       job.state.row_sum = job.state.row_max + d.rows_padded;
-      run_chunk(plan, views, d, head / s.kv_heads, head % s.kv_heads, chunk, mine, job);
+      run_chunk(plan, views, d, head / s.kv_heads, head % s.kv_heads, chunk, item + 1 < past ? item + 1 : -1, mine,
+                job);
     }
 
     // Single-chunk calls skip the merge and its barrier (every thread takes the same

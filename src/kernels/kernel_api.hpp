@@ -70,6 +70,14 @@ struct JobKeys {
   // buffer when already so.
   const void* v_rows;
   std::int64_t v_row_stride;
+  // Decoding with K and V read in place: the K and V rows of the first keys the thread
+  // reads after this job (its next work item), and how many there are; null and 0 when
+  // none. The job's prefetch stream runs on into them once it has requested its own last
+  // key, so the next item starts on rows already on their way instead of stalling while
+  // its stream ramps up.
+  const void* next_k_rows;
+  const void* next_v_rows;
+  std::int64_t next_keys;
 };
 
 /// The score. Scores are kept in log2 units (softmax by exp2). With natural_units false
