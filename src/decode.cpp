@@ -164,16 +164,17 @@ void run_chunk(const Plan& plan, const CallViews& views, const DecodeSplit& d, s
   const std::int64_t chunk_end = std::min({M, (chunk + 1) * d.chunk_keys, job.visible.key_limit});
   // The rows the thread reads next (item next_item, or none), for the prefetch stream of
   // the chunk's last kernel call: only when K and V are read in place (packed rows come
-  // from the packing pass instead). Rows below M exist whatever the key lengths.
+  // from the packing pass instead), and only keys below the next batch's key length.
   const void* next_k = nullptr;
   const void* next_v = nullptr;
   std::int64_t next_keys = 0;
   if (next_item >= 0 && d.k_in_place && plan.v_in_place) {
     const std::int64_t head = next_item / d.chunks, first_key = next_item % d.chunks * d.chunk_keys;
-    next_keys = std::min(d.chunk_keys, M - first_key);
+    const std::int64_t nb = head / plan.shape.kv_heads, nh = head % plan.shape.kv_heads;
+    next_keys = std::min(d.chunk_keys, std::min(M, visibility(plan.shape, nb).key_limit) - first_key);
     if (next_keys > 0) {
-      next_k = views.k.row(head / plan.shape.kv_heads, head % plan.shape.kv_heads, first_key);
-      next_v = views.v.row(head / plan.shape.kv_heads, head % plan.shape.kv_heads, first_key);
+      next_k = views.k.row(nb, nh, first_key);
+      next_v = views.v.row(nb, nh, first_key);
     }
   }
   job.state.resume = false;

@@ -26,6 +26,10 @@ float load_element(const void* p, DType type) {
 }  // namespace
 
 int thread_count(int requested, double flops, double min_flops_per_thread) {
+  // Inside a caller's parallel region that cannot nest, OpenMP would give the call's
+  // region one thread whatever it asks: plan for one (scratch for one thread, and no
+  // region at all, see run_parallel), since omp_get_max_threads() still says the outer count.
+  if (omp_get_active_level() >= omp_get_max_active_levels()) return 1;
   if (requested > 0) return requested;
   return int(std::clamp(std::floor(flops / min_flops_per_thread), 1.0, double(omp_get_max_threads())));
 }

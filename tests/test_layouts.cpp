@@ -251,3 +251,20 @@ TEST_CASE("a size-1 dim's stride may be any value up to INT64_MAX (found by fuzz
   flashcpu::attention(plain.q.cview(), plain.k.cview(), plain.v.cview(), plain.out.view(), plain.opt);
   CHECK(odd.out.values() == plain.out.values());
 }
+
+TEST_CASE("one key: the key dimension's stride may be any value up to INT64_MAX on the decode paths", "[layouts]") {
+  // With M = 1 the key dimension has size one, so validation leaves its stride unbounded;
+  // the decoding prefetch stream multiplied it by the element size (a signed overflow,
+  // undefined behaviour, at 2^62) although it never steps it. 4 stacked rows read K in
+  // place on tiles, 16 on the lanes kernel (fp32 K, AVX2 and up), 48 past both.
+  for (const Dims& d : {Dims{1, 8, 2, 1, 1, 32, 32}, Dims{1, 32, 2, 1, 1, 32, 32}, Dims{2, 48, 1, 1, 1, 16, 16}}) {
+    INFO(str(d));
+    Problem odd(d, 44, Layout::bhsd, Layout::bhsd), plain(d, 44, Layout::bhsd, Layout::bhsd);
+    auto k = odd.k.cview(), v = odd.v.cview();
+    k.strides[2] = std::numeric_limits<std::int64_t>::max() / 2;
+    v.strides[2] = std::numeric_limits<std::int64_t>::max() / 2 + 1;
+    flashcpu::attention(odd.q.cview(), k, v, odd.out.view(), odd.opt);
+    flashcpu::attention(plain.q.cview(), plain.k.cview(), plain.v.cview(), plain.out.view(), plain.opt);
+    CHECK(odd.out.values() == plain.out.values());
+  }
+}

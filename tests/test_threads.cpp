@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "plan.hpp"
 #include "util.hpp"
 
 namespace {
@@ -186,40 +187,49 @@ TEST_CASE("concurrent calls from threads and OpenMP regions, with the tuning tab
 // OpenMP team, the call's work must still be its own: split by OpenMP's worksharing or
 // by omp_get_thread_num(), it had been shared out among the team's threads, each making
 // a different call (half of each call's outputs unwritten, and scratch carved for one
-// thread indexed by the caller's thread number: a heap overflow under ASan).
+// thread indexed by the caller's thread number: a heap overflow under ASan). Also asked
+// for 2 threads: the region then cannot nest, and the call plans for one.
 TEST_CASE("one-thread calls from inside the caller's OpenMP region do all of their own work", "[threads]") {
+  using flashcpu::detail::BackwardSchedule;
   const std::vector<Job> jobs = make_jobs();
   std::vector<std::vector<float>> expected;
   for (const Job& j : jobs) expected.push_back(j.run(1));
 
-  // The backward on three of the shapes (prefill, GQA decode, windowed), outside any
-  // region first.
+  // The backward on three of the shapes (prefill, GQA decode, windowed), and on the first
+  // again with one row's lse beyond the range the backward recomputes P from (its coarse
+  // rows' statistics pass); every schedule gives the same gradients.
   struct Grads {
     std::vector<float> dq, dk, dv;
   };
-  const std::size_t backward_jobs[] = {1, 2, 5};
-  std::vector<std::vector<float>> outs, lses;
-  for (std::size_t i : backward_jobs) {
+  struct BackwardCase {
+    std::size_t job;
+    std::vector<float> out, lse;
+    Grads expected;
+  };
+  std::vector<BackwardCase> cases;
+  for (std::size_t i : {std::size_t(1), std::size_t(2), std::size_t(5), std::size_t(1)}) {
     const Job& j = jobs[i];
-    outs.emplace_back(std::size_t(j.B * j.Hq * j.N * j.D));
-    lses.emplace_back(std::size_t(j.B * j.Hq * j.N));
+    BackwardCase c{i, std::vector<float>(std::size_t(j.B * j.Hq * j.N * j.D)), std::vector<float>(std::size_t(j.B * j.Hq * j.N)), {}};
     flashcpu::attention(j.view(j.q, j.Hq, j.N), j.view(j.k, j.Hkv, j.M), j.view(j.v, j.Hkv, j.M),
-                        flashcpu::bhsd(outs.back().data(), j.B, j.Hq, j.N, j.D),
-                        flashcpu::bhsd(lses.back().data(), j.B, j.Hq, j.N, 1), j.options(1));
+                        flashcpu::bhsd(c.out.data(), j.B, j.Hq, j.N, j.D), flashcpu::bhsd(c.lse.data(), j.B, j.Hq, j.N, 1),
+                        j.options(1));
+    if (cases.size() == 3) c.lse[5] = 3000.0f;
+    cases.push_back(std::move(c));
   }
-  auto backward = [&](std::size_t n, int threads) {
-    const Job& j = jobs[backward_jobs[n]];
+  auto backward = [&](const BackwardCase& c, BackwardSchedule schedule, int threads) {
+    const Job& j = jobs[c.job];
     Grads g{std::vector<float>(j.q.size()), std::vector<float>(j.k.size()), std::vector<float>(j.v.size())};
-    // dout = out: any fixed values do.
-    flashcpu::attention_backward(j.view(j.q, j.Hq, j.N), j.view(j.k, j.Hkv, j.M), j.view(j.v, j.Hkv, j.M),
-                                 j.view(outs[n], j.Hq, j.N), flashcpu::bhsd<const float>(lses[n].data(), j.B, j.Hq, j.N, 1),
-                                 j.view(outs[n], j.Hq, j.N), flashcpu::bhsd(g.dq.data(), j.B, j.Hq, j.N, j.D),
-                                 flashcpu::bhsd(g.dk.data(), j.B, j.Hkv, j.M, j.D),
-                                 flashcpu::bhsd(g.dv.data(), j.B, j.Hkv, j.M, j.D), j.options(threads));
+    // dout = out: any fixed values do. Chunks of one key block, so that heads have several.
+    flashcpu::detail::attention_backward_scheduled(
+        schedule, 1, j.view(j.q, j.Hq, j.N), j.view(j.k, j.Hkv, j.M), j.view(j.v, j.Hkv, j.M), j.view(c.out, j.Hq, j.N),
+        flashcpu::bhsd<const float>(c.lse.data(), j.B, j.Hq, j.N, 1), j.view(c.out, j.Hq, j.N),
+        flashcpu::bhsd(g.dq.data(), j.B, j.Hq, j.N, j.D), flashcpu::bhsd(g.dk.data(), j.B, j.Hkv, j.M, j.D),
+        flashcpu::bhsd(g.dv.data(), j.B, j.Hkv, j.M, j.D), j.options(threads));
     return g;
   };
-  std::vector<Grads> expected_grads;
-  for (std::size_t n = 0; n < 3; ++n) expected_grads.push_back(backward(n, 1));
+  for (BackwardCase& c : cases) c.expected = backward(c, BackwardSchedule::automatic, 1);
+  const BackwardSchedule schedules[] = {BackwardSchedule::whole_heads, BackwardSchedule::key_blocks_in_turn,
+                                        BackwardSchedule::two_passes};
 
   constexpr int kTeam = 3;
   std::vector<int> mismatches(kTeam, 0), calls(kTeam, 0);
@@ -227,18 +237,21 @@ TEST_CASE("one-thread calls from inside the caller's OpenMP region do all of the
   {
     const int t = omp_get_thread_num();
     // Each thread its own order, so the team's threads make different calls at once.
-    for (int round = 0; round < 4; ++round)
+    for (int round = 0; round < 3; ++round)
       for (std::size_t n = 0; n < jobs.size(); ++n) {
         const std::size_t i = (n * std::size_t(t + 1) + std::size_t(round)) % jobs.size();
-        for (int threads : {1, 0}) {
+        for (int threads : {1, 0, 2}) {
           ++calls[std::size_t(t)];
           if (!same_bits(jobs[i].run(threads), expected[i])) ++mismatches[std::size_t(t)];
         }
-        if (i < 3) {
-          const Grads g = backward((i + std::size_t(t)) % 3, 1), &e = expected_grads[(i + std::size_t(t)) % 3];
-          ++calls[std::size_t(t)];
-          if (!same_bits(g.dq, e.dq) || !same_bits(g.dk, e.dk) || !same_bits(g.dv, e.dv)) ++mismatches[std::size_t(t)];
-        }
+        const BackwardCase& c = cases[(i + std::size_t(t)) % cases.size()];
+        for (BackwardSchedule schedule : schedules)
+          for (int threads : {1, 2}) {
+            const Grads g = backward(c, schedule, threads);
+            ++calls[std::size_t(t)];
+            if (!same_bits(g.dq, c.expected.dq) || !same_bits(g.dk, c.expected.dk) || !same_bits(g.dv, c.expected.dv))
+              ++mismatches[std::size_t(t)];
+          }
       }
   }
   for (int t = 0; t < kTeam; ++t) {

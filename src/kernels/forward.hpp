@@ -883,8 +883,10 @@ struct ForwardKernel {
     ahead.k = reinterpret_cast<const char*>(k_rows(job) + (start - job.keys.begin) * job.keys.k_row_stride);
     ahead.v = reinterpret_cast<const char*>(v_rows(job) + (start - job.keys.begin) * job.keys.v_row_stride);
     constexpr std::int64_t bytes = sizeof(KV);
-    ahead.k_stride = job.keys.k_row_stride * bytes;
-    ahead.v_stride = job.keys.v_row_stride * bytes;
+    // One key in all: its dimension's stride is never stepped and may be any size (as
+    // large as 2^62: validation bounds only the strides of dimensions longer than one).
+    ahead.k_stride = job.dims.kv_len > 1 ? job.keys.k_row_stride * bytes : 0;
+    ahead.v_stride = job.dims.kv_len > 1 ? job.keys.v_row_stride * bytes : 0;
     ahead.k_bytes = job.dims.head_dim * bytes;
     ahead.v_bytes = job.dims.value_dim * bytes;
     ahead.k_left = end - start;
