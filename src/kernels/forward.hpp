@@ -57,7 +57,8 @@ inline std::int64_t visible_hi(const JobVisibility& v, std::int64_t i) {
 // fixed distance ahead of the keys being scored, one row per key scored; its P.V phase
 // requests the next block's V rows, one per key weighed (ValuesAhead). So both halves of
 // a block keep memory busy. (The first block's V rows, which no P.V phase before it
-// requests, ride along with its K rows.)
+// requests, ride along with its K rows; so do every block's when its P.V tiles read whole
+// rows and the job is one row tile: values_with_keys.)
 // DEC (Hq=32, Hkv=8, M=8192, D=128), K/V bytes per second against the read probe, median
 // of 5 by distance (K and V both requested in the S phase, on a Xeon): 32 keys 97%, 64
 // keys 101%, 128 keys 95%, 256 keys 87%, 1024 keys 87%; the burst per block it replaced
@@ -890,7 +891,7 @@ struct ForwardKernel {
     ahead.k_bytes = job.dims.head_dim * bytes;
     ahead.v_bytes = job.dims.value_dim * bytes;
     ahead.k_left = end - start;
-    ahead.v_left = min_i64(job.dims.block_keys, end - start);
+    ahead.v_left = values_with_keys(job) ? end - start : min_i64(job.dims.block_keys, end - start);
     if (job.keys.next_k_rows && job.keys.next_keys > 0) {
       ahead.next_k = static_cast<const char*>(job.keys.next_k_rows);
       ahead.next_v = static_cast<const char*>(job.keys.next_v_rows);
@@ -898,6 +899,18 @@ struct ForwardKernel {
     }
     for (std::int64_t j = 0; j < kPrefetchKeys; ++j) ahead.step();
     return ahead;
+  }
+
+  // Whether the stream requests every key's V row with its K row, not only the first
+  // block's: for a job of one row tile whose P.V tiles read whole value rows (no
+  // values_ahead), where else only the hardware prefetcher fetched V. Zen 5, cold,
+  // tools/ab_builds per-round medians against the first block's only, in both orders:
+  // fp32 q over bf16 K/V, 32/8 heads, D = 64, M = 16384, 1.07-1.16 at 2 threads and
+  // 1.09-1.11 at one, fp16 K/V 1.06; at D = 96 and 128, fp32 K/V, and 1 or 2 rows per
+  // tile, 0.94-1.09 with no sign that held in both orders. Requested so for every job,
+  // 16 stacked bf16 rows (several tiles, more arithmetic per key) ran 0.89-0.96.
+  static bool values_with_keys(const QueryBlockJob& job) {
+    return job.q.rows <= MR && job.dims.value_dim_padded <= value_tile_vectors(job) * W;
   }
 
   // The V rows that block [j0, j0 + block_keys) requests for the next one, up to `end`,
