@@ -277,7 +277,19 @@ int main(int argc, char** argv) {
   const fb::OpenblasInfo blas_info = fb::openblas_info();
   fb::Shape base = fb::mha(o.batch, o.heads, 1, 1, o.dim, o.causal);
   base.dtype = o.dtype;
-  const std::string fused_label = fb::impl_label(Impl::fused, base);
+  // The kernel and route of the sweep's calls, named at its first N: the route depends on
+  // N (a short prompt takes the decode driver), so the last N adds its own when it differs.
+  auto sweep_label = [&](fb::DType dtype) {
+    auto at = [&](std::int64_t n) {
+      fb::Shape s = base;
+      s.n = s.m = n;
+      s.dtype = dtype;
+      return fb::impl_label(Impl::fused, s);
+    };
+    const std::string first = at(ns.front()), last = at(ns.back());
+    return first == last ? first : first + "; at N = M = " + std::to_string(ns.back()) + ": " + last;
+  };
+  const std::string fused_label = sweep_label(o.dtype);
   std::fprintf(stderr, "flashcpu-sweep: %s; isa %s (%s), %d threads, OMP_WAIT_POLICY=%s\n",
                cpu.c_str(), flashcpu::active_isa().c_str(), fused_label.c_str(), threads,
                wait ? wait : "(unset)");
@@ -391,10 +403,8 @@ int main(int argc, char** argv) {
                 fb::act_elem(o.dtype) == fb::Elem::f32 ? "" : " and round the output back");
   }
   if (o.also) {
-    fb::Shape also = base;
-    also.dtype = o.also_dtype;
     std::printf("%s: fused on %s data (%s), GFLOP/s and %%peak against the same FLOP count\n",
-                lanes.back().name.c_str(), fb::dtype_name(o.also_dtype), fb::impl_label(Impl::fused, also).c_str());
+                lanes.back().name.c_str(), fb::dtype_name(o.also_dtype), sweep_label(o.also_dtype).c_str());
   }
   std::printf("%7s", "N=M");
   for (const Lane& lane : lanes) std::printf(" | %-36s", lane.name.c_str());
