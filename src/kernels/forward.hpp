@@ -910,7 +910,11 @@ struct ForwardKernel {
   // tile, 0.94-1.09 with no sign that held in both orders. Requested so for every job,
   // 16 stacked bf16 rows (several tiles, more arithmetic per key) ran 0.89-0.96.
   static bool values_with_keys(const QueryBlockJob& job) {
-    return job.q.rows <= MR && job.dims.value_dim_padded <= value_tile_vectors(job) * W;
+    return job.q.rows <= MR && whole_value_rows(job);
+  }
+  // Whether the job's P.V tiles read each value row whole, in one pass.
+  static bool whole_value_rows(const QueryBlockJob& job) {
+    return job.dims.value_dim_padded <= value_tile_vectors(job) * W;
   }
 
   // The V rows that block [j0, j0 + block_keys) requests for the next one, up to `end`,
@@ -921,7 +925,7 @@ struct ForwardKernel {
   // without them). Rows read in column passes skip ahead of the prefetcher and need them.
   static ValuesAhead values_ahead(const QueryBlockJob& job, std::int64_t j0, std::int64_t end) {
     const std::int64_t Bk = job.dims.block_keys;
-    if (!job.keys.k_rows || j0 + Bk >= end || job.dims.value_dim_padded <= value_tile_vectors(job) * W) return {};
+    if (!job.keys.k_rows || j0 + Bk >= end || whole_value_rows(job)) return {};
     return {Bk * job.keys.v_row_stride * std::int64_t(sizeof(KV)), min_i64(Bk, end - j0 - Bk)};
   }
   // The width, in vectors, of the P.V tiles that read the job's V rows (accumulate_values):
