@@ -386,10 +386,11 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
     };
     // Items (batch, query head, query block), each packing or writing its block.
     auto per_query_block = [&](void (*entry)(const BackwardJob&)) {
+      detail::StealingShares shares(query_items, threads);
       detail::run_parallel(threads, [&](const detail::Team& team) {
         BackwardJob job = base;
         const BackwardScratch own = sizes.carve(scratch.get(), team.index);
-        for (std::int64_t item = team.first(query_items), past = team.past(query_items); item < past; ++item) {
+        for (std::int64_t item; shares.take(team, &item);) {
           job.scratch = group_scratch(own, bind_query_block(job, item));
           entry(job);
         }
@@ -433,12 +434,13 @@ void backward_any(TensorView<const T> q, TensorView<const T> k, TensorView<const
   });
 
   // Pass 2: dQ, one query block per item. Causal and windowed blocks are interleaved
-  // heavy and light (0, n-1, 1, n-2, ...) so that static chunks get even shares.
+  // heavy and light (0, n-1, 1, n-2, ...) so that static shares start even.
   const bool triangular = s.causal || s.window_left >= 0 || s.window_right >= 0;
+  detail::StealingShares shares(query_items, threads);
   detail::run_parallel(threads, [&](const detail::Team& team) {
     BackwardJob job = base;
     job.scratch = sizes.carve(scratch.get(), team.index);
-    for (std::int64_t item = team.first(query_items), past = team.past(query_items); item < past; ++item) {
+    for (std::int64_t item; shares.take(team, &item);) {
       const std::int64_t slot = item % q_blocks, qb = !triangular ? slot : (slot % 2 == 0 ? slot / 2 : q_blocks - 1 - slot / 2);
       bind_query_block(job, item - slot + qb);
       kernels.backward_queries(job);

@@ -246,6 +246,7 @@ void run_decode(const Plan& plan, const CallViews& views) {
   AlignedBuffer partials(saturated_product(d.items, d.partial_floats));
   const ThreadScratch parts = decode_scratch(plan, d);
   AlignedBuffer scratch(saturated_product(parts.total(), threads));
+  StealingShares shares(d.items, threads);
 
   run_parallel(threads, [&](const Team& team) {
     const ThreadScratch::Parts mine = parts.carve(scratch.get(), team.index);
@@ -256,14 +257,14 @@ void run_decode(const Plan& plan, const CallViews& views) {
     job.score.row_bias = plan.centered ? mine.row_bias : nullptr;
     job.state.scores = mine.scores;
 
-    for (std::int64_t item = team.first(d.items), past = team.past(d.items); item < past; ++item) {
+    std::int64_t item = 0;
+    while (shares.take(team, &item)) {
       const std::int64_t head = item / d.chunks, chunk = item % d.chunks;
       float* partial = partials.get() + item * d.partial_floats;
       job.state.acc = partial;
       job.state.row_max = partial + d.rows_padded * plan.value_dim_padded;
       job.state.row_sum = job.state.row_max + d.rows_padded;
-      run_chunk(plan, views, d, head / s.kv_heads, head % s.kv_heads, chunk, item + 1 < past ? item + 1 : -1, mine,
-                job);
+      run_chunk(plan, views, d, head / s.kv_heads, head % s.kv_heads, chunk, shares.peek(team), mine, job);
     }
 
     // Single-chunk calls skip the merge and its barrier (every thread takes the same

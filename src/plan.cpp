@@ -34,6 +34,76 @@ int thread_count(int requested, double flops, double min_flops_per_thread) {
   return int(std::clamp(std::floor(flops / min_flops_per_thread), 1.0, double(omp_get_max_threads())));
 }
 
+StealingShares::StealingShares(std::int64_t n, int threads, std::int64_t keep, std::int64_t packed_below)
+    : keep_(std::uint64_t(std::max<std::int64_t>(keep, 0))), shares_(std::size_t(std::max(threads, 1))) {
+  const int size = int(shares_.size());
+  // The largest share holds n / size + 1 items; lo and hi must fit 32 bits.
+  packed_ = n / size + 1 < std::min(packed_below, std::int64_t(1) << 32);
+  for (int t = 0; t < size; ++t) {
+    const Team team{t, size};
+    Share& share = shares_[std::size_t(t)];
+    share.first = team.first(n);
+    share.past = team.past(n);
+    share.next.store(share.first, std::memory_order_relaxed);
+    share.range.store(std::uint64_t(share.past - share.first) << 32, std::memory_order_relaxed);
+  }
+}
+
+bool StealingShares::take(const Team& team, std::int64_t* item) {
+  Share& own = shares_[std::size_t(team.index)];
+  if (keep_ > 0 && !own.begun.load(std::memory_order_relaxed)) own.begun.store(true, std::memory_order_relaxed);
+  // Relaxed: an item's number is all that passes between threads; the region's end
+  // orders its results.
+  if (!packed_) {  // the thread's own share first, then the others', from the front
+    for (std::size_t s = 0; s < shares_.size(); ++s) {
+      Share& share = shares_[(std::size_t(team.index) + s) % shares_.size()];
+      const std::int64_t next = share.next.fetch_add(1, std::memory_order_relaxed);
+      if (next < share.past) {
+        *item = next;
+        return true;
+      }
+    }
+    return false;
+  }
+  std::uint64_t range = own.range.load(std::memory_order_relaxed);
+  while ((range & 0xffffffffu) < (range >> 32))
+    if (own.range.compare_exchange_weak(range, range + 1, std::memory_order_relaxed)) {
+      *item = own.first + std::int64_t(range & 0xffffffffu);
+      return true;
+    }
+  for (;;) {  // the back of the share with the most left
+    Share* victim = nullptr;
+    std::uint64_t most = 0, victim_range = 0;
+    for (Share& share : shares_) {
+      const std::uint64_t r = share.range.load(std::memory_order_relaxed);
+      const std::uint64_t lo = r & 0xffffffffu, hi = r >> 32;
+      const std::uint64_t kept = share.begun.load(std::memory_order_relaxed) ? keep_ : 0;
+      if (hi > lo + kept && hi - lo > most) {
+        most = hi - lo;
+        victim = &share;
+        victim_range = r;
+      }
+    }
+    if (victim == nullptr) return false;
+    const std::uint64_t hi = victim_range >> 32;
+    if (victim->range.compare_exchange_weak(victim_range, victim_range - (std::uint64_t(1) << 32),
+                                            std::memory_order_relaxed)) {
+      *item = victim->first + std::int64_t(hi) - 1;
+      return true;
+    }
+  }
+}
+
+std::int64_t StealingShares::peek(const Team& team) const {
+  const Share& own = shares_[std::size_t(team.index)];
+  if (!packed_) {
+    const std::int64_t next = own.next.load(std::memory_order_relaxed);
+    return next < own.past ? next : -1;
+  }
+  const std::uint64_t range = own.range.load(std::memory_order_relaxed);
+  return (range & 0xffffffffu) < (range >> 32) ? own.first + std::int64_t(range & 0xffffffffu) : -1;
+}
+
 double forward_flops(const AttentionShape& s) {
   return 2.0 * double(s.batch) * double(s.q_heads) * double(s.q_len) * double(s.kv_len) *
          double(s.head_dim + s.value_dim);

@@ -191,6 +191,41 @@ class ItemQueue {
   std::atomic<std::int64_t> next_{0};
 };
 
+/// Items 0 .. n - 1 in the team's static contiguous shares (Team::first and past), each
+/// thread taking its own from the front; a thread whose share is done takes items from the
+/// back of the share with the most left, one at a time. So a thread on a slower core (a
+/// busy SMT sibling or host, interrupts, an efficiency core) does not hold up the call,
+/// while the consecutive items a share keeps together (one packed KV head) mostly stay on
+/// one thread. Which thread runs an item never changes its result. Declared before
+/// run_parallel, for a team of at most `threads` (a smaller team, as OpenMP may give,
+/// takes the absent threads' shares so). A thread that has begun on its share keeps its
+/// last `keep` items from thieves (the prefill keeps 1: a thief would pack another KV
+/// head for it, and that lost where the threads ran even). Shares of `packed_below`
+/// items or more are taken from the front alone (tests lower the bound to reach that case).
+class StealingShares {
+ public:
+  StealingShares(std::int64_t n, int threads, std::int64_t keep = 0,
+                 std::int64_t packed_below = std::int64_t(1) << 32);
+  /// The thread's next item, or false when every share is empty.
+  bool take(const Team& team, std::int64_t* item);
+  /// The item the thread would take next from its own share, or -1: a hint (prefetching).
+  std::int64_t peek(const Team& team) const;
+
+ private:
+  // A share's remaining items [lo, hi), relative to its first item, in one word: lo in
+  // the low 32 bits, hi in the high ones. Larger shares (not packed) are taken from the
+  // front alone, by their owner and thieves alike.
+  struct alignas(64) Share {
+    std::atomic<std::uint64_t> range{0};
+    std::atomic<std::int64_t> next{0};  // not packed: the next item
+    std::atomic<bool> begun{false};      // its owner has asked for an item
+    std::int64_t first = 0, past = 0;
+  };
+  std::uint64_t keep_;
+  bool packed_;
+  std::vector<Share> shares_;
+};
+
 /// Runs body(team) on `threads` threads, as the body of an OpenMP parallel region, or
 /// called directly (team {0, 1}) when one thread does the work. libgomp's region wakes
 /// the team through a futex even when the team is the caller alone: 1.2 us per region on

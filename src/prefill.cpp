@@ -60,14 +60,17 @@ void run_prefill(const Plan& plan, const CallViews& views) {
   const bool triangular = s.causal || s.window_right >= 0 || s.window_left >= 0;
 
   // Items in (batch, kv head, query head of the group, query block) order, so a thread's
-  // consecutive items share one packed KV head. Static contiguous chunks keep a head's
-  // packing on one thread; for causal and windowed attention a head's query blocks are
-  // interleaved heavy and light (0, n-1, 1, n-2, ...) so every chunk gets an even share.
+  // consecutive items share one packed KV head. Contiguous shares keep a head's packing
+  // on one thread, and a thread done early takes items from the back of another's share
+  // (StealingShares), packing that head too; for causal and windowed attention a head's
+  // query blocks are interleaved heavy and light (0, n-1, 1, n-2, ...) so every share
+  // starts with an even load.
   const std::int64_t items = s.batch * s.q_heads * q_blocks;
   const int threads =
       int(std::min<std::int64_t>(thread_count(s.num_threads, forward_flops(s), plan.min_flops_per_thread), items));
   const ThreadScratch parts = prefill_scratch(plan);
   AlignedBuffer scratch(saturated_product(parts.total(), threads));
+  StealingShares shares(items, threads, 1);
 
   run_parallel(threads, [&](const Team& team) {
     const ThreadScratch::Parts mine = parts.carve(scratch.get(), team.index);
@@ -82,7 +85,8 @@ void run_prefill(const Plan& plan, const CallViews& views) {
     std::int64_t packed_head = -1;
     bool exact = false;
 
-    for (std::int64_t item = team.first(items), past = team.past(items); item < past; ++item) {
+    std::int64_t item = 0;
+    while (shares.take(team, &item)) {
       const std::int64_t slot = item % q_blocks;
       const std::int64_t bh = item / q_blocks;  // b * Hq + h, with h = hkv * group + g
       const std::int64_t b = bh / s.q_heads, h = bh % s.q_heads, hkv = h / plan.group;

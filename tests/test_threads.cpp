@@ -260,3 +260,70 @@ TEST_CASE("one-thread calls from inside the caller's OpenMP region do all of the
     CHECK(mismatches[std::size_t(t)] == 0);
   }
 }
+
+TEST_CASE("stealing shares hand out every item once, own items from the front, others' from the back", "[threads]") {
+  using flashcpu::detail::StealingShares;
+  using flashcpu::detail::Team;
+  // The order one thread takes items in when the rest of its team never asks: its own
+  // share front to back, then the back of the share with the most left, one at a time.
+  SECTION("one thread of a team of three takes everything") {
+    StealingShares shares(10, 3);  // shares [0, 4) [4, 7) [7, 10)
+    std::vector<std::int64_t> order;
+    for (std::int64_t item; shares.take(Team{1, 3}, &item);) order.push_back(item);
+    // Its own 4 5 6; then 3 from share 0 (4 left against 3); on a tie the first share.
+    const std::vector<std::int64_t> expected = {4, 5, 6, 3, 2, 9, 1, 8, 0, 7};
+    CHECK(order == expected);
+    CHECK(shares.peek(Team{1, 3}) == -1);
+  }
+  SECTION("a thread that has begun keeps its last items") {
+    StealingShares shares(8, 2, 1);  // [0, 4) [4, 8), each keeping 1 once begun
+    std::int64_t item = -1;
+    REQUIRE(shares.take(Team{1, 2}, &item));
+    CHECK(item == 4);
+    std::vector<std::int64_t> order;
+    for (; shares.take(Team{0, 2}, &item);) order.push_back(item);
+    const std::vector<std::int64_t> expected = {0, 1, 2, 3, 7, 6};  // not 5: thread 1 keeps it
+    CHECK(order == expected);
+    REQUIRE(shares.take(Team{1, 2}, &item));
+    CHECK(item == 5);
+    CHECK_FALSE(shares.take(Team{1, 2}, &item));
+    // A share whose owner never asked is taken whole.
+    StealingShares idle(8, 2, 3);
+    order.clear();
+    for (; idle.take(Team{0, 2}, &item);) order.push_back(item);
+    CHECK(order.size() == 8);
+  }
+  SECTION("peek names the next own item") {
+    StealingShares shares(7, 2);  // [0, 4) [4, 7)
+    CHECK(shares.peek(Team{0, 2}) == 0);
+    CHECK(shares.peek(Team{1, 2}) == 4);
+    std::int64_t item = -1;
+    REQUIRE(shares.take(Team{1, 2}, &item));
+    CHECK(item == 4);
+    CHECK(shares.peek(Team{1, 2}) == 5);
+  }
+  // Real threads at once, teams as large as the shares and smaller (OpenMP may give a
+  // region fewer threads than asked), packed shares and shares taken from the front.
+  for (std::int64_t keep : {0, 1, 3})
+  for (std::int64_t packed_below : {std::int64_t(1) << 32, std::int64_t(1)})
+    for (int threads : {1, 2, 3, 8})
+      for (int team : {1, 2, threads})
+        for (std::int64_t n : {0, 1, 2, 7, 1000, 20011}) {
+          if (team > threads) continue;
+          StealingShares shares(n, threads, keep, packed_below);
+          std::vector<std::atomic<int>> taken(static_cast<std::size_t>(n));
+          for (auto& t : taken) t.store(0);
+          std::vector<std::thread> workers;
+          for (int t = 0; t < team; ++t)
+            workers.emplace_back([&, t] {
+              for (std::int64_t item; shares.take(Team{t, team}, &item);)
+                if (item >= 0 && item < n) taken[std::size_t(item)].fetch_add(1);
+            });
+          for (auto& w : workers) w.join();
+          std::int64_t wrong = 0;
+          for (auto& t : taken) wrong += t.load() != 1;
+          INFO("n " << n << ", shares " << threads << ", team " << team << ", keep " << keep << ", packed below "
+                     << packed_below);
+          CHECK(wrong == 0);
+        }
+}
