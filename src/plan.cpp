@@ -37,7 +37,7 @@ int thread_count(int requested, double flops, double min_flops_per_thread) {
 StealingShares::StealingShares(std::int64_t n, int threads, std::int64_t keep, std::int64_t packed_below)
     : keep_(std::uint64_t(std::max<std::int64_t>(keep, 0))), shares_(std::size_t(std::max(threads, 1))) {
   const int size = int(shares_.size());
-  // The largest share holds n / size + 1 items; lo and hi must fit 32 bits.
+  // The largest share holds at most n / size + 1 items; lo and hi must fit 32 bits.
   packed_ = n / size + 1 < std::min(packed_below, std::int64_t(1) << 32);
   for (int t = 0; t < size; ++t) {
     const Team team{t, size};
@@ -52,8 +52,8 @@ StealingShares::StealingShares(std::int64_t n, int threads, std::int64_t keep, s
 bool StealingShares::take(const Team& team, std::int64_t* item) {
   Share& own = shares_[std::size_t(team.index)];
   if (keep_ > 0 && !own.begun.load(std::memory_order_relaxed)) own.begun.store(true, std::memory_order_relaxed);
-  // Relaxed: an item's number is all that passes between threads; the region's end
-  // orders its results.
+  // Relaxed: an item's number is all that passes between threads; the region's end (or
+  // a barrier, as decoding's before its merge) orders its results.
   if (!packed_) {  // the thread's own share first, then the others', from the front
     for (std::size_t s = 0; s < shares_.size(); ++s) {
       Share& share = shares_[(std::size_t(team.index) + s) % shares_.size()];

@@ -198,10 +198,12 @@ class ItemQueue {
 /// while the consecutive items a share keeps together (one packed KV head) mostly stay on
 /// one thread. Which thread runs an item never changes its result. Declared before
 /// run_parallel, for a team of at most `threads` (a smaller team, as OpenMP may give,
-/// takes the absent threads' shares so). A thread that has begun on its share keeps its
-/// last `keep` items from thieves (the prefill keeps 1: a thief would pack another KV
-/// head for it, and that lost where the threads ran even). Shares of `packed_below`
-/// items or more are taken from the front alone (tests lower the bound to reach that case).
+/// takes the absent threads' shares so). Thieves leave a thread that has begun on its share
+/// at least `keep` items of it, for itself (the prefill keeps 1: a thief would pack
+/// another KV head for it, and that lost where the threads ran even); a best effort, since
+/// a thief may not yet see that the owner has begun. When n / threads + 1 reaches
+/// `packed_below` (2^32 at most: the shares are packed in one word), every share is taken
+/// from the front alone, by owner and thieves, without kept items (tests lower the bound).
 class StealingShares {
  public:
   StealingShares(std::int64_t n, int threads, std::int64_t keep = 0,
@@ -213,8 +215,7 @@ class StealingShares {
 
  private:
   // A share's remaining items [lo, hi), relative to its first item, in one word: lo in
-  // the low 32 bits, hi in the high ones. Larger shares (not packed) are taken from the
-  // front alone, by their owner and thieves alike.
+  // the low 32 bits, hi in the high ones; or, not packed, the next item in `next`.
   struct alignas(64) Share {
     std::atomic<std::uint64_t> range{0};
     std::atomic<std::int64_t> next{0};  // not packed: the next item

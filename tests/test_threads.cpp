@@ -302,6 +302,35 @@ TEST_CASE("stealing shares hand out every item once, own items from the front, o
     CHECK(item == 4);
     CHECK(shares.peek(Team{1, 2}) == 5);
   }
+  SECTION("owner and thieves race for the last items") {
+    // Small shares, every thread released at once, many times over: the owner's front and
+    // a thief's back meet at the last item in most repetitions.
+    std::int64_t wrong = 0;
+    for (int rep = 0; rep < 600; ++rep) {
+      const std::int64_t n = 2 + rep % 15;
+      const int team = 2 + rep % 2;
+      StealingShares shares(n, team);
+      std::vector<std::atomic<int>> taken(static_cast<std::size_t>(n));
+      for (auto& t : taken) t.store(0);
+      std::atomic<int> ready{0}, out_of_range{0};
+      std::vector<std::thread> workers;
+      for (int t = 0; t < team; ++t)
+        workers.emplace_back([&, t] {
+          ready.fetch_add(1);
+          while (ready.load() < team) std::this_thread::yield();
+          for (std::int64_t item; shares.take(Team{t, team}, &item);) {
+            if (item >= 0 && item < n)
+              taken[std::size_t(item)].fetch_add(1);
+            else
+              out_of_range.fetch_add(1);
+          }
+        });
+      for (auto& w : workers) w.join();
+      wrong += out_of_range.load();
+      for (auto& t : taken) wrong += t.load() != 1;
+    }
+    CHECK(wrong == 0);
+  }
   SECTION("real threads at once take every item exactly once") {
     // Teams as large as the shares and smaller (OpenMP may give a region fewer threads
     // than asked), packed shares and shares taken from the front.
