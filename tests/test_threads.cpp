@@ -261,6 +261,30 @@ TEST_CASE("one-thread calls from inside the caller's OpenMP region do all of the
   }
 }
 
+// Items of `shares` taken by a team of `team` real threads, released at once: how many
+// were not taken exactly once, or were out of [0, n).
+static std::int64_t wrongly_taken(flashcpu::detail::StealingShares& shares, int team, std::int64_t n) {
+  std::vector<std::atomic<int>> taken(static_cast<std::size_t>(n));
+  for (auto& t : taken) t.store(0);
+  std::atomic<int> ready{0}, out_of_range{0};
+  std::vector<std::thread> workers;
+  for (int t = 0; t < team; ++t)
+    workers.emplace_back([&, t] {
+      ready.fetch_add(1);
+      while (ready.load() < team) std::this_thread::yield();
+      for (std::int64_t item; shares.take(flashcpu::detail::Team{t, team}, &item);) {
+        if (item >= 0 && item < n)
+          taken[std::size_t(item)].fetch_add(1);
+        else
+          out_of_range.fetch_add(1);
+      }
+    });
+  for (auto& w : workers) w.join();
+  std::int64_t wrong = out_of_range.load();
+  for (auto& t : taken) wrong += t.load() != 1;
+  return wrong;
+}
+
 TEST_CASE("stealing shares hand out every item once, own items from the front, others' from the back", "[threads]") {
   using flashcpu::detail::StealingShares;
   using flashcpu::detail::Team;
@@ -310,24 +334,7 @@ TEST_CASE("stealing shares hand out every item once, own items from the front, o
       const std::int64_t n = 2 + rep % 15;
       const int team = 2 + rep % 2;
       StealingShares shares(n, team);
-      std::vector<std::atomic<int>> taken(static_cast<std::size_t>(n));
-      for (auto& t : taken) t.store(0);
-      std::atomic<int> ready{0}, out_of_range{0};
-      std::vector<std::thread> workers;
-      for (int t = 0; t < team; ++t)
-        workers.emplace_back([&, t] {
-          ready.fetch_add(1);
-          while (ready.load() < team) std::this_thread::yield();
-          for (std::int64_t item; shares.take(Team{t, team}, &item);) {
-            if (item >= 0 && item < n)
-              taken[std::size_t(item)].fetch_add(1);
-            else
-              out_of_range.fetch_add(1);
-          }
-        });
-      for (auto& w : workers) w.join();
-      wrong += out_of_range.load();
-      for (auto& t : taken) wrong += t.load() != 1;
+      wrong += wrongly_taken(shares, team, n);
     }
     CHECK(wrong == 0);
   }
@@ -341,22 +348,7 @@ TEST_CASE("stealing shares hand out every item once, own items from the front, o
             for (std::int64_t n : {0, 1, 2, 7, 1000, 20011}) {
               if (team > threads) continue;
               StealingShares shares(n, threads, keep, packed_below);
-              std::vector<std::atomic<int>> taken(static_cast<std::size_t>(n));
-              for (auto& t : taken) t.store(0);
-              std::atomic<int> out_of_range{0};
-              std::vector<std::thread> workers;
-              for (int t = 0; t < team; ++t)
-                workers.emplace_back([&, t] {
-                  for (std::int64_t item; shares.take(Team{t, team}, &item);) {
-                    if (item >= 0 && item < n)
-                      taken[std::size_t(item)].fetch_add(1);
-                    else
-                      out_of_range.fetch_add(1);
-                  }
-                });
-              for (auto& w : workers) w.join();
-              std::int64_t wrong = out_of_range.load();
-              for (auto& t : taken) wrong += t.load() != 1;
+              const std::int64_t wrong = wrongly_taken(shares, team, n);
               INFO("n " << n << ", shares " << threads << ", team " << team << ", keep " << keep
                         << ", packed below " << packed_below);
               CHECK(wrong == 0);
