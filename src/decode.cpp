@@ -257,8 +257,7 @@ void run_decode(const Plan& plan, const CallViews& views) {
     job.score.row_bias = plan.centered ? mine.row_bias : nullptr;
     job.state.scores = mine.scores;
 
-    std::int64_t item = 0;
-    while (shares.take(team, &item)) {
+    for (std::int64_t item; shares.take(team, &item);) {
       const std::int64_t head = item / d.chunks, chunk = item % d.chunks;
       float* partial = partials.get() + item * d.partial_floats;
       job.state.acc = partial;

@@ -85,8 +85,7 @@ void run_prefill(const Plan& plan, const CallViews& views) {
     std::int64_t packed_head = -1;
     bool exact = false;
 
-    std::int64_t item = 0;
-    while (shares.take(team, &item)) {
+    for (std::int64_t item; shares.take(team, &item);) {
       const std::int64_t slot = item % q_blocks;
       const std::int64_t bh = item / q_blocks;  // b * Hq + h, with h = hkv * group + g
       const std::int64_t b = bh / s.q_heads, h = bh % s.q_heads, hkv = h / plan.group;

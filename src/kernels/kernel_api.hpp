@@ -72,9 +72,9 @@ struct JobKeys {
   std::int64_t v_row_stride;
   // Decoding with K and V read in place: the K and V rows of the first keys the thread
   // is likely to read after this job (the next item of its own share, StealingShares::peek:
-  // another thread may take it), and how many there are; null and 0 when none. The job's prefetch stream runs on into them once it has requested its own last
-  // key, so the next item starts on rows already on their way instead of stalling while
-  // its stream ramps up.
+  // another thread may take it), and how many there are; null and 0 when none. The job's
+  // prefetch stream runs on into them once it has requested its own last key, so the next
+  // item starts on rows already on their way instead of stalling while its stream ramps up.
   const void* next_k_rows;
   const void* next_v_rows;
   std::int64_t next_keys;
