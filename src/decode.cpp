@@ -109,7 +109,7 @@ ThreadScratch decode_scratch(const Plan& plan, const DecodeSplit& d) {
   parts.row_bias = plan.centered ? d.rows_padded : 0;
   parts.center = D;
   // Lanes: the transposed Q of every group of rows follows the scores.
-  parts.scores = std::int64_t(d.mr) * Bk + (d.lanes ? d.rows_padded * D : 0);  // fits: checked above
+  parts.scores = kernels.score_rows(d.mr) * Bk + (d.lanes ? d.rows_padded * D : 0);  // fits: checked above
   return parts;
 }
 

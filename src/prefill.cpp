@@ -20,7 +20,7 @@ ThreadScratch prefill_scratch(const Plan& plan) {
   parts.q_packed = plan.kernels->query_floats(plan.block_rows, D);
   parts.row_bias = plan.centered ? plan.block_rows : 0;
   parts.center = D;
-  parts.scores = std::int64_t(plan.kernels->tile_rows) * plan.block_keys;
+  parts.scores = plan.kernels->score_rows(plan.kernels->tile_rows) * plan.block_keys;
   parts.acc = saturated_product(plan.block_rows, plan.value_dim_padded);
   parts.row_stats = plan.block_rows;
   return parts;

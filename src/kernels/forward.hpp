@@ -774,42 +774,66 @@ struct ForwardKernel {
     assert(job.q.rows > 0 && job.dims.block_keys % NR == 0);
     assert((job.keys.k_panels != nullptr) != (job.keys.k_rows != nullptr) || job.keys.begin == job.keys.end);
     assert(job.keys.k_panels || job.dims.head_dim % W == 0);
-    const std::int64_t G = job.q.heads_per_row, Bk = job.dims.block_keys;
+    const std::int64_t Bk = job.dims.block_keys;
     const std::int64_t rows_padded = (job.q.rows + MR - 1) / MR * MR;
     if (!job.state.resume) reset_state(job, rows_padded);
-    const std::int64_t key_end = min_i64(job.keys.end, job.visible.key_limit);
-    const std::int64_t first_query = job.q.first_row, last_query = job.q.first_row + (job.q.rows - 1) / G;
-    const std::int64_t begin = lo(job, first_query) > job.keys.begin ? lo(job, first_query) : job.keys.begin;
-    const std::int64_t end = min_i64(key_end, hi(job, last_query) + 1);
-    // Blocks start on a panel boundary; blocks no row can see are never visited.
-    const std::int64_t start =
-        begin <= job.keys.begin ? job.keys.begin : job.keys.begin + (begin - job.keys.begin) / NR * NR;
+    const KeySpan span = key_span(job);
 
     // Decoding (K read in place): K rows requested kPrefetchKeys keys ahead of the keys
     // being scored, V rows a block ahead of the keys being weighed (see PrefetchStream).
-    PrefetchStream ahead = prefetch_stream(job, start, end);
-    for (std::int64_t j0 = start; j0 < end; j0 += Bk) {
-      const std::int64_t block_end = min_i64(j0 + Bk, end);
-      ValuesAhead next_values = values_ahead(job, j0, end);
+    PrefetchStream ahead = prefetch_stream(job, span.start, span.end);
+    for (std::int64_t j0 = span.start; j0 < span.end; j0 += Bk) {
+      const std::int64_t block_end = min_i64(j0 + Bk, span.end);
+      ValuesAhead next_values = values_ahead(job, j0, span.end);
       for (std::int64_t r0 = 0; r0 < rows_padded; r0 += MR) {
         TileColumns t;
         if (!tile_columns(job, r0, j0, block_end, &t)) continue;
         float tile_max[MR];
-        bool have_tile_max = Products::raw_scores(job, r0, j0, t, tile_max, ahead);
-        bool masked_out = false;  // a mask excluded some key of the tile
-        if (job.score.key_bias || job.score.row_bias || job.score.natural_units) {
-          masked_out = score_epilogue(job, r0, j0, t.c0, t.cols);
-          have_tile_max = false;
-        }
-        float alpha[MR];
-        std::int64_t clean_begin = t.first, clean_end = t.num_keys;
-        online_softmax(job, r0, j0, t, tile_max, have_tile_max, alpha, &clean_begin, &clean_end);
-        Products::accumulate_values(job, r0, j0, t, alpha, masked_out, clean_begin, clean_end, next_values);
+        const bool have_tile_max = Products::raw_scores(job, r0, j0, t, tile_max, ahead);
+        TileWeights w;
+        weigh_scores(job, r0, j0, t, tile_max, have_tile_max, &w);
+        Products::accumulate_values(job, r0, j0, t, w.alpha, w.masked_out, w.clean_begin, w.clean_end, next_values);
         next_values = {};  // requested once per block
       }
     }
 
     if (job.state.finalize) finalize(job);
+  }
+
+  // The keys [start, end) of a job's key blocks: from the first key its first row sees
+  // (on a panel boundary) to the last its last row sees; blocks no row can see are never
+  // visited.
+  struct KeySpan {
+    std::int64_t start, end;
+  };
+  static KeySpan key_span(const QueryBlockJob& job) {
+    const std::int64_t G = job.q.heads_per_row;
+    const std::int64_t key_end = min_i64(job.keys.end, job.visible.key_limit);
+    const std::int64_t first_query = job.q.first_row, last_query = job.q.first_row + (job.q.rows - 1) / G;
+    const std::int64_t begin = lo(job, first_query) > job.keys.begin ? lo(job, first_query) : job.keys.begin;
+    const std::int64_t end = min_i64(key_end, hi(job, last_query) + 1);
+    const std::int64_t start =
+        begin <= job.keys.begin ? job.keys.begin : job.keys.begin + (begin - job.keys.begin) / NR * NR;
+    return {start, end};
+  }
+
+  // A tile's raw scores (in job.state.scores) turned into weights: the score terms (masks,
+  // softcap, ALiBi), then the online softmax.
+  struct TileWeights {
+    float alpha[MR];                      // rescales each row's accumulator
+    bool masked_out;                      // a mask excluded some key of the tile
+    std::int64_t clean_begin, clean_end;  // the keys every valid row sees
+  };
+  static void weigh_scores(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
+                           const float* tile_max, bool have_tile_max, TileWeights* w) {
+    w->masked_out = false;
+    if (job.score.key_bias || job.score.row_bias || job.score.natural_units) {
+      w->masked_out = score_epilogue(job, r0, j0, t.c0, t.cols);
+      have_tile_max = false;
+    }
+    w->clean_begin = t.first;
+    w->clean_end = t.num_keys;
+    online_softmax(job, r0, j0, t, tile_max, have_tile_max, w->alpha, &w->clean_begin, &w->clean_end);
   }
 
   // out = acc / sum and lse for the job's rows; rows that saw no key get empty_value.

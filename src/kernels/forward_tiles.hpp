@@ -13,13 +13,19 @@
 //   O = alpha O + P . V   P rounded to bf16 in place (as FlashAttention does; the row sums
 //                 stay fp32), V packed in the pair layout.
 //
-// Tile budget (each register 16 rows x 64 bytes, all eight used):
-//   tmm0, tmm1  C  scores of keys [0, 16) and [16, 32) of a panel, 16 rows x 16 fp32
-//   tmm2        A  16 query rows x 32 dims of Q
-//   tmm3, tmm4  B  32 dims x 16 keys of K, for each half of the panel
-//   tmm5        C  16 rows x 16 columns of O, loaded from the block's accumulator and back
-//   tmm6        A  16 rows x 32 keys of P
-//   tmm7        B  32 keys x 16 columns of V
+// Row tiles go two at a time where both see keys of the block, so that each K or V tile
+// loaded from L2 serves 32 rows (a block's K and V exceed L1: 64 KiB each at D = 128).
+// Tile budget (each register 16 rows x 64 bytes, all eight used, the same in both
+// products):
+//   tmm0-tmm3  C  two row tiles: S of a panel's keys [0, 16) and [16, 32), or 32 columns
+//                 of O, for each tile (tmm0, tmm1 the first, tmm2, tmm3 the second);
+//                 one row tile: S of two panels, or 64 columns of O
+//   tmm4, tmm5 A  16 rows x 32 dims of Q, or x 32 keys of P: the first and second tile
+//   tmm6, tmm7 B  32 dims x 16 keys of K, or 32 keys x 16 columns of V
+// Four accumulators, not one or two: a product waits for the one before it on the same
+// accumulator (its latency is about three times its issue interval), so chains of one
+// tile each left the matrix unit mostly idle (perf: the P.V product's single chain held
+// 31% of P128_bf16's samples before this layout).
 //
 // Packed layouts (TilePackers writes them; bf16 bits in the driver's float scratch):
 //   Q  rows of head_dim_tiles = round_up(D, 32) elements, zero past D;
@@ -60,84 +66,310 @@ struct TileForwardKernel : TileBase<Arch> {
     return config;
   }
 
-  // S for the tile's columns [c0, cols) (whole panels), times the score factor, as
-  // ForwardKernel::run_blocks calls it. No row maxima on the way: the softmax takes them.
-  static bool raw_scores(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t, float*,
-                         PrefetchStream&) {
+  // The products, by register (the tile budget above): C tmm0-tmm3, A tmm4 (first row
+  // tile) and tmm5 (second), B tmm6 and tmm7.
+  template <int C, int A, int B>
+  static void dot() {
+    Tiles::template dot_bf16<C, A, B>();
+  }
+
+  // Raw scores of one row tile for NP (1 or 2) panels from `panel`: accumulator tile 2p +
+  // h holds keys [16h, 16h + 16) of panel p, a chain of D / 32 products, independent of
+  // the others.
+  template <int NP>
+  static void score_one_tile(const std::uint16_t* q, std::int64_t Dt, const std::uint16_t* panel, float* scores,
+                             std::int64_t Bk) {
+    Tiles::template zero<0>();
+    Tiles::template zero<1>();
+    if constexpr (NP == 2) {
+      Tiles::template zero<2>();
+      Tiles::template zero<3>();
+    }
+    const std::uint16_t* next_panel = panel + NR * Dt;
+    for (std::int64_t d = 0; d < Dt; d += kTileDims) {
+      Tiles::template load<4>(q + d, Dt * 2);
+      Tiles::template load<6>(panel + d * NR, NR * 4);
+      dot<0, 4, 6>();
+      Tiles::template load<7>(panel + d * NR + 32, NR * 4);
+      dot<1, 4, 7>();
+      if constexpr (NP == 2) {
+        Tiles::template load<6>(next_panel + d * NR, NR * 4);
+        dot<2, 4, 6>();
+        Tiles::template load<7>(next_panel + d * NR + 32, NR * 4);
+        dot<3, 4, 7>();
+      }
+    }
+    Tiles::template store<0>(scores, Bk * 4);
+    Tiles::template store<1>(scores + 16, Bk * 4);
+    if constexpr (NP == 2) {
+      Tiles::template store<2>(scores + 32, Bk * 4);
+      Tiles::template store<3>(scores + 48, Bk * 4);
+    }
+  }
+
+  // Raw scores of two row tiles (Q rows at q and q + 16 Dt) for one panel: each K tile
+  // loaded serves both, so K, read from L2, is loaded half as often per product.
+  static void score_two_tiles(const std::uint16_t* q, std::int64_t Dt, const std::uint16_t* panel, float* scores,
+                              float* scores_second, std::int64_t Bk) {
+    Tiles::template zero<0>();
+    Tiles::template zero<1>();
+    Tiles::template zero<2>();
+    Tiles::template zero<3>();
+    for (std::int64_t d = 0; d < Dt; d += kTileDims) {
+      Tiles::template load<4>(q + d, Dt * 2);
+      Tiles::template load<6>(panel + d * NR, NR * 4);
+      dot<0, 4, 6>();
+      Tiles::template load<5>(q + MR * Dt + d, Dt * 2);
+      dot<2, 5, 6>();
+      Tiles::template load<7>(panel + d * NR + 32, NR * 4);
+      dot<1, 4, 7>();
+      dot<3, 5, 7>();
+    }
+    Tiles::template store<0>(scores, Bk * 4);
+    Tiles::template store<1>(scores + 16, Bk * 4);
+    Tiles::template store<2>(scores_second, Bk * 4);
+    Tiles::template store<3>(scores_second + 16, Bk * 4);
+  }
+
+  // The score factor on rows [0, rows) of the score scratch, columns [c0, cols).
+  static void scale_scores(const QueryBlockJob& job, int rows, std::int64_t c0, std::int64_t cols) {
+    const float factor = job.score.raw_factor;
+    if (factor == 1.0f) return;
+    const std::int64_t Bk = job.dims.block_keys;
+    for (int r = 0; r < rows; ++r) {
+      float* s = job.state.scores + r * Bk;
+      for (std::int64_t j = c0; j < cols; j += W) (batch::load_aligned(s + j) * batch(factor)).store_aligned(s + j);
+    }
+  }
+
+  // S for one tile's columns [c0, cols) (whole panels), times the score factor. No row
+  // maxima on the way: the softmax takes them.
+  static void raw_scores(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t) {
     const std::int64_t Dt = tile_head_dim(job.dims.head_dim), Bk = job.dims.block_keys;
     const auto* q = reinterpret_cast<const std::uint16_t*>(job.q.q_packed) + r0 * Dt;
     const auto* panels = reinterpret_cast<const std::uint16_t*>(job.keys.k_panels) + (j0 + t.c0 - job.keys.begin) * Dt;
     float* const scores = job.state.scores;
-    for (std::int64_t c = t.c0; c < t.cols; c += NR) {
-      const std::uint16_t* panel = panels + (c - t.c0) * Dt;
-      Tiles::template zero<0>();
-      Tiles::template zero<1>();
-      for (std::int64_t d = 0; d < Dt; d += kTileDims) {
-        Tiles::template load<2>(q + d, Dt * 2);
-        Tiles::template load<3>(panel + d * NR, NR * 4);
-        Tiles::template load<4>(panel + d * NR + 32, NR * 4);
-        Tiles::template dot_bf16<0, 2, 3>();
-        Tiles::template dot_bf16<1, 2, 4>();
-      }
-      Tiles::template store<0>(scores + c, Bk * 4);
-      Tiles::template store<1>(scores + c + 16, Bk * 4);
-    }
-    const float factor = job.score.raw_factor;
-    if (factor == 1.0f) return false;
-    for (int r = 0; r < MR; ++r) {
-      float* s = scores + r * Bk;
-      for (std::int64_t j = t.c0; j < t.cols; j += W) (batch::load_aligned(s + j) * batch(factor)).store_aligned(s + j);
-    }
-    return false;
+    std::int64_t c = t.c0;
+    for (; c + 2 * NR <= t.cols; c += 2 * NR) score_one_tile<2>(q, Dt, panels + (c - t.c0) * Dt, scores + c, Bk);
+    if (c < t.cols) score_one_tile<1>(q, Dt, panels + (c - t.c0) * Dt, scores + c, Bk);
+    scale_scores(job, MR, t.c0, t.cols);
   }
 
-  // O = alpha O + P . V for the tile's columns [c0, cols), as ForwardKernel::run_blocks
-  // calls it (zero weights need no care here but in the chunks flagged non-finite).
-  static void accumulate_values(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
-                                const float* alpha, bool, std::int64_t, std::int64_t, ValuesAhead) {
+  // S for the row tiles at r0 and r0 + 16 over the columns [c0, cols) of both, into the
+  // score scratch's first and second 16 rows.
+  static void raw_scores_two(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, std::int64_t c0,
+                             std::int64_t cols) {
+    const std::int64_t Dt = tile_head_dim(job.dims.head_dim), Bk = job.dims.block_keys;
+    const auto* q = reinterpret_cast<const std::uint16_t*>(job.q.q_packed) + r0 * Dt;
+    const auto* panels = reinterpret_cast<const std::uint16_t*>(job.keys.k_panels) + (j0 + c0 - job.keys.begin) * Dt;
+    float* const scores = job.state.scores;
+    for (std::int64_t c = c0; c < cols; c += NR)
+      score_two_tiles(q, Dt, panels + (c - c0) * Dt, scores + c, scores + MR * Bk + c, Bk);
+    scale_scores(job, 2 * MR, c0, cols);
+  }
+
+  // The P.V operands of one call: weights as bf16 pairs in the score scratch, V's pairs and
+  // chunk flags from key c0 of the block on, and the chunks [0, chunks).
+  struct ValueChunks {
+    const std::uint16_t* probs;  // the first tile's weights at column c0 (the second's MR rows on)
+    const std::uint32_t* pairs;
+    const std::uint8_t* nonfinite;
+    std::int64_t chunks, Bk, Dvp;
+  };
+  static ValueChunks value_chunks(const QueryBlockJob& job, std::int64_t j0, std::int64_t c0, std::int64_t cols) {
+    const std::int64_t Dvp = job.dims.value_dim_padded, keys = job.keys.end - job.keys.begin;
+    const auto* all_pairs = static_cast<const std::uint32_t*>(job.keys.v_rows);
+    ValueChunks v;
+    v.probs = reinterpret_cast<const std::uint16_t*>(job.state.scores) + c0;
+    v.pairs = all_pairs + (j0 + c0 - job.keys.begin) / 2 * Dvp;
+    v.nonfinite = value_pairs_flags(all_pairs, keys, Dvp, NR) + (j0 + c0 - job.keys.begin) / NR;
+    v.chunks = (cols - c0) / NR;
+    v.Bk = job.dims.block_keys;
+    v.Dvp = Dvp;
+    return v;
+  }
+
+  // One row tile's NC (1 to 4) accumulator tiles of 16 value columns from acc + c: each
+  // adds the chunks' products in key order (a chain per tile, independent of the others),
+  // skipping the chunks flagged non-finite.
+  template <int NC>
+  static void values_one_tile(const ValueChunks& v, std::int64_t c, float* acc) {
+    const std::int64_t Dvp = v.Dvp;
+    Tiles::template load<0>(acc + c, Dvp * 4);
+    if constexpr (NC > 1) Tiles::template load<1>(acc + c + 16, Dvp * 4);
+    if constexpr (NC > 2) Tiles::template load<2>(acc + c + 32, Dvp * 4);
+    if constexpr (NC > 3) Tiles::template load<3>(acc + c + 48, Dvp * 4);
+    for (std::int64_t k = 0; k < v.chunks; ++k) {
+      if (v.nonfinite[k]) continue;
+      const std::uint32_t* pairs = v.pairs + k * (NR / 2) * Dvp + c;
+      Tiles::template load<4>(v.probs + k * NR, v.Bk * 4);
+      Tiles::template load<6>(pairs, Dvp * 4);
+      dot<0, 4, 6>();
+      if constexpr (NC > 1) {
+        Tiles::template load<7>(pairs + 16, Dvp * 4);
+        dot<1, 4, 7>();
+      }
+      if constexpr (NC > 2) {
+        Tiles::template load<6>(pairs + 32, Dvp * 4);
+        dot<2, 4, 6>();
+      }
+      if constexpr (NC > 3) {
+        Tiles::template load<7>(pairs + 48, Dvp * 4);
+        dot<3, 4, 7>();
+      }
+    }
+    Tiles::template store<0>(acc + c, Dvp * 4);
+    if constexpr (NC > 1) Tiles::template store<1>(acc + c + 16, Dvp * 4);
+    if constexpr (NC > 2) Tiles::template store<2>(acc + c + 32, Dvp * 4);
+    if constexpr (NC > 3) Tiles::template store<3>(acc + c + 48, Dvp * 4);
+  }
+
+  // Two row tiles' NC (1 or 2) accumulator tiles of 16 value columns each: each V tile
+  // loaded serves both.
+  template <int NC>
+  static void values_two_tiles(const ValueChunks& v, std::int64_t c, float* acc, float* acc_second) {
+    const std::int64_t Dvp = v.Dvp;
+    Tiles::template load<0>(acc + c, Dvp * 4);
+    Tiles::template load<2>(acc_second + c, Dvp * 4);
+    if constexpr (NC > 1) {
+      Tiles::template load<1>(acc + c + 16, Dvp * 4);
+      Tiles::template load<3>(acc_second + c + 16, Dvp * 4);
+    }
+    for (std::int64_t k = 0; k < v.chunks; ++k) {
+      if (v.nonfinite[k]) continue;
+      const std::uint32_t* pairs = v.pairs + k * (NR / 2) * Dvp + c;
+      Tiles::template load<4>(v.probs + k * NR, v.Bk * 4);
+      Tiles::template load<6>(pairs, Dvp * 4);
+      dot<0, 4, 6>();
+      Tiles::template load<5>(v.probs + MR * 2 * v.Bk + k * NR, v.Bk * 4);
+      dot<2, 5, 6>();
+      if constexpr (NC > 1) {
+        Tiles::template load<7>(pairs + 16, Dvp * 4);
+        dot<1, 4, 7>();
+        dot<3, 5, 7>();
+      }
+    }
+    Tiles::template store<0>(acc + c, Dvp * 4);
+    Tiles::template store<2>(acc_second + c, Dvp * 4);
+    if constexpr (NC > 1) {
+      Tiles::template store<1>(acc + c + 16, Dvp * 4);
+      Tiles::template store<3>(acc_second + c + 16, Dvp * 4);
+    }
+  }
+
+  // Before P.V: rows [0, rows) of the accumulator at acc rescaled by alpha, and their
+  // weights in [c0, cols) rounded to bf16 pairs in place (the row sums stay fp32).
+  static void prepare_values(const QueryBlockJob& job, const float* alpha, float* acc, float* scores, int rows,
+                             std::int64_t c0, std::int64_t cols) {
     const std::int64_t Bk = job.dims.block_keys, Dvp = job.dims.value_dim_padded;
-    float* const acc = job.state.acc + r0 * Dvp;
-    for (int r = 0; r < MR; ++r) {
+    for (int r = 0; r < rows; ++r) {
       if (alpha[r] == 1.0f) continue;
       const batch a(alpha[r]);
       for (std::int64_t c = 0; c < Dvp; c += W) (batch::load_aligned(acc + r * Dvp + c) * a).store_aligned(acc + r * Dvp + c);
     }
-    for (int r = 0; r < MR; ++r) round_weights_to_bf16<W>(job.state.scores + r * Bk, t.c0, t.cols);
-    const auto* probs = reinterpret_cast<const std::uint16_t*>(job.state.scores);
-    const auto* pairs = static_cast<const std::uint32_t*>(job.keys.v_rows);
-    const std::uint8_t* nonfinite = value_pairs_flags(pairs, job.keys.end - job.keys.begin, Dvp, NR);
-    const std::int64_t first_chunk = (j0 + t.c0 - job.keys.begin) / NR;
-    bool any_nonfinite = false;
-    for (std::int64_t c = 0; c < Dvp; c += kTileValueColumns) {
-      Tiles::template load<5>(acc + c, Dvp * 4);
-      for (std::int64_t k = t.c0; k < t.cols; k += NR) {
-        if (nonfinite[first_chunk + (k - t.c0) / NR]) {
-          any_nonfinite = true;
-          continue;
-        }
-        Tiles::template load<6>(probs + k, Bk * 4);
-        Tiles::template load<7>(pairs + (j0 + k - job.keys.begin) / 2 * Dvp + c, Dvp * 4);
-        Tiles::template dot_bf16<5, 6, 7>();
-      }
-      Tiles::template store<5>(acc + c, Dvp * 4);
-    }
-    if (!any_nonfinite) return;
-    // Chunks holding inf or NaN: weighed here, skipping zero weights.
-    for (std::int64_t k = t.c0; k < t.cols; k += NR)
-      if (nonfinite[first_chunk + (k - t.c0) / NR])
-        add_nonfinite_chunk(probs + k, 2 * Bk, MR, pairs + (j0 + k - job.keys.begin) / 2 * Dvp, NR, Dvp, acc, Dvp);
+    for (int r = 0; r < rows; ++r) round_weights_to_bf16<W>(scores + r * Bk, c0, cols);
   }
 
-  // The fused kernel on one job (ForwardKernel::run_blocks with the products above),
-  // tiles configured for the call and released after it. Flattened: every vector helper
-  // it calls (xsimd's included) is inlined, so this object holds no out-of-line copy that
-  // the linker could share with the avx512 objects (tests/check_isa_symbols.cmake).
+  // Chunks holding inf or NaN: weighed apart, skipping zero weights (a zero weight times
+  // an inf or NaN value is NaN on the tiles).
+  static void add_nonfinite_chunks(const ValueChunks& v, const std::uint16_t* probs, float* acc) {
+    for (std::int64_t k = 0; k < v.chunks; ++k)
+      if (v.nonfinite[k])
+        add_nonfinite_chunk(probs + k * NR, 2 * v.Bk, MR, v.pairs + k * (NR / 2) * v.Dvp, NR, v.Dvp, acc, v.Dvp);
+  }
+
+  // O = alpha O + P . V for one row tile's columns [c0, cols), 64 value columns at a time.
+  static void accumulate_values(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
+                                const float* alpha) {
+    const std::int64_t Dvp = job.dims.value_dim_padded;
+    float* const acc = job.state.acc + r0 * Dvp;
+    prepare_values(job, alpha, acc, job.state.scores, MR, t.c0, t.cols);
+    const ValueChunks v = value_chunks(job, j0, t.c0, t.cols);
+    std::int64_t c = 0;
+    for (; c + 4 * kTileValueColumns <= Dvp; c += 4 * kTileValueColumns) values_one_tile<4>(v, c, acc);
+    switch ((Dvp - c) / kTileValueColumns) {
+      case 3: values_one_tile<3>(v, c, acc); break;
+      case 2: values_one_tile<2>(v, c, acc); break;
+      case 1: values_one_tile<1>(v, c, acc); break;
+      default: break;
+    }
+    add_nonfinite_chunks(v, v.probs, acc);
+  }
+
+  // The same for the row tiles at r0 and r0 + 16 over the columns [c0, cols) of both,
+  // 32 value columns at a time. Each tile's weights outside its own columns are zeros
+  // here: a zero weight adds nothing (the product is exact), and the chunks with
+  // non-finite values skip zero weights.
+  static void accumulate_values_two(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, std::int64_t c0,
+                                    std::int64_t cols, const float* alpha, const float* alpha_second) {
+    const std::int64_t Dvp = job.dims.value_dim_padded, Bk = job.dims.block_keys;
+    float* const acc = job.state.acc + r0 * Dvp;
+    float* const acc_second = acc + MR * Dvp;
+    prepare_values(job, alpha, acc, job.state.scores, MR, c0, cols);
+    prepare_values(job, alpha_second, acc_second, job.state.scores + MR * Bk, MR, c0, cols);
+    const ValueChunks v = value_chunks(job, j0, c0, cols);
+    std::int64_t c = 0;
+    for (; c + 2 * kTileValueColumns <= Dvp; c += 2 * kTileValueColumns) values_two_tiles<2>(v, c, acc, acc_second);
+    if (c < Dvp) values_two_tiles<1>(v, c, acc, acc_second);
+    add_nonfinite_chunks(v, v.probs, acc);
+    add_nonfinite_chunks(v, v.probs + 2 * MR * Bk, acc_second);
+  }
+
+  // A tile's weights outside [c0, cols) within [u0, u1) set to zero (its softmax wrote
+  // only its own columns).
+  static void zero_outside(float* scores, std::int64_t Bk, std::int64_t u0, std::int64_t u1, const TileColumns& t) {
+    for (int r = 0; r < MR; ++r) {
+      float* s = scores + r * Bk;
+      for (std::int64_t j = u0; j < t.c0; j += W) batch(0.0f).store_aligned(s + j);
+      for (std::int64_t j = t.cols; j < u1; j += W) batch(0.0f).store_aligned(s + j);
+    }
+  }
+
+  // The fused kernel on one job: ForwardKernel::run_blocks, with the products above and
+  // the row tiles taken two at a time where both see keys of the block (the second's
+  // scores in the scratch's second 16 rows: KernelTable::score_rows), so that each K and
+  // V tile loaded serves 32 rows. Tiles configured for the call and released after it.
+  // Flattened: every vector helper it calls (xsimd's included) is inlined, so this object
+  // holds no out-of-line copy that the linker could share with the avx512 objects
+  // (tests/check_isa_symbols.cmake).
   __attribute__((flatten)) static void forward_query_block(const QueryBlockJob& job) {
     assert(job.keys.k_panels != nullptr && job.score.kind == ScoreKind::dot);
     assert(!job.score.key_bias && !job.score.row_bias && job.dims.value_dim_padded % kTileValueColumns == 0);
+    assert(job.q.rows > 0 && job.dims.block_keys % NR == 0);
     const TileConfigBlock config = tile_config();
     Tiles::configure(config);
-    Base::template run_blocks<TileForwardKernel>(job);
+    const std::int64_t Bk = job.dims.block_keys;
+    const std::int64_t rows_padded = (job.q.rows + MR - 1) / MR * MR;
+    if (!job.state.resume) Base::reset_state(job, rows_padded);
+    const typename Base::KeySpan span = Base::key_span(job);
+    QueryBlockJob second = job;  // the second tile's view: its scores in the scratch's second 16 rows
+    second.state.scores += MR * Bk;
+    typename Base::TileWeights w, w_second;
+    for (std::int64_t j0 = span.start; j0 < span.end; j0 += Bk) {
+      const std::int64_t block_end = min_i64(j0 + Bk, span.end);
+      for (std::int64_t r0 = 0; r0 < rows_padded; r0 += 2 * MR) {
+        TileColumns t, t_second;
+        const bool live = Base::tile_columns(job, r0, j0, block_end, &t);
+        const bool live_second = r0 + MR < rows_padded && Base::tile_columns(job, r0 + MR, j0, block_end, &t_second);
+        if (live && live_second) {
+          const std::int64_t u0 = t.c0 < t_second.c0 ? t.c0 : t_second.c0;
+          const std::int64_t u1 = t.cols > t_second.cols ? t.cols : t_second.cols;
+          raw_scores_two(job, r0, j0, u0, u1);
+          Base::weigh_scores(job, r0, j0, t, nullptr, false, &w);
+          Base::weigh_scores(second, r0 + MR, j0, t_second, nullptr, false, &w_second);
+          zero_outside(job.state.scores, Bk, u0, u1, t);
+          zero_outside(second.state.scores, Bk, u0, u1, t_second);
+          accumulate_values_two(job, r0, j0, u0, u1, w.alpha, w_second.alpha);
+        } else if (live || live_second) {
+          const std::int64_t r = live ? r0 : r0 + MR;
+          const TileColumns& one = live ? t : t_second;
+          raw_scores(job, r, j0, one);
+          Base::weigh_scores(job, r, j0, one, nullptr, false, &w);
+          accumulate_values(job, r, j0, one, w.alpha);
+        }
+      }
+    }
+    if (job.state.finalize) Base::finalize(job);
     Tiles::release();
   }
 };

@@ -331,6 +331,10 @@ struct KernelTable {
   void (*backward_key_chunk)(const BackwardJob& job);
   void (*backward_write_queries)(const BackwardJob& job);
   void (*backward_row_stats)(const BackwardJob& job);
+
+  // Rows of score scratch (times block_keys floats) a forward entry of `mr`-row tiles
+  // needs: the AMX kernel scores two row tiles at once (kernels/forward_tiles.hpp).
+  std::int64_t score_rows(int mr) const { return tiles ? 2 * std::int64_t(mr) : std::int64_t(mr); }
 };
 
 /// Writes count floats to out + offset + c * stride (elements of `type`), rounded to
