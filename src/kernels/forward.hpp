@@ -623,9 +623,20 @@ struct ForwardKernel {
   // Per row of the tile, the exclusions by its visible interval, the running max
   // and sum, and the scores turned into probabilities in place; alpha[r] rescales the
   // row's accumulator. [clean_begin, clean_end) narrows to the keys every valid row sees.
+  //
+  // `Weights` stores them: FloatWeights as fp32 in place; a kernel whose P.V takes other
+  // weights (the AMX kernel's bf16) may store those instead, and may leave the score
+  // factor to this pass (Weights::scaled: the scores are raw, `factor` > 0 turns them into
+  // log2 units here, one rounding per weight where the separate pass made two).
+  struct FloatWeights {
+    static constexpr bool scaled = false;
+    static void store(const batch& p, float* row, std::int64_t j) { p.store_aligned(row + j); }
+  };
+  template <class Weights = FloatWeights>
   static void online_softmax(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
                              const float* tile_max, bool have_tile_max, float* alpha, std::int64_t* clean_begin,
-                             std::int64_t* clean_end) {
+                             std::int64_t* clean_end, float factor = 1.0f) {
+    assert(!Weights::scaled || (factor > 0.0f && !have_tile_max));
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
     const std::int64_t G = job.q.heads_per_row, Bk = job.dims.block_keys, c0 = t.c0, cols = t.cols;
     const batch iota = lane_indices();
@@ -664,22 +675,27 @@ struct ForwardKernel {
         }
         bm = reduce_max<Arch>(block_max);
       }
+      if constexpr (Weights::scaled) bm *= factor;  // exact: rounding keeps the order (factor > 0)
       const float old_max = job.state.row_max[r0 + r];
       const float new_max = bm > old_max ? bm : old_max;
       // A row that has seen no key yet keeps max -inf; subtracting 0 then maps every
       // -inf score to weight 0 instead of NaN.
       const float shift = new_max == neg_inf ? 0.0f : new_max;
       alpha[r] = exp2_nonpositive_scalar<Arch>(old_max - shift);
-      const batch shift_v(shift);
+      const batch shift_v(shift), factor_v(factor);
       // exp2_nonpositive maps NaN to 0, so NaN scores (a NaN in q or in a visible
       // key's K row) are caught beside it: a sum of the exponents is NaN exactly when
       // one of them is (-inf stays -inf), and then so is the row sum, and the row's
       // output, as in the oracle. One add per vector.
       batch sum(0.0f), nan_probe(0.0f);
       for (std::int64_t j = c0; j < cols; j += W) {
-        const batch x = batch::load_aligned(s + j) - shift_v;
+        batch x;
+        if constexpr (Weights::scaled)
+          x = xsimd::fma(batch::load_aligned(s + j), factor_v, -shift_v);
+        else
+          x = batch::load_aligned(s + j) - shift_v;
         const batch p = exp2_nonpositive<Arch>(x);
-        p.store_aligned(s + j);
+        Weights::store(p, s, j);
         sum += p;
         nan_probe += x;
       }
@@ -824,8 +840,9 @@ struct ForwardKernel {
     bool masked_out;                      // a mask excluded some key of the tile
     std::int64_t clean_begin, clean_end;  // the keys every valid row sees
   };
+  template <class Weights = FloatWeights>
   static void weigh_scores(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
-                           const float* tile_max, bool have_tile_max, TileWeights* w) {
+                           const float* tile_max, bool have_tile_max, TileWeights* w, float factor = 1.0f) {
     w->masked_out = false;
     if (job.score.key_bias || job.score.row_bias || job.score.natural_units) {
       w->masked_out = score_epilogue(job, r0, j0, t.c0, t.cols);
@@ -833,7 +850,8 @@ struct ForwardKernel {
     }
     w->clean_begin = t.first;
     w->clean_end = t.num_keys;
-    online_softmax(job, r0, j0, t, tile_max, have_tile_max, w->alpha, &w->clean_begin, &w->clean_end);
+    online_softmax<Weights>(job, r0, j0, t, tile_max, have_tile_max, w->alpha, &w->clean_begin, &w->clean_end,
+                            factor);
   }
 
   // out = acc / sum and lse for the job's rows; rows that saw no key get empty_value.

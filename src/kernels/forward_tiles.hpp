@@ -131,10 +131,39 @@ struct TileForwardKernel : TileBase<Arch> {
     Tiles::template store<3>(scores_second + 16, Bk * 4);
   }
 
-  // The score factor on rows [0, rows) of the score scratch, columns [c0, cols).
+  // The softmax's weights as the P.V product takes them: bf16, weight j of a row in its
+  // 16-bit word j (kernels/pair_values.hpp), written over the fp32 scores in place (the
+  // word pair of vector j lies below the scores still to be read). The scores come raw:
+  // the softmax applies the score factor (see score_factor).
+  struct Bf16Weights {
+    static constexpr bool scaled = true;
+    static void store(const batch& p, float* row, std::int64_t j) {
+      auto* out = reinterpret_cast<std::uint16_t*>(row) + j;
+#if defined(__AVX512BF16__)
+      if constexpr (W == 16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(p));
+        return;
+      }
+#endif
+      alignas(64) float lanes[W];
+      p.store_aligned(lanes);
+      for (int i = 0; i < W; ++i) out[i] = round_to_bf16(lanes[i]);
+    }
+  };
+
+  // The factor the softmax applies to the raw scores: the job's, unless score terms
+  // (masks, softcap, ALiBi) need the scores in log2 units first, or it is not positive
+  // (the softmax takes a raw row's maximum); then scale_scores applies it and this is 1.
+  static float score_factor(const QueryBlockJob& job) {
+    const bool terms = job.score.key_bias || job.score.row_bias || job.score.natural_units;
+    return !terms && job.score.raw_factor > 0.0f ? job.score.raw_factor : 1.0f;
+  }
+
+  // The score factor on rows [0, rows) of the score scratch, columns [c0, cols), where
+  // the softmax does not apply it.
   static void scale_scores(const QueryBlockJob& job, int rows, std::int64_t c0, std::int64_t cols) {
     const float factor = job.score.raw_factor;
-    if (factor == 1.0f) return;
+    if (factor == 1.0f || score_factor(job) != 1.0f) return;
     const std::int64_t Bk = job.dims.block_keys;
     for (int r = 0; r < rows; ++r) {
       float* s = job.state.scores + r * Bk;
@@ -142,8 +171,8 @@ struct TileForwardKernel : TileBase<Arch> {
     }
   }
 
-  // S for one tile's columns [c0, cols) (whole panels), times the score factor. No row
-  // maxima on the way: the softmax takes them.
+  // S for one tile's columns [c0, cols) (whole panels), raw or times the score factor
+  // (score_factor). No row maxima on the way: the softmax takes them.
   static void raw_scores(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t) {
     const std::int64_t Dt = tile_head_dim(job.dims.head_dim), Bk = job.dims.block_keys;
     const auto* q = reinterpret_cast<const std::uint16_t*>(job.q.q_packed) + r0 * Dt;
@@ -257,17 +286,14 @@ struct TileForwardKernel : TileBase<Arch> {
     }
   }
 
-  // Before P.V: rows [0, rows) of the accumulator at acc rescaled by alpha, and their
-  // weights in [c0, cols) rounded to bf16 pairs in place (the row sums stay fp32).
-  static void prepare_values(const QueryBlockJob& job, const float* alpha, float* acc, float* scores, int rows,
-                             std::int64_t c0, std::int64_t cols) {
-    const std::int64_t Bk = job.dims.block_keys, Dvp = job.dims.value_dim_padded;
+  // Before P.V: rows [0, rows) of the accumulator at acc rescaled by alpha.
+  static void rescale_accumulator(const QueryBlockJob& job, const float* alpha, float* acc, int rows) {
+    const std::int64_t Dvp = job.dims.value_dim_padded;
     for (int r = 0; r < rows; ++r) {
       if (alpha[r] == 1.0f) continue;
       const batch a(alpha[r]);
       for (std::int64_t c = 0; c < Dvp; c += W) (batch::load_aligned(acc + r * Dvp + c) * a).store_aligned(acc + r * Dvp + c);
     }
-    for (int r = 0; r < rows; ++r) round_weights_to_bf16<W>(scores + r * Bk, c0, cols);
   }
 
   // Chunks holding inf or NaN: weighed apart, skipping zero weights (a zero weight times
@@ -283,7 +309,7 @@ struct TileForwardKernel : TileBase<Arch> {
                                 const float* alpha) {
     const std::int64_t Dvp = job.dims.value_dim_padded;
     float* const acc = job.state.acc + r0 * Dvp;
-    prepare_values(job, alpha, acc, job.state.scores, MR, t.c0, t.cols);
+    rescale_accumulator(job, alpha, acc, MR);
     const ValueChunks v = value_chunks(job, j0, t.c0, t.cols);
     std::int64_t c = 0;
     for (; c + 4 * kTileValueColumns <= Dvp; c += 4 * kTileValueColumns) values_one_tile<4>(v, c, acc);
@@ -305,8 +331,8 @@ struct TileForwardKernel : TileBase<Arch> {
     const std::int64_t Dvp = job.dims.value_dim_padded, Bk = job.dims.block_keys;
     float* const acc = job.state.acc + r0 * Dvp;
     float* const acc_second = acc + MR * Dvp;
-    prepare_values(job, alpha, acc, job.state.scores, MR, c0, cols);
-    prepare_values(job, alpha_second, acc_second, job.state.scores + MR * Bk, MR, c0, cols);
+    rescale_accumulator(job, alpha, acc, MR);
+    rescale_accumulator(job, alpha_second, acc_second, MR);
     const ValueChunks v = value_chunks(job, j0, c0, cols);
     std::int64_t c = 0;
     for (; c + 2 * kTileValueColumns <= Dvp; c += 2 * kTileValueColumns) values_two_tiles<2>(v, c, acc, acc_second);
@@ -315,13 +341,13 @@ struct TileForwardKernel : TileBase<Arch> {
     add_nonfinite_chunks(v, v.probs + 2 * MR * Bk, acc_second);
   }
 
-  // A tile's weights outside [c0, cols) within [u0, u1) set to zero (its softmax wrote
-  // only its own columns).
+  // A tile's bf16 weights outside [c0, cols) within [u0, u1) set to zero (its softmax
+  // wrote only its own columns).
   static void zero_outside(float* scores, std::int64_t Bk, std::int64_t u0, std::int64_t u1, const TileColumns& t) {
     for (int r = 0; r < MR; ++r) {
-      float* s = scores + r * Bk;
-      for (std::int64_t j = u0; j < t.c0; j += W) batch(0.0f).store_aligned(s + j);
-      for (std::int64_t j = t.cols; j < u1; j += W) batch(0.0f).store_aligned(s + j);
+      auto* weights = reinterpret_cast<std::uint16_t*>(scores + r * Bk);
+      for (std::int64_t j = u0; j < t.c0; ++j) weights[j] = 0;
+      for (std::int64_t j = t.cols; j < u1; ++j) weights[j] = 0;
     }
   }
 
@@ -345,6 +371,7 @@ struct TileForwardKernel : TileBase<Arch> {
     QueryBlockJob second = job;  // the second tile's view: its scores in the scratch's second 16 rows
     second.state.scores += MR * Bk;
     typename Base::TileWeights w, w_second;
+    const float factor = score_factor(job);
     for (std::int64_t j0 = span.start; j0 < span.end; j0 += Bk) {
       const std::int64_t block_end = min_i64(j0 + Bk, span.end);
       for (std::int64_t r0 = 0; r0 < rows_padded; r0 += 2 * MR) {
@@ -355,8 +382,8 @@ struct TileForwardKernel : TileBase<Arch> {
           const std::int64_t u0 = t.c0 < t_second.c0 ? t.c0 : t_second.c0;
           const std::int64_t u1 = t.cols > t_second.cols ? t.cols : t_second.cols;
           raw_scores_two(job, r0, j0, u0, u1);
-          Base::weigh_scores(job, r0, j0, t, nullptr, false, &w);
-          Base::weigh_scores(second, r0 + MR, j0, t_second, nullptr, false, &w_second);
+          Base::template weigh_scores<Bf16Weights>(job, r0, j0, t, nullptr, false, &w, factor);
+          Base::template weigh_scores<Bf16Weights>(second, r0 + MR, j0, t_second, nullptr, false, &w_second, factor);
           zero_outside(job.state.scores, Bk, u0, u1, t);
           zero_outside(second.state.scores, Bk, u0, u1, t_second);
           accumulate_values_two(job, r0, j0, u0, u1, w.alpha, w_second.alpha);
@@ -364,7 +391,7 @@ struct TileForwardKernel : TileBase<Arch> {
           const std::int64_t r = live ? r0 : r0 + MR;
           const TileColumns& one = live ? t : t_second;
           raw_scores(job, r, j0, one);
-          Base::weigh_scores(job, r, j0, one, nullptr, false, &w);
+          Base::template weigh_scores<Bf16Weights>(job, r, j0, one, nullptr, false, &w, factor);
           accumulate_values(job, r, j0, one, w.alpha);
         }
       }
