@@ -320,9 +320,9 @@ void nadaraya_watson(TensorView<const float> x_query, TensorView<const float> x_
 /// (one of those names) caps it at a lower level.
 ///
 /// "avx512bf16" (AVX512-BF16's vdpbf16ps) runs wherever the CPU has it. "amx" (Intel AMX
-/// tiles) runs only when FLASHCPU_ISA names it: its kernels are tested on emulated
-/// instructions (the tests' own, and an emulator's model of a Sapphire Rapids Xeon) but
-/// have not yet run on a CPU that has AMX. The two take bf16 q, k, v and out with the
+/// tiles) runs where the CPU has AMX-TILE and AMX-BF16, the OS enables the tile state and
+/// Linux grants it to the process (the library asks once); else the level below runs,
+/// and this says which. The two take bf16 q, k, v and out with the
 /// dot-product score, for prefill (more than 16 query rows), with every option: masks,
 /// causal, windows, key lengths, softcap, ALiBi, sinks and lse. "amx" also takes
 /// decoding (16 query rows or fewer) when the query heads per KV head times the query

@@ -20,8 +20,8 @@
 //    fp32 chain from zero, the odd k's into another, the two chains added, and that sum
 //    added to C. Every input, C's included, is read with subnormals as zero, every sum
 //    rounded to nearest even and flushed to zero when subnormal; MXCSR plays no part.
-//    No CPU with AMX has yet run the comparison with the instruction
-//    (test_bf16_products.cpp, "emulated TDPBF16PS is bitwise the instruction").
+//    A Xeon with AMX ran the comparison with the instruction and agreed bitwise on every
+//    case (test_bf16_products.cpp, "emulated TDPBF16PS is bitwise the instruction").
 // Every user configures, uses and releases the tiles within one call of one thread:
 // OpenMP reuses threads, and a configuration is the thread's own.
 
