@@ -6,12 +6,13 @@
 // One call handles one query block, as ForwardKernel::forward_query_block does, and
 // reuses its stages: which keys a row tile sees (tile_columns), the score terms
 // (score_epilogue: masks, softcap, ALiBi), the online softmax and the finalization.
-// Only the two products differ:
+// The two products differ, and the loop that takes row tiles in pairs (below):
 //   S = Q . K^T   Q unscaled in bf16 (a bf16 q scaled and rounded again would move every
 //                 score by up to 2^-9 of its size), K in 32-key panels in the pair layout;
-//                 the scale (times log2 e) multiplies the fp32 scores as they leave the tiles.
-//   O = alpha O + P . V   P rounded to bf16 in place (as FlashAttention does; the row sums
-//                 stay fp32), V packed in the pair layout.
+//                 the scale (times log2 e) multiplies the fp32 scores in the softmax's
+//                 exponent (one FMA), or in a pass of its own before the score terms.
+//   O = alpha O + P . V   P written as bf16 in place by the softmax (as FlashAttention
+//                 rounds it; the row sums stay fp32), V packed in the pair layout.
 //
 // Row tiles go two at a time where both see keys of the block, so that each K or V tile
 // loaded from L2 serves 32 rows (a block's K and V exceed L1: 64 KiB each at D = 128).
