@@ -780,9 +780,10 @@ struct ForwardKernel {
   static void forward_query_block(const QueryBlockJob& job) { run_blocks<ForwardKernel>(job); }
 
   // forward_query_block's loop, with the two products taken from `Products`: this kernel,
-  // or one derived from it that computes them otherwise (AMX tiles in
-  // kernels/forward_tiles.hpp, vdpbf16ps in kernels/forward_pairs.hpp) and shares every
-  // other stage. Its static functions:
+  // or one derived from it that computes them otherwise (vdpbf16ps in
+  // kernels/forward_pairs.hpp) and shares every other stage. (The AMX kernel,
+  // kernels/forward_tiles.hpp, runs its own loop, which takes row tiles in pairs, on the
+  // same stages: key_span, tile_columns, weigh_scores, finalize.) Its static functions:
   //   raw_scores(job, r0, j0, t, tile_max, ahead) -> whether tile_max holds the row maxima
   //   accumulate_values(job, r0, j0, t, alpha, masked_out, clean_begin, clean_end, ahead)
   template <class Products>
