@@ -24,6 +24,7 @@
 #include <cstring>
 #include <functional>
 #include <iterator>
+#include <limits>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -238,6 +239,64 @@ TEST_CASE("16-bit: randomized shapes with awkward sizes and views", "[16bit]") {
   });
   CHECK(decode > 0);
   CHECK(prefill > 0);
+}
+
+// The kernel's output of a problem (its inputs rounded to Q and KV as in run16), widened.
+template <class Q, class KV>
+std::vector<float> output16(Problem& p) {
+  round_view<KV>(p.k);
+  round_view<KV>(p.v);
+  if constexpr (!std::is_same<Q, float>::value) round_view<Q>(p.q);
+  const Copy<Q> q(p.q);
+  const Copy<KV> k(p.k), v(p.v);
+  Copy<Q> out(p.out);
+  flashcpu::attention(q.cview(), k.cview(), v.cview(), out.view(), p.opt);
+  std::vector<float> widened;
+  for (std::int64_t b = 0; b < p.d.B; ++b)
+    for (std::int64_t h = 0; h < p.d.Hq; ++h)
+      for (std::int64_t i = 0; i < p.d.N; ++i)
+        for (std::int64_t c = 0; c < p.d.Dv; ++c) widened.push_back(widen(out.at(b, h, i, c)));
+  return widened;
+}
+
+// A NaN in one q row and in one key's K row: the rows the oracle makes NaN are NaN
+// throughout, every other row is bitwise what the same problem without the NaNs gave.
+template <class Q, class KV>
+void check_nan_rows(const Dims& d) {
+  Problem clean(d, 77), poisoned(d, 77);
+  clean.causal();
+  poisoned.causal();
+  poisoned.k.at(0, 0, 260, d.D / 2) = std::numeric_limits<float>::quiet_NaN();
+  poisoned.q.at(d.B - 1, 1, std::min<std::int64_t>(5, d.N - 1), 0) = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<float> want_clean = output16<Q, KV>(clean), got = output16<Q, KV>(poisoned);
+  std::vector<float> ref(got.size());
+  flashcpu::reference::attention(poisoned.q.cview(), poisoned.k.cview(), poisoned.v.cview(),
+                                 flashcpu::bhsd(ref.data(), d.B, d.Hq, d.N, d.Dv), poisoned.opt);
+  std::int64_t nan_rows = 0, clean_rows = 0, bad = 0;
+  for (std::size_t row = 0; row < got.size() / std::size_t(d.Dv); ++row) {
+    const bool nan_row = std::isnan(ref[row * std::size_t(d.Dv)]);
+    (nan_row ? nan_rows : clean_rows) += 1;
+    for (std::size_t c = row * std::size_t(d.Dv); c < (row + 1) * std::size_t(d.Dv); ++c)
+      if (nan_row ? !std::isnan(got[c]) : std::memcmp(&got[c], &want_clean[c], sizeof(float)) != 0) ++bad;
+  }
+  INFO(poisoned.describe() << " types: q/out " << type_name<Q>() << ", k/v " << type_name<KV>()
+                           << "; rows NaN in the oracle: " << nan_rows << ", finite: " << clean_rows);
+  CHECK(bad == 0);
+  CHECK(nan_rows > 1);  // the q row, and the rows that see the key
+  CHECK(clean_rows > 0);
+}
+
+TEST_CASE("16-bit: a NaN in q or in a visible key makes exactly the rows that see it NaN", "[16bit]") {
+  // The vector kernels catch a NaN score by a probe beside the exponential; the AMX
+  // tiles' bf16 softmax lets the exponential carry it (kernels/forward_tiles.hpp,
+  // Bf16Weights). Causal, so that the rows before the NaN key stay finite; the key sits in
+  // the second 256-key block, the q row in another head of the same KV head.
+  for (const Dims& d : {Dims{1, 4, 2, 70, 300, 64, 64}, Dims{2, 4, 2, 33, 290, 33, 19}, Dims{1, 8, 2, 4, 400, 32, 16}}) {
+    check_nan_rows<bf16, bf16>(d);
+    check_nan_rows<fp16, fp16>(d);
+    check_nan_rows<float, bf16>(d);
+    check_nan_rows<float, fp16>(d);
+  }
 }
 
 TEST_CASE("16-bit: results are bitwise identical for every num_threads", "[16bit][threads]") {

@@ -624,13 +624,29 @@ struct ForwardKernel {
   // and sum, and the scores turned into probabilities in place; alpha[r] rescales the
   // row's accumulator. [clean_begin, clean_end) narrows to the keys every valid row sees.
   //
-  // `Weights` stores them: FloatWeights as fp32 in place; a kernel whose P.V takes other
-  // weights (the AMX kernel's bf16) may store those instead, and may leave the score
-  // factor to this pass (Weights::scaled: the scores are raw, `factor` > 0 turns them into
-  // log2 units here, one rounding per weight where the separate pass made two).
+  // `Weights` computes and stores a row's weights, weigh_row(s, c0, cols, shift, factor)
+  // -> the vector whose lanes sum to the row's sum, NaN when a score is NaN (a NaN in q or
+  // in a visible key's K row: the row's output is NaN, as in the oracle). FloatWeights
+  // writes them as fp32 in place; a kernel whose P.V takes other weights (the AMX kernel's
+  // bf16) may write those instead, and may leave the score factor to this pass
+  // (Weights::scaled: the scores are raw, `factor` > 0 turns them into log2 units here,
+  // one rounding per weight where the separate pass made two).
   struct FloatWeights {
     static constexpr bool scaled = false;
-    static void store(const batch& p, float* row, std::int64_t j) { p.store_aligned(row + j); }
+    static batch weigh_row(float* s, std::int64_t c0, std::int64_t cols, float shift, float) {
+      // exp2_nonpositive maps NaN to 0, so NaN scores are caught beside it: a sum of the
+      // exponents is NaN exactly when one of them is (-inf stays -inf). One add per vector.
+      const batch shift_v(shift);
+      batch sum(0.0f), nan_probe(0.0f);
+      for (std::int64_t j = c0; j < cols; j += W) {
+        const batch x = batch::load_aligned(s + j) - shift_v;
+        const batch p = exp2_nonpositive<Arch>(x);
+        p.store_aligned(s + j);
+        sum += p;
+        nan_probe += x;
+      }
+      return xsimd::select(xsimd::isnan(nan_probe), nan_probe, sum);
+    }
   };
   template <class Weights = FloatWeights>
   static void online_softmax(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
@@ -682,24 +698,7 @@ struct ForwardKernel {
       // -inf score to weight 0 instead of NaN.
       const float shift = new_max == neg_inf ? 0.0f : new_max;
       alpha[r] = exp2_nonpositive_scalar<Arch>(old_max - shift);
-      const batch shift_v(shift), factor_v(factor);
-      // exp2_nonpositive maps NaN to 0, so NaN scores (a NaN in q or in a visible
-      // key's K row) are caught beside it: a sum of the exponents is NaN exactly when
-      // one of them is (-inf stays -inf), and then so is the row sum, and the row's
-      // output, as in the oracle. One add per vector.
-      batch sum(0.0f), nan_probe(0.0f);
-      for (std::int64_t j = c0; j < cols; j += W) {
-        batch x;
-        if constexpr (Weights::scaled)
-          x = xsimd::fma(batch::load_aligned(s + j), factor_v, -shift_v);
-        else
-          x = batch::load_aligned(s + j) - shift_v;
-        const batch p = exp2_nonpositive<Arch>(x);
-        Weights::store(p, s, j);
-        sum += p;
-        nan_probe += x;
-      }
-      sum = xsimd::select(xsimd::isnan(nan_probe), nan_probe, sum);
+      const batch sum = Weights::weigh_row(s, c0, cols, shift, factor);
       job.state.row_sum[r0 + r] = alpha[r] * job.state.row_sum[r0 + r] + xsimd::hadd(sum);
       job.state.row_max[r0 + r] = new_max;
     }

@@ -134,21 +134,40 @@ struct TileForwardKernel : TileBase<Arch> {
 
   // The softmax's weights as the P.V product takes them: bf16, weight j of a row in its
   // 16-bit word j (kernels/pair_values.hpp), written over the fp32 scores in place (the
-  // word pair of vector j lies below the scores still to be read). The scores come raw:
-  // the softmax applies the score factor (see score_factor).
+  // words of vectors j and j + 1 lie below the scores still to be read). The scores come
+  // raw: the score factor is applied here (one FMA; see score_factor). Per vector, against
+  // the fp32 softmax: exp2's polynomial two FMAs shorter, no NaN probe (a NaN score gives
+  // a NaN weight and sum), and one conversion per two vectors; each saving is about a
+  // tenth of the loop's vector operations.
   struct Bf16Weights {
     static constexpr bool scaled = true;
-    static void store(const batch& p, float* row, std::int64_t j) {
-      auto* out = reinterpret_cast<std::uint16_t*>(row) + j;
+    static batch weigh_row(float* s, std::int64_t c0, std::int64_t cols, float shift, float factor) {
+      static_assert(NR % (2 * W) == 0, "whole panels hold whole pairs of vectors");
+      const batch shift_v(shift), factor_v(factor);
+      auto* out = reinterpret_cast<std::uint16_t*>(s);
+      batch sum(0.0f), sum_odd(0.0f);
+      for (std::int64_t j = c0; j < cols; j += 2 * W) {
+        const batch p = exp2_nonpositive<Arch, true>(xsimd::fma(batch::load_aligned(s + j), factor_v, -shift_v));
+        const batch q =
+            exp2_nonpositive<Arch, true>(xsimd::fma(batch::load_aligned(s + j + W), factor_v, -shift_v));
+        store_pair(p, q, out + j);
+        sum += p;
+        sum_odd += q;
+      }
+      return sum + sum_odd;
+    }
+    // p's lanes to out[0, W), q's to out[W, 2W), rounded to nearest even.
+    static void store_pair(const batch& p, const batch& q, std::uint16_t* out) {
 #if defined(__AVX512BF16__)
       if constexpr (W == 16) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(p));
+        _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(q, p));
         return;
       }
 #endif
-      alignas(64) float lanes[W];
+      alignas(64) float lanes[2 * W];
       p.store_aligned(lanes);
-      for (int i = 0; i < W; ++i) out[i] = round_to_bf16(lanes[i]);
+      q.store_aligned(lanes + W);
+      for (int i = 0; i < 2 * W; ++i) out[i] = round_to_bf16(lanes[i]);
     }
   };
 
