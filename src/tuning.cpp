@@ -22,9 +22,15 @@ namespace {
 // whole K and V, so fewer, larger blocks read them less often). With the 6 x 64 tiles,
 // {96, 144, 192} x 256 and 144 x 512 were within the noise (+-4%) on P64 and short N=256.
 // 144 is a multiple of every ISA's tile rows (6 and 4); the same sizes serve all head dims.
+// The AMX kernel (16-row tiles, two at a time) takes 192 x 512 on a Xeon with AMX
+// (2026-12-05): a 512-key block halves its per-row softmax bookkeeping and its
+// accumulator tile loads and stores per product. tools/ab_builds against 144 x 256, 12
+// rounds, per-round medians: bf16 P128 1.048, P64 1.043, C128 1.055, N=256 1.030,
+// N=16384 (D=64) 1.026; 16-row AMX decoding 0.992 and 1.011 (noise). flashcpu-tune
+// (D = 128, {96, 144, 192} x {256, 512, 1024}) also chose 192 x 512.
 TileConfig default_tiles(Isa isa, std::int64_t head_dim) {
-  (void)isa;
   (void)head_dim;
+  if (isa == Isa::amx) return {192, 512};
   return {144, 256};
 }
 
