@@ -330,7 +330,8 @@ void nadaraya_watson(TensorView<const float> x_query, TensorView<const float> x_
 /// memory and run the vector kernels. Q·Kᵀ multiplies q and k as given, in fp32 sums
 /// (the scale multiplies the fp32 scores). P·V runs on the tiles ("amx") or by vdpbf16ps
 /// ("avx512bf16") too, with the softmax weights rounded to bf16 (relative error 2^-8 per
-/// weight; the row sums stay fp32). As the two instructions define them, both products
+/// weight; the row sums stay fp32; on the tiles the exponential before that rounding is
+/// good to 3e-6 relative, not to an fp32 ulp). As the two instructions define them, both products
 /// read a bf16 value below 2^-126 in size (a subnormal) as zero and flush a partial sum
 /// below 2^-126 to zero. Every other call at those
 /// levels (other types without allow_bf16_compute, the Gaussian and additive scores,

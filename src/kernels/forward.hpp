@@ -662,7 +662,9 @@ struct ForwardKernel {
       float* s = job.state.scores + r * Bk;
       // Exclusions by the row's interval and the key range: everything outside
       // [visible_begin, visible_end) becomes -inf.
-      const std::int64_t i = job.q.first_row + (r0 + r) / G;
+      // (No division where each row is its own query, as in prefill: a 64-bit idiv per
+      // row and block was a visible part of the AMX kernel's per-row work.)
+      const std::int64_t i = job.q.first_row + (G == 1 ? r0 + r : (r0 + r) / G);
       std::int64_t visible_begin = lo(job, i) - j0, visible_end = min_i64(t.num_keys, hi(job, i) + 1 - j0);
       if (visible_begin < c0) visible_begin = c0;
       if (visible_end < visible_begin) visible_end = visible_begin;
@@ -697,7 +699,8 @@ struct ForwardKernel {
       // A row that has seen no key yet keeps max -inf; subtracting 0 then maps every
       // -inf score to weight 0 instead of NaN.
       const float shift = new_max == neg_inf ? 0.0f : new_max;
-      alpha[r] = exp2_nonpositive_scalar<Arch>(old_max - shift);
+      // 2^0 is exactly 1: a row whose max did not grow skips the exponential.
+      alpha[r] = old_max == shift ? 1.0f : exp2_nonpositive_scalar<Arch>(old_max - shift);
       const batch sum = Weights::weigh_row(s, c0, cols, shift, factor);
       job.state.row_sum[r0 + r] = alpha[r] * job.state.row_sum[r0 + r] + xsimd::hadd(sum);
       job.state.row_max[r0 + r] = new_max;
