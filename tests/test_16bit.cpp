@@ -289,8 +289,9 @@ void check_nan_rows(const Dims& d) {
 TEST_CASE("16-bit: a NaN in q or in a visible key makes exactly the rows that see it NaN", "[16bit]") {
   // The vector kernels catch a NaN score by a probe beside the exponential; the AMX
   // tiles' bf16 softmax lets the exponential carry it (kernels/forward_tiles.hpp,
-  // Bf16Weights). Causal, so that the rows before the NaN key stay finite; the key sits in
-  // the second 256-key block, the q row in another head of the same KV head.
+  // Bf16Weights). Causal, so that the rows before the NaN key stay finite; the key (260)
+  // lies past the first block where blocks are 256 keys and inside it where they are 512
+  // (the AMX kernel's); the q row is in another head of the same KV head.
   for (const Dims& d : {Dims{1, 4, 2, 70, 300, 64, 64}, Dims{2, 4, 2, 33, 290, 33, 19}, Dims{1, 8, 2, 4, 400, 32, 16}}) {
     check_nan_rows<bf16, bf16>(d);
     check_nan_rows<fp16, fp16>(d);
