@@ -75,6 +75,10 @@ struct TileCase {
   bool poison_masked = false;  // NaN and inf in K and V of keys the bool mask hides from every row
   bool shifted = false;  // K's and V's first element one element past the buffer's start (2 bytes: off 4-byte words)
   float qk_range = 1.0f;
+  // Key j's row times key_step^(j / step_keys) (step_keys > 0): scores that jump from one
+  // stretch of keys to the next, up or down.
+  float key_step = 1.0f;
+  std::int64_t step_keys = 0;
   int threads = 2;
   std::uint32_t seed = 1;
 
@@ -84,7 +88,8 @@ struct TileCase {
       << " causal=" << causal << " window=" << window_left << "," << window_right << " key_lengths=" << key_lengths
       << " mask=" << mask << " bool_mask=" << bool_mask << " alibi=" << alibi << " sinks=" << sinks
       << " softcap=" << softcap << " strided=" << strided << " spread=" << spread << " poison=" << poison
-      << " poison_masked=" << poison_masked << " shifted=" << shifted << " threads=" << threads
+      << " poison_masked=" << poison_masked << " shifted=" << shifted << " key_step=" << key_step << " every "
+      << step_keys << " threads=" << threads
       << " seed=" << seed << " input=" << (input == Input::bf16 ? "bf16" : input == Input::f32 ? "fp32" : "fp16");
     return s.str();
   }
@@ -195,6 +200,13 @@ Outcome run_tile_case(const flashcpu::detail::KernelTable& kernels, const TileCa
   q.fill(rng, c.qk_range);
   k.fill(rng, c.qk_range);
   v.fill(rng, 1.0f);
+  if (c.step_keys > 0)
+    for (std::int64_t b = 0; b < c.B; ++b)
+      for (std::int64_t h = 0; h < c.Hkv; ++h)
+        for (std::int64_t j = 0; j < c.M; ++j) {
+          const float factor = std::pow(c.key_step, float(j / c.step_keys));
+          for (std::int64_t d = 0; d < c.D; ++d) k.set(k.at(b, h, j, d), k.values[std::size_t(k.at(b, h, j, d))] * factor);
+        }
 
   flashcpu::AttentionOptions o;
   o.causal = c.causal;
@@ -451,6 +463,46 @@ TEST_CASE("bf16 products (emulated AMX, vdpbf16ps): garbage in masked slots anyw
     c.qk_range = 2.5f;  // sharp weights: later blocks raise the running max
     c.seed = seed;
     TILE_CHECK_CASE(c);
+  }
+}
+
+TEST_CASE("bf16 products: scores that jump from one key block to the next, emulated and on AMX", "[bf16products]") {
+  // The tiles' softmax weighs a row against its running max before it knows the block's
+  // max (Bf16Weights' lazy max) and weighs it again when the sum passes 2^12. Keys scaled
+  // by 4 or 1/4 every 200 or 333 keys move the largest score by about 1, 4, 16, 64 and
+  // 256 (natural units) from stretch to stretch: rises the lazy weights take (below 2^12),
+  // rises that send the row back, one past 2^128 (weights that would overflow without it),
+  // and falls, where the running max stays far above. Masks and the causal diagonal make
+  // rows partly visible (the usual two passes); sinks join at the end.
+  namespace fd = flashcpu::detail;
+  std::vector<TileCase> cases;
+  for (int trial = 0; trial < 8; ++trial) {
+    TileCase c;
+    c.N = 40 + 3 * trial;
+    c.M = 1100 + 7 * trial;
+    c.Hq = 2;
+    c.D = trial % 2 ? 32 : 19;
+    c.Dv = trial % 3 ? 24 : 33;
+    c.key_step = trial % 4 == 3 ? 0.25f : 4.0f;
+    c.step_keys = trial % 2 ? 200 : 333;
+    c.causal = trial % 4 == 1;
+    c.bool_mask = trial == 2;
+    c.sinks = trial % 3 == 0;
+    c.seed = std::uint32_t(500 + trial);
+    cases.push_back(c);
+    TILE_CHECK_CASE(c);
+  }
+  if (fd::active_level() != fd::Isa::amx) {
+    WARN("the AMX variant itself: not run (the active level is " << flashcpu::active_isa() << ", not amx)");
+    return;
+  }
+  for (const TileCase& c : cases) {
+    const Outcome r = run_tile_case(fd::kernels_for(fd::Isa::amx, fd::DType::bf16), c);
+    INFO("amx: " << c.describe());
+    INFO(r.report);
+    CHECK(r.ok);
+    CHECK(r.worst_out <= 0.75);
+    CHECK(r.worst_lse <= 0.1);
   }
 }
 

@@ -624,15 +624,22 @@ struct ForwardKernel {
   // and sum, and the scores turned into probabilities in place; alpha[r] rescales the
   // row's accumulator. [clean_begin, clean_end) narrows to the keys every valid row sees.
   //
-  // `Weights` computes and stores a row's weights, weigh_row(s, c0, cols, shift, factor)
+  // `weights` computes and stores a row's weights, weigh_row(s, c0, cols, shift, factor)
   // -> the vector whose lanes sum to the row's sum, NaN when a score is NaN (a NaN in q or
   // in a visible key's K row: the row's output is NaN, as in the oracle). FloatWeights
   // writes them as fp32 in place; a kernel whose P.V takes other weights (the AMX kernel's
-  // bf16) may write those instead, and may leave the score factor to this pass
+  // bf16) may write those instead, elsewhere, and may leave the score factor to this pass
   // (Weights::scaled: the scores are raw, `factor` > 0 turns them into log2 units here,
   // one rounding per weight where the separate pass made two).
+  //
+  // Weights::lazy_max: a row that has a running max and sees all of the tile's columns is
+  // first weighed against that max, without a max pass, and keeps it (alpha 1) when the
+  // sum stays at most Weights::kLazyLimit; above it (a score well above the running max,
+  // or an overflow) the row is weighed again the usual way, so the scores must survive
+  // the first weighing. Weights relative to a stale max may exceed 1, by at most the
+  // limit; a NaN sum is kept (the row is NaN either way).
   struct FloatWeights {
-    static constexpr bool scaled = false;
+    static constexpr bool scaled = false, lazy_max = false;
     static batch weigh_row(float* s, std::int64_t c0, std::int64_t cols, float shift, float) {
       // exp2_nonpositive maps NaN to 0, so NaN scores are caught beside it: a sum of the
       // exponents is NaN exactly when one of them is (-inf stays -inf). One add per vector.
@@ -651,7 +658,7 @@ struct ForwardKernel {
   template <class Weights = FloatWeights>
   static void online_softmax(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
                              const float* tile_max, bool have_tile_max, float* alpha, std::int64_t* clean_begin,
-                             std::int64_t* clean_end, float factor = 1.0f) {
+                             std::int64_t* clean_end, float factor = 1.0f, const Weights& weights = Weights{}) {
     assert(!Weights::scaled || (factor > 0.0f && !have_tile_max));
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
     const std::int64_t G = job.q.heads_per_row, Bk = job.dims.block_keys, c0 = t.c0, cols = t.cols;
@@ -671,6 +678,17 @@ struct ForwardKernel {
       if (r0 + r < job.q.rows) {
         if (visible_begin > *clean_begin) *clean_begin = visible_begin;
         *clean_end = min_i64(*clean_end, visible_end);
+      }
+      if constexpr (Weights::lazy_max) {
+        const float running_max = job.state.row_max[r0 + r];
+        if (running_max != neg_inf && visible_begin == c0 && visible_end == cols) {
+          const float sum = xsimd::hadd(weights.weigh_row(s, c0, cols, running_max, factor));
+          if (!(sum > Weights::kLazyLimit)) {
+            alpha[r] = 1.0f;
+            job.state.row_sum[r0 + r] += sum;
+            continue;
+          }
+        }
       }
       float bm;
       if (have_tile_max && visible_begin == c0 && visible_end == cols) {
@@ -701,7 +719,7 @@ struct ForwardKernel {
       const float shift = new_max == neg_inf ? 0.0f : new_max;
       // 2^0 is exactly 1: a row whose max did not grow skips the exponential.
       alpha[r] = old_max == shift ? 1.0f : exp2_nonpositive_scalar<Arch>(old_max - shift);
-      const batch sum = Weights::weigh_row(s, c0, cols, shift, factor);
+      const batch sum = weights.weigh_row(s, c0, cols, shift, factor);
       job.state.row_sum[r0 + r] = alpha[r] * job.state.row_sum[r0 + r] + xsimd::hadd(sum);
       job.state.row_max[r0 + r] = new_max;
     }
@@ -845,7 +863,8 @@ struct ForwardKernel {
   };
   template <class Weights = FloatWeights>
   static void weigh_scores(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
-                           const float* tile_max, bool have_tile_max, TileWeights* w, float factor = 1.0f) {
+                           const float* tile_max, bool have_tile_max, TileWeights* w, float factor = 1.0f,
+                           const Weights& weights = Weights{}) {
     w->masked_out = false;
     if (job.score.key_bias || job.score.row_bias || job.score.natural_units) {
       w->masked_out = score_epilogue(job, r0, j0, t.c0, t.cols);
@@ -854,7 +873,7 @@ struct ForwardKernel {
     w->clean_begin = t.first;
     w->clean_end = t.num_keys;
     online_softmax<Weights>(job, r0, j0, t, tile_max, have_tile_max, w->alpha, &w->clean_begin, &w->clean_end,
-                            factor);
+                            factor, weights);
   }
 
   // out = acc / sum and lse for the job's rows; rows that saw no key get empty_value.

@@ -11,8 +11,9 @@
 //                 score by up to 2^-9 of its size), K in 32-key panels in the pair layout;
 //                 the scale (times log2 e) multiplies the fp32 scores in the softmax's
 //                 exponent (one FMA), or in a pass of its own before the score terms.
-//   O = alpha O + P . V   P written as bf16 in place by the softmax (as FlashAttention
-//                 rounds it; the row sums stay fp32), V packed in the pair layout.
+//   O = alpha O + P . V   P written as bf16 by the softmax (as FlashAttention rounds it;
+//                 the row sums stay fp32) into rows of its own after the scores' (the
+//                 scores stay whole), V packed in the pair layout.
 //
 // Row tiles go two at a time where both see keys of the block, so that each K or V tile
 // loaded from L2 serves 32 rows (a block's K and V exceed L1: 64 KiB each at D = 128).
@@ -133,18 +134,27 @@ struct TileForwardKernel : TileBase<Arch> {
   }
 
   // The softmax's weights as the P.V product takes them: bf16, weight j of a row in its
-  // 16-bit word j (kernels/pair_values.hpp), written over the fp32 scores in place (the
-  // words of vectors j and j + 1 lie below the scores still to be read). The scores come
-  // raw: the score factor is applied here (one FMA; see score_factor). Per vector, against
-  // the fp32 softmax: exp2's polynomial two FMAs shorter, no NaN probe (a NaN score gives
-  // a NaN weight and sum), and one conversion per two vectors; each saving is about a
-  // tenth of the loop's vector operations.
+  // 16-bit word j (kernels/pair_values.hpp), in the row `out_offset` floats after the
+  // score row (weights_offset: the scratch's rows after both tiles' scores, at the same
+  // stride, half of each used). The scores come raw: the score factor is applied here
+  // (one FMA; see score_factor). Per vector, against the fp32 softmax: exp2's polynomial
+  // two FMAs shorter, no NaN probe (a NaN score gives a NaN weight and sum), and one
+  // conversion per two vectors; each saving is about a tenth of the loop's vector
+  // operations.
+  //
+  // The max is lazy (online_softmax's Weights::lazy_max): a row whose running max already
+  // covers the block's scores skips the max pass, the alpha and the accumulator's rescale.
+  // The limit on the sum, 2^12, keeps every weight below 2^12 (a false alarm needs the
+  // block's average weight above 8 at 512 keys: scores that have grown); the fp32
+  // accumulator gives up 12 of its 128 exponent bits of headroom for it.
   struct Bf16Weights {
-    static constexpr bool scaled = true;
-    static batch weigh_row(float* s, std::int64_t c0, std::int64_t cols, float shift, float factor) {
+    static constexpr bool scaled = true, lazy_max = true;
+    static constexpr float kLazyLimit = 4096.0f;
+    std::int64_t out_offset;
+    batch weigh_row(float* s, std::int64_t c0, std::int64_t cols, float shift, float factor) const {
       static_assert(NR % (2 * W) == 0, "whole panels hold whole pairs of vectors");
       const batch shift_v(shift), factor_v(factor);
-      auto* out = reinterpret_cast<std::uint16_t*>(s);
+      auto* out = reinterpret_cast<std::uint16_t*>(s + out_offset);
       batch sum(0.0f), sum_odd(0.0f);
       for (std::int64_t j = c0; j < cols; j += 2 * W) {
         const batch p = exp2_nonpositive<Arch, true>(xsimd::fma(batch::load_aligned(s + j), factor_v, -shift_v));
@@ -170,6 +180,9 @@ struct TileForwardKernel : TileBase<Arch> {
       for (int i = 0; i < 2 * W; ++i) out[i] = round_to_bf16(lanes[i]);
     }
   };
+
+  // Floats from a score row of the scratch to its weights row: past both tiles' scores.
+  static std::int64_t weights_offset(const QueryBlockJob& job) { return 2 * MR * job.dims.block_keys; }
 
   // The factor the softmax applies to the raw scores: the job's, unless score terms
   // (masks, softcap, ALiBi) need the scores in log2 units first, or it is not positive
@@ -217,7 +230,7 @@ struct TileForwardKernel : TileBase<Arch> {
     scale_scores(job, 2 * MR, c0, cols);
   }
 
-  // The P.V operands of one call: weights as bf16 pairs in the score scratch, V's pairs and
+  // The P.V operands of one call: weights as bf16 in the scratch's weights rows, V's pairs and
   // chunk flags from key c0 of the block on, and the chunks [0, chunks).
   struct ValueChunks {
     const std::uint16_t* probs;  // the first tile's weights at column c0 (the second's MR rows on)
@@ -229,7 +242,7 @@ struct TileForwardKernel : TileBase<Arch> {
     const std::int64_t Dvp = job.dims.value_dim_padded, keys = job.keys.end - job.keys.begin;
     const auto* all_pairs = static_cast<const std::uint32_t*>(job.keys.v_rows);
     ValueChunks v;
-    v.probs = reinterpret_cast<const std::uint16_t*>(job.state.scores) + c0;
+    v.probs = reinterpret_cast<const std::uint16_t*>(job.state.scores + weights_offset(job)) + c0;
     v.pairs = all_pairs + (j0 + c0 - job.keys.begin) / 2 * Dvp;
     v.nonfinite = value_pairs_flags(all_pairs, keys, Dvp, NR) + (j0 + c0 - job.keys.begin) / NR;
     v.chunks = (cols - c0) / NR;
@@ -361,11 +374,11 @@ struct TileForwardKernel : TileBase<Arch> {
     add_nonfinite_chunks(v, v.probs + 2 * MR * Bk, acc_second);
   }
 
-  // A tile's bf16 weights outside [c0, cols) within [u0, u1) set to zero (its softmax
-  // wrote only its own columns).
-  static void zero_outside(float* scores, std::int64_t Bk, std::int64_t u0, std::int64_t u1, const TileColumns& t) {
+  // A tile's bf16 weights (rows from `rows` on) outside [c0, cols) within [u0, u1) set to
+  // zero (its softmax wrote only its own columns).
+  static void zero_outside(float* rows, std::int64_t Bk, std::int64_t u0, std::int64_t u1, const TileColumns& t) {
     for (int r = 0; r < MR; ++r) {
-      auto* weights = reinterpret_cast<std::uint16_t*>(scores + r * Bk);
+      auto* weights = reinterpret_cast<std::uint16_t*>(rows + r * Bk);
       for (std::int64_t j = u0; j < t.c0; ++j) weights[j] = 0;
       for (std::int64_t j = t.cols; j < u1; ++j) weights[j] = 0;
     }
@@ -392,6 +405,7 @@ struct TileForwardKernel : TileBase<Arch> {
     second.state.scores += MR * Bk;
     typename Base::TileWeights w, w_second;
     const float factor = score_factor(job);
+    const Bf16Weights weights{weights_offset(job)};
     for (std::int64_t j0 = span.start; j0 < span.end; j0 += Bk) {
       const std::int64_t block_end = min_i64(j0 + Bk, span.end);
       for (std::int64_t r0 = 0; r0 < rows_padded; r0 += 2 * MR) {
@@ -402,16 +416,17 @@ struct TileForwardKernel : TileBase<Arch> {
           const std::int64_t u0 = t.c0 < t_second.c0 ? t.c0 : t_second.c0;
           const std::int64_t u1 = t.cols > t_second.cols ? t.cols : t_second.cols;
           raw_scores_two(job, r0, j0, u0, u1);
-          Base::template weigh_scores<Bf16Weights>(job, r0, j0, t, nullptr, false, &w, factor);
-          Base::template weigh_scores<Bf16Weights>(second, r0 + MR, j0, t_second, nullptr, false, &w_second, factor);
-          zero_outside(job.state.scores, Bk, u0, u1, t);
-          zero_outside(second.state.scores, Bk, u0, u1, t_second);
+          Base::template weigh_scores<Bf16Weights>(job, r0, j0, t, nullptr, false, &w, factor, weights);
+          Base::template weigh_scores<Bf16Weights>(second, r0 + MR, j0, t_second, nullptr, false, &w_second, factor,
+                                                   weights);
+          zero_outside(job.state.scores + weights_offset(job), Bk, u0, u1, t);
+          zero_outside(second.state.scores + weights_offset(job), Bk, u0, u1, t_second);
           accumulate_values_two(job, r0, j0, u0, u1, w.alpha, w_second.alpha);
         } else if (live || live_second) {
           const std::int64_t r = live ? r0 : r0 + MR;
           const TileColumns& one = live ? t : t_second;
           raw_scores(job, r, j0, one);
-          Base::template weigh_scores<Bf16Weights>(job, r, j0, one, nullptr, false, &w, factor);
+          Base::template weigh_scores<Bf16Weights>(job, r, j0, one, nullptr, false, &w, factor, weights);
           accumulate_values(job, r, j0, one, w.alpha);
         }
       }

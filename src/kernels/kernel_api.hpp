@@ -333,8 +333,9 @@ struct KernelTable {
   void (*backward_row_stats)(const BackwardJob& job);
 
   // Rows of score scratch (times block_keys floats) a forward entry of `mr`-row tiles
-  // needs: the AMX kernel scores two row tiles at once (kernels/forward_tiles.hpp).
-  std::int64_t score_rows(int mr) const { return tiles ? 2 * std::int64_t(mr) : std::int64_t(mr); }
+  // needs: the AMX kernel scores two row tiles at once, and writes their bf16 weights to
+  // as many rows after them (kernels/forward_tiles.hpp).
+  std::int64_t score_rows(int mr) const { return tiles ? 4 * std::int64_t(mr) : std::int64_t(mr); }
 };
 
 /// Writes count floats to out + offset + c * stride (elements of `type`), rounded to

@@ -38,7 +38,8 @@ inline xsimd::batch<float, Arch> exp2_fraction_for_bf16(xsimd::batch<float, Arch
 //
 // `ForBf16Weights`: for weights rounded to bf16 next, exp2_fraction_for_bf16's shorter
 // polynomial, and NaN gives NaN, so that a NaN score makes the row's sum NaN without a
-// probe beside it.
+// probe beside it. Positive x is allowed too (weights against a lazy max): 2^x up to
+// 2^127, and inf or 2^127 above (either is far past the lazy limit that sends the row back).
 template <class Arch, bool ForBf16Weights = false>
 inline xsimd::batch<float, Arch> exp2_nonpositive(xsimd::batch<float, Arch> x) {
   using batch = xsimd::batch<float, Arch>;
@@ -62,7 +63,8 @@ inline xsimd::batch<float, Arch> exp2_nonpositive(xsimd::batch<float, Arch> x) {
     const __m512 n = _mm512_sub_ps(xr, f);
     return _mm512_maskz_scalef_ps(live, fraction(batch(f)), n);
   }
-  const batch y = xsimd::max(x, batch(-127.0f));  // x <= 0 by contract: no upper clamp
+  batch y = xsimd::max(x, batch(-127.0f));  // x <= 0 by contract: no upper clamp
+  if constexpr (ForBf16Weights) y = xsimd::min(y, batch(127.0f));
   const batch n = xsimd::nearbyint(y);
   // n = -127 gives a zero exponent field: the product is 0, not a denormal.
   const ibatch biased = (xsimd::to_int(n) + ibatch(127)) << 23;
