@@ -581,6 +581,63 @@ TileCase decode_case(std::int64_t N, std::int64_t G, std::int64_t M, int trial, 
 }
 }  // namespace
 
+TEST_CASE("bf16 products (emulated AMX): key blocks weighed in steps of 64 keys, every option, on AMX too",
+          "[bf16products]") {
+  // A pair of row tiles that sees a whole key block, past its first, takes S and the
+  // weights 64 keys at a time (TileForwardKernel::weigh_block_in_steps); the causal
+  // diagonal, windows, key lengths, masks and score terms, the last partial block and a
+  // pair's first block take the usual path, so each case mixes both. M spans two to four
+  // 512-key blocks; rows stack up to 64 (prefill) or 32 and 40 (decoding, G query heads
+  // per KV head as rows). On the emulated tiles everywhere, and on the AMX variant where
+  // the active level is amx.
+  namespace fd = flashcpu::detail;
+  std::mt19937 rng(23);
+  std::vector<TileCase> cases;
+  for (int trial = 0; trial < 14; ++trial) {
+    TileCase c;
+    c.Hkv = 1 + trial % 2;
+    c.Hq = c.Hkv * (1 + trial % 3);
+    c.N = std::uniform_int_distribution<std::int64_t>(32, 100)(rng);
+    c.M = std::uniform_int_distribution<std::int64_t>(530, 1700)(rng);
+    c.D = std::vector<std::int64_t>{32, 19, 64, 128, 5}[std::size_t(trial % 5)];
+    c.Dv = std::vector<std::int64_t>{24, 33, 64, 1}[std::size_t(trial % 4)];
+    c.causal = trial % 3 == 0;
+    if (trial % 5 == 1) c.window_left = std::uniform_int_distribution<std::int64_t>(100, 900)(rng);
+    c.key_lengths = trial % 4 == 2;
+    c.poison = c.key_lengths;
+    c.mask = trial % 7 == 3;
+    c.alibi = trial % 6 == 4;
+    c.softcap = trial % 9 == 5 ? 3.0f : 0.0f;
+    c.sinks = trial % 4 == 1;
+    c.strided = trial % 2 == 1;
+    c.qk_range = trial % 3 == 1 ? 2.5f : 1.0f;
+    c.threads = 1 + trial % 3;
+    c.seed = std::uint32_t(700 + trial);
+    cases.push_back(c);
+  }
+  for (int trial = 0; trial < 4; ++trial) {
+    TileCase c = decode_case(trial % 2 ? 2 : 1, trial % 2 ? 20 : 32, 1100 + 300 * trial, trial, rng);
+    c.D = trial % 2 ? 64 : 33;
+    c.Dv = trial % 2 ? 17 : 64;
+    c.seed = std::uint32_t(720 + trial);
+    cases.push_back(c);
+  }
+  const bool amx = fd::active_level() == fd::Isa::amx;
+  for (const TileCase& c : cases) {
+    for (const fd::KernelTable* kernels :
+         {&fd::emulated_tile_kernels(), amx ? &fd::kernels_for(fd::Isa::amx, fd::DType::bf16) : nullptr}) {
+      if (!kernels) continue;
+      const Outcome r = run_tile_case(*kernels, c);
+      INFO(kernels->name << ": " << c.describe() << " (" << r.route << ")");
+      INFO(r.report);
+      CHECK(r.ok);
+      CHECK(r.worst_out <= 0.75);
+      CHECK(r.worst_lse <= 0.1);
+    }
+  }
+  if (!amx) WARN("the AMX variant itself: not run (the active level is " << flashcpu::active_isa() << ", not amx)");
+}
+
 TEST_CASE("bf16 products (emulated AMX): decoding with 16 or more stacked rows per KV head", "[bf16products]") {
   // The decode driver stacks the query heads of a KV head as rows (row r: query r / G of
   // head r % G), splits the keys into chunks of at least 512 and merges the chunks'

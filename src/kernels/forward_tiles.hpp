@@ -17,6 +17,9 @@
 //
 // Row tiles go two at a time where both see keys of the block, so that each K or V tile
 // loaded from L2 serves 32 rows (a block's K and V exceed L1: 64 KiB each at D = 128).
+// Where a pair sees the whole of a block after its first (weigh_block_in_steps), S and the
+// softmax go 64 keys at a time, so that the scores stay in L1; elsewhere S fills the
+// block's score rows and online_softmax weighs them.
 // Tile budget (each register 16 rows x 64 bytes, all eight used, the same in both
 // products):
 //   tmm0-tmm3  C  two row tiles: S of a panel's keys [0, 16) and [16, 32), or 32 columns
@@ -152,14 +155,21 @@ struct TileForwardKernel : TileBase<Arch> {
     static constexpr float kLazyLimit = 4096.0f;
     std::int64_t out_offset;
     batch weigh_row(float* s, std::int64_t c0, std::int64_t cols, float shift, float factor) const {
+      return weigh(s + c0, reinterpret_cast<std::uint16_t*>(s + out_offset) + c0, cols - c0, shift, factor,
+                   batch(0.0f));
+    }
+    // The weights of n scores (a multiple of 2W) from `scores` to `out`; returns `sum` plus
+    // their lane sums.
+    static batch weigh(const float* scores, std::uint16_t* out, std::int64_t n, float shift, float factor,
+                       batch sum) {
       static_assert(NR % (2 * W) == 0, "whole panels hold whole pairs of vectors");
       const batch shift_v(shift), factor_v(factor);
-      auto* out = reinterpret_cast<std::uint16_t*>(s + out_offset);
-      batch sum(0.0f), sum_odd(0.0f);
-      for (std::int64_t j = c0; j < cols; j += 2 * W) {
-        const batch p = exp2_nonpositive<Arch, true>(xsimd::fma(batch::load_aligned(s + j), factor_v, -shift_v));
+      batch sum_odd(0.0f);
+      for (std::int64_t j = 0; j < n; j += 2 * W) {
+        const batch p =
+            exp2_nonpositive<Arch, true>(xsimd::fma(batch::load_aligned(scores + j), factor_v, -shift_v));
         const batch q =
-            exp2_nonpositive<Arch, true>(xsimd::fma(batch::load_aligned(s + j + W), factor_v, -shift_v));
+            exp2_nonpositive<Arch, true>(xsimd::fma(batch::load_aligned(scores + j + W), factor_v, -shift_v));
         store_pair(p, q, out + j);
         sum += p;
         sum_odd += q;
@@ -228,6 +238,70 @@ struct TileForwardKernel : TileBase<Arch> {
     for (std::int64_t c = c0; c < cols; c += NR)
       score_two_tiles(q, Dt, panels + (c - c0) * Dt, scores + c, scores + MR * Bk + c, Bk);
     scale_scores(job, 2 * MR, c0, cols);
+  }
+
+  // Keys per step of weigh_block_in_steps: S of 32 rows x 64 keys (8 KiB) stays in L1
+  // between its tile stores and the softmax's loads. tools/ab_builds against the whole
+  // block's scores, one thread, H = 8, N = M = 2048, per-round medians: 64 keys 1.121 at
+  // D = 64 and 1.044 at D = 128; 32 keys 1.088 and 1.053; 128 keys 1.060 and 1.018.
+  static constexpr std::int64_t kStepKeys = 2 * NR;
+
+  // Whether the row tiles at r0 and r0 + 16 (t, t_second) can take weigh_block_in_steps in
+  // the block at j0: blocks of at least a step (its scores fit the score scratch), both
+  // tiles see every column of [0, t.cols) (whole panels), no score terms, the factor
+  // applied in the exponent, and every row (padding rows too) has a running max.
+  static bool whole_block(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, const TileColumns& t,
+                          const TileColumns& t_second) {
+    if (job.dims.block_keys < kStepKeys || t.first != 0 || t.num_keys != t.cols || t_second.first != 0 ||
+        t_second.num_keys != t.cols || t_second.cols != t.cols)
+      return false;
+    if (job.score.key_bias || job.score.row_bias || job.score.natural_units || !(job.score.raw_factor > 0.0f))
+      return false;
+    // Visible intervals grow with the row (kernels/forward.hpp: visible_lo, visible_hi), so
+    // the first row's end and the last real row's start bound every row's.
+    const std::int64_t G = job.q.heads_per_row;
+    const std::int64_t first = job.q.first_row + r0 / G;
+    const std::int64_t last = job.q.first_row + (min_i64(r0 + 2 * MR, job.q.rows) - 1) / G;
+    if (Base::lo(job, last) > j0 || Base::hi(job, first) < j0 + t.cols - 1) return false;
+    constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+    for (int r = 0; r < 2 * MR; ++r)
+      if (job.state.row_max[r0 + r] == neg_inf) return false;
+    return true;
+  }
+
+  // S and the weights of the row tiles at r0 and r0 + 16 for the block's columns [0, cols),
+  // 64 keys at a time: each step's scores go to the first 8 KiB of the score scratch and
+  // are weighed (against each row's running max, the lazy max of Bf16Weights) while they
+  // are in L1, instead of a whole block's scores going out to L2 and back. Returns false,
+  // with the job's state untouched, when some row's sum passes the lazy limit: the caller
+  // then runs the block the usual way (S of the whole block, online_softmax).
+  static bool weigh_block_in_steps(const QueryBlockJob& job, std::int64_t r0, std::int64_t j0, std::int64_t cols,
+                                   float factor) {
+    const std::int64_t Dt = tile_head_dim(job.dims.head_dim), Bk = job.dims.block_keys;
+    const auto* q = reinterpret_cast<const std::uint16_t*>(job.q.q_packed) + r0 * Dt;
+    const auto* panels = reinterpret_cast<const std::uint16_t*>(job.keys.k_panels) + (j0 - job.keys.begin) * Dt;
+    float* const step_scores = job.state.scores;
+    auto* const weights = reinterpret_cast<std::uint16_t*>(job.state.scores + weights_offset(job));
+    const float* const running_max = job.state.row_max + r0;
+    alignas(64) float sums[2 * MR][W];
+    for (int r = 0; r < 2 * MR; ++r) batch(0.0f).store_aligned(sums[r]);
+    for (std::int64_t c = 0; c < cols; c += kStepKeys) {
+      const std::int64_t keys = min_i64(kStepKeys, cols - c);
+      for (std::int64_t p = 0; p < keys; p += NR)
+        score_two_tiles(q, Dt, panels + (c + p) * Dt, step_scores + p, step_scores + MR * kStepKeys + p, kStepKeys);
+      for (int r = 0; r < 2 * MR; ++r) {
+        const batch sum = Bf16Weights::weigh(step_scores + r * kStepKeys, weights + 2 * r * Bk + c, keys,
+                                             running_max[r], factor, batch::load_aligned(sums[r]));
+        sum.store_aligned(sums[r]);
+      }
+    }
+    float row_sums[2 * MR];
+    for (int r = 0; r < 2 * MR; ++r) {
+      row_sums[r] = xsimd::hadd(batch::load_aligned(sums[r]));
+      if (row_sums[r] > Bf16Weights::kLazyLimit) return false;  // a NaN sum is kept, as in online_softmax
+    }
+    for (int r = 0; r < 2 * MR; ++r) job.state.row_sum[r0 + r] += row_sums[r];
+    return true;
   }
 
   // The P.V operands of one call: weights as bf16 in the scratch's weights rows, V's pairs and
@@ -412,7 +486,12 @@ struct TileForwardKernel : TileBase<Arch> {
         TileColumns t, t_second;
         const bool live = Base::tile_columns(job, r0, j0, block_end, &t);
         const bool live_second = r0 + MR < rows_padded && Base::tile_columns(job, r0 + MR, j0, block_end, &t_second);
-        if (live && live_second) {
+        if (live && live_second && whole_block(job, r0, j0, t, t_second) &&
+            weigh_block_in_steps(job, r0, j0, t.cols, factor)) {
+          static constexpr float kOnes[2 * MR] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+          accumulate_values_two(job, r0, j0, 0, t.cols, kOnes, kOnes + MR);
+        } else if (live && live_second) {
           const std::int64_t u0 = t.c0 < t_second.c0 ? t.c0 : t_second.c0;
           const std::int64_t u1 = t.cols > t_second.cols ? t.cols : t_second.cols;
           raw_scores_two(job, r0, j0, u0, u1);
